@@ -1,0 +1,287 @@
+"""The typed run config: YAML file + `--key value` overrides, validated before any process group starts."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from llmkit.errors import LlmkitError
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = "asset:minilm"  # Hub id, local dir, or asset:<name> (see `llmkit assets`)
+    tokenizer: str | None = None  # defaults to name_or_path
+    revision: str | None = None
+    from_scratch: bool = False  # random init from the model's config instead of its weights
+    trust_remote_code: bool = False
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class DataConfig:
+    dataset: str | None = None  # Hub id, local dir or file, or asset:<name>
+    dataset_config: str | None = None  # Hub subset, e.g. "sst2" for "glue"
+    data_files: dict[str, str] | None = None  # split -> local csv/json/jsonl/parquet file
+    train_split: str = "train"
+    eval_split: str = "validation"
+    test_split: str | None = "test"
+    text_column: str = "text"
+    text_pair_column: str | None = None
+    label_column: str = "label"
+    label_names: list[str] | None = None  # fixes the label order; default: from the data
+    max_length: int = 128
+    clean_text: bool = False  # unicode NFKC, strip HTML tags and URLs, squeeze whitespace
+    group_by_length: bool = True  # batches of similar length: little padding
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 42
+    epochs: float = 1.0
+    max_steps: int | None = None  # optimizer steps; overrides epochs when set
+    per_device_batch_size: int = 16
+    eval_batch_size: int = 64
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 5e-5
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    lr_scheduler: str = "linear"  # linear | cosine | constant
+    warmup_ratio: float = 0.06
+    max_grad_norm: float = 1.0  # 0 turns clipping off
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    eval_every_steps: int | None = None  # also evaluate every N optimizer steps (always at epoch end)
+    logging_steps: int = 10
+    num_threads: int | None = None  # torch CPU threads per rank; default: cores / local ranks
+
+
+@dataclass
+class DeepSpeedConfig:
+    config_file: str | None = None  # DeepSpeed JSON; default: the one the Accelerate config names
+    zero_stage: int | None = None  # when set, must agree with the JSON
+
+
+@dataclass
+class OutputConfig:
+    output_dir: str = "outputs/run"
+    overwrite_output_dir: bool = False
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict of every field."""
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        """Write the config as YAML (the resolved config of a run)."""
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+SCHEDULERS = ("linear", "cosine", "constant")
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _did_you_mean(name: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(name, options, n=1)
+    return f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(sorted(options))})"
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check `value` against the annotation `tp`; return it (floats may come as YAML strings like 5e-5)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(key, value, inner[0])
+    if origin is list:
+        if not isinstance(value, list):
+            raise LlmkitError(f"config key '{key}' must be a list, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise LlmkitError(f"config key '{key}' must be a mapping, got {value!r}")
+        _, item = typing.get_args(tp)
+        return {str(k): _coerce(f"{key}.{k}", v, item) for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    name = getattr(tp, "__name__", str(tp))
+    raise LlmkitError(f"config key '{key}' must be of type {name}, got {value!r} ({type(value).__name__})")
+
+
+def _build(raw: dict[str, Any]) -> Config:
+    sections = _hints(Config)
+    if not isinstance(raw, dict):
+        raise LlmkitError(f"the config must be a mapping of sections {sorted(sections)}, got {type(raw).__name__}")
+    built = {}
+    for section, values in raw.items():
+        if section not in sections:
+            raise LlmkitError(f"unknown config section '{section}'{_did_you_mean(section, list(sections))}")
+        cls = sections[section]
+        values = values or {}
+        if not isinstance(values, dict):
+            raise LlmkitError(f"config section '{section}' must be a mapping of keys, got {values!r}")
+        hints = _hints(cls)
+        kwargs = {}
+        for key, value in values.items():
+            if key not in hints:
+                raise LlmkitError(f"unknown config key '{section}.{key}'{_did_you_mean(key, list(hints))}")
+            kwargs[key] = _coerce(f"{section}.{key}", value, hints[key])
+        built[section] = cls(**kwargs)
+    return Config(**built)
+
+
+def _split_overrides(args: list[str]) -> list[tuple[str, str]]:
+    pairs, i = [], 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise LlmkitError(f"unexpected argument '{arg}': overrides look like --section.key value")
+        if "=" in arg:
+            key, value = arg[2:].split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(args):
+                raise LlmkitError(f"override '{arg}' has no value: write {arg} VALUE")
+            key, value = arg[2:], args[i + 1]
+            i += 2
+        pairs.append((key, value))
+    return pairs
+
+
+def _full_key(key: str) -> tuple[str, str]:
+    """'train.learning_rate' -> (train, learning_rate); a bare leaf name works when it is unique."""
+    sections = _hints(Config)
+    if "." in key:
+        section, leaf = key.split(".", 1)
+        return section, leaf
+    owners = [s for s, cls in sections.items() if key in _hints(cls)]
+    if len(owners) == 1:
+        return owners[0], key
+    if len(owners) > 1:
+        raise LlmkitError(f"override '--{key}' is ambiguous: write one of " + ", ".join(f"--{s}.{key}" for s in owners))
+    leaves = [f"{s}.{k}" for s, cls in sections.items() for k in _hints(cls)]
+    raise LlmkitError(f"unknown config key '{key}'{_did_you_mean(key, leaves)}")
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config, apply `--section.key value` overrides, validate, return the typed config."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise LlmkitError(f"config file '{path}' does not exist")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise LlmkitError(f"config file '{path}' is not valid YAML: {exc}") from None
+        if not isinstance(raw, dict):
+            raise LlmkitError(f"config file '{path}' must hold a mapping of sections, got {type(raw).__name__}")
+    for key, text in _split_overrides(overrides or []):
+        section, leaf = _full_key(key)
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            value = text
+        current = raw.setdefault(section, {})
+        if not isinstance(current, dict):
+            raise LlmkitError(f"config section '{section}' must be a mapping")
+        current[leaf] = value
+    config = _build(raw)
+    validate(config)
+    return config
+
+
+def validate(cfg: Config) -> None:
+    """Reject impossible values; every message names the key."""
+    t, d = cfg.train, cfg.data
+
+    def need(ok: bool, key: str, why: str) -> None:
+        if not ok:
+            raise LlmkitError(f"config key '{key}' {why}")
+
+    need(t.learning_rate > 0, "train.learning_rate", f"must be > 0, got {t.learning_rate}")
+    need(t.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {t.weight_decay}")
+    need(t.epochs > 0, "train.epochs", f"must be > 0, got {t.epochs}")
+    need(t.max_steps is None or t.max_steps > 0, "train.max_steps", f"must be > 0 when set, got {t.max_steps}")
+    need(t.per_device_batch_size >= 1, "train.per_device_batch_size", f"must be >= 1, got {t.per_device_batch_size}")
+    need(t.eval_batch_size >= 1, "train.eval_batch_size", f"must be >= 1, got {t.eval_batch_size}")
+    need(t.gradient_accumulation_steps >= 1, "train.gradient_accumulation_steps",
+         f"must be >= 1, got {t.gradient_accumulation_steps}")
+    need(0 <= t.warmup_ratio < 1, "train.warmup_ratio", f"must be in [0, 1), got {t.warmup_ratio}")
+    need(t.max_grad_norm >= 0, "train.max_grad_norm", f"must be >= 0 (0 = no clipping), got {t.max_grad_norm}")
+    need(0 <= t.adam_beta1 < 1 and 0 <= t.adam_beta2 < 1, "train.adam_beta1/adam_beta2", "must be in [0, 1)")
+    need(t.adam_epsilon > 0, "train.adam_epsilon", f"must be > 0, got {t.adam_epsilon}")
+    need(t.precision in PRECISIONS, "train.precision", f"must be one of {', '.join(PRECISIONS)}, got '{t.precision}'")
+    need(t.lr_scheduler in SCHEDULERS, "train.lr_scheduler",
+         f"must be one of {', '.join(SCHEDULERS)}, got '{t.lr_scheduler}'")
+    need(t.eval_every_steps is None or t.eval_every_steps > 0, "train.eval_every_steps", "must be > 0 when set")
+    need(t.logging_steps >= 1, "train.logging_steps", f"must be >= 1, got {t.logging_steps}")
+    need(t.num_threads is None or t.num_threads >= 1, "train.num_threads", "must be >= 1 when set")
+
+    need(bool(cfg.model.name_or_path), "model.name_or_path", "must name a Hub id, a local dir or asset:<name>")
+    need(d.dataset is not None or d.data_files is not None, "data.dataset",
+         "is missing: set data.dataset (Hub id, local path or asset:<name>) or data.data_files")
+    need(d.dataset is None or d.data_files is None, "data.data_files",
+         "cannot be used together with data.dataset: pick one")
+    need(bool(d.train_split), "data.train_split", "must name the training split")
+    need(bool(d.eval_split), "data.eval_split", "must name the evaluation split (e.g. validation)")
+    if d.data_files is not None:
+        for key, split in (("data.train_split", d.train_split), ("data.eval_split", d.eval_split),
+                           ("data.test_split", d.test_split)):
+            need(split is None or split in d.data_files, key,
+                 f"names split '{split}' but data.data_files only has {sorted(d.data_files)}")
+    need(d.max_length >= 2, "data.max_length", f"must be >= 2, got {d.max_length}")
+    need(bool(d.text_column), "data.text_column", "must name the text column")
+    need(bool(d.label_column), "data.label_column", "must name the label column")
+    need(d.label_names is None or len(set(d.label_names)) == len(d.label_names) >= 2, "data.label_names",
+         "must list at least 2 distinct labels")
+    for key in ("max_train_samples", "max_eval_samples"):
+        value = getattr(d, key)
+        need(value is None or value >= 1, f"data.{key}", f"must be >= 1 when set, got {value}")
+
+    z = cfg.deepspeed.zero_stage
+    need(z is None or z in (0, 1, 2, 3), "deepspeed.zero_stage", f"must be 0, 1, 2 or 3, got {z}")
+    if cfg.deepspeed.config_file is not None:
+        need(Path(cfg.deepspeed.config_file).is_file(), "deepspeed.config_file",
+             f"points to '{cfg.deepspeed.config_file}', which does not exist")
+    need(bool(cfg.output.output_dir), "output.output_dir", "must name a directory")

@@ -1,0 +1,230 @@
+"""Data: load a Hub or local dataset, map columns and labels, clean, tokenize (cached), batch by length."""
+
+from __future__ import annotations
+
+import html
+import math
+import re
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+import torch
+from datasets import ClassLabel, Dataset, DatasetDict
+
+from llmkit import assets
+from llmkit.config import DataConfig
+from llmkit.errors import LlmkitError
+
+BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}
+
+
+@dataclass
+class ClassificationData:
+    train: Dataset  # tokenized: input_ids, attention_mask, (token_type_ids), labels
+    eval: Dataset  # tokenized, sorted by length, with "row" = index into eval_raw
+    test: Dataset | None
+    eval_raw: Dataset  # cleaned text + label ids, for prediction files
+    test_raw: Dataset | None
+    label_names: list[str]
+    train_lengths: list[int]
+    dropped_rows: dict[str, int]
+
+
+def _builder(path: str, key: str) -> str:
+    suffix = Path(path).suffix.lower()
+    if suffix not in BUILDERS:
+        raise LlmkitError(f"{key} '{path}' has an unsupported extension; use one of {', '.join(BUILDERS)}")
+    return BUILDERS[suffix]
+
+
+def _load_files(files: dict[str, str], key: str) -> DatasetDict:
+    for split, path in files.items():
+        if not Path(path).expanduser().is_file():
+            raise LlmkitError(f"{key}: the file for split '{split}' does not exist: {path}")
+    kinds = {_builder(p, key) for p in files.values()}
+    if len(kinds) > 1:
+        raise LlmkitError(f"{key}: all split files must have one format, got {sorted(kinds)}")
+    kind = kinds.pop()
+    kwargs = {"delimiter": "\t"} if all(p.endswith(".tsv") for p in files.values()) else {}
+    return datasets.load_dataset(kind, data_files={s: str(Path(p).expanduser()) for s, p in files.items()}, **kwargs)
+
+
+def load_raw(cfg: DataConfig) -> DatasetDict:
+    """The splits of a Hub dataset, a local folder / file set, or an llmkit asset."""
+    if cfg.data_files is not None:
+        return _load_files(cfg.data_files, "data.data_files")
+    source = assets.resolve(cfg.dataset)
+    local = Path(source).expanduser()
+    if local.is_dir():
+        if (local / "dataset_dict.json").is_file():
+            return datasets.load_from_disk(str(local))
+        files = {p.stem: str(p) for p in sorted(local.iterdir()) if p.suffix.lower() in BUILDERS}
+        if not files:
+            raise LlmkitError(f"data.dataset folder '{local}' holds no {'/'.join(BUILDERS)} files named <split>.<ext>")
+        return _load_files(files, "data.dataset")
+    if local.is_file():
+        raise LlmkitError(f"data.dataset '{source}' is a single file; name one file per split with data.data_files")
+    if source.startswith((".", "/", "~")):
+        raise LlmkitError(f"data.dataset '{source}' does not exist")
+    try:
+        return datasets.load_dataset(source, cfg.dataset_config)
+    except Exception as exc:  # datasets raises many types for "not found / offline"
+        raise LlmkitError(f"could not load data.dataset '{source}' from the Hub: {exc.__class__.__name__}: "
+                          f"{str(exc).splitlines()[0] if str(exc) else ''}. Check the id and network, or use local "
+                          "files (data.data_files).") from None
+
+
+_TAG = re.compile(r"<[^>]+>")
+_URL = re.compile(r"(?:https?://|www\.)\S+")
+_SPACE = re.compile(r"\s+")
+
+
+def clean(text: str) -> str:
+    """Unicode NFKC, HTML entities/tags and URLs removed, whitespace squeezed."""
+    text = unicodedata.normalize("NFKC", html.unescape(text))
+    text = _URL.sub(" ", _TAG.sub(" ", text))
+    return _SPACE.sub(" ", text).strip()
+
+
+def _label_names(cfg: DataConfig, train: Dataset) -> list[str]:
+    feature = train.features[cfg.label_column]
+    if isinstance(feature, ClassLabel):
+        return list(cfg.label_names or feature.names)
+    if cfg.label_names:
+        return list(cfg.label_names)
+    values = set(train[cfg.label_column])
+    if all(isinstance(v, str) for v in values):
+        return sorted(values)
+    if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        if min(values) < 0:
+            raise LlmkitError(f"column '{cfg.label_column}' of the train split has negative labels {min(values)}; "
+                              "unlabeled rows cannot be trained on")
+        return [str(i) for i in range(max(values) + 1)]
+    raise LlmkitError(f"column '{cfg.label_column}' must hold int or string labels, got "
+                      f"{sorted({type(v).__name__ for v in values})}")
+
+
+def _to_ids(ds: Dataset, cfg: DataConfig, names: list[str], split: str) -> Dataset:
+    """Map string labels to ids; check int labels lie in range. Errors name the split and row."""
+    index = {n: i for i, n in enumerate(names)}
+    column = ds[cfg.label_column]
+    ids = []
+    for row, value in enumerate(column):
+        if isinstance(value, str):
+            if value not in index:
+                raise LlmkitError(f"split '{split}' row {row}: label '{value}' is not one of {names}; add it to "
+                                  "data.label_names or fix the row")
+            ids.append(index[value])
+        elif isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(names):
+            ids.append(value)
+        else:
+            raise LlmkitError(f"split '{split}' row {row}: label {value!r} is out of range for "
+                              f"{len(names)} classes {names}")
+    return ds.remove_columns(cfg.label_column).add_column("labels", ids)
+
+
+def prepare(cfg: DataConfig, tokenizer, seed: int, log=print) -> ClassificationData:
+    """Load, check, clean, label-map and tokenize every split the config names."""
+    raw = load_raw(cfg)
+    wanted = {"train": cfg.train_split, "eval": cfg.eval_split, "test": cfg.test_split}
+    for role, split in wanted.items():
+        if split is not None and split not in raw:
+            key = {"train": "data.train_split", "eval": "data.eval_split", "test": "data.test_split"}[role]
+            hint = " (set it to null to skip testing)" if role == "test" else ""
+            raise LlmkitError(f"{key} names split '{split}', but the dataset only has {sorted(raw)}{hint}")
+    columns = [c for c in (cfg.text_column, cfg.text_pair_column, cfg.label_column) if c]
+    splits: dict[str, Dataset] = {}
+    dropped: dict[str, int] = {}
+    for role, split in wanted.items():
+        if split is None:
+            continue
+        ds = raw[split]
+        missing = [c for c in columns if c not in ds.column_names]
+        if missing:
+            raise LlmkitError(f"split '{split}' has no column {missing[0]!r} (columns: {ds.column_names}); set "
+                              "data.text_column / data.label_column to the right names")
+        ds = ds.select_columns(columns)
+        before = len(ds)
+        texts = [c for c in (cfg.text_column, cfg.text_pair_column) if c]
+        ds = ds.filter(lambda r: all(isinstance(r[c], str) and r[c].strip() for c in texts)
+                       and r[cfg.label_column] is not None)
+        dropped[split] = before - len(ds)
+        if dropped[split]:
+            log(f"data: dropped {dropped[split]} rows of split '{split}' with empty text or no label")
+        if len(ds) == 0:
+            raise LlmkitError(f"split '{split}' has no usable rows (all {before} empty or unlabeled)")
+        if cfg.clean_text:
+            ds = ds.map(lambda r: {c: clean(r[c]) for c in texts}, desc=f"cleaning {split}")
+        limit = cfg.max_train_samples if role == "train" else cfg.max_eval_samples
+        if role == "train":
+            ds = ds.shuffle(seed=seed)
+        if limit is not None and limit < len(ds):
+            ds = ds.select(range(limit))
+        splits[role] = ds
+    names = _label_names(cfg, splits["train"])
+    if len(names) < 2:
+        raise LlmkitError(f"the train split has only the label(s) {names}; a classifier needs at least 2")
+    for role, split in wanted.items():
+        if role in splits:
+            splits[role] = _to_ids(splits[role], cfg, names, split)
+
+    def tokenize(batch):
+        pair = batch[cfg.text_pair_column] if cfg.text_pair_column else None
+        enc = tokenizer(batch[cfg.text_column], pair, truncation=True, max_length=cfg.max_length)
+        enc["length"] = [len(ids) for ids in enc["input_ids"]]
+        return enc
+
+    tokenized = {}
+    for role, ds in splits.items():
+        drop = [c for c in ds.column_names if c != "labels"]
+        tok = ds.map(tokenize, batched=True, batch_size=1000, remove_columns=drop, desc=f"tokenizing {role}")
+        if role != "train":
+            # evaluation in length order wastes little padding; "row" maps predictions back to texts
+            tok = tok.add_column("row", list(range(len(tok)))).sort("length")
+        tokenized[role] = tok
+    lengths = tokenized["train"]["length"]
+    return ClassificationData(
+        train=tokenized["train"].remove_columns("length"),
+        eval=tokenized["eval"].remove_columns("length"),
+        test=tokenized["test"].remove_columns("length") if "test" in tokenized else None,
+        eval_raw=splits["eval"],
+        test_raw=splits.get("test"),
+        label_names=names,
+        train_lengths=list(lengths),
+        dropped_rows=dropped,
+    )
+
+
+class LengthGroupedBatchSampler:
+    """Batches of similar length for training, in random order.
+
+    Rows are sorted by (length, random tie-break); consecutive batches are grouped `num_replicas` at a time
+    so that the ranks of one step (Accelerate deals batch i to rank i % N) get equally long batches. Groups
+    are shuffled each epoch; the one short group (and short batch) stays last, where Accelerate expects it.
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, num_replicas: int = 1, seed: int = 0):
+        self.lengths, self.batch_size, self.num_replicas, self.seed = lengths, batch_size, num_replicas, seed
+        self.epoch = 0
+        self.drop_last = False  # read by Accelerate's BatchSamplerShard
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.lengths) / self.batch_size)
+
+    def __iter__(self):
+        gen = torch.Generator().manual_seed(self.seed + self.epoch)
+        noise = torch.rand(len(self.lengths), generator=gen).tolist()
+        order = sorted(range(len(self.lengths)), key=lambda i: (self.lengths[i], noise[i]))
+        batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        groups = [batches[i:i + self.num_replicas] for i in range(0, len(batches), self.num_replicas)]
+        tail = []
+        if len(groups[-1]) < self.num_replicas or len(groups[-1][-1]) < self.batch_size:
+            tail = groups.pop()
+        for g in torch.randperm(len(groups), generator=gen).tolist():
+            yield from groups[g]
+        yield from tail

@@ -1,0 +1,370 @@
+"""Engine: precision and DeepSpeed resolution, the Accelerator, and the explicit training / eval loop."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator, DeepSpeedPlugin, InitProcessGroupKwargs
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import DataCollatorWithPadding, get_scheduler
+
+from llmkit.config import Config
+from llmkit.data import ClassificationData, LengthGroupedBatchSampler
+from llmkit.errors import LlmkitError
+from llmkit.metrics import classification_metrics
+
+ACCELERATE_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU has bf16 matrix instructions (AVX512-BF16 or AMX); elsewhere bf16 is ~100x slower."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(requested: str) -> tuple[str, str]:
+    """The precision to run in for this hardware, and why."""
+    gpu = torch.cuda.is_available()
+    if requested == "fp16" and not gpu:
+        raise LlmkitError("train.precision is fp16, but no GPU is available: fp16 with loss scaling is a GPU mode. "
+                          "Use precision: bf16 or fp32 (or auto) on CPU.")
+    if requested == "bf16" and gpu and not torch.cuda.is_bf16_supported():
+        raise LlmkitError("train.precision is bf16, but this GPU does not support bf16: use fp16 or fp32")
+    if requested != "auto":
+        return requested, "set in the config"
+    if gpu:
+        if torch.cuda.is_bf16_supported():
+            return "bf16", "auto: the GPU supports bf16"
+        return "fp16", "auto: the GPU lacks bf16"
+    if cpu_has_native_bf16():
+        return "bf16", "auto: the CPU has native bf16 instructions"
+    return "fp32", "auto: this CPU has no native bf16 (bf16 would be ~100x slower than fp32)"
+
+
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _deepspeed_source(cfg: Config) -> tuple[dict, str] | None:
+    """The DeepSpeed JSON (and where it came from), or None when the run does not use DeepSpeed."""
+    path = cfg.deepspeed.config_file or os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if path and path != "none":
+        try:
+            return json.loads(Path(path).read_text()), path
+        except (OSError, json.JSONDecodeError) as exc:
+            raise LlmkitError(f"DeepSpeed config '{path}' cannot be read as JSON: {exc}") from None
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        # ZeRO set in the Accelerate yaml itself (no JSON): build the same skeleton Accelerate would
+        stage = int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2"))
+        zero = {"stage": stage}
+        for part, env in (("offload_optimizer", "OFFLOAD_OPTIMIZER_DEVICE"), ("offload_param", "OFFLOAD_PARAM_DEVICE")):
+            device = os.environ.get(f"ACCELERATE_DEEPSPEED_{env}", "none")
+            if device != "none":
+                zero[part] = {"device": device}
+        return {"zero_optimization": zero}, "the Accelerate config"
+    if cfg.deepspeed.zero_stage is not None:
+        return {"zero_optimization": {"stage": cfg.deepspeed.zero_stage}}, "deepspeed.zero_stage"
+    return None
+
+
+def resolve_deepspeed(cfg: Config, precision: str, world_size: int, hidden: int | None) -> dict | None:
+    """Fill every "auto" of the DeepSpeed config from the llmkit config; a value set in both that disagrees is an error."""
+    found = _deepspeed_source(cfg)
+    if found is None:
+        return None
+    ds, source = copy.deepcopy(found[0]), found[1]
+    t = cfg.train
+    for section in ("optimizer", "scheduler"):
+        if section in ds:
+            raise LlmkitError(f"the DeepSpeed config ({source}) has an '{section}' section; llmkit builds the "
+                              f"{section} from train.* in its own config. Remove the section from the JSON.")
+    zero = ds.setdefault("zero_optimization", {})
+    wanted = {
+        ("train_micro_batch_size_per_gpu",): (t.per_device_batch_size, "train.per_device_batch_size"),
+        ("gradient_accumulation_steps",): (t.gradient_accumulation_steps, "train.gradient_accumulation_steps"),
+        ("train_batch_size",): (t.per_device_batch_size * t.gradient_accumulation_steps * world_size,
+                                "train.per_device_batch_size x gradient_accumulation_steps x world size"),
+        ("gradient_clipping",): (t.max_grad_norm, "train.max_grad_norm"),
+        ("bf16", "enabled"): (precision == "bf16", "train.precision"),
+        ("fp16", "enabled"): (precision == "fp16", "train.precision"),
+    }
+    if cfg.deepspeed.zero_stage is not None:
+        wanted[("zero_optimization", "stage")] = (cfg.deepspeed.zero_stage, "deepspeed.zero_stage")
+    for keys, (value, ours) in wanted.items():
+        node = ds
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        have = node.get(keys[-1], "auto")
+        if have == "auto":
+            node[keys[-1]] = value
+        elif have != value and not (isinstance(value, float) and isinstance(have, (int, float))
+                                    and math.isclose(have, value)):
+            raise LlmkitError(f"'{'.'.join(keys)}' is {have!r} in the DeepSpeed config ({source}) but {value!r} from "
+                              f"{ours} in the llmkit config. Set it to \"auto\" in the JSON (llmkit fills it) or "
+                              "make the two agree.")
+    if precision == "fp16":
+        ds["fp16"].setdefault("loss_scale", 0)  # 0 = dynamic loss scaling
+    stage = zero.setdefault("stage", 0)
+    if hidden:
+        for key, value in (("reduce_bucket_size", hidden * hidden),
+                           ("stage3_prefetch_bucket_size", int(0.9 * hidden * hidden)),
+                           ("stage3_param_persistence_threshold", 10 * hidden)):
+            if zero.get(key) == "auto":
+                zero[key] = value
+    if stage == 3:
+        key = "stage3_gather_16bit_weights_on_model_save"
+        if zero.get(key, "auto") not in ("auto", True):
+            raise LlmkitError(f"zero_optimization.{key} is false in the DeepSpeed config ({source}); llmkit needs it "
+                              "to gather full ZeRO-3 weights for the export. Set it to true or \"auto\".")
+        zero[key] = True
+    left = [k for k, v in _flatten(ds).items() if v == "auto"]
+    if left:
+        raise LlmkitError(f"the DeepSpeed config ({source}) has \"auto\" values llmkit cannot fill: {', '.join(left)}. "
+                          "Give them explicit values.")
+    ds["steps_per_print"] = 10**9  # llmkit logs; keep DeepSpeed's per-step prints quiet
+    return ds
+
+
+def _flatten(node: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in node.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _check_accelerate_env(cfg: Config, precision: str) -> None:
+    """Knobs the Accelerate yaml may also set must agree with the llmkit config (one source of truth)."""
+    t = cfg.train
+    checks = [
+        ("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "gradient_accumulation_steps", t.gradient_accumulation_steps,
+         "train.gradient_accumulation_steps", int),
+        ("ACCELERATE_GRADIENT_CLIPPING", "gradient_clipping", t.max_grad_norm, "train.max_grad_norm", float),
+        ("ACCELERATE_MIXED_PRECISION", "mixed_precision", ACCELERATE_PRECISION[precision], "train.precision", str),
+    ]
+    for env, name, ours, key, cast in checks:
+        raw = os.environ.get(env)
+        if raw in (None, "", "auto") or (env == "ACCELERATE_MIXED_PRECISION" and raw == "no"):
+            continue
+        if cast(raw) != ours:
+            raise LlmkitError(f"the Accelerate config sets {name}={raw} but the llmkit config has {key} -> {ours}. "
+                              f"Remove {name} from the Accelerate yaml: llmkit's config is the one place to set it.")
+
+
+@dataclass
+class Run:
+    """Everything set up before training: the config, the Accelerator and the resolved settings."""
+    cfg: Config
+    accelerator: Accelerator
+    precision: str
+    ds_config: dict | None
+    output_dir: Path
+    notes: list[str] = field(default_factory=list)
+
+    def log(self, msg: str) -> None:
+        if self.accelerator.is_main_process:
+            tqdm.write(msg)
+
+
+def check_output_dir(cfg: Config) -> Path:
+    """Refuse to write into a directory that holds another run, unless asked to overwrite."""
+    out = Path(cfg.output.output_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise LlmkitError(f"output.output_dir '{out}' exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not cfg.output.overwrite_output_dir:
+        raise LlmkitError(f"output.output_dir '{out}' already holds files from another run. Pick a new directory "
+                          "or set output.overwrite_output_dir: true (the old export is replaced only when the new "
+                          "one is complete).")
+    return out
+
+
+def setup(cfg: Config, hidden: int | None) -> Run:
+    """Resolve precision and DeepSpeed, then start the Accelerator (and the process group)."""
+    precision, why = resolve_precision(cfg.train.precision)
+    _check_accelerate_env(cfg, precision)
+    ds_config = resolve_deepspeed(cfg, precision, _world_size(), hidden)
+    out = check_output_dir(cfg)
+    if not torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        torch.set_num_threads(cfg.train.num_threads or max(1, (os.cpu_count() or 1) // local))
+    handlers = []
+    if not torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
+        # without gloo, Accelerate + DeepSpeed on CPU see world size 1 and DeepSpeed rejects the batch sizes
+        handlers.append(InitProcessGroupKwargs(backend="gloo"))
+    plugin = DeepSpeedPlugin(hf_ds_config=ds_config) if ds_config is not None else None
+    accelerator = Accelerator(
+        mixed_precision=ACCELERATE_PRECISION[precision],
+        deepspeed_plugin=plugin,
+        gradient_accumulation_steps=1 if plugin else cfg.train.gradient_accumulation_steps,
+        step_scheduler_with_optimizer=False,  # we step it once per optimizer step ourselves
+        kwargs_handlers=handlers,
+        log_with="tensorboard",
+        project_dir=str(out),
+    )
+    set_seed(cfg.train.seed)
+    accelerator.wait_for_everyone()  # every rank has checked output_dir before rank 0 writes into it
+    run = Run(cfg, accelerator, precision, ds_config, out)
+    stage = ds_config["zero_optimization"]["stage"] if ds_config else None
+    run.log(f"llmkit: {accelerator.num_processes} process(es), {accelerator.device}, precision {precision} ({why}), "
+            + (f"DeepSpeed ZeRO-{stage}" if ds_config else "no DeepSpeed"))
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        cfg.save(out / "training_config.yaml")
+        if ds_config:
+            (out / "ds_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
+    accelerator.init_trackers("runs")
+    return run
+
+
+def dataloaders(run: Run, data: ClassificationData, tokenizer):
+    """Train loader (length-grouped or shuffled) and eval/test loaders (length-sorted), not yet prepared."""
+    t = run.cfg.train
+    collate = DataCollatorWithPadding(tokenizer)
+    if run.cfg.data.group_by_length:
+        sampler = LengthGroupedBatchSampler(data.train_lengths, t.per_device_batch_size,
+                                            run.accelerator.num_processes, seed=t.seed)
+        train = DataLoader(data.train, batch_sampler=sampler, collate_fn=collate)
+    else:
+        gen = torch.Generator().manual_seed(t.seed)
+        train = DataLoader(data.train, batch_size=t.per_device_batch_size, shuffle=True, generator=gen,
+                           collate_fn=collate)
+    evals = {name: DataLoader(ds, batch_size=t.eval_batch_size, collate_fn=collate)
+             for name, ds in (("validation", data.eval), ("test", data.test)) if ds is not None}
+    return train, evals
+
+
+def build_optimizer(cfg: Config, model) -> torch.optim.Optimizer:
+    """AdamW with no weight decay on biases and norm weights."""
+    t = cfg.train
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim < 2 else decay).append(param)
+    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon)
+
+
+@torch.no_grad()
+def predict(accelerator: Accelerator, model, loader) -> dict[str, np.ndarray]:
+    """Logits, labels and rows for a whole split, gathered from every rank without duplicates."""
+    model.eval()
+    parts: dict[str, list] = {"logits": [], "labels": [], "row": [], "loss": []}
+    for batch in tqdm(loader, desc="eval", leave=False, disable=not accelerator.is_local_main_process):
+        row = batch.pop("row")
+        out = model(**batch)
+        loss = out.loss.detach().float().repeat(len(row))
+        logits, labels, row, loss = accelerator.gather_for_metrics(
+            (out.logits.float(), batch["labels"], row, loss))
+        for key, value in zip(("logits", "labels", "row", "loss"), (logits, labels, row, loss)):
+            parts[key].append(value.cpu().numpy())
+    model.train()
+    return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def evaluate(run: Run, model, loader, num_labels: int) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """Metrics of one split through the shipped `evaluate` modules; 1 rank and N ranks agree exactly."""
+    out = predict(run.accelerator, model, loader)
+    preds = out["logits"].argmax(-1)
+    metrics = classification_metrics(preds.tolist(), out["labels"].tolist(), num_labels)
+    metrics["loss"] = float(out["loss"].mean())
+    metrics["samples"] = int(len(preds))
+    return metrics, out
+
+
+def train(run: Run, model, optimizer, train_loader, eval_loader, num_labels: int) -> dict:
+    """The training loop: accumulate, clip, step, log; evaluate at each epoch end (and every N steps)."""
+    cfg, acc = run.cfg, run.accelerator
+    t = cfg.train
+    # the loader length per rank is known only once Accelerate has sharded it
+    train_loader = acc.prepare_data_loader(train_loader)
+    steps_per_epoch = math.ceil(len(train_loader) / t.gradient_accumulation_steps)
+    total_steps = t.max_steps or math.ceil(t.epochs * steps_per_epoch)
+    scheduler = get_scheduler(t.lr_scheduler if t.lr_scheduler != "constant" else "constant_with_warmup",
+                              optimizer, num_warmup_steps=int(t.warmup_ratio * total_steps),
+                              num_training_steps=total_steps)
+    model, optimizer, eval_loader, scheduler = acc.prepare(model, optimizer, eval_loader, scheduler)
+    batch_sampler = getattr(train_loader, "batch_sampler", None)
+    inner_sampler = getattr(batch_sampler, "batch_sampler", batch_sampler)
+    run.log(f"train: {len(train_loader)} batches per rank per epoch, {steps_per_epoch} optimizer steps per epoch, "
+            f"{total_steps} steps in all")
+    model.train()
+    step, epoch, history = 0, 0, []
+    seen_tokens = real_tokens = 0
+    running_loss, running_n = torch.zeros((), device=acc.device), 0
+    start = time.perf_counter()
+    bar = tqdm(total=total_steps, desc="train", disable=not acc.is_local_main_process)
+    while step < total_steps:
+        if hasattr(inner_sampler, "set_epoch"):
+            inner_sampler.set_epoch(epoch)
+        elif hasattr(train_loader, "set_epoch"):
+            train_loader.set_epoch(epoch)
+        for batch in train_loader:
+            with acc.accumulate(model):
+                out = model(**batch)
+                acc.backward(out.loss)
+                grad_norm = None
+                if acc.sync_gradients and t.max_grad_norm > 0 and acc.distributed_type.value != "DEEPSPEED":
+                    grad_norm = acc.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+                optimizer.step()
+                if acc.sync_gradients:
+                    # Accelerate hands DeepSpeed only DeepSpeed's own schedulers; a no-op wrapper otherwise
+                    scheduler.step()
+                optimizer.zero_grad()
+            running_loss += out.loss.detach().float()
+            running_n += 1
+            seen_tokens += batch["attention_mask"].numel()
+            real_tokens += int(batch["attention_mask"].sum())
+            if not acc.sync_gradients:
+                continue
+            step += 1
+            bar.update(1)
+            if step % t.logging_steps == 0 or step == total_steps:
+                if grad_norm is None and hasattr(model, "get_global_grad_norm"):
+                    grad_norm = model.get_global_grad_norm()
+                loss = acc.reduce(running_loss / max(running_n, 1), reduction="mean").item()
+                elapsed = time.perf_counter() - start
+                scalars = {"train/loss": loss, "train/lr": scheduler.get_last_lr()[0],
+                           "train/epoch": step / steps_per_epoch,
+                           "train/real_tokens_per_s": real_tokens * acc.num_processes / elapsed}
+                if grad_norm is not None:
+                    scalars["train/grad_norm"] = float(grad_norm)
+                acc.log(scalars, step=step)
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{scalars['train/lr']:.2e}")
+                running_loss.zero_()
+                running_n = 0
+            end_of_epoch = acc.gradient_state.end_of_dataloader
+            if (t.eval_every_steps and step % t.eval_every_steps == 0) or end_of_epoch or step == total_steps:
+                metrics, _ = evaluate(run, model, eval_loader, num_labels)
+                acc.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
+                history.append({"step": step, "epoch": round(step / steps_per_epoch, 3), **metrics})
+                run.log(f"eval step {step}: loss {metrics['loss']:.4f} accuracy {metrics['accuracy']:.4f} "
+                        f"f1 {metrics['f1']:.4f}")
+            if step >= total_steps:
+                break
+        epoch += 1
+    bar.close()
+    elapsed = time.perf_counter() - start
+    summary = {
+        "steps": step, "epochs": round(step / steps_per_epoch, 3), "train_seconds": round(elapsed, 1),
+        "world_size": acc.num_processes, "precision": run.precision,
+        "zero_stage": run.ds_config["zero_optimization"]["stage"] if run.ds_config else None,
+        "padding_efficiency": round(real_tokens / max(seen_tokens, 1), 4),
+        "real_tokens_per_second": round(real_tokens * acc.num_processes / elapsed, 1),
+        "history": history,
+    }
+    return {"model": model, "summary": summary}

@@ -1,0 +1,99 @@
+"""Export: consolidated safetensors weights (ZeRO-3 gathered), tokenizer, label maps, metrics, verified by reload."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding
+
+from llmkit.engine import Run
+from llmkit.errors import LlmkitError
+
+VERIFY_ROWS = 64
+
+
+def write_predictions(path: Path, raw, out: dict[str, np.ndarray], label_names: list[str], text_column: str) -> None:
+    """One JSON line per row: text, gold and predicted label, class probabilities."""
+    probs = torch.softmax(torch.from_numpy(out["logits"]), dim=-1).numpy()
+    order = np.argsort(out["row"])
+    with open(path, "w") as fh:
+        for i in order:
+            row = int(out["row"][i])
+            gold, pred = int(out["labels"][i]), int(out["logits"][i].argmax())
+            fh.write(json.dumps({
+                "row": row, "text": raw[row][text_column], "label": label_names[gold],
+                "prediction": label_names[pred], "probabilities": [round(float(p), 6) for p in probs[i]],
+            }, ensure_ascii=False) + "\n")
+
+
+def _check_state_dict(state_dict: dict[str, torch.Tensor], model) -> None:
+    empty = [k for k, v in state_dict.items() if v.numel() == 0]
+    if empty:
+        raise LlmkitError(f"the gathered weights have {len(empty)} empty tensors (e.g. {empty[0]}): ZeRO-3 weights "
+                          "were not gathered. Nothing was exported.")
+    expected = {k for k in model.state_dict()}
+    missing = expected - set(state_dict)
+    if missing:
+        raise LlmkitError(f"the gathered weights lack {len(missing)} tensors (e.g. {sorted(missing)[0]})")
+
+
+def verify_reload(folder: Path, tokenizer, dataset, out: dict[str, np.ndarray], precision: str) -> dict:
+    """Reload the export with plain transformers and compare its logits with the run's own on a few rows."""
+    model, info = AutoModelForSequenceClassification.from_pretrained(folder, output_loading_info=True, dtype="auto")
+    if info["missing_keys"] or info["mismatched_keys"]:
+        raise LlmkitError(f"the exported model at {folder} reloads with missing/mismatched weights: {info}")
+    model.eval()
+    n = min(VERIFY_ROWS, len(dataset))
+    batch = DataCollatorWithPadding(tokenizer)([dataset[i] for i in range(n)])
+    rows = batch.pop("row").numpy()
+    batch.pop("labels")
+    with torch.no_grad():
+        got = model(**batch).logits.float().numpy()
+    where = {int(r): i for i, r in enumerate(out["row"])}
+    want = np.stack([out["logits"][where[int(r)]] for r in rows])
+    tol = 1e-3 if precision == "fp32" else 1e-1
+    diff = float(np.abs(got - want).max())
+    margin = np.abs(np.sort(want, -1)[:, -1] - np.sort(want, -1)[:, -2]) if want.shape[1] > 1 else np.ones(n)
+    flips = int(((got.argmax(-1) != want.argmax(-1)) & (margin > 2 * tol)).sum())
+    if diff > tol and flips:
+        raise LlmkitError(f"the reloaded export disagrees with the run: max logit diff {diff:.3g}, "
+                          f"{flips} changed predictions on {n} rows. The export at {folder} is not trustworthy.")
+    return {"rows": n, "max_abs_logit_diff": diff, "same_predictions": int((got.argmax(-1) == want.argmax(-1)).sum())}
+
+
+def save_final(run: Run, model, tokenizer, results: dict, check) -> Path:
+    """Write `<output_dir>/final` atomically; all ranks must call it (ZeRO-3 gathers weights collectively).
+
+    `check` is (tokenized split with "row", the run's predictions on it) used to verify the reload.
+    """
+    acc = run.accelerator
+    state_dict = acc.get_state_dict(model)  # collective under ZeRO-3
+    final = run.output_dir / "final"
+    if acc.is_main_process:
+        unwrapped = acc.unwrap_model(model)
+        state_dict = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+        _check_state_dict(state_dict, unwrapped)
+        tmp = run.output_dir / "final.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        unwrapped.save_pretrained(tmp, state_dict=state_dict)
+        tokenizer.save_pretrained(tmp)
+        run.cfg.save(tmp / "training_config.yaml")
+        if run.ds_config:
+            (tmp / "ds_config.json").write_text(json.dumps(run.ds_config, indent=2) + "\n")
+        results = dict(results)
+        results["export_check"] = verify_reload(tmp, tokenizer, *check, run.precision)
+        (tmp / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
+        (run.output_dir / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
+        # swap in the new export only now that it is complete and verified
+        old = run.output_dir / "final.old"
+        shutil.rmtree(old, ignore_errors=True)
+        if final.exists():
+            final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    acc.wait_for_everyone()
+    return final

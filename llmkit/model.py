@@ -1,0 +1,85 @@
+"""Model and tokenizer loading: Hub id, local dir, asset:<name>, or random init from a config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerFast
+
+from llmkit import assets
+from llmkit.config import ModelConfig
+from llmkit.errors import LlmkitError
+
+
+def _locate(name_or_path: str, what: str) -> str:
+    """Resolve assets and check local paths early, so a typo is not reported as a Hub download failure."""
+    path = assets.resolve(name_or_path)
+    looks_local = path.startswith((".", "/", "~")) or Path(path).expanduser().exists() or path.count("/") > 1
+    if looks_local:
+        local = Path(path).expanduser()
+        if not local.exists():
+            raise LlmkitError(f"{what} '{name_or_path}' does not exist (neither a local dir nor a Hub id)")
+        if local.is_dir() and not (local / "config.json").is_file() and what == "model.name_or_path":
+            raise LlmkitError(f"{what} '{name_or_path}' is a directory without config.json, so it is not a "
+                              "transformers model folder")
+        return str(local)
+    return path
+
+
+def _hub_error(what: str, name: str, exc: Exception) -> LlmkitError:
+    return LlmkitError(f"could not load {what} '{name}': {exc.__class__.__name__}: {str(exc).splitlines()[0]}. "
+                       "If it is a Hub id, check the spelling and your network / HF_TOKEN; offline, use a local "
+                       "folder or an llmkit asset (`llmkit assets`).")
+
+
+def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerFast:
+    """Fast tokenizer for the model, with a pad token."""
+    name = _locate(cfg.tokenizer or cfg.name_or_path, "model.tokenizer" if cfg.tokenizer else "model.name_or_path")
+    try:
+        tok = AutoTokenizer.from_pretrained(name, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise _hub_error("the tokenizer", name, exc) from None
+    if not tok.is_fast:
+        raise LlmkitError(f"the tokenizer of '{name}' has no fast (Rust) version; llmkit needs one for batched "
+                          "tokenization. Point model.tokenizer at a folder with tokenizer.json.")
+    if tok.pad_token is None:
+        # decoder-only tokenizers often lack a pad token; padded positions are masked anyway
+        fallback = tok.eos_token or tok.unk_token
+        if fallback is None:
+            raise LlmkitError(f"the tokenizer of '{name}' has no pad, eos or unk token to pad with")
+        tok.pad_token = fallback
+    return tok
+
+
+def load_classifier(cfg: ModelConfig, label_names: list[str], pad_token_id: int | None = None):
+    """AutoModelForSequenceClassification with a head for `label_names` (id2label/label2id in its config)."""
+    name = _locate(cfg.name_or_path, "model.name_or_path")
+    labels = {
+        "num_labels": len(label_names),
+        "id2label": dict(enumerate(label_names)),
+        "label2id": {n: i for i, n in enumerate(label_names)},
+    }
+    common = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
+    try:
+        if cfg.from_scratch:
+            config = AutoConfig.from_pretrained(name, **labels, **common)
+            model = AutoModelForSequenceClassification.from_config(config, trust_remote_code=cfg.trust_remote_code)
+        else:
+            model = AutoModelForSequenceClassification.from_pretrained(name, **labels, **common)
+    except (OSError, ValueError) as exc:
+        raise _hub_error("the model", name, exc) from None
+    if model.config.pad_token_id is None and pad_token_id is not None:
+        model.config.pad_token_id = pad_token_id  # decoder classifiers find the last real token through it
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def hidden_size(cfg: ModelConfig) -> int | None:
+    """The model's hidden size (read from its config only), used to size DeepSpeed buckets."""
+    name = _locate(cfg.name_or_path, "model.name_or_path")
+    try:
+        config = AutoConfig.from_pretrained(name, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise _hub_error("the model config", name, exc) from None
+    return getattr(config, "hidden_size", None) or getattr(config, "d_model", None)

@@ -1,0 +1,53 @@
+"""Fine-tune a sequence classifier: setup / train / evaluate / export.
+
+    accelerate launch --config_file accelerate_configs/cpu_zero2.yaml recipes/classification.py \
+        --config recipes/configs/sentiment_minilm_polarity.yaml [--train.epochs 2 ...]
+"""
+
+from llmkit import data, engine, export, model
+from llmkit.cli import guarded, recipe_args
+from llmkit.config import load_config
+
+
+def main() -> None:
+    # setup: the config is checked before any process group starts
+    cfg = load_config(*recipe_args())
+    run = engine.setup(cfg, hidden=model.hidden_size(cfg.model))
+    acc = run.accelerator
+    tokenizer = model.load_tokenizer(cfg.model)
+    with acc.main_process_first():  # rank 0 tokenizes and fills the cache; the others read it
+        ds = data.prepare(cfg.data, tokenizer, seed=cfg.train.seed, log=run.log)
+    run.log(f"data: train {len(ds.train)}, validation {len(ds.eval)}, test {len(ds.test) if ds.test else 0} rows; "
+            f"labels {ds.label_names}")
+    net = model.load_classifier(cfg.model, ds.label_names, pad_token_id=tokenizer.pad_token_id)
+    optimizer = engine.build_optimizer(cfg, net)
+    train_loader, eval_loaders = engine.dataloaders(run, ds, tokenizer)
+
+    # train
+    result = engine.train(run, net, optimizer, train_loader, eval_loaders["validation"], len(ds.label_names))
+    net = result["model"]
+
+    # evaluate the final model on every split and keep the predictions
+    results, splits = {"train": result["summary"]}, {"validation": (ds.eval, ds.eval_raw)}
+    if ds.test is not None:
+        splits["test"] = (ds.test, ds.test_raw)
+    outputs = {}
+    for name, (tokenized, raw) in splits.items():
+        loader = acc.prepare_data_loader(eval_loaders[name])
+        results[name], outputs[name] = engine.evaluate(run, net, loader, len(ds.label_names))
+        if acc.is_main_process:
+            export.write_predictions(run.output_dir / f"predictions_{name}.jsonl", raw, outputs[name],
+                                     ds.label_names, cfg.data.text_column)
+
+    # export, verified by reloading with plain transformers
+    check_split = "test" if ds.test is not None else "validation"
+    final = export.save_final(run, net, tokenizer, results, (splits[check_split][0], outputs[check_split]))
+    for name in splits:
+        m = results[name]
+        run.log(f"{name}: accuracy {m['accuracy']:.4f}  f1 {m['f1']:.4f}  ({m['samples']} rows)")
+    run.log(f"export: {final}  (train {result['summary']['train_seconds']} s)")
+    acc.end_training()
+
+
+if __name__ == "__main__":
+    guarded(main)

@@ -1,0 +1,95 @@
+"""Shared fixtures: a tiny BERT made in-process, tiny sentiment data, and a launcher for real 2-rank runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+POSITIVE = "great good fun wonderful moving charming brilliant superb".split()
+NEGATIVE = "bad awful boring dull weak tedious clumsy bland".split()
+FILLER = "the a movie film was is and very quite plot acting story".split()
+SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def make_sentences(n: int, seed: int, string_labels: bool = True) -> list[dict]:
+    """Rows whose label follows from the sentiment words they contain, with varied lengths."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = i % 2
+        words = rng.choices(FILLER, k=rng.randint(2, 14)) + rng.choices(POSITIVE if label else NEGATIVE, k=2)
+        rng.shuffle(words)
+        value = ("pos" if label else "neg") if string_labels else label
+        rows.append({"text": " ".join(words), "label": value})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    """A 2-layer BERT with a 40-word vocabulary and its fast tokenizer, saved as a model folder."""
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
+
+    out = tmp_path_factory.mktemp("tiny_bert")
+    vocab = SPECIAL + FILLER + POSITIVE + NEGATIVE
+    tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(vocab)})
+    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64, num_labels=2)
+    import torch
+
+    torch.manual_seed(0)
+    BertForSequenceClassification(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """train (96 rows) / validation (37, uneven for 2 ranks) / test (29) jsonl with string labels."""
+    out = tmp_path_factory.mktemp("tiny_data")
+    for split, n, seed in (("train", 96, 1), ("validation", 37, 2), ("test", 29, 3)):
+        write_jsonl(out / f"{split}.jsonl", make_sentences(n, seed))
+    return out
+
+
+def write_config(path: Path, model: Path, data: Path, output: Path, **train) -> Path:
+    """A recipe YAML for the tiny model and data."""
+    import yaml
+
+    cfg = {
+        "model": {"name_or_path": str(model)},
+        "data": {"dataset": str(data), "max_length": 32},
+        "train": {"epochs": 1, "per_device_batch_size": 8, "eval_batch_size": 4, "learning_rate": 1e-3,
+                  "warmup_ratio": 0.0, "logging_steps": 2, "precision": "fp32", **train},
+        "output": {"output_dir": str(output)},
+    }
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def launch(script: str, args: list[str], accelerate_config: str | None = "cpu_zero2.yaml",
+           num_processes: int | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run a script under `accelerate launch` (real processes) from the repo root; return the finished process."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch"]
+    if accelerate_config:
+        cmd += ["--config_file", str(ROOT / "accelerate_configs" / accelerate_config)]
+    if num_processes is not None:
+        cmd += ["--num_processes", str(num_processes)]
+    cmd += [str(ROOT / script), *args]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def check_ok(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 0, f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}"

@@ -1,0 +1,167 @@
+"""Config parsing, overrides, and every rejection: each message names the key."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from llmkit import engine
+from llmkit.config import Config, DataConfig, load_config
+from llmkit.errors import LlmkitError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _yaml(tmp_path: Path, data) -> Path:
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(data) if not isinstance(data, str) else data)
+    return path
+
+
+BASE = {"data": {"dataset": "some/dataset"}}
+
+
+def test_yaml_and_overrides(tmp_path):
+    path = _yaml(tmp_path, {**BASE, "train": {"learning_rate": "3e-5", "epochs": 2}})
+    cfg = load_config(path, ["--train.per_device_batch_size", "4", "--seed=7", "--data.label_names", "[a, b]"])
+    assert cfg.train.learning_rate == pytest.approx(3e-5)  # YAML reads 3e-5 as a string: still a float
+    assert cfg.train.epochs == 2.0 and isinstance(cfg.train.epochs, float)
+    assert cfg.train.per_device_batch_size == 4
+    assert cfg.train.seed == 7
+    assert cfg.data.label_names == ["a", "b"]
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = load_config(_yaml(tmp_path, BASE), ["--train.learning_rate", "2e-4"])
+    cfg.save(tmp_path / "resolved.yaml")
+    again = load_config(tmp_path / "resolved.yaml")
+    assert again == cfg
+
+
+def test_shipped_recipe_configs_are_valid():
+    for path in sorted((ROOT / "recipes" / "configs").glob("*.yaml")):
+        cfg = load_config(path)
+        assert isinstance(cfg, Config)
+    sst2 = load_config(ROOT / "recipes/configs/sentiment_distilbert_sst2.yaml")
+    assert sst2.model.name_or_path == "distilbert/distilbert-base-uncased"
+    assert sst2.data.dataset == "stanfordnlp/sst2" and sst2.data.test_split is None
+
+
+@pytest.mark.parametrize(
+    ("data", "overrides", "message"),
+    [
+        ({**BASE, "trian": {}}, [], "unknown config section 'trian' (did you mean 'train'?)"),
+        ({**BASE, "train": {"learnin_rate": 1e-4}}, [], "unknown config key 'train.learnin_rate' (did you mean 'learning_rate'?)"),
+        ({**BASE, "train": {"epochs": "many"}}, [], "config key 'train.epochs' must be of type float, got 'many'"),
+        ({**BASE, "train": {"per_device_batch_size": 2.5}}, [], "config key 'train.per_device_batch_size' must be of type int"),
+        ({**BASE, "data": {"dataset": "x", "group_by_length": "yes"}}, [], "config key 'data.group_by_length' must be of type bool"),
+        (BASE, ["--train.learning_rate", "-1e-4"], "config key 'train.learning_rate' must be > 0, got -0.0001"),
+        (BASE, ["--train.warmup_ratio", "1.5"], "config key 'train.warmup_ratio' must be in [0, 1)"),
+        (BASE, ["--train.per_device_batch_size", "0"], "config key 'train.per_device_batch_size' must be >= 1"),
+        (BASE, ["--train.precision", "fp8"], "config key 'train.precision' must be one of auto, fp32, bf16, fp16"),
+        (BASE, ["--train.lr_scheduler", "step"], "config key 'train.lr_scheduler' must be one of linear, cosine"),
+        (BASE, ["--data.eval_split", "''"], "config key 'data.eval_split' must name the evaluation split"),
+        ({"data": {}}, [], "config key 'data.dataset' is missing"),
+        ({"data": {"data_files": {"train": "a.csv", "validation": "b.csv"}}}, [],
+         "config key 'data.test_split' names split 'test' but data.data_files only has ['train', 'validation']"),
+        (BASE, ["--deepspeed.zero_stage", "4"], "config key 'deepspeed.zero_stage' must be 0, 1, 2 or 3, got 4"),
+        (BASE, ["--learning_rat", "1"], "unknown config key 'learning_rat' (did you mean 'train.learning_rate'?)"),
+        (BASE, ["--train.epochs"], "override '--train.epochs' has no value"),
+        (BASE, ["stray"], "unexpected argument 'stray'"),
+    ],
+)
+def test_rejections_name_the_key(tmp_path, data, overrides, message):
+    with pytest.raises(LlmkitError) as err:
+        load_config(_yaml(tmp_path, data), overrides)
+    assert message in str(err.value)
+
+
+def test_malformed_yaml_and_missing_file(tmp_path):
+    with pytest.raises(LlmkitError, match="is not valid YAML"):
+        load_config(_yaml(tmp_path, "train: [unclosed\n"))
+    with pytest.raises(LlmkitError, match="config file '.*nope.yaml' does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_fp16_refused_on_cpu():
+    with pytest.raises(LlmkitError, match="fp16, but no GPU is available"):
+        engine.resolve_precision("fp16")
+    precision, why = engine.resolve_precision("auto")
+    assert precision == ("bf16" if engine.cpu_has_native_bf16() else "fp32") and why.startswith("auto")
+
+
+def _cfg(tmp_path, **train) -> Config:
+    cfg = load_config(_yaml(tmp_path, BASE))
+    for key, value in train.items():
+        setattr(cfg.train, key, value)
+    return cfg
+
+
+def test_deepspeed_autos_filled_from_llmkit_config(tmp_path, monkeypatch):
+    monkeypatch.delenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", raising=False)
+    cfg = _cfg(tmp_path, per_device_batch_size=8, gradient_accumulation_steps=4, max_grad_norm=0.5)
+    cfg.deepspeed.config_file = str(ROOT / "ds_configs/zero3.json")
+    ds = engine.resolve_deepspeed(cfg, "bf16", world_size=2, hidden=384)
+    assert ds["train_micro_batch_size_per_gpu"] == 8
+    assert ds["gradient_accumulation_steps"] == 4
+    assert ds["train_batch_size"] == 8 * 4 * 2
+    assert ds["gradient_clipping"] == 0.5
+    assert ds["bf16"]["enabled"] is True and ds["fp16"]["enabled"] is False
+    zero = ds["zero_optimization"]
+    assert zero["reduce_bucket_size"] == 384 * 384
+    assert zero["stage3_prefetch_bucket_size"] == int(0.9 * 384 * 384)
+    assert zero["stage3_param_persistence_threshold"] == 3840
+    assert zero["stage3_gather_16bit_weights_on_model_save"] is True
+    assert "auto" not in json.dumps(ds)
+
+
+def test_deepspeed_value_set_twice_must_agree(tmp_path):
+    ds_file = tmp_path / "ds.json"
+    ds_file.write_text(json.dumps({"gradient_accumulation_steps": 8, "zero_optimization": {"stage": 2}}))
+    cfg = _cfg(tmp_path, gradient_accumulation_steps=4)
+    cfg.deepspeed.config_file = str(ds_file)
+    with pytest.raises(LlmkitError) as err:
+        engine.resolve_deepspeed(cfg, "fp32", world_size=2, hidden=32)
+    msg = str(err.value)
+    assert "'gradient_accumulation_steps' is 8 in the DeepSpeed config" in msg
+    assert "4 from train.gradient_accumulation_steps" in msg
+
+
+def test_deepspeed_rejects_unfillable_auto_and_own_optimizer(tmp_path):
+    ds_file = tmp_path / "ds.json"
+    ds_file.write_text(json.dumps({"zero_optimization": {"stage": 2, "mystery": "auto"}}))
+    cfg = _cfg(tmp_path)
+    cfg.deepspeed.config_file = str(ds_file)
+    with pytest.raises(LlmkitError, match="cannot fill: zero_optimization.mystery"):
+        engine.resolve_deepspeed(cfg, "fp32", world_size=1, hidden=32)
+    ds_file.write_text(json.dumps({"optimizer": {"type": "AdamW"}, "zero_optimization": {"stage": 2}}))
+    with pytest.raises(LlmkitError, match="has an 'optimizer' section"):
+        engine.resolve_deepspeed(cfg, "fp32", world_size=1, hidden=32)
+    ds_file.write_text(json.dumps({"zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": False}}))
+    with pytest.raises(LlmkitError, match="stage3_gather_16bit_weights_on_model_save is false"):
+        engine.resolve_deepspeed(cfg, "fp32", world_size=1, hidden=32)
+
+
+def test_accelerate_yaml_may_not_contradict(tmp_path, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "8")
+    with pytest.raises(LlmkitError, match="gradient_accumulation_steps=8 but the llmkit config has"):
+        engine._check_accelerate_env(_cfg(tmp_path), "fp32")
+
+
+def test_output_dir_of_another_run_is_refused(tmp_path):
+    cfg = _cfg(tmp_path)
+    cfg.output.output_dir = str(tmp_path / "run")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.json").write_text("{}")
+    with pytest.raises(LlmkitError, match="already holds files from another run"):
+        engine.check_output_dir(cfg)
+    cfg.output.overwrite_output_dir = True
+    assert engine.check_output_dir(cfg) == tmp_path / "run"
+
+
+def test_data_config_defaults_are_sane():
+    d = DataConfig()
+    assert d.eval_split == "validation" and d.max_length == 128 and d.clean_text is False
