@@ -294,10 +294,12 @@ def train(run: Run, model, optimizer, train_loader, eval_loader, num_labels: int
     train_loader = acc.prepare_data_loader(train_loader)
     steps_per_epoch = math.ceil(len(train_loader) / t.gradient_accumulation_steps)
     total_steps = t.max_steps or math.ceil(t.epochs * steps_per_epoch)
+    model, optimizer, eval_loader = acc.prepare(model, optimizer, eval_loader)
+    # built on the prepared optimizer: ZeRO-3 regroups the parameters, and Accelerate would hand DeepSpeed
+    # only its own scheduler types anyway. Stepped by us once per optimizer step.
     scheduler = get_scheduler(t.lr_scheduler if t.lr_scheduler != "constant" else "constant_with_warmup",
                               optimizer, num_warmup_steps=int(t.warmup_ratio * total_steps),
                               num_training_steps=total_steps)
-    model, optimizer, eval_loader, scheduler = acc.prepare(model, optimizer, eval_loader, scheduler)
     batch_sampler = getattr(train_loader, "batch_sampler", None)
     inner_sampler = getattr(batch_sampler, "batch_sampler", batch_sampler)
     run.log(f"train: {len(train_loader)} batches per rank per epoch, {steps_per_epoch} optimizer steps per epoch, "
@@ -322,7 +324,6 @@ def train(run: Run, model, optimizer, train_loader, eval_loader, num_labels: int
                     grad_norm = acc.clip_grad_norm_(model.parameters(), t.max_grad_norm)
                 optimizer.step()
                 if acc.sync_gradients:
-                    # Accelerate hands DeepSpeed only DeepSpeed's own schedulers; a no-op wrapper otherwise
                     scheduler.step()
                 optimizer.zero_grad()
             running_loss += out.loss.detach().float()

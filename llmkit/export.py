@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding
 
 from llmkit.engine import Run
 from llmkit.errors import LlmkitError
@@ -41,23 +44,48 @@ def _check_state_dict(state_dict: dict[str, torch.Tensor], model) -> None:
         raise LlmkitError(f"the gathered weights lack {len(missing)} tensors (e.g. {sorted(missing)[0]})")
 
 
-def verify_reload(folder: Path, tokenizer, dataset, out: dict[str, np.ndarray], precision: str) -> dict:
-    """Reload the export with plain transformers and compare its logits with the run's own on a few rows."""
-    model, info = AutoModelForSequenceClassification.from_pretrained(folder, output_loading_info=True, dtype="auto")
-    if info["missing_keys"] or info["mismatched_keys"]:
-        raise LlmkitError(f"the exported model at {folder} reloads with missing/mismatched weights: {info}")
-    model.eval()
-    n = min(VERIFY_ROWS, len(dataset))
-    batch = DataCollatorWithPadding(tokenizer)([dataset[i] for i in range(n)])
-    rows = batch.pop("row").numpy()
-    batch.pop("labels")
-    with torch.no_grad():
-        got = model(**batch).logits.float().numpy()
+# Runs in a fresh interpreter: plain transformers, no llmkit import, no DeepSpeed state (under ZeRO-3 an
+# in-process from_pretrained would try to partition the reloaded model across ranks).
+_RELOAD = """
+import json, sys, torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+folder, spec_path, out_path = sys.argv[1:4]
+spec = json.load(open(spec_path))
+tok = AutoTokenizer.from_pretrained(folder)
+model, info = AutoModelForSequenceClassification.from_pretrained(folder, dtype="auto", output_loading_info=True)
+with torch.no_grad():
+    enc = tok(spec["texts"], spec["pairs"], padding=True, truncation=True, max_length=spec["max_length"],
+              return_tensors="pt")
+    logits = model.eval()(**enc).logits.float()
+json.dump({"logits": logits.tolist(), "missing": sorted(info["missing_keys"]), "unexpected": sorted(info["unexpected_keys"]),
+           "id2label": model.config.id2label}, open(out_path, "w"))
+"""
+
+
+def verify_reload(folder: Path, raw, data_cfg, out: dict[str, np.ndarray], precision: str) -> dict:
+    """Reload the export with plain transformers in a fresh process; compare its logits with the run's own."""
+    n = min(VERIFY_ROWS, len(raw))
+    rows = raw.select(range(n))
+    spec = {"texts": list(rows[data_cfg.text_column]), "max_length": data_cfg.max_length,
+            "pairs": list(rows[data_cfg.text_pair_column]) if data_cfg.text_pair_column else None}
+    with tempfile.TemporaryDirectory() as tmp:
+        spec_path, got_path = Path(tmp) / "spec.json", Path(tmp) / "got.json"
+        spec_path.write_text(json.dumps(spec))
+        proc = subprocess.run([sys.executable, "-c", _RELOAD, str(folder), str(spec_path), str(got_path)],
+                              capture_output=True, text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+        if proc.returncode != 0:
+            raise LlmkitError(f"the export at {folder} does not reload with plain transformers:\n{proc.stderr[-2000:]}")
+        reloaded = json.loads(got_path.read_text())
+    if reloaded["missing"] or reloaded["unexpected"]:
+        raise LlmkitError(f"the export at {folder} reloads with missing {reloaded['missing']} / unexpected "
+                          f"{reloaded['unexpected']} weights")
+    got = np.asarray(reloaded["logits"])
     where = {int(r): i for i, r in enumerate(out["row"])}
-    want = np.stack([out["logits"][where[int(r)]] for r in rows])
+    want = np.stack([out["logits"][where[r]] for r in range(n)])
     tol = 1e-3 if precision == "fp32" else 1e-1
     diff = float(np.abs(got - want).max())
-    margin = np.abs(np.sort(want, -1)[:, -1] - np.sort(want, -1)[:, -2]) if want.shape[1] > 1 else np.ones(n)
+    top2 = np.sort(want, -1)
+    margin = top2[:, -1] - top2[:, -2]
     flips = int(((got.argmax(-1) != want.argmax(-1)) & (margin > 2 * tol)).sum())
     if diff > tol and flips:
         raise LlmkitError(f"the reloaded export disagrees with the run: max logit diff {diff:.3g}, "
@@ -68,7 +96,7 @@ def verify_reload(folder: Path, tokenizer, dataset, out: dict[str, np.ndarray], 
 def save_final(run: Run, model, tokenizer, results: dict, check) -> Path:
     """Write `<output_dir>/final` atomically; all ranks must call it (ZeRO-3 gathers weights collectively).
 
-    `check` is (tokenized split with "row", the run's predictions on it) used to verify the reload.
+    `check` is (raw split, the run's predictions on it) used to verify the reload.
     """
     acc = run.accelerator
     state_dict = acc.get_state_dict(model)  # collective under ZeRO-3
@@ -85,7 +113,7 @@ def save_final(run: Run, model, tokenizer, results: dict, check) -> Path:
         if run.ds_config:
             (tmp / "ds_config.json").write_text(json.dumps(run.ds_config, indent=2) + "\n")
         results = dict(results)
-        results["export_check"] = verify_reload(tmp, tokenizer, *check, run.precision)
+        results["export_check"] = verify_reload(tmp, check[0], run.cfg.data, check[1], run.precision)
         (tmp / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
         (run.output_dir / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
         # swap in the new export only now that it is complete and verified

@@ -41,7 +41,7 @@ def main() -> None:
 
     # export, verified by reloading with plain transformers
     check_split = "test" if ds.test is not None else "validation"
-    final = export.save_final(run, net, tokenizer, results, (splits[check_split][0], outputs[check_split]))
+    final = export.save_final(run, net, tokenizer, results, (splits[check_split][1], outputs[check_split]))
     for name in splits:
         m = results[name]
         run.log(f"{name}: accuracy {m['accuracy']:.4f}  f1 {m['f1']:.4f}  ({m['samples']} rows)")

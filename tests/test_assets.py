@@ -1,0 +1,71 @@
+"""Offline assets: the standard polarity split, idempotent install, clear errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+
+import pytest
+
+from llmkit import assets
+from llmkit.errors import LlmkitError
+
+
+def test_split_rules_on_made_up_lines():
+    lines = ["1\t2.5\t  A fine film.  ", "2\t0\tNeutral text", "3\t-1.2\ta FINE film.", "4\t-3\tDreadful."]
+    splits = assets.polarity_rows("\r\n".join(lines).encode())
+    rows = [r for rows in splits.values() for r in rows]
+    assert [r["text"] for r in sorted(rows, key=lambda r: r["id"])] == ["A fine film.", "Dreadful."]
+    for split, rows_ in splits.items():
+        for r in rows_:
+            bucket = int(hashlib.sha256(r["text"].encode()).hexdigest(), 16) % 10
+            assert split == ("test" if bucket == 0 else "validation" if bucket == 1 else "train")
+            assert r["label"] == int(r["rating"] > 0)
+
+
+def test_installed_polarity_split_is_the_standard_one():
+    root = assets.resolve("asset:polarity")
+    sizes, labels = {}, {}
+    for split in ("train", "validation", "test"):
+        with open(f"{root}/{split}.jsonl") as fh:
+            rows = [json.loads(line) for line in fh]
+        sizes[split] = len(rows)
+        labels[split] = sum(r["label"] for r in rows)
+    assert sizes == {"train": 8433, "validation": 1038, "test": 1095}
+    assert all(0.45 < labels[s] / sizes[s] < 0.55 for s in sizes)
+
+
+def test_installed_minilm_is_a_transformers_model():
+    from transformers import AutoConfig, AutoTokenizer
+
+    root = assets.resolve("asset:minilm")
+    config = AutoConfig.from_pretrained(root)
+    assert (config.model_type, config.num_hidden_layers, config.hidden_size) == ("bert", 6, 384)
+    assert AutoTokenizer.from_pretrained(root).is_fast
+
+
+def test_second_install_does_nothing():
+    said = []
+    assets.install_all(log=said.append)
+    assert said == [f"assets already installed in {assets.assets_dir()}"]
+
+
+def test_unknown_or_missing_asset(tmp_path, monkeypatch):
+    with pytest.raises(LlmkitError, match="unknown asset 'asset:nope'"):
+        assets.resolve("asset:nope")
+    monkeypatch.setenv("LLMKIT_HOME", str(tmp_path))
+    with pytest.raises(LlmkitError, match="is not installed .* run `llmkit assets` first"):
+        assets.resolve("asset:minilm")
+
+
+def test_changed_file_is_refused(tmp_path):
+    wrong = dataclasses.replace(assets.VADER, sha256="0" * 64)
+    with pytest.raises(LlmkitError, match="has sha256 5d7c06e0.*expected 0000"):
+        assets.fetch(wrong, tmp_path)
+
+
+def test_download_failure_is_clear(tmp_path):
+    missing = dataclasses.replace(assets.VADER, version="0.0.0.99")
+    with pytest.raises(LlmkitError, match=r"could not download vadersentiment==0.0.0.99 from the package registry"):
+        assets.fetch(missing, tmp_path)

@@ -1,0 +1,47 @@
+"""The shipped `evaluate` modules load offline and agree with scikit-learn."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from sklearn import metrics as sk
+
+from llmkit.metrics import NAMES, classification_metrics, load
+
+
+@pytest.mark.parametrize("num_labels", [2, 3, 5])
+def test_match_scikit_learn(num_labels):
+    rng = np.random.default_rng(num_labels)
+    refs = rng.integers(0, num_labels, 211)
+    preds = np.where(rng.random(211) < 0.6, refs, rng.integers(0, num_labels, 211))
+    got = classification_metrics(preds.tolist(), refs.tolist(), num_labels)
+    avg = "binary" if num_labels == 2 else "macro"
+    assert got["accuracy"] == pytest.approx(sk.accuracy_score(refs, preds), abs=1e-12)
+    assert got["f1"] == pytest.approx(sk.f1_score(refs, preds, average=avg), abs=1e-12)
+    assert got["precision"] == pytest.approx(sk.precision_score(refs, preds, average=avg), abs=1e-12)
+    assert got["recall"] == pytest.approx(sk.recall_score(refs, preds, average=avg), abs=1e-12)
+    assert got["f1_macro"] == pytest.approx(sk.f1_score(refs, preds, average="macro"), abs=1e-12)
+
+
+def test_averages_and_degenerate_cases():
+    f1 = load("f1")
+    refs, preds = [0, 1, 2, 2, 1], [0, 2, 2, 2, 0]
+    for avg in ("micro", "weighted", "macro"):
+        want = sk.f1_score(refs, preds, average=avg, zero_division=0)
+        assert f1.compute(predictions=preds, references=refs, average=avg)["f1"] == pytest.approx(want)
+    # no positive predictions: precision 0 (not nan), like zero_division=0
+    assert load("precision").compute(predictions=[0, 0], references=[1, 0])["precision"] == 0.0
+
+
+def test_modules_load_offline_in_a_fresh_process():
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_ENDPOINT": "http://127.0.0.1:9"}
+    code = ("from llmkit.metrics import load, NAMES\n"
+            "print({n: load(n).compute(predictions=[1, 0, 1], references=[1, 1, 1]) for n in NAMES})")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "'accuracy': 0.666" in out.stdout and "'precision': 1.0" in out.stdout
+    assert set(NAMES) == {"accuracy", "f1", "precision", "recall"}
