@@ -27,7 +27,7 @@ def guarded(fn: Callable[[], object]) -> None:
 
 def recipe_args(argv: list[str] | None = None) -> tuple[str | None, list[str]]:
     """`--config FILE` plus `--section.key value` overrides, as the recipes take them."""
-    parser = argparse.ArgumentParser(add_help=True, description="llmkit recipe: --config FILE [--section.key VALUE ...]")
+    parser = argparse.ArgumentParser(description="llmkit recipe: --config FILE [--section.key VALUE ...]")
     parser.add_argument("--config", help="YAML recipe config")
     args, rest = parser.parse_known_args(argv)
     return args.config, rest

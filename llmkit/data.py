@@ -135,6 +135,7 @@ def prepare(cfg: DataConfig, tokenizer, seed: int, log=print) -> ClassificationD
             hint = " (set it to null to skip testing)" if role == "test" else ""
             raise LlmkitError(f"{key} names split '{split}', but the dataset only has {sorted(raw)}{hint}")
     columns = [c for c in (cfg.text_column, cfg.text_pair_column, cfg.label_column) if c]
+    texts = [c for c in (cfg.text_column, cfg.text_pair_column) if c]
     splits: dict[str, Dataset] = {}
     dropped: dict[str, int] = {}
     for role, split in wanted.items():
@@ -147,7 +148,6 @@ def prepare(cfg: DataConfig, tokenizer, seed: int, log=print) -> ClassificationD
                               "data.text_column / data.label_column to the right names")
         ds = ds.select_columns(columns)
         before = len(ds)
-        texts = [c for c in (cfg.text_column, cfg.text_pair_column) if c]
         ds = ds.filter(lambda r: all(isinstance(r[c], str) and r[c].strip() for c in texts)
                        and r[cfg.label_column] is not None)
         dropped[split] = before - len(ds)

@@ -81,11 +81,13 @@ def _deepspeed_source(cfg: Config) -> tuple[dict, str] | None:
 
 
 def resolve_deepspeed(cfg: Config, precision: str, world_size: int, hidden: int | None) -> dict | None:
-    """Fill every "auto" of the DeepSpeed config from the llmkit config; a value set in both that disagrees is an error."""
+    """Fill each "auto" of the DeepSpeed config from the llmkit config; a value set in both must agree."""
     found = _deepspeed_source(cfg)
     if found is None:
         return None
-    ds, source = copy.deepcopy(found[0]), found[1]
+    # keys starting with "_" are notes for people (JSON has no comments), not DeepSpeed settings
+    ds = {k: copy.deepcopy(v) for k, v in found[0].items() if not k.startswith("_")}
+    source = found[1]
     t = cfg.train
     for section in ("optimizer", "scheduler"):
         if section in ds:
@@ -210,7 +212,7 @@ def setup(cfg: Config, hidden: int | None) -> Run:
     accelerator = Accelerator(
         mixed_precision=ACCELERATE_PRECISION[precision],
         deepspeed_plugin=plugin,
-        gradient_accumulation_steps=1 if plugin else cfg.train.gradient_accumulation_steps,
+        gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
         step_scheduler_with_optimizer=False,  # we step it once per optimizer step ourselves
         kwargs_handlers=handlers,
         log_with="tensorboard",
@@ -252,7 +254,7 @@ def build_optimizer(cfg: Config, model) -> torch.optim.Optimizer:
     """AdamW with no weight decay on biases and norm weights."""
     t = cfg.train
     decay, no_decay = [], []
-    for name, param in model.named_parameters():
+    for param in model.parameters():
         if param.requires_grad:
             (no_decay if param.ndim < 2 else decay).append(param)
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

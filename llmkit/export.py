@@ -57,8 +57,8 @@ with torch.no_grad():
     enc = tok(spec["texts"], spec["pairs"], padding=True, truncation=True, max_length=spec["max_length"],
               return_tensors="pt")
     logits = model.eval()(**enc).logits.float()
-json.dump({"logits": logits.tolist(), "missing": sorted(info["missing_keys"]), "unexpected": sorted(info["unexpected_keys"]),
-           "id2label": model.config.id2label}, open(out_path, "w"))
+json.dump({"logits": logits.tolist(), "missing": sorted(info["missing_keys"]),
+           "unexpected": sorted(info["unexpected_keys"])}, open(out_path, "w"))
 """
 
 

@@ -28,11 +28,11 @@ def main() -> None:
     net = result["model"]
 
     # evaluate the final model on every split and keep the predictions
-    results, splits = {"train": result["summary"]}, {"validation": (ds.eval, ds.eval_raw)}
+    results, splits = {"train": result["summary"]}, {"validation": ds.eval_raw}
     if ds.test is not None:
-        splits["test"] = (ds.test, ds.test_raw)
+        splits["test"] = ds.test_raw
     outputs = {}
-    for name, (tokenized, raw) in splits.items():
+    for name, raw in splits.items():
         loader = acc.prepare_data_loader(eval_loaders[name])
         results[name], outputs[name] = engine.evaluate(run, net, loader, len(ds.label_names))
         if acc.is_main_process:
@@ -41,7 +41,7 @@ def main() -> None:
 
     # export, verified by reloading with plain transformers
     check_split = "test" if ds.test is not None else "validation"
-    final = export.save_final(run, net, tokenizer, results, (splits[check_split][1], outputs[check_split]))
+    final = export.save_final(run, net, tokenizer, results, (splits[check_split], outputs[check_split]))
     for name in splits:
         m = results[name]
         run.log(f"{name}: accuracy {m['accuracy']:.4f}  f1 {m['f1']:.4f}  ({m['samples']} rows)")

@@ -23,10 +23,11 @@ def _predict(folder, texts):
         return model(**enc).logits.argmax(-1).tolist(), model.config.id2label
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_zero_run_exports_a_model_plain_transformers_reloads(tmp_path, tiny_bert, tiny_data, stage):
+@pytest.mark.parametrize(("stage", "accumulation"), [(2, 1), (3, 1), (2, 2)])
+def test_zero_run_exports_a_model_plain_transformers_reloads(tmp_path, tiny_bert, tiny_data, stage, accumulation):
     out = tmp_path / "run"
-    cfg = write_config(tmp_path / "c.yaml", tiny_bert, tiny_data, out, epochs=2)
+    cfg = write_config(tmp_path / "c.yaml", tiny_bert, tiny_data, out, epochs=2,
+                       gradient_accumulation_steps=accumulation)
     proc = launch("recipes/classification.py", ["--config", str(cfg)], f"cpu_zero{stage}.yaml")
     check_ok(proc)
     assert f"2 process(es), cpu, precision fp32 (set in the config), DeepSpeed ZeRO-{stage}" in proc.stdout + proc.stderr
@@ -36,7 +37,8 @@ def test_zero_run_exports_a_model_plain_transformers_reloads(tmp_path, tiny_bert
         assert (final / name).is_file(), name
     ds = json.loads((out / "ds_config.json").read_text())
     assert ds["zero_optimization"]["stage"] == stage and "auto" not in json.dumps(ds)
-    assert ds["train_batch_size"] == 8 * 2 and ds["train_micro_batch_size_per_gpu"] == 8
+    assert ds["train_batch_size"] == 8 * 2 * accumulation and ds["train_micro_batch_size_per_gpu"] == 8
+    assert ds["gradient_accumulation_steps"] == accumulation
 
     # full weights (ZeRO-3 gathered), changed by training
     trained, initial = load_file(final / "model.safetensors"), load_file(tiny_bert / "model.safetensors")
@@ -56,7 +58,8 @@ def test_zero_run_exports_a_model_plain_transformers_reloads(tmp_path, tiny_bert
     assert metrics["test"]["accuracy"] == pytest.approx(np.mean([g == id2label[p] for g, p in zip(gold, preds)]))
     assert metrics["export_check"]["same_predictions"] == metrics["export_check"]["rows"]
     assert metrics["train"]["world_size"] == 2 and metrics["train"]["zero_stage"] == stage
-    assert metrics["train"]["steps"] == 2 * 6  # 96 rows / (8 x 2 ranks) = 6 steps per epoch
+    # 96 rows / (8 x 2 ranks) = 6 batches per rank per epoch, one optimizer step per `accumulation` of them
+    assert metrics["train"]["steps"] == 2 * 6 // accumulation
 
 
 def test_metrics_identical_on_one_and_two_ranks_with_uneven_eval(tmp_path, tiny_bert, tiny_data):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datasets
+import evaluate
 import numpy as np
 
 
@@ -44,3 +46,34 @@ def _value(kind: str, tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> np.ndar
     if kind == "recall":
         return recall
     return _ratio(2 * tp, 2 * tp + fp + fn)
+
+
+_KWARGS = """
+Args:
+    predictions (list of int): predicted class ids.
+    references (list of int): true class ids.
+    average (str): 'binary' (default, scores pos_label only), 'macro', 'micro' or 'weighted'.
+    pos_label (int): the positive class for average='binary'. Default 1.
+    labels (list of int): classes to include for the multiclass averages. Default: all seen.
+Returns:
+    {kind} (float): in [0, 1].
+"""
+
+
+class CountMetric(evaluate.Metric):
+    """Base of the precision / recall / F1 modules; a subclass sets KIND and DESCRIPTION."""
+
+    KIND = ""
+    DESCRIPTION = ""
+
+    def _info(self):
+        return evaluate.MetricInfo(
+            description=self.DESCRIPTION,
+            citation="",
+            inputs_description=_KWARGS.format(kind=self.KIND),
+            features=datasets.Features({"predictions": datasets.Value("int64"), "references": datasets.Value("int64")}),
+        )
+
+    def _compute(self, predictions, references, average="binary", pos_label=1, labels=None):
+        value = score(self.KIND, predictions, references, average=average, pos_label=pos_label, labels=labels)
+        return {self.KIND: value}

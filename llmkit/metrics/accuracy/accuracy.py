@@ -1,4 +1,4 @@
-"""Accuracy, as an `evaluate` module shipped with llmkit so it loads offline."""
+"""Accuracy: an `evaluate` module that ships with llmkit (loads offline)."""
 
 import datasets
 import evaluate

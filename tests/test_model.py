@@ -1,0 +1,55 @@
+"""Model and tokenizer loading: local dirs, from-scratch init, and clear errors for bad paths / offline Hub ids."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from llmkit import data, model
+from llmkit.config import DataConfig, ModelConfig
+from llmkit.errors import LlmkitError
+
+
+def test_classifier_gets_label_maps(tiny_bert):
+    net = model.load_classifier(ModelConfig(name_or_path=str(tiny_bert)), ["neg", "neu", "pos"])
+    assert net.config.num_labels == 3
+    assert net.config.id2label == {0: "neg", 1: "neu", 2: "pos"} and net.config.label2id["pos"] == 2
+    assert net.classifier.out_features == 3
+
+
+def test_from_scratch_and_gradient_checkpointing(tiny_bert):
+    cfg = ModelConfig(name_or_path=str(tiny_bert), from_scratch=True, gradient_checkpointing=True)
+    torch.manual_seed(123)
+    net = model.load_classifier(cfg, ["a", "b"])
+    saved = load_file(tiny_bert / "model.safetensors")
+    key = "bert.encoder.layer.0.attention.self.query.weight"
+    assert not torch.equal(net.state_dict()[key], saved[key])  # random init, not the saved weights
+    assert net.is_gradient_checkpointing
+    assert model.hidden_size(cfg) == 32
+
+
+def test_bad_model_paths(tmp_path):
+    with pytest.raises(LlmkitError, match="model.name_or_path './nope/model' does not exist"):
+        model.load_classifier(ModelConfig(name_or_path="./nope/model"), ["a", "b"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(LlmkitError, match="is a directory without config.json"):
+        model.load_classifier(ModelConfig(name_or_path=str(tmp_path / "empty")), ["a", "b"])
+
+
+def test_hub_ids_fail_clearly_offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(LlmkitError, match="could not load the tokenizer 'someone/not-a-real-model-xyz'"):
+        model.load_tokenizer(ModelConfig(name_or_path="someone/not-a-real-model-xyz"))
+    with pytest.raises(LlmkitError, match="could not load data.dataset 'someone/not-a-real-dataset-xyz'"):
+        data.load_raw(DataConfig(dataset="someone/not-a-real-dataset-xyz"))
+
+
+def test_tokenizer_without_pad_token_gets_one(tiny_bert, tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_bert)
+    tok.pad_token = None
+    tok.save_pretrained(tmp_path / "tok")
+    loaded = model.load_tokenizer(ModelConfig(name_or_path=str(tiny_bert), tokenizer=str(tmp_path / "tok")))
+    assert loaded.pad_token is not None
