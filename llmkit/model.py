@@ -65,7 +65,9 @@ def load_classifier(cfg: ModelConfig, label_names: list[str], pad_token_id: int 
             config = AutoConfig.from_pretrained(name, **labels, **common)
             model = AutoModelForSequenceClassification.from_config(config, trust_remote_code=cfg.trust_remote_code)
         else:
-            model = AutoModelForSequenceClassification.from_pretrained(name, **labels, **common)
+            # a checkpoint with another head size (e.g. a 2-class model tuned to 3 classes) gets a fresh head
+            model = AutoModelForSequenceClassification.from_pretrained(name, ignore_mismatched_sizes=True,
+                                                                       **labels, **common)
     except (OSError, ValueError) as exc:
         raise _hub_error("the model", name, exc) from None
     if model.config.pad_token_id is None and pad_token_id is not None:

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from llmkit import data, model
-from llmkit.config import DataConfig, ModelConfig
+from llmkit import model
+from llmkit.config import ModelConfig
 from llmkit.errors import LlmkitError
 
 
@@ -37,12 +42,24 @@ def test_bad_model_paths(tmp_path):
         model.load_classifier(ModelConfig(name_or_path=str(tmp_path / "empty")), ["a", "b"])
 
 
-def test_hub_ids_fail_clearly_offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(LlmkitError, match="could not load the tokenizer 'someone/not-a-real-model-xyz'"):
-        model.load_tokenizer(ModelConfig(name_or_path="someone/not-a-real-model-xyz"))
-    with pytest.raises(LlmkitError, match="could not load data.dataset 'someone/not-a-real-dataset-xyz'"):
-        data.load_raw(DataConfig(dataset="someone/not-a-real-dataset-xyz"))
+def test_hub_ids_fail_clearly_offline():
+    # a fresh process: the Hub libraries read HF_HUB_OFFLINE once, at import
+    code = textwrap.dedent("""
+        from llmkit import data, model
+        from llmkit.config import DataConfig, ModelConfig
+        from llmkit.errors import LlmkitError
+        for load in (lambda: model.load_tokenizer(ModelConfig(name_or_path="someone/not-a-real-model-xyz")),
+                     lambda: data.load_raw(DataConfig(dataset="someone/not-a-real-dataset-xyz"))):
+            try:
+                load()
+            except LlmkitError as exc:
+                print(exc)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "could not load the tokenizer 'someone/not-a-real-model-xyz'" in out.stdout
+    assert "could not load data.dataset 'someone/not-a-real-dataset-xyz' from the Hub" in out.stdout
 
 
 def test_tokenizer_without_pad_token_gets_one(tiny_bert, tmp_path):
