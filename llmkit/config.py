@@ -64,6 +64,7 @@ class TrainConfig:
     eval_every_steps: int | None = None  # also evaluate every N optimizer steps (always at epoch end)
     logging_steps: int = 10
     num_threads: int | None = None  # torch CPU threads per rank; default: cores / local ranks
+    loss_scale_patience: int = 50  # fp16: stop after this many steps with the loss scale at its minimum
 
 
 @dataclass
@@ -257,6 +258,7 @@ def validate(cfg: Config) -> None:
     need(t.eval_every_steps is None or t.eval_every_steps > 0, "train.eval_every_steps", "must be > 0 when set")
     need(t.logging_steps >= 1, "train.logging_steps", f"must be >= 1, got {t.logging_steps}")
     need(t.num_threads is None or t.num_threads >= 1, "train.num_threads", "must be >= 1 when set")
+    need(t.loss_scale_patience >= 1, "train.loss_scale_patience", f"must be >= 1, got {t.loss_scale_patience}")
 
     need(bool(cfg.model.name_or_path), "model.name_or_path", "must name a Hub id, a local dir or asset:<name>")
     need(d.dataset is not None or d.data_files is not None, "data.dataset",

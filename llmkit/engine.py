@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import DataCollatorWithPadding, get_scheduler
 
+from llmkit import memory
 from llmkit.config import Config
 from llmkit.data import ClassificationData, LengthGroupedBatchSampler
 from llmkit.errors import LlmkitError
@@ -168,6 +169,34 @@ def _check_accelerate_env(cfg: Config, precision: str) -> None:
                               f"Remove {name} from the Accelerate yaml: llmkit's config is the one place to set it.")
 
 
+class LossScaleWatchdog:
+    """Stops an fp16 run whose dynamic loss scale sits at its floor: every step then overflows or underflows."""
+
+    def __init__(self, patience: int, floor: float = 1.0):
+        self.patience, self.floor, self.at_floor = patience, floor, 0
+
+    def update(self, scale: float | None, step: int) -> None:
+        if scale is None:
+            return
+        self.at_floor = self.at_floor + 1 if scale <= self.floor else 0
+        if self.at_floor >= self.patience:
+            raise LlmkitError(f"the fp16 loss scale has been at its minimum ({scale:g}) for {self.at_floor} steps "
+                              f"(step {step}): gradients keep overflowing and training is skipping updates. Use "
+                              "precision bf16 (or fp32), lower train.learning_rate, or check the data for outliers.")
+
+
+def loss_scale(accelerator: Accelerator, model) -> float | None:
+    """The current fp16 loss scale (DeepSpeed or torch GradScaler), or None when there is none."""
+    optimizer = getattr(model, "optimizer", None)  # the DeepSpeed engine's optimizer
+    for holder in (optimizer, getattr(optimizer, "loss_scaler", None)):
+        for attr in ("cur_scale", "loss_scale"):
+            value = getattr(holder, attr, None)
+            if isinstance(value, (int, float, torch.Tensor)):
+                return float(value)
+    scaler = getattr(accelerator, "scaler", None)
+    return float(scaler.get_scale()) if scaler is not None else None
+
+
 @dataclass
 class Run:
     """Everything set up before training: the config, the Accelerator and the resolved settings."""
@@ -292,6 +321,12 @@ def train(run: Run, model, optimizer, train_loader, eval_loader, num_labels: int
     """The training loop: accumulate, clip, step, log; evaluate at each epoch end (and every N steps)."""
     cfg, acc = run.cfg, run.accelerator
     t = cfg.train
+    estimate = memory.for_run(run.ds_config, memory.parameters_of(model), acc.num_processes, run.precision)
+    run.log("memory estimate (ZeRO paper formulas, activations excluded):\n" + estimate.table())
+    watchdog = None
+    if run.precision == "fp16":
+        floor = float(((run.ds_config or {}).get("fp16") or {}).get("min_loss_scale", 1))
+        watchdog = LossScaleWatchdog(patience=t.loss_scale_patience, floor=floor)
     # the loader length per rank is known only once Accelerate has sharded it
     train_loader = acc.prepare_data_loader(train_loader)
     steps_per_epoch = math.ceil(len(train_loader) / t.gradient_accumulation_steps)
@@ -336,10 +371,15 @@ def train(run: Run, model, optimizer, train_loader, eval_loader, num_labels: int
                 continue
             step += 1
             bar.update(1)
+            if watchdog is not None:
+                watchdog.update(loss_scale(acc, model), step)
             if step % t.logging_steps == 0 or step == total_steps:
                 if grad_norm is None and hasattr(model, "get_global_grad_norm"):
                     grad_norm = model.get_global_grad_norm()
                 loss = acc.reduce(running_loss / max(running_n, 1), reduction="mean").item()
+                if not math.isfinite(loss):
+                    raise LlmkitError(f"the training loss became {loss} by step {step}: training diverged. Lower "
+                                      "train.learning_rate, keep train.max_grad_norm on, or use bf16/fp32 over fp16.")
                 elapsed = time.perf_counter() - start
                 scalars = {"train/loss": loss, "train/lr": scheduler.get_last_lr()[0],
                            "train/epoch": step / steps_per_epoch,

@@ -11,7 +11,7 @@ from llmkit.config import ModelConfig
 from llmkit.errors import LlmkitError
 
 
-def _locate(name_or_path: str, what: str) -> str:
+def locate(name_or_path: str, what: str) -> str:
     """Resolve assets and check local paths early, so a typo is not reported as a Hub download failure."""
     path = assets.resolve(name_or_path)
     looks_local = path.startswith((".", "/", "~")) or Path(path).expanduser().exists() or path.count("/") > 1
@@ -34,7 +34,7 @@ def _hub_error(what: str, name: str, exc: Exception) -> LlmkitError:
 
 def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerFast:
     """Fast tokenizer for the model, with a pad token."""
-    name = _locate(cfg.tokenizer or cfg.name_or_path, "model.tokenizer" if cfg.tokenizer else "model.name_or_path")
+    name = locate(cfg.tokenizer or cfg.name_or_path, "model.tokenizer" if cfg.tokenizer else "model.name_or_path")
     try:
         tok = AutoTokenizer.from_pretrained(name, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as exc:
@@ -53,7 +53,7 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerFast:
 
 def load_classifier(cfg: ModelConfig, label_names: list[str], pad_token_id: int | None = None):
     """AutoModelForSequenceClassification with a head for `label_names` (id2label/label2id in its config)."""
-    name = _locate(cfg.name_or_path, "model.name_or_path")
+    name = locate(cfg.name_or_path, "model.name_or_path")
     labels = {
         "num_labels": len(label_names),
         "id2label": dict(enumerate(label_names)),
@@ -79,7 +79,7 @@ def load_classifier(cfg: ModelConfig, label_names: list[str], pad_token_id: int 
 
 def hidden_size(cfg: ModelConfig) -> int | None:
     """The model's hidden size (read from its config only), used to size DeepSpeed buckets."""
-    name = _locate(cfg.name_or_path, "model.name_or_path")
+    name = locate(cfg.name_or_path, "model.name_or_path")
     try:
         config = AutoConfig.from_pretrained(name, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as exc:

@@ -78,17 +78,25 @@ def write_config(path: Path, model: Path, data: Path, output: Path, **train) -> 
     return path
 
 
-def launch(script: str, args: list[str], accelerate_config: str | None = "cpu_zero2.yaml",
-           num_processes: int | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run a script under `accelerate launch` (real processes) from the repo root; return the finished process."""
+def launch_command(script: str, args: list[str], accelerate_config: str | None = "cpu_zero2.yaml",
+                   num_processes: int | None = None, launcher_args: list[str] = ()) -> list[str]:
+    """The `accelerate launch` command line for a script of this repo."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch"]
     if accelerate_config:
         cmd += ["--config_file", str(ROOT / "accelerate_configs" / accelerate_config)]
     if num_processes is not None:
         cmd += ["--num_processes", str(num_processes)]
-    cmd += [str(ROOT / script), *args]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    return [*cmd, *launcher_args, str(ROOT / script), *args]
+
+
+LAUNCH_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def launch(script: str, args: list[str], accelerate_config: str | None = "cpu_zero2.yaml",
+           num_processes: int | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run a script under `accelerate launch` (real processes) from the repo root; return the finished process."""
+    cmd = launch_command(script, args, accelerate_config, num_processes)
+    return subprocess.run(cmd, cwd=ROOT, env=LAUNCH_ENV, capture_output=True, text=True, timeout=timeout)
 
 
 def check_ok(proc: subprocess.CompletedProcess) -> None:

@@ -1,0 +1,106 @@
+"""Every DeepSpeed path with real 2-rank runs on CPU: ZeRO 0-3, CPU offload, bf16, checkpointing, 2 nodes."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+
+import pytest
+from conftest import LAUNCH_ENV, ROOT, check_ok, launch, launch_command, write_config
+from safetensors.torch import load_file
+
+pytestmark = pytest.mark.slow
+
+
+def _check_export(out, stage: int, offload: str | None = None) -> dict:
+    ds = json.loads((out / "ds_config.json").read_text())
+    zero = ds["zero_optimization"]
+    assert zero["stage"] == stage and "auto" not in json.dumps(ds)
+    if offload:
+        assert zero["offload_optimizer"]["device"] == "cpu"
+        if offload == "both":
+            assert zero["offload_param"]["device"] == "cpu"
+    weights = load_file(out / "final" / "model.safetensors")
+    assert weights and all(t.numel() > 0 for t in weights.values())
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["export_check"]["same_predictions"] == metrics["export_check"]["rows"] > 0
+    assert metrics["train"]["zero_stage"] == stage
+    return metrics
+
+
+@pytest.mark.parametrize(
+    ("name", "accelerate_config", "ds_file", "stage", "offload", "extra"),
+    [
+        ("zero0", "cpu_zero0.yaml", None, 0, None, {}),
+        ("zero1", "cpu_zero1.yaml", None, 1, None, {}),
+        ("zero2_offload", "cpu_zero2.yaml", "ds_configs/zero2_offload.json", 2, "optimizer", {}),
+        ("zero3_offload", "cpu_zero3.yaml", "ds_configs/zero3_offload.json", 3, "both", {}),
+        ("zero2_bf16_checkpointing", "cpu_zero2.yaml", None, 2, None,
+         {"precision": "bf16", "gradient_checkpointing": True}),
+        ("zero3_bf16", "cpu_zero3.yaml", None, 3, None, {"precision": "bf16"}),
+    ],
+)
+def test_zero_paths_train_and_export(tmp_path, tiny_bert, tiny_data, name, accelerate_config, ds_file, stage,
+                                     offload, extra):
+    out = tmp_path / "run"
+    train = {k: v for k, v in extra.items() if k != "gradient_checkpointing"}
+    cfg = write_config(tmp_path / "c.yaml", tiny_bert, tiny_data, out, **train)
+    args = ["--config", str(cfg)]
+    if ds_file:
+        args += ["--deepspeed.config_file", str(ROOT / ds_file)]
+    if extra.get("gradient_checkpointing"):
+        args += ["--model.gradient_checkpointing", "true"]
+    proc = launch("recipes/classification.py", args, accelerate_config, timeout=900)
+    check_ok(proc)
+    log = proc.stdout + proc.stderr
+    precision = extra.get("precision", "fp32")
+    assert f"precision {precision} (set in the config), DeepSpeed ZeRO-{stage}" in log
+    assert f"ZeRO-{stage}, 2 device(s), {precision}" in log  # the memory estimate is logged at start
+    metrics = _check_export(out, stage, offload)
+    assert metrics["train"]["precision"] == precision
+
+
+def test_fp16_is_refused_on_cpu_before_training(tmp_path, tiny_bert, tiny_data):
+    cfg = write_config(tmp_path / "c.yaml", tiny_bert, tiny_data, tmp_path / "out", precision="fp16")
+    proc = launch("recipes/classification.py", ["--config", str(cfg)])
+    assert proc.returncode != 0
+    assert proc.stderr.count("llmkit: error: train.precision is fp16, but no GPU is available") == 1
+    assert not (tmp_path / "out").exists()  # nothing was started or written
+
+
+def test_json_and_llmkit_config_disagree_under_launch(tmp_path, tiny_bert, tiny_data):
+    ds = json.loads((ROOT / "ds_configs/zero2.json").read_text())
+    ds["gradient_accumulation_steps"] = 8
+    (tmp_path / "ds.json").write_text(json.dumps(ds))
+    cfg = write_config(tmp_path / "c.yaml", tiny_bert, tiny_data, tmp_path / "out", gradient_accumulation_steps=4)
+    proc = launch("recipes/classification.py", ["--config", str(cfg), "--deepspeed.config_file", str(tmp_path / "ds.json")])
+    assert proc.returncode != 0
+    assert "'gradient_accumulation_steps' is 8 in the DeepSpeed config" in proc.stderr
+    assert "4 from train.gradient_accumulation_steps in the llmkit config" in proc.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_simulated_on_loopback_zero3(tmp_path, tiny_bert, tiny_data):
+    """Two `accelerate launch` processes as two machines (one rank each) on 127.0.0.1, multi-node ZeRO-3 template."""
+    out = tmp_path / "run"
+    cfg = write_config(tmp_path / "c.yaml", tiny_bert, tiny_data, out, num_threads=1)
+    port = str(_free_port())
+    procs = []
+    for rank in (0, 1):
+        cmd = launch_command("recipes/classification.py", ["--config", str(cfg)], "multinode_zero3.yaml",
+                             launcher_args=["--num_machines", "2", "--num_processes", "2", "--machine_rank", str(rank),
+                                            "--main_process_ip", "127.0.0.1", "--main_process_port", port])
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=LAUNCH_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))
+    results = [p.communicate(timeout=900) for p in procs]
+    for proc, (stdout, stderr) in zip(procs, results):
+        check_ok(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr))
+    assert "2 process(es), cpu, precision fp32 (set in the config), DeepSpeed ZeRO-3" in "".join(results[0])
+    metrics = _check_export(out, 3)
+    assert metrics["train"]["world_size"] == 2
