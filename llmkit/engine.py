@@ -211,6 +211,13 @@ class Run:
         if self.accelerator.is_main_process:
             tqdm.write(msg)
 
+    def log_scalars(self, scalars: dict[str, float], step: int) -> None:
+        """To TensorBoard and to <output_dir>/metrics.jsonl (one JSON object per call)."""
+        self.accelerator.log(scalars, step=step)
+        if self.accelerator.is_main_process:
+            with open(self.output_dir / "metrics.jsonl", "a") as fh:
+                fh.write(json.dumps({"step": step, **scalars}) + "\n")
+
 
 def check_output_dir(cfg: Config) -> Path:
     """Refuse to write into a directory that holds another run, unless asked to overwrite."""
@@ -386,14 +393,14 @@ def train(run: Run, model, optimizer, train_loader, eval_loader, num_labels: int
                            "train/real_tokens_per_s": real_tokens * acc.num_processes / elapsed}
                 if grad_norm is not None:
                     scalars["train/grad_norm"] = float(grad_norm)
-                acc.log(scalars, step=step)
+                run.log_scalars(scalars, step)
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{scalars['train/lr']:.2e}")
                 running_loss.zero_()
                 running_n = 0
             end_of_epoch = acc.gradient_state.end_of_dataloader
             if (t.eval_every_steps and step % t.eval_every_steps == 0) or end_of_epoch or step == total_steps:
                 metrics, _ = evaluate(run, model, eval_loader, num_labels)
-                acc.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
+                run.log_scalars({f"eval/{k}": v for k, v in metrics.items()}, step)
                 history.append({"step": step, "epoch": round(step / steps_per_epoch, 3), **metrics})
                 run.log(f"eval step {step}: loss {metrics['loss']:.4f} accuracy {metrics['accuracy']:.4f} "
                         f"f1 {metrics['f1']:.4f}")
@@ -409,5 +416,22 @@ def train(run: Run, model, optimizer, train_loader, eval_loader, num_labels: int
         "padding_efficiency": round(real_tokens / max(seen_tokens, 1), 4),
         "real_tokens_per_second": round(real_tokens * acc.num_processes / elapsed, 1),
         "history": history,
+        "per_rank": sharded_elements(acc, model, optimizer),
     }
     return {"model": model, "summary": summary}
+
+
+def _innermost_optimizer(optimizer):
+    """Follow the wrappers (Accelerate, DeepSpeed ZeRO, bf16) down to the torch optimizer that holds the state."""
+    while getattr(optimizer, "optimizer", None) is not None:
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+def sharded_elements(acc: Accelerator, model, optimizer) -> dict[str, list[int]]:
+    """Elements each rank really holds: parameters and optimizer states, read from the engine (not assumed)."""
+    params = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in model.parameters())
+    state = _innermost_optimizer(optimizer).state
+    states = sum(v.numel() for s in state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0)
+    counts = acc.gather(torch.tensor([[params, states]], device=acc.device)).tolist()
+    return {"parameter_elements": [c[0] for c in counts], "optimizer_state_elements": [c[1] for c in counts]}

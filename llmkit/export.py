@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import shutil
@@ -93,6 +94,13 @@ def verify_reload(folder: Path, raw, data_cfg, out: dict[str, np.ndarray], preci
     return {"rows": n, "max_abs_logit_diff": diff, "same_predictions": int((got.argmax(-1) == want.argmax(-1)).sum())}
 
 
+def _canonical_names(model) -> dict:
+    """Save under the model's own parameter names. transformers 5 may otherwise map some back to legacy names
+    (e.g. LayerNorm.gamma) depending on how the model was loaded, which differs under ZeRO-3."""
+    params = inspect.signature(model.save_pretrained).parameters
+    return {"save_original_format": False} if "save_original_format" in params else {}
+
+
 def save_final(run: Run, model, tokenizer, results: dict, check) -> Path:
     """Write `<output_dir>/final` atomically; all ranks must call it (ZeRO-3 gathers weights collectively).
 
@@ -107,7 +115,7 @@ def save_final(run: Run, model, tokenizer, results: dict, check) -> Path:
         _check_state_dict(state_dict, unwrapped)
         tmp = run.output_dir / "final.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        unwrapped.save_pretrained(tmp, state_dict=state_dict)
+        unwrapped.save_pretrained(tmp, state_dict=state_dict, **_canonical_names(unwrapped))
         tokenizer.save_pretrained(tmp)
         run.cfg.save(tmp / "training_config.yaml")
         if run.ds_config:

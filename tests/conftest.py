@@ -63,6 +63,15 @@ def tiny_data(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def cpu_adam():
+    """DeepSpeed's CPU Adam op for optimizer offload: JIT-built once per session (about a minute or more on
+    2 cores the first time; cached in ~/.cache/torch_extensions afterwards)."""
+    from deepspeed.ops.op_builder import CPUAdamBuilder
+
+    CPUAdamBuilder().load()
+
+
 def write_config(path: Path, model: Path, data: Path, output: Path, **train) -> Path:
     """A recipe YAML for the tiny model and data."""
     import yaml

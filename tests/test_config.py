@@ -130,6 +130,59 @@ def test_deepspeed_value_set_twice_must_agree(tmp_path):
     assert "4 from train.gradient_accumulation_steps" in msg
 
 
+@pytest.mark.parametrize(
+    ("json_values", "train", "precision", "message"),
+    [
+        ({"train_micro_batch_size_per_gpu": 4}, {"per_device_batch_size": 8}, "fp32",
+         "'train_micro_batch_size_per_gpu' is 4 in the DeepSpeed config (ds.json) but 8 from "
+         "train.per_device_batch_size"),
+        ({"train_batch_size": 64}, {"per_device_batch_size": 8}, "fp32",
+         "'train_batch_size' is 64 in the DeepSpeed config (ds.json) but 16 from train.per_device_batch_size x "
+         "gradient_accumulation_steps x world size"),
+        ({"gradient_clipping": 5.0}, {"max_grad_norm": 1.0}, "fp32",
+         "'gradient_clipping' is 5.0 in the DeepSpeed config (ds.json) but 1.0 from train.max_grad_norm"),
+        ({"bf16": {"enabled": True}}, {}, "fp32",
+         "'bf16.enabled' is True in the DeepSpeed config (ds.json) but False from train.precision"),
+        ({"fp16": {"enabled": False}}, {}, "fp16",
+         "'fp16.enabled' is False in the DeepSpeed config (ds.json) but True from train.precision"),
+    ],
+)
+def test_each_conflict_names_both_places(tmp_path, json_values, train, precision, message):
+    ds_file = tmp_path / "ds.json"
+    ds_file.write_text(json.dumps({**json_values, "zero_optimization": {"stage": 2}}))
+    cfg = _cfg(tmp_path, **train)
+    cfg.deepspeed.config_file = str(ds_file)
+    with pytest.raises(LlmkitError) as err:
+        engine.resolve_deepspeed(cfg, precision, world_size=2, hidden=32)
+    assert message.replace("ds.json", str(ds_file)) in str(err.value)
+    assert "Set it to \"auto\" in the JSON" in str(err.value)
+
+
+def test_zero_stage_in_llmkit_config_must_match_the_json(tmp_path):
+    cfg = _cfg(tmp_path)
+    cfg.deepspeed.config_file = str(ROOT / "ds_configs/zero2.json")
+    cfg.deepspeed.zero_stage = 3
+    with pytest.raises(LlmkitError, match="'zero_optimization.stage' is 2 in the DeepSpeed config .* but 3 from "
+                                          "deepspeed.zero_stage"):
+        engine.resolve_deepspeed(cfg, "fp32", world_size=2, hidden=32)
+
+
+@pytest.mark.parametrize(
+    ("env", "value", "message"),
+    [
+        ("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "8", "gradient_accumulation_steps=8 but the llmkit config has "
+         "train.gradient_accumulation_steps -> 1"),
+        ("ACCELERATE_GRADIENT_CLIPPING", "2.0", "gradient_clipping=2.0 but the llmkit config has train.max_grad_norm"),
+        ("ACCELERATE_MIXED_PRECISION", "bf16", "mixed_precision=bf16 but the llmkit config has train.precision -> no"),
+    ],
+)
+def test_accelerate_yaml_values_must_agree(tmp_path, monkeypatch, env, value, message):
+    monkeypatch.setenv(env, value)
+    with pytest.raises(LlmkitError) as err:
+        engine._check_accelerate_env(_cfg(tmp_path), "fp32")
+    assert message in str(err.value) and "Remove" in str(err.value)
+
+
 def test_deepspeed_rejects_unfillable_auto_and_own_optimizer(tmp_path):
     ds_file = tmp_path / "ds.json"
     ds_file.write_text(json.dumps({"zero_optimization": {"stage": 2, "mystery": "auto"}}))
@@ -143,12 +196,6 @@ def test_deepspeed_rejects_unfillable_auto_and_own_optimizer(tmp_path):
     ds_file.write_text(json.dumps({"zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": False}}))
     with pytest.raises(LlmkitError, match="stage3_gather_16bit_weights_on_model_save is false"):
         engine.resolve_deepspeed(cfg, "fp32", world_size=1, hidden=32)
-
-
-def test_accelerate_yaml_may_not_contradict(tmp_path, monkeypatch):
-    monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "8")
-    with pytest.raises(LlmkitError, match="gradient_accumulation_steps=8 but the llmkit config has"):
-        engine._check_accelerate_env(_cfg(tmp_path), "fp32")
 
 
 def test_output_dir_of_another_run_is_refused(tmp_path):

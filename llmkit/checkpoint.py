@@ -1,0 +1,172 @@
+"""Crash-safe checkpoints and exact resume.
+
+A checkpoint is `<output_dir>/checkpoints/step-<n>/`: Accelerate's `save_state` (model, optimizer and, under
+DeepSpeed, the engine's ZeRO shards), the LR scheduler, each rank's RNG states, and `trainer_state.json`
+(global step, data position, sampler seed, best metric). It is written under a temporary name and renamed
+into place by rank 0 only after every rank has finished; `manifest.json` (files and sizes, and what the
+run must match to resume) is written last inside it, and the `latest` pointer moves after the rename.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from llmkit.errors import LlmkitError
+
+MANIFEST = "manifest.json"
+STATE = "trainer_state.json"
+
+
+@dataclass
+class TrainerState:
+    """Where training stands: enough to continue from the exact next batch."""
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # epoch in progress
+    batches_in_epoch: int = 0  # batches of `epoch` already consumed by this rank
+    sampler_seed: int = 0
+    best_metric: float | None = None
+    best_step: int | None = None
+    history: list[dict] = field(default_factory=list)
+
+
+def fingerprint(cfg, world_size: int) -> dict:
+    """What a resumed run must share with the checkpoint for the continuation to be the same training run."""
+    t = cfg.train
+    return {
+        "model": cfg.model.name_or_path, "dataset": cfg.data.dataset or cfg.data.data_files,
+        "world_size": world_size, "per_device_batch_size": t.per_device_batch_size,
+        "gradient_accumulation_steps": t.gradient_accumulation_steps, "seed": t.seed,
+        "group_by_length": cfg.data.group_by_length, "max_length": cfg.data.max_length,
+    }
+
+
+def _rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {"python": repr(random.getstate()), "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+             "torch": torch.get_rng_state().tolist()}
+    if torch.cuda.is_available():
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    import ast
+
+    random.setstate(ast.literal_eval(state["python"]))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+
+def save(run, trainer_state: TrainerState, keep_last: int | None, keep_best: int) -> Path:
+    """Write checkpoint step-<n> atomically (all ranks must call this) and prune old ones."""
+    acc = run.accelerator
+    root = run.output_dir / "checkpoints"
+    final = root / f"step-{trainer_state.step}"
+    tmp = root / f".tmp-step-{trainer_state.step}"
+    if acc.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    acc.wait_for_everyone()
+    acc.save_state(str(tmp))
+    (tmp / f"rng_rank{acc.process_index}.json").write_text(json.dumps(_rng_state()))
+    acc.wait_for_everyone()  # every rank's shards are on disk
+    if acc.is_main_process:
+        (tmp / STATE).write_text(json.dumps(asdict(trainer_state), indent=1))
+        files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+        manifest = {"step": trainer_state.step, "fingerprint": fingerprint(run.cfg, acc.num_processes),
+                    "files": files}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        pointer = root / "latest.tmp"
+        pointer.write_text(final.name + "\n")
+        os.replace(pointer, root / "latest")
+        _prune(root, keep_last, keep_best, trainer_state)
+    acc.wait_for_everyone()
+    return final
+
+
+def _prune(root: Path, keep_last: int | None, keep_best: int, state: TrainerState) -> None:
+    done = sorted((p for p in root.glob("step-*") if (p / MANIFEST).is_file()), key=lambda p: int(p.name[5:]))
+    keep = set(done[-keep_last:]) if keep_last else set(done)
+    if keep_best and state.history:
+        scored = [h for h in state.history if h.get("checkpoint") and h.get("score") is not None]
+        scored.sort(key=lambda h: h["score"], reverse=True)
+        keep |= {root / h["checkpoint"] for h in scored[:keep_best]}
+    for path in done:
+        if path not in keep:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def verify(path: Path) -> dict:
+    """The manifest of a complete, untruncated checkpoint; a clear error otherwise."""
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise LlmkitError(f"checkpoint {path} is incomplete (no {MANIFEST}): it was being written when the run "
+                          "stopped. Resume from an earlier one (see the checkpoints folder) or from `latest`.")
+    manifest = json.loads(manifest_path.read_text())
+    for rel, size in manifest["files"].items():
+        file = path / rel
+        if not file.is_file():
+            raise LlmkitError(f"checkpoint {path} is damaged: {rel} is missing")
+        if file.stat().st_size != size:
+            raise LlmkitError(f"checkpoint {path} is damaged: {rel} has {file.stat().st_size} bytes, the manifest "
+                              f"says {size} (truncated or overwritten). Resume from another checkpoint.")
+    return manifest
+
+
+def resolve(output_dir: Path, resume_from: str) -> Path:
+    """`latest` or a path -> a verified checkpoint folder; with `latest`, falls back to the newest good one."""
+    root = output_dir / "checkpoints"
+    if resume_from != "latest":
+        path = Path(resume_from).expanduser()
+        if not path.is_dir():
+            raise LlmkitError(f"checkpoint.resume_from: '{resume_from}' is not a checkpoint folder")
+        verify(path)
+        return path
+    pointer = root / "latest"
+    candidates = sorted((p for p in root.glob("step-*") if p.is_dir()), key=lambda p: int(p.name[5:]), reverse=True)
+    if pointer.is_file():
+        named = root / pointer.read_text().strip()
+        candidates = [named] + [c for c in candidates if c != named]
+    problems = []
+    for path in candidates:
+        try:
+            verify(path)
+            return path
+        except LlmkitError as exc:
+            problems.append(str(exc))
+    detail = ("; ".join(problems)) if problems else "none was written"
+    raise LlmkitError(f"checkpoint.resume_from is 'latest' but {root} holds no usable checkpoint ({detail})")
+
+
+def load(run, path: Path) -> TrainerState:
+    """Restore everything saved in `path` into the prepared objects; return the trainer state."""
+    acc = run.accelerator
+    manifest = verify(path)
+    want = fingerprint(run.cfg, acc.num_processes)
+    diff = {k: (manifest["fingerprint"].get(k), v) for k, v in want.items() if manifest["fingerprint"].get(k) != v}
+    if "world_size" in diff:
+        raise LlmkitError(f"checkpoint {path} was written by {diff['world_size'][0]} ranks; this run has "
+                          f"{diff['world_size'][1]}. ZeRO shards are per rank: resume with the same number of "
+                          "processes, or convert the checkpoint with DeepSpeed's ds_to_universal.py and start a new "
+                          "run from the exported weights.")
+    if diff:
+        lines = ", ".join(f"{k}: checkpoint {old!r} vs now {new!r}" for k, (old, new) in diff.items())
+        raise LlmkitError(f"checkpoint {path} belongs to a different run ({lines}). Resume with the same settings, "
+                          "or start a new output_dir.")
+    acc.load_state(str(path))
+    rng = path / f"rng_rank{acc.process_index}.json"
+    _set_rng_state(json.loads(rng.read_text()))
+    return TrainerState(**json.loads((path / STATE).read_text()))
