@@ -57,7 +57,8 @@ def _rng_state() -> dict:
     return state
 
 
-def _set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict) -> None:
+    """Restore the python, numpy and torch RNGs saved with a checkpoint."""
     import ast
 
     random.setstate(ast.literal_eval(state["python"]))
@@ -68,7 +69,7 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
 
 
-def save(run, trainer_state: TrainerState, keep_last: int | None, keep_best: int) -> Path:
+def save(run, trainer_state: TrainerState, keep_last: int | None, keep_best: int, before_rename=None) -> Path:
     """Write checkpoint step-<n> atomically (all ranks must call this) and prune old ones."""
     acc = run.accelerator
     root = run.output_dir / "checkpoints"
@@ -80,6 +81,8 @@ def save(run, trainer_state: TrainerState, keep_last: int | None, keep_best: int
     acc.wait_for_everyone()
     acc.save_state(str(tmp))
     (tmp / f"rng_rank{acc.process_index}.json").write_text(json.dumps(_rng_state()))
+    if before_rename is not None:
+        before_rename()  # fault injection for the crash tests
     acc.wait_for_everyone()  # every rank's shards are on disk
     if acc.is_main_process:
         (tmp / STATE).write_text(json.dumps(asdict(trainer_state), indent=1))
@@ -151,8 +154,11 @@ def resolve(output_dir: Path, resume_from: str) -> Path:
     raise LlmkitError(f"checkpoint.resume_from is 'latest' but {root} holds no usable checkpoint ({detail})")
 
 
-def load(run, path: Path) -> TrainerState:
-    """Restore everything saved in `path` into the prepared objects; return the trainer state."""
+def load(run, path: Path) -> tuple[TrainerState, dict]:
+    """Restore what `path` holds into the prepared objects; return the trainer state and this rank's RNG state.
+
+    The caller restores the RNG state itself, once the data iterator has started: starting one draws from
+    torch's RNG, and the uninterrupted run drew that number before the checkpoint, not after."""
     acc = run.accelerator
     manifest = verify(path)
     want = fingerprint(run.cfg, acc.num_processes)
@@ -167,6 +173,5 @@ def load(run, path: Path) -> TrainerState:
         raise LlmkitError(f"checkpoint {path} belongs to a different run ({lines}). Resume with the same settings, "
                           "or start a new output_dir.")
     acc.load_state(str(path))
-    rng = path / f"rng_rank{acc.process_index}.json"
-    _set_rng_state(json.loads(rng.read_text()))
-    return TrainerState(**json.loads((path / STATE).read_text()))
+    rng = json.loads((path / f"rng_rank{acc.process_index}.json").read_text())
+    return TrainerState(**json.loads((path / STATE).read_text())), rng

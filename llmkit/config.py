@@ -74,6 +74,16 @@ class DeepSpeedConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    save_every_steps: int | None = None  # write checkpoints/step-<n> every N optimizer steps
+    save_every_epoch: bool = False
+    keep_last: int | None = 2  # newest checkpoints kept (None keeps all)
+    keep_best: int = 0  # also keep this many best ones by best_metric (from the evals at checkpoint steps)
+    best_metric: str = "f1"  # an eval metric, higher is better
+    resume_from: str | None = None  # "latest" (in output_dir) or a checkpoint folder
+
+
+@dataclass
 class OutputConfig:
     output_dir: str = "outputs/run"
     overwrite_output_dir: bool = False
@@ -85,6 +95,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -287,3 +298,9 @@ def validate(cfg: Config) -> None:
         need(Path(cfg.deepspeed.config_file).is_file(), "deepspeed.config_file",
              f"points to '{cfg.deepspeed.config_file}', which does not exist")
     need(bool(cfg.output.output_dir), "output.output_dir", "must name a directory")
+    c = cfg.checkpoint
+    need(c.save_every_steps is None or c.save_every_steps >= 1, "checkpoint.save_every_steps", "must be >= 1 when set")
+    need(c.keep_last is None or c.keep_last >= 1, "checkpoint.keep_last", "must be >= 1 (or null to keep all)")
+    need(c.keep_best >= 0, "checkpoint.keep_best", f"must be >= 0, got {c.keep_best}")
+    metrics = ("accuracy", "f1", "precision", "recall", "f1_macro")
+    need(c.best_metric in metrics, "checkpoint.best_metric", f"must be one of {', '.join(metrics)}")

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import math
 import os
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +20,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import DataCollatorWithPadding, get_scheduler
 
-from llmkit import memory
+from llmkit import checkpoint, memory
 from llmkit.config import Config
 from llmkit.data import ClassificationData, LengthGroupedBatchSampler
 from llmkit.errors import LlmkitError
@@ -224,10 +226,10 @@ def check_output_dir(cfg: Config) -> Path:
     out = Path(cfg.output.output_dir).expanduser()
     if out.exists() and not out.is_dir():
         raise LlmkitError(f"output.output_dir '{out}' exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not cfg.output.overwrite_output_dir:
+    if out.is_dir() and any(out.iterdir()) and not (cfg.output.overwrite_output_dir or cfg.checkpoint.resume_from):
         raise LlmkitError(f"output.output_dir '{out}' already holds files from another run. Pick a new directory "
-                          "or set output.overwrite_output_dir: true (the old export is replaced only when the new "
-                          "one is complete).")
+                          "set output.overwrite_output_dir: true (the old export is replaced only when the new "
+                          "one is complete), or continue it with --checkpoint.resume_from latest.")
     return out
 
 
@@ -324,10 +326,45 @@ def evaluate(run: Run, model, loader, num_labels: int) -> tuple[dict[str, float]
     return metrics, out
 
 
+class StopSignal:
+    """SIGTERM / SIGINT set a flag; the loop finishes its step, the ranks agree, a checkpoint is written."""
+
+    def __init__(self):
+        self.name = None
+        self._old = {sig: signal.signal(sig, self._catch) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def _catch(self, signum, frame):
+        self.name = signal.Signals(signum).name
+
+    def agreed(self, acc: Accelerator) -> bool:
+        """True on every rank as soon as any rank got a signal (one tiny all-reduce per step)."""
+        flag = torch.tensor(1.0 if self.name else 0.0, device=acc.device)
+        return bool(acc.reduce(flag, reduction="sum").item() > 0)
+
+    def restore(self) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+def _fault(point: str, step: int, rank: int) -> None:
+    """Fault injection for the crash tests: LLMKIT_FAULT=<point>@<step>:<rank> (e.g. sigterm@5:1, kill_in_save@4:1)."""
+    spec = os.environ.get("LLMKIT_FAULT", "")
+    if spec == f"{point}@{step}:{rank}":
+        os.kill(os.getpid(), signal.SIGKILL if point == "kill_in_save" else signal.SIGTERM)
+
+
+def _save(run: Run, state: checkpoint.TrainerState) -> None:
+    c = run.cfg.checkpoint
+    hook = (lambda: _fault("kill_in_save", state.step, run.accelerator.process_index)) if os.environ.get(
+        "LLMKIT_FAULT") else None
+    path = checkpoint.save(run, state, c.keep_last, c.keep_best, before_rename=hook)
+    run.log(f"checkpoint: {path}")
+
+
 def train(run: Run, model, optimizer, train_loader, eval_loader, num_labels: int) -> dict:
-    """The training loop: accumulate, clip, step, log; evaluate at each epoch end (and every N steps)."""
+    """The training loop: accumulate, clip, step, log; evaluate each epoch; checkpoint; resume exactly."""
     cfg, acc = run.cfg, run.accelerator
-    t = cfg.train
+    t, c = cfg.train, cfg.checkpoint
     estimate = memory.for_run(run.ds_config, memory.parameters_of(model), acc.num_processes, run.precision)
     run.log("memory estimate (ZeRO paper formulas, activations excluded):\n" + estimate.table())
     watchdog = None
@@ -344,22 +381,39 @@ def train(run: Run, model, optimizer, train_loader, eval_loader, num_labels: int
     scheduler = get_scheduler(t.lr_scheduler if t.lr_scheduler != "constant" else "constant_with_warmup",
                               optimizer, num_warmup_steps=int(t.warmup_ratio * total_steps),
                               num_training_steps=total_steps)
+    acc.register_for_checkpointing(scheduler)
+    state, rng = checkpoint.TrainerState(sampler_seed=t.seed), None
+    if c.resume_from:
+        path = checkpoint.resolve(run.output_dir, c.resume_from)
+        state, rng = checkpoint.load(run, path)
+        run.log(f"resumed from {path}: step {state.step}, epoch {state.epoch}, batch {state.batches_in_epoch}")
     batch_sampler = getattr(train_loader, "batch_sampler", None)
     inner_sampler = getattr(batch_sampler, "batch_sampler", batch_sampler)
     run.log(f"train: {len(train_loader)} batches per rank per epoch, {steps_per_epoch} optimizer steps per epoch, "
             f"{total_steps} steps in all")
     model.train()
-    step, epoch, history = 0, 0, []
     seen_tokens = real_tokens = 0
     running_loss, running_n = torch.zeros((), device=acc.device), 0
     start = time.perf_counter()
-    bar = tqdm(total=total_steps, desc="train", disable=not acc.is_local_main_process)
-    while step < total_steps:
+    stop = StopSignal()
+    bar = tqdm(total=total_steps, initial=state.step, desc="train", disable=not acc.is_local_main_process)
+    while state.step < total_steps:
         if hasattr(inner_sampler, "set_epoch"):
-            inner_sampler.set_epoch(epoch)
+            inner_sampler.set_epoch(state.epoch)
         elif hasattr(train_loader, "set_epoch"):
-            train_loader.set_epoch(epoch)
-        for batch in train_loader:
+            train_loader.set_epoch(state.epoch)
+        # after a resume: skip the consumed batches by index, without loading them
+        skip = state.batches_in_epoch
+        loader = acc.skip_first_batches(train_loader, skip) if skip else train_loader
+        batches = iter(loader)
+        if rng is not None:
+            # starting an epoch's iterator draws from torch's RNG (and happens lazily, on the first batch);
+            # the uninterrupted run drew it before the checkpoint, so restore the RNG only after that
+            first = next(batches, None)
+            checkpoint.set_rng_state(rng)
+            rng = None
+            batches = itertools.chain([first] if first is not None else [], batches)
+        for batch in batches:
             with acc.accumulate(model):
                 out = model(**batch)
                 acc.backward(out.loss)
@@ -370,52 +424,70 @@ def train(run: Run, model, optimizer, train_loader, eval_loader, num_labels: int
                 if acc.sync_gradients:
                     scheduler.step()
                 optimizer.zero_grad()
+            state.batches_in_epoch += 1
             running_loss += out.loss.detach().float()
             running_n += 1
             seen_tokens += batch["attention_mask"].numel()
             real_tokens += int(batch["attention_mask"].sum())
             if not acc.sync_gradients:
                 continue
-            step += 1
+            state.step += 1
             bar.update(1)
+            _fault("sigterm", state.step, acc.process_index)
             if watchdog is not None:
-                watchdog.update(loss_scale(acc, model), step)
-            if step % t.logging_steps == 0 or step == total_steps:
+                watchdog.update(loss_scale(acc, model), state.step)
+            if state.step % t.logging_steps == 0 or state.step == total_steps:
                 if grad_norm is None and hasattr(model, "get_global_grad_norm"):
                     grad_norm = model.get_global_grad_norm()
                 loss = acc.reduce(running_loss / max(running_n, 1), reduction="mean").item()
                 if not math.isfinite(loss):
-                    raise LlmkitError(f"the training loss became {loss} by step {step}: training diverged. Lower "
-                                      "train.learning_rate, keep train.max_grad_norm on, or use bf16/fp32 over fp16.")
+                    raise LlmkitError(f"the training loss became {loss} by step {state.step}: training diverged. "
+                                      "Lower train.learning_rate, keep train.max_grad_norm on, or use bf16/fp32.")
                 elapsed = time.perf_counter() - start
                 scalars = {"train/loss": loss, "train/lr": scheduler.get_last_lr()[0],
-                           "train/epoch": step / steps_per_epoch,
+                           "train/epoch": state.step / steps_per_epoch,
                            "train/real_tokens_per_s": real_tokens * acc.num_processes / elapsed}
                 if grad_norm is not None:
                     scalars["train/grad_norm"] = float(grad_norm)
-                run.log_scalars(scalars, step)
+                run.log_scalars(scalars, state.step)
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{scalars['train/lr']:.2e}")
                 running_loss.zero_()
                 running_n = 0
             end_of_epoch = acc.gradient_state.end_of_dataloader
-            if (t.eval_every_steps and step % t.eval_every_steps == 0) or end_of_epoch or step == total_steps:
+            if end_of_epoch:  # the saved position is then the start of the next epoch
+                state.epoch, state.batches_in_epoch = state.epoch + 1, 0
+            evaluated = (t.eval_every_steps and state.step % t.eval_every_steps == 0) or end_of_epoch \
+                or state.step == total_steps
+            if evaluated:
                 metrics, _ = evaluate(run, model, eval_loader, num_labels)
-                run.log_scalars({f"eval/{k}": v for k, v in metrics.items()}, step)
-                history.append({"step": step, "epoch": round(step / steps_per_epoch, 3), **metrics})
-                run.log(f"eval step {step}: loss {metrics['loss']:.4f} accuracy {metrics['accuracy']:.4f} "
+                run.log_scalars({f"eval/{k}": v for k, v in metrics.items()}, state.step)
+                state.history.append({"step": state.step, "epoch": round(state.step / steps_per_epoch, 3),
+                                      "score": metrics.get(c.best_metric), **metrics})
+                run.log(f"eval step {state.step}: loss {metrics['loss']:.4f} accuracy {metrics['accuracy']:.4f} "
                         f"f1 {metrics['f1']:.4f}")
-            if step >= total_steps:
+            interrupted = stop.agreed(acc)
+            if interrupted or (c.save_every_steps and state.step % c.save_every_steps == 0) \
+                    or (c.save_every_epoch and end_of_epoch):
+                if evaluated:
+                    state.history[-1]["checkpoint"] = f"step-{state.step}"
+                _save(run, state)
+            if interrupted:
+                stop.restore()
+                raise LlmkitError(f"stopped by {stop.name or 'a signal on another rank'} after step {state.step}; "
+                                  f"the checkpoint is in {run.output_dir / 'checkpoints'}. Continue with the same "
+                                  "command plus --checkpoint.resume_from latest.")
+            if end_of_epoch or state.step >= total_steps:
                 break
-        epoch += 1
+    stop.restore()
     bar.close()
     elapsed = time.perf_counter() - start
     summary = {
-        "steps": step, "epochs": round(step / steps_per_epoch, 3), "train_seconds": round(elapsed, 1),
+        "steps": state.step, "epochs": round(state.step / steps_per_epoch, 3), "train_seconds": round(elapsed, 1),
         "world_size": acc.num_processes, "precision": run.precision,
         "zero_stage": run.ds_config["zero_optimization"]["stage"] if run.ds_config else None,
         "padding_efficiency": round(real_tokens / max(seen_tokens, 1), 4),
         "real_tokens_per_second": round(real_tokens * acc.num_processes / elapsed, 1),
-        "history": history,
+        "history": state.history,
         "per_rank": sharded_elements(acc, model, optimizer),
     }
     return {"model": model, "summary": summary}

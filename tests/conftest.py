@@ -102,10 +102,11 @@ LAUNCH_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "fa
 
 
 def launch(script: str, args: list[str], accelerate_config: str | None = "cpu_zero2.yaml",
-           num_processes: int | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+           num_processes: int | None = None, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run a script under `accelerate launch` (real processes) from the repo root; return the finished process."""
     cmd = launch_command(script, args, accelerate_config, num_processes)
-    return subprocess.run(cmd, cwd=ROOT, env=LAUNCH_ENV, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, cwd=ROOT, env={**LAUNCH_ENV, **(env or {})}, capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def check_ok(proc: subprocess.CompletedProcess) -> None:

@@ -1,0 +1,125 @@
+"""Exact resume and crash-safe checkpoints, with real 2-rank runs: straight vs stop + resume, kill -9, SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import check_ok, launch, write_config
+from safetensors.torch import load_file
+
+from llmkit import checkpoint
+from llmkit.errors import LlmkitError
+
+pytestmark = pytest.mark.slow
+
+TOTAL, AT = 8, 4  # 6 batches per rank per epoch: step 4 is in the middle of the first epoch
+
+
+def _losses(run_dir):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+
+
+def _run(tmp_path, name, model, data, accelerate_config, extra=(), env=None, **train):
+    out = tmp_path / name
+    cfg = write_config(tmp_path / f"{name}.yaml", model, data, out, max_steps=TOTAL, logging_steps=1, **train)
+    proc = launch("recipes/classification.py", ["--config", str(cfg), *extra], accelerate_config, env=env)
+    return proc, out, cfg
+
+
+@pytest.mark.parametrize(
+    ("stage", "precision", "accumulation"),
+    [(0, "fp32", 1), (2, "fp32", 1), (3, "fp32", 1), (2, "fp32", 2), (2, "bf16", 1)],
+)
+def test_resume_continues_exactly(tmp_path, tiny_bert, tiny_data, stage, precision, accumulation):
+    acc_cfg = f"cpu_zero{stage}.yaml"
+    straight, s_out, _ = _run(tmp_path, "straight", tiny_bert, tiny_data, acc_cfg,
+                              ["--checkpoint.save_every_steps", str(AT)], precision=precision,
+                              gradient_accumulation_steps=accumulation)
+    check_ok(straight)
+    ckpt = s_out / "checkpoints" / f"step-{AT}"
+    assert (ckpt / checkpoint.MANIFEST).is_file()
+    state = json.loads((ckpt / checkpoint.STATE).read_text())
+    assert state["step"] == AT and state["batches_in_epoch"] == AT * accumulation % 6  # mid-epoch position
+
+    resumed, r_out, _ = _run(tmp_path, "resumed", tiny_bert, tiny_data, acc_cfg,
+                             ["--checkpoint.resume_from", str(ckpt)], precision=precision,
+                             gradient_accumulation_steps=accumulation)
+    check_ok(resumed)
+    assert f"resumed from {ckpt}: step {AT}" in resumed.stdout + resumed.stderr
+    a, b = _losses(s_out), _losses(r_out)
+    assert sorted(b) == list(range(AT + 1, TOTAL + 1))
+    for step in b:
+        if precision == "fp32":
+            assert b[step] == a[step], f"step {step}: {b[step]} != {a[step]}"  # bitwise
+        else:
+            assert abs(b[step] - a[step]) <= 1e-3 * abs(a[step]), step
+    wa, wb = load_file(s_out / "final/model.safetensors"), load_file(r_out / "final/model.safetensors")
+    for key in wa:
+        if precision == "fp32":
+            assert torch.equal(wa[key], wb[key]), key
+        else:
+            assert torch.allclose(wa[key].float(), wb[key].float(), rtol=1e-2, atol=1e-3), key
+
+
+def test_kill_9_while_saving_keeps_the_previous_checkpoint(tmp_path, tiny_bert, tiny_data):
+    # rank 1 is SIGKILLed after writing its shards of step 4, before the checkpoint is renamed into place
+    proc, out, cfg = _run(tmp_path, "run", tiny_bert, tiny_data, "cpu_zero2.yaml",
+                          ["--checkpoint.save_every_steps", "2"], env={"LLMKIT_FAULT": "kill_in_save@4:1"})
+    assert proc.returncode != 0
+    root = out / "checkpoints"
+    assert (root / "latest").read_text().strip() == "step-2"
+    assert checkpoint.verify(root / "step-2")["step"] == 2
+    assert not (root / "step-4").exists() and (root / ".tmp-step-4").exists()  # the partial one is not a checkpoint
+    resumed = launch("recipes/classification.py", ["--config", str(cfg), "--checkpoint.resume_from", "latest"])
+    check_ok(resumed)
+    assert f"resumed from {root / 'step-2'}: step 2" in resumed.stdout + resumed.stderr
+    assert json.loads((out / "metrics.json").read_text())["train"]["steps"] == TOTAL
+
+
+def test_sigterm_checkpoints_and_resume_continues_the_sequence(tmp_path, tiny_bert, tiny_data):
+    straight, s_out, _ = _run(tmp_path, "straight", tiny_bert, tiny_data, "cpu_zero2.yaml")
+    check_ok(straight)
+    # a real SIGTERM delivered to rank 1 after step 3: every rank finishes the step and the checkpoint is written
+    proc, out, cfg = _run(tmp_path, "stopped", tiny_bert, tiny_data, "cpu_zero2.yaml",
+                          env={"LLMKIT_FAULT": "sigterm@3:1"})
+    assert proc.returncode != 0
+    assert proc.stderr.count("llmkit: error: stopped by") == 1
+    assert "--checkpoint.resume_from latest" in proc.stderr
+    assert checkpoint.verify(out / "checkpoints" / "step-3")["step"] == 3
+    resumed = launch("recipes/classification.py", ["--config", str(cfg), "--checkpoint.resume_from", "latest"])
+    check_ok(resumed)
+    a, b = _losses(s_out), _losses(out)
+    assert sorted(b) == list(range(1, TOTAL + 1))  # steps 1-3 from the first part, 4-8 after the resume
+    assert all(a[s] == b[s] for s in a), (a, b)
+
+
+def test_damaged_and_foreign_checkpoints_are_refused(tmp_path, tiny_bert, tiny_data):
+    proc, out, cfg = _run(tmp_path, "run", tiny_bert, tiny_data, "cpu_zero2.yaml",
+                          ["--checkpoint.save_every_steps", "4", "--checkpoint.keep_last", "3"])
+    check_ok(proc)
+    root = out / "checkpoints"
+    good, bad = root / "step-4", root / "step-8"
+    shard = max((p for p in bad.rglob("*") if p.is_file() and p.suffix == ".pt"), key=lambda p: p.stat().st_size)
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # truncate the biggest shard
+    with pytest.raises(LlmkitError, match=r"is damaged: .* has \d+ bytes, the manifest says \d+ \(truncated"):
+        checkpoint.verify(bad)
+    # `latest` points at the damaged one; resume falls back to the newest good one
+    assert checkpoint.resolve(out, "latest") == good
+
+    other = tmp_path / "other_model"
+    shutil.copytree(tiny_bert, other)
+    foreign = launch("recipes/classification.py", ["--config", str(cfg), "--model.name_or_path", str(other),
+                                                   "--checkpoint.resume_from", str(good),
+                                                   "--output.output_dir", str(tmp_path / "new")])
+    assert foreign.returncode != 0
+    assert f"checkpoint {good} belongs to a different run (model: checkpoint '{tiny_bert}' vs now '{other}')" \
+        in foreign.stderr
+    ranks = launch("recipes/classification.py", ["--config", str(cfg), "--checkpoint.resume_from", str(good),
+                                                 "--output.output_dir", str(tmp_path / "new1")],
+                   "cpu_zero2.yaml", num_processes=1)
+    assert ranks.returncode != 0
+    assert "was written by 2 ranks; this run has 1" in ranks.stderr and "ds_to_universal.py" in ranks.stderr
