@@ -7,6 +7,7 @@ import socket
 import subprocess
 
 import pytest
+import torch
 from conftest import LAUNCH_ENV, ROOT, check_ok, launch, launch_command, write_config
 from safetensors.torch import load_file
 
@@ -106,3 +107,14 @@ def test_two_nodes_simulated_on_loopback_zero3(tmp_path, tiny_bert, tiny_data):
     assert "2 process(es), cpu, precision fp32 (set in the config), DeepSpeed ZeRO-3" in "".join(results[0])
     metrics = _check_export(out, 3)
     assert metrics["train"]["world_size"] == 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 with dynamic loss scaling needs a GPU")
+def test_fp16_trains_on_gpu_with_dynamic_loss_scaling(tmp_path, tiny_bert, tiny_data):
+    out = tmp_path / "run"
+    cfg = write_config(tmp_path / "c.yaml", tiny_bert, tiny_data, out, precision="fp16")
+    proc = launch("recipes/classification.py", ["--config", str(cfg)], "zero2.yaml", num_processes=1)
+    check_ok(proc)
+    ds = json.loads((out / "ds_config.json").read_text())
+    assert ds["fp16"]["enabled"] is True and ds["fp16"]["loss_scale"] == 0  # 0 = dynamic
+    _check_export(out, 2)

@@ -1,0 +1,64 @@
+"""Checkpoint bookkeeping that needs no processes: pruning, pointer fallback, manifests, RNG round trip."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from llmkit import checkpoint
+from llmkit.errors import LlmkitError
+
+
+def _fake(root, step, files=None):
+    path = root / f"step-{step}"
+    path.mkdir(parents=True)
+    (path / "weights.bin").write_bytes(b"x" * step)
+    files = files or {"weights.bin": step}
+    (path / checkpoint.MANIFEST).write_text(json.dumps({"step": step, "files": files, "fingerprint": {}}))
+    return path
+
+
+def test_keep_last_and_keep_best(tmp_path):
+    root = tmp_path / "checkpoints"
+    for step in (2, 4, 6, 8, 10):
+        _fake(root, step)
+    state = checkpoint.TrainerState(step=10, history=[
+        {"step": 4, "score": 0.91, "checkpoint": "step-4"},
+        {"step": 6, "score": 0.80, "checkpoint": "step-6"},
+        {"step": 8, "score": 0.85, "checkpoint": "step-8"},
+    ])
+    checkpoint._prune(root, keep_last=2, keep_best=1, state=state)
+    assert sorted(p.name for p in root.glob("step-*")) == ["step-10", "step-4", "step-8"]
+    checkpoint._prune(root, keep_last=1, keep_best=0, state=state)
+    assert [p.name for p in root.glob("step-*")] == ["step-10"]
+
+
+def test_latest_falls_back_past_incomplete_ones(tmp_path):
+    root = tmp_path / "checkpoints"
+    _fake(root, 2)
+    (root / "step-4").mkdir()  # no manifest: was being written
+    (root / "latest").write_text("step-4\n")
+    assert checkpoint.resolve(tmp_path, "latest") == root / "step-2"
+    with pytest.raises(LlmkitError, match="step-4 is incomplete"):
+        checkpoint.resolve(tmp_path, str(root / "step-4"))
+    with pytest.raises(LlmkitError, match="holds no usable checkpoint"):
+        checkpoint.resolve(tmp_path / "elsewhere", "latest")
+
+
+def test_missing_file_is_reported(tmp_path):
+    path = _fake(tmp_path, 3, files={"weights.bin": 3, "optimizer.pt": 10})
+    with pytest.raises(LlmkitError, match="is damaged: optimizer.pt is missing"):
+        checkpoint.verify(path)
+
+
+def test_rng_round_trip():
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    saved = json.loads(json.dumps(checkpoint._rng_state()))  # it must survive JSON
+    want = (random.random(), np.random.rand(), torch.rand(1).item())
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    checkpoint.set_rng_state(saved)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == want
