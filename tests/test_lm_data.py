@@ -1,0 +1,87 @@
+"""Causal-LM data: packing keeps every token once, in order; only response tokens carry labels."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from llmkit.errors import LlmkitError
+from llmkit.lm_data import IGNORE, chat_example, pack, prompt_response_example
+
+SPECIAL = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>"]
+WORDS = "system user assistant you are helpful is this film good positive negative bad hi".split()
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def tok():
+    vocab = {w: i for i, w in enumerate(SPECIAL + WORDS)}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    core.add_special_tokens(SPECIAL)
+    t = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", unk_token="<unk>", eos_token="<|im_end|>")
+    t.chat_template = CHATML
+    return t
+
+
+def test_packing_keeps_every_token_once_in_order():
+    rng = random.Random(0)
+    docs = [[rng.randint(3, 99) for _ in range(rng.randint(1, 40))] for _ in range(57)]
+    blocks, stats = pack(docs, block_size=16, eos_id=2, pad_id=0)
+    stream = [t for d in docs for t in (*d, 2)]  # each document then EOS
+    flat = [t for ids, mask in zip(blocks["input_ids"], blocks["attention_mask"]) for t, m in zip(ids, mask) if m]
+    assert flat == stream  # nothing lost, duplicated or reordered
+    assert all(len(b) == 16 for b in blocks["input_ids"])
+    assert all(sum(m) == 16 for m in blocks["attention_mask"][:-1])  # only the last block may be short
+    for i, ids in enumerate(blocks["input_ids"]):  # block i starts at stream position 16 i
+        assert ids[: sum(blocks["attention_mask"][i])] == stream[16 * i: 16 * (i + 1)]
+    last = blocks["labels"][-1]
+    real = sum(blocks["attention_mask"][-1])
+    assert last[real:] == [IGNORE] * (16 - real)
+    assert stats.tokens == len(stream) and stats.blocks == len(blocks["input_ids"]) == -(-len(stream) // 16)
+    assert stats.efficiency == pytest.approx(len(stream) / (16 * stats.blocks))
+    assert stats.efficiency > 0.99 or len(stream) < 16 * 100  # one short block at most
+
+
+def test_chat_masking_token_by_token(tok):
+    messages = [
+        {"role": "system", "content": "you are helpful"},
+        {"role": "user", "content": "is this film good"},
+        {"role": "assistant", "content": "positive"},
+        {"role": "user", "content": "this film is bad"},
+        {"role": "assistant", "content": "negative"},
+    ]
+    ex = chat_example(tok, messages)
+    ids = tok.convert_ids_to_tokens(ex["input_ids"])
+    assert ids == ["<|im_start|>", "system", "you", "are", "helpful", "<|im_end|>",
+                   "<|im_start|>", "user", "is", "this", "film", "good", "<|im_end|>",
+                   "<|im_start|>", "assistant", "positive", "<|im_end|>",
+                   "<|im_start|>", "user", "this", "film", "is", "bad", "<|im_end|>",
+                   "<|im_start|>", "assistant", "negative", "<|im_end|>"]
+    trained = [ids[i] for i, lab in enumerate(ex["labels"]) if lab != IGNORE]
+    assert trained == ["positive", "<|im_end|>", "negative", "<|im_end|>"]
+    for i, lab in enumerate(ex["labels"]):
+        assert lab == IGNORE or lab == ex["input_ids"][i]  # labels are the tokens themselves (shifted in the model)
+
+
+def test_prompt_response_with_and_without_template(tok):
+    ex = prompt_response_example(tok, "is this film good", "positive")
+    assert [t for t, lab in zip(tok.convert_ids_to_tokens(ex["input_ids"]), ex["labels"]) if lab != IGNORE] == \
+        ["positive", "<|im_end|>"]
+    plain = PreTrainedTokenizerFast(tokenizer_object=tok.backend_tokenizer, pad_token="<pad>", unk_token="<unk>",
+                                    eos_token="<|im_end|>")
+    plain.chat_template = None
+    ex = prompt_response_example(plain, "is this film good", "negative")
+    assert plain.convert_ids_to_tokens(ex["input_ids"]) == ["is", "this", "film", "good", "negative", "<|im_end|>"]
+    assert ex["labels"][:4] == [IGNORE] * 4 and ex["labels"][4:] == ex["input_ids"][4:]
+
+
+def test_bad_messages_are_clear_errors(tok):
+    with pytest.raises(LlmkitError, match="message 1 must be a mapping with role"):
+        chat_example(tok, [{"role": "user", "content": "hi"}, {"role": "robot", "content": "hi"}])
+    with pytest.raises(LlmkitError, match="block size must be >= 2"):
+        pack([[1, 2]], block_size=1, eos_id=2, pad_id=0)
