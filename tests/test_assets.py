@@ -48,7 +48,7 @@ def test_installed_minilm_is_a_transformers_model():
 def test_second_install_does_nothing():
     said = []
     assets.install_all(log=said.append)
-    assert said == [f"assets already installed in {assets.assets_dir()}"]
+    assert said == [f"assets already installed in {assets.assets_dir()}"]  # nothing fetched or converted
 
 
 def test_unknown_or_missing_asset(tmp_path, monkeypatch):
@@ -69,3 +69,23 @@ def test_download_failure_is_clear(tmp_path):
     missing = dataclasses.replace(assets.VADER, version="0.0.0.99")
     with pytest.raises(LlmkitError, match=r"could not download vadersentiment==0.0.0.99 from the package registry"):
         assets.fetch(missing, tmp_path)
+
+
+def test_installed_smollm2_is_a_plain_causal_lm_with_the_gguf_perplexity():
+    import torch
+    import yaml
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmkit import memory
+
+    root = assets.resolve("asset:smollm2")
+    info = yaml.safe_load(open(f"{root}/asset.yaml"))
+    assert info["perplexity_converted"] == info["perplexity_gguf"]  # checked at conversion time
+    tok = AutoTokenizer.from_pretrained(root)
+    assert tok.is_fast and tok.chat_template and len(tok) == 49152
+    assert memory.count_parameters(root, task="causal-lm") == 134_515_008
+    model = AutoModelForCausalLM.from_pretrained(root, dtype=torch.float32).eval()
+    assert type(model).__name__ == "LlamaForCausalLM"
+    ppl = assets.perplexity(model, tok, assets.PERPLEXITY_TEXT)
+    assert ppl == pytest.approx(info["perplexity_gguf"], rel=1e-4)
+    assert ppl < 200  # a real language model, not random weights (those score ~49,000)
