@@ -26,6 +26,15 @@ class ModelConfig:
 
 
 @dataclass
+class LoraConfig:
+    enabled: bool = False
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] | None = None  # default: chosen per architecture (see llmkit.model)
+
+
+@dataclass
 class DataConfig:
     dataset: str | None = None  # Hub id, local dir or file, or asset:<name>
     dataset_config: str | None = None  # Hub subset, e.g. "sst2" for "glue"
@@ -92,6 +101,7 @@ class OutputConfig:
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
@@ -291,6 +301,13 @@ def validate(cfg: Config) -> None:
     for key in ("max_train_samples", "max_eval_samples"):
         value = getattr(d, key)
         need(value is None or value >= 1, f"data.{key}", f"must be >= 1 when set, got {value}")
+
+    lo = cfg.lora
+    need(lo.r >= 1, "lora.r", f"must be >= 1, got {lo.r}")
+    need(lo.alpha > 0, "lora.alpha", f"must be > 0, got {lo.alpha}")
+    need(0 <= lo.dropout < 1, "lora.dropout", f"must be in [0, 1), got {lo.dropout}")
+    need(lo.target_modules is None or len(lo.target_modules) > 0, "lora.target_modules",
+         "must list module names (or be null for the per-architecture default)")
 
     z = cfg.deepspeed.zero_stage
     need(z is None or z in (0, 1, 2, 3), "deepspeed.zero_stage", f"must be 0, 1, 2 or 3, got {z}")

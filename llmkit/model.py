@@ -7,7 +7,7 @@ from pathlib import Path
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerFast
 
 from llmkit import assets
-from llmkit.config import ModelConfig
+from llmkit.config import LoraConfig, ModelConfig
 from llmkit.errors import LlmkitError
 
 
@@ -73,13 +73,17 @@ def load_classifier(cfg: ModelConfig, label_names: list[str], pad_token_id: int 
     if model.config.pad_token_id is None and pad_token_id is not None:
         model.config.pad_token_id = pad_token_id  # decoder classifiers find the last real token through it
     if cfg.gradient_checkpointing:
-        # non-reentrant checkpointing is the one that works with ZeRO-3; transformers 5 renamed the method
-        kwargs = {"use_reentrant": False}
-        if hasattr(model, "activation_checkpointing_enable"):
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        _checkpointing(model)
     return model
+
+
+def _checkpointing(model) -> None:
+    # non-reentrant checkpointing is the one that works with ZeRO-3; transformers 5 renamed the method
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def hidden_size(cfg: ModelConfig) -> int | None:
@@ -90,3 +94,55 @@ def hidden_size(cfg: ModelConfig) -> int | None:
     except (OSError, ValueError) as exc:
         raise _hub_error("the model config", name, exc) from None
     return getattr(config, "hidden_size", None) or getattr(config, "d_model", None)
+
+
+# LoRA targets per architecture: every projection of attention and MLP, the usual strong default
+LORA_TARGETS = {
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "qwen3": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+    "bert": ["query", "key", "value", "dense"],
+    "distilbert": ["q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2"],
+}
+
+
+def apply_lora(model, lora: LoraConfig, task_type: str):
+    """Wrap `model` with peft LoRA adapters (base weights frozen); a no-op when LoRA is off."""
+    if not lora.enabled:
+        return model
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    targets = lora.target_modules or LORA_TARGETS.get(model.config.model_type, "all-linear")
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    if isinstance(targets, list):
+        missing = [t for t in targets if t not in names]
+        if missing:
+            raise LlmkitError(f"lora.target_modules {missing} are not modules of this {model.config.model_type} "
+                              "model; pick from its linear layers, or leave lora.target_modules unset")
+    peft_config = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                 target_modules=targets, task_type=task_type)
+    return get_peft_model(model, peft_config)
+
+
+def load_causal_lm(cfg: ModelConfig, lora: LoraConfig):
+    """AutoModelForCausalLM from a Hub id, a local dir or an asset, or random init from its config; LoRA if asked."""
+    from transformers import AutoModelForCausalLM
+
+    name = locate(cfg.name_or_path, "model.name_or_path")
+    common = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
+    try:
+        if cfg.from_scratch:
+            config = AutoConfig.from_pretrained(name, **common)
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(name, **common)
+    except (OSError, ValueError) as exc:
+        raise _hub_error("the model", name, exc) from None
+    if cfg.gradient_checkpointing:
+        _checkpointing(model)
+        if lora.enabled:
+            model.enable_input_require_grads()  # frozen embeddings would cut the gradient path into the adapters
+    return apply_lora(model, lora, task_type="CAUSAL_LM")
