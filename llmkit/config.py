@@ -51,6 +51,11 @@ class DataConfig:
     group_by_length: bool = True  # batches of similar length: little padding
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
+    # causal LM: plain text in text_column is packed into blocks of max_length tokens; or set
+    # prompt_column + response_column, or messages_column (chat), for response-only loss
+    prompt_column: str | None = None
+    response_column: str | None = None
+    messages_column: str | None = None
 
 
 @dataclass

@@ -125,27 +125,36 @@ def _to_ids(ds: Dataset, cfg: DataConfig, names: list[str], split: str) -> Datas
     return ds.remove_columns(cfg.label_column).add_column("labels", ids)
 
 
-def prepare(cfg: DataConfig, tokenizer, seed: int, log=print) -> ClassificationData:
-    """Load, check, clean, label-map and tokenize every split the config names."""
-    raw = load_raw(cfg)
+def wanted_splits(cfg: DataConfig, raw: DatasetDict) -> dict[str, str]:
+    """role (train / eval / test) -> split name, each checked to exist."""
     wanted = {"train": cfg.train_split, "eval": cfg.eval_split, "test": cfg.test_split}
     for role, split in wanted.items():
         if split is not None and split not in raw:
             key = {"train": "data.train_split", "eval": "data.eval_split", "test": "data.test_split"}[role]
             hint = " (set it to null to skip testing)" if role == "test" else ""
             raise LlmkitError(f"{key} names split '{split}', but the dataset only has {sorted(raw)}{hint}")
+    return {role: split for role, split in wanted.items() if split is not None}
+
+
+def require_columns(ds: Dataset, split: str, columns: list[str]) -> None:
+    """A clear error for the first configured column the split lacks."""
+    missing = [c for c in columns if c not in ds.column_names]
+    if missing:
+        raise LlmkitError(f"split '{split}' has no column {missing[0]!r} (columns: {ds.column_names}); set "
+                          "the data.*_column keys to the right names")
+
+
+def prepare(cfg: DataConfig, tokenizer, seed: int, log=print) -> ClassificationData:
+    """Load, check, clean, label-map and tokenize every split the config names."""
+    raw = load_raw(cfg)
+    wanted = wanted_splits(cfg, raw)
     columns = [c for c in (cfg.text_column, cfg.text_pair_column, cfg.label_column) if c]
     texts = [c for c in (cfg.text_column, cfg.text_pair_column) if c]
     splits: dict[str, Dataset] = {}
     dropped: dict[str, int] = {}
     for role, split in wanted.items():
-        if split is None:
-            continue
         ds = raw[split]
-        missing = [c for c in columns if c not in ds.column_names]
-        if missing:
-            raise LlmkitError(f"split '{split}' has no column {missing[0]!r} (columns: {ds.column_names}); set "
-                              "data.text_column / data.label_column to the right names")
+        require_columns(ds, split, columns)
         ds = ds.select_columns(columns)
         before = len(ds)
         ds = ds.filter(lambda r: all(isinstance(r[c], str) and r[c].strip() for c in texts)

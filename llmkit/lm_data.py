@@ -90,3 +90,82 @@ def prompt_response_example(tokenizer, prompt: str, response: str, max_length: i
     if max_length is not None:
         ids, labels = ids[:max_length], labels[:max_length]
     return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
+
+
+@dataclass
+class LMData:
+    train: object  # datasets.Dataset with input_ids, attention_mask, labels
+    eval: object
+    mode: str  # "packed" | "prompt_response" | "chat"
+    packing: PackStats | None
+
+
+def _mode(cfg) -> str:
+    if cfg.messages_column:
+        return "chat"
+    if cfg.prompt_column or cfg.response_column:
+        if not (cfg.prompt_column and cfg.response_column):
+            raise LlmkitError("data.prompt_column and data.response_column must be set together")
+        return "prompt_response"
+    return "packed"
+
+
+def prepare(cfg, tokenizer, seed: int, log=print) -> LMData:
+    """Load the splits and turn them into causal-LM examples: packed blocks, or rows with response-only labels."""
+    from llmkit import data
+
+    raw = data.load_raw(cfg)
+    wanted = data.wanted_splits(cfg, raw)
+    mode = _mode(cfg)
+    columns = {"chat": [cfg.messages_column], "prompt_response": [cfg.prompt_column, cfg.response_column],
+               "packed": [cfg.text_column]}[mode]
+    out, stats = {}, None
+    for role in ("train", "eval"):
+        split = wanted[role]
+        ds = raw[split]
+        data.require_columns(ds, split, columns)
+        ds = ds.select_columns(columns)
+        if role == "train":
+            ds = ds.shuffle(seed=seed)
+        limit = cfg.max_train_samples if role == "train" else cfg.max_eval_samples
+        if limit is not None and limit < len(ds):
+            ds = ds.select(range(limit))
+        if mode == "packed":
+            if tokenizer.eos_token_id is None:
+                raise LlmkitError("packing separates documents with EOS, but the tokenizer has no eos token")
+            docs = [tokenizer(t)["input_ids"] for t in ds[cfg.text_column] if isinstance(t, str) and t.strip()]
+            blocks, pack_stats = pack(docs, cfg.max_length, tokenizer.eos_token_id, tokenizer.pad_token_id)
+            from datasets import Dataset
+
+            out[role] = Dataset.from_dict(blocks)
+            if role == "train":
+                stats = pack_stats
+                log(f"data: packed {pack_stats.documents} documents ({pack_stats.tokens} tokens) into "
+                    f"{pack_stats.blocks} blocks of {pack_stats.block_size}: efficiency {pack_stats.efficiency:.4f}")
+        else:
+            def render(row):
+                if mode == "chat":
+                    return chat_example(tokenizer, row[cfg.messages_column], cfg.max_length)
+                return prompt_response_example(tokenizer, row[cfg.prompt_column], row[cfg.response_column],
+                                               cfg.max_length)
+
+            out[role] = ds.map(render, remove_columns=columns, desc=f"rendering {role}")
+    return LMData(train=out["train"], eval=out["eval"], mode=mode, packing=stats)
+
+
+class LMCollator:
+    """Pads input_ids with the pad token, attention with 0 and labels with -100 (right padding)."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, rows: list[dict]) -> dict:
+        import torch
+
+        width = max(len(r["input_ids"]) for r in rows)
+
+        def padded(key: str, fill: int):
+            return torch.tensor([list(r[key]) + [fill] * (width - len(r[key])) for r in rows], dtype=torch.long)
+
+        return {"input_ids": padded("input_ids", self.pad_id), "attention_mask": padded("attention_mask", 0),
+                "labels": padded("labels", IGNORE)}

@@ -85,3 +85,28 @@ def test_bad_messages_are_clear_errors(tok):
         chat_example(tok, [{"role": "user", "content": "hi"}, {"role": "robot", "content": "hi"}])
     with pytest.raises(LlmkitError, match="block size must be >= 2"):
         pack([[1, 2]], block_size=1, eos_id=2, pad_id=0)
+
+
+def test_prepare_packs_text_and_renders_prompt_response(tok, tmp_path):
+    import json
+
+    from llmkit.config import DataConfig
+    from llmkit.lm_data import LMCollator, prepare
+
+    text = ["this film is good", "hi", "you are helpful and this is bad"] * 5
+    for split in ("train", "validation"):
+        (tmp_path / f"{split}.jsonl").write_text("".join(
+            json.dumps({"text": t, "prompt": t, "response": "positive"}) + "\n" for t in text))
+    packed = prepare(DataConfig(dataset=str(tmp_path), test_split=None, max_length=8), tok, seed=0,
+                     log=lambda _: None)
+    assert packed.mode == "packed" and packed.packing.tokens == sum(len(t.split()) + 1 for t in text)
+    assert all(len(ids) == 8 for ids in packed.train["input_ids"])
+    rows = prepare(DataConfig(dataset=str(tmp_path), test_split=None, prompt_column="prompt",
+                              response_column="response"), tok, seed=0, log=lambda _: None)
+    assert rows.mode == "prompt_response" and len(rows.train) == len(text)
+    batch = LMCollator(pad_id=tok.pad_token_id)([rows.train[i] for i in range(4)])
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
+    kept = batch["labels"][batch["labels"] != IGNORE]
+    assert tok.convert_ids_to_tokens(kept.tolist()) == ["positive", "<|im_end|>"] * 4
+    with pytest.raises(LlmkitError, match="must be set together"):
+        prepare(DataConfig(dataset=str(tmp_path), test_split=None, prompt_column="prompt"), tok, seed=0)
