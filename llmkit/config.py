@@ -93,7 +93,7 @@ class CheckpointConfig:
     save_every_epoch: bool = False
     keep_last: int | None = 2  # newest checkpoints kept (None keeps all)
     keep_best: int = 0  # also keep this many best ones by best_metric (from the evals at checkpoint steps)
-    best_metric: str = "f1"  # an eval metric, higher is better
+    best_metric: str = "f1"  # an eval metric (loss and perplexity: lower is better)
     resume_from: str | None = None  # "latest" (in output_dir) or a checkpoint folder
 
 
@@ -324,5 +324,5 @@ def validate(cfg: Config) -> None:
     need(c.save_every_steps is None or c.save_every_steps >= 1, "checkpoint.save_every_steps", "must be >= 1 when set")
     need(c.keep_last is None or c.keep_last >= 1, "checkpoint.keep_last", "must be >= 1 (or null to keep all)")
     need(c.keep_best >= 0, "checkpoint.keep_best", f"must be >= 0, got {c.keep_best}")
-    metrics = ("accuracy", "f1", "precision", "recall", "f1_macro")
+    metrics = ("accuracy", "f1", "precision", "recall", "f1_macro", "loss", "perplexity")
     need(c.best_metric in metrics, "checkpoint.best_metric", f"must be one of {', '.join(metrics)}")

@@ -361,8 +361,35 @@ def _save(run: Run, state: checkpoint.TrainerState) -> None:
     run.log(f"checkpoint: {path}")
 
 
-def train(run: Run, model, optimizer, train_loader, eval_loader, num_labels: int) -> dict:
-    """The training loop: accumulate, clip, step, log; evaluate each epoch; checkpoint; resume exactly."""
+LOWER_IS_BETTER = ("loss", "perplexity")
+
+
+@torch.no_grad()
+def evaluate_lm(run: Run, model, loader) -> dict[str, float]:
+    """Token-level loss and perplexity over a split, exact across ranks (per-row sums gathered without duplicates)."""
+    acc = run.accelerator
+    model.eval()
+    sums, counts = [], []
+    for batch in tqdm(loader, desc="eval", leave=False, disable=not acc.is_local_main_process):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        labels = batch["labels"][:, 1:]
+        token_loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100, reduction="none")
+        mask = (labels != -100).float()
+        row_sum = (token_loss.view(labels.shape) * mask).sum(1)
+        row_sum, row_count = acc.gather_for_metrics((row_sum, mask.sum(1)))
+        sums.append(row_sum.cpu())
+        counts.append(row_count.cpu())
+    model.train()
+    total, tokens = torch.cat(sums).sum().item(), torch.cat(counts).sum().item()
+    loss = total / max(tokens, 1)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": int(tokens)}
+
+
+def train(run: Run, model, optimizer, train_loader, eval_loader, eval_fn) -> dict:
+    """The training loop: accumulate, clip, step, log; evaluate each epoch; checkpoint; resume exactly.
+
+    `eval_fn(model, loader) -> dict of metrics` scores the validation split (classification or LM)."""
     cfg, acc = run.cfg, run.accelerator
     t, c = cfg.train, cfg.checkpoint
     estimate = memory.for_run(run.ds_config, memory.parameters_of(model), acc.num_processes, run.precision)
@@ -459,12 +486,15 @@ def train(run: Run, model, optimizer, train_loader, eval_loader, num_labels: int
             evaluated = (t.eval_every_steps and state.step % t.eval_every_steps == 0) or end_of_epoch \
                 or state.step == total_steps
             if evaluated:
-                metrics, _ = evaluate(run, model, eval_loader, num_labels)
+                metrics = eval_fn(model, eval_loader)
                 run.log_scalars({f"eval/{k}": v for k, v in metrics.items()}, state.step)
+                score = metrics.get(c.best_metric)
+                if score is not None and c.best_metric in LOWER_IS_BETTER:
+                    score = -score
                 state.history.append({"step": state.step, "epoch": round(state.step / steps_per_epoch, 3),
-                                      "score": metrics.get(c.best_metric), **metrics})
-                run.log(f"eval step {state.step}: loss {metrics['loss']:.4f} accuracy {metrics['accuracy']:.4f} "
-                        f"f1 {metrics['f1']:.4f}")
+                                      "score": score, **metrics})
+                shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "samples")
+                run.log(f"eval step {state.step}: {shown}")
             interrupted = stop.agreed(acc)
             if interrupted or (c.save_every_steps and state.step % c.save_every_steps == 0) \
                     or (c.save_every_epoch and end_of_epoch):

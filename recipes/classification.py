@@ -24,7 +24,9 @@ def main() -> None:
     train_loader, eval_loaders = engine.dataloaders(run, ds, tokenizer)
 
     # train
-    result = engine.train(run, net, optimizer, train_loader, eval_loaders["validation"], len(ds.label_names))
+    num_labels = len(ds.label_names)
+    result = engine.train(run, net, optimizer, train_loader, eval_loaders["validation"],
+                          lambda m, loader: engine.evaluate(run, m, loader, num_labels)[0])
     net = result["model"]
 
     # evaluate the final model on every split and keep the predictions
@@ -34,7 +36,7 @@ def main() -> None:
     outputs = {}
     for name, raw in splits.items():
         loader = acc.prepare_data_loader(eval_loaders[name])
-        results[name], outputs[name] = engine.evaluate(run, net, loader, len(ds.label_names))
+        results[name], outputs[name] = engine.evaluate(run, net, loader, num_labels)
         if acc.is_main_process:
             export.write_predictions(run.output_dir / f"predictions_{name}.jsonl", raw, outputs[name],
                                      ds.label_names, cfg.data.text_column)
