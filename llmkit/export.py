@@ -133,3 +133,106 @@ def save_final(run: Run, model, tokenizer, results: dict, check) -> Path:
         shutil.rmtree(old, ignore_errors=True)
     acc.wait_for_everyone()
     return final
+
+
+# Fresh interpreter again: plain transformers + peft, no llmkit, no DeepSpeed state (under ZeRO-3 an
+# in-process from_pretrained would partition the model across ranks and wait for them). For LoRA runs it
+# loads base + adapter, merges on CPU from the saved files and saves the merged model; then it reloads the
+# full (or merged) model and returns logits on fixed token ids.
+_RELOAD_LM = """
+import inspect, json, sys, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+spec = json.load(open(sys.argv[1]))
+ids = torch.tensor(spec["ids"])
+out = {}
+if spec.get("adapter"):
+    from peft import PeftModel
+    base = AutoModelForCausalLM.from_pretrained(spec["base"], dtype=torch.float32)
+    peft = PeftModel.from_pretrained(base, spec["adapter"]).eval()
+    with torch.no_grad():
+        out["base_plus_adapter"] = peft(input_ids=ids).logits.tolist()
+    merged = peft.merge_and_unload()
+    kwargs = {"save_original_format": False} if "save_original_format" in inspect.signature(
+        merged.save_pretrained).parameters else {}
+    merged.save_pretrained(spec["model"], **kwargs)
+    AutoTokenizer.from_pretrained(spec["adapter"]).save_pretrained(spec["model"])
+model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32).eval()
+AutoTokenizer.from_pretrained(spec["model"])
+with torch.no_grad():
+    out["model"] = model(input_ids=ids).logits.tolist()
+json.dump(out, open(sys.argv[2], "w"))
+"""
+
+
+def _run_fresh(script: str, spec: dict) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "out.json"
+        spec_path.write_text(json.dumps(spec))
+        proc = subprocess.run([sys.executable, "-c", script, str(spec_path), str(out_path)], capture_output=True,
+                              text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+        if proc.returncode != 0:
+            raise LlmkitError(f"the export does not reload with plain transformers/peft:\n{proc.stderr[-2000:]}")
+        return json.loads(out_path.read_text())
+
+
+def save_causal_lm(run: Run, model, tokenizer, results: dict, base: str, probe_ids: list[list[int]],
+                   probe_logits) -> Path:
+    """Write `<output_dir>/final` (full model, or `adapter/` + `merged/` for LoRA) atomically; all ranks call it.
+
+    The merge runs on CPU from the saved adapter and base files, never on ZeRO-3 partitions.
+
+    `probe_logits` are the run's own logits on `probe_ids`; the reloaded export must reproduce them (1e-4)."""
+    import numpy as np
+
+    acc = run.accelerator
+    state_dict = acc.get_state_dict(model)  # collective under ZeRO-3
+    final = run.output_dir / "final"
+    if acc.is_main_process:
+        unwrapped = acc.unwrap_model(model)
+        state_dict = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+        empty = [k for k, v in state_dict.items() if v.numel() == 0]
+        if empty:
+            raise LlmkitError(f"the gathered weights have {len(empty)} empty tensors (e.g. {empty[0]}); nothing "
+                              "was exported")
+        tmp = run.output_dir / "final.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        lora = hasattr(unwrapped, "peft_config")
+        spec = {"ids": probe_ids}
+        if lora:
+            unwrapped.save_pretrained(tmp / "adapter", state_dict=state_dict)
+            tokenizer.save_pretrained(tmp / "adapter")
+            from safetensors.torch import load_file
+
+            written = load_file(tmp / "adapter" / "adapter_model.safetensors")
+            if not written or any(v.numel() == 0 for v in written.values()):
+                raise LlmkitError("the LoRA adapter was written empty or with size-0 tensors; nothing was exported")
+            spec.update(model=str(tmp / "merged"), base=base, adapter=str(tmp / "adapter"))
+        else:
+            unwrapped.save_pretrained(tmp, state_dict=state_dict, **_canonical_names(unwrapped))
+            tokenizer.save_pretrained(tmp)
+            spec["model"] = str(tmp)
+        got = _run_fresh(_RELOAD_LM, spec)  # for LoRA this also writes merged/
+        want = np.asarray(probe_logits, dtype=np.float64)
+        tol = 1e-4 if run.precision == "fp32" else 5e-2
+        checks = {"model": float(np.abs(np.asarray(got["model"]) - want).max())}
+        if lora:
+            checks["base_plus_adapter"] = float(np.abs(np.asarray(got["base_plus_adapter"]) - want).max())
+            checks["merged_vs_adapter"] = float(np.abs(np.asarray(got["model"]) -
+                                                       np.asarray(got["base_plus_adapter"])).max())
+        bad = {k: v for k, v in checks.items() if v > tol}
+        if bad:
+            raise LlmkitError(f"the reloaded export disagrees with the run (max logit diffs {bad}, tolerance {tol}); "
+                              f"it stays in {tmp} for inspection")
+        results = {**results, "export_check": checks}
+        run.cfg.save(tmp / "training_config.yaml")
+        (tmp / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
+        (run.output_dir / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
+        old = run.output_dir / "final.old"
+        shutil.rmtree(old, ignore_errors=True)
+        if final.exists():
+            final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    acc.wait_for_everyone()
+    return final
