@@ -101,6 +101,22 @@ def _canonical_names(model) -> dict:
     return {"save_original_format": False} if "save_original_format" in params else {}
 
 
+def _publish(run: Run, tmp: Path, results: dict) -> None:
+    """Add the resolved configs and metrics to a verified export, then swap it in for `final` (rank 0)."""
+    run.cfg.save(tmp / "training_config.yaml")
+    if run.ds_config:
+        (tmp / "ds_config.json").write_text(json.dumps(run.ds_config, indent=2) + "\n")
+    (tmp / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
+    (run.output_dir / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
+    # the old export is replaced only now that the new one is complete and verified
+    final, old = run.output_dir / "final", run.output_dir / "final.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def save_final(run: Run, model, tokenizer, results: dict, check) -> Path:
     """Write `<output_dir>/final` atomically; all ranks must call it (ZeRO-3 gathers weights collectively).
 
@@ -117,20 +133,8 @@ def save_final(run: Run, model, tokenizer, results: dict, check) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         unwrapped.save_pretrained(tmp, state_dict=state_dict, **_canonical_names(unwrapped))
         tokenizer.save_pretrained(tmp)
-        run.cfg.save(tmp / "training_config.yaml")
-        if run.ds_config:
-            (tmp / "ds_config.json").write_text(json.dumps(run.ds_config, indent=2) + "\n")
-        results = dict(results)
-        results["export_check"] = verify_reload(tmp, check[0], run.cfg.data, check[1], run.precision)
-        (tmp / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
-        (run.output_dir / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
-        # swap in the new export only now that it is complete and verified
-        old = run.output_dir / "final.old"
-        shutil.rmtree(old, ignore_errors=True)
-        if final.exists():
-            final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
+        check = verify_reload(tmp, check[0], run.cfg.data, check[1], run.precision)
+        _publish(run, tmp, {**results, "export_check": check})
     acc.wait_for_everyone()
     return final
 
@@ -224,15 +228,6 @@ def save_causal_lm(run: Run, model, tokenizer, results: dict, base: str, probe_i
         if bad:
             raise LlmkitError(f"the reloaded export disagrees with the run (max logit diffs {bad}, tolerance {tol}); "
                               f"it stays in {tmp} for inspection")
-        results = {**results, "export_check": checks}
-        run.cfg.save(tmp / "training_config.yaml")
-        (tmp / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
-        (run.output_dir / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
-        old = run.output_dir / "final.old"
-        shutil.rmtree(old, ignore_errors=True)
-        if final.exists():
-            final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
+        _publish(run, tmp, {**results, "export_check": checks})
     acc.wait_for_everyone()
     return final
