@@ -101,6 +101,16 @@ def _canonical_names(model) -> dict:
     return {"save_original_format": False} if "save_original_format" in params else {}
 
 
+def _gather(run: Run, model) -> tuple[dict | None, object]:
+    """Full weights on CPU (rank 0; None elsewhere) and the unwrapped model. Every rank must call it: under
+    ZeRO-3 the gather is collective."""
+    acc = run.accelerator
+    state_dict = acc.get_state_dict(model)
+    if not acc.is_main_process:
+        return None, None
+    return {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, acc.unwrap_model(model)
+
+
 def _publish(run: Run, tmp: Path, results: dict) -> None:
     """Add the resolved configs and metrics to a verified export, then swap it in for `final` (rank 0)."""
     run.cfg.save(tmp / "training_config.yaml")
@@ -123,11 +133,9 @@ def save_final(run: Run, model, tokenizer, results: dict, check) -> Path:
     `check` is (raw split, the run's predictions on it) used to verify the reload.
     """
     acc = run.accelerator
-    state_dict = acc.get_state_dict(model)  # collective under ZeRO-3
+    state_dict, unwrapped = _gather(run, model)
     final = run.output_dir / "final"
     if acc.is_main_process:
-        unwrapped = acc.unwrap_model(model)
-        state_dict = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
         _check_state_dict(state_dict, unwrapped)
         tmp = run.output_dir / "final.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -189,11 +197,9 @@ def save_causal_lm(run: Run, model, tokenizer, results: dict, base: str, probe_i
     import numpy as np
 
     acc = run.accelerator
-    state_dict = acc.get_state_dict(model)  # collective under ZeRO-3
+    state_dict, unwrapped = _gather(run, model)
     final = run.output_dir / "final"
     if acc.is_main_process:
-        unwrapped = acc.unwrap_model(model)
-        state_dict = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
         empty = [k for k, v in state_dict.items() if v.numel() == 0]
         if empty:
             raise LlmkitError(f"the gathered weights have {len(empty)} empty tensors (e.g. {empty[0]}); nothing "
