@@ -9,7 +9,7 @@ import math
 import os
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -207,7 +207,6 @@ class Run:
     precision: str
     ds_config: dict | None
     output_dir: Path
-    notes: list[str] = field(default_factory=list)
 
     def log(self, msg: str) -> None:
         if self.accelerator.is_main_process:
@@ -419,7 +418,8 @@ def train(run: Run, model, optimizer, train_loader, eval_loader, eval_fn) -> dic
     run.log(f"train: {len(train_loader)} batches per rank per epoch, {steps_per_epoch} optimizer steps per epoch, "
             f"{total_steps} steps in all")
     model.train()
-    seen_tokens = real_tokens = 0
+    seen_tokens = 0
+    real_tokens = torch.zeros((), dtype=torch.long, device=acc.device)  # a tensor: no device sync per batch
     running_loss, running_n = torch.zeros((), device=acc.device), 0
     start = time.perf_counter()
     stop = StopSignal()
@@ -455,7 +455,7 @@ def train(run: Run, model, optimizer, train_loader, eval_loader, eval_fn) -> dic
             running_loss += out.loss.detach().float()
             running_n += 1
             seen_tokens += batch["attention_mask"].numel()
-            real_tokens += int(batch["attention_mask"].sum())
+            real_tokens += batch["attention_mask"].sum()
             if not acc.sync_gradients:
                 continue
             state.step += 1
@@ -473,7 +473,7 @@ def train(run: Run, model, optimizer, train_loader, eval_loader, eval_fn) -> dic
                 elapsed = time.perf_counter() - start
                 scalars = {"train/loss": loss, "train/lr": scheduler.get_last_lr()[0],
                            "train/epoch": state.step / steps_per_epoch,
-                           "train/real_tokens_per_s": real_tokens * acc.num_processes / elapsed}
+                           "train/real_tokens_per_s": real_tokens.item() * acc.num_processes / elapsed}
                 if grad_norm is not None:
                     scalars["train/grad_norm"] = float(grad_norm)
                 run.log_scalars(scalars, state.step)
@@ -511,6 +511,7 @@ def train(run: Run, model, optimizer, train_loader, eval_loader, eval_fn) -> dic
     stop.restore()
     bar.close()
     elapsed = time.perf_counter() - start
+    real_tokens = real_tokens.item()
     summary = {
         "steps": state.step, "epochs": round(state.step / steps_per_epoch, 3), "train_seconds": round(elapsed, 1),
         "world_size": acc.num_processes, "precision": run.precision,
