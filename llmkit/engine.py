@@ -270,18 +270,22 @@ def setup(cfg: Config, hidden: int | None) -> Run:
     return run
 
 
+def train_loader(run: Run, dataset, lengths: list[int] | None, collate) -> DataLoader:
+    """Batches of similar length (when `lengths` are known and data.group_by_length is on), else shuffled rows."""
+    t = run.cfg.train
+    if lengths is not None and run.cfg.data.group_by_length:
+        sampler = LengthGroupedBatchSampler(lengths, t.per_device_batch_size, run.accelerator.num_processes,
+                                            seed=t.seed)
+        return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate)
+    gen = torch.Generator().manual_seed(t.seed)
+    return DataLoader(dataset, batch_size=t.per_device_batch_size, shuffle=True, generator=gen, collate_fn=collate)
+
+
 def dataloaders(run: Run, data: ClassificationData, tokenizer):
     """Train loader (length-grouped or shuffled) and eval/test loaders (length-sorted), not yet prepared."""
     t = run.cfg.train
     collate = DataCollatorWithPadding(tokenizer)
-    if run.cfg.data.group_by_length:
-        sampler = LengthGroupedBatchSampler(data.train_lengths, t.per_device_batch_size,
-                                            run.accelerator.num_processes, seed=t.seed)
-        train = DataLoader(data.train, batch_sampler=sampler, collate_fn=collate)
-    else:
-        gen = torch.Generator().manual_seed(t.seed)
-        train = DataLoader(data.train, batch_size=t.per_device_batch_size, shuffle=True, generator=gen,
-                           collate_fn=collate)
+    train = train_loader(run, data.train, data.train_lengths, collate)
     evals = {name: DataLoader(ds, batch_size=t.eval_batch_size, collate_fn=collate)
              for name, ds in (("validation", data.eval), ("test", data.test)) if ds is not None}
     return train, evals
@@ -363,32 +367,10 @@ def _save(run: Run, state: checkpoint.TrainerState) -> None:
 LOWER_IS_BETTER = ("loss", "perplexity")
 
 
-@torch.no_grad()
-def evaluate_lm(run: Run, model, loader) -> dict[str, float]:
-    """Token-level loss and perplexity over a split, exact across ranks (per-row sums gathered without duplicates)."""
-    acc = run.accelerator
-    model.eval()
-    sums, counts = [], []
-    for batch in tqdm(loader, desc="eval", leave=False, disable=not acc.is_local_main_process):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-        labels = batch["labels"][:, 1:]
-        token_loss = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100, reduction="none")
-        mask = (labels != -100).float()
-        row_sum = (token_loss.view(labels.shape) * mask).sum(1)
-        row_sum, row_count = acc.gather_for_metrics((row_sum, mask.sum(1)))
-        sums.append(row_sum.cpu())
-        counts.append(row_count.cpu())
-    model.train()
-    total, tokens = torch.cat(sums).sum().item(), torch.cat(counts).sum().item()
-    loss = total / max(tokens, 1)
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": int(tokens)}
-
-
 def train(run: Run, model, optimizer, train_loader, eval_loader, eval_fn) -> dict:
     """The training loop: accumulate, clip, step, log; evaluate each epoch; checkpoint; resume exactly.
 
-    `eval_fn(model, loader) -> dict of metrics` scores the validation split (classification or LM)."""
+    `eval_fn(model, loader, step) -> dict of metrics` scores the validation split (classification or LM)."""
     cfg, acc = run.cfg, run.accelerator
     t, c = cfg.train, cfg.checkpoint
     estimate = memory.for_run(run.ds_config, memory.parameters_of(model), acc.num_processes, run.precision)
@@ -486,7 +468,7 @@ def train(run: Run, model, optimizer, train_loader, eval_loader, eval_fn) -> dic
             evaluated = (t.eval_every_steps and state.step % t.eval_every_steps == 0) or end_of_epoch \
                 or state.step == total_steps
             if evaluated:
-                metrics = eval_fn(model, eval_loader)
+                metrics = eval_fn(model, eval_loader, state.step)
                 run.log_scalars({f"eval/{k}": v for k, v in metrics.items()}, state.step)
                 score = metrics.get(c.best_metric)
                 if score is not None and c.best_metric in LOWER_IS_BETTER:

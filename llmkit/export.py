@@ -172,6 +172,8 @@ model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
 AutoTokenizer.from_pretrained(spec["model"])
 with torch.no_grad():
     out["model"] = model(input_ids=ids).logits.tolist()
+    # the run computed in bf16/fp16: compare with the same arithmetic, so a small weight error cannot hide in noise
+    out["model_in_run_dtype"] = model.to(getattr(torch, spec["dtype"]))(input_ids=ids).logits.float().tolist()
 json.dump(out, open(sys.argv[2], "w"))
 """
 
@@ -193,7 +195,9 @@ def save_causal_lm(run: Run, model, tokenizer, results: dict, base: str, probe_i
 
     The merge runs on CPU from the saved adapter and base files, never on ZeRO-3 partitions.
 
-    `probe_logits` are the run's own logits on `probe_ids`; the reloaded export must reproduce them (1e-4)."""
+    `probe_logits` are the run's own logits on `probe_ids`; the reloaded export must reproduce them: to 1e-4 (of
+    the logits' scale) in fp32 runs, to 5% (relative norm, computed in the run's dtype) in bf16/fp16 ones: a
+    bf16 LoRA run of SmolLM2 (30 layers) and its merged export differ by ~3% from rounding alone."""
     import numpy as np
 
     acc = run.accelerator
@@ -208,7 +212,7 @@ def save_causal_lm(run: Run, model, tokenizer, results: dict, base: str, probe_i
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         lora = hasattr(unwrapped, "peft_config")
-        spec = {"ids": probe_ids}
+        spec = {"ids": probe_ids, "dtype": {"bf16": "bfloat16", "fp16": "float16"}.get(run.precision, "float32")}
         if lora:
             unwrapped.save_pretrained(tmp / "adapter", state_dict=state_dict)
             tokenizer.save_pretrained(tmp / "adapter")
@@ -224,16 +228,27 @@ def save_causal_lm(run: Run, model, tokenizer, results: dict, base: str, probe_i
             spec["model"] = str(tmp)
         got = _run_fresh(_RELOAD_LM, spec)  # for LoRA this also writes merged/
         want = np.asarray(probe_logits, dtype=np.float64)
-        tol = 1e-4 if run.precision == "fp32" else 5e-2
-        checks = {"model": float(np.abs(np.asarray(got["model"]) - want).max())}
+        checks, bad = {}, {}
+
+        def compare(name: str, a, b, tol: float, relative: bool = False) -> None:
+            a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+            if relative:
+                diff = float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12))
+            else:  # absolute, on the scale of the logits (a real LM's reach ~30, a tiny test model's ~1)
+                diff = float(np.abs(a - b).max() / max(1.0, np.abs(b).max()))
+            checks[name] = diff
+            if diff > tol:
+                bad[name] = (diff, tol)
+
+        if run.precision == "fp32":
+            compare("model", got["model"], want, 1e-4)
+        else:  # bf16/fp16 on both sides, but other kernels and summation order: rounding grows with depth
+            compare("model_relative", got["model_in_run_dtype"], want, 5e-2, relative=True)
         if lora:
-            checks["base_plus_adapter"] = float(np.abs(np.asarray(got["base_plus_adapter"]) - want).max())
-            checks["merged_vs_adapter"] = float(np.abs(np.asarray(got["model"]) -
-                                                       np.asarray(got["base_plus_adapter"])).max())
-        bad = {k: v for k, v in checks.items() if v > tol}
+            compare("merged_vs_adapter", got["model"], got["base_plus_adapter"], 1e-4)
         if bad:
-            raise LlmkitError(f"the reloaded export disagrees with the run (max logit diffs {bad}, tolerance {tol}); "
-                              f"it stays in {tmp} for inspection")
+            raise LlmkitError(f"the reloaded export disagrees with the run ((difference, tolerance): {bad}); it "
+                              f"stays in {tmp} for inspection")
         _publish(run, tmp, {**results, "export_check": checks})
     acc.wait_for_everyone()
     return final

@@ -92,15 +92,54 @@ def prompt_response_example(tokenizer, prompt: str, response: str, max_length: i
     return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
 
 
+def render_prompt(template: str, text: str, text_pair: str | None = None) -> str:
+    """Put a row's text into the prompt template (plain replacement: other braces in the template stay as they are)."""
+    out = template.replace("{text}", text)
+    return out.replace("{text_pair}", text_pair) if text_pair is not None else out
+
+
+def fit_prompt(tokenizer, template: str, text: str, response: str, max_length: int, text_pair: str | None = None):
+    """prompt_response_example for `text` in `template`, with the text cut (never the response) to fit."""
+    example = prompt_response_example(tokenizer, render_prompt(template, text, text_pair), response)
+    over = len(example["input_ids"]) - max_length
+    if over <= 0:
+        return example
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    while over > 0:
+        keep = len(ids) - over - 1
+        if keep <= 0:
+            raise LlmkitError(f"data.max_length {max_length} leaves no room for the text: the prompt template and "
+                              f"response '{response}' alone take {len(example['input_ids']) - len(ids)} tokens. "
+                              "Raise data.max_length or shorten data.prompt_template.")
+        ids = ids[:keep]
+        example = prompt_response_example(tokenizer, render_prompt(template, tokenizer.decode(ids), text_pair),
+                                          response)
+        over = len(example["input_ids"]) - max_length
+    return example
+
+
+def label_candidates(tokenizer, cfg, words: list[str], text: str, text_pair: str | None = None) -> dict:
+    """One rendered sequence per label word for the same prompt, and the response-token targets of each."""
+    examples = [fit_prompt(tokenizer, cfg.prompt_template, text, w, cfg.max_length, text_pair) for w in words]
+    return {"candidates": [e["input_ids"] for e in examples], "targets": [e["labels"] for e in examples]}
+
+
 @dataclass
 class LMData:
     train: object  # datasets.Dataset with input_ids, attention_mask, labels
-    eval: object
-    mode: str  # "packed" | "prompt_response" | "chat"
+    eval: object  # the same for "packed" / "prompt_response" / "chat"; label candidates for "labels"
+    mode: str  # "packed" | "prompt_response" | "chat" | "labels"
     packing: PackStats | None
+    train_lengths: list[int] | None = None  # rows' token counts (None for packed blocks: all equal)
+    test: object | None = None  # "labels" only: candidates of the test split
+    raw: dict | None = None  # "labels" only: split -> rows (text + label ids), for prediction files
+    label_names: list[str] | None = None
+    label_words: list[str] | None = None
 
 
 def _mode(cfg) -> str:
+    if cfg.prompt_template:
+        return "labels"
     if cfg.messages_column:
         return "chat"
     if cfg.prompt_column or cfg.response_column:
@@ -110,16 +149,58 @@ def _mode(cfg) -> str:
     return "packed"
 
 
-def prepare(cfg, tokenizer, seed: int, log=print) -> LMData:
-    """Load the splits and turn them into causal-LM examples: packed blocks, or rows with response-only labels."""
+def _prepare_labels(cfg, tokenizer, seed: int, log) -> LMData:
+    """Generative classification rows: train on prompt -> label word; score every label word at eval."""
     from llmkit import data
 
+    labeled = data.load_labeled(cfg, seed, log)
+    names = labeled.label_names
+    words = list(cfg.label_words or names)
+    if len(words) != len(names):
+        raise LlmkitError(f"data.label_words has {len(words)} words but the data has {len(names)} labels {names}")
+    pair = cfg.text_pair_column
+    first = label_candidates(tokenizer, cfg, words, "example")["candidates"]
+    if len({tuple(c) for c in first}) != len(words):
+        raise LlmkitError(f"the label words {words} tokenize to identical sequences; pick distinguishable words")
+
+    def train_row(row):
+        return fit_prompt(tokenizer, cfg.prompt_template, row[cfg.text_column], words[row["labels"]], cfg.max_length,
+                          row[pair] if pair else None)
+
+    def eval_row(row, index):
+        out = label_candidates(tokenizer, cfg, words, row[cfg.text_column], row[pair] if pair else None)
+        return {**out, "row": index}
+
+    rows = labeled.rows
+    # the token labels replace the label ids (columns are removed after the function has read them)
+    train = rows["train"].map(train_row, remove_columns=rows["train"].column_names, desc="rendering train")
+    scored = {}
+    for role in ("eval", "test"):
+        if role in rows:
+            ds = rows[role]
+            scored[role] = ds.map(eval_row, with_indices=True, desc=f"rendering {role}",
+                                  remove_columns=[c for c in ds.column_names if c != "labels"])
+    raw = {"validation": rows["eval"], **({"test": rows["test"]} if "test" in rows else {})}
+    return LMData(train=train, eval=scored["eval"], mode="labels", packing=None,
+                  train_lengths=[len(x) for x in train["input_ids"]], test=scored.get("test"), raw=raw,
+                  label_names=names, label_words=words)
+
+
+def prepare(cfg, tokenizer, seed: int, log=print) -> LMData:
+    """Load the splits and turn them into causal-LM examples: packed blocks, rows with response-only labels, or
+    generative-classification rows."""
+    from datasets import Dataset
+
+    from llmkit import data
+
+    mode = _mode(cfg)
+    if mode == "labels":
+        return _prepare_labels(cfg, tokenizer, seed, log)
     raw = data.load_raw(cfg)
     wanted = data.wanted_splits(cfg, raw)
-    mode = _mode(cfg)
     columns = {"chat": [cfg.messages_column], "prompt_response": [cfg.prompt_column, cfg.response_column],
                "packed": [cfg.text_column]}[mode]
-    out, stats = {}, None
+    out, stats, text = {}, None, cfg.text_column
     for role in ("train", "eval"):
         split = wanted[role]
         ds = raw[split]
@@ -133,10 +214,11 @@ def prepare(cfg, tokenizer, seed: int, log=print) -> LMData:
         if mode == "packed":
             if tokenizer.eos_token_id is None:
                 raise LlmkitError("packing separates documents with EOS, but the tokenizer has no eos token")
-            docs = [tokenizer(t)["input_ids"] for t in ds[cfg.text_column] if isinstance(t, str) and t.strip()]
-            blocks, pack_stats = pack(docs, cfg.max_length, tokenizer.eos_token_id, tokenizer.pad_token_id)
-            from datasets import Dataset
-
+            ds = ds.filter(lambda r: isinstance(r[text], str) and bool(r[text].strip()), desc=f"non-empty {role}")
+            # batched and cached by datasets: a second run with the same data and tokenizer skips this
+            docs = ds.map(lambda b: {"ids": tokenizer(b[text], add_special_tokens=False)["input_ids"]},
+                          batched=True, remove_columns=[text], desc=f"tokenizing {role}")["ids"]
+            blocks, pack_stats = pack(list(docs), cfg.max_length, tokenizer.eos_token_id, tokenizer.pad_token_id)
             out[role] = Dataset.from_dict(blocks)
             if role == "train":
                 stats = pack_stats
@@ -150,7 +232,8 @@ def prepare(cfg, tokenizer, seed: int, log=print) -> LMData:
                                                cfg.max_length)
 
             out[role] = ds.map(render, remove_columns=columns, desc=f"rendering {role}")
-    return LMData(train=out["train"], eval=out["eval"], mode=mode, packing=stats)
+    lengths = None if mode == "packed" else [len(x) for x in out["train"]["input_ids"]]
+    return LMData(train=out["train"], eval=out["eval"], mode=mode, packing=stats, train_lengths=lengths)
 
 
 class LMCollator:
@@ -169,3 +252,73 @@ class LMCollator:
 
         return {"input_ids": padded("input_ids", self.pad_id), "attention_mask": padded("attention_mask", 0),
                 "labels": padded("labels", IGNORE)}
+
+
+class CandidateCollator:
+    """Flattens label candidates: B rows x K words -> B*K padded sequences, plus each row's gold label and index."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, rows: list[dict]) -> dict:
+        import torch
+
+        seqs = [list(c) for r in rows for c in r["candidates"]]
+        targets = [list(t) for r in rows for t in r["targets"]]
+        width = max(len(x) for x in seqs)
+        return {
+            "input_ids": torch.tensor([x + [self.pad_id] * (width - len(x)) for x in seqs], dtype=torch.long),
+            "attention_mask": torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in seqs], dtype=torch.long),
+            "targets": torch.tensor([t + [IGNORE] * (width - len(t)) for t in targets], dtype=torch.long),
+            "labels": torch.tensor([r["labels"] for r in rows], dtype=torch.long),
+            "row": torch.tensor([r["row"] for r in rows], dtype=torch.long),
+        }
+
+
+def dataloaders(run, ds: LMData, tokenizer):
+    """Train loader (length-grouped rows, or shuffled blocks) and eval loaders by split name, not yet prepared."""
+    from torch.utils.data import DataLoader
+
+    from llmkit.engine import train_loader
+
+    collate = LMCollator(tokenizer.pad_token_id)
+    train = train_loader(run, ds.train, ds.train_lengths, collate)
+    eval_collate = CandidateCollator(tokenizer.pad_token_id) if ds.mode == "labels" else collate
+    evals = {name: DataLoader(split, batch_size=run.cfg.train.eval_batch_size, collate_fn=eval_collate)
+             for name, split in (("validation", ds.eval), ("test", ds.test)) if split is not None}
+    return train, evals
+
+
+def training_texts(cfg):
+    """Every text of the train split the model will see (plain text, prompts and responses, or chat turns)."""
+    from llmkit import data
+
+    raw = data.load_raw(cfg)
+    split = data.wanted_splits(cfg, raw)["train"]
+    mode = _mode(cfg)
+    columns = {"chat": [cfg.messages_column], "prompt_response": [cfg.prompt_column, cfg.response_column],
+               "packed": [cfg.text_column], "labels": [cfg.text_column]}[mode]
+    data.require_columns(raw[split], split, columns)
+    for row in raw[split].select_columns(columns):
+        for value in row.values():
+            if isinstance(value, str):
+                yield value
+            elif isinstance(value, list):  # chat messages
+                yield from (m.get("content", "") for m in value if isinstance(m, dict))
+    if mode == "labels":
+        yield from (cfg.prompt_template, *(cfg.label_words or []))
+
+
+def train_tokenizer_once(run, cfg) -> str:
+    """From-scratch runs without a tokenizer: rank 0 trains a byte-level BPE one on the train split into
+    <output_dir>/tokenizer (vocab size from the model config); every rank then loads it from there."""
+    from llmkit import model
+
+    folder = run.output_dir / "tokenizer"
+    if run.accelerator.is_main_process:
+        size = model.vocab_size(cfg.model)
+        tok = model.train_tokenizer(training_texts(cfg.data), size, folder)
+        run.log(f"tokenizer: trained a byte-level BPE tokenizer ({len(tok)} tokens, vocab_size {size}) on the "
+                f"train split into {folder}")
+    run.accelerator.wait_for_everyone()
+    return str(folder)

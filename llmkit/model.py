@@ -127,8 +127,49 @@ def apply_lora(model, lora: LoraConfig, task_type: str):
     return get_peft_model(model, peft_config)
 
 
-def load_causal_lm(cfg: ModelConfig, lora: LoraConfig):
-    """AutoModelForCausalLM from a Hub id, a local dir or an asset, or random init from its config; LoRA if asked."""
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model")
+
+
+def needs_trained_tokenizer(cfg: ModelConfig) -> bool:
+    """From scratch, with no model.tokenizer and no tokenizer files next to the model config: train one."""
+    if not cfg.from_scratch or cfg.tokenizer:
+        return False
+    path = Path(locate(cfg.name_or_path, "model.name_or_path"))
+    return path.is_dir() and not any((path / f).is_file() for f in TOKENIZER_FILES)
+
+
+def train_tokenizer(texts, vocab_size: int, folder: Path, max_length: int | None = None) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on `texts` (any byte sequence encodes: no unknown tokens), with
+    <|endoftext|> as its BOS / EOS / pad token, saved to `folder`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    if vocab_size < len(alphabet) + 1:
+        raise LlmkitError(f"the model config's vocab_size {vocab_size} is too small for a byte-level BPE "
+                          f"tokenizer (needs >= {len(alphabet) + 1}); raise vocab_size in the model config")
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"], initial_alphabet=alphabet,
+                                  show_progress=False)
+    core.train_from_iterator(texts, trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                  pad_token="<|endoftext|>", model_max_length=max_length or 1_000_000)
+    tok.save_pretrained(folder)
+    return tok
+
+
+def vocab_size(cfg: ModelConfig) -> int:
+    """vocab_size from the model's config (read only)."""
+    name = locate(cfg.name_or_path, "model.name_or_path")
+    config = AutoConfig.from_pretrained(name, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    return int(config.vocab_size)
+
+
+def load_causal_lm(cfg: ModelConfig, lora: LoraConfig, tokenizer=None):
+    """AutoModelForCausalLM from a Hub id, a local dir or an asset, or random init from its config; LoRA if asked.
+
+    From scratch, the config's special-token ids are taken from `tokenizer` (it may have been trained here)."""
     from transformers import AutoModelForCausalLM
 
     name = locate(cfg.name_or_path, "model.name_or_path")
@@ -136,11 +177,20 @@ def load_causal_lm(cfg: ModelConfig, lora: LoraConfig):
     try:
         if cfg.from_scratch:
             config = AutoConfig.from_pretrained(name, **common)
+            if tokenizer is not None:
+                if len(tokenizer) > config.vocab_size:
+                    raise LlmkitError(f"the tokenizer has {len(tokenizer)} tokens but the model config's vocab_size "
+                                      f"is {config.vocab_size}; raise vocab_size or use a smaller tokenizer")
+                config.pad_token_id = tokenizer.pad_token_id
+                config.eos_token_id = tokenizer.eos_token_id
+                config.bos_token_id = tokenizer.bos_token_id
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
         else:
             model = AutoModelForCausalLM.from_pretrained(name, **common)
     except (OSError, ValueError) as exc:
         raise _hub_error("the model", name, exc) from None
+    if tokenizer is not None and model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
     if cfg.gradient_checkpointing:
         _checkpointing(model)
         if lora.enabled:

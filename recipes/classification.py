@@ -26,7 +26,7 @@ def main() -> None:
     # train
     num_labels = len(ds.label_names)
     result = engine.train(run, net, optimizer, train_loader, eval_loaders["validation"],
-                          lambda m, loader: engine.evaluate(run, m, loader, num_labels)[0])
+                          lambda m, loader, step: engine.evaluate(run, m, loader, num_labels)[0])
     net = result["model"]
 
     # evaluate the final model on every split and keep the predictions

@@ -71,7 +71,7 @@ def test_download_failure_is_clear(tmp_path):
         assets.fetch(missing, tmp_path)
 
 
-def test_installed_smollm2_is_a_plain_causal_lm_with_the_gguf_perplexity():
+def test_installed_smollm2_is_a_plain_causal_lm_with_the_gguf_perplexity(tmp_path):
     import torch
     import yaml
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -89,3 +89,17 @@ def test_installed_smollm2_is_a_plain_causal_lm_with_the_gguf_perplexity():
     ppl = assets.perplexity(model, tok, assets.PERPLEXITY_TEXT)
     assert ppl == pytest.approx(info["perplexity_gguf"], rel=1e-4)
     assert ppl < 200  # a real language model, not random weights (those score ~49,000)
+    # a plain model: no GGUF quantization entry left in its config, so fine-tuned copies save normally
+    assert not hasattr(model.config, "quantization_config")
+    model.save_pretrained(tmp_path / "copy")
+    assert (tmp_path / "copy" / "model.safetensors").is_file()
+
+
+def test_an_older_install_is_rebuilt(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMKIT_HOME", str(tmp_path))
+    old = tmp_path / "assets" / "smollm2"
+    old.mkdir(parents=True)
+    (old / ".complete").write_text("ok\n")  # written by the first smollm2 installer
+    assert not assets.installed("smollm2")
+    with pytest.raises(LlmkitError, match="is not installed \\(or is from an older llmkit\\)"):
+        assets.resolve("asset:smollm2")

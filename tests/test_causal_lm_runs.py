@@ -80,3 +80,122 @@ def test_causal_lm_trains_exports_and_reloads(tmp_path, tiny_lm, stage, lora):
         assert all(t.numel() > 0 for t in weights.values())
         merged = AutoModelForCausalLM.from_pretrained(final)
     assert type(merged).__name__ == "LlamaForCausalLM"
+
+
+def _generate(model_dir, prompt: str, *extra: str) -> str:
+    import subprocess
+    import sys
+
+    from conftest import LAUNCH_ENV
+
+    proc = subprocess.run([sys.executable, "-m", "llmkit.cli", "generate", str(model_dir), "--prompt", prompt,
+                           "--max-new-tokens", "4", *extra], capture_output=True, text=True, env=LAUNCH_ENV,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_label_words_under_zero3_score_generate_and_export(tmp_path, tiny_lm):
+    """Generative classification with LoRA on 2 ranks, ZeRO-3: label-word scores gathered exactly (checked against
+    the exported model scored here), sample generations at each eval, `llmkit generate` on adapter and merged."""
+    texts = ["this film is good", "this film is bad", "is this good", "is this bad", "you are good", "hi bad"]
+    for split, n in (("train", 48), ("validation", 13), ("test", 7)):
+        rows = [{"text": texts[i % 6], "label": "positive" if "good" in texts[i % 6] else "negative"}
+                for i in range(n)]
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    cfg = {
+        "model": {"name_or_path": str(tiny_lm / "model")},
+        "lora": {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0},
+        "data": {"dataset": str(tmp_path), "prompt_template": "is this {text}", "label_names": ["negative", "positive"],
+                 "max_length": 32},
+        "train": {"epochs": 2, "per_device_batch_size": 4, "eval_batch_size": 3, "learning_rate": 5e-3,
+                  "warmup_ratio": 0.0, "logging_steps": 1, "precision": "fp32", "eval_every_steps": 4,
+                  "sample_prompts": ["is this film good", "hi"], "sample_max_new_tokens": 3},
+        "output": {"output_dir": str(out)},
+    }
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    proc = launch("recipes/causal_lm.py", ["--config", str(tmp_path / "c.yaml")], "cpu_zero3.yaml")
+    check_ok(proc)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert all(v <= 1e-4 for v in metrics["export_check"].values()), metrics["export_check"]
+
+    # every eval logged its samples (steps 4, 8, 12 and the epoch ends 6, 12)
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in samples] == [4, 6, 8, 12]
+    assert all([x["prompt"] for x in s["samples"]] == ["is this film good", "hi"] for s in samples)
+
+    # the predictions file: every row once, and the metrics follow from it (scikit-learn)
+    from sklearn.metrics import accuracy_score, f1_score
+
+    for split, n in (("validation", 13), ("test", 7)):
+        rows = [json.loads(line) for line in (out / f"predictions_{split}.jsonl").read_text().splitlines()]
+        assert [r["row"] for r in rows] == list(range(n))
+        gold = [r["label"] == "positive" for r in rows]
+        pred = [r["prediction"] == "positive" for r in rows]
+        assert metrics[split]["accuracy"] == pytest.approx(accuracy_score(gold, pred))
+        assert metrics[split]["f1"] == pytest.approx(f1_score(gold, pred, zero_division=0))
+        assert metrics[split]["samples"] == n
+
+    # independent scoring of the exported merged model agrees with the run's predictions
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    merged = AutoModelForCausalLM.from_pretrained(out / "final" / "merged").eval()
+    tok = AutoTokenizer.from_pretrained(out / "final" / "merged")
+    rows = [json.loads(line) for line in (out / "predictions_test.jsonl").read_text().splitlines()]
+    for r in rows:
+        scores = []
+        for word in ("negative", "positive"):
+            msgs = [{"role": "user", "content": f"is this {r['text']}"}, {"role": "assistant", "content": word}]
+            ids = tok.apply_chat_template(msgs, tokenize=True)
+            ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+            head = tok.apply_chat_template(msgs[:1], tokenize=True, add_generation_prompt=True)
+            start = len(head["input_ids"] if hasattr(head, "keys") else head)
+            with torch.no_grad():
+                logp = torch.log_softmax(merged(torch.tensor([ids])).logits[0].double(), -1)
+            scores.append(sum(logp[i - 1, ids[i]].item() for i in range(start, len(ids))))
+        probs = torch.softmax(torch.tensor(scores), 0).tolist()
+        assert r["prediction"] == ("positive" if scores[1] > scores[0] else "negative")
+        assert r["probabilities"] == pytest.approx(probs, abs=1e-4)
+
+    # generation from the adapter (with its base) and from the merged model: the same greedy text
+    from_adapter = _generate(out / "final" / "adapter", "is this film good")
+    from_final = _generate(out / "final", "is this film good")
+    assert from_adapter == from_final and from_final.strip()
+
+
+def test_from_scratch_trains_a_bpe_tokenizer_and_packs_text(tmp_path):
+    """No tokenizer given: a byte-level BPE one is trained on the train text, saved with the model, and used."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    arch = tmp_path / "arch"
+    LlamaConfig(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=64).save_pretrained(arch)
+    assert sorted(p.name for p in arch.iterdir()) == ["config.json"]
+    lines = [f"the film number {i} was {'good' if i % 3 else 'bad'} and the plot was {'long' if i % 2 else 'thin'}"
+             for i in range(240)]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in lines[:200]))
+    (tmp_path / "validation.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in lines[200:]))
+    out = tmp_path / "run"
+    cfg = {
+        "model": {"name_or_path": str(arch), "from_scratch": True},
+        "data": {"dataset": str(tmp_path), "test_split": None, "max_length": 32},
+        "train": {"epochs": 1, "per_device_batch_size": 4, "eval_batch_size": 8, "learning_rate": 3e-3,
+                  "warmup_ratio": 0.0, "logging_steps": 2, "precision": "fp32"},
+        "output": {"output_dir": str(out)},
+    }
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    proc = launch("recipes/causal_lm.py", ["--config", str(tmp_path / "c.yaml")], "cpu_zero2.yaml")
+    check_ok(proc)
+    assert "tokenizer: trained a byte-level BPE tokenizer" in proc.stdout + proc.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["packing_efficiency"] > 0.95
+    history = metrics["train"]["history"]
+    assert metrics["validation"]["loss"] < 5.0 and history  # far below ln(320) = 5.77 of a uniform guess
+    final = out / "final"
+    tok = AutoTokenizer.from_pretrained(final)
+    model = AutoModelForCausalLM.from_pretrained(final)
+    assert len(tok) <= 320 and tok.eos_token == "<|endoftext|>"
+    assert model.config.eos_token_id == tok.eos_token_id and model.config.pad_token_id == tok.pad_token_id
+    assert tok.decode(tok("the film was good")["input_ids"]) == "the film was good"
+    assert _generate(final, "the film number", "--chat", "off").strip()

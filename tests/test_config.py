@@ -49,11 +49,31 @@ def test_shipped_recipe_configs_are_valid():
     assert sst2.model.name_or_path == "distilbert/distilbert-base-uncased"
     assert sst2.data.dataset == "stanfordnlp/sst2" and sst2.data.test_split is None
 
+    # the causal-LM configs: which data mode each selects; the Hub example is validated here, never run offline
+    from llmkit.lm_data import _mode
+    from llmkit.model import locate
+
+    modes = {name: _mode(load_config(ROOT / "recipes/configs" / name).data) for name in (
+        "sentiment_smollm2_lora.yaml", "smollm2_full_polarity_text.yaml", "hub_qwen2.5_0.5b_lora_no_robots.yaml")}
+    assert modes == {"sentiment_smollm2_lora.yaml": "labels", "smollm2_full_polarity_text.yaml": "packed",
+                     "hub_qwen2.5_0.5b_lora_no_robots.yaml": "chat"}
+    hub = load_config(ROOT / "recipes/configs/hub_qwen2.5_0.5b_lora_no_robots.yaml")
+    assert locate(hub.model.name_or_path, "model.name_or_path") == "Qwen/Qwen2.5-0.5B-Instruct"  # a Hub id as is
+    assert hub.lora.enabled and hub.data.messages_column == "messages"
+
 
 @pytest.mark.parametrize(
     ("data", "overrides", "message"),
     [
         ({**BASE, "trian": {}}, [], "unknown config section 'trian' (did you mean 'train'?)"),
+        ({**BASE, "data": {"dataset": "x", "prompt_template": "no slot"}}, [],
+         "config key 'data.prompt_template' must contain {text}"),
+        ({**BASE, "data": {"dataset": "x", "prompt_template": "{text}", "label_words": ["yes", "yes"]}}, [],
+         "config key 'data.label_words' must list at least 2 distinct, non-empty words"),
+        ({**BASE, "data": {"dataset": "x", "label_words": ["no", "yes"]}}, [],
+         "config key 'data.label_words' needs data.prompt_template"),
+        ({**BASE, "data": {"dataset": "x", "prompt_template": "{text}", "messages_column": "m"}}, [],
+         "config key 'data.prompt_template' builds prompts from text_column"),
         ({**BASE, "train": {"learnin_rate": 1e-4}}, [], "unknown config key 'train.learnin_rate' (did you mean 'learning_rate'?)"),
         ({**BASE, "train": {"epochs": "many"}}, [], "config key 'train.epochs' must be of type float, got 'many'"),
         ({**BASE, "train": {"per_device_batch_size": 2.5}}, [], "config key 'train.per_device_batch_size' must be of type int"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -110,3 +111,83 @@ def test_prepare_packs_text_and_renders_prompt_response(tok, tmp_path):
     assert tok.convert_ids_to_tokens(kept.tolist()) == ["positive", "<|im_end|>"] * 4
     with pytest.raises(LlmkitError, match="must be set together"):
         prepare(DataConfig(dataset=str(tmp_path), test_split=None, prompt_column="prompt"), tok, seed=0)
+
+
+def _label_cfg(tmp_path, **extra):
+    from llmkit.config import DataConfig
+
+    rows = [{"text": "this film is good", "label": "positive"}, {"text": "this film is bad", "label": "negative"},
+            {"text": "is this good", "label": "positive"}, {"text": "hi", "label": "negative"}]
+    for split in ("train", "validation"):
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return DataConfig(dataset=str(tmp_path), test_split=None, label_names=["negative", "positive"],
+                      prompt_template="is this {text}", max_length=32, **extra)
+
+
+def test_label_words_rows_train_on_the_word_and_score_every_word(tok, tmp_path):
+    from llmkit.lm_data import CandidateCollator, prepare, render_prompt
+
+    assert render_prompt("a {text} {other} {text_pair}", "b", "c") == "a b {other} c"  # no str.format
+    ds = prepare(_label_cfg(tmp_path), tok, seed=0)
+    assert ds.mode == "labels" and ds.label_words == ["negative", "positive"]
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    for row in ds.train:
+        text = tok.decode(row["input_ids"])
+        target = [t for t in row["labels"] if t != IGNORE]
+        word = "positive" if " good" in text else "negative"
+        assert target == [tok.convert_tokens_to_ids(word), im_end]  # the word and its turn end, nothing else
+    row = ds.eval[0]
+    assert row["row"] == 0 and row["labels"] == 1  # validation row 0 is "positive"
+    neg, pos = row["candidates"]
+    n = len(neg) - 2
+    assert neg[:n] == pos[:n] and neg[n:] != pos[n:]  # same prompt, different word
+    for cand, target, word in zip(row["candidates"], row["targets"], ("negative", "positive")):
+        masked = [(i, t) for i, t in enumerate(target) if t != IGNORE]
+        assert [t for _, t in masked] == [tok.convert_tokens_to_ids(word), im_end]
+        assert all(cand[i] == t for i, t in masked)
+    batch = CandidateCollator(tok.pad_token_id)([ds.eval[i] for i in range(3)])
+    assert batch["input_ids"].shape[0] == 6 and batch["labels"].tolist() == [1, 0, 1]
+    assert batch["row"].tolist() == [0, 1, 2]
+    assert (batch["targets"] != IGNORE).sum().item() == 12
+
+
+def test_label_words_cut_the_text_never_the_word(tok, tmp_path):
+    from llmkit.lm_data import fit_prompt
+
+    long_text = " ".join(["good"] * 40)
+    ex = fit_prompt(tok, "is this {text}", long_text, "positive", max_length=20)
+    assert len(ex["input_ids"]) <= 20
+    assert [t for t in ex["labels"] if t != IGNORE][0] == tok.convert_tokens_to_ids("positive")
+    with pytest.raises(LlmkitError, match="leaves no room for the text"):
+        fit_prompt(tok, "is this {text}", long_text, "positive", max_length=8)
+
+
+def test_label_words_errors(tok, tmp_path):
+    from llmkit.lm_data import prepare
+
+    with pytest.raises(LlmkitError, match="data.label_words has 3 words but the data has 2 labels"):
+        prepare(_label_cfg(tmp_path, label_words=["bad", "good", "hi"]), tok, seed=0)
+    # both unknown to the word-level tokenizer: the same <unk> sequence
+    with pytest.raises(LlmkitError, match="tokenize to identical sequences"):
+        prepare(_label_cfg(tmp_path, label_words=["awful", "great"]), tok, seed=0)
+
+
+def test_byte_level_bpe_tokenizer_trained_from_the_data(tmp_path):
+    from llmkit.config import DataConfig
+    from llmkit.lm_data import training_texts
+    from llmkit.model import train_tokenizer
+
+    lines = [f"the film number {i} was {'good' if i % 2 else 'bad'} and long" for i in range(200)]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in lines))
+    (tmp_path / "validation.jsonl").write_text(json.dumps({"text": "x"}) + "\n")
+    cfg = DataConfig(dataset=str(tmp_path), test_split=None)
+    texts = list(training_texts(cfg))
+    assert texts == lines
+    tok = train_tokenizer(iter(texts), 300, tmp_path / "tok")
+    assert len(tok) <= 300 and tok.eos_token == tok.pad_token == "<|endoftext|>"
+    reloaded = PreTrainedTokenizerFast.from_pretrained(tmp_path / "tok")
+    for text in ("the film number 7 was good", "unseen wörds ☃ too"):  # byte-level: anything round-trips
+        assert reloaded.decode(reloaded(text)["input_ids"]) == text
+    assert len(reloaded("the film number")["input_ids"]) < len("the film number")  # merges were learned
+    with pytest.raises(LlmkitError, match="vocab_size 100 is too small for a byte-level BPE"):
+        train_tokenizer(iter(texts), 100, tmp_path / "tok2")
