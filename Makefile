@@ -5,7 +5,18 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH_CPU := torch==2.13.0
 
-.PHONY: demo test setup assets lint clean
+.PHONY: demo test setup assets lint clean browser
+
+# headless Chromium + chromedriver for the report's browser test (Debian/Ubuntu; needs root or sudo)
+browser:
+	@if ! command -v chromedriver >/dev/null 2>&1; then \
+		if command -v apt-get >/dev/null 2>&1; then \
+			SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+			($$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q \
+				--no-install-recommends chromium chromium-driver) \
+			|| echo "could not install chromium: the browser test skips (and fails under CI=true)"; \
+		else echo "no apt-get: install Chromium and chromedriver yourself, or the browser test skips"; fi; \
+	fi
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,8 +33,9 @@ demo: assets
 	$(BIN)/accelerate launch --config_file accelerate_configs/cpu_zero2.yaml \
 		recipes/classification.py --config recipes/configs/sentiment_minilm_polarity.yaml \
 		--output.overwrite_output_dir true
+	@echo "demo done: the evaluation report is outputs/sentiment_minilm_polarity/report.html"
 
-test: assets
+test: assets browser
 	$(BIN)/python -m pytest -v --durations=15 tests
 
 lint: setup

@@ -64,6 +64,25 @@ def _generate(args: argparse.Namespace) -> None:
         print(text)
 
 
+def _report(args: argparse.Namespace) -> None:
+    from llmkit import report
+
+    paths = report.build(args.run_dirs, args.output)
+    print(f"report: {paths['html']}  (also {paths['md'].name}, {paths['json'].name})")
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from llmkit import evaluation
+
+    got = evaluation.evaluate_export(args.model_dir, args.data, args.split, args.output, args.text_column,
+                                     args.text_pair_column, args.label_column, args.max_length, args.batch_size,
+                                     args.max_samples)
+    m = got["metrics"]
+    print(f"{args.split}: accuracy {m['accuracy']:.4f}  f1 {m['f1']:.4f}  f1_macro {m['f1_macro']:.4f}  "
+          f"({m['samples']} rows)")
+    print(f"report: {got['report']}")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `llmkit` console script."""
     parser = argparse.ArgumentParser(prog="llmkit", description="llmkit command line")
@@ -89,6 +108,22 @@ def main(argv: list[str] | None = None) -> None:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--base", help="base model of an adapter (default: from adapter_config.json)")
     gen.set_defaults(fn=_generate)
+    rep = sub.add_parser("report", help="evaluation report (html, md, json) of one or more classification runs")
+    rep.add_argument("run_dirs", nargs="+", help="run output directories (or `llmkit eval` outputs)")
+    rep.add_argument("--output", help="where the report goes (default: the run directory; required for several)")
+    rep.set_defaults(fn=_report)
+    ev = sub.add_parser("eval", help="evaluate an exported sequence classifier on a labelled split, with a report")
+    ev.add_argument("model_dir", help="a classifier folder, e.g. <run>/final (any transformers classifier)")
+    ev.add_argument("--data", required=True, help="Hub id, local folder, asset:<name>, or one csv/json/jsonl file")
+    ev.add_argument("--split", default="test")
+    ev.add_argument("--output", help="output folder (default: <model_dir>/eval-<split>)")
+    ev.add_argument("--text-column", default="text")
+    ev.add_argument("--text-pair-column")
+    ev.add_argument("--label-column", default="label")
+    ev.add_argument("--max-length", type=int, default=512)
+    ev.add_argument("--batch-size", type=int, default=64)
+    ev.add_argument("--max-samples", type=int)
+    ev.set_defaults(fn=_eval)
     args = parser.parse_args(argv)
     guarded(lambda: args.fn(args))
 

@@ -232,6 +232,33 @@ def check_output_dir(cfg: Config) -> Path:
     return out
 
 
+def run_info(accelerator: Accelerator, precision: str, ds_config: dict | None) -> dict:
+    """What ran where: for the report and the model card."""
+    import importlib.metadata
+    import platform
+    import subprocess
+
+    versions = {}
+    for pkg in ("llmkit", "torch", "transformers", "accelerate", "deepspeed", "datasets", "evaluate", "peft"):
+        try:
+            versions[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            versions[pkg] = None
+    try:  # the llmkit checkout this ran from, when it is one
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                                text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    cpu = f"CPU {platform.machine()}, {os.cpu_count()} cores"
+    device = f"{torch.cuda.device_count()} x {torch.cuda.get_device_name()}" if torch.cuda.is_available() else cpu
+    return {
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "world_size": accelerator.num_processes,
+        "device": device, "precision": precision,
+        "zero_stage": ds_config["zero_optimization"]["stage"] if ds_config else None,
+        "versions": versions, "git_commit": commit, "python": platform.python_version(),
+    }
+
+
 def setup(cfg: Config, hidden: int | None) -> Run:
     """Resolve precision and DeepSpeed, then start the Accelerator (and the process group)."""
     precision, why = resolve_precision(cfg.train.precision)
@@ -256,6 +283,12 @@ def setup(cfg: Config, hidden: int | None) -> Run:
         project_dir=str(out),
     )
     set_seed(cfg.train.seed)
+    if not accelerator.is_local_main_process:  # progress bars (tokenization, loading) on rank 0 only
+        import datasets
+        import transformers
+
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
     accelerator.wait_for_everyone()  # every rank has checked output_dir before rank 0 writes into it
     run = Run(cfg, accelerator, precision, ds_config, out)
     stage = ds_config["zero_optimization"]["stage"] if ds_config else None
@@ -264,6 +297,7 @@ def setup(cfg: Config, hidden: int | None) -> Run:
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         cfg.save(out / "training_config.yaml")
+        (out / "run_info.json").write_text(json.dumps(run_info(accelerator, precision, ds_config), indent=2) + "\n")
         if ds_config:
             (out / "ds_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
     accelerator.init_trackers("runs")
@@ -400,7 +434,7 @@ def train(run: Run, model, optimizer, train_loader, eval_loader, eval_fn) -> dic
     run.log(f"train: {len(train_loader)} batches per rank per epoch, {steps_per_epoch} optimizer steps per epoch, "
             f"{total_steps} steps in all")
     model.train()
-    seen_tokens = 0
+    seen_tokens, seen_rows = 0, 0
     real_tokens = torch.zeros((), dtype=torch.long, device=acc.device)  # a tensor: no device sync per batch
     running_loss, running_n = torch.zeros((), device=acc.device), 0
     start = time.perf_counter()
@@ -437,6 +471,7 @@ def train(run: Run, model, optimizer, train_loader, eval_loader, eval_fn) -> dic
             running_loss += out.loss.detach().float()
             running_n += 1
             seen_tokens += batch["attention_mask"].numel()
+            seen_rows += batch["attention_mask"].shape[0]
             real_tokens += batch["attention_mask"].sum()
             if not acc.sync_gradients:
                 continue
@@ -455,7 +490,8 @@ def train(run: Run, model, optimizer, train_loader, eval_loader, eval_fn) -> dic
                 elapsed = time.perf_counter() - start
                 scalars = {"train/loss": loss, "train/lr": scheduler.get_last_lr()[0],
                            "train/epoch": state.step / steps_per_epoch,
-                           "train/real_tokens_per_s": real_tokens.item() * acc.num_processes / elapsed}
+                           "train/real_tokens_per_s": real_tokens.item() * acc.num_processes / elapsed,
+                           "train/samples_per_s": seen_rows * acc.num_processes / elapsed}
                 if grad_norm is not None:
                     scalars["train/grad_norm"] = float(grad_norm)
                 run.log_scalars(scalars, state.step)
@@ -500,6 +536,8 @@ def train(run: Run, model, optimizer, train_loader, eval_loader, eval_fn) -> dic
         "zero_stage": run.ds_config["zero_optimization"]["stage"] if run.ds_config else None,
         "padding_efficiency": round(real_tokens / max(seen_tokens, 1), 4),
         "real_tokens_per_second": round(real_tokens * acc.num_processes / elapsed, 1),
+        "samples_per_second": round(seen_rows * acc.num_processes / elapsed, 2),
+        "train_examples": len(train_loader.dataset),
         "history": state.history,
         "per_rank": sharded_elements(acc, model, optimizer),
     }

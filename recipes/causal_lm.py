@@ -7,7 +7,7 @@ classification): setup / train / evaluate / export.
 
 import torch
 
-from llmkit import engine, export, lm_data, lm_eval, model
+from llmkit import engine, export, lm_data, lm_eval, model, report
 from llmkit.cli import guarded, recipe_args
 from llmkit.config import load_config
 
@@ -44,7 +44,7 @@ def main() -> None:
     net = result["model"]
 
     # evaluate the final model (generative classification: every split, with prediction files)
-    results = {"train": result["summary"]}
+    results = {"train": result["summary"], **({"label_names": ds.label_names} if ds.label_names else {})}
     for name, loader in eval_loaders.items():
         loader = acc.prepare_data_loader(loader)
         if name == "validation" and last.get("step") == result["summary"]["steps"]:
@@ -73,6 +73,8 @@ def main() -> None:
         shown = f"accuracy {m['accuracy']:.4f}  f1 {m['f1']:.4f}  " if "accuracy" in m else ""
         run.log(f"{name}: {shown}loss {m['loss']:.4f}  perplexity {m['perplexity']:.2f}")
     run.log(f"export: {final}  (train {result['summary']['train_seconds']} s)")
+    if ds.mode == "labels":
+        report.write_for_run(run)
     acc.end_training()
 
 

@@ -4,7 +4,7 @@
         --config recipes/configs/sentiment_minilm_polarity.yaml [--train.epochs 2 ...]
 """
 
-from llmkit import data, engine, export, model
+from llmkit import data, engine, export, model, report
 from llmkit.cli import guarded, recipe_args
 from llmkit.config import load_config
 
@@ -30,7 +30,7 @@ def main() -> None:
     net = result["model"]
 
     # evaluate the final model on every split and keep the predictions
-    results, splits = {"train": result["summary"]}, {"validation": ds.eval_raw}
+    results, splits = {"train": result["summary"], "label_names": ds.label_names}, {"validation": ds.eval_raw}
     if ds.test is not None:
         splits["test"] = ds.test_raw
     outputs = {}
@@ -48,6 +48,7 @@ def main() -> None:
         m = results[name]
         run.log(f"{name}: accuracy {m['accuracy']:.4f}  f1 {m['f1']:.4f}  ({m['samples']} rows)")
     run.log(f"export: {final}  (train {result['summary']['train_seconds']} s)")
+    report.write_for_run(run)
     acc.end_training()
 
 

@@ -1,0 +1,86 @@
+"""`llmkit eval`: score any exported sequence classifier (llmkit's or not) on a labelled split and write the
+predictions, metrics and the evaluation report."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from llmkit import data, export, report
+from llmkit.config import DataConfig
+from llmkit.errors import LlmkitError
+from llmkit.metrics import classification_metrics
+
+
+def _load_classifier(model_dir: Path):
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    if not (model_dir / "config.json").is_file():
+        raise LlmkitError(f"'{model_dir}' has no config.json: pass an exported model folder (e.g. <run>/final)")
+    config = AutoConfig.from_pretrained(model_dir)
+    if not getattr(config, "id2label", None) or len(config.id2label) < 2:
+        raise LlmkitError(f"'{model_dir}' is not a classifier with labels (its config has no id2label)")
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    except (OSError, ValueError) as exc:
+        raise LlmkitError(f"'{model_dir}' does not load as a sequence classifier: {str(exc).splitlines()[0]}") from None
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return model, tokenizer
+
+
+def data_config(source: str, split: str, label_names: list[str], text_column: str, text_pair_column: str | None,
+                label_column: str, max_length: int, max_samples: int | None) -> DataConfig:
+    """A DataConfig reading one split from a Hub id / folder / asset, or from a single file."""
+    path = Path(source).expanduser()
+    files = {split: str(path)} if path.is_file() else None
+    return DataConfig(dataset=None if files else source, data_files=files, train_split=split, eval_split=split,
+                      test_split=None, text_column=text_column, text_pair_column=text_pair_column,
+                      label_column=label_column, label_names=label_names, max_length=max_length,
+                      max_eval_samples=max_samples)
+
+
+@torch.no_grad()
+def evaluate_export(model_dir: str | Path, source: str, split: str = "test", output_dir: str | Path | None = None,
+                    text_column: str = "text", text_pair_column: str | None = None, label_column: str = "label",
+                    max_length: int = 512, batch_size: int = 64, max_samples: int | None = None) -> dict:
+    """Predict `split` of `source` with the classifier in `model_dir`; write predictions_<split>.jsonl,
+    metrics.json, run_info.json and report.{json,md,html} into `output_dir` (default <model_dir>/eval-<split>)."""
+    model_dir = Path(model_dir).expanduser()
+    model, tokenizer = _load_classifier(model_dir)
+    names = [model.config.id2label[i] for i in range(len(model.config.id2label))]
+    out_dir = Path(output_dir).expanduser() if output_dir else model_dir / f"eval-{split}"
+    cfg = data_config(source, split, names, text_column, text_pair_column, label_column, max_length, max_samples)
+    rows = data.load_labeled(cfg, seed=0, log=lambda m: print(m)).rows["eval"]
+    limit = min(max_length, getattr(tokenizer, "model_max_length", max_length) or max_length)
+    texts = list(rows[text_column])
+    pairs = list(rows[text_pair_column]) if text_pair_column else None
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths per batch: little padding
+    logits = np.zeros((len(texts), len(names)), dtype=np.float32)
+    start = time.perf_counter()
+    for b in tqdm(range(0, len(order), batch_size), desc="eval"):
+        idx = order[b:b + batch_size]
+        enc = tokenizer([texts[i] for i in idx], [pairs[i] for i in idx] if pairs else None, padding=True,
+                        truncation=True, max_length=limit, return_tensors="pt")
+        logits[idx] = model(**enc).logits.float().numpy()
+    seconds = time.perf_counter() - start
+    labels = np.asarray(rows["labels"])
+    metrics = classification_metrics(logits.argmax(-1).tolist(), labels.tolist(), len(names))
+    metrics["samples"] = len(texts)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    export.write_predictions(out_dir / f"predictions_{split}.jsonl", rows,
+                             {"logits": logits, "labels": labels, "row": np.arange(len(texts))}, names, text_column)
+    (out_dir / "metrics.json").write_text(json.dumps({
+        split: metrics, "label_names": names, "model": str(model_dir), "dataset": source,
+        "eval_seconds": round(seconds, 2)}, indent=2) + "\n")
+    info = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "world_size": 1, "precision": "fp32",
+            "device": f"CPU {platform.machine()}, {os.cpu_count()} cores", "zero_stage": None}
+    (out_dir / "run_info.json").write_text(json.dumps(info, indent=2) + "\n")
+    paths = report.build([out_dir])
+    return {"metrics": metrics, "report": paths["html"], "output_dir": out_dir}

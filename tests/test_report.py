@@ -1,0 +1,224 @@
+"""The evaluation report: every number re-derived with scikit-learn from the saved predictions, a self-contained
+HTML page that headless Chromium renders without console errors, TensorBoard scalars, and `llmkit eval`."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import LAUNCH_ENV, check_ok, launch, write_config, write_jsonl
+from sklearn import metrics as sk
+
+from llmkit import report
+from llmkit.errors import LlmkitError
+
+pytestmark = pytest.mark.slow
+
+PLOTS = {"roc", "pr", "calibration", "training"}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, tiny_bert, tiny_data):
+    """A real 2-rank ZeRO-2 classification run; the recipe writes its report at the end."""
+    root = tmp_path_factory.mktemp("report_run")
+    out = root / "run"
+    cfg = write_config(root / "c.yaml", tiny_bert, tiny_data, out, epochs=3, eval_every_steps=3)
+    proc = launch("recipes/classification.py", ["--config", str(cfg)], "cpu_zero2.yaml")
+    check_ok(proc)
+    assert f"report: {out / 'report.html'}" in proc.stdout + proc.stderr
+    return out
+
+
+def _rows(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _ece(conf, correct, bins=10):
+    total = 0.0
+    for b in range(bins):
+        lo, hi = b / bins, (b + 1) / bins
+        mask = (conf > lo) & (conf <= hi) if b else (conf >= lo) & (conf <= hi)
+        if mask.any():
+            total += mask.sum() / len(conf) * abs(correct[mask].mean() - conf[mask].mean())
+    return total
+
+
+def test_report_numbers_match_scikit_learn(tiny_run):
+    doc = json.loads((tiny_run / "report.json").read_text())
+    (run,) = doc["runs"]
+    assert run["primary_split"] == "test" and set(run["splits"]) == {"test", "validation"}
+    names = run["label_names"]
+    assert names == ["neg", "pos"]
+    for split in ("test", "validation"):
+        s = run["splits"][split]
+        rows = _rows(tiny_run / f"predictions_{split}.jsonl")
+        y = np.array([names.index(r["label"]) for r in rows])
+        pred = np.array([names.index(r["prediction"]) for r in rows])
+        prob = np.array([r["probabilities"] for r in rows])
+        assert s["rows"] == len(rows) == {"test": 29, "validation": 37}[split]
+        assert s["accuracy"] == pytest.approx(sk.accuracy_score(y, pred))
+        assert s["f1"] == pytest.approx(sk.f1_score(y, pred, zero_division=0))
+        assert s["f1_macro"] == pytest.approx(sk.f1_score(y, pred, average="macro", zero_division=0))
+        assert s["precision"] == pytest.approx(sk.precision_score(y, pred, zero_division=0))
+        assert s["recall"] == pytest.approx(sk.recall_score(y, pred, zero_division=0))
+        p, r, f, support = sk.precision_recall_fscore_support(y, pred, labels=[0, 1], zero_division=0)
+        for c, row in enumerate(s["per_class"]):
+            assert row["label"] == names[c]
+            assert (row["precision"], row["recall"], row["f1"]) == pytest.approx((p[c], r[c], f[c]))
+            assert row["support"] == support[c]
+        assert s["confusion_matrix"] == sk.confusion_matrix(y, pred).tolist()
+        assert s["roc_auc"] == pytest.approx(sk.roc_auc_score(y, prob[:, 1]))
+        assert s["average_precision"] == pytest.approx(sk.average_precision_score(y, prob[:, 1]))
+        conf = prob.max(1)
+        assert s["ece"] == pytest.approx(_ece(conf, (pred == y).astype(float)))
+        # the bootstrap, redone with scikit-learn on the same resamples (seed 0, 1000 draws)
+        rng = np.random.default_rng(0)
+        accs, f1s = [], []
+        for _ in range(1000):
+            idx = rng.integers(0, len(y), len(y))
+            accs.append(sk.accuracy_score(y[idx], pred[idx]))
+            f1s.append(sk.f1_score(y[idx], pred[idx], zero_division=0))
+        assert s["ci95"]["accuracy"] == pytest.approx([np.percentile(accs, 2.5), np.percentile(accs, 97.5)])
+        assert s["ci95"]["f1"] == pytest.approx([np.percentile(f1s, 2.5), np.percentile(f1s, 97.5)])
+        assert s["ci95"]["accuracy"][0] <= s["accuracy"] <= s["ci95"]["accuracy"][1]
+        # the most confident mistakes: wrong rows only, by decreasing probability
+        wrong = sorted((conf[i] for i in range(len(rows)) if pred[i] != y[i]), reverse=True)
+        mistakes = s["confident_mistakes"]
+        assert [m["probability"] for m in mistakes] == pytest.approx(wrong[:10])
+        assert all(m["label"] != m["prediction"] and rows[m["row"]]["text"] == m["text"] for m in mistakes)
+    # the run's own metrics agree with the report
+    metrics = json.loads((tiny_run / "metrics.json").read_text())
+    assert metrics["test"]["accuracy"] == pytest.approx(run["splits"]["test"]["accuracy"])
+    facts = run["run"]
+    assert (facts["world_size"], facts["zero_stage"], facts["precision"]) == (2, 2, "fp32")
+    assert facts["steps"] == metrics["train"]["steps"] and facts["split_rows"]["train"] == 96
+    assert facts["versions"]["torch"] and facts["versions"]["deepspeed"] and facts["train_seconds"] > 0
+    # curves come from metrics.jsonl: train loss every logging step, eval loss every eval
+    assert len(run["curves"]["train_loss"]) >= 3 and len(run["curves"]["eval_loss"]) >= 3
+    assert len(run["curves"]["learning_rate"]) == len(run["curves"]["train_loss"])
+
+
+def test_html_is_self_contained_and_markdown_shows_the_same_numbers(tiny_run):
+    page = (tiny_run / "report.html").read_text()
+    assert not re.search(r"""(?:src|href)\s*=\s*["']?(?:https?:)?//""", page)  # nothing fetched from a network
+    assert "<script" not in page and "@import" not in page
+    shown = set(re.findall(r'data-plot="([^"]+)"\s+alt="[^"]*"\s+src="data:image/png;base64,[A-Za-z0-9+/=]{200,}"',
+                           page))
+    assert shown == PLOTS | {"confusion_run"}
+    doc = json.loads((tiny_run / "report.json").read_text())
+    md = (tiny_run / "report.md").read_text()
+    for split, s in doc["runs"][0]["splits"].items():
+        for key in ("accuracy", "f1", "f1_macro", "precision", "recall", "roc_auc", "ece"):
+            assert f"{s[key]:.4f}" in md, (split, key)
+            assert f"{s[key]:.4f}" in page, (split, key)
+        lo, hi = s["ci95"]["f1"]
+        assert f"{lo:.4f}-{hi:.4f}" in md
+
+
+def test_tensorboard_has_the_training_scalars(tiny_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = list((tiny_run / "runs").rglob("events.out.tfevents.*"))
+    assert events
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    for tag in ("train/loss", "train/lr", "train/grad_norm", "train/real_tokens_per_s", "train/samples_per_s",
+                "eval/accuracy", "eval/f1", "eval/loss"):
+        assert tag in tags, (tag, sorted(tags))
+    logged = [json.loads(line) for line in (tiny_run / "metrics.jsonl").read_text().splitlines()]
+    losses = [e["train/loss"] for e in logged if "train/loss" in e]
+    assert [e.value for e in acc.Scalars("train/loss")] == pytest.approx(losses)
+
+
+def test_llmkit_eval_scores_any_exported_classifier(tiny_run, tiny_bert, tiny_data, tmp_path):
+    # llmkit's own export on the test file: the same numbers as the run
+    out = tmp_path / "eval"
+    proc = subprocess.run([sys.executable, "-m", "llmkit.cli", "eval", str(tiny_run / "final"), "--data",
+                           str(tiny_data / "test.jsonl"), "--split", "test", "--output", str(out), "--max-length",
+                           "32"], capture_output=True, text=True, env=LAUNCH_ENV, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"report: {out / 'report.html'}" in proc.stdout
+    run_metrics = json.loads((tiny_run / "metrics.json").read_text())["test"]
+    got = json.loads((out / "metrics.json").read_text())["test"]
+    assert got["accuracy"] == pytest.approx(run_metrics["accuracy"])
+    assert got["f1"] == pytest.approx(run_metrics["f1"])
+    assert [r["prediction"] for r in _rows(out / "predictions_test.jsonl")] == \
+        [r["prediction"] for r in _rows(tiny_run / "predictions_test.jsonl")]
+
+    # a classifier llmkit never saw (integer labels, default LABEL_i names), data as a folder of splits
+    data = tmp_path / "intdata"
+    data.mkdir()
+    rows = [{"text": r["text"], "label": int(r["label"] == "pos")} for r in _rows(tiny_data / "test.jsonl")]
+    write_jsonl(data / "test.jsonl", rows)
+    from llmkit.evaluation import evaluate_export
+
+    res = evaluate_export(tiny_bert, str(data), "test", tmp_path / "foreign", max_length=32)
+    doc = json.loads((tmp_path / "foreign" / "report.json").read_text())
+    assert doc["runs"][0]["label_names"] == ["LABEL_0", "LABEL_1"]
+    assert doc["runs"][0]["splits"]["test"]["accuracy"] == pytest.approx(res["metrics"]["accuracy"])
+
+    # two runs in one report: a comparison table and overlaid curves
+    both = tmp_path / "both"
+    paths = report.build([tiny_run, out], both)
+    doc = json.loads(paths["json"].read_text())
+    assert [c["run"] for c in doc["comparison"]] == ["run", "eval"]
+    assert "## Comparison" in paths["md"].read_text()
+    page = paths["html"].read_text()
+    assert {"confusion_run", "confusion_eval"} <= set(re.findall(r'data-plot="([^"]+)"', page))
+
+
+def test_report_and_eval_errors_are_clear(tmp_path, tiny_run):
+    with pytest.raises(LlmkitError, match="has no predictions_<split>.jsonl"):
+        report.build([tmp_path])
+    with pytest.raises(LlmkitError, match="does not exist"):
+        report.build([tmp_path / "nope"])
+    with pytest.raises(LlmkitError, match="with several runs, say where the report goes"):
+        report.build([tiny_run, tiny_run])
+    from llmkit.evaluation import evaluate_export
+
+    with pytest.raises(LlmkitError, match="has no config.json"):
+        evaluate_export(tmp_path, "x.jsonl")
+
+
+def _chromium() -> tuple[str | None, str | None]:
+    browser = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)),
+                   None)
+    return browser, shutil.which("chromedriver")
+
+
+def test_report_renders_in_headless_chromium(tiny_run, tmp_path):
+    browser, driver = _chromium()
+    if not (browser and driver):
+        if os.environ.get("CI"):
+            pytest.fail("CI must run the browser test: install the Debian packages chromium and chromium-driver")
+        pytest.skip("no chromium / chromedriver here (Debian: apt-get install chromium chromium-driver)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    options = Options()
+    options.binary_location = browser
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1200,900",
+                f"--user-data-dir={tmp_path / 'profile'}"):
+        options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    page = webdriver.Chrome(service=Service(driver), options=options)
+    try:
+        page.get((tiny_run / "report.html").resolve().as_uri())
+        loaded = page.execute_script(
+            "return Array.from(document.images).map(i => [i.dataset.plot, i.complete && i.naturalWidth > 0]);")
+        page.save_screenshot(str(tmp_path / "report.png"))
+        errors = [e for e in page.get_log("browser") if e["level"] in ("SEVERE", "ERROR")]
+    finally:
+        page.quit()
+    assert errors == [], errors
+    assert {name for name, ok in loaded if ok} == PLOTS | {"confusion_run"}, loaded
+    assert all(ok for _, ok in loaded)
+    assert (tmp_path / "report.png").stat().st_size > 10_000  # a rendered page, not a blank one
