@@ -60,6 +60,26 @@ def assets_dir() -> Path:
 FORMATS = {"minilm": "ok", "smollm2": "ok 2", "polarity": "ok"}
 
 
+# the Hub repos the model assets were made from (SmolLM2: via a Q4_1 GGUF, dequantised), for model cards
+HUB_IDS = {"minilm": "sentence-transformers/all-MiniLM-L6-v2", "smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+
+
+def hub_id(name_or_path: str | None) -> str | None:
+    """The Hub id behind a model reference: an asset (by name or installed path) maps to its origin, a Hub id is
+    itself, any other local path has none."""
+    if not name_or_path:
+        return None
+    if name_or_path.startswith("asset:"):
+        return HUB_IDS.get(name_or_path.split(":", 1)[1])
+    path = Path(name_or_path).expanduser()
+    for name, repo in HUB_IDS.items():
+        if path.exists() and path.resolve() == (assets_dir() / name).resolve():
+            return repo
+    if path.exists() or name_or_path.startswith((".", "/", "~")):
+        return None
+    return name_or_path if name_or_path.count("/") == 1 else None
+
+
 def installed(name: str) -> bool:
     """The asset's folder is complete and written by the current installer."""
     stamp = assets_dir() / name / ".complete"

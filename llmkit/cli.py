@@ -83,6 +83,13 @@ def _eval(args: argparse.Namespace) -> None:
     print(f"report: {got['report']}")
 
 
+def _push(args: argparse.Namespace) -> None:
+    from llmkit import hub
+
+    hub.push(args.run_dir, args.repo_id, private=not args.public, revision=args.revision,
+             push_merged=args.merged, dry_run=args.dry_run, staging=args.output)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `llmkit` console script."""
     parser = argparse.ArgumentParser(prog="llmkit", description="llmkit command line")
@@ -124,6 +131,18 @@ def main(argv: list[str] | None = None) -> None:
     ev.add_argument("--batch-size", type=int, default=64)
     ev.add_argument("--max-samples", type=int)
     ev.set_defaults(fn=_eval)
+    push = sub.add_parser("push", help="push a run's export, report and model card to the Hugging Face Hub")
+    push.add_argument("run_dir", help="a run output directory (with final/) or its final/ folder")
+    push.add_argument("repo_id", help="<user or org>/<name>")
+    visibility = push.add_mutually_exclusive_group()
+    visibility.add_argument("--private", action="store_true", help="a private repo (the default)")
+    visibility.add_argument("--public", action="store_true", help="a public repo")
+    push.add_argument("--revision", help="branch to push to (created if missing; default main)")
+    push.add_argument("--merged", action="store_true", help="LoRA runs: also push the merged model (merged/)")
+    push.add_argument("--dry-run", action="store_true",
+                      help="write exactly the folder that would be uploaded, list it, touch no network")
+    push.add_argument("--output", help="--dry-run: where the folder goes (default <run_dir>/hub_upload)")
+    push.set_defaults(fn=_push)
     args = parser.parse_args(argv)
     guarded(lambda: args.fn(args))
 

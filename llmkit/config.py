@@ -107,6 +107,13 @@ class CheckpointConfig:
 class OutputConfig:
     output_dir: str = "outputs/run"
     overwrite_output_dir: bool = False
+    push_to_hub: bool = False  # push final/ + report + model card at the end; token: HF_TOKEN or `hf auth login`
+    hub_model_id: str | None = None  # <user or org>/<name>
+    hub_private: bool = True
+    hub_revision: str | None = None  # a branch; default main
+    hub_strategy: str = "end"  # end | every_save (each checkpoint too, uploaded in the background)
+    hub_push_merged: bool = False  # LoRA runs: also push the merged model (under merged/)
+    hub_license: str | None = None  # model card license; default: the base model's when known, else "other"
 
 
 @dataclass
@@ -338,6 +345,13 @@ def validate(cfg: Config) -> None:
         need(Path(cfg.deepspeed.config_file).is_file(), "deepspeed.config_file",
              f"points to '{cfg.deepspeed.config_file}', which does not exist")
     need(bool(cfg.output.output_dir), "output.output_dir", "must name a directory")
+    o = cfg.output
+    need(o.hub_strategy in ("end", "every_save"), "output.hub_strategy",
+         f"must be end or every_save, got '{o.hub_strategy}'")
+    if o.push_to_hub:
+        from llmkit.hub import check_repo_id
+
+        check_repo_id(o.hub_model_id)
     c = cfg.checkpoint
     need(c.save_every_steps is None or c.save_every_steps >= 1, "checkpoint.save_every_steps", "must be >= 1 when set")
     need(c.keep_last is None or c.keep_last >= 1, "checkpoint.keep_last", "must be >= 1 (or null to keep all)")

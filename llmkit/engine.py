@@ -207,6 +207,7 @@ class Run:
     precision: str
     ds_config: dict | None
     output_dir: Path
+    hub_uploader: object | None = None  # rank 0 with output.hub_strategy every_save: llmkit.hub.CheckpointUploader
 
     def log(self, msg: str) -> None:
         if self.accelerator.is_main_process:
@@ -265,6 +266,10 @@ def setup(cfg: Config, hidden: int | None) -> Run:
     _check_accelerate_env(cfg, precision)
     ds_config = resolve_deepspeed(cfg, precision, _world_size(), hidden)
     out = check_output_dir(cfg)
+    if cfg.output.push_to_hub:  # no token: say so now, not after hours of training
+        from llmkit.hub import token
+
+        token()
     if not torch.cuda.is_available():
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         torch.set_num_threads(cfg.train.num_threads or max(1, (os.cpu_count() or 1) // local))
@@ -291,6 +296,11 @@ def setup(cfg: Config, hidden: int | None) -> Run:
         transformers.utils.logging.disable_progress_bar()
     accelerator.wait_for_everyone()  # every rank has checked output_dir before rank 0 writes into it
     run = Run(cfg, accelerator, precision, ds_config, out)
+    o = cfg.output
+    if o.push_to_hub and o.hub_strategy == "every_save" and accelerator.is_main_process:
+        from llmkit.hub import CheckpointUploader
+
+        run.hub_uploader = CheckpointUploader(o.hub_model_id, o.hub_private, o.hub_revision, out, log=run.log)
     stage = ds_config["zero_optimization"]["stage"] if ds_config else None
     run.log(f"llmkit: {accelerator.num_processes} process(es), {accelerator.device}, precision {precision} ({why}), "
             + (f"DeepSpeed ZeRO-{stage}" if ds_config else "no DeepSpeed"))
@@ -396,6 +406,8 @@ def _save(run: Run, state: checkpoint.TrainerState) -> None:
         "LLMKIT_FAULT") else None
     path = checkpoint.save(run, state, c.keep_last, c.keep_best, before_rename=hook)
     run.log(f"checkpoint: {path}")
+    if run.hub_uploader is not None and run.accelerator.is_main_process:
+        run.hub_uploader.submit(path)  # in the background: training goes on
 
 
 LOWER_IS_BETTER = ("loss", "perplexity")

@@ -63,15 +63,25 @@ json.dump({"logits": logits.tolist(), "missing": sorted(info["missing_keys"]),
 """
 
 
-def verify_reload(folder: Path, raw, data_cfg, out: dict[str, np.ndarray], precision: str) -> dict:
-    """Reload the export with plain transformers in a fresh process; compare its logits with the run's own."""
+PROBE_FILE = "llmkit_probe.json"  # in final/: inputs and the run's own logits, to re-verify the export later
+
+
+def classifier_probe(raw, data_cfg, out: dict[str, np.ndarray], precision: str) -> dict:
+    """The first rows of a split (texts) and the run's logits on them."""
     n = min(VERIFY_ROWS, len(raw))
     rows = raw.select(range(n))
-    spec = {"texts": list(rows[data_cfg.text_column]), "max_length": data_cfg.max_length,
-            "pairs": list(rows[data_cfg.text_pair_column]) if data_cfg.text_pair_column else None}
+    where = {int(r): i for i, r in enumerate(out["row"])}
+    return {"kind": "classification", "precision": precision, "texts": list(rows[data_cfg.text_column]),
+            "pairs": list(rows[data_cfg.text_pair_column]) if data_cfg.text_pair_column else None,
+            "max_length": data_cfg.max_length,
+            "logits": np.stack([out["logits"][where[r]] for r in range(n)]).tolist()}
+
+
+def check_classifier(folder: Path, probe: dict) -> dict:
+    """Reload `folder` with plain transformers in a fresh process; its logits on the probe must be the run's."""
     with tempfile.TemporaryDirectory() as tmp:
         spec_path, got_path = Path(tmp) / "spec.json", Path(tmp) / "got.json"
-        spec_path.write_text(json.dumps(spec))
+        spec_path.write_text(json.dumps(probe))
         proc = subprocess.run([sys.executable, "-c", _RELOAD, str(folder), str(spec_path), str(got_path)],
                               capture_output=True, text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
         if proc.returncode != 0:
@@ -80,18 +90,18 @@ def verify_reload(folder: Path, raw, data_cfg, out: dict[str, np.ndarray], preci
     if reloaded["missing"] or reloaded["unexpected"]:
         raise LlmkitError(f"the export at {folder} reloads with missing {reloaded['missing']} / unexpected "
                           f"{reloaded['unexpected']} weights")
-    got = np.asarray(reloaded["logits"])
-    where = {int(r): i for i, r in enumerate(out["row"])}
-    want = np.stack([out["logits"][where[r]] for r in range(n)])
-    tol = 1e-3 if precision == "fp32" else 1e-1
+    got, want = np.asarray(reloaded["logits"]), np.asarray(probe["logits"])
+    tol = 1e-3 if probe["precision"] == "fp32" else 1e-1
     diff = float(np.abs(got - want).max())
     top2 = np.sort(want, -1)
     margin = top2[:, -1] - top2[:, -2]
     flips = int(((got.argmax(-1) != want.argmax(-1)) & (margin > 2 * tol)).sum())
     if diff > tol and flips:
         raise LlmkitError(f"the reloaded export disagrees with the run: max logit diff {diff:.3g}, "
-                          f"{flips} changed predictions on {n} rows. The export at {folder} is not trustworthy.")
-    return {"rows": n, "max_abs_logit_diff": diff, "same_predictions": int((got.argmax(-1) == want.argmax(-1)).sum())}
+                          f"{flips} changed predictions on {len(want)} rows. The export at {folder} is not "
+                          "trustworthy.")
+    return {"rows": len(want), "max_abs_logit_diff": diff,
+            "same_predictions": int((got.argmax(-1) == want.argmax(-1)).sum())}
 
 
 def _canonical_names(model) -> dict:
@@ -141,8 +151,10 @@ def save_final(run: Run, model, tokenizer, results: dict, check) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         unwrapped.save_pretrained(tmp, state_dict=state_dict, **_canonical_names(unwrapped))
         tokenizer.save_pretrained(tmp)
-        check = verify_reload(tmp, check[0], run.cfg.data, check[1], run.precision)
-        _publish(run, tmp, {**results, "export_check": check})
+        probe = classifier_probe(check[0], run.cfg.data, check[1], run.precision)
+        checked = check_classifier(tmp, probe)
+        (tmp / PROBE_FILE).write_text(json.dumps(probe) + "\n")
+        _publish(run, tmp, {**results, "export_check": checked})
     acc.wait_for_everyone()
     return final
 
@@ -189,17 +201,53 @@ def _run_fresh(script: str, spec: dict) -> dict:
         return json.loads(out_path.read_text())
 
 
+def check_causal_lm(folder: Path, probe: dict, merged_out: Path | None = None) -> dict:
+    """Reload a full model folder, or (probe["lora"]) an adapter folder on its base, with plain transformers / peft
+    in a fresh process and compare its logits on the probe ids with the run's own. For an adapter the merged
+    model is built from the saved files into `merged_out` (a throwaway folder when None) and checked too.
+
+    Tolerance: 1e-4 of the logits' scale for fp32 runs; 5% relative norm, computed in the run's dtype, for
+    bf16/fp16 ones (a bf16 LoRA run of SmolLM2, 30 layers, and its merged export differ by ~3% from rounding)."""
+    with tempfile.TemporaryDirectory() as scratch:
+        dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(probe["precision"], "float32")
+        spec = {"ids": probe["ids"], "dtype": dtype}
+        if probe["lora"]:
+            spec.update(model=str(merged_out or Path(scratch) / "merged"), base=probe["base"], adapter=str(folder))
+        else:
+            spec["model"] = str(folder)
+        got = _run_fresh(_RELOAD_LM, spec)
+    want = np.asarray(probe["logits"], dtype=np.float64)
+    checks, bad = {}, {}
+
+    def compare(name: str, a, b, tol: float, relative: bool = False) -> None:
+        a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+        if relative:
+            diff = float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12))
+        else:  # absolute, on the scale of the logits (a real LM's reach ~30, a tiny test model's ~1)
+            diff = float(np.abs(a - b).max() / max(1.0, np.abs(b).max()))
+        checks[name] = diff
+        if diff > tol:
+            bad[name] = (diff, tol)
+
+    if probe["precision"] == "fp32":
+        compare("model", got["model"], want, 1e-4)
+    else:
+        compare("model_relative", got["model_in_run_dtype"], want, 5e-2, relative=True)
+    if probe["lora"]:
+        compare("merged_vs_adapter", got["model"], got["base_plus_adapter"], 1e-4)
+    if bad:
+        raise LlmkitError(f"the reloaded export at {folder} disagrees with the run ((difference, tolerance): {bad})")
+    return checks
+
+
 def save_causal_lm(run: Run, model, tokenizer, results: dict, base: str, probe_ids: list[list[int]],
                    probe_logits) -> Path:
     """Write `<output_dir>/final` (full model, or `adapter/` + `merged/` for LoRA) atomically; all ranks call it.
 
     The merge runs on CPU from the saved adapter and base files, never on ZeRO-3 partitions.
 
-    `probe_logits` are the run's own logits on `probe_ids`; the reloaded export must reproduce them: to 1e-4 (of
-    the logits' scale) in fp32 runs, to 5% (relative norm, computed in the run's dtype) in bf16/fp16 ones: a
-    bf16 LoRA run of SmolLM2 (30 layers) and its merged export differ by ~3% from rounding alone."""
-    import numpy as np
-
+    `probe_logits` are the run's own logits on `probe_ids`; the reloaded export must reproduce them (see
+    check_causal_lm), and they are kept in final/llmkit_probe.json so `llmkit push` can check again."""
     acc = run.accelerator
     state_dict, unwrapped = _gather(run, model)
     final = run.output_dir / "final"
@@ -212,7 +260,6 @@ def save_causal_lm(run: Run, model, tokenizer, results: dict, base: str, probe_i
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         lora = hasattr(unwrapped, "peft_config")
-        spec = {"ids": probe_ids, "dtype": {"bf16": "bfloat16", "fp16": "float16"}.get(run.precision, "float32")}
         if lora:
             unwrapped.save_pretrained(tmp / "adapter", state_dict=state_dict)
             tokenizer.save_pretrained(tmp / "adapter")
@@ -221,34 +268,16 @@ def save_causal_lm(run: Run, model, tokenizer, results: dict, base: str, probe_i
             written = load_file(tmp / "adapter" / "adapter_model.safetensors")
             if not written or any(v.numel() == 0 for v in written.values()):
                 raise LlmkitError("the LoRA adapter was written empty or with size-0 tensors; nothing was exported")
-            spec.update(model=str(tmp / "merged"), base=base, adapter=str(tmp / "adapter"))
         else:
             unwrapped.save_pretrained(tmp, state_dict=state_dict, **_canonical_names(unwrapped))
             tokenizer.save_pretrained(tmp)
-            spec["model"] = str(tmp)
-        got = _run_fresh(_RELOAD_LM, spec)  # for LoRA this also writes merged/
-        want = np.asarray(probe_logits, dtype=np.float64)
-        checks, bad = {}, {}
-
-        def compare(name: str, a, b, tol: float, relative: bool = False) -> None:
-            a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-            if relative:
-                diff = float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12))
-            else:  # absolute, on the scale of the logits (a real LM's reach ~30, a tiny test model's ~1)
-                diff = float(np.abs(a - b).max() / max(1.0, np.abs(b).max()))
-            checks[name] = diff
-            if diff > tol:
-                bad[name] = (diff, tol)
-
-        if run.precision == "fp32":
-            compare("model", got["model"], want, 1e-4)
-        else:  # bf16/fp16 on both sides, but other kernels and summation order: rounding grows with depth
-            compare("model_relative", got["model_in_run_dtype"], want, 5e-2, relative=True)
-        if lora:
-            compare("merged_vs_adapter", got["model"], got["base_plus_adapter"], 1e-4)
-        if bad:
-            raise LlmkitError(f"the reloaded export disagrees with the run ((difference, tolerance): {bad}); it "
-                              f"stays in {tmp} for inspection")
+        probe = {"kind": "causal_lm", "precision": run.precision, "lora": lora, "base": base, "ids": probe_ids,
+                 "logits": np.asarray(probe_logits, dtype=np.float64).tolist()}
+        try:  # for LoRA this also writes merged/
+            checks = check_causal_lm(tmp / "adapter" if lora else tmp, probe, merged_out=tmp / "merged")
+        except LlmkitError as exc:
+            raise LlmkitError(f"{exc}; it stays in {tmp} for inspection") from None
+        (tmp / PROBE_FILE).write_text(json.dumps(probe) + "\n")
         _publish(run, tmp, {**results, "export_check": checks})
     acc.wait_for_everyone()
     return final

@@ -7,7 +7,7 @@ classification): setup / train / evaluate / export.
 
 import torch
 
-from llmkit import engine, export, lm_data, lm_eval, model, report
+from llmkit import engine, export, hub, lm_data, lm_eval, model, report
 from llmkit.cli import guarded, recipe_args
 from llmkit.config import load_config
 
@@ -75,6 +75,7 @@ def main() -> None:
     run.log(f"export: {final}  (train {result['summary']['train_seconds']} s)")
     if ds.mode == "labels":
         report.write_for_run(run)
+    hub.push_run(run)
     acc.end_training()
 
 

@@ -4,7 +4,7 @@
         --config recipes/configs/sentiment_minilm_polarity.yaml [--train.epochs 2 ...]
 """
 
-from llmkit import data, engine, export, model, report
+from llmkit import data, engine, export, hub, model, report
 from llmkit.cli import guarded, recipe_args
 from llmkit.config import load_config
 
@@ -49,6 +49,7 @@ def main() -> None:
         run.log(f"{name}: accuracy {m['accuracy']:.4f}  f1 {m['f1']:.4f}  ({m['samples']} rows)")
     run.log(f"export: {final}  (train {result['summary']['train_seconds']} s)")
     report.write_for_run(run)
+    hub.push_run(run)
     acc.end_training()
 
 

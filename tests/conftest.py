@@ -72,6 +72,59 @@ def cpu_adam():
     CPUAdamBuilder().load()
 
 
+# a word-level tokenizer with a ChatML template, for tiny causal LMs
+LM_SPECIAL = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>"]
+LM_WORDS = "system user assistant you are helpful is this film good positive negative bad hi".split()
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tmp_path_factory):
+    """A tiny Llama with a word-level tokenizer and a ChatML template, plus prompt/response data."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    root = tmp_path_factory.mktemp("tiny_lm")
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(LM_SPECIAL + LM_WORDS)}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    core.add_special_tokens(LM_SPECIAL)
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", unk_token="<unk>", eos_token="<|im_end|>")
+    tok.chat_template = CHATML
+    config = LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         pad_token_id=0, eos_token_id=3, bos_token_id=2)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    prompts = ["is this film good", "this film is bad", "you are helpful", "is this bad"]
+    answers = ["positive", "negative", "positive", "negative"]
+    for split, n in (("train", 48), ("validation", 13)):
+        rows = [{"prompt": prompts[i % 4], "response": answers[i % 4]} for i in range(n)]
+        (root / "data").mkdir(exist_ok=True)
+        (root / "data" / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+
+def write_lm_config(path: Path, tiny_lm: Path, output: Path, lora: bool, **train) -> Path:
+    """A causal-LM recipe YAML: the tiny Llama on its prompt/response data, fp32."""
+    import yaml
+
+    cfg = {
+        "model": {"name_or_path": str(tiny_lm / "model")},
+        "lora": {"enabled": lora, "r": 4, "alpha": 8, "dropout": 0.0},
+        "data": {"dataset": str(tiny_lm / "data"), "test_split": None, "prompt_column": "prompt",
+                 "response_column": "response", "max_length": 32},
+        "train": {"epochs": 1, "per_device_batch_size": 4, "eval_batch_size": 4, "learning_rate": 5e-3,
+                  "warmup_ratio": 0.0, "precision": "fp32", **train},
+        "output": {"output_dir": str(output)},
+    }
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
 def write_config(path: Path, model: Path, data: Path, output: Path, **train) -> Path:
     """A recipe YAML for the tiny model and data."""
     import yaml

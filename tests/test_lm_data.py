@@ -6,24 +6,20 @@ import json
 import random
 
 import pytest
+from conftest import CHATML, LM_SPECIAL, LM_WORDS
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from llmkit.errors import LlmkitError
 from llmkit.lm_data import IGNORE, chat_example, pack, prompt_response_example
 
-SPECIAL = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>"]
-WORDS = "system user assistant you are helpful is this film good positive negative bad hi".split()
-CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
-          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
-
 
 @pytest.fixture(scope="module")
 def tok():
-    vocab = {w: i for i, w in enumerate(SPECIAL + WORDS)}
+    vocab = {w: i for i, w in enumerate(LM_SPECIAL + LM_WORDS)}
     core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    core.add_special_tokens(SPECIAL)
+    core.add_special_tokens(LM_SPECIAL)
     t = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", unk_token="<unk>", eos_token="<|im_end|>")
     t.chat_template = CHATML
     return t

@@ -1,0 +1,158 @@
+"""The model card (README.md) of a pushed run, built with huggingface_hub's card API: metadata with a
+model-index of the run's results, then what it is, how it was trained, results, how to use it, limitations."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from llmkit import assets
+
+LICENSES = {"sentence-transformers/all-MiniLM-L6-v2": "apache-2.0",
+            "HuggingFaceTB/SmolLM2-135M-Instruct": "apache-2.0"}
+DATASET_NAMES = {"asset:polarity": "sentence-polarity (movie review snippets of Hutto & Gilbert 2014)"}
+METRICS = ("accuracy", "f1", "precision", "recall", "perplexity")
+
+
+def _read(path: Path, loader=json.loads) -> dict:
+    return loader(path.read_text()) if path.is_file() else {}
+
+
+def eval_results(metrics: dict, task: str, dataset_id: str, dataset_name: str) -> list:
+    """One EvalResult per (split, metric) the run measured: the card's model-index."""
+    from huggingface_hub import EvalResult
+
+    out = []
+    for split in ("test", "validation"):
+        for name in METRICS:
+            value = (metrics.get(split) or {}).get(name)
+            if isinstance(value, (int, float)):
+                out.append(EvalResult(task_type=task, dataset_type=dataset_id, dataset_name=dataset_name,
+                                      dataset_split=split, metric_type=name, metric_value=float(value)))
+    return out
+
+
+def _usage(kind: str, repo_id: str, cfg: dict, push_merged: bool) -> str:
+    data = cfg.get("data") or {}
+    if kind == "classification":
+        return ("```python\nfrom transformers import pipeline\n\n"
+                f'classifier = pipeline("text-classification", model="{repo_id}")\n'
+                'print(classifier("A gorgeous, witty and deeply moving film."))\n```')
+    prompt = "Write one sentence about the sea."
+    if data.get("prompt_template"):
+        prompt = data["prompt_template"].replace("{text}", "A gorgeous, witty and deeply moving film.")
+    messages = json.dumps([{"role": "user", "content": prompt}])
+    if kind == "lora":
+        text = ("The adapter is at the repo root; peft fetches its base model.\n\n```python\n"
+                "from transformers import pipeline\n\n"
+                f'generator = pipeline("text-generation", model="{repo_id}")  # needs `pip install peft`\n'
+                f"print(generator({messages}, max_new_tokens=8)[0]['generated_text'][-1])\n```")
+        if push_merged:
+            text += ("\n\nThe merged model (base + adapter, no peft needed) is in `merged/`:\n\n```python\n"
+                     "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+                     f'model = AutoModelForCausalLM.from_pretrained("{repo_id}", subfolder="merged")\n'
+                     f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}", subfolder="merged")\n```')
+        return text
+    return ("```python\nfrom transformers import pipeline\n\n"
+            f'generator = pipeline("text-generation", model="{repo_id}")\n'
+            f"print(generator({messages}, max_new_tokens=32)[0]['generated_text'][-1])\n```")
+
+
+def build(run_dir: Path, final: Path, kind: str, repo_id: str, push_merged: bool = False) -> str:
+    """README.md text for the pushed folder."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    cfg = _read(run_dir / "training_config.yaml", yaml.safe_load) or _read(final / "training_config.yaml",
+                                                                            yaml.safe_load)
+    metrics = _read(final / "metrics.json") or _read(run_dir / "metrics.json")
+    info = _read(run_dir / "run_info.json")
+    model_cfg, data, train, lora = (cfg.get(k) or {} for k in ("model", "data", "train", "lora"))
+    base_ref = model_cfg.get("name_or_path")
+    base = None if model_cfg.get("from_scratch") else assets.hub_id(base_ref)
+    dataset_ref = data.get("dataset") or "local files"
+    dataset_id = assets.hub_id(dataset_ref) if data.get("dataset") and not dataset_ref.startswith("asset:") else None
+    dataset_name = DATASET_NAMES.get(dataset_ref, dataset_ref)
+    labels = "accuracy" in (metrics.get("test") or metrics.get("validation") or {})
+    task = "text-classification" if labels else "text-generation"
+    summary = metrics.get("train") or {}
+    stage = summary.get("zero_stage", info.get("zero_stage"))
+    tags = ["llmkit", "deepspeed", f"zero-{stage}" if stage is not None else "ddp"]
+    if kind == "lora":
+        tags.append("lora")
+    card_data = ModelCardData(
+        language="en", license=cfg.get("output", {}).get("hub_license") or LICENSES.get(base or "", "other"),
+        library_name="peft" if kind == "lora" else "transformers",
+        base_model=base, datasets=[dataset_id] if dataset_id else None,
+        metrics=[m for m in METRICS if any(m in (metrics.get(s) or {}) for s in ("test", "validation"))],
+        pipeline_tag="text-classification" if kind == "classification" else "text-generation",
+        tags=tags, model_name=repo_id.split("/")[-1],
+        eval_results=eval_results(metrics, task, dataset_id or dataset_ref, dataset_name) or None,
+    )
+
+    what = {"classification": "a sequence classifier", "causal_lm": "a causal language model",
+            "lora": "a LoRA adapter for a causal language model"}[kind]
+    if data.get("prompt_template"):
+        what += (", tuned to answer with a label word (" + ", ".join(metrics.get("label_names") or []) +
+                 "); predictions score each label word by log-likelihood")
+    base_text = f"[{base}](https://huggingface.co/{base})" if base else (
+        "a randomly initialised model (trained from scratch)" if model_cfg.get("from_scratch") else f"`{base_ref}`")
+    if base and base_ref and base_ref.startswith("asset:smollm2"):
+        base_text += " (as dequantised from its Q4_1 GGUF, the llmkit offline asset)"
+    data_text = f"[{dataset_id}](https://huggingface.co/datasets/{dataset_id})" if dataset_id else dataset_name
+
+    rows = []
+    for split in ("validation", "test"):
+        m = metrics.get(split) or {}
+        if m:
+            rows.append(f"| {split} | " + " | ".join(f"{m[k]:.4f}" if isinstance(m.get(k), (int, float)) else "-"
+                                                      for k in METRICS) + f" | {m.get('samples', '-')} |")
+    world = summary.get("world_size", info.get("world_size"))
+    per_device = train.get("per_device_batch_size")
+    accumulation = train.get("gradient_accumulation_steps", 1)
+    hyper = [("learning rate", train.get("learning_rate")), ("scheduler", train.get("lr_scheduler")),
+             ("warmup ratio", train.get("warmup_ratio")), ("weight decay", train.get("weight_decay")),
+             ("optimizer steps", summary.get("steps")), ("epochs", summary.get("epochs")),
+             ("batch size", f"{per_device} per device x {world} devices x {accumulation} accumulation"),
+             ("max length", data.get("max_length")), ("precision", summary.get("precision", info.get("precision"))),
+             ("DeepSpeed ZeRO stage", stage), ("seed", train.get("seed"))]
+    if kind == "lora":
+        hyper += [("LoRA r / alpha / dropout", f"{lora.get('r')} / {lora.get('alpha')} / {lora.get('dropout')}"),
+                  ("LoRA target modules", lora.get("target_modules") or "per-architecture default")]
+    versions = ", ".join(f"{k} {v}" for k, v in (info.get("versions") or {}).items() if v)
+    body = f"""
+# {repo_id.split("/")[-1]}
+
+This is {what}, fine-tuned from {base_text} on {data_text} with llmkit
+(Accelerate + DeepSpeed ZeRO data parallelism).
+
+## Results
+
+| split | {" | ".join(METRICS)} | rows |
+|---|{"---|" * len(METRICS)}---|
+{chr(10).join(rows) if rows else "| - | (no evaluation recorded) |"}
+
+## How to use
+
+{_usage(kind, repo_id, cfg, push_merged)}
+
+## Training
+
+| setting | value |
+|---|---|
+{chr(10).join(f"| {k} | {v} |" for k, v in hyper)}
+
+Hardware: {info.get("device", "not recorded")}; wall time of training {summary.get("train_seconds", "-")} s,
+{summary.get("samples_per_second", "-")} samples/s. Libraries: {versions or "not recorded"}.
+The full resolved config is `training_config.yaml`; the evaluation report is `report.html` / `report.md`.
+
+## Limitations
+
+- It learned from {data_text} only: expect it to be less accurate on text unlike that data (other domains,
+  languages, lengths) and to inherit that data's biases.
+- The numbers above come from one run with one seed on the named splits; the report gives 95% bootstrap
+  intervals for accuracy and F1 where they apply.
+- {"Base-model limitations apply: see " + base_text + "." if base else "It was not built on a published base model."}
+"""
+    return str(ModelCard(f"---\n{card_data.to_yaml()}\n---\n{body}"))

@@ -1,0 +1,283 @@
+"""Publish a run to the Hugging Face Hub: stage exactly what is uploaded, verify it, write the model card, push it
+in one commit with retries. The token comes from huggingface_hub's usual places and is never written anywhere."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+from llmkit import assets, export
+from llmkit.errors import LlmkitError
+
+REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+REPORT_FILES = ("report.html", "report.md", "report.json")
+RETRIES = 4  # after the first try; waits 1, 2, 4, 8 s
+INTERNAL = {export.PROBE_FILE}  # kept locally, not uploaded
+
+
+def check_repo_id(repo_id: str | None, key: str = "output.hub_model_id") -> str:
+    if not repo_id or not REPO_ID.match(repo_id) or ".." in repo_id:
+        raise LlmkitError(f"{key} must look like <user or org>/<name> (letters, digits, . _ -), got {repo_id!r}")
+    return repo_id
+
+
+def token() -> str:
+    """The Hub token from HF_TOKEN or the `hf auth login` store; a clear error when there is none."""
+    from huggingface_hub import get_token
+
+    found = get_token()
+    if not found:
+        raise LlmkitError("pushing to the Hub needs a token: set HF_TOKEN or run `hf auth login` (or use --dry-run)")
+    return found
+
+
+# ------------------------------------------------------------------------------------------------ staging
+
+
+def _final_dir(path: Path) -> tuple[Path, Path]:
+    """(run dir, export dir) from either a run's output dir or its final/ folder."""
+    path = Path(path).expanduser()
+    if (path / "final").is_dir():
+        return path, path / "final"
+    if (path / "config.json").is_file() or (path / "adapter").is_dir():
+        return path.parent, path
+    raise LlmkitError(f"'{path}' is neither a run directory with final/ nor an exported model folder")
+
+
+def _kind(final: Path) -> str:
+    if (final / "adapter" / "adapter_config.json").is_file():
+        return "lora"
+    config = json.loads((final / "config.json").read_text())
+    causal = any(a.endswith("ForCausalLM") for a in config.get("architectures") or [])
+    return "causal_lm" if causal else "classification"
+
+
+def _copy_files(src: Path, dst: Path) -> None:
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in sorted(src.iterdir()):
+        if f.is_file() and f.name not in INTERNAL:
+            shutil.copy2(f, dst / f.name)
+
+
+def check_weights(folder: Path) -> None:
+    """Every safetensors file has tensors, none of size 0 (the ZeRO-3 failure: weights saved as empty shards)."""
+    from safetensors import safe_open
+
+    files = sorted(folder.rglob("*.safetensors"))
+    if not files:
+        raise LlmkitError(f"{folder} holds no .safetensors weights; nothing to push")
+    for path in files:
+        with safe_open(str(path), framework="pt") as fh:
+            keys = list(fh.keys())
+            empty = [k for k in keys if 0 in fh.get_slice(k).get_shape()]
+        if not keys or empty:
+            what = f"{len(empty)} size-0 tensors (e.g. {empty[0]})" if keys else "no tensors"
+            raise LlmkitError(f"{path.relative_to(folder)} has {what}; refusing to push a partial model")
+
+
+def stage(run_dir: str | Path, out: Path, repo_id: str, push_merged: bool = False) -> dict:
+    """Write into `out` exactly the folder that is uploaded, verified: weights reload and reproduce the run's
+    logits, no size-0 tensors, model card included. Returns facts for the caller (kind, files)."""
+    run_dir, final = _final_dir(Path(run_dir))
+    kind = _kind(final)
+    probe_path = final / export.PROBE_FILE
+    probe = json.loads(probe_path.read_text()) if probe_path.is_file() else None
+    if out.exists():
+        shutil.rmtree(out)
+    if kind == "lora":
+        # the adapter at the repo root (so PeftModel / AutoPeftModel load the repo), its base named by Hub id
+        _copy_files(final / "adapter", out)
+        _copy_files(final, out)
+        if push_merged:
+            _copy_files(final / "merged", out / "merged")
+        adapter_cfg = json.loads((out / "adapter_config.json").read_text())
+        hub_base = assets.hub_id(probe["base"] if probe else adapter_cfg.get("base_model_name_or_path"))
+        if hub_base:
+            adapter_cfg["base_model_name_or_path"] = hub_base
+            (out / "adapter_config.json").write_text(json.dumps(adapter_cfg, indent=2) + "\n")
+    else:
+        _copy_files(final, out)
+    for name in REPORT_FILES:
+        if (run_dir / name).is_file():
+            shutil.copy2(run_dir / name, out / name)
+    check_weights(out)
+    if probe is None:
+        raise LlmkitError(f"{final} has no {export.PROBE_FILE} (exported by an older llmkit?): it cannot be checked "
+                          "against the run; export it again")
+    if kind == "classification":
+        checked = {"model": export.check_classifier(out, probe)}
+    elif kind == "causal_lm":
+        checked = {"model": export.check_causal_lm(out, probe)}
+    else:  # the adapter on its (local) base, and the merged copy when it goes up too
+        checked = {"adapter": export.check_causal_lm(out, probe)}
+        if push_merged:
+            checked["merged"] = export.check_causal_lm(out / "merged", {**probe, "lora": False})
+    from llmkit import card
+
+    (out / "README.md").write_text(card.build(run_dir, final, kind, repo_id, push_merged))
+    return {"kind": kind, "checked": checked, "files": listing(out)}
+
+
+def listing(folder: Path) -> list[tuple[str, int]]:
+    return [(str(p.relative_to(folder)), p.stat().st_size) for p in sorted(folder.rglob("*")) if p.is_file()]
+
+
+def show(files: list[tuple[str, int]]) -> str:
+    total = sum(size for _, size in files)
+    lines = [f"{size:>14,d}  {name}" for name, size in files]
+    return "\n".join([*lines, f"{total:>14,d}  total, {len(files)} files"])
+
+
+# -------------------------------------------------------------------------------------------------- pushing
+
+
+def _status(exc: BaseException | None) -> int | None:
+    """The HTTP status behind an error, looking through the chain (the client wraps e.g. an LFS 413)."""
+    seen = 0
+    while exc is not None and seen < 5:
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        if status is not None:
+            return status
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return None
+
+
+def _explain(exc: Exception, endpoint: str, repo_id: str) -> str:
+    status = _status(exc)
+    if status == 401:
+        return "the Hub rejected the token (401): check HF_TOKEN or run `hf auth login` again"
+    if status == 403:
+        return f"the token may not write to {repo_id} (403): use a write token, or a namespace you own"
+    if status == 413:
+        return "the Hub refused an upload as too large (413): a single file over the Hub's limit?"
+    if status is not None:
+        return f"the Hub answered HTTP {status}: {str(exc).splitlines()[0][:300]}"
+    return f"could not reach {endpoint}: {exc.__class__.__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+
+
+def _retryable(exc: Exception) -> bool:
+    status = _status(exc)
+    if status is None:  # connection refused / reset / timeout
+        name = type(exc).__name__.lower()
+        return isinstance(exc, OSError) or "connect" in name or "timeout" in name
+    return status >= 500 or status == 429
+
+
+def with_retries(fn, what: str, endpoint: str, repo_id: str, log=print, sleep=time.sleep):
+    """Call fn(); retry network errors, 429 and 5xx with exponential backoff, then fail with a clear message."""
+    for attempt in range(RETRIES + 1):
+        try:
+            return fn()
+        except Exception as exc:  # the client raises several types; sorted out by status code
+            if attempt < RETRIES and _retryable(exc):
+                wait = 2 ** attempt
+                log(f"hub: {what} failed ({_explain(exc, endpoint, repo_id)}); retrying in {wait} s")
+                sleep(wait)
+                continue
+            tries = f" after {attempt + 1} tries" if attempt else ""
+            raise LlmkitError(f"pushing to {repo_id} failed{tries}: {_explain(exc, endpoint, repo_id)}. Nothing "
+                              "local was changed; push again with `llmkit push`.") from None
+
+
+def _api():
+    from huggingface_hub import HfApi, constants
+
+    return HfApi(token=token()), constants.ENDPOINT
+
+
+def upload(folder: Path, repo_id: str, private: bool, revision: str | None, message: str, path_in_repo: str = "",
+           log=print) -> str:
+    """Create the repo (and branch) if needed and upload `folder` as ONE commit. Returns the commit URL."""
+    api, endpoint = _api()
+    with_retries(lambda: api.create_repo(repo_id, private=private, exist_ok=True), "create_repo", endpoint, repo_id,
+                 log)
+    if revision:
+        with_retries(lambda: api.create_branch(repo_id, branch=revision, exist_ok=True), "create_branch", endpoint,
+                     repo_id, log)
+    info = with_retries(lambda: api.upload_folder(folder_path=str(folder), repo_id=repo_id, revision=revision,
+                                                  path_in_repo=path_in_repo or None, commit_message=message),
+                        "upload", endpoint, repo_id, log)
+    return str(getattr(info, "commit_url", info))
+
+
+def push(run_dir: str | Path, repo_id: str, private: bool = True, revision: str | None = None,
+         push_merged: bool = False, dry_run: bool = False, staging: str | Path | None = None, log=print) -> dict:
+    """Stage, verify and push a run (or print what would be pushed). Local files are never modified."""
+    check_repo_id(repo_id, "repo_id")
+    run_path, _ = _final_dir(Path(run_dir))
+    if dry_run:
+        out = Path(staging) if staging else run_path / "hub_upload"
+        facts = stage(run_path, out, repo_id, push_merged)
+        log(f"dry run: {out} is exactly what would be uploaded to {repo_id}:\n{show(facts['files'])}")
+        return {**facts, "folder": str(out)}
+    token()  # fail before any work when there is no token
+    with tempfile.TemporaryDirectory(dir=run_path, prefix=".hub-") as tmp:
+        facts = stage(run_path, Path(tmp) / "upload", repo_id, push_merged)
+        url = upload(Path(tmp) / "upload", repo_id, private, revision, f"llmkit: {facts['kind']} model", log=log)
+    log(f"pushed {len(facts['files'])} files to {repo_id}: {url}")
+    return {**facts, "commit_url": url}
+
+
+class CheckpointUploader:
+    """hub_strategy every_save: each checkpoint goes up in a background thread (one commit each) while training
+    goes on. A hard-linked snapshot is uploaded, so pruning old checkpoints cannot pull files from under it."""
+
+    def __init__(self, repo_id: str, private: bool, revision: str | None, root: Path, log=print):
+        self.repo_id, self.private, self.revision, self.log = repo_id, private, revision, log
+        self.root = root / ".hub-checkpoints"
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hub-upload")
+        self.pending: list[tuple[str, Future]] = []
+
+    def submit(self, checkpoint: Path) -> None:
+        snapshot = self.root / checkpoint.name
+        shutil.rmtree(snapshot, ignore_errors=True)
+        shutil.copytree(checkpoint, snapshot, copy_function=_link_or_copy)
+
+        def job() -> str:
+            try:
+                return upload(snapshot, self.repo_id, self.private, self.revision, f"llmkit: {checkpoint.name}",
+                              path_in_repo=f"checkpoints/{checkpoint.name}", log=self.log)
+            finally:
+                shutil.rmtree(snapshot, ignore_errors=True)
+
+        self.pending.append((checkpoint.name, self.pool.submit(job)))
+
+    def wait(self) -> list[str]:
+        """Block until every upload finished; return the error messages (uploads do not stop training)."""
+        errors = []
+        for name, future in self.pending:
+            try:
+                future.result()
+                self.log(f"hub: uploaded checkpoint {name}")
+            except Exception as exc:  # reported, not raised: the final push still happens
+                errors.append(f"{name}: {exc}")
+        self.pool.shutdown()
+        shutil.rmtree(self.root, ignore_errors=True)
+        return errors
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def push_run(run) -> None:
+    """End of a run with output.push_to_hub: push final/ (rank 0; the others wait)."""
+    o = run.cfg.output
+    if not o.push_to_hub:
+        return
+    if run.accelerator.is_main_process:
+        uploader = getattr(run, "hub_uploader", None)
+        if uploader is not None:
+            for err in uploader.wait():
+                run.log(f"hub: a checkpoint upload failed: {err}")
+        push(run.output_dir, o.hub_model_id, o.hub_private, o.hub_revision, o.hub_push_merged, log=run.log)
+    run.accelerator.wait_for_everyone()

@@ -1,0 +1,198 @@
+"""Pushing to the Hub, against a local stand-in of the Hub's HTTP API (tests/fake_hub.py) and the real
+huggingface_hub client: one commit with exactly the exported bytes, the token only in the Authorization
+header and nowhere on disk or in logs, a model card whose model-index equals metrics.json, clear failures that
+leave the local export untouched."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+from conftest import LAUNCH_ENV, check_ok, launch, write_config, write_lm_config
+from fake_hub import FakeHub
+
+from llmkit import hub
+from llmkit.errors import LlmkitError
+
+pytestmark = pytest.mark.slow
+
+CANARY = "hf_llmkitCanaryToken0123456789abcdefXYZ"  # a made-up token that must never be written anywhere
+# the stand-in speaks the classic LFS upload protocol; the client would pick Xet storage (the real Hub's) otherwise
+HUB_ENV = {"HF_TOKEN": CANARY, "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_XET": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
+
+
+def _tree(folder) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _no_canary(folder, *logs: str) -> None:
+    for p in folder.rglob("*"):
+        if p.is_file():
+            assert CANARY.encode() not in p.read_bytes(), p
+    for text in logs:
+        assert CANARY not in text
+
+
+@pytest.fixture(scope="module")
+def fake_hub():
+    with FakeHub(token=CANARY) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def pushed_classifier(tmp_path_factory, tiny_bert, tiny_data, fake_hub):
+    """A 2-rank ZeRO-3 run that pushes itself: every checkpoint in the background, then the final export."""
+    root = tmp_path_factory.mktemp("hub_cls")
+    out = root / "run"
+    cfg = write_config(root / "c.yaml", tiny_bert, tiny_data, out, epochs=1)
+    raw = yaml.safe_load(cfg.read_text())
+    raw["checkpoint"] = {"save_every_steps": 3, "keep_last": 1}
+    raw["output"].update(push_to_hub=True, hub_model_id="alice/tiny-sentiment", hub_strategy="every_save")
+    cfg.write_text(yaml.safe_dump(raw))
+    env = {"HF_ENDPOINT": fake_hub.url, **HUB_ENV}
+    proc = launch("recipes/classification.py", ["--config", str(cfg)], "cpu_zero3.yaml", env=env)
+    check_ok(proc)
+    return out, proc.stdout + proc.stderr
+
+
+def test_run_pushes_its_export_in_one_commit_byte_for_byte(pushed_classifier, fake_hub):
+    out, log = pushed_classifier
+    commits = fake_hub.commits("alice/tiny-sentiment")
+    # two background checkpoint commits (steps 3 and 6), then the export: one commit with everything
+    assert [c["message"] for c in commits] == ["llmkit: step-3", "llmkit: step-6", "llmkit: classification model"]
+    final_commit = commits[-1]
+    added = final_commit["added"]
+    final = out / "final"
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json", "metrics.json",
+                 "training_config.yaml"):
+        assert added[name] == (final / name).read_bytes(), name
+    for name in ("report.html", "report.md", "report.json"):
+        assert added[name] == (out / name).read_bytes(), name
+    assert "README.md" in added and "llmkit_probe.json" not in added
+    assert not any(n.startswith("checkpoints/") for n in added)
+    # checkpoints went up under checkpoints/step-N, though keep_last=1 pruned step-3 locally
+    tree = fake_hub.files("alice/tiny-sentiment")
+    assert any(n.startswith("checkpoints/step-3/") for n in tree) and any(n.startswith("checkpoints/step-6/")
+                                                                          for n in tree)
+    assert not (out / "checkpoints" / "step-3").exists()
+    assert fake_hub.unexpected == []
+    # the token: only ever in the Authorization header, never on disk or in the logs
+    assert fake_hub.token_leaks() == []
+    _no_canary(out, log)
+    assert f"pushed {len(added)} files to alice/tiny-sentiment" in log
+
+
+def test_card_model_index_equals_metrics(pushed_classifier, fake_hub, tmp_path):
+    from huggingface_hub import ModelCard
+
+    out, _ = pushed_classifier
+    readme = fake_hub.files("alice/tiny-sentiment")["README.md"]
+    (tmp_path / "README.md").write_bytes(readme)
+    card = ModelCard.load(tmp_path / "README.md")
+    data = card.data
+    assert data.library_name == "transformers" and data.pipeline_tag == "text-classification"
+    assert {"llmkit", "deepspeed", "zero-3"} <= set(data.tags)
+    assert data.license and data.model_name == "tiny-sentiment"
+    metrics = json.loads((out / "metrics.json").read_text())
+    got = {(r.dataset_split, r.metric_type): r.metric_value for r in data.eval_results}
+    want = {(split, name): metrics[split][name] for split in ("test", "validation")
+            for name in ("accuracy", "f1", "precision", "recall")}
+    assert got == pytest.approx(want)
+    text = card.text
+    assert 'pipeline("text-classification", model="alice/tiny-sentiment")' in text
+    assert "## Limitations" in text and "DeepSpeed ZeRO stage | 3" in text
+
+
+def test_lora_push_has_adapter_at_root_and_merged_model(tmp_path, tiny_lm, fake_hub):
+    out = tmp_path / "run"
+    cfg = write_lm_config(tmp_path / "c.yaml", tiny_lm, out, lora=True)
+    check_ok(launch("recipes/causal_lm.py", ["--config", str(cfg)], "cpu_zero3.yaml"))
+    before = _tree(out)
+    env = {**LAUNCH_ENV, "HF_ENDPOINT": fake_hub.url, **HUB_ENV}
+    proc = subprocess.run([sys.executable, "-m", "llmkit.cli", "push", str(out), "bob/tiny-lora", "--merged",
+                           "--revision", "v1"], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _tree(out) == before  # pushing changes nothing local
+    (commit,) = fake_hub.commits("bob/tiny-lora")
+    assert commit["revision"] == "v1"
+    added = commit["added"]
+    final = out / "final"
+    for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json"):
+        assert added[name] == (final / "adapter" / name).read_bytes(), name
+    assert added["merged/model.safetensors"] == (final / "merged" / "model.safetensors").read_bytes()
+    assert added["merged/config.json"] == (final / "merged" / "config.json").read_bytes()
+    readme = added["README.md"].decode()
+    assert "library_name: peft" in readme and "lora" in readme and 'subfolder="merged"' in readme
+    assert fake_hub.token_leaks() == [] and fake_hub.unexpected == []
+    _no_canary(out, proc.stdout, proc.stderr)
+
+
+def test_dry_run_writes_the_exact_folder_without_network(pushed_classifier, tmp_path, monkeypatch):
+    out, _ = pushed_classifier
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "no_login"))  # no stored token either
+    env = {**LAUNCH_ENV, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "no_login")}
+    env.pop("HF_TOKEN", None)
+    proc = subprocess.run([sys.executable, "-m", "llmkit.cli", "push", str(out), "alice/x", "--dry-run", "--output",
+                           str(tmp_path / "up")], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    staged = tmp_path / "up"
+    files = sorted(str(p.relative_to(staged)) for p in staged.rglob("*") if p.is_file())
+    assert "model.safetensors" in files and "README.md" in files and "report.html" in files
+    for name in files:  # every file listed, with its size
+        assert f"{(staged / name).stat().st_size:,d}  {name}" in proc.stdout
+    assert (staged / "model.safetensors").read_bytes() == (out / "final" / "model.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("fault", ["down", "401", "5xx_then_ok", "413"])
+def test_push_failures_are_clear_and_keep_local_files(pushed_classifier, tmp_path, monkeypatch, fault):
+    from huggingface_hub import constants
+
+    out, _ = pushed_classifier
+    before = _tree(out)
+    monkeypatch.setattr(hub.time, "sleep", lambda s: None)  # no real backoff waits in a test
+    monkeypatch.setenv("HF_TOKEN", CANARY)
+    said = []
+    with FakeHub(token=CANARY) as server:
+        url = server.url
+        if fault == "401":
+            server.fail_auth = True
+        elif fault == "5xx_then_ok":
+            server.fail_5xx = 2
+        elif fault == "413":
+            server.fail_413 = True
+        if fault == "down":
+            server.stop()
+        monkeypatch.setattr(constants, "ENDPOINT", url)
+        monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+        if fault == "5xx_then_ok":
+            hub.push(out, "carol/retry", log=said.append)
+            assert len(server.commits("carol/retry")) == 1
+            assert any("retrying in" in s for s in said)
+        else:
+            expected = {"down": "could not reach", "401": "rejected the token \\(401\\)",
+                        "413": "too large \\(413\\)"}[fault]
+            with pytest.raises(LlmkitError, match=expected) as err:
+                hub.push(out, "carol/fail", log=said.append)
+            assert "Nothing local was changed" in str(err.value)
+            assert CANARY not in str(err.value)
+    assert _tree(out) == before
+    assert not any(p.name.startswith(".hub-") for p in out.iterdir())  # the staging folder is gone
+    assert all(CANARY not in s for s in said)
+
+
+def test_push_refuses_empty_weights_and_bad_ids(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(0, 4), "b": torch.ones(2)}, tmp_path / "model.safetensors")
+    with pytest.raises(LlmkitError, match="1 size-0 tensors \\(e.g. w\\); refusing to push a partial model"):
+        hub.check_weights(tmp_path)
+    for bad in ("noslash", "a/b/c", "", "a/../b", "-a/b"):
+        with pytest.raises(LlmkitError, match="must look like <user or org>/<name>"):
+            hub.check_repo_id(bad)
