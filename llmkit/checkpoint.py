@@ -79,11 +79,23 @@ def save(run, trainer_state: TrainerState, keep_last: int | None, keep_best: int
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     acc.wait_for_everyone()
-    acc.save_state(str(tmp))
-    (tmp / f"rng_rank{acc.process_index}.json").write_text(json.dumps(_rng_state()))
-    if before_rename is not None:
-        before_rename()  # fault injection for the crash tests
-    acc.wait_for_everyone()  # every rank's shards are on disk
+    failure = None
+    try:
+        acc.save_state(str(tmp))
+        (tmp / f"rng_rank{acc.process_index}.json").write_text(json.dumps(_rng_state()))
+        if before_rename is not None:
+            before_rename()  # fault injection for the crash tests
+    except OSError as exc:  # disk full, quota, I/O error: no rank may go on as if the checkpoint existed
+        failure = exc
+    failed = acc.reduce(torch.tensor(int(failure is not None), device=acc.device), reduction="sum").item()
+    if failed:
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        previous = resolve_latest(root)
+        raise LlmkitError(f"writing checkpoint step-{trainer_state.step} failed on {failed} rank(s)"
+                          + (f" ({failure.__class__.__name__}: {failure})" if failure else "")
+                          + f"; nothing was replaced: the previous checkpoint ({previous or 'none yet'}) and export "
+                          "are intact. Free disk space, then continue with --checkpoint.resume_from latest.")
     if acc.is_main_process:
         (tmp / STATE).write_text(json.dumps(asdict(trainer_state), indent=1))
         files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
@@ -98,6 +110,12 @@ def save(run, trainer_state: TrainerState, keep_last: int | None, keep_best: int
         _prune(root, keep_last, keep_best, trainer_state)
     acc.wait_for_everyone()
     return final
+
+
+def resolve_latest(root: Path) -> str | None:
+    """The name `latest` points at, if any (for messages)."""
+    pointer = root / "latest"
+    return pointer.read_text().strip() if pointer.is_file() else None
 
 
 def _prune(root: Path, keep_last: int | None, keep_best: int, state: TrainerState) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from collections.abc import Callable
 
 from llmkit.errors import LlmkitError
@@ -22,6 +23,9 @@ def guarded(fn: Callable[[], object]) -> None:
     except LlmkitError as exc:
         if is_main_rank():
             print(f"llmkit: error: {exc}", file=sys.stderr, flush=True)
+        elif "LOCAL_RANK" in os.environ:
+            # the ranks raise the same error together; let rank 0 print it before the launcher stops everyone
+            time.sleep(5)
         sys.exit(2)
 
 
@@ -90,6 +94,12 @@ def _push(args: argparse.Namespace) -> None:
              push_merged=args.merged, dry_run=args.dry_run, staging=args.output)
 
 
+def _validate(args: argparse.Namespace) -> None:
+    from llmkit import validate
+
+    validate.run_all(args.config, args.overrides, args.accelerate_config)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `llmkit` console script."""
     parser = argparse.ArgumentParser(prog="llmkit", description="llmkit command line")
@@ -143,7 +153,14 @@ def main(argv: list[str] | None = None) -> None:
                       help="write exactly the folder that would be uploaded, list it, touch no network")
     push.add_argument("--output", help="--dry-run: where the folder goes (default <run_dir>/hub_upload)")
     push.set_defaults(fn=_push)
-    args = parser.parse_args(argv)
+    val = sub.add_parser("validate", help="run every check of a recipe that needs no training, then stop")
+    val.add_argument("config", help="the recipe YAML")
+    val.add_argument("--accelerate-config", help="the Accelerate yaml you will launch with (processes, DeepSpeed)")
+    val.set_defaults(fn=_validate)  # any further --section.key value arguments override the config
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.command != "validate":
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.overrides = rest
     guarded(lambda: args.fn(args))
 
 

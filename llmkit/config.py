@@ -48,6 +48,7 @@ class DataConfig:
     label_names: list[str] | None = None  # fixes the label order; default: from the data
     max_length: int = 128
     clean_text: bool = False  # unicode NFKC, strip HTML tags and URLs, squeeze whitespace
+    drop_bad_rows: bool = True  # rows with empty/None text or no label: dropped with a count (false: an error)
     group_by_length: bool = True  # batches of similar length: little padding
     max_train_samples: int | None = None
     max_eval_samples: int | None = None

@@ -41,8 +41,12 @@ def _builder(path: str, key: str) -> str:
 
 def _load_files(files: dict[str, str], key: str) -> DatasetDict:
     for split, path in files.items():
-        if not Path(path).expanduser().is_file():
+        file = Path(path).expanduser()
+        if not file.is_file():
             raise LlmkitError(f"{key}: the file for split '{split}' does not exist: {path}")
+        with open(file, "rb") as fh:  # datasets fails on an empty file with a bare StopIteration
+            if not fh.read(4096).strip():
+                raise LlmkitError(f"split '{split}' is empty: {path} holds no rows")
     kinds = {_builder(p, key) for p in files.values()}
     if len(kinds) > 1:
         raise LlmkitError(f"{key}: all split files must have one format, got {sorted(kinds)}")
@@ -165,8 +169,18 @@ def load_labeled(cfg: DataConfig, seed: int, log=print) -> LabeledSplits:
         require_columns(ds, split, columns)
         ds = ds.select_columns(columns)
         before = len(ds)
-        ds = ds.filter(lambda r: all(isinstance(r[c], str) and r[c].strip() for c in texts)
-                       and r[cfg.label_column] is not None)
+        if before == 0:
+            raise LlmkitError(f"split '{split}' is empty: it has no rows at all")
+
+        def usable(r) -> bool:
+            return all(isinstance(r[c], str) and r[c].strip() for c in texts) and r[cfg.label_column] is not None
+
+        if not cfg.drop_bad_rows:
+            for i, r in enumerate(ds):
+                if not usable(r):
+                    raise LlmkitError(f"split '{split}' row {i} has empty/missing text or no label: {r}. Fix the "
+                                      "row, or set data.drop_bad_rows: true to drop such rows with a count")
+        ds = ds.filter(usable)
         dropped[split] = before - len(ds)
         if dropped[split]:
             log(f"data: dropped {dropped[split]} rows of split '{split}' with empty text or no label")

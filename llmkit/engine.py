@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import DataCollatorWithPadding, get_scheduler
 
-from llmkit import checkpoint, memory
+from llmkit import checkpoint, memory, validate
 from llmkit.config import Config
 from llmkit.data import ClassificationData, LengthGroupedBatchSampler
 from llmkit.errors import LlmkitError
@@ -222,7 +222,8 @@ class Run:
 
 
 def check_output_dir(cfg: Config) -> Path:
-    """Refuse to write into a directory that holds another run, unless asked to overwrite."""
+    """Refuse an unsafe output dir, and one that holds another run unless asked to overwrite."""
+    validate.check_output_dir_is_safe(cfg)
     out = Path(cfg.output.output_dir).expanduser()
     if out.exists() and not out.is_dir():
         raise LlmkitError(f"output.output_dir '{out}' exists and is not a directory")
@@ -266,6 +267,7 @@ def setup(cfg: Config, hidden: int | None) -> Run:
     _check_accelerate_env(cfg, precision)
     ds_config = resolve_deepspeed(cfg, precision, _world_size(), hidden)
     out = check_output_dir(cfg)
+    checked = validate.preflight(cfg, precision, _world_size())  # the same checks as `llmkit validate`
     if cfg.output.push_to_hub:  # no token: say so now, not after hours of training
         from llmkit.hub import token
 
@@ -304,6 +306,9 @@ def setup(cfg: Config, hidden: int | None) -> Run:
     stage = ds_config["zero_optimization"]["stage"] if ds_config else None
     run.log(f"llmkit: {accelerator.num_processes} process(es), {accelerator.device}, precision {precision} ({why}), "
             + (f"DeepSpeed ZeRO-{stage}" if ds_config else "no DeepSpeed"))
+    run.log("checks: " + "; ".join(checked))
+    for line in validate.warnings(cfg):
+        run.log(line)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         cfg.save(out / "training_config.yaml")
@@ -393,21 +398,38 @@ class StopSignal:
             signal.signal(sig, handler)
 
 
-def _fault(point: str, step: int, rank: int) -> None:
-    """Fault injection for the crash tests: LLMKIT_FAULT=<point>@<step>:<rank> (e.g. sigterm@5:1, kill_in_save@4:1)."""
-    spec = os.environ.get("LLMKIT_FAULT", "")
-    if spec == f"{point}@{step}:{rank}":
+def _fault(point: str, step: int, rank: int) -> bool:
+    """Fault injection for the crash tests: LLMKIT_FAULT=<point>@<step>:<rank> (sigterm@5:1, kill_in_save@4:1,
+    oserror_in_save@4:1, nan@3:0). Signals are sent here; other points return True for the caller to act."""
+    if os.environ.get("LLMKIT_FAULT", "") != f"{point}@{step}:{rank}":
+        return False
+    if point in ("sigterm", "kill_in_save"):
         os.kill(os.getpid(), signal.SIGKILL if point == "kill_in_save" else signal.SIGTERM)
+    if point == "oserror_in_save":
+        raise OSError(28, "No space left on device (injected)")
+    return True
 
 
 def _save(run: Run, state: checkpoint.TrainerState) -> None:
     c = run.cfg.checkpoint
-    hook = (lambda: _fault("kill_in_save", state.step, run.accelerator.process_index)) if os.environ.get(
-        "LLMKIT_FAULT") else None
+    rank = run.accelerator.process_index
+    hook = (lambda: (_fault("kill_in_save", state.step, rank), _fault("oserror_in_save", state.step, rank))) \
+        if os.environ.get("LLMKIT_FAULT") else None
     path = checkpoint.save(run, state, c.keep_last, c.keep_best, before_rename=hook)
     run.log(f"checkpoint: {path}")
     if run.hub_uploader is not None and run.accelerator.is_main_process:
         run.hub_uploader.submit(path)  # in the background: training goes on
+
+
+def _stop_if_nonfinite(run: Run, nonfinite_at: torch.Tensor) -> None:
+    """Stop (all ranks agree) when any rank saw a NaN/inf loss since the start, naming the first such step."""
+    step = int(run.accelerator.gather(nonfinite_at.view(1)).max().item())
+    if step:
+        latest = checkpoint.resolve_latest(run.output_dir / "checkpoints")
+        raise LlmkitError(f"the training loss became NaN/inf at step {step}: training diverged. "
+                          f"{'The last good checkpoint is ' + latest if latest else 'No checkpoint was written'}; "
+                          "nothing after step " + str(step - 1) + " was saved. Lower train.learning_rate, keep "
+                          "train.max_grad_norm on, or use bf16/fp32 instead of fp16.")
 
 
 LOWER_IS_BETTER = ("loss", "perplexity")
@@ -449,6 +471,8 @@ def train(run: Run, model, optimizer, train_loader, eval_loader, eval_fn) -> dic
     seen_tokens, seen_rows = 0, 0
     real_tokens = torch.zeros((), dtype=torch.long, device=acc.device)  # a tensor: no device sync per batch
     running_loss, running_n = torch.zeros((), device=acc.device), 0
+    # the first optimizer step whose loss was NaN/inf on this rank (0: none); a tensor, so no sync per batch
+    nonfinite_at = torch.zeros((), dtype=torch.long, device=acc.device)
     start = time.perf_counter()
     stop = StopSignal()
     bar = tqdm(total=total_steps, initial=state.step, desc="train", disable=not acc.is_local_main_process)
@@ -471,6 +495,10 @@ def train(run: Run, model, optimizer, train_loader, eval_loader, eval_fn) -> dic
         for batch in batches:
             with acc.accumulate(model):
                 out = model(**batch)
+                if _fault("nan", state.step + 1, acc.process_index):
+                    out.loss = out.loss * float("nan")
+                bad = ~torch.isfinite(out.loss.detach())
+                nonfinite_at = torch.where(bad & (nonfinite_at == 0), state.step + 1, nonfinite_at)
                 acc.backward(out.loss)
                 grad_norm = None
                 if acc.sync_gradients and t.max_grad_norm > 0 and acc.distributed_type.value != "DEEPSPEED":
@@ -495,10 +523,8 @@ def train(run: Run, model, optimizer, train_loader, eval_loader, eval_fn) -> dic
             if state.step % t.logging_steps == 0 or state.step == total_steps:
                 if grad_norm is None and hasattr(model, "get_global_grad_norm"):
                     grad_norm = model.get_global_grad_norm()
+                _stop_if_nonfinite(run, nonfinite_at)
                 loss = acc.reduce(running_loss / max(running_n, 1), reduction="mean").item()
-                if not math.isfinite(loss):
-                    raise LlmkitError(f"the training loss became {loss} by step {state.step}: training diverged. "
-                                      "Lower train.learning_rate, keep train.max_grad_norm on, or use bf16/fp32.")
                 elapsed = time.perf_counter() - start
                 scalars = {"train/loss": loss, "train/lr": scheduler.get_last_lr()[0],
                            "train/epoch": state.step / steps_per_epoch,
@@ -516,6 +542,7 @@ def train(run: Run, model, optimizer, train_loader, eval_loader, eval_fn) -> dic
             evaluated = (t.eval_every_steps and state.step % t.eval_every_steps == 0) or end_of_epoch \
                 or state.step == total_steps
             if evaluated:
+                _stop_if_nonfinite(run, nonfinite_at)
                 metrics = eval_fn(model, eval_loader, state.step)
                 run.log_scalars({f"eval/{k}": v for k, v in metrics.items()}, state.step)
                 score = metrics.get(c.best_metric)
@@ -528,6 +555,7 @@ def train(run: Run, model, optimizer, train_loader, eval_loader, eval_fn) -> dic
             interrupted = stop.agreed(acc)
             if interrupted or (c.save_every_steps and state.step % c.save_every_steps == 0) \
                     or (c.save_every_epoch and end_of_epoch):
+                _stop_if_nonfinite(run, nonfinite_at)  # never replace a good checkpoint with a diverged one
                 if evaluated:
                     state.history[-1]["checkpoint"] = f"step-{state.step}"
                 _save(run, state)

@@ -96,6 +96,10 @@ def test_empty_rows_are_dropped_with_a_count(tmp_path, tok):
     out = data.prepare(DataConfig(data_files=files, test_split=None), tok, seed=0, log=logs.append)
     assert len(out.train) == 10 and out.dropped_rows["train"] == 2
     assert any("dropped 2 rows of split 'train'" in line for line in logs)
+    # or, by config, the first bad row is an error that names it
+    with pytest.raises(LlmkitError, match="split 'train' row 10 has empty/missing text or no label: .*set "
+                                          "data.drop_bad_rows: true"):
+        data.prepare(DataConfig(data_files=files, test_split=None, drop_bad_rows=False), tok, seed=0)
     empty = _files(tmp_path, [{"text": "", "label": "pos"}], make_sentences(4, 2))
     with pytest.raises(LlmkitError, match="split 'train' has no usable rows"):
         data.prepare(DataConfig(data_files=empty, test_split=None), tok, seed=0)
