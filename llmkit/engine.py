@@ -577,11 +577,21 @@ def train(run: Run, model, optimizer, train_loader, eval_loader, eval_fn) -> dic
         "padding_efficiency": round(real_tokens / max(seen_tokens, 1), 4),
         "real_tokens_per_second": round(real_tokens * acc.num_processes / elapsed, 1),
         "samples_per_second": round(seen_rows * acc.num_processes / elapsed, 2),
+        "peak_memory_bytes": _peak_memory(),
         "train_examples": len(train_loader.dataset),
         "history": state.history,
         "per_rank": sharded_elements(acc, model, optimizer),
     }
     return {"model": model, "summary": summary}
+
+
+def _peak_memory() -> int:
+    """This rank's peak: allocated GPU memory, or on CPU the process's maximum resident set."""
+    if torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated())
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # Linux reports KiB
 
 
 def _innermost_optimizer(optimizer):

@@ -318,6 +318,10 @@ def _fmt(value) -> str:
     return str(value)
 
 
+def _seconds(value) -> str:
+    return f"{value:.1f}" if isinstance(value, (int, float)) else "-"
+
+
 def _comparison(runs: list[dict]) -> list[dict]:
     table = []
     for r in runs:
@@ -338,7 +342,7 @@ def _markdown(doc: dict) -> str:
             lines.append(f"| {c['run']} | {c['model']} | {c['split']} | {c['rows']} | {c['accuracy']:.4f} "
                          f"({c['accuracy_ci95'][0]:.4f}-{c['accuracy_ci95'][1]:.4f}) | {c['f1']:.4f} "
                          f"({c['f1_ci95'][0]:.4f}-{c['f1_ci95'][1]:.4f}) | {c['f1_macro']:.4f} | "
-                         f"{c['roc_auc']:.4f} | {c['ece']:.4f} | {_fmt(c['train_seconds'])} |")
+                         f"{c['roc_auc']:.4f} | {c['ece']:.4f} | {_seconds(c['train_seconds'])} |")
         lines.append("")
     for r in doc["runs"]:
         lines += [f"## {r['name']}", ""]
@@ -393,7 +397,7 @@ def _html(doc: dict, plots: dict[str, str]) -> str:
             [[c["run"], c["model"], c["split"], c["rows"], c["accuracy"],
               f"{c['accuracy_ci95'][0]:.4f}-{c['accuracy_ci95'][1]:.4f}", c["f1"],
               f"{c['f1_ci95'][0]:.4f}-{c['f1_ci95'][1]:.4f}", c["f1_macro"], c["roc_auc"], c["ece"],
-              c["train_seconds"]] for c in doc["comparison"]]))
+              _seconds(c["train_seconds"])] for c in doc["comparison"]]))
     for r in doc["runs"]:
         parts.append(f"<h2>{html.escape(r['name'])}</h2>")
         for split, s in r["splits"].items():

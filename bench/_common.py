@@ -1,0 +1,36 @@
+"""Shared by the throughput runners: the sentiment recipe's data and hyperparameters, tokenized once."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "recipes" / "configs" / "sentiment_minilm_polarity.yaml"
+
+
+def recipe():
+    from llmkit.config import load_config
+
+    return load_config(RECIPE)
+
+
+def tokenized_train(cfg, tokenizer, pad_to: int | None = None):
+    """The polarity train split tokenized like the recipe (truncation at data.max_length); `pad_to` pads
+    every row to that length (what transformers' run_glue.py does by default: pad_to_max_length, 128)."""
+    from llmkit import data
+
+    labeled = data.load_labeled(cfg.data, seed=cfg.train.seed, log=lambda m: None)
+    rows = labeled.rows["train"]
+    kwargs = {"padding": "max_length", "max_length": pad_to} if pad_to else {"max_length": cfg.data.max_length}
+    enc = rows.map(lambda b: tokenizer(b[cfg.data.text_column], truncation=True, **kwargs), batched=True,
+                   remove_columns=[cfg.data.text_column])
+    return enc
+
+
+def report(result: dict) -> None:
+    """Runners print one JSON line on rank 0; the driver reads the last one."""
+    if os.environ.get("RANK", "0") == "0":
+        print("RESULT " + json.dumps(result), file=sys.stdout, flush=True)

@@ -1,0 +1,61 @@
+"""The floor for framework overhead: a minimal hand-written Accelerate loop over the same length-grouped batches
+as llmkit (same sampler, model, optimizer and scheduler), nothing else. Run directly (1 process) or under
+`accelerate launch` (DeepSpeed from the Accelerate config). Prints a RESULT line."""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+
+import torch
+from _common import recipe, report, tokenized_train
+from accelerate import Accelerator
+from torch.utils.data import DataLoader
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, get_scheduler
+
+from llmkit import engine, model
+from llmkit.data import LengthGroupedBatchSampler
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=40)
+    args = ap.parse_args()
+    cfg = recipe()
+    t = cfg.train
+    # the same process set-up as llmkit (threads per rank, gloo on CPU, the filled-in DeepSpeed config)
+    cfg.output.output_dir, cfg.output.overwrite_output_dir = tempfile.mkdtemp(prefix="llmkit-hand-"), True
+    run = engine.setup(cfg, hidden=384)
+    acc: Accelerator = run.accelerator
+    name = model.locate(cfg.model.name_or_path, "model")
+    tok = AutoTokenizer.from_pretrained(name)
+    train = tokenized_train(cfg, tok)
+    lengths = [len(x) for x in train["input_ids"]]
+    sampler = LengthGroupedBatchSampler(lengths, t.per_device_batch_size, acc.num_processes, seed=t.seed)
+    loader = DataLoader(train, batch_sampler=sampler, collate_fn=DataCollatorWithPadding(tok))
+    net = AutoModelForSequenceClassification.from_pretrained(name, num_labels=2)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay)
+    net, optimizer, loader = acc.prepare(net, optimizer, loader)
+    scheduler = get_scheduler(t.lr_scheduler, optimizer, int(t.warmup_ratio * args.steps), args.steps)
+    net.train()
+    rows, real = 0, torch.zeros((), dtype=torch.long)
+    start = time.perf_counter()
+    for step, batch in enumerate(loader):
+        if step == args.steps:
+            break
+        out = net(**batch)
+        acc.backward(out.loss)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+        rows += batch["input_ids"].shape[0]
+        real += batch["attention_mask"].sum()
+    seconds = time.perf_counter() - start
+    report({"samples_per_second": rows * acc.num_processes / seconds,
+            "real_tokens_per_second": int(real) * acc.num_processes / seconds, "seconds": seconds,
+            "precision": run.precision})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""This machine's GEMM peak (fp32, bf16) and the model FLOPs utilisation of finished llmkit runs.
+
+Training FLOPs per real token = 6 x non-embedding parameters + 12 x layers x hidden x mean sequence length
+(attention scores and context, forward + backward; Kaplan et al. 2020 / PaLM appendix B). MFU = achieved
+model FLOP/s (real tokens/s x FLOPs per token) / the measured GEMM peak of the precision the run used, with
+the same threads. Writes bench/results/mfu.json.
+
+    .venv/bin/python bench/mfu.py [outputs/sentiment_minilm_polarity ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def gemm_peak(dtype: torch.dtype, threads: int, n: int = 1024, seconds: float = 3.0) -> float:
+    """Sustained FLOP/s of an n x n x n matmul (median of timed batches after warm-up), on the GPU if any."""
+    torch.set_num_threads(threads)
+    cuda = torch.cuda.is_available()
+    if cuda:
+        n = max(n, 8192)
+    a, b = (torch.randn(n, n, dtype=dtype, device="cuda" if cuda else "cpu") for _ in range(2))
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    for _ in range(3):
+        a @ b
+    sync()
+    rates, deadline = [], time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        start = time.perf_counter()
+        for _ in range(4):
+            a @ b
+        sync()
+        rates.append(4 * 2 * n**3 / (time.perf_counter() - start))
+    rates.sort()
+    return rates[len(rates) // 2]
+
+
+def flops_per_token(run_dir: Path) -> tuple[float, dict]:
+    """6 N_non-embedding + attention, from the run's model config and its mean real sequence length."""
+    import yaml
+    from transformers import AutoConfig
+
+    from llmkit import memory
+    from llmkit.model import locate
+
+    cfg = yaml.safe_load((run_dir / "training_config.yaml").read_text())
+    name = locate(cfg["model"]["name_or_path"], "model.name_or_path")
+    config = AutoConfig.from_pretrained(name)
+    task = "causal-lm" if cfg["data"].get("prompt_column") or cfg["data"].get("prompt_template") else "classification"
+    params = memory.count_parameters(name, task)
+    embed = config.vocab_size * config.hidden_size + getattr(config, "max_position_embeddings", 0) * \
+        config.hidden_size * (config.model_type in ("bert", "distilbert", "roberta", "gpt2"))
+    summary = json.loads((run_dir / "metrics.json").read_text())["train"]
+    # mean real tokens per row of the processed batches (padding efficiency x padded width is not logged)
+    seq = summary["real_tokens_per_second"] / max(summary.get("samples_per_second") or 1e-9, 1e-9)
+    layers = config.num_hidden_layers
+    per_token = 6 * (params - embed) + 12 * layers * config.hidden_size * seq
+    return per_token, {"params": params, "non_embedding": params - embed, "layers": layers,
+                       "hidden": config.hidden_size, "mean_tokens_per_row": round(seq, 1)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("runs", nargs="*", type=Path, help="finished llmkit run directories")
+    args = ap.parse_args()
+    cores = os.cpu_count() or 1
+    peaks = {}
+    kinds = (("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16))
+    for label, dtype in kinds if torch.cuda.is_available() else kinds[:2]:
+        peaks[label] = {"all_cores": gemm_peak(dtype, cores), "one_core": gemm_peak(dtype, 1)}
+    where = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{cores} CPU cores"
+    print(f"GEMM peak (square matmul, median), {where}:")
+    for label, p in peaks.items():
+        print(f"  {label}: {p['all_cores'] / 1e9:8.1f} GFLOP/s all cores, {p['one_core'] / 1e9:8.1f} GFLOP/s one core")
+    result = {"cores": cores, "gemm_peak_flops": peaks, "runs": []}
+    for run in args.runs:
+        summary = json.loads((run / "metrics.json").read_text())["train"]
+        per_token, facts = flops_per_token(run)
+        achieved = summary["real_tokens_per_second"] * per_token
+        world = summary.get("world_size", 1)
+        # a 2-rank CPU run gives each rank cores/2 threads: its ceiling is the all-core peak
+        peak = peaks[summary["precision"] if summary["precision"] in peaks else "fp32"]["all_cores"]
+        mfu = achieved / peak
+        result["runs"].append({"run": str(run), "precision": summary["precision"], "world_size": world,
+                               "real_tokens_per_second": summary["real_tokens_per_second"],
+                               "flops_per_token": per_token, "achieved_flops": achieved, "peak_flops": peak,
+                               "mfu": mfu, **facts})
+        print(f"{run}: {summary['precision']}, {world} rank(s), {summary['real_tokens_per_second']:.0f} real tok/s x "
+              f"{per_token / 1e6:.1f} MFLOP/token = {achieved / 1e9:.1f} GFLOP/s = {mfu:.1%} of the "
+              f"{summary['precision']} GEMM peak")
+    (ROOT / "bench" / "results").mkdir(parents=True, exist_ok=True)
+    (ROOT / "bench" / "results" / "mfu.json").write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
