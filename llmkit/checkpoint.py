@@ -172,6 +172,37 @@ def resolve(output_dir: Path, resume_from: str) -> Path:
     raise LlmkitError(f"checkpoint.resume_from is 'latest' but {root} holds no usable checkpoint ({detail})")
 
 
+def _safe_globals() -> list:
+    """The only non-tensor types a llmkit checkpoint may hold: DeepSpeed's stage enum, loss scaler and fragment
+    addresses (plain attribute bags), and numpy arrays / dtypes (Accelerate's RNG states)."""
+    import numpy.dtypes
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    core = getattr(np, "_core", None) or np.core
+    dtypes = [getattr(numpy.dtypes, n) for n in dir(numpy.dtypes) if n.endswith("DType")]
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address, core.multiarray._reconstruct, np.ndarray,
+            np.dtype, *dtypes]
+
+
+def check_pickles(path: Path) -> None:
+    """DeepSpeed and Accelerate unpickle their checkpoint files with weights_only=False (a pickle can run
+    code). Each file must first load with weights_only=True and the allowlist above, or it is refused."""
+    allowed = _safe_globals()
+    for file in sorted(path.rglob("*")):
+        if file.suffix not in (".pt", ".pkl", ".bin", ".pth"):
+            continue
+        try:
+            with torch.serialization.safe_globals(allowed):
+                torch.load(file, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            reason = next((line.strip() for line in str(exc).splitlines() if "GLOBAL" in line), str(exc)[:200])
+            raise LlmkitError(f"checkpoint file {file.relative_to(path)} holds more than tensors and plain data "
+                              f"({reason}); llmkit does not load it, as unpickling it could run code. Resume only "
+                              "from checkpoints llmkit wrote.") from None
+
+
 def load(run, path: Path) -> tuple[TrainerState, dict]:
     """Restore what `path` holds into the prepared objects; return the trainer state and this rank's RNG state.
 
@@ -190,6 +221,7 @@ def load(run, path: Path) -> tuple[TrainerState, dict]:
         lines = ", ".join(f"{k}: checkpoint {old!r} vs now {new!r}" for k, (old, new) in diff.items())
         raise LlmkitError(f"checkpoint {path} belongs to a different run ({lines}). Resume with the same settings, "
                           "or start a new output_dir.")
+    check_pickles(path)
     acc.load_state(str(path))
     rng = json.loads((path / f"rng_rank{acc.process_index}.json").read_text())
     return TrainerState(**json.loads((path / STATE).read_text())), rng

@@ -24,8 +24,10 @@ def guarded(fn: Callable[[], object]) -> None:
         if is_main_rank():
             print(f"llmkit: error: {exc}", file=sys.stderr, flush=True)
         elif "LOCAL_RANK" in os.environ:
-            # the ranks raise the same error together; let rank 0 print it before the launcher stops everyone
+            # most errors are raised by every rank together: rank 0 prints, exits, and the launcher stops the
+            # others during this wait. Still alive afterwards means the error is this rank's alone: say it.
             time.sleep(5)
+            print(f"llmkit: error (rank {os.environ.get('RANK')}): {exc}", file=sys.stderr, flush=True)
         sys.exit(2)
 
 

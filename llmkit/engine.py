@@ -319,9 +319,42 @@ def setup(cfg: Config, hidden: int | None) -> Run:
     return run
 
 
+class RowErrors(torch.utils.data.Dataset):
+    """A dataset whose failures name the row: an exception while reading row i becomes a clear error."""
+
+    def __init__(self, dataset, rank: int):
+        self.dataset, self.rank = dataset, rank
+        self.fault = os.environ.get("LLMKIT_FAULT", "").startswith("row@")  # crash tests only
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def _row(self, i: int):
+        try:
+            if self.fault and _fault("row", int(i), self.rank):
+                raise ValueError("a broken row (injected)")
+            return self.dataset[i]
+        except Exception as exc:
+            raise LlmkitError(f"reading training row {i} failed: {exc.__class__.__name__}: {exc}. Fix or drop that "
+                              "row of the train split (its index is after the shuffle by train.seed).") from exc
+
+    def __getitem__(self, i: int):
+        return self._row(i)
+
+    def __getitems__(self, indices: list[int]) -> list:
+        # the datasets library reads a whole batch at once (fast); on failure, find the row one by one
+        if not self.fault and hasattr(self.dataset, "__getitems__"):
+            try:
+                return self.dataset.__getitems__(indices)
+            except Exception:
+                pass
+        return [self._row(i) for i in indices]
+
+
 def train_loader(run: Run, dataset, lengths: list[int] | None, collate) -> DataLoader:
     """Batches of similar length (when `lengths` are known and data.group_by_length is on), else shuffled rows."""
     t = run.cfg.train
+    dataset = RowErrors(dataset, run.accelerator.process_index)
     if lengths is not None and run.cfg.data.group_by_length:
         sampler = LengthGroupedBatchSampler(lengths, t.per_device_batch_size, run.accelerator.num_processes,
                                             seed=t.seed)
@@ -400,11 +433,14 @@ class StopSignal:
 
 def _fault(point: str, step: int, rank: int) -> bool:
     """Fault injection for the crash tests: LLMKIT_FAULT=<point>@<step>:<rank> (sigterm@5:1, kill_in_save@4:1,
-    oserror_in_save@4:1, nan@3:0). Signals are sent here; other points return True for the caller to act."""
+    oserror_in_save@4:1, nan@3:0, kill@5:1 (SIGKILL in the middle of a step), row@7:0). Signals are sent here;
+    the other points return True for the caller to act."""
     if os.environ.get("LLMKIT_FAULT", "") != f"{point}@{step}:{rank}":
         return False
-    if point in ("sigterm", "kill_in_save"):
-        os.kill(os.getpid(), signal.SIGKILL if point == "kill_in_save" else signal.SIGTERM)
+    if os.environ.get("LLMKIT_FAULT_STAMP"):  # when the fault fired, for the tests that time the aftermath
+        Path(os.environ["LLMKIT_FAULT_STAMP"]).write_text(str(time.time()))
+    if point in ("sigterm", "kill_in_save", "kill"):
+        os.kill(os.getpid(), signal.SIGTERM if point == "sigterm" else signal.SIGKILL)
     if point == "oserror_in_save":
         raise OSError(28, "No space left on device (injected)")
     return True
@@ -499,6 +535,7 @@ def train(run: Run, model, optimizer, train_loader, eval_loader, eval_fn) -> dic
                     out.loss = out.loss * float("nan")
                 bad = ~torch.isfinite(out.loss.detach())
                 nonfinite_at = torch.where(bad & (nonfinite_at == 0), state.step + 1, nonfinite_at)
+                _fault("kill", state.step + 1, acc.process_index)  # between forward and backward
                 acc.backward(out.loss)
                 grad_norm = None
                 if acc.sync_gradients and t.max_grad_norm > 0 and acc.distributed_type.value != "DEEPSPEED":

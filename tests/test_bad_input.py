@@ -123,14 +123,15 @@ def test_unsafe_output_dirs_and_remote_code_warning(tmp_path, monkeypatch):
 
 
 def _faulty_run(tmp_path, tiny_bert, tiny_data, stage: int, fault: str, **train):
-    """A 2-rank run saving every 2 steps, with LLMKIT_FAULT injected; it must fail."""
+    """A 2-rank run saving every 2 steps, with LLMKIT_FAULT injected; it must fail. The time the fault fired is
+    written to tmp_path/fault_time."""
     out = tmp_path / "run"
     cfg = write_config(tmp_path / "c.yaml", tiny_bert, tiny_data, out, epochs=2, **train)
     raw = yaml.safe_load(cfg.read_text())
     raw["checkpoint"] = {"save_every_steps": 2}
     cfg.write_text(yaml.safe_dump(raw))
     proc = launch("recipes/classification.py", ["--config", str(cfg)], f"cpu_zero{stage}.yaml",
-                  env={"LLMKIT_FAULT": fault})
+                  env={"LLMKIT_FAULT": fault, "LLMKIT_FAULT_STAMP": str(tmp_path / "fault_time")})
     assert proc.returncode != 0
     return out, cfg, proc
 
@@ -170,3 +171,25 @@ def test_security_rules_of_the_code_base():
             assert "weights_only=True" in call, (path, call)
     export = (ROOT / "llmkit" / "export.py").read_text()
     assert "safe_serialization=False" not in export
+
+
+def test_a_broken_training_row_is_named_even_on_another_rank(tmp_path, tiny_bert, tiny_data):
+    # the length-grouped sampler deals row 5 to some rank in the first steps; only that rank fails
+    out, _, proc = _faulty_run(tmp_path, tiny_bert, tiny_data, 2, "row@5:1")
+    errors = [line for line in proc.stderr.splitlines() if "llmkit: error" in line]
+    assert errors, proc.stderr[-3000:]
+    assert "reading training row 5 failed: ValueError: a broken row (injected)" in errors[0]
+    assert not (out / "final").exists()
+
+
+def test_a_rank_killed_mid_step_ends_the_job_and_keeps_the_checkpoint(tmp_path, tiny_bert, tiny_data):
+    import time
+
+    out, cfg, proc = _faulty_run(tmp_path, tiny_bert, tiny_data, 2, "kill@5:1")
+    after_kill = time.time() - float((tmp_path / "fault_time").read_text())
+    assert after_kill < 60, after_kill  # the surviving rank and the launcher notice and stop
+    checkpoints = out / "checkpoints"
+    assert (checkpoints / "latest").read_text().strip() == "step-4"
+    from llmkit import checkpoint
+
+    assert checkpoint.verify(checkpoints / "step-4")["step"] == 4

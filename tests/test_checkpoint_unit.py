@@ -62,3 +62,23 @@ def test_rng_round_trip():
     random.seed(9), np.random.seed(9), torch.manual_seed(9)
     checkpoint.set_rng_state(saved)
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == want
+
+
+class _Payload:
+    """Stands for a pickle that would run code when loaded (its class is not on the allowlist)."""
+
+    def __init__(self):
+        self.command = "echo pwned"
+
+
+def test_checkpoint_files_must_pass_the_weights_only_gate(tmp_path):
+    import torch
+
+    from llmkit.checkpoint import check_pickles
+
+    torch.save({"w": torch.ones(2), "step": 3}, tmp_path / "fine.pt")
+    check_pickles(tmp_path)  # tensors and plain data pass
+    torch.save({"state": _Payload()}, tmp_path / "custom_checkpoint_0.pkl")
+    with pytest.raises(LlmkitError, match="checkpoint file custom_checkpoint_0.pkl holds more than tensors and "
+                                          "plain data .*_Payload.*unpickling it could run code"):
+        check_pickles(tmp_path)
