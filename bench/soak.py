@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import random
+import socket
 import subprocess
 import sys
 import tempfile
@@ -111,9 +112,12 @@ def main() -> None:
                "output": {"output_dir": str(out)}}
         config = root / "soak.yaml"
         config.write_text(yaml.safe_dump(cfg))
+        with socket.socket() as sock:  # a free rendezvous port: other 2-rank jobs may run on this machine
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               str(ROOT / "accelerate_configs/cpu_zero3.yaml"), str(ROOT / "recipes/classification.py"),
-               "--config", str(config)]
+               str(ROOT / "accelerate_configs/cpu_zero3.yaml"), "--main_process_port", str(port),
+               str(ROOT / "recipes/classification.py"), "--config", str(config)]
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
         log = open(root / "soak.log", "w")
         start = time.time()
@@ -133,7 +137,8 @@ def main() -> None:
             print((root / "soak.log").read_text()[-5000:])
             raise SystemExit(f"the soak run failed with exit {proc.returncode}")
         checkpoints = sorted(p.name for p in (out / "checkpoints").glob("step-*"))
-    warm = [s for s in samples if s["step"] >= args.steps // 10]
+    # the training phase after warm-up (the export, its reload check and the report come after the last step)
+    warm = [s for s in samples if args.steps // 10 <= s["step"] < args.steps]
     result = {"steps": args.steps, "save_every": args.save_every, "wall_seconds": round(wall, 1),
               "checkpoints_left": checkpoints, "samples": len(samples), "ranks": {}}
     ok = True
@@ -150,6 +155,7 @@ def main() -> None:
     result["disk_mib_end"] = round(disk[-1], 2)
     ok &= set(checkpoints) == {f"step-{args.steps - args.save_every}", f"step-{args.steps}"}  # keep_last 2
     result["passed"] = bool(ok)
+    result["rss_mib_by_step"] = {s["step"]: s["rss_mib"] for s in warm[:: max(1, len(warm) // 20)]}
     (ROOT / "bench" / "results").mkdir(parents=True, exist_ok=True)
     (ROOT / "bench" / "results" / "soak.json").write_text(json.dumps(result, indent=2) + "\n")
     print(f"soak: {args.steps} steps, checkpoint every {args.save_every}, {wall:.0f} s")
