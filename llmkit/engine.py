@@ -511,6 +511,7 @@ def train(run: Run, model, optimizer, train_loader, eval_loader, eval_fn) -> dic
     nonfinite_at = torch.zeros((), dtype=torch.long, device=acc.device)
     start = time.perf_counter()
     stop = StopSignal()
+    faults = bool(os.environ.get("LLMKIT_FAULT"))  # crash tests only: read once, not per batch
     bar = tqdm(total=total_steps, initial=state.step, desc="train", disable=not acc.is_local_main_process)
     while state.step < total_steps:
         if hasattr(inner_sampler, "set_epoch"):
@@ -531,11 +532,12 @@ def train(run: Run, model, optimizer, train_loader, eval_loader, eval_fn) -> dic
         for batch in batches:
             with acc.accumulate(model):
                 out = model(**batch)
-                if _fault("nan", state.step + 1, acc.process_index):
+                if faults and _fault("nan", state.step + 1, acc.process_index):
                     out.loss = out.loss * float("nan")
                 bad = ~torch.isfinite(out.loss.detach())
                 nonfinite_at = torch.where(bad & (nonfinite_at == 0), state.step + 1, nonfinite_at)
-                _fault("kill", state.step + 1, acc.process_index)  # between forward and backward
+                if faults:
+                    _fault("kill", state.step + 1, acc.process_index)  # between forward and backward
                 acc.backward(out.loss)
                 grad_norm = None
                 if acc.sync_gradients and t.max_grad_norm > 0 and acc.distributed_type.value != "DEEPSPEED":
@@ -554,7 +556,8 @@ def train(run: Run, model, optimizer, train_loader, eval_loader, eval_fn) -> dic
                 continue
             state.step += 1
             bar.update(1)
-            _fault("sigterm", state.step, acc.process_index)
+            if faults:
+                _fault("sigterm", state.step, acc.process_index)
             if watchdog is not None:
                 watchdog.update(loss_scale(acc, model), state.step)
             if state.step % t.logging_steps == 0 or state.step == total_steps:

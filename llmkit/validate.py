@@ -106,21 +106,17 @@ def warnings(cfg: Config) -> list[str]:
 def preflight(cfg: Config, precision: str, world_size: int) -> list[str]:
     """The cheap checks every recipe runs first: model config and sequence length, output dir, disk."""
     from llmkit import memory
+    from llmkit.model import locate
 
     config, model_line = check_model(cfg)
     out = check_output_dir_is_safe(cfg)
     task = "causal-lm" if any(a.endswith("ForCausalLM") for a in config.architectures or []) else "classification"
+    name = locate(cfg.model.name_or_path, "model.name_or_path")
     try:
-        params = memory.count_parameters(locate_for_count(cfg), task, cfg.model.trust_remote_code)
+        params = memory.count_parameters(name, task, cfg.model.trust_remote_code)
     except Exception:  # an architecture we cannot build on the meta device: skip the disk estimate
         return [model_line, f"output: {out}"]
     return [model_line, f"output: {out}", check_disk(cfg, params, precision)]
-
-
-def locate_for_count(cfg: Config) -> str:
-    from llmkit.model import locate
-
-    return locate(cfg.model.name_or_path, "model.name_or_path")
 
 
 def accelerate_env(path: str | Path) -> dict[str, str]:
@@ -170,6 +166,7 @@ def run_all(config_path: str, overrides: list[str], accelerate_config: str | Non
     first problem (raised as LlmkitError)."""
     from llmkit import data, engine, lm_data, memory, model
     from llmkit.config import load_config
+    from llmkit.model import locate
 
     cfg = load_config(config_path, overrides)
     log(f"ok  config: {config_path} (schema, types, ranges)")
@@ -191,8 +188,8 @@ def run_all(config_path: str, overrides: list[str], accelerate_config: str | Non
     log(f"ok  output: {check_output_dir_is_safe(cfg)} (writable, holds no other run)")
     causal = any(a.endswith("ForCausalLM") for a in config.architectures or []) or bool(
         cfg.data.prompt_column or cfg.data.messages_column or cfg.data.prompt_template)
-    params = memory.count_parameters(locate_for_count(cfg), "causal-lm" if causal else "classification",
-                                     cfg.model.trust_remote_code)
+    name = locate(cfg.model.name_or_path, "model.name_or_path")
+    params = memory.count_parameters(name, "causal-lm" if causal else "classification", cfg.model.trust_remote_code)
     log(f"ok  {check_disk(cfg, params, precision)}")
     est = memory.for_run(ds, params, world, precision)
     table = "\n".join("      " + r for r in est.table().splitlines())
