@@ -35,7 +35,7 @@ def main() -> None:
     sampler = LengthGroupedBatchSampler(lengths, t.per_device_batch_size, acc.num_processes, seed=t.seed)
     loader = DataLoader(train, batch_sampler=sampler, collate_fn=DataCollatorWithPadding(tok))
     net = AutoModelForSequenceClassification.from_pretrained(name, num_labels=2)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay)
+    optimizer = engine.build_optimizer(cfg, net)  # the same AdamW (kernel, groups) as llmkit
     net, optimizer, loader = acc.prepare(net, optimizer, loader)
     scheduler = get_scheduler(t.lr_scheduler, optimizer, int(t.warmup_ratio * args.steps), args.steps)
     net.train()

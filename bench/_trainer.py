@@ -43,7 +43,7 @@ def main() -> None:
         output_dir=args.out, max_steps=args.steps, per_device_train_batch_size=t.per_device_batch_size,
         learning_rate=t.learning_rate, weight_decay=t.weight_decay, warmup_steps=int(t.warmup_ratio * args.steps),
         lr_scheduler_type=t.lr_scheduler, max_grad_norm=t.max_grad_norm, seed=t.seed, bf16=precision == "bf16",
-        use_cpu=not torch.cuda.is_available(), report_to=[],
+        use_cpu=not torch.cuda.is_available(), report_to=[], optim="adamw_torch_fused",
         train_sampling_strategy="group_by_length" if args.mode == "best" else "random",
         save_strategy="no", eval_strategy="no", logging_steps=args.steps, dataloader_num_workers=0,
         disable_tqdm=True)

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator, DeepSpeedPlugin, InitProcessGroupKwargs
 from accelerate.utils import set_seed
+from torch.profiler import record_function
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import DataCollatorWithPadding, get_scheduler
@@ -351,16 +352,26 @@ class RowErrors(torch.utils.data.Dataset):
         return [self._row(i) for i in indices]
 
 
+def loader_options(cfg: Config, persistent: bool = True) -> dict:
+    """DataLoader workers and pinned memory from train.*: pinning only pays off when batches go to a GPU."""
+    t = cfg.train
+    pin = torch.cuda.is_available() if t.pin_memory is None else t.pin_memory
+    return {"num_workers": t.dataloader_workers, "pin_memory": pin,
+            "persistent_workers": persistent and t.dataloader_workers > 0}
+
+
 def train_loader(run: Run, dataset, lengths: list[int] | None, collate) -> DataLoader:
     """Batches of similar length (when `lengths` are known and data.group_by_length is on), else shuffled rows."""
     t = run.cfg.train
     dataset = RowErrors(dataset, run.accelerator.process_index)
+    options = loader_options(run.cfg)
     if lengths is not None and run.cfg.data.group_by_length:
         sampler = LengthGroupedBatchSampler(lengths, t.per_device_batch_size, run.accelerator.num_processes,
                                             seed=t.seed)
-        return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate)
+        return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, **options)
     gen = torch.Generator().manual_seed(t.seed)
-    return DataLoader(dataset, batch_size=t.per_device_batch_size, shuffle=True, generator=gen, collate_fn=collate)
+    return DataLoader(dataset, batch_size=t.per_device_batch_size, shuffle=True, generator=gen, collate_fn=collate,
+                      **options)
 
 
 def dataloaders(run: Run, data: ClassificationData, tokenizer):
@@ -368,7 +379,8 @@ def dataloaders(run: Run, data: ClassificationData, tokenizer):
     t = run.cfg.train
     collate = DataCollatorWithPadding(tokenizer)
     train = train_loader(run, data.train, data.train_lengths, collate)
-    evals = {name: DataLoader(ds, batch_size=t.eval_batch_size, collate_fn=collate)
+    evals = {name: DataLoader(ds, batch_size=t.eval_batch_size, collate_fn=collate,
+                              **loader_options(run.cfg, persistent=False))
              for name, ds in (("validation", data.eval), ("test", data.test)) if ds is not None}
     return train, evals
 
@@ -381,7 +393,9 @@ def build_optimizer(cfg: Config, model) -> torch.optim.Optimizer:
         if param.requires_grad:
             (no_decay if param.ndim < 2 else decay).append(param)
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon)
+    kernel = {"fused": {"fused": True}, "foreach": {"foreach": True}, "loop": {"foreach": False}}[t.adamw_impl]
+    return torch.optim.AdamW(groups, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon,
+                             **kernel)
 
 
 @torch.no_grad()
@@ -414,17 +428,23 @@ def evaluate(run: Run, model, loader, num_labels: int) -> tuple[dict[str, float]
 class StopSignal:
     """SIGTERM / SIGINT set a flag; the loop finishes its step, the ranks agree, a checkpoint is written."""
 
-    def __init__(self):
+    def __init__(self, acc: Accelerator):
         self.name = None
         self._old = {sig: signal.signal(sig, self._catch) for sig in (signal.SIGTERM, signal.SIGINT)}
+        # the flag travels through a host-side (gloo) group: asking every step must not wait for the GPU
+        self.group = None
+        if acc.num_processes > 1 and acc.device.type != "cpu":
+            self.group = torch.distributed.new_group(backend="gloo")
 
     def _catch(self, signum, frame):
         self.name = signal.Signals(signum).name
 
     def agreed(self, acc: Accelerator) -> bool:
-        """True on every rank as soon as any rank got a signal (one tiny all-reduce per step)."""
-        flag = torch.tensor(1.0 if self.name else 0.0, device=acc.device)
-        return bool(acc.reduce(flag, reduction="sum").item() > 0)
+        """True on every rank as soon as any rank got a signal (one tiny host all-reduce per step)."""
+        flag = torch.tensor(1.0 if self.name else 0.0)
+        if acc.num_processes > 1:
+            torch.distributed.all_reduce(flag, group=self.group)
+        return bool(flag > 0)
 
     def restore(self) -> None:
         for sig, handler in self._old.items():
@@ -468,7 +488,42 @@ def _stop_if_nonfinite(run: Run, nonfinite_at: torch.Tensor) -> None:
                           "train.max_grad_norm on, or use bf16/fp32 instead of fp16.")
 
 
+def compile_blocks(model) -> int:
+    """torch.compile each block of the model's repeated layer stack, in place: one compiled graph serves every
+    layer, the parameter names stay as they are (checkpoints and exports unchanged), DeepSpeed's wrapper stays
+    outside. Dynamic shapes, because padded lengths differ from batch to batch."""
+    stacks = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) > 1
+              and len({type(block) for block in m}) == 1]
+    if not stacks:
+        raise LlmkitError(f"train.torch_compile: {type(model).__name__} has no stack of repeated layers to compile; "
+                          "turn train.torch_compile off")
+    blocks = [block for stack in stacks for block in stack]
+    for block in blocks:
+        block.compile(backend="inductor", dynamic=True)
+    return len(blocks)
+
+
 LOWER_IS_BETTER = ("loss", "perplexity")
+PROFILE_WARMUP = 3
+
+
+def _profiler(run: Run):
+    """torch.profiler over train.profile_steps optimizer steps after a short warm-up; each rank writes its op
+    table (by self time) and a Chrome trace to <output_dir>/profile. The loop labels forward/backward/optimizer."""
+    folder = run.output_dir / "profile"
+    rank = run.accelerator.process_index
+    gpu = torch.cuda.is_available()
+
+    def write(prof) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        sort = "self_cuda_time_total" if gpu else "self_cpu_time_total"
+        (folder / f"rank{rank}_ops.txt").write_text(prof.key_averages().table(sort_by=sort, row_limit=60) + "\n")
+        prof.export_chrome_trace(str(folder / f"rank{rank}_trace.json"))
+        run.log(f"profile: {folder}")
+
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if gpu else [])
+    schedule = torch.profiler.schedule(wait=0, warmup=PROFILE_WARMUP, active=run.cfg.train.profile_steps, repeat=1)
+    return torch.profiler.profile(activities=activities, schedule=schedule, on_trace_ready=write)
 
 
 def train(run: Run, model, optimizer, train_loader, eval_loader, eval_fn) -> dict:
@@ -488,6 +543,9 @@ def train(run: Run, model, optimizer, train_loader, eval_loader, eval_fn) -> dic
     steps_per_epoch = math.ceil(len(train_loader) / t.gradient_accumulation_steps)
     total_steps = t.max_steps or math.ceil(t.epochs * steps_per_epoch)
     model, optimizer, eval_loader = acc.prepare(model, optimizer, eval_loader)
+    if t.torch_compile:
+        compiled = compile_blocks(acc.unwrap_model(model))
+        run.log(f"torch.compile: {compiled} transformer blocks (inductor, dynamic shapes); the first steps are slow")
     # built on the prepared optimizer: ZeRO-3 regroups the parameters, and Accelerate would hand DeepSpeed
     # only its own scheduler types anyway. Stepped by us once per optimizer step.
     scheduler = get_scheduler(t.lr_scheduler if t.lr_scheduler != "constant" else "constant_with_warmup",
@@ -510,7 +568,11 @@ def train(run: Run, model, optimizer, train_loader, eval_loader, eval_fn) -> dic
     # the first optimizer step whose loss was NaN/inf on this rank (0: none); a tensor, so no sync per batch
     nonfinite_at = torch.zeros((), dtype=torch.long, device=acc.device)
     start = time.perf_counter()
-    stop = StopSignal()
+    paused = 0.0  # seconds spent evaluating and checkpointing: not part of the training throughput
+    profiler = _profiler(run) if t.profile_steps else None
+    if profiler is not None:
+        profiler.start()
+    stop = StopSignal(acc)
     faults = bool(os.environ.get("LLMKIT_FAULT"))  # crash tests only: read once, not per batch
     bar = tqdm(total=total_steps, initial=state.step, desc="train", disable=not acc.is_local_main_process)
     while state.step < total_steps:
@@ -531,21 +593,24 @@ def train(run: Run, model, optimizer, train_loader, eval_loader, eval_fn) -> dic
             batches = itertools.chain([first] if first is not None else [], batches)
         for batch in batches:
             with acc.accumulate(model):
-                out = model(**batch)
+                with record_function("llmkit/forward"):
+                    out = model(**batch)
                 if faults and _fault("nan", state.step + 1, acc.process_index):
                     out.loss = out.loss * float("nan")
                 bad = ~torch.isfinite(out.loss.detach())
                 nonfinite_at = torch.where(bad & (nonfinite_at == 0), state.step + 1, nonfinite_at)
                 if faults:
                     _fault("kill", state.step + 1, acc.process_index)  # between forward and backward
-                acc.backward(out.loss)
-                grad_norm = None
-                if acc.sync_gradients and t.max_grad_norm > 0 and acc.distributed_type.value != "DEEPSPEED":
-                    grad_norm = acc.clip_grad_norm_(model.parameters(), t.max_grad_norm)
-                optimizer.step()
-                if acc.sync_gradients:
-                    scheduler.step()
-                optimizer.zero_grad()
+                with record_function("llmkit/backward"):
+                    acc.backward(out.loss)
+                with record_function("llmkit/optimizer"):
+                    grad_norm = None
+                    if acc.sync_gradients and t.max_grad_norm > 0 and acc.distributed_type.value != "DEEPSPEED":
+                        grad_norm = acc.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+                    optimizer.step()
+                    if acc.sync_gradients:
+                        scheduler.step()
+                    optimizer.zero_grad()
             state.batches_in_epoch += 1
             running_loss += out.loss.detach().float()
             running_n += 1
@@ -556,6 +621,8 @@ def train(run: Run, model, optimizer, train_loader, eval_loader, eval_fn) -> dic
                 continue
             state.step += 1
             bar.update(1)
+            if profiler is not None:
+                profiler.step()
             if faults:
                 _fault("sigterm", state.step, acc.process_index)
             if watchdog is not None:
@@ -565,7 +632,7 @@ def train(run: Run, model, optimizer, train_loader, eval_loader, eval_fn) -> dic
                     grad_norm = model.get_global_grad_norm()
                 _stop_if_nonfinite(run, nonfinite_at)
                 loss = acc.reduce(running_loss / max(running_n, 1), reduction="mean").item()
-                elapsed = time.perf_counter() - start
+                elapsed = time.perf_counter() - start - paused
                 scalars = {"train/loss": loss, "train/lr": scheduler.get_last_lr()[0],
                            "train/epoch": state.step / steps_per_epoch,
                            "train/real_tokens_per_s": real_tokens.item() * acc.num_processes / elapsed,
@@ -581,6 +648,7 @@ def train(run: Run, model, optimizer, train_loader, eval_loader, eval_fn) -> dic
                 state.epoch, state.batches_in_epoch = state.epoch + 1, 0
             evaluated = (t.eval_every_steps and state.step % t.eval_every_steps == 0) or end_of_epoch \
                 or state.step == total_steps
+            pause_start = time.perf_counter()
             if evaluated:
                 _stop_if_nonfinite(run, nonfinite_at)
                 metrics = eval_fn(model, eval_loader, state.step)
@@ -599,6 +667,7 @@ def train(run: Run, model, optimizer, train_loader, eval_loader, eval_fn) -> dic
                 if evaluated:
                     state.history[-1]["checkpoint"] = f"step-{state.step}"
                 _save(run, state)
+            paused += time.perf_counter() - pause_start
             if interrupted:
                 stop.restore()
                 raise LlmkitError(f"stopped by {stop.name or 'a signal on another rank'} after step {state.step}; "
@@ -608,15 +677,19 @@ def train(run: Run, model, optimizer, train_loader, eval_loader, eval_fn) -> dic
                 break
     stop.restore()
     bar.close()
+    if profiler is not None:
+        profiler.stop()
     elapsed = time.perf_counter() - start
+    step_seconds = elapsed - paused  # throughput counts training steps only, not evaluation or checkpoints
     real_tokens = real_tokens.item()
     summary = {
         "steps": state.step, "epochs": round(state.step / steps_per_epoch, 3), "train_seconds": round(elapsed, 1),
+        "step_seconds": round(step_seconds, 2),
         "world_size": acc.num_processes, "precision": run.precision,
         "zero_stage": run.ds_config["zero_optimization"]["stage"] if run.ds_config else None,
         "padding_efficiency": round(real_tokens / max(seen_tokens, 1), 4),
-        "real_tokens_per_second": round(real_tokens * acc.num_processes / elapsed, 1),
-        "samples_per_second": round(seen_rows * acc.num_processes / elapsed, 2),
+        "real_tokens_per_second": round(real_tokens * acc.num_processes / step_seconds, 1),
+        "samples_per_second": round(seen_rows * acc.num_processes / step_seconds, 2),
         "peak_memory_bytes": _peak_memory(),
         "train_examples": len(train_loader.dataset),
         "history": state.history,

@@ -279,12 +279,13 @@ def dataloaders(run, ds: LMData, tokenizer):
     """Train loader (length-grouped rows, or shuffled blocks) and eval loaders by split name, not yet prepared."""
     from torch.utils.data import DataLoader
 
-    from llmkit.engine import train_loader
+    from llmkit.engine import loader_options, train_loader
 
     collate = LMCollator(tokenizer.pad_token_id)
     train = train_loader(run, ds.train, ds.train_lengths, collate)
     eval_collate = CandidateCollator(tokenizer.pad_token_id) if ds.mode == "labels" else collate
-    evals = {name: DataLoader(split, batch_size=run.cfg.train.eval_batch_size, collate_fn=eval_collate)
+    evals = {name: DataLoader(split, batch_size=run.cfg.train.eval_batch_size, collate_fn=eval_collate,
+                              **loader_options(run.cfg, persistent=False))
              for name, split in (("validation", ds.eval), ("test", ds.test)) if split is not None}
     return train, evals
 

@@ -55,6 +55,22 @@ def tiny_bert(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_bert_no_dropout(tmp_path_factory, tiny_bert) -> Path:
+    """The tiny BERT with dropout off: runs that must compute the same numbers draw no random masks."""
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    out = tmp_path_factory.mktemp("tiny_bert_no_dropout")
+    config = AutoConfig.from_pretrained(tiny_bert, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(out)
+    for path in tiny_bert.iterdir():
+        if path.name not in ("config.json", "model.safetensors"):
+            (out / path.name).write_bytes(path.read_bytes())  # the tokenizer files
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """train (96 rows) / validation (37, uneven for 2 ranks) / test (29) jsonl with string labels."""
     out = tmp_path_factory.mktemp("tiny_data")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from conftest import check_ok, launch, write_config
 from safetensors.torch import load_file
 
@@ -15,20 +14,11 @@ STEPS = 10
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, tiny_bert, tiny_data):
+def runs(tmp_path_factory, tiny_bert_no_dropout, tiny_data):
     """One 10-step fp32 run per ZeRO stage (batch 8 x 2 ranks), plus ZeRO-2 with batch 4 x accumulation 2."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification
-
     root = tmp_path_factory.mktemp("equivalence")
     # no dropout: the comparison is about the sharded arithmetic, not about random masks
-    config = AutoConfig.from_pretrained(tiny_bert, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    torch.manual_seed(0)
-    model_dir = root / "model"
-    AutoModelForSequenceClassification.from_config(config).save_pretrained(model_dir)
-    for path in tiny_bert.iterdir():
-        if path.name not in ("config.json", "model.safetensors"):
-            (model_dir / path.name).write_bytes(path.read_bytes())  # the tokenizer files
-
+    model_dir = tiny_bert_no_dropout
     variants = {f"zero{s}": (f"cpu_zero{s}.yaml", 8, 1) for s in range(4)}
     variants["zero2_accumulate"] = ("cpu_zero2.yaml", 4, 2)
     out = {}
