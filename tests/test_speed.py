@@ -73,6 +73,12 @@ def test_switches_keep_a_two_rank_run_identical(tmp_path, tiny_bert_no_dropout, 
         trace = json.loads((runs["switched"] / "profile" / f"rank{rank}_trace.json").read_text())
         steps = {e["name"] for e in trace["traceEvents"] if e.get("name", "").startswith("ProfilerStep")}
         assert len(steps) == 2, steps  # the 2 profiled steps, after the warm-up ones
+        phases = json.loads((runs["switched"] / "profile" / f"rank{rank}_phases.json").read_text())
+        assert phases["steps"] == 2 and phases["step_ms"] > 0
+        parts = [phases[f"{p}_ms"] for p in ("forward", "backward", "optimizer")]
+        assert all(x > 0 for x in parts) and sum(parts) <= phases["step_ms"]
+        assert 0 < phases["gemm_ms"] < phases["forward_ms"] + phases["backward_ms"]
+        assert phases["collectives_ms"] > 0  # ZeRO-2 on 2 ranks reduces gradients every step
     assert not (runs["baseline"] / "profile").exists()
 
     # throughput counts the time in training steps: the evaluations at steps 4 and 8 are not in it
