@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,9 +44,31 @@ def gemm_peak(dtype: torch.dtype, threads: int, n: int = 1024, seconds: float = 
     return rates[len(rates) // 2]
 
 
+def gemm_at_shapes(config, tokens: int, dtype: torch.dtype, threads: int) -> float:
+    """FLOP/s the matmul kernels reach at this model's own linear-layer shapes (a micro-batch of `tokens` rows,
+    forward plus the two backward products), single rank with `threads` threads: the ceiling MFU can reach
+    when nothing but these GEMMs ran. Small hidden sizes run far below the square-matmul peak."""
+    torch.set_num_threads(threads)
+    h, ff = config.hidden_size, getattr(config, "intermediate_size", 4 * config.hidden_size)
+    flops, seconds = 0.0, 0.0
+    for k, n, count in ((h, h, 4), (h, ff, 1), (ff, h, 1)):  # q, k, v, out; FFN up; FFN down
+        x, w, dy = (torch.randn(*shape, dtype=dtype) for shape in ((tokens, k), (k, n), (tokens, n)))
+        products = ((x, w), (dy, w.t()), (x.t(), dy))  # forward, grad of the input, grad of the weight
+        for a, b in products:
+            for _ in range(2):
+                a @ b
+            times = []
+            for _ in range(7):
+                start = time.perf_counter()
+                a @ b
+                times.append(time.perf_counter() - start)
+            seconds += sorted(times)[3] * count
+            flops += 2 * a.shape[0] * a.shape[1] * b.shape[1] * count
+    return flops / seconds
+
+
 def flops_per_token(run_dir: Path) -> tuple[float, dict]:
     """6 N_non-embedding + attention, from the run's model config and its mean real sequence length."""
-    import yaml
     from transformers import AutoConfig
 
     from llmkit import memory
@@ -89,13 +112,34 @@ def main() -> None:
         # a 2-rank CPU run gives each rank cores/2 threads: its ceiling is the all-core peak
         peak = peaks[summary["precision"] if summary["precision"] in peaks else "fp32"]["all_cores"]
         mfu = achieved / peak
+        # the GEMM ceiling at the run's own shapes: each rank's micro-batch, padded, with its share of the cores
+        from transformers import AutoConfig
+
+        from llmkit.model import locate
+
+        cfg = yaml.safe_load((run / "training_config.yaml").read_text())
+        config = AutoConfig.from_pretrained(locate(cfg["model"]["name_or_path"], "model"))
+        rows = cfg["train"]["per_device_batch_size"]
+        tokens = int(rows * facts["mean_tokens_per_row"] / max(summary.get("padding_efficiency") or 1.0, 1e-9))
+        dtype = dict(kinds)[summary["precision"] if summary["precision"] in peaks else "fp32"]
+        ceiling = gemm_at_shapes(config, tokens, dtype, max(1, cores // world)) * world
+        phases = run / "profile" / "rank0_phases.json"
         result["runs"].append({"run": str(run), "precision": summary["precision"], "world_size": world,
                                "real_tokens_per_second": summary["real_tokens_per_second"],
                                "flops_per_token": per_token, "achieved_flops": achieved, "peak_flops": peak,
-                               "mfu": mfu, **facts})
+                               "mfu": mfu, "micro_batch_tokens": tokens, "gemm_at_shapes_flops": ceiling,
+                               "gemm_at_shapes_fraction_of_peak": ceiling / peak,
+                               "phases": json.loads(phases.read_text()) if phases.is_file() else None, **facts})
         print(f"{run}: {summary['precision']}, {world} rank(s), {summary['real_tokens_per_second']:.0f} real tok/s x "
               f"{per_token / 1e6:.1f} MFLOP/token = {achieved / 1e9:.1f} GFLOP/s = {mfu:.1%} of the "
               f"{summary['precision']} GEMM peak")
+        print(f"  GEMMs at this model's shapes ({tokens} tokens per micro-batch, {max(1, cores // world)} thread(s) "
+              f"per rank x {world}): {ceiling / 1e9:.1f} GFLOP/s = {ceiling / peak:.1%} of the peak; "
+              f"the run reaches {achieved / ceiling:.1%} of that")
+        if phases.is_file():
+            ph = json.loads(phases.read_text())
+            print("  profiled step (rank 0, ms): " + ", ".join(f"{k[:-3]} {v:.1f}" for k, v in ph.items()
+                                                             if k.endswith("_ms")))
     (ROOT / "bench" / "results").mkdir(parents=True, exist_ok=True)
     (ROOT / "bench" / "results" / "mfu.json").write_text(json.dumps(result, indent=2) + "\n")
 

@@ -178,8 +178,12 @@ def _prepare_labels(cfg, tokenizer, seed: int, log) -> LMData:
     for role in ("eval", "test"):
         if role in rows:
             ds = rows[role]
-            scored[role] = ds.map(eval_row, with_indices=True, desc=f"rendering {role}",
-                                  remove_columns=[c for c in ds.column_names if c != "labels"])
+            ds = ds.map(eval_row, with_indices=True, desc=f"rendering {role}",
+                        remove_columns=[c for c in ds.column_names if c != "labels"])
+            # scored in length order, batches carry little padding (~0.99 instead of ~0.79 of real tokens);
+            # "row" maps the scores back to the texts
+            ds = ds.map(lambda r: {"length": max(map(len, r["candidates"]))}, desc=f"measuring {role}")
+            scored[role] = ds.sort("length").remove_columns("length")
     raw = {"validation": rows["eval"], **({"test": rows["test"]} if "test" in rows else {})}
     return LMData(train=train, eval=scored["eval"], mode="labels", packing=None,
                   train_lengths=[len(x) for x in train["input_ids"]], test=scored.get("test"), raw=raw,

@@ -132,8 +132,12 @@ def test_label_words_rows_train_on_the_word_and_score_every_word(tok, tmp_path):
         target = [t for t in row["labels"] if t != IGNORE]
         word = "positive" if " good" in text else "negative"
         assert target == [tok.convert_tokens_to_ids(word), im_end]  # the word and its turn end, nothing else
-    row = ds.eval[0]
-    assert row["row"] == 0 and row["labels"] == 1  # validation row 0 is "positive"
+    # scored in length order (little padding); "row" is the index into the split
+    lengths = [max(map(len, r["candidates"])) for r in ds.eval]
+    assert lengths == sorted(lengths) and sorted(r["row"] for r in ds.eval) == list(range(len(ds.eval)))
+    by_row = {r["row"]: r for r in ds.eval}
+    row = by_row[0]
+    assert row["labels"] == 1  # validation row 0 is "positive"
     neg, pos = row["candidates"]
     n = len(neg) - 2
     assert neg[:n] == pos[:n] and neg[n:] != pos[n:]  # same prompt, different word
@@ -141,7 +145,7 @@ def test_label_words_rows_train_on_the_word_and_score_every_word(tok, tmp_path):
         masked = [(i, t) for i, t in enumerate(target) if t != IGNORE]
         assert [t for _, t in masked] == [tok.convert_tokens_to_ids(word), im_end]
         assert all(cand[i] == t for i, t in masked)
-    batch = CandidateCollator(tok.pad_token_id)([ds.eval[i] for i in range(3)])
+    batch = CandidateCollator(tok.pad_token_id)([by_row[i] for i in range(3)])
     assert batch["input_ids"].shape[0] == 6 and batch["labels"].tolist() == [1, 0, 1]
     assert batch["row"].tolist() == [0, 1, 2]
     assert (batch["targets"] != IGNORE).sum().item() == 12
