@@ -67,7 +67,7 @@ def chat_example(tokenizer, messages: list[dict], max_length: int | None = None)
             continue
         # the tokens this assistant turn adds on top of the conversation before it (with the assistant header)
         before = _chat_ids(tokenizer, messages[:i], add_generation_prompt=True)
-        upto = _chat_ids(tokenizer, messages[:i + 1])
+        upto = full if i == len(messages) - 1 else _chat_ids(tokenizer, messages[:i + 1])  # last turn: no re-render
         if full[:len(upto)] != upto or upto[:len(before)] != before:
             raise LlmkitError("the chat template does not render a conversation as a prefix of its continuation, "
                               "so response tokens cannot be located; use prompt/response columns instead")
