@@ -49,18 +49,23 @@ def gemm_at_shapes(config, tokens: int, dtype: torch.dtype, threads: int) -> flo
     forward plus the two backward products), single rank with `threads` threads: the ceiling MFU can reach
     when nothing but these GEMMs ran. Small hidden sizes run far below the square-matmul peak."""
     torch.set_num_threads(threads)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     h, ff = config.hidden_size, getattr(config, "intermediate_size", 4 * config.hidden_size)
     flops, seconds = 0.0, 0.0
-    for k, n, count in ((h, h, 4), (h, ff, 1), (ff, h, 1)):  # q, k, v, out; FFN up; FFN down
-        x, w, dy = (torch.randn(*shape, dtype=dtype) for shape in ((tokens, k), (k, n), (tokens, n)))
+    gated = config.model_type in ("llama", "qwen2", "mistral", "gemma", "gemma2", "phi3")  # up and gate
+    for k, n, count in ((h, h, 4), (h, ff, 1 + gated), (ff, h, 1)):  # q, k, v, out; FFN up; FFN down
+        x, w, dy = (torch.randn(*shape, dtype=dtype, device=device) for shape in ((tokens, k), (k, n), (tokens, n)))
         products = ((x, w), (dy, w.t()), (x.t(), dy))  # forward, grad of the input, grad of the weight
         for a, b in products:
             for _ in range(2):
                 a @ b
             times = []
             for _ in range(7):
+                sync()
                 start = time.perf_counter()
                 a @ b
+                sync()
                 times.append(time.perf_counter() - start)
             seconds += sorted(times)[3] * count
             flops += 2 * a.shape[0] * a.shape[1] * b.shape[1] * count
