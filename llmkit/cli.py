@@ -48,10 +48,10 @@ def _assets(_: argparse.Namespace) -> None:
 def _estimate_memory(args: argparse.Namespace) -> None:
     from llmkit import memory
 
-    params = memory.count_parameters(args.model, args.task, args.trust_remote_code)
+    params, largest = memory.model_sizes(args.model, args.task, args.trust_remote_code)
     offload = {"none": (False, False), "optimizer": (True, False), "params": (False, True), "both": (True, True)}
     opt, par = offload[args.offload]
-    print(memory.estimate(params, args.zero_stage, args.num_gpus, args.precision, opt, par).table())
+    print(memory.estimate(params, args.zero_stage, args.num_gpus, args.precision, opt, par, largest).table())
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -107,7 +107,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="llmkit", description="llmkit command line")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("assets", help="install the offline model and data assets (idempotent)").set_defaults(fn=_assets)
-    est = sub.add_parser("estimate-memory", help="per-device bytes of params, grads and Adam states under ZeRO")
+    est = sub.add_parser("estimate-memory", help="per-device bytes of params, grads and Adam states under ZeRO "
+                         "(paper formulas and DeepSpeed's gradient peak)")
     est.add_argument("--model", required=True, help="Hub id, local dir or asset:<name> (only its config is read)")
     est.add_argument("--zero-stage", type=int, required=True, choices=[0, 1, 2, 3])
     est.add_argument("--num-gpus", type=int, default=1, help="data-parallel devices in all")

@@ -557,8 +557,9 @@ def train(run: Run, model, optimizer, train_loader, eval_loader, eval_fn) -> dic
     `eval_fn(model, loader, step) -> dict of metrics` scores the validation split (classification or LM)."""
     cfg, acc = run.cfg, run.accelerator
     t, c = cfg.train, cfg.checkpoint
-    estimate = memory.for_run(run.ds_config, memory.parameters_of(model), acc.num_processes, run.precision)
-    run.log("memory estimate (ZeRO paper formulas, activations excluded):\n" + estimate.table())
+    estimate = memory.for_run(run.ds_config, memory.parameters_of(model), acc.num_processes, run.precision,
+                              largest_param=memory.largest_of(model))
+    run.log("memory estimate (ZeRO paper formulas and DeepSpeed's peak, activations excluded):\n" + estimate.table())
     watchdog = None
     if run.precision == "fp16":
         floor = float(((run.ds_config or {}).get("fp16") or {}).get("min_loss_scale", 1))

@@ -1,9 +1,24 @@
-"""Per-device memory for parameters, gradients and Adam states under ZeRO 0-3, by the ZeRO paper's formulas.
+"""Per-device memory for parameters, gradients and Adam states under ZeRO 0-3: the ZeRO paper's formulas, and
+the gradient peak as DeepSpeed really runs it.
 
-Mixed precision (bf16/fp16) keeps 16-bit params and grads (2 + 2 bytes per parameter) and an fp32 master copy
-plus Adam m and v (K = 12 bytes); fp32 training keeps 4-byte params and grads and 8 bytes of Adam state.
-ZeRO-1 shards the optimizer states over N ranks, ZeRO-2 also the gradients, ZeRO-3 also the parameters
-(Rajbhandari et al., 2020, arXiv:1910.02054): DP 16P, ZeRO-1 4P + 12P/N, ZeRO-2 2P + 14P/N, ZeRO-3 16P/N.
+Paper (Rajbhandari et al., 2020, arXiv:1910.02054): mixed precision (bf16/fp16) keeps 16-bit params and grads
+(2 + 2 bytes per parameter) and an fp32 master copy plus Adam m and v (K = 12 bytes); fp32 training keeps 4-byte
+params and grads and 8 bytes of Adam state. ZeRO-1 shards the optimizer states over N ranks, ZeRO-2 also the
+gradients, ZeRO-3 also the parameters: DP 16P, ZeRO-1 4P + 12P/N, ZeRO-2 2P + 14P/N, ZeRO-3 16P/N.
+
+Gradients at peak (DeepSpeed 0.19, measured by bench/zero_memory.py): in mixed precision the optimizer step
+casts the 16-bit grads to fp32 copies for the fp32 master weights (4 bytes per master element) while the 16-bit
+grads are still held, so the gradient peak is the larger of
+  backward  stage 0 and ZeRO-1: full 16-bit grads, 2P (ZeRO-1 reduces them into its partition after backward);
+            ZeRO-2/3: the 2P/N partition buffer plus the largest single param's full grad, 2L, which autograd
+            makes before DeepSpeed's hook copies it into the reduce bucket (L = 0 when not known)
+  step      stage 0: 2P + 4P = 6P; ZeRO-1/2/3: 2P/N + 4P/N = 6P/N (ZeRO-1/2 cast one param group at a time, so
+            4P/N is an upper bound; optimizer offload, not measured: the fp32 copies are made on the CPU, 2P/N)
+fp32 training makes no copies: 4P (stage 0, ZeRO-1) or 4P/N (+ 4L in backward) for ZeRO-2/3. `total at peak`
+is params + gradients at peak + optimizer states. Without DeepSpeed (plain data parallel) autocast keeps fp32
+weights and grads and makes no copies: 4P + 4P + 8P, the paper's 16P, so the peak is the paper's.
+Known gap: ZeRO-1/2 size each rank's grad buffer by whole params, so one large tensor straddling the partition
+boundary (MiniLM's embedding on 2 ranks) makes one rank's buffer up to a whole tensor bigger than 2P/N.
 Activations, buffers and framework overhead are not counted.
 """
 
@@ -26,29 +41,58 @@ class MemoryEstimate:
     grad_bytes: float
     optimizer_bytes: float
     host_bytes: float  # what offload moves to CPU memory, per rank
+    # gradients as DeepSpeed really holds them (module docstring): the most at once in backward and in the step
+    grad_backward_bytes: float = 0.0
+    grad_step_bytes: float = 0.0
+    largest_param: int = 0  # elements of the largest single parameter, 0 = not known
+    deepspeed: bool = True  # False: plain data parallel (torch autocast, no DeepSpeed optimizer wrapper)
 
     @property
     def device_bytes(self) -> float:
+        """The paper's total: params + grads + optimizer states."""
         return self.param_bytes + self.grad_bytes + self.optimizer_bytes
+
+    @property
+    def grad_peak_bytes(self) -> float:
+        return max(self.grad_backward_bytes, self.grad_step_bytes)
+
+    @property
+    def peak_device_bytes(self) -> float:
+        """Params + gradients at their peak + optimizer states (all held during the optimizer step)."""
+        return self.param_bytes + self.grad_peak_bytes + self.optimizer_bytes
 
     def table(self) -> str:
         """A small human-readable table in GiB."""
         gib = 1024**3
         rows = [("parameters", self.param_bytes), ("gradients", self.grad_bytes),
-                ("optimizer states", self.optimizer_bytes), ("total per device", self.device_bytes)]
+                ("optimizer states", self.optimizer_bytes), ("total per device", self.device_bytes),
+                ("gradients at peak", self.grad_peak_bytes), ("total at peak", self.peak_device_bytes)]
         head = (f"ZeRO-{self.zero_stage}, {self.num_devices} device(s), {self.precision}, "
                 f"{self.params / 1e6:,.1f}M parameters"
                 + (", optimizer offloaded" if self.offload_optimizer else "")
                 + (", parameters offloaded" if self.offload_params else ""))
         lines = [head] + [f"  {name:<17} {value / gib:10.3f} GiB" for name, value in rows]
+        mixed = self.precision in ("bf16", "fp16")
+        copies = ("fp32, no copies" if not mixed else
+                  "fp32 copies on the CPU" if self.offload_optimizer else "with the fp32 copies")
+        largest = ("" if self.zero_stage < 2 else
+                   f", largest param {self.largest_param / 1e6:,.1f}M" if self.largest_param else
+                   ", largest param not known")
+        lines[-2] += (f"  (DeepSpeed: backward {self.grad_backward_bytes / gib:.3f}{largest}; "
+                      f"step {self.grad_step_bytes / gib:.3f} {copies})" if self.deepspeed else
+                      "  (no DeepSpeed" + (": autocast keeps fp32 weights + grads, same 16P)" if mixed else ")"))
         if self.host_bytes:
             lines.append(f"  {'CPU (offload)':<17} {self.host_bytes / gib:10.3f} GiB per rank")
         return "\n".join(lines)
 
 
 def estimate(params: int, zero_stage: int, num_devices: int, precision: str = "bf16",
-             offload_optimizer: bool = False, offload_params: bool = False) -> MemoryEstimate:
-    """Bytes per device for parameters, gradients and optimizer states."""
+             offload_optimizer: bool = False, offload_params: bool = False,
+             largest_param: int = 0, deepspeed: bool = True) -> MemoryEstimate:
+    """Bytes per device for parameters, gradients and optimizer states (paper), and the gradients at their peak
+    as DeepSpeed runs them; `largest_param` (elements of the largest single tensor, 0 = not known) adds its
+    transient full grad to ZeRO-2/3's backward. `deepspeed=False` (stage 0 only): plain data parallel, where
+    autocast keeps fp32 weights and grads and makes no grad copies, so the peak is the paper's 16P total."""
     if zero_stage not in (0, 1, 2, 3):
         raise LlmkitError(f"--zero-stage must be 0, 1, 2 or 3, got {zero_stage}")
     if num_devices < 1:
@@ -57,12 +101,24 @@ def estimate(params: int, zero_stage: int, num_devices: int, precision: str = "b
         raise LlmkitError("parameter offload needs ZeRO-3 (--zero-stage 3)")
     if offload_optimizer and zero_stage == 0:
         raise LlmkitError("optimizer offload needs ZeRO-1, 2 or 3")
+    if not deepspeed and (zero_stage or offload_optimizer):
+        raise LlmkitError("ZeRO and offload need DeepSpeed")
+    if not 0 <= largest_param <= params:
+        raise LlmkitError(f"the largest parameter ({largest_param:,}) must be between 0 and all {params:,}")
     mixed = precision in ("bf16", "fp16")
     p_b, g_b, o_b = (2, 2, 12) if mixed else (4, 4, 8)
     n = num_devices
     param = p_b * params / (n if zero_stage >= 3 else 1)
     grad = g_b * params / (n if zero_stage >= 2 else 1)
     optim = o_b * params / (n if zero_stage >= 1 else 1)
+    # DeepSpeed's real gradient memory (module docstring)
+    shard = n if zero_stage >= 2 else 1
+    backward = g_b * params / shard + (g_b * largest_param if zero_stage >= 2 else 0)
+    partition = g_b * params / (n if zero_stage >= 1 else 1)  # ZeRO-1 reduces into its partition after backward
+    copies = 4 * params / (n if zero_stage >= 1 else 1) if mixed and not offload_optimizer else 0.0
+    step = partition + copies
+    if not deepspeed:  # fp32 grads (4P) in place of the paper's 2P grads + 2P of the 4P fp32 weights: same total
+        backward = step = grad
     host = 0.0
     if offload_optimizer:
         host += optim
@@ -71,11 +127,17 @@ def estimate(params: int, zero_stage: int, num_devices: int, precision: str = "b
         host += param
         param = 0.0
     return MemoryEstimate(params, zero_stage, n, precision, offload_optimizer, offload_params,
-                          param, grad, optim, host)
+                          param, grad, optim, host, backward, step, largest_param, deepspeed)
 
 
 def count_parameters(name_or_path: str, task: str = "classification", trust_remote_code: bool = False) -> int:
     """Parameters of a model, counted from its config on the meta device (no weights are read)."""
+    return model_sizes(name_or_path, task, trust_remote_code)[0]
+
+
+def model_sizes(name_or_path: str, task: str = "classification",
+                trust_remote_code: bool = False) -> tuple[int, int]:
+    """(parameters, elements of the largest single parameter) of a model, from its config on the meta device."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -89,7 +151,8 @@ def count_parameters(name_or_path: str, task: str = "classification", trust_remo
     auto = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
     with torch.device("meta"):
         model = auto.from_config(config, trust_remote_code=trust_remote_code)
-    return sum(p.numel() for p in model.parameters())
+    sizes = [p.numel() for p in model.parameters()]  # tied weights are yielded once
+    return sum(sizes), max(sizes, default=0)
 
 
 def parameters_of(model) -> int:
@@ -97,7 +160,13 @@ def parameters_of(model) -> int:
     return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
 
 
-def for_run(ds_config: dict | None, params: int, num_devices: int, precision: str) -> MemoryEstimate:
+def largest_of(model) -> int:
+    """Elements of a live model's largest single parameter, at full size under ZeRO-3."""
+    return max((getattr(p, "ds_numel", p.numel()) for p in model.parameters()), default=0)
+
+
+def for_run(ds_config: dict | None, params: int, num_devices: int, precision: str,
+            largest_param: int = 0) -> MemoryEstimate:
     """The estimate for a run's resolved DeepSpeed config (no DeepSpeed = plain data parallel)."""
     zero = (ds_config or {}).get("zero_optimization", {})
 
@@ -105,4 +174,5 @@ def for_run(ds_config: dict | None, params: int, num_devices: int, precision: st
         return (zero.get(key) or {}).get("device", "none") in ("cpu", "nvme")
 
     return estimate(params, zero.get("stage", 0), num_devices, precision,
-                    offload_optimizer=offloaded("offload_optimizer"), offload_params=offloaded("offload_param"))
+                    offload_optimizer=offloaded("offload_optimizer"), offload_params=offloaded("offload_param"),
+                    largest_param=largest_param, deepspeed=ds_config is not None)

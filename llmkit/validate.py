@@ -189,11 +189,12 @@ def run_all(config_path: str, overrides: list[str], accelerate_config: str | Non
     causal = any(a.endswith("ForCausalLM") for a in config.architectures or []) or bool(
         cfg.data.prompt_column or cfg.data.messages_column or cfg.data.prompt_template)
     name = locate(cfg.model.name_or_path, "model.name_or_path")
-    params = memory.count_parameters(name, "causal-lm" if causal else "classification", cfg.model.trust_remote_code)
+    params, largest = memory.model_sizes(name, "causal-lm" if causal else "classification",
+                                         cfg.model.trust_remote_code)
     log(f"ok  {check_disk(cfg, params, precision)}")
-    est = memory.for_run(ds, params, world, precision)
+    est = memory.for_run(ds, params, world, precision, largest_param=largest)
     table = "\n".join("      " + r for r in est.table().splitlines())
-    log(f"ok  memory (ZeRO formulas, activations excluded):\n{table}")
+    log(f"ok  memory (ZeRO formulas and DeepSpeed's peak, activations excluded):\n{table}")
     if model.needs_trained_tokenizer(cfg.model):
         log("ok  tokenizer: none given; a byte-level BPE tokenizer will be trained on the train split")
         return
