@@ -145,6 +145,7 @@ def worker(name: str, stage: int, out: str) -> None:
     touch = [sum(p.numel() for p in touching), big.numel() if big is not None else 0, names.get(id(big), "")]
     result = {"model": name, "stage": stage, "rank": acc.process_index, "world": acc.num_processes,
               "P": memory.parameters_of(ds.module), "largest": memory.largest_of(ds.module), "touching": touch,
+              "bucket_bytes": memory.bucket_bytes(run.ds_config["zero_optimization"], run.precision),
               "loss": float(loss),
               "wrapper": type(ds.optimizer).__name__, "inner": type(inner).__name__,
               **{phase: peak[phase] for phase in PHASES}}
@@ -171,7 +172,7 @@ def compare(rows: list[dict]) -> dict:
     P, N, stage, largest = rows[0]["P"], rows[0]["world"], rows[0]["stage"], rows[0]["largest"]
     paper = {"params": 2 * P / (N if stage >= 3 else 1), "grads": 2 * P / (N if stage >= 2 else 1),
              "optimizer": 12 * P / (N if stage >= 1 else 1)}
-    est = memory.estimate(P, stage, N, "bf16", largest_param=largest)
+    est = memory.estimate(P, stage, N, "bf16", largest_param=largest, bucket_bytes=rows[0]["bucket_bytes"])
     llmkit = {"params": est.param_bytes, "grads": est.grad_peak_bytes, "optimizer": est.optimizer_bytes}
     # params and optimizer states are read after the step; grads at their peak over the phases
     per_rank = [{"params": r["after_step"]["params"], "grads": max(r[ph]["grads"] for ph in PHASES),

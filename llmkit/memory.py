@@ -17,6 +17,8 @@ grads are still held, so the gradient peak is the larger of
 fp32 training makes no copies: 4P (stage 0, ZeRO-1) or 4P/N (+ 4L in backward) for ZeRO-2/3. `total at peak`
 is params + gradients at peak + optimizer states. Without DeepSpeed (plain data parallel) autocast keeps fp32
 weights and grads and makes no copies: 4P + 4P + 8P, the paper's 16P, so the peak is the paper's.
+Backward also holds DeepSpeed's reduce bucket(s) (contiguous_gradients): reduce_bucket_size elements of the
+grad dtype each, two with overlap_comm at ZeRO-1/2 (`bucket_bytes`); ZeRO-3 keeps its bucket through the step.
 Known gap: ZeRO-1/2 size each rank's grad buffer by whole params, so one large tensor straddling the partition
 boundary (MiniLM's embedding on 2 ranks) makes one rank's buffer up to a whole tensor bigger than 2P/N.
 Activations, buffers and framework overhead are not counted.
@@ -88,7 +90,7 @@ class MemoryEstimate:
 
 def estimate(params: int, zero_stage: int, num_devices: int, precision: str = "bf16",
              offload_optimizer: bool = False, offload_params: bool = False,
-             largest_param: int = 0, deepspeed: bool = True) -> MemoryEstimate:
+             largest_param: int = 0, deepspeed: bool = True, bucket_bytes: float = 0.0) -> MemoryEstimate:
     """Bytes per device for parameters, gradients and optimizer states (paper), and the gradients at their peak
     as DeepSpeed runs them; `largest_param` (elements of the largest single tensor, 0 = not known) adds its
     transient full grad to ZeRO-2/3's backward. `deepspeed=False` (stage 0 only): plain data parallel, where
@@ -117,6 +119,8 @@ def estimate(params: int, zero_stage: int, num_devices: int, precision: str = "b
     partition = g_b * params / (n if zero_stage >= 1 else 1)  # ZeRO-1 reduces into its partition after backward
     copies = 4 * params / (n if zero_stage >= 1 else 1) if mixed and not offload_optimizer else 0.0
     step = partition + copies
+    backward += bucket_bytes
+    step += bucket_bytes if zero_stage == 3 else 0.0  # ZeRO-1/2 have reduced and let go of it by then
     if not deepspeed:  # fp32 grads (4P) in place of the paper's 2P grads + 2P of the 4P fp32 weights: same total
         backward = step = grad
     host = 0.0
@@ -165,6 +169,17 @@ def largest_of(model) -> int:
     return max((getattr(p, "ds_numel", p.numel()) for p in model.parameters()), default=0)
 
 
+def bucket_bytes(zero: dict, precision: str) -> float:
+    """Bytes of DeepSpeed's gradient reduce bucket(s) for a zero_optimization section (DeepSpeed's defaults:
+    contiguous_gradients on, reduce_bucket_size 5e8)."""
+    stage = zero.get("stage", 0)
+    if stage == 0 or not zero.get("contiguous_gradients", True):
+        return 0.0
+    elements = float(zero.get("reduce_bucket_size", 5e8))
+    width = 2 if precision in ("bf16", "fp16") else 4
+    return elements * width * (2 if stage in (1, 2) and zero.get("overlap_comm") else 1)
+
+
 def for_run(ds_config: dict | None, params: int, num_devices: int, precision: str,
             largest_param: int = 0) -> MemoryEstimate:
     """The estimate for a run's resolved DeepSpeed config (no DeepSpeed = plain data parallel)."""
@@ -175,4 +190,5 @@ def for_run(ds_config: dict | None, params: int, num_devices: int, precision: st
 
     return estimate(params, zero.get("stage", 0), num_devices, precision,
                     offload_optimizer=offloaded("offload_optimizer"), offload_params=offloaded("offload_param"),
-                    largest_param=largest_param, deepspeed=ds_config is not None)
+                    largest_param=largest_param, deepspeed=ds_config is not None,
+                    bucket_bytes=bucket_bytes(zero, precision))

@@ -131,7 +131,8 @@ def test_deepspeed_autos_filled_from_llmkit_config(tmp_path, monkeypatch):
     assert ds["gradient_clipping"] == 0.5
     assert ds["bf16"]["enabled"] is True and ds["fp16"]["enabled"] is False
     zero = ds["zero_optimization"]
-    assert zero["reduce_bucket_size"] == 384 * 384
+    assert zero["reduce_bucket_size"] == 25_000_000  # hidden^2 = 147k would mean a collective per 147k grads
+    assert engine.resolve_deepspeed(cfg, "bf16", 2, hidden=8192)["zero_optimization"]["reduce_bucket_size"] == 8192**2
     assert zero["stage3_prefetch_bucket_size"] == int(0.9 * 384 * 384)
     assert zero["stage3_param_persistence_threshold"] == 3840
     assert zero["stage3_gather_16bit_weights_on_model_save"] is True

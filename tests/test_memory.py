@@ -88,8 +88,9 @@ def test_grad_peak_fp32_offload_and_no_deepspeed():
     plain = memory.for_run(None, P, 2, "bf16", largest_param=L)  # autocast: fp32 grads, no copies, same 16P
     assert plain.grad_peak_bytes == plain.grad_bytes and plain.peak_device_bytes == plain.device_bytes == 16 * P
     assert "no DeepSpeed" in plain.table()
-    ds = memory.for_run({"zero_optimization": {"stage": 3}}, P, 2, "bf16", largest_param=L)
-    assert ds.grad_peak_bytes == 6 * P / 2 and ds.largest_param == L
+    ds = memory.for_run({"zero_optimization": {"stage": 3, "reduce_bucket_size": 10**6}}, P, 2, "bf16",
+                        largest_param=L)
+    assert ds.grad_peak_bytes == 6 * P / 2 + 2 * 10**6 and ds.largest_param == L  # + the bf16 reduce bucket
     with pytest.raises(LlmkitError, match="largest parameter"):
         memory.estimate(1000, 2, 2, largest_param=1001)
 
@@ -127,7 +128,8 @@ def test_estimate_memory_command(tiny_bert):
     line = next(x for x in out.stdout.splitlines() if "total per device" in x)
     assert line.split()[-2] == f"{total:.3f}"
     _, largest = memory.model_sizes(str(tiny_bert))
-    peak = memory.estimate(params, 2, 4, largest_param=largest).peak_device_bytes / 1024**3
+    bucket = 2 * 25_000_000  # llmkit's "auto" reduce bucket for a small model: 25M bf16 elements
+    peak = memory.estimate(params, 2, 4, largest_param=largest, bucket_bytes=bucket).peak_device_bytes / 1024**3
     line = next(x for x in out.stdout.splitlines() if "total at peak" in x)
     assert line.split()[-2] == f"{peak:.3f}"
     assert f"largest param {largest / 1e6:,.1f}M" in out.stdout
@@ -143,3 +145,21 @@ def test_loss_scale_watchdog():
     dog.update(None, 7)  # no scale known: no change
     with pytest.raises(LlmkitError, match="loss scale has been at its minimum \\(1\\) for 3 steps \\(step 8\\)"):
         dog.update(1, 8)
+
+
+def test_reduce_bucket_bytes_follow_deepspeed_allocation():
+    assert memory.bucket_bytes({"stage": 0, "reduce_bucket_size": 10}, "bf16") == 0
+    assert memory.bucket_bytes({"stage": 1, "reduce_bucket_size": 10}, "bf16") == 20
+    assert memory.bucket_bytes({"stage": 2, "reduce_bucket_size": 10}, "bf16") == 20
+    assert memory.bucket_bytes({"stage": 2, "reduce_bucket_size": 10, "overlap_comm": True}, "bf16") == 40
+    assert memory.bucket_bytes({"stage": 3, "reduce_bucket_size": 10, "overlap_comm": True}, "bf16") == 20
+    assert memory.bucket_bytes({"stage": 2, "reduce_bucket_size": 10}, "fp32") == 40
+    assert memory.bucket_bytes({"stage": 2, "reduce_bucket_size": 10, "contiguous_gradients": False}, "bf16") == 0
+    assert memory.bucket_bytes({"stage": 2}, "bf16") == 2 * 5e8  # DeepSpeed's default size
+    # measured (bench/zero_memory.py, MiniLM, 2 ranks, 25M-element bucket): ZeRO-1 holds it on top of the full
+    # bf16 grads in backward, ZeRO-3 also through the step
+    P, bucket = 22_713_986, 5e7
+    one = memory.estimate(P, 1, 2, "bf16", bucket_bytes=bucket)
+    assert one.grad_peak_bytes == one.grad_backward_bytes == 2 * P + bucket  # 91.0 MiB measured
+    three = memory.estimate(P, 3, 2, "bf16", largest_param=11_720_448, bucket_bytes=bucket)
+    assert three.grad_step_bytes == 6 * P / 2 + bucket  # 112.7 MiB measured
