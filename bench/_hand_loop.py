@@ -1,6 +1,6 @@
 """The floor for framework overhead: a minimal hand-written Accelerate loop over the same length-grouped batches
-as llmkit (same sampler, model, optimizer and scheduler), nothing else. Run directly (1 process) or under
-`accelerate launch` (DeepSpeed from the Accelerate config). Prints a RESULT line."""
+as llmkit (same sampler, model, optimizer, scheduler and gradient clipping), nothing else. Run directly
+(1 process) or under `accelerate launch` (DeepSpeed from the Accelerate config). Prints a RESULT line."""
 
 from __future__ import annotations
 
@@ -46,6 +46,8 @@ def main() -> None:
             break
         out = net(**batch)
         acc.backward(out.loss)
+        if t.max_grad_norm > 0 and acc.distributed_type.value != "DEEPSPEED":  # DeepSpeed clips in its step
+            acc.clip_grad_norm_(net.parameters(), t.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad()
