@@ -516,8 +516,9 @@ GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_sca
 
 
 def step_phases(events, gpu: bool) -> dict[str, float]:
-    """Milliseconds per profiled step: the whole step, the loop's phases (inclusive), and what matmuls and
-    collectives took themselves (self time; on a GPU, device time)."""
+    """Milliseconds per profiled step: the whole step, the loop's phases (inclusive; under DeepSpeed the
+    optimizer step runs inside backward), and what matmuls and collectives took themselves (self time; on a GPU,
+    device time)."""
     self_time = (lambda e: e.self_device_time_total) if gpu else (lambda e: e.self_cpu_time_total)
     by_name = {e.key: e for e in events}
     steps = sum(e.count for e in events if e.key.startswith("ProfilerStep"))
@@ -537,7 +538,8 @@ def step_phases(events, gpu: bool) -> dict[str, float]:
 
 def _profiler(run: Run):
     """torch.profiler over train.profile_steps optimizer steps after a short warm-up; each rank writes its op
-    table (by self time) and a Chrome trace to <output_dir>/profile. The loop labels forward/backward/optimizer."""
+    table (by self time), a Chrome trace and the step's phases to <output_dir>/profile. The loop labels
+    forward/backward/optimizer."""
     folder = run.output_dir / "profile"
     rank = run.accelerator.process_index
     gpu = torch.cuda.is_available()
@@ -679,6 +681,8 @@ def train(run: Run, model, optimizer, train_loader, eval_loader, eval_fn) -> dic
                 state.epoch, state.batches_in_epoch = state.epoch + 1, 0
             evaluated = (t.eval_every_steps and state.step % t.eval_every_steps == 0) or end_of_epoch \
                 or state.step == total_steps
+            # asked before the pause is timed: waiting here for a slower rank is training time
+            interrupted = stop.agreed(acc)
             pause_start = time.perf_counter()
             if evaluated:
                 _stop_if_nonfinite(run, nonfinite_at)
@@ -691,7 +695,6 @@ def train(run: Run, model, optimizer, train_loader, eval_loader, eval_fn) -> dic
                                       "score": score, **metrics})
                 shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "samples")
                 run.log(f"eval step {state.step}: {shown}")
-            interrupted = stop.agreed(acc)
             if interrupted or (c.save_every_steps and state.step % c.save_every_steps == 0) \
                     or (c.save_every_epoch and end_of_epoch):
                 _stop_if_nonfinite(run, nonfinite_at)  # never replace a good checkpoint with a diverged one
