@@ -183,10 +183,11 @@ class LossScaleWatchdog:
     def __init__(self, patience: int, floor: float = 1.0):
         self.patience, self.floor, self.at_floor = patience, floor, 0
 
-    def update(self, scale: float | None, step: int) -> None:
+    def update(self, scale: float | None, step: int, steps: int = 1) -> None:
+        """`scale` as read at `step`, `steps` optimizer steps after the previous reading."""
         if scale is None:
             return
-        self.at_floor = self.at_floor + 1 if scale <= self.floor else 0
+        self.at_floor = self.at_floor + steps if scale <= self.floor else 0
         if self.at_floor >= self.patience:
             raise LlmkitError(f"the fp16 loss scale has been at its minimum ({scale:g}) for {self.at_floor} steps "
                               f"(step {step}): gradients keep overflowing and training is skipping updates. Use "
@@ -658,8 +659,10 @@ def train(run: Run, model, optimizer, train_loader, eval_loader, eval_fn) -> dic
                 profiler.step()
             if faults:
                 _fault("sigterm", state.step, acc.process_index)
-            if watchdog is not None:
-                watchdog.update(loss_scale(acc, model), state.step)
+            # DeepSpeed keeps the fp16 scale as a Python number; torch's GradScaler keeps it on the GPU, so read
+            # it only when logging: the loop must not wait for the GPU every step
+            if watchdog is not None and (run.ds_config or state.step % t.logging_steps == 0):
+                watchdog.update(loss_scale(acc, model), state.step, steps=1 if run.ds_config else t.logging_steps)
             if state.step % t.logging_steps == 0 or state.step == total_steps:
                 if grad_norm is None and hasattr(model, "get_global_grad_norm"):
                     grad_norm = model.get_global_grad_norm()

@@ -145,6 +145,13 @@ def test_loss_scale_watchdog():
     dog.update(None, 7)  # no scale known: no change
     with pytest.raises(LlmkitError, match="loss scale has been at its minimum \\(1\\) for 3 steps \\(step 8\\)"):
         dog.update(1, 8)
+    sampled = LossScaleWatchdog(patience=25, floor=1.0)  # read every 10 steps (torch's GradScaler)
+    sampled.update(1, 10, steps=10)
+    sampled.update(4, 20, steps=10)  # back above the floor: the count restarts
+    sampled.update(1, 30, steps=10)
+    sampled.update(1, 40, steps=10)
+    with pytest.raises(LlmkitError, match="for 30 steps \\(step 50\\)"):
+        sampled.update(1, 50, steps=10)
 
 
 def test_reduce_bucket_bytes_follow_deepspeed_allocation():
