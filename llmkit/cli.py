@@ -48,7 +48,7 @@ def _assets(_: argparse.Namespace) -> None:
 def _estimate_memory(args: argparse.Namespace) -> None:
     from llmkit import memory
     from llmkit.config import ModelConfig
-    from llmkit.engine import REDUCE_BUCKET_MIN
+    from llmkit.engine import auto_reduce_bucket
     from llmkit.model import hidden_size
 
     params, largest = memory.model_sizes(args.model, args.task, args.trust_remote_code)
@@ -56,7 +56,7 @@ def _estimate_memory(args: argparse.Namespace) -> None:
     opt, par = offload[args.offload]
     # the reduce bucket as llmkit fills "auto" in the shipped ds_configs (contiguous gradients, no overlap)
     hidden = hidden_size(ModelConfig(name_or_path=args.model, trust_remote_code=args.trust_remote_code))
-    zero = {"stage": args.zero_stage, "reduce_bucket_size": max((hidden or 0) ** 2, REDUCE_BUCKET_MIN)}
+    zero = {"stage": args.zero_stage, "reduce_bucket_size": auto_reduce_bucket(hidden)}
     print(memory.estimate(params, args.zero_stage, args.num_gpus, args.precision, opt, par, largest,
                           bucket_bytes=memory.bucket_bytes(zero, args.precision)).table())
 

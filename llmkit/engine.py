@@ -31,6 +31,14 @@ ACCELERATE_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 REDUCE_BUCKET_MIN = 25_000_000  # elements; the floor of DeepSpeed's reduce_bucket_size "auto"
 
 
+def auto_reduce_bucket(hidden: int | None) -> int:
+    """DeepSpeed's reduce_bucket_size for "auto": hidden^2 (what HF's Trainer fills in), but at least 25M
+    elements (50 MB in bf16): a small model's buckets would be tiny, and every bucket is one collective.
+    MiniLM on 2 CPU ranks: 147k-element buckets (83 all-reduces per step) ran 48 samples/s, 25M (one per step)
+    60 (bench/README.md)."""
+    return max((hidden or 0) ** 2, REDUCE_BUCKET_MIN)
+
+
 def cpu_has_native_bf16() -> bool:
     """True when the CPU has bf16 matrix instructions (AVX512-BF16 or AMX); elsewhere bf16 is ~100x slower."""
     try:
@@ -126,10 +134,7 @@ def resolve_deepspeed(cfg: Config, precision: str, world_size: int, hidden: int 
         ds["fp16"].setdefault("loss_scale", 0)  # 0 = dynamic loss scaling
     stage = zero.setdefault("stage", 0)
     if zero.get("reduce_bucket_size") == "auto":
-        # hidden^2 (what HF's Trainer fills in), but at least 25M elements (50 MB in bf16): a small model's
-        # buckets would be tiny, and every bucket is one collective. MiniLM on 2 CPU ranks: 147k-element buckets
-        # (83 all-reduces per step) ran 48 samples/s, 25M (one per step) 60 (bench/README.md)
-        zero["reduce_bucket_size"] = max((hidden or 0) ** 2, REDUCE_BUCKET_MIN)
+        zero["reduce_bucket_size"] = auto_reduce_bucket(hidden)
     if hidden:
         for key, value in (("stage3_prefetch_bucket_size", int(0.9 * hidden * hidden)),
                            ("stage3_param_persistence_threshold", 10 * hidden)):

@@ -169,7 +169,7 @@ def _prepare_labels(cfg, tokenizer, seed: int, log) -> LMData:
 
     def eval_row(row, index):
         out = label_candidates(tokenizer, cfg, words, row[cfg.text_column], row[pair] if pair else None)
-        return {**out, "row": index}
+        return {**out, "row": index, "length": max(map(len, out["candidates"]))}
 
     rows = labeled.rows
     # the token labels replace the label ids (columns are removed after the function has read them)
@@ -182,7 +182,6 @@ def _prepare_labels(cfg, tokenizer, seed: int, log) -> LMData:
                         remove_columns=[c for c in ds.column_names if c != "labels"])
             # scored in length order, batches carry little padding (~0.99 instead of ~0.79 of real tokens);
             # "row" maps the scores back to the texts
-            ds = ds.map(lambda r: {"length": max(map(len, r["candidates"]))}, desc=f"measuring {role}")
             scored[role] = ds.sort("length").remove_columns("length")
     raw = {"validation": rows["eval"], **({"test": rows["test"]} if "test" in rows else {})}
     return LMData(train=train, eval=scored["eval"], mode="labels", packing=None,

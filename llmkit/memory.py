@@ -114,11 +114,9 @@ def estimate(params: int, zero_stage: int, num_devices: int, precision: str = "b
     grad = g_b * params / (n if zero_stage >= 2 else 1)
     optim = o_b * params / (n if zero_stage >= 1 else 1)
     # DeepSpeed's real gradient memory (module docstring)
-    shard = n if zero_stage >= 2 else 1
-    backward = g_b * params / shard + (g_b * largest_param if zero_stage >= 2 else 0)
-    partition = g_b * params / (n if zero_stage >= 1 else 1)  # ZeRO-1 reduces into its partition after backward
-    copies = 4 * params / (n if zero_stage >= 1 else 1) if mixed and not offload_optimizer else 0.0
-    step = partition + copies
+    backward = grad + (g_b * largest_param if zero_stage >= 2 else 0)
+    owned = params / (n if zero_stage >= 1 else 1)  # ZeRO-1 too reduces into its partition after backward
+    step = g_b * owned + (4 * owned if mixed and not offload_optimizer else 0.0)  # + the fp32 copies
     backward += bucket_bytes
     step += bucket_bytes if zero_stage == 3 else 0.0  # ZeRO-1/2 have reduced and let go of it by then
     if not deepspeed:  # fp32 grads (4P) in place of the paper's 2P grads + 2P of the 4P fp32 weights: same total
