@@ -1,4 +1,5 @@
-"""The `llmkit` command, and the error handling shared by the recipes."""
+"""The `llmkit` command, and the error handling shared by the recipes. Each command imports what it needs when
+it runs, so `llmkit --help` and `llmkit assets` start without torch."""
 
 from __future__ import annotations
 
@@ -46,16 +47,16 @@ def _assets(_: argparse.Namespace) -> None:
 
 
 def _estimate_memory(args: argparse.Namespace) -> None:
-    from llmkit import memory
+    from llmkit import memory, model
     from llmkit.config import ModelConfig
-    from llmkit.engine import auto_reduce_bucket
-    from llmkit.model import hidden_size
+    from llmkit.launch import auto_reduce_bucket
 
-    params, largest = memory.model_sizes(args.model, args.task, args.trust_remote_code)
+    cfg = ModelConfig(name_or_path=args.model, trust_remote_code=args.trust_remote_code)
+    params, largest = model.model_sizes(cfg, causal_lm=args.task == "causal-lm")
     offload = {"none": (False, False), "optimizer": (True, False), "params": (False, True), "both": (True, True)}
     opt, par = offload[args.offload]
     # the reduce bucket as llmkit fills "auto" in the shipped ds_configs (contiguous gradients, no overlap)
-    hidden = hidden_size(ModelConfig(name_or_path=args.model, trust_remote_code=args.trust_remote_code))
+    hidden = model.hidden_size(model.read_config(cfg))
     zero = {"stage": args.zero_stage, "reduce_bucket_size": auto_reduce_bucket(hidden)}
     print(memory.estimate(params, args.zero_stage, args.num_gpus, args.precision, opt, par, largest,
                           bucket_bytes=memory.bucket_bytes(zero, args.precision)).table())
@@ -78,16 +79,16 @@ def _generate(args: argparse.Namespace) -> None:
 
 
 def _report(args: argparse.Namespace) -> None:
-    from llmkit import report
+    from llmkit.report import pages
 
-    paths = report.build(args.run_dirs, args.output)
+    paths = pages.build(args.run_dirs, args.output)
     print(f"report: {paths['html']}  (also {paths['md'].name}, {paths['json'].name})")
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from llmkit import evaluation
+    from llmkit.commands.evaluate import evaluate_export
 
-    got = evaluation.evaluate_export(args.model_dir, args.data, args.split, args.output, args.text_column,
+    got = evaluate_export(args.model_dir, args.data, args.split, args.output, args.text_column,
                                      args.text_pair_column, args.label_column, args.max_length, args.batch_size,
                                      args.max_samples)
     m = got["metrics"]
@@ -97,16 +98,16 @@ def _eval(args: argparse.Namespace) -> None:
 
 
 def _push(args: argparse.Namespace) -> None:
-    from llmkit import hub
+    from llmkit.ship import hub
 
     hub.push(args.run_dir, args.repo_id, private=not args.public, revision=args.revision,
              push_merged=args.merged, dry_run=args.dry_run, staging=args.output)
 
 
 def _validate(args: argparse.Namespace) -> None:
-    from llmkit import validate
+    from llmkit.commands.validate import validate
 
-    validate.run_all(args.config, args.overrides, args.accelerate_config)
+    validate(args.config, args.overrides, args.accelerate_config)
 
 
 def main(argv: list[str] | None = None) -> None:

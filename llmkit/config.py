@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -12,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from llmkit import metrics
 from llmkit.errors import LlmkitError
 
 
@@ -143,6 +145,7 @@ class Config:
 
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 SCHEDULERS = ("linear", "cosine", "constant")
 ADAMW_IMPLS = ("fused", "foreach", "loop")
 
@@ -275,11 +278,18 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise LlmkitError(f"config section '{section}' must be a mapping")
         current[leaf] = value
     config = _build(raw)
-    validate(config)
+    check_values(config)
     return config
 
 
-def validate(cfg: Config) -> None:
+def check_repo_id(repo_id: str | None, key: str = "output.hub_model_id") -> str:
+    """A Hub repo id of the form <user or org>/<name>; a clear error otherwise."""
+    if not repo_id or not REPO_ID.match(repo_id) or ".." in repo_id:
+        raise LlmkitError(f"{key} must look like <user or org>/<name> (letters, digits, . _ -), got {repo_id!r}")
+    return repo_id
+
+
+def check_values(cfg: Config) -> None:
     """Reject impossible values; every message names the key."""
     t, d = cfg.train, cfg.data
 
@@ -361,12 +371,9 @@ def validate(cfg: Config) -> None:
     need(o.hub_strategy in ("end", "every_save"), "output.hub_strategy",
          f"must be end or every_save, got '{o.hub_strategy}'")
     if o.push_to_hub:
-        from llmkit.hub import check_repo_id
-
         check_repo_id(o.hub_model_id)
     c = cfg.checkpoint
     need(c.save_every_steps is None or c.save_every_steps >= 1, "checkpoint.save_every_steps", "must be >= 1 when set")
     need(c.keep_last is None or c.keep_last >= 1, "checkpoint.keep_last", "must be >= 1 (or null to keep all)")
     need(c.keep_best >= 0, "checkpoint.keep_best", f"must be >= 0, got {c.keep_best}")
-    metrics = ("accuracy", "f1", "precision", "recall", "f1_macro", "loss", "perplexity")
-    need(c.best_metric in metrics, "checkpoint.best_metric", f"must be one of {', '.join(metrics)}")
+    need(c.best_metric in metrics.ALL, "checkpoint.best_metric", f"must be one of {', '.join(metrics.ALL)}")

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from llmkit.errors import LlmkitError
+from llmkit.model import locate
 
 
 def render(tokenizer, prompt: str, chat: bool | None = None) -> list[int]:
@@ -57,8 +58,6 @@ def load(folder: str | Path, base: str | None = None):
         path = path / "merged"
     if (path / "adapter_config.json").is_file():
         from peft import PeftModel
-
-        from llmkit.model import locate
 
         base = base or json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
         if not base:

@@ -132,31 +132,6 @@ def estimate(params: int, zero_stage: int, num_devices: int, precision: str = "b
                           param, grad, optim, host, backward, step, largest_param, deepspeed)
 
 
-def count_parameters(name_or_path: str, task: str = "classification", trust_remote_code: bool = False) -> int:
-    """Parameters of a model, counted from its config on the meta device (no weights are read)."""
-    return model_sizes(name_or_path, task, trust_remote_code)[0]
-
-
-def model_sizes(name_or_path: str, task: str = "classification",
-                trust_remote_code: bool = False) -> tuple[int, int]:
-    """(parameters, elements of the largest single parameter) of a model, from its config on the meta device."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    from llmkit.model import locate
-
-    name = locate(name_or_path, "--model")
-    try:
-        config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise LlmkitError(f"could not read the config of '{name_or_path}': {exc}") from None
-    auto = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
-    with torch.device("meta"):
-        model = auto.from_config(config, trust_remote_code=trust_remote_code)
-    sizes = [p.numel() for p in model.parameters()]  # tied weights are yielded once
-    return sum(sizes), max(sizes, default=0)
-
-
 def parameters_of(model) -> int:
     """Parameters of a live model, counting ZeRO-3 partitioned ones at their full size."""
     return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())

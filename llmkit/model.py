@@ -62,7 +62,7 @@ def load_classifier(cfg: ModelConfig, label_names: list[str], pad_token_id: int 
     common = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
     try:
         if cfg.from_scratch:
-            config = AutoConfig.from_pretrained(name, **labels, **common)
+            config = read_config(cfg, **labels)
             model = AutoModelForSequenceClassification.from_config(config, trust_remote_code=cfg.trust_remote_code)
         else:
             # a checkpoint with another head size (e.g. a 2-class model tuned to 3 classes) gets a fresh head
@@ -86,14 +86,47 @@ def _checkpointing(model) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def hidden_size(cfg: ModelConfig) -> int | None:
-    """The model's hidden size (read from its config only), used to size DeepSpeed buckets."""
+def read_config(cfg: ModelConfig, **overrides):
+    """The model's transformers config (a local dir, an asset or a Hub id): the one place that reads it."""
     name = locate(cfg.name_or_path, "model.name_or_path")
     try:
-        config = AutoConfig.from_pretrained(name, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+        return AutoConfig.from_pretrained(name, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
+                                          **overrides)
     except (OSError, ValueError) as exc:
         raise _hub_error("the model config", name, exc) from None
+
+
+def hidden_size(config) -> int | None:
+    """The hidden size of a model config, used to size DeepSpeed buckets."""
     return getattr(config, "hidden_size", None) or getattr(config, "d_model", None)
+
+
+def positions(config) -> int | None:
+    """The longest sequence a model config allows, when it says."""
+    for key in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def is_causal_lm(architectures: list[str] | None) -> bool:
+    """A config's `architectures` name a causal LM (e.g. LlamaForCausalLM)."""
+    return any(a.endswith("ForCausalLM") for a in architectures or [])
+
+
+def model_sizes(cfg: ModelConfig, causal_lm: bool = False) -> tuple[int, int]:
+    """(parameters, elements of the largest single parameter) of the model, built from its config on the meta
+    device (no weights are read)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = read_config(cfg)
+    auto = AutoModelForCausalLM if causal_lm else AutoModelForSequenceClassification
+    with torch.device("meta"):
+        model = auto.from_config(config, trust_remote_code=cfg.trust_remote_code)
+    sizes = [p.numel() for p in model.parameters()]  # tied weights are yielded once
+    return sum(sizes), max(sizes, default=0)
 
 
 # LoRA targets per architecture: every projection of attention and MLP, the usual strong default
@@ -159,13 +192,6 @@ def train_tokenizer(texts, vocab_size: int, folder: Path, max_length: int | None
     return tok
 
 
-def vocab_size(cfg: ModelConfig) -> int:
-    """vocab_size from the model's config (read only)."""
-    name = locate(cfg.name_or_path, "model.name_or_path")
-    config = AutoConfig.from_pretrained(name, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
-    return int(config.vocab_size)
-
-
 def load_causal_lm(cfg: ModelConfig, lora: LoraConfig, tokenizer=None):
     """AutoModelForCausalLM from a Hub id, a local dir or an asset, or random init from its config; LoRA if asked.
 
@@ -176,7 +202,7 @@ def load_causal_lm(cfg: ModelConfig, lora: LoraConfig, tokenizer=None):
     common = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
     try:
         if cfg.from_scratch:
-            config = AutoConfig.from_pretrained(name, **common)
+            config = read_config(cfg)
             if tokenizer is not None:
                 if len(tokenizer) > config.vocab_size:
                     raise LlmkitError(f"the tokenizer has {len(tokenizer)} tokens but the model config's vocab_size "

@@ -5,77 +5,72 @@ classification): setup / train / evaluate / export.
         --config recipes/configs/sentiment_smollm2_lora.yaml [--lora.r 8 ...]
 """
 
-import torch
-
-from llmkit import engine, export, hub, lm_data, lm_eval, model, report
+from llmkit import model
 from llmkit.cli import guarded, recipe_args
 from llmkit.config import load_config
+from llmkit.data import lm, loaders
+from llmkit.evals import lm as lm_eval
+from llmkit.evals.classification import write_predictions
+from llmkit.report import pages
+from llmkit.ship import export, hub
+from llmkit.train import optim
+from llmkit.train.loop import fit
+from llmkit.train.run import load_tokenizer, setup
 
 
 def main() -> None:
-    # setup: the config is checked before any process group starts
+    # setup: every check runs before the process group starts
     cfg = load_config(*recipe_args())
-    run = engine.setup(cfg, hidden=model.hidden_size(cfg.model))
+    run = setup(cfg)
     acc = run.accelerator
-    if model.needs_trained_tokenizer(cfg.model):
-        cfg.model.tokenizer = lm_data.train_tokenizer_once(run, cfg)
-    tokenizer = model.load_tokenizer(cfg.model)
+    tokenizer = load_tokenizer(run)  # from-scratch runs without one: trained on the train split first
     with acc.main_process_first():
-        ds = lm_data.prepare(cfg.data, tokenizer, seed=cfg.train.seed, log=run.log)
-    run.log(f"data: {ds.mode}, train {len(ds.train)}, validation {len(ds.eval)} examples"
+        ds = lm.prepare(cfg.data, tokenizer, seed=cfg.train.seed, log=run.log)
+    run.log(f"data: {ds.mode}, train {len(ds.train)}, validation {len(ds.validation)} examples"
             + (f"; label words {ds.label_words}" if ds.label_words else ""))
     net = model.load_causal_lm(cfg.model, cfg.lora, tokenizer)
-    optimizer = engine.build_optimizer(cfg, net)
-    train_loader, eval_loaders = lm_data.dataloaders(run, ds, tokenizer)
-
+    optimizer = optim.build_optimizer(cfg, net)
+    train_loader, eval_loaders = loaders.lm_loaders(cfg, ds, tokenizer, acc.process_index, acc.num_processes)
+    labels = ds.mode == "labels"
     last = {}  # the latest validation scores, reused when training ended with an eval (it always does)
 
-    def evaluate(m, loader, step):
-        lm_eval.log_samples(run, m, tokenizer, step)
-        if ds.mode == "labels":
-            metrics, last["out"] = lm_eval.score_labels(run, m, loader, len(ds.label_names))
+    def evaluate(m, loader, step=None):  # step: an eval during training, which also logs sample completions
+        if step is not None:
+            lm_eval.log_samples(run, m, tokenizer, step)
+        if labels:
+            metrics, out = lm_eval.score_labels(run, m, loader, len(ds.label_names))
         else:
-            metrics = lm_eval.evaluate_lm(run, m, loader)
-        last.update(step=step, metrics=metrics)
+            metrics, out = lm_eval.evaluate_lm(run, m, loader), None
+        last.update(step=step, metrics=metrics, out=out)
         return metrics
 
     # train
-    result = engine.train(run, net, optimizer, train_loader, eval_loaders["validation"], evaluate)
+    uploader = hub.checkpoint_uploader(run)
+    result = fit(run, net, optimizer, train_loader, eval_loaders["validation"], evaluate, after_save=uploader)
     net = result["model"]
 
     # evaluate the final model (generative classification: every split, with prediction files)
-    results = {"train": result["summary"], **({"label_names": ds.label_names} if ds.label_names else {})}
+    results = {"train": result["summary"], **({"label_names": ds.label_names} if labels else {})}
     for name, loader in eval_loaders.items():
-        loader = acc.prepare_data_loader(loader)
-        if name == "validation" and last.get("step") == result["summary"]["steps"]:
-            results[name], out = last["metrics"], last.get("out")
-        elif ds.mode == "labels":
-            results[name], out = lm_eval.score_labels(run, net, loader, len(ds.label_names))
-        else:
-            results[name], out = lm_eval.evaluate_lm(run, net, loader), None
-        if out is not None and acc.is_main_process:
-            export.write_predictions(run.output_dir / f"predictions_{name}.jsonl", ds.raw[name], out,
-                                     ds.label_names, cfg.data.text_column)
+        if not (name == "validation" and last.get("step") == result["summary"]["steps"]):
+            evaluate(net, acc.prepare_data_loader(loader))
+        results[name] = last["metrics"]
+        if labels and acc.is_main_process:
+            write_predictions(run.output_dir / f"predictions_{name}.jsonl", ds.rows[name], last["out"],
+                              ds.label_names, cfg.data.text_column)
     if ds.packing is not None:
         results["packing_efficiency"] = ds.packing.efficiency
 
     # export (adapter + merged for LoRA), verified by reloading with plain transformers / peft
-    probe = [ds.train[i]["input_ids"][:16] for i in range(min(2, len(ds.train)))]
-    width = min(len(p) for p in probe)
-    probe = [p[:width] for p in probe]
-    net.eval()
-    with torch.no_grad():  # every rank runs it: under ZeRO-3 the forward is collective
-        logits = net(input_ids=torch.tensor(probe, device=acc.device)).logits.float().cpu().tolist()
-    final = export.save_causal_lm(run, net, tokenizer, results, model.locate(cfg.model.name_or_path, "model"),
-                                  probe, logits)
+    final = export.save_causal_lm(run, net, tokenizer, results, ds.train)
     for name in eval_loaders:
         m = results[name]
         shown = f"accuracy {m['accuracy']:.4f}  f1 {m['f1']:.4f}  " if "accuracy" in m else ""
         run.log(f"{name}: {shown}loss {m['loss']:.4f}  perplexity {m['perplexity']:.2f}")
     run.log(f"export: {final}  (train {result['summary']['train_seconds']} s)")
-    if ds.mode == "labels":
-        report.write_for_run(run)
-    hub.push_run(run)
+    if labels:
+        pages.write_for_run(run)
+    hub.push_run(run, uploader)
     acc.end_training()
 
 

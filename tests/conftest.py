@@ -1,39 +1,13 @@
-"""Shared fixtures: a tiny BERT made in-process, tiny sentiment data, and a launcher for real 2-rank runs."""
+"""Shared fixtures: a tiny BERT and a tiny Llama made in-process, tiny sentiment data, DeepSpeed's CPU Adam op.
+The helpers the tests import are in helpers.py."""
 
 from __future__ import annotations
 
 import json
-import os
-import random
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-POSITIVE = "great good fun wonderful moving charming brilliant superb".split()
-NEGATIVE = "bad awful boring dull weak tedious clumsy bland".split()
-FILLER = "the a movie film was is and very quite plot acting story".split()
-SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-
-
-def make_sentences(n: int, seed: int, string_labels: bool = True) -> list[dict]:
-    """Rows whose label follows from the sentiment words they contain, with varied lengths."""
-    rng = random.Random(seed)
-    rows = []
-    for i in range(n):
-        label = i % 2
-        words = rng.choices(FILLER, k=rng.randint(2, 14)) + rng.choices(POSITIVE if label else NEGATIVE, k=2)
-        rng.shuffle(words)
-        value = ("pos" if label else "neg") if string_labels else label
-        rows.append({"text": " ".join(words), "label": value})
-    return rows
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+from helpers import CHATML, FILLER, LM_SPECIAL, LM_WORDS, NEGATIVE, POSITIVE, SPECIAL, make_sentences, write_jsonl
 
 
 @pytest.fixture(scope="session")
@@ -88,13 +62,6 @@ def cpu_adam():
     CPUAdamBuilder().load()
 
 
-# a word-level tokenizer with a ChatML template, for tiny causal LMs
-LM_SPECIAL = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>"]
-LM_WORDS = "system user assistant you are helpful is this film good positive negative bad hi".split()
-CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
-          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
-
-
 @pytest.fixture(scope="session")
 def tiny_lm(tmp_path_factory):
     """A tiny Llama with a word-level tokenizer and a ChatML template, plus prompt/response data."""
@@ -121,62 +88,3 @@ def tiny_lm(tmp_path_factory):
         (root / "data").mkdir(exist_ok=True)
         (root / "data" / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return root
-
-
-
-def write_lm_config(path: Path, tiny_lm: Path, output: Path, lora: bool, **train) -> Path:
-    """A causal-LM recipe YAML: the tiny Llama on its prompt/response data, fp32."""
-    import yaml
-
-    cfg = {
-        "model": {"name_or_path": str(tiny_lm / "model")},
-        "lora": {"enabled": lora, "r": 4, "alpha": 8, "dropout": 0.0},
-        "data": {"dataset": str(tiny_lm / "data"), "test_split": None, "prompt_column": "prompt",
-                 "response_column": "response", "max_length": 32},
-        "train": {"epochs": 1, "per_device_batch_size": 4, "eval_batch_size": 4, "learning_rate": 5e-3,
-                  "warmup_ratio": 0.0, "precision": "fp32", **train},
-        "output": {"output_dir": str(output)},
-    }
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
-def write_config(path: Path, model: Path, data: Path, output: Path, **train) -> Path:
-    """A recipe YAML for the tiny model and data."""
-    import yaml
-
-    cfg = {
-        "model": {"name_or_path": str(model)},
-        "data": {"dataset": str(data), "max_length": 32},
-        "train": {"epochs": 1, "per_device_batch_size": 8, "eval_batch_size": 4, "learning_rate": 1e-3,
-                  "warmup_ratio": 0.0, "logging_steps": 2, "precision": "fp32", **train},
-        "output": {"output_dir": str(output)},
-    }
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
-def launch_command(script: str, args: list[str], accelerate_config: str | None = "cpu_zero2.yaml",
-                   num_processes: int | None = None, launcher_args: list[str] = ()) -> list[str]:
-    """The `accelerate launch` command line for a script of this repo."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch"]
-    if accelerate_config:
-        cmd += ["--config_file", str(ROOT / "accelerate_configs" / accelerate_config)]
-    if num_processes is not None:
-        cmd += ["--num_processes", str(num_processes)]
-    return [*cmd, *launcher_args, str(ROOT / script), *args]
-
-
-LAUNCH_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-
-
-def launch(script: str, args: list[str], accelerate_config: str | None = "cpu_zero2.yaml",
-           num_processes: int | None = None, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run a script under `accelerate launch` (real processes) from the repo root; return the finished process."""
-    cmd = launch_command(script, args, accelerate_config, num_processes)
-    return subprocess.run(cmd, cwd=ROOT, env={**LAUNCH_ENV, **(env or {})}, capture_output=True, text=True,
-                          timeout=timeout)
-
-
-def check_ok(proc: subprocess.CompletedProcess) -> None:
-    assert proc.returncode == 0, f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}"

@@ -76,14 +76,15 @@ def test_installed_smollm2_is_a_plain_causal_lm_with_the_gguf_perplexity(tmp_pat
     import yaml
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from llmkit import memory
+    from llmkit import model as models
+    from llmkit.config import ModelConfig
 
     root = assets.resolve("asset:smollm2")
     info = yaml.safe_load(open(f"{root}/asset.yaml"))
     assert info["perplexity_converted"] == info["perplexity_gguf"]  # checked at conversion time
     tok = AutoTokenizer.from_pretrained(root)
     assert tok.is_fast and tok.chat_template and len(tok) == 49152
-    assert memory.count_parameters(root, task="causal-lm") == 134_515_008
+    assert models.model_sizes(ModelConfig(name_or_path=root), causal_lm=True)[0] == 134_515_008
     model = AutoModelForCausalLM.from_pretrained(root, dtype=torch.float32).eval()
     assert type(model).__name__ == "LlamaForCausalLM"
     ppl = assets.perplexity(model, tok, assets.PERPLEXITY_TEXT)

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import LAUNCH_ENV, ROOT, check_ok, launch, write_config
+from helpers import LAUNCH_ENV, ROOT, check_ok, launch, write_config
 
 from llmkit.config import load_config
 from llmkit.errors import LlmkitError
-from llmkit.validate import check_output_dir_is_safe, warnings
+from llmkit.preflight import check_output_dir_is_safe, warnings
 
 
 def _validate(cfg: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -30,7 +30,7 @@ def test_validate_passes_a_good_config_and_lists_every_check(tmp_path, tiny_bert
     assert proc.returncode == 0, proc.stderr
     for line in ("ok  config:", "ok  precision: fp32", "ok  launch: 2 process(es), DeepSpeed ZeRO-3",
                  "ok  model: bert, 64 positions, max_length 32 fits", "ok  output:", "ok  disk:",
-                 "ok  memory", "ok  tokenizer:", "ok  data: train 96, eval 37, test 29 rows, labels ['neg', 'pos']",
+                 "ok  memory", "ok  tokenizer:", "ok  data: train 96, validation 37, test 29 rows, labels ['neg', 'pos']",
                  "all checks passed"):
         assert line in proc.stdout, line
     assert not (tmp_path / "out").exists()  # validating writes nothing
@@ -169,7 +169,7 @@ def test_security_rules_of_the_code_base():
         assert "import pickle" not in text and "pickle.load" not in text, path
         for call in re.findall(r"torch\.load\([^)]*\)", text):
             assert "weights_only=True" in call, (path, call)
-    export = (ROOT / "llmkit" / "export.py").read_text()
+    export = (ROOT / "llmkit" / "ship" / "export.py").read_text()
     assert "safe_serialization=False" not in export
 
 
@@ -190,6 +190,6 @@ def test_a_rank_killed_mid_step_ends_the_job_and_keeps_the_checkpoint(tmp_path, 
     assert after_kill < 60, after_kill  # the surviving rank and the launcher notice and stop
     checkpoints = out / "checkpoints"
     assert (checkpoints / "latest").read_text().strip() == "step-4"
-    from llmkit import checkpoint
+    from llmkit.train import checkpoint
 
     assert checkpoint.verify(checkpoints / "step-4")["step"] == 4

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 import yaml
-from conftest import check_ok, launch, write_lm_config
+from helpers import check_ok, launch, write_lm_config
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
@@ -49,7 +49,7 @@ def _generate(model_dir, prompt: str, *extra: str) -> str:
     import subprocess
     import sys
 
-    from conftest import LAUNCH_ENV
+    from helpers import LAUNCH_ENV
 
     proc = subprocess.run([sys.executable, "-m", "llmkit.cli", "generate", str(model_dir), "--prompt", prompt,
                            "--max-new-tokens", "4", *extra], capture_output=True, text=True, env=LAUNCH_ENV,

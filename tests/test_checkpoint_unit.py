@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from llmkit import checkpoint
 from llmkit.errors import LlmkitError
+from llmkit.train import checkpoint
 
 
 def _fake(root, step, files=None):
@@ -74,7 +74,7 @@ class _Payload:
 def test_checkpoint_files_must_pass_the_weights_only_gate(tmp_path):
     import torch
 
-    from llmkit.checkpoint import check_pickles
+    from llmkit.train.checkpoint import check_pickles
 
     torch.save({"w": torch.ones(2), "step": 3}, tmp_path / "fine.pt")
     check_pickles(tmp_path)  # tensors and plain data pass

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from llmkit import engine
+from llmkit import launch, precision, preflight
 from llmkit.config import Config, DataConfig, load_config
 from llmkit.errors import LlmkitError
 
@@ -50,10 +50,10 @@ def test_shipped_recipe_configs_are_valid():
     assert sst2.data.dataset == "stanfordnlp/sst2" and sst2.data.test_split is None
 
     # the causal-LM configs: which data mode each selects; the Hub example is validated here, never run offline
-    from llmkit.lm_data import _mode
+    from llmkit.data.lm import mode_of
     from llmkit.model import locate
 
-    modes = {name: _mode(load_config(ROOT / "recipes/configs" / name).data) for name in (
+    modes = {name: mode_of(load_config(ROOT / "recipes/configs" / name).data) for name in (
         "sentiment_smollm2_lora.yaml", "smollm2_full_polarity_text.yaml", "hub_qwen2.5_0.5b_lora_no_robots.yaml")}
     assert modes == {"sentiment_smollm2_lora.yaml": "labels", "smollm2_full_polarity_text.yaml": "packed",
                      "hub_qwen2.5_0.5b_lora_no_robots.yaml": "chat"}
@@ -108,9 +108,9 @@ def test_malformed_yaml_and_missing_file(tmp_path):
 
 def test_fp16_refused_on_cpu():
     with pytest.raises(LlmkitError, match="fp16, but no GPU is available"):
-        engine.resolve_precision("fp16")
-    precision, why = engine.resolve_precision("auto")
-    assert precision == ("bf16" if engine.cpu_has_native_bf16() else "fp32") and why.startswith("auto")
+        precision.resolve_precision("fp16")
+    resolved, why = precision.resolve_precision("auto")
+    assert resolved == ("bf16" if precision.cpu_has_native_bf16() else "fp32") and why.startswith("auto")
 
 
 def _cfg(tmp_path, **train) -> Config:
@@ -124,7 +124,7 @@ def test_deepspeed_autos_filled_from_llmkit_config(tmp_path, monkeypatch):
     monkeypatch.delenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", raising=False)
     cfg = _cfg(tmp_path, per_device_batch_size=8, gradient_accumulation_steps=4, max_grad_norm=0.5)
     cfg.deepspeed.config_file = str(ROOT / "ds_configs/zero3.json")
-    ds = engine.resolve_deepspeed(cfg, "bf16", world_size=2, hidden=384)
+    ds = launch.resolve_deepspeed(cfg, "bf16", world_size=2, hidden=384)
     assert ds["train_micro_batch_size_per_gpu"] == 8
     assert ds["gradient_accumulation_steps"] == 4
     assert ds["train_batch_size"] == 8 * 4 * 2
@@ -132,7 +132,7 @@ def test_deepspeed_autos_filled_from_llmkit_config(tmp_path, monkeypatch):
     assert ds["bf16"]["enabled"] is True and ds["fp16"]["enabled"] is False
     zero = ds["zero_optimization"]
     assert zero["reduce_bucket_size"] == 25_000_000  # hidden^2 = 147k would mean a collective per 147k grads
-    assert engine.resolve_deepspeed(cfg, "bf16", 2, hidden=8192)["zero_optimization"]["reduce_bucket_size"] == 8192**2
+    assert launch.resolve_deepspeed(cfg, "bf16", 2, hidden=8192)["zero_optimization"]["reduce_bucket_size"] == 8192**2
     assert zero["stage3_prefetch_bucket_size"] == int(0.9 * 384 * 384)
     assert zero["stage3_param_persistence_threshold"] == 3840
     assert zero["stage3_gather_16bit_weights_on_model_save"] is True
@@ -145,7 +145,7 @@ def test_deepspeed_value_set_twice_must_agree(tmp_path):
     cfg = _cfg(tmp_path, gradient_accumulation_steps=4)
     cfg.deepspeed.config_file = str(ds_file)
     with pytest.raises(LlmkitError) as err:
-        engine.resolve_deepspeed(cfg, "fp32", world_size=2, hidden=32)
+        launch.resolve_deepspeed(cfg, "fp32", world_size=2, hidden=32)
     msg = str(err.value)
     assert "'gradient_accumulation_steps' is 8 in the DeepSpeed config" in msg
     assert "4 from train.gradient_accumulation_steps" in msg
@@ -174,7 +174,7 @@ def test_each_conflict_names_both_places(tmp_path, json_values, train, precision
     cfg = _cfg(tmp_path, **train)
     cfg.deepspeed.config_file = str(ds_file)
     with pytest.raises(LlmkitError) as err:
-        engine.resolve_deepspeed(cfg, precision, world_size=2, hidden=32)
+        launch.resolve_deepspeed(cfg, precision, world_size=2, hidden=32)
     assert message.replace("ds.json", str(ds_file)) in str(err.value)
     assert "Set it to \"auto\" in the JSON" in str(err.value)
 
@@ -185,7 +185,7 @@ def test_zero_stage_in_llmkit_config_must_match_the_json(tmp_path):
     cfg.deepspeed.zero_stage = 3
     with pytest.raises(LlmkitError, match="'zero_optimization.stage' is 2 in the DeepSpeed config .* but 3 from "
                                           "deepspeed.zero_stage"):
-        engine.resolve_deepspeed(cfg, "fp32", world_size=2, hidden=32)
+        launch.resolve_deepspeed(cfg, "fp32", world_size=2, hidden=32)
 
 
 @pytest.mark.parametrize(
@@ -200,7 +200,7 @@ def test_zero_stage_in_llmkit_config_must_match_the_json(tmp_path):
 def test_accelerate_yaml_values_must_agree(tmp_path, monkeypatch, env, value, message):
     monkeypatch.setenv(env, value)
     with pytest.raises(LlmkitError) as err:
-        engine._check_accelerate_env(_cfg(tmp_path), "fp32")
+        launch.check_accelerate_env(_cfg(tmp_path), "fp32")
     assert message in str(err.value) and "Remove" in str(err.value)
 
 
@@ -210,13 +210,13 @@ def test_deepspeed_rejects_unfillable_auto_and_own_optimizer(tmp_path):
     cfg = _cfg(tmp_path)
     cfg.deepspeed.config_file = str(ds_file)
     with pytest.raises(LlmkitError, match="cannot fill: zero_optimization.mystery"):
-        engine.resolve_deepspeed(cfg, "fp32", world_size=1, hidden=32)
+        launch.resolve_deepspeed(cfg, "fp32", world_size=1, hidden=32)
     ds_file.write_text(json.dumps({"optimizer": {"type": "AdamW"}, "zero_optimization": {"stage": 2}}))
     with pytest.raises(LlmkitError, match="has an 'optimizer' section"):
-        engine.resolve_deepspeed(cfg, "fp32", world_size=1, hidden=32)
+        launch.resolve_deepspeed(cfg, "fp32", world_size=1, hidden=32)
     ds_file.write_text(json.dumps({"zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": False}}))
     with pytest.raises(LlmkitError, match="stage3_gather_16bit_weights_on_model_save is false"):
-        engine.resolve_deepspeed(cfg, "fp32", world_size=1, hidden=32)
+        launch.resolve_deepspeed(cfg, "fp32", world_size=1, hidden=32)
 
 
 def test_output_dir_of_another_run_is_refused(tmp_path):
@@ -225,9 +225,9 @@ def test_output_dir_of_another_run_is_refused(tmp_path):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "metrics.json").write_text("{}")
     with pytest.raises(LlmkitError, match="already holds files from another run"):
-        engine.check_output_dir(cfg)
+        preflight.check_output_dir(cfg)
     cfg.output.overwrite_output_dir = True
-    assert engine.check_output_dir(cfg) == tmp_path / "run"
+    assert preflight.check_output_dir(cfg) == tmp_path / "run"
 
 
 def test_data_config_defaults_are_sane():

@@ -5,11 +5,11 @@ from __future__ import annotations
 import collections
 
 import pytest
-from conftest import make_sentences, write_jsonl
+from helpers import make_sentences, write_jsonl
 from transformers import AutoTokenizer
 
-from llmkit import data
 from llmkit.config import DataConfig
+from llmkit.data import classification, loaders, sources
 from llmkit.errors import LlmkitError
 
 
@@ -39,11 +39,11 @@ def _files(tmp_path, train, validation, test=None, ext="jsonl"):
 
 def test_string_labels_are_mapped_in_sorted_order(tmp_path, tok):
     files = _files(tmp_path, make_sentences(20, 1), make_sentences(7, 2))
-    out = data.prepare(DataConfig(data_files=files, test_split=None), tok, seed=0, log=lambda _: None)
+    out = classification.prepare(DataConfig(data_files=files, test_split=None), tok, seed=0, log=lambda _: None)
     assert out.label_names == ["neg", "pos"]
     raw = [r["label"] for r in make_sentences(7, 2)]
     # eval is length-sorted; "row" maps back to the original order
-    by_row = {r: lab for r, lab in zip(out.eval["row"], out.eval["labels"])}
+    by_row = {r: lab for r, lab in zip(out.validation["row"], out.validation["labels"])}
     assert [out.label_names[by_row[i]] for i in range(7)] == raw
     assert set(out.train.column_names) >= {"input_ids", "attention_mask", "labels"}
     assert out.test is None
@@ -52,7 +52,7 @@ def test_string_labels_are_mapped_in_sorted_order(tmp_path, tok):
 def test_label_names_fix_the_order_and_csv_works(tmp_path, tok):
     files = _files(tmp_path, make_sentences(20, 1), make_sentences(7, 2), make_sentences(5, 3), ext="csv")
     cfg = DataConfig(data_files=files, label_names=["pos", "neg"])
-    out = data.prepare(cfg, tok, seed=0, log=lambda _: None)
+    out = classification.prepare(cfg, tok, seed=0, log=lambda _: None)
     assert out.label_names == ["pos", "neg"]
     first = make_sentences(20, 1)
     texts = {r["text"]: r["label"] for r in first}
@@ -65,19 +65,19 @@ def test_label_names_fix_the_order_and_csv_works(tmp_path, tok):
 def test_missing_column_is_a_clear_error(tmp_path, tok):
     files = _files(tmp_path, make_sentences(10, 1), make_sentences(4, 2))
     with pytest.raises(LlmkitError) as err:
-        data.prepare(DataConfig(data_files=files, test_split=None, text_column="sentence"), tok, seed=0)
+        classification.prepare(DataConfig(data_files=files, test_split=None, text_column="sentence"), tok, seed=0)
     assert "split 'train' has no column 'sentence' (columns: ['text', 'label'])" in str(err.value)
 
 
 def test_missing_split_and_unseen_eval_label(tmp_path, tok):
     files = _files(tmp_path, make_sentences(10, 1), make_sentences(4, 2))
     with pytest.raises(LlmkitError, match=r"data.test_split names split 'test', but the dataset only has"):
-        data.prepare(DataConfig(dataset=str(tmp_path)), tok, seed=0)
+        classification.prepare(DataConfig(dataset=str(tmp_path)), tok, seed=0)
     bad = make_sentences(4, 2)
     bad[3]["label"] = "meh"
     files = _files(tmp_path, make_sentences(10, 1), bad)
     with pytest.raises(LlmkitError, match=r"split 'validation' row 3: label 'meh' is not one of \['neg', 'pos'\]"):
-        data.prepare(DataConfig(data_files=files, test_split=None), tok, seed=0)
+        classification.prepare(DataConfig(data_files=files, test_split=None), tok, seed=0)
 
 
 def test_int_label_out_of_range(tmp_path, tok):
@@ -86,41 +86,41 @@ def test_int_label_out_of_range(tmp_path, tok):
     val[1]["label"] = 5
     files = _files(tmp_path, train, val)
     with pytest.raises(LlmkitError, match=r"split 'validation' row 1: label 5 is out of range for 2 classes"):
-        data.prepare(DataConfig(data_files=files, test_split=None), tok, seed=0)
+        classification.prepare(DataConfig(data_files=files, test_split=None), tok, seed=0)
 
 
 def test_empty_rows_are_dropped_with_a_count(tmp_path, tok):
     train = make_sentences(10, 1) + [{"text": "  ", "label": "pos"}, {"text": None, "label": "neg"}]
     files = _files(tmp_path, train, make_sentences(4, 2))
     logs = []
-    out = data.prepare(DataConfig(data_files=files, test_split=None), tok, seed=0, log=logs.append)
+    out = classification.prepare(DataConfig(data_files=files, test_split=None), tok, seed=0, log=logs.append)
     assert len(out.train) == 10 and out.dropped_rows["train"] == 2
     assert any("dropped 2 rows of split 'train'" in line for line in logs)
     # or, by config, the first bad row is an error that names it
     with pytest.raises(LlmkitError, match="split 'train' row 10 has empty/missing text or no label: .*set "
                                           "data.drop_bad_rows: true"):
-        data.prepare(DataConfig(data_files=files, test_split=None, drop_bad_rows=False), tok, seed=0)
+        classification.prepare(DataConfig(data_files=files, test_split=None, drop_bad_rows=False), tok, seed=0)
     empty = _files(tmp_path, [{"text": "", "label": "pos"}], make_sentences(4, 2))
     with pytest.raises(LlmkitError, match="split 'train' has no usable rows"):
-        data.prepare(DataConfig(data_files=empty, test_split=None), tok, seed=0)
+        classification.prepare(DataConfig(data_files=empty, test_split=None), tok, seed=0)
 
 
 def test_cleaning():
-    assert data.clean("Great&nbsp;<b>film</b>  see https://x.y/z ！") == "Great film see !"
+    assert sources.clean("Great&nbsp;<b>film</b>  see https://x.y/z ！") == "Great film see !"
 
 
 def test_tokenization_is_cached(tmp_path, tok):
     files = _files(tmp_path, make_sentences(30, 1), make_sentences(6, 2))
     cfg = DataConfig(data_files=files, test_split=None)
-    first = data.prepare(cfg, tok, seed=0, log=lambda _: None)
-    second = data.prepare(cfg, tok, seed=0, log=lambda _: None)
+    first = classification.prepare(cfg, tok, seed=0, log=lambda _: None)
+    second = classification.prepare(cfg, tok, seed=0, log=lambda _: None)
     assert first.train.cache_files and first.train["input_ids"] == second.train["input_ids"]
     assert second.train.cache_files[0]["filename"] == first.train.cache_files[0]["filename"]
 
 
 def test_max_length_truncates(tmp_path, tok):
     files = _files(tmp_path, make_sentences(30, 1), make_sentences(6, 2))
-    out = data.prepare(DataConfig(data_files=files, test_split=None, max_length=6), tok, seed=0, log=lambda _: None)
+    out = classification.prepare(DataConfig(data_files=files, test_split=None, max_length=6), tok, seed=0, log=lambda _: None)
     assert max(out.train_lengths) == 6
 
 
@@ -130,7 +130,7 @@ def test_length_grouped_batches(replicas):
 
     rng = random.Random(0)
     lengths = [rng.randint(3, 60) for _ in range(203)]
-    sampler = data.LengthGroupedBatchSampler(lengths, batch_size=8, num_replicas=replicas, seed=5)
+    sampler = loaders.LengthGroupedBatchSampler(lengths, batch_size=8, num_replicas=replicas, seed=5)
     batches = list(sampler)
     assert len(batches) == len(sampler) == 26
     flat = [i for b in batches for i in b]
@@ -154,7 +154,7 @@ def test_length_grouped_batches(replicas):
 
 def test_group_order_is_shuffled():
     lengths = list(range(100))
-    batches = list(data.LengthGroupedBatchSampler(lengths, batch_size=10, num_replicas=1, seed=0))
+    batches = list(loaders.LengthGroupedBatchSampler(lengths, batch_size=10, num_replicas=1, seed=0))
     starts = [b[0] for b in batches]
     assert starts != sorted(starts)
     assert collections.Counter(len(b) for b in batches) == {10: 10}

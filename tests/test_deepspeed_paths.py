@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 import torch
-from conftest import LAUNCH_ENV, ROOT, check_ok, launch, launch_command, write_config
+from helpers import LAUNCH_ENV, ROOT, check_ok, launch, launch_command, write_config
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow

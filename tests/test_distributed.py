@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import check_ok, launch, write_config
+from helpers import check_ok, launch, write_config
 from safetensors.torch import load_file
 from sklearn import metrics as sk
 from transformers import AutoModelForSequenceClassification, AutoTokenizer

@@ -9,7 +9,7 @@ import sys
 import textwrap
 
 import pytest
-from conftest import ROOT, check_ok, launch
+from helpers import ROOT, check_ok, launch
 
 pytestmark = pytest.mark.slow
 

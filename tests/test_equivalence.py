@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import check_ok, launch, write_config
+from helpers import check_ok, launch, write_config
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow

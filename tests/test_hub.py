@@ -12,11 +12,12 @@ import sys
 
 import pytest
 import yaml
-from conftest import LAUNCH_ENV, check_ok, launch, write_config, write_lm_config
 from fake_hub import FakeHub
+from helpers import LAUNCH_ENV, check_ok, launch, write_config, write_lm_config
 
-from llmkit import hub
+from llmkit.config import check_repo_id
 from llmkit.errors import LlmkitError
+from llmkit.ship import hub, verify
 
 pytestmark = pytest.mark.slow
 
@@ -192,7 +193,7 @@ def test_push_refuses_empty_weights_and_bad_ids(tmp_path):
 
     save_file({"w": torch.zeros(0, 4), "b": torch.ones(2)}, tmp_path / "model.safetensors")
     with pytest.raises(LlmkitError, match="1 size-0 tensors \\(e.g. w\\); refusing to push a partial model"):
-        hub.check_weights(tmp_path)
+        verify.check_weights(tmp_path)
     for bad in ("noslash", "a/b/c", "", "a/../b", "-a/b"):
         with pytest.raises(LlmkitError, match="must look like <user or org>/<name>"):
-            hub.check_repo_id(bad)
+            check_repo_id(bad)

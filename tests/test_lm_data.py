@@ -6,12 +6,12 @@ import json
 import random
 
 import pytest
-from conftest import CHATML, LM_SPECIAL, LM_WORDS
+from helpers import CHATML, LM_SPECIAL, LM_WORDS
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from llmkit.data.lm import IGNORE, chat_example, pack, prompt_response_example
 from llmkit.errors import LlmkitError
-from llmkit.lm_data import IGNORE, chat_example, pack, prompt_response_example
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +88,7 @@ def test_prepare_packs_text_and_renders_prompt_response(tok, tmp_path):
     import json
 
     from llmkit.config import DataConfig
-    from llmkit.lm_data import LMCollator, prepare
+    from llmkit.data.lm import LMCollator, prepare
 
     text = ["this film is good", "hi", "you are helpful and this is bad"] * 5
     for split in ("train", "validation"):
@@ -121,7 +121,7 @@ def _label_cfg(tmp_path, **extra):
 
 
 def test_label_words_rows_train_on_the_word_and_score_every_word(tok, tmp_path):
-    from llmkit.lm_data import CandidateCollator, prepare, render_prompt
+    from llmkit.data.lm import CandidateCollator, prepare, render_prompt
 
     assert render_prompt("a {text} {other} {text_pair}", "b", "c") == "a b {other} c"  # no str.format
     ds = prepare(_label_cfg(tmp_path), tok, seed=0)
@@ -133,9 +133,9 @@ def test_label_words_rows_train_on_the_word_and_score_every_word(tok, tmp_path):
         word = "positive" if " good" in text else "negative"
         assert target == [tok.convert_tokens_to_ids(word), im_end]  # the word and its turn end, nothing else
     # scored in length order (little padding); "row" is the index into the split
-    lengths = [max(map(len, r["candidates"])) for r in ds.eval]
-    assert lengths == sorted(lengths) and sorted(r["row"] for r in ds.eval) == list(range(len(ds.eval)))
-    by_row = {r["row"]: r for r in ds.eval}
+    lengths = [max(map(len, r["candidates"])) for r in ds.validation]
+    assert lengths == sorted(lengths) and sorted(r["row"] for r in ds.validation) == list(range(len(ds.validation)))
+    by_row = {r["row"]: r for r in ds.validation}
     row = by_row[0]
     assert row["labels"] == 1  # validation row 0 is "positive"
     neg, pos = row["candidates"]
@@ -152,7 +152,7 @@ def test_label_words_rows_train_on_the_word_and_score_every_word(tok, tmp_path):
 
 
 def test_label_words_cut_the_text_never_the_word(tok, tmp_path):
-    from llmkit.lm_data import fit_prompt
+    from llmkit.data.lm import fit_prompt
 
     long_text = " ".join(["good"] * 40)
     ex = fit_prompt(tok, "is this {text}", long_text, "positive", max_length=20)
@@ -163,7 +163,7 @@ def test_label_words_cut_the_text_never_the_word(tok, tmp_path):
 
 
 def test_label_words_errors(tok, tmp_path):
-    from llmkit.lm_data import prepare
+    from llmkit.data.lm import prepare
 
     with pytest.raises(LlmkitError, match="data.label_words has 3 words but the data has 2 labels"):
         prepare(_label_cfg(tmp_path, label_words=["bad", "good", "hi"]), tok, seed=0)
@@ -174,7 +174,7 @@ def test_label_words_errors(tok, tmp_path):
 
 def test_byte_level_bpe_tokenizer_trained_from_the_data(tmp_path):
     from llmkit.config import DataConfig
-    from llmkit.lm_data import training_texts
+    from llmkit.data.lm import training_texts
     from llmkit.model import train_tokenizer
 
     lines = [f"the film number {i} was {'good' if i % 2 else 'bad'} and long" for i in range(200)]

@@ -8,8 +8,10 @@ import sys
 import pytest
 
 from llmkit import memory
-from llmkit.engine import LossScaleWatchdog
+from llmkit.config import ModelConfig
 from llmkit.errors import LlmkitError
+from llmkit.model import model_sizes
+from llmkit.train.guards import LossScaleWatchdog
 
 P = 7_500_000_000
 
@@ -112,9 +114,9 @@ def test_count_parameters_matches_the_model(tiny_bert):
 
     model = AutoModelForSequenceClassification.from_pretrained(tiny_bert)
     want = sum(p.numel() for p in model.parameters())
-    assert memory.count_parameters(str(tiny_bert)) == want
+    assert model_sizes(ModelConfig(name_or_path=str(tiny_bert)))[0] == want
     largest = max(p.numel() for p in model.parameters())
-    assert memory.model_sizes(str(tiny_bert)) == (want, largest)
+    assert model_sizes(ModelConfig(name_or_path=str(tiny_bert))) == (want, largest)
     assert (memory.parameters_of(model), memory.largest_of(model)) == (want, largest)
 
 
@@ -122,12 +124,12 @@ def test_estimate_memory_command(tiny_bert):
     out = subprocess.run([sys.executable, "-m", "llmkit.cli", "estimate-memory", "--model", str(tiny_bert),
                           "--zero-stage", "2", "--num-gpus", "4"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    params = memory.count_parameters(str(tiny_bert))
+    params = model_sizes(ModelConfig(name_or_path=str(tiny_bert)))[0]
     assert f"ZeRO-2, 4 device(s), bf16, {params / 1e6:,.1f}M parameters" in out.stdout
     total = (2 + 14 / 4) * params / 1024**3
     line = next(x for x in out.stdout.splitlines() if "total per device" in x)
     assert line.split()[-2] == f"{total:.3f}"
-    _, largest = memory.model_sizes(str(tiny_bert))
+    _, largest = model_sizes(ModelConfig(name_or_path=str(tiny_bert)))
     bucket = 2 * 25_000_000  # llmkit's "auto" reduce bucket for a small model: 25M bf16 elements
     peak = memory.estimate(params, 2, 4, largest_param=largest, bucket_bytes=bucket).peak_device_bytes / 1024**3
     line = next(x for x in out.stdout.splitlines() if "total at peak" in x)

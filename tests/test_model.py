@@ -32,7 +32,7 @@ def test_from_scratch_and_gradient_checkpointing(tiny_bert):
     assert not torch.equal(net.state_dict()[key], saved[key])  # random init, not the saved weights
     on = net.is_activation_checkpointing if hasattr(net, "is_activation_checkpointing") else net.is_gradient_checkpointing
     assert on
-    assert model.hidden_size(cfg) == 32
+    assert model.hidden_size(model.read_config(cfg)) == 32
 
 
 def test_bad_model_paths(tmp_path):
@@ -46,11 +46,12 @@ def test_bad_model_paths(tmp_path):
 def test_hub_ids_fail_clearly_offline():
     # a fresh process: the Hub libraries read HF_HUB_OFFLINE once, at import
     code = textwrap.dedent("""
-        from llmkit import data, model
+        from llmkit import model
+        from llmkit.data import sources
         from llmkit.config import DataConfig, ModelConfig
         from llmkit.errors import LlmkitError
         for load in (lambda: model.load_tokenizer(ModelConfig(name_or_path="someone/not-a-real-model-xyz")),
-                     lambda: data.load_raw(DataConfig(dataset="someone/not-a-real-dataset-xyz"))):
+                     lambda: sources.load_raw(DataConfig(dataset="someone/not-a-real-dataset-xyz"))):
             try:
                 load()
             except LlmkitError as exc:

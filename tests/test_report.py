@@ -12,11 +12,11 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import LAUNCH_ENV, check_ok, launch, write_config, write_jsonl
+from helpers import LAUNCH_ENV, check_ok, launch, write_config, write_jsonl
 from sklearn import metrics as sk
 
-from llmkit import report
 from llmkit.errors import LlmkitError
+from llmkit.report import pages
 
 pytestmark = pytest.mark.slow
 
@@ -157,7 +157,7 @@ def test_llmkit_eval_scores_any_exported_classifier(tiny_run, tiny_bert, tiny_da
     data.mkdir()
     rows = [{"text": r["text"], "label": int(r["label"] == "pos")} for r in _rows(tiny_data / "test.jsonl")]
     write_jsonl(data / "test.jsonl", rows)
-    from llmkit.evaluation import evaluate_export
+    from llmkit.commands.evaluate import evaluate_export
 
     res = evaluate_export(tiny_bert, str(data), "test", tmp_path / "foreign", max_length=32)
     doc = json.loads((tmp_path / "foreign" / "report.json").read_text())
@@ -166,7 +166,7 @@ def test_llmkit_eval_scores_any_exported_classifier(tiny_run, tiny_bert, tiny_da
 
     # two runs in one report: a comparison table and overlaid curves
     both = tmp_path / "both"
-    paths = report.build([tiny_run, out], both)
+    paths = pages.build([tiny_run, out], both)
     doc = json.loads(paths["json"].read_text())
     assert [c["run"] for c in doc["comparison"]] == ["run", "eval"]
     assert "## Comparison" in paths["md"].read_text()
@@ -176,12 +176,12 @@ def test_llmkit_eval_scores_any_exported_classifier(tiny_run, tiny_bert, tiny_da
 
 def test_report_and_eval_errors_are_clear(tmp_path, tiny_run):
     with pytest.raises(LlmkitError, match="has no predictions_<split>.jsonl"):
-        report.build([tmp_path])
+        pages.build([tmp_path])
     with pytest.raises(LlmkitError, match="does not exist"):
-        report.build([tmp_path / "nope"])
+        pages.build([tmp_path / "nope"])
     with pytest.raises(LlmkitError, match="with several runs, say where the report goes"):
-        report.build([tiny_run, tiny_run])
-    from llmkit.evaluation import evaluate_export
+        pages.build([tiny_run, tiny_run])
+    from llmkit.commands.evaluate import evaluate_export
 
     with pytest.raises(LlmkitError, match="has no config.json"):
         evaluate_export(tmp_path, "x.jsonl")

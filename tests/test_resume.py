@@ -7,11 +7,11 @@ import shutil
 
 import pytest
 import torch
-from conftest import check_ok, launch, write_config
+from helpers import check_ok, launch, write_config
 from safetensors.torch import load_file
 
-from llmkit import checkpoint
 from llmkit.errors import LlmkitError
+from llmkit.train import checkpoint
 
 pytestmark = pytest.mark.slow
 

@@ -8,11 +8,11 @@ import json
 
 import pytest
 import torch
-from conftest import check_ok, launch, write_config
+from helpers import check_ok, launch, write_config
 from transformers import BertConfig, BertForSequenceClassification
 
-from llmkit import engine
 from llmkit.config import Config
+from llmkit.train import optim
 
 
 def _losses(run_dir):
@@ -36,7 +36,7 @@ def test_adamw_kernels_take_the_same_steps():
         model = copy.deepcopy(base)
         cfg = Config()
         cfg.train.adamw_impl = impl
-        opt = engine.build_optimizer(cfg, model)
+        opt = optim.build_optimizer(cfg, model)
         group = opt.param_groups[0]
         assert (bool(group["fused"]), bool(group["foreach"])) == {"fused": (True, False), "foreach": (False, True),
                                                                   "loop": (False, False)}[impl]

@@ -1,16 +1,21 @@
-"""Classification metrics as `evaluate` modules that ship inside llmkit (loaded by path, work offline)."""
+"""Classification metrics as `evaluate` modules that ship inside llmkit (loaded by path, work offline), and the
+one list of metric names the rest of llmkit uses."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import evaluate
+NAMES = ("accuracy", "f1", "precision", "recall")  # the shipped modules
+CLASSIFICATION = (*NAMES, "f1_macro")  # what classification_metrics returns
+LM = ("loss", "perplexity")  # causal-LM evaluation (label-word runs report both kinds)
+LOWER_IS_BETTER = LM
+ALL = (*CLASSIFICATION, *LM)
 
-NAMES = ("accuracy", "f1", "precision", "recall")
 
-
-def load(name: str) -> evaluate.EvaluationModule:
+def load(name: str):
     """Load one of the shipped metric modules by its name."""
+    import evaluate  # deferred: the config imports the names above and must stay light
+
     if name not in NAMES:
         raise ValueError(f"unknown metric {name!r}; shipped: {', '.join(NAMES)}")
     return evaluate.load(str(Path(__file__).parent / name))

@@ -3,24 +3,29 @@
 import json
 import sys
 
-from llmkit import data, engine, model
+from llmkit import model
 from llmkit.config import load_config
+from llmkit.data import classification, loaders
+from llmkit.evals.classification import evaluate
+from llmkit.train.optim import build_optimizer
+from llmkit.train.run import setup
 
 
 def main() -> None:
     cfg = load_config(sys.argv[1], sys.argv[3:])
-    run = engine.setup(cfg, hidden=model.hidden_size(cfg.model))
+    run = setup(cfg)
+    acc = run.accelerator
     tokenizer = model.load_tokenizer(cfg.model)
-    with run.accelerator.main_process_first():
-        ds = data.prepare(cfg.data, tokenizer, seed=cfg.train.seed)
+    with acc.main_process_first():
+        ds = classification.prepare(cfg.data, tokenizer, seed=cfg.train.seed)
     net = model.load_classifier(cfg.model, ds.label_names)
-    _, loaders = engine.dataloaders(run, ds, tokenizer)
+    _, eval_loaders = loaders.classification_loaders(cfg, ds, tokenizer, acc.process_index, acc.num_processes)
     # ZeRO-2 wants an optimizer to build its engine; it is never stepped here
-    net, _, loader = run.accelerator.prepare(net, engine.build_optimizer(cfg, net), loaders["validation"])
-    metrics, out = engine.evaluate(run, net, loader, len(ds.label_names))
-    if run.accelerator.is_main_process:
+    net, _, loader = acc.prepare(net, build_optimizer(cfg, net), eval_loaders["validation"])
+    metrics, out = evaluate(run, net, loader, len(ds.label_names))
+    if acc.is_main_process:
         rows = {"metrics": metrics, "row": out["row"].tolist(), "pred": out["logits"].argmax(-1).tolist(),
-                "labels": out["labels"].tolist(), "world_size": run.accelerator.num_processes}
+                "labels": out["labels"].tolist(), "world_size": acc.num_processes}
         with open(sys.argv[2], "w") as fh:
             json.dump(rows, fh)
 

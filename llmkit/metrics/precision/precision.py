@@ -1,8 +1,8 @@
 """Precision (true positives over predicted positives): an `evaluate` module that ships with llmkit (loads offline)."""
 
-from llmkit.metrics import _counts  # a module, not the class: evaluate takes the first Metric class it finds
+from llmkit.metrics import counts  # a module, not the class: evaluate takes the first Metric class it finds
 
 
-class Precision(_counts.CountMetric):
+class Precision(counts.CountMetric):
     KIND = "precision"
     DESCRIPTION = "Precision (true positives over predicted positives) of integer class predictions against references."

@@ -13,10 +13,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from llmkit import data, export, report
 from llmkit.config import DataConfig
+from llmkit.data.sources import load_labeled
 from llmkit.errors import LlmkitError
+from llmkit.evals.classification import write_predictions
 from llmkit.metrics import classification_metrics
+from llmkit.report import pages
 
 
 def _load_classifier(model_dir: Path):
@@ -57,7 +59,7 @@ def evaluate_export(model_dir: str | Path, source: str, split: str = "test", out
     names = [model.config.id2label[i] for i in range(len(model.config.id2label))]
     out_dir = Path(output_dir).expanduser() if output_dir else model_dir / f"eval-{split}"
     cfg = data_config(source, split, names, text_column, text_pair_column, label_column, max_length, max_samples)
-    rows = data.load_labeled(cfg, seed=0, log=lambda m: print(m)).rows["eval"]
+    rows = load_labeled(cfg, seed=0, log=lambda m: print(m)).rows["validation"]
     limit = min(max_length, getattr(tokenizer, "model_max_length", max_length) or max_length)
     texts = list(rows[text_column])
     pairs = list(rows[text_pair_column]) if text_pair_column else None
@@ -74,7 +76,7 @@ def evaluate_export(model_dir: str | Path, source: str, split: str = "test", out
     metrics = classification_metrics(logits.argmax(-1).tolist(), labels.tolist(), len(names))
     metrics["samples"] = len(texts)
     out_dir.mkdir(parents=True, exist_ok=True)
-    export.write_predictions(out_dir / f"predictions_{split}.jsonl", rows,
+    write_predictions(out_dir / f"predictions_{split}.jsonl", rows,
                              {"logits": logits, "labels": labels, "row": np.arange(len(texts))}, names, text_column)
     (out_dir / "metrics.json").write_text(json.dumps({
         split: metrics, "label_names": names, "model": str(model_dir), "dataset": source,
@@ -82,5 +84,5 @@ def evaluate_export(model_dir: str | Path, source: str, split: str = "test", out
     info = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "world_size": 1, "precision": "fp32",
             "device": f"CPU {platform.machine()}, {os.cpu_count()} cores", "zero_stage": None}
     (out_dir / "run_info.json").write_text(json.dumps(info, indent=2) + "\n")
-    paths = report.build([out_dir])
+    paths = pages.build([out_dir])
     return {"metrics": metrics, "report": paths["html"], "output_dir": out_dir}

@@ -39,6 +39,12 @@ def score(kind: str, predictions, references, average: str = "binary", pos_label
     return float(values.mean())
 
 
+def per_class_scores(predictions, references, labels) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Precision, recall and F1 of each class in `labels` (0 where undefined)."""
+    tp, fp, fn = _per_class(predictions, references, labels)
+    return tuple(_value(kind, tp, fp, fn) for kind in ("precision", "recall", "f1"))
+
+
 def _value(kind: str, tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> np.ndarray:
     precision, recall = _ratio(tp, tp + fp), _ratio(tp, tp + fn)
     if kind == "precision":

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from llmkit import faults
 from llmkit.errors import LlmkitError
 
 MANIFEST = "manifest.json"
@@ -69,7 +70,7 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
 
 
-def save(run, trainer_state: TrainerState, keep_last: int | None, keep_best: int, before_rename=None) -> Path:
+def save(run, trainer_state: TrainerState, keep_last: int | None, keep_best: int) -> Path:
     """Write checkpoint step-<n> atomically (all ranks must call this) and prune old ones."""
     acc = run.accelerator
     root = run.output_dir / "checkpoints"
@@ -83,8 +84,9 @@ def save(run, trainer_state: TrainerState, keep_last: int | None, keep_best: int
     try:
         acc.save_state(str(tmp))
         (tmp / f"rng_rank{acc.process_index}.json").write_text(json.dumps(_rng_state()))
-        if before_rename is not None:
-            before_rename()  # fault injection for the crash tests
+        if faults.ON:  # the crash tests: a rank killed, or the disk full, while the checkpoint is written
+            faults.hit("kill_in_save", trainer_state.step, acc.process_index)
+            faults.hit("oserror_in_save", trainer_state.step, acc.process_index)
     except OSError as exc:  # disk full, quota, I/O error: no rank may go on as if the checkpoint existed
         failure = exc
     failed = acc.reduce(torch.tensor(int(failure is not None), device=acc.device), reduction="sum").item()

@@ -5,6 +5,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+from datasets import Dataset
+
+from llmkit.config import DataConfig
+from llmkit.data import sources
 from llmkit.errors import LlmkitError
 
 IGNORE = -100  # label of a token that does not count in the loss
@@ -126,18 +131,19 @@ def label_candidates(tokenizer, cfg, words: list[str], text: str, text_pair: str
 
 @dataclass
 class LMData:
-    train: object  # datasets.Dataset with input_ids, attention_mask, labels
-    eval: object  # the same for "packed" / "prompt_response" / "chat"; label candidates for "labels"
+    train: Dataset  # input_ids, attention_mask, labels
+    validation: Dataset  # the same for "packed" / "prompt_response" / "chat"; label candidates for "labels"
     mode: str  # "packed" | "prompt_response" | "chat" | "labels"
     packing: PackStats | None
     train_lengths: list[int] | None = None  # rows' token counts (None for packed blocks: all equal)
-    test: object | None = None  # "labels" only: candidates of the test split
-    raw: dict | None = None  # "labels" only: split -> rows (text + label ids), for prediction files
+    test: Dataset | None = None  # "labels" only: candidates of the test split
+    rows: dict[str, Dataset] | None = None  # "labels" only: validation / test rows (text + label ids)
     label_names: list[str] | None = None
     label_words: list[str] | None = None
 
 
-def _mode(cfg) -> str:
+def mode_of(cfg: DataConfig) -> str:
+    """What the data config makes of the rows: packed text, prompt/response, chat, or label words."""
     if cfg.prompt_template:
         return "labels"
     if cfg.messages_column:
@@ -151,9 +157,7 @@ def _mode(cfg) -> str:
 
 def _prepare_labels(cfg, tokenizer, seed: int, log) -> LMData:
     """Generative classification rows: train on prompt -> label word; score every label word at eval."""
-    from llmkit import data
-
-    labeled = data.load_labeled(cfg, seed, log)
+    labeled = sources.load_labeled(cfg, seed, log)
     names = labeled.label_names
     words = list(cfg.label_words or names)
     if len(words) != len(names):
@@ -175,7 +179,7 @@ def _prepare_labels(cfg, tokenizer, seed: int, log) -> LMData:
     # the token labels replace the label ids (columns are removed after the function has read them)
     train = rows["train"].map(train_row, remove_columns=rows["train"].column_names, desc="rendering train")
     scored = {}
-    for role in ("eval", "test"):
+    for role in ("validation", "test"):
         if role in rows:
             ds = rows[role]
             ds = ds.map(eval_row, with_indices=True, desc=f"rendering {role}",
@@ -183,31 +187,26 @@ def _prepare_labels(cfg, tokenizer, seed: int, log) -> LMData:
             # scored in length order, batches carry little padding (~0.99 instead of ~0.79 of real tokens);
             # "row" maps the scores back to the texts
             scored[role] = ds.sort("length").remove_columns("length")
-    raw = {"validation": rows["eval"], **({"test": rows["test"]} if "test" in rows else {})}
-    return LMData(train=train, eval=scored["eval"], mode="labels", packing=None,
-                  train_lengths=[len(x) for x in train["input_ids"]], test=scored.get("test"), raw=raw,
-                  label_names=names, label_words=words)
+    return LMData(train=train, validation=scored["validation"], mode="labels", packing=None,
+                  train_lengths=[len(x) for x in train["input_ids"]], test=scored.get("test"),
+                  rows={role: rows[role] for role in scored}, label_names=names, label_words=words)
 
 
-def prepare(cfg, tokenizer, seed: int, log=print) -> LMData:
+def prepare(cfg: DataConfig, tokenizer, seed: int, log=print) -> LMData:
     """Load the splits and turn them into causal-LM examples: packed blocks, rows with response-only labels, or
     generative-classification rows."""
-    from datasets import Dataset
-
-    from llmkit import data
-
-    mode = _mode(cfg)
+    mode = mode_of(cfg)
     if mode == "labels":
         return _prepare_labels(cfg, tokenizer, seed, log)
-    raw = data.load_raw(cfg)
-    wanted = data.wanted_splits(cfg, raw)
+    raw = sources.load_raw(cfg)
+    wanted = sources.wanted_splits(cfg, raw)
     columns = {"chat": [cfg.messages_column], "prompt_response": [cfg.prompt_column, cfg.response_column],
                "packed": [cfg.text_column]}[mode]
     out, stats, text = {}, None, cfg.text_column
-    for role in ("train", "eval"):
+    for role in ("train", "validation"):
         split = wanted[role]
         ds = raw[split]
-        data.require_columns(ds, split, columns)
+        sources.require_columns(ds, split, columns)
         ds = ds.select_columns(columns)
         if role == "train":
             ds = ds.shuffle(seed=seed)
@@ -236,7 +235,7 @@ def prepare(cfg, tokenizer, seed: int, log=print) -> LMData:
 
             out[role] = ds.map(render, remove_columns=columns, desc=f"rendering {role}")
     lengths = None if mode == "packed" else [len(x) for x in out["train"]["input_ids"]]
-    return LMData(train=out["train"], eval=out["eval"], mode=mode, packing=stats, train_lengths=lengths)
+    return LMData(train=out["train"], validation=out["validation"], mode=mode, packing=stats, train_lengths=lengths)
 
 
 class LMCollator:
@@ -246,8 +245,6 @@ class LMCollator:
         self.pad_id = pad_id
 
     def __call__(self, rows: list[dict]) -> dict:
-        import torch
-
         width = max(len(r["input_ids"]) for r in rows)
 
         def padded(key: str, fill: int):
@@ -264,8 +261,6 @@ class CandidateCollator:
         self.pad_id = pad_id
 
     def __call__(self, rows: list[dict]) -> dict:
-        import torch
-
         seqs = [list(c) for r in rows for c in r["candidates"]]
         targets = [list(t) for r in rows for t in r["targets"]]
         width = max(len(x) for x in seqs)
@@ -278,31 +273,14 @@ class CandidateCollator:
         }
 
 
-def dataloaders(run, ds: LMData, tokenizer):
-    """Train loader (length-grouped rows, or shuffled blocks) and eval loaders by split name, not yet prepared."""
-    from torch.utils.data import DataLoader
-
-    from llmkit.engine import loader_options, train_loader
-
-    collate = LMCollator(tokenizer.pad_token_id)
-    train = train_loader(run, ds.train, ds.train_lengths, collate)
-    eval_collate = CandidateCollator(tokenizer.pad_token_id) if ds.mode == "labels" else collate
-    evals = {name: DataLoader(split, batch_size=run.cfg.train.eval_batch_size, collate_fn=eval_collate,
-                              **loader_options(run.cfg, persistent=False))
-             for name, split in (("validation", ds.eval), ("test", ds.test)) if split is not None}
-    return train, evals
-
-
-def training_texts(cfg):
+def training_texts(cfg: DataConfig):
     """Every text of the train split the model will see (plain text, prompts and responses, or chat turns)."""
-    from llmkit import data
-
-    raw = data.load_raw(cfg)
-    split = data.wanted_splits(cfg, raw)["train"]
-    mode = _mode(cfg)
+    raw = sources.load_raw(cfg)
+    split = sources.wanted_splits(cfg, raw)["train"]
+    mode = mode_of(cfg)
     columns = {"chat": [cfg.messages_column], "prompt_response": [cfg.prompt_column, cfg.response_column],
                "packed": [cfg.text_column], "labels": [cfg.text_column]}[mode]
-    data.require_columns(raw[split], split, columns)
+    sources.require_columns(raw[split], split, columns)
     for row in raw[split].select_columns(columns):
         for value in row.values():
             if isinstance(value, str):
@@ -311,18 +289,3 @@ def training_texts(cfg):
                 yield from (m.get("content", "") for m in value if isinstance(m, dict))
     if mode == "labels":
         yield from (cfg.prompt_template, *(cfg.label_words or []))
-
-
-def train_tokenizer_once(run, cfg) -> str:
-    """From-scratch runs without a tokenizer: rank 0 trains a byte-level BPE one on the train split into
-    <output_dir>/tokenizer (vocab size from the model config); every rank then loads it from there."""
-    from llmkit import model
-
-    folder = run.output_dir / "tokenizer"
-    if run.accelerator.is_main_process:
-        size = model.vocab_size(cfg.model)
-        tok = model.train_tokenizer(training_texts(cfg.data), size, folder)
-        run.log(f"tokenizer: trained a byte-level BPE tokenizer ({len(tok)} tokens, vocab_size {size}) on the "
-                f"train split into {folder}")
-    run.accelerator.wait_for_everyone()
-    return str(folder)

@@ -7,10 +7,9 @@ import math
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from llmkit import generate
-from llmkit.engine import Run
+from llmkit.evals.gather import gather_split
 from llmkit.metrics import classification_metrics
 
 
@@ -24,44 +23,34 @@ def _token_logprobs(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
     return -(token_loss.view(targets.shape) * mask).sum(1), mask.sum(1)
 
 
-@torch.no_grad()
-def evaluate_lm(run: Run, model, loader) -> dict[str, float]:
+def evaluate_lm(run, model, loader) -> dict[str, float]:
     """Token-level loss and perplexity over a split, exact across ranks (per-row sums gathered without duplicates)."""
-    acc = run.accelerator
-    model.eval()
-    sums, counts = [], []
-    for batch in tqdm(loader, desc="eval", leave=False, disable=not acc.is_local_main_process):
+    def score(batch: dict) -> dict:
         logp, count = _token_logprobs(model, {**batch, "targets": batch["labels"]})
-        logp, count = acc.gather_for_metrics((logp, count))
-        sums.append(logp.cpu())
-        counts.append(count.cpu())
-    model.train()
-    total, tokens = -torch.cat(sums).sum().item(), torch.cat(counts).sum().item()
+        return {"logp": logp, "count": count}
+
+    out = gather_split(run.accelerator, model, loader, score)
+    total, tokens = -torch.from_numpy(out["logp"]).sum().item(), torch.from_numpy(out["count"]).sum().item()
     loss = total / max(tokens, 1)
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": int(tokens)}
 
 
-@torch.no_grad()
-def score_labels(run: Run, model, loader, num_labels: int) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+def score_labels(run, model, loader, num_labels: int) -> tuple[dict[str, float], dict[str, np.ndarray]]:
     """Generative classification: each row's prediction is the label word with the highest log-likelihood of
     its response tokens; no text is generated or parsed. Accuracy / F1 go through the same `evaluate`
     modules as the classifier's. Loss and perplexity are those of the gold responses (the training target).
 
     Returns the metrics and, per row, the label-word log-likelihoods as "logits" (softmax = the probability
     among the label words), "labels" and "row", in the classifier's prediction-file format."""
-    acc = run.accelerator
-    model.eval()
-    parts: dict[str, list] = {"logits": [], "labels": [], "row": [], "gold_logp": [], "gold_tokens": []}
-    for batch in tqdm(loader, desc="score labels", leave=False, disable=not acc.is_local_main_process):
+    def score(batch: dict) -> dict:
         logp, count = _token_logprobs(model, batch)
         scores, count = logp.view(-1, num_labels), count.view(-1, num_labels)
         gold = batch["labels"]
         picked = torch.arange(len(gold), device=gold.device)
-        gathered = acc.gather_for_metrics((scores, gold, batch["row"], scores[picked, gold], count[picked, gold]))
-        for key, value in zip(parts, gathered):
-            parts[key].append(value.cpu().numpy())
-    model.train()
-    out = {k: np.concatenate(v) for k, v in parts.items()}
+        return {"logits": scores, "labels": gold, "row": batch["row"], "gold_logp": scores[picked, gold],
+                "gold_tokens": count[picked, gold]}
+
+    out = gather_split(run.accelerator, model, loader, score, desc="score labels")
     metrics = classification_metrics(out["logits"].argmax(-1).tolist(), out["labels"].tolist(), num_labels)
     loss = float(-out["gold_logp"].sum() / max(out["gold_tokens"].sum(), 1))
     metrics.update(loss=loss, perplexity=math.exp(min(loss, 50.0)), samples=int(len(out["labels"])))
@@ -69,13 +58,13 @@ def score_labels(run: Run, model, loader, num_labels: int) -> tuple[dict[str, fl
     return metrics, out
 
 
-def log_samples(run: Run, model, tokenizer, step: int) -> None:
+def log_samples(run, model, tokenizer, step: int) -> None:
     """Greedy completions of train.sample_prompts: to the log, TensorBoard (text) and samples.jsonl.
     Every rank calls it (a ZeRO-3 forward is collective)."""
     t, acc = run.cfg.train, run.accelerator
     if not t.sample_prompts:
         return
-    stage3 = bool(run.ds_config) and run.ds_config["zero_optimization"]["stage"] == 3
+    stage3 = run.zero_stage == 3
     texts = generate.complete(acc.unwrap_model(model), tokenizer, t.sample_prompts, t.sample_max_new_tokens,
                               synced=stage3 and acc.num_processes > 1)
     if not acc.is_main_process:

@@ -1,16 +1,15 @@
-"""Data: load a Hub or local dataset, map columns and labels, clean, tokenize (cached), batch by length."""
+"""Data sources: a Hub or local dataset, or an asset, read into splits; columns checked, rows cleaned, labels mapped
+to ids. The split roles are train, validation (config key data.eval_split) and test."""
 
 from __future__ import annotations
 
 import html
-import math
 import re
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
-import torch
 from datasets import ClassLabel, Dataset, DatasetDict
 
 from llmkit import assets
@@ -18,18 +17,6 @@ from llmkit.config import DataConfig
 from llmkit.errors import LlmkitError
 
 BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}
-
-
-@dataclass
-class ClassificationData:
-    train: Dataset  # tokenized: input_ids, attention_mask, (token_type_ids), labels
-    eval: Dataset  # tokenized, sorted by length, with "row" = index into eval_raw
-    test: Dataset | None
-    eval_raw: Dataset  # cleaned text + label ids, for prediction files
-    test_raw: Dataset | None
-    label_names: list[str]
-    train_lengths: list[int]
-    dropped_rows: dict[str, int]
 
 
 def _builder(path: str, key: str) -> str:
@@ -130,11 +117,11 @@ def _to_ids(ds: Dataset, cfg: DataConfig, names: list[str], split: str) -> Datas
 
 
 def wanted_splits(cfg: DataConfig, raw: DatasetDict) -> dict[str, str]:
-    """role (train / eval / test) -> split name, each checked to exist."""
-    wanted = {"train": cfg.train_split, "eval": cfg.eval_split, "test": cfg.test_split}
+    """role (train / validation / test) -> split name, each checked to exist."""
+    wanted = {"train": cfg.train_split, "validation": cfg.eval_split, "test": cfg.test_split}
     for role, split in wanted.items():
         if split is not None and split not in raw:
-            key = {"train": "data.train_split", "eval": "data.eval_split", "test": "data.test_split"}[role]
+            key = {"train": "data.train_split", "validation": "data.eval_split", "test": "data.test_split"}[role]
             hint = " (set it to null to skip testing)" if role == "test" else ""
             raise LlmkitError(f"{key} names split '{split}', but the dataset only has {sorted(raw)}{hint}")
     return {role: split for role, split in wanted.items() if split is not None}
@@ -150,7 +137,7 @@ def require_columns(ds: Dataset, split: str, columns: list[str]) -> None:
 
 @dataclass
 class LabeledSplits:
-    rows: dict[str, Dataset]  # role (train / eval / test) -> cleaned text columns + "labels" ids
+    rows: dict[str, Dataset]  # role (train / validation / test) -> cleaned text columns + "labels" ids
     split_names: dict[str, str]  # role -> split name in the dataset
     label_names: list[str]
     dropped_rows: dict[str, int]
@@ -200,68 +187,3 @@ def load_labeled(cfg: DataConfig, seed: int, log=print) -> LabeledSplits:
     for role, split in wanted.items():
         splits[role] = _to_ids(splits[role], cfg, names, split)
     return LabeledSplits(rows=splits, split_names=wanted, label_names=names, dropped_rows=dropped)
-
-
-def prepare(cfg: DataConfig, tokenizer, seed: int, log=print) -> ClassificationData:
-    """Load, check, clean, label-map and tokenize every split the config names."""
-    labeled = load_labeled(cfg, seed, log)
-    splits, names = labeled.rows, labeled.label_names
-
-    def tokenize(batch):
-        pair = batch[cfg.text_pair_column] if cfg.text_pair_column else None
-        enc = tokenizer(batch[cfg.text_column], pair, truncation=True, max_length=cfg.max_length)
-        enc["length"] = [len(ids) for ids in enc["input_ids"]]
-        return enc
-
-    tokenized = {}
-    for role, ds in splits.items():
-        drop = [c for c in ds.column_names if c != "labels"]
-        tok = ds.map(tokenize, batched=True, batch_size=1000, remove_columns=drop, desc=f"tokenizing {role}")
-        if role != "train":
-            # evaluation in length order wastes little padding; "row" maps predictions back to texts
-            tok = tok.add_column("row", list(range(len(tok)))).sort("length")
-        tokenized[role] = tok
-    lengths = tokenized["train"]["length"]
-    return ClassificationData(
-        train=tokenized["train"].remove_columns("length"),
-        eval=tokenized["eval"].remove_columns("length"),
-        test=tokenized["test"].remove_columns("length") if "test" in tokenized else None,
-        eval_raw=splits["eval"],
-        test_raw=splits.get("test"),
-        label_names=names,
-        train_lengths=list(lengths),
-        dropped_rows=labeled.dropped_rows,
-    )
-
-
-class LengthGroupedBatchSampler:
-    """Batches of similar length for training, in random order.
-
-    Rows are sorted by (length, random tie-break); consecutive batches are grouped `num_replicas` at a time
-    so that the ranks of one step (Accelerate deals batch i to rank i % N) get equally long batches. Groups
-    are shuffled each epoch; the one short group (and short batch) stays last, where Accelerate expects it.
-    """
-
-    def __init__(self, lengths: list[int], batch_size: int, num_replicas: int = 1, seed: int = 0):
-        self.lengths, self.batch_size, self.num_replicas, self.seed = lengths, batch_size, num_replicas, seed
-        self.epoch = 0
-        self.drop_last = False  # read by Accelerate's BatchSamplerShard
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return math.ceil(len(self.lengths) / self.batch_size)
-
-    def __iter__(self):
-        gen = torch.Generator().manual_seed(self.seed + self.epoch)
-        noise = torch.rand(len(self.lengths), generator=gen).tolist()
-        order = sorted(range(len(self.lengths)), key=lambda i: (self.lengths[i], noise[i]))
-        batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
-        groups = [batches[i:i + self.num_replicas] for i in range(0, len(batches), self.num_replicas)]
-        tail = []
-        if len(groups[-1]) < self.num_replicas or len(groups[-1][-1]) < self.batch_size:
-            tail = groups.pop()
-        for g in torch.randperm(len(groups), generator=gen).tolist():
-            yield from groups[g]
-        yield from tail

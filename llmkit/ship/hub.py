@@ -5,36 +5,21 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import tempfile
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-from llmkit import assets, export
+from llmkit import assets, model
+from llmkit.config import check_repo_id
 from llmkit.errors import LlmkitError
+from llmkit.preflight import hub_token as token
+from llmkit.ship import card, verify
 
-REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 REPORT_FILES = ("report.html", "report.md", "report.json")
 RETRIES = 4  # after the first try; waits 1, 2, 4, 8 s
-INTERNAL = {export.PROBE_FILE}  # kept locally, not uploaded
-
-
-def check_repo_id(repo_id: str | None, key: str = "output.hub_model_id") -> str:
-    if not repo_id or not REPO_ID.match(repo_id) or ".." in repo_id:
-        raise LlmkitError(f"{key} must look like <user or org>/<name> (letters, digits, . _ -), got {repo_id!r}")
-    return repo_id
-
-
-def token() -> str:
-    """The Hub token from HF_TOKEN or the `hf auth login` store; a clear error when there is none."""
-    from huggingface_hub import get_token
-
-    found = get_token()
-    if not found:
-        raise LlmkitError("pushing to the Hub needs a token: set HF_TOKEN or run `hf auth login` (or use --dry-run)")
-    return found
+INTERNAL = {verify.PROBE_FILE}  # kept locally, not uploaded
 
 
 # ------------------------------------------------------------------------------------------------ staging
@@ -54,8 +39,7 @@ def _kind(final: Path) -> str:
     if (final / "adapter" / "adapter_config.json").is_file():
         return "lora"
     config = json.loads((final / "config.json").read_text())
-    causal = any(a.endswith("ForCausalLM") for a in config.get("architectures") or [])
-    return "causal_lm" if causal else "classification"
+    return "causal_lm" if model.is_causal_lm(config.get("architectures")) else "classification"
 
 
 def _copy_files(src: Path, dst: Path) -> None:
@@ -65,28 +49,14 @@ def _copy_files(src: Path, dst: Path) -> None:
             shutil.copy2(f, dst / f.name)
 
 
-def check_weights(folder: Path) -> None:
-    """Every safetensors file has tensors, none of size 0 (the ZeRO-3 failure: weights saved as empty shards)."""
-    from safetensors import safe_open
-
-    files = sorted(folder.rglob("*.safetensors"))
-    if not files:
-        raise LlmkitError(f"{folder} holds no .safetensors weights; nothing to push")
-    for path in files:
-        with safe_open(str(path), framework="pt") as fh:
-            keys = list(fh.keys())
-            empty = [k for k in keys if 0 in fh.get_slice(k).get_shape()]
-        if not keys or empty:
-            what = f"{len(empty)} size-0 tensors (e.g. {empty[0]})" if keys else "no tensors"
-            raise LlmkitError(f"{path.relative_to(folder)} has {what}; refusing to push a partial model")
-
-
-def stage(run_dir: str | Path, out: Path, repo_id: str, push_merged: bool = False) -> dict:
-    """Write into `out` exactly the folder that is uploaded, verified: weights reload and reproduce the run's
-    logits, no size-0 tensors, model card included. Returns facts for the caller (kind, files)."""
+def stage(run_dir: str | Path, out: Path, repo_id: str, push_merged: bool = False, reload: bool = True) -> dict:
+    """Write into `out` exactly the folder that is uploaded, verified: no size-0 tensors, and (`reload`) the
+    weights reload and reproduce the run's logits; model card included. Returns facts for the caller (kind,
+    files). `reload=False` is for the push at the end of a run: its export was reload-checked moments ago, and
+    the check's result (final/metrics.json "export_check") is reported instead."""
     run_dir, final = _final_dir(Path(run_dir))
     kind = _kind(final)
-    probe_path = final / export.PROBE_FILE
+    probe_path = final / verify.PROBE_FILE
     probe = json.loads(probe_path.read_text()) if probe_path.is_file() else None
     if out.exists():
         shutil.rmtree(out)
@@ -106,20 +76,20 @@ def stage(run_dir: str | Path, out: Path, repo_id: str, push_merged: bool = Fals
     for name in REPORT_FILES:
         if (run_dir / name).is_file():
             shutil.copy2(run_dir / name, out / name)
-    check_weights(out)
+    verify.check_weights(out)
     if probe is None:
-        raise LlmkitError(f"{final} has no {export.PROBE_FILE} (exported by an older llmkit?): it cannot be checked "
+        raise LlmkitError(f"{final} has no {verify.PROBE_FILE} (exported by an older llmkit?): it cannot be checked "
                           "against the run; export it again")
-    if kind == "classification":
-        checked = {"model": export.check_classifier(out, probe)}
+    if not reload:
+        checked = {"export": json.loads((final / "metrics.json").read_text()).get("export_check")}
+    elif kind == "classification":
+        checked = {"model": verify.check_classifier(out, probe)}
     elif kind == "causal_lm":
-        checked = {"model": export.check_causal_lm(out, probe)}
+        checked = {"model": verify.check_causal_lm(out, probe)}
     else:  # the adapter on its (local) base, and the merged copy when it goes up too
-        checked = {"adapter": export.check_causal_lm(out, probe)}
+        checked = {"adapter": verify.check_causal_lm(out, probe)}
         if push_merged:
-            checked["merged"] = export.check_causal_lm(out / "merged", {**probe, "lora": False})
-    from llmkit import card
-
+            checked["merged"] = verify.check_causal_lm(out / "merged", {**probe, "lora": False})
     (out / "README.md").write_text(card.build(run_dir, final, kind, repo_id, push_merged))
     return {"kind": kind, "checked": checked, "files": listing(out)}
 
@@ -207,18 +177,19 @@ def upload(folder: Path, repo_id: str, private: bool, revision: str | None, mess
 
 
 def push(run_dir: str | Path, repo_id: str, private: bool = True, revision: str | None = None,
-         push_merged: bool = False, dry_run: bool = False, staging: str | Path | None = None, log=print) -> dict:
+         push_merged: bool = False, dry_run: bool = False, staging: str | Path | None = None, log=print,
+         reload: bool = True) -> dict:
     """Stage, verify and push a run (or print what would be pushed). Local files are never modified."""
     check_repo_id(repo_id, "repo_id")
     run_path, _ = _final_dir(Path(run_dir))
     if dry_run:
         out = Path(staging) if staging else run_path / "hub_upload"
-        facts = stage(run_path, out, repo_id, push_merged)
+        facts = stage(run_path, out, repo_id, push_merged, reload)
         log(f"dry run: {out} is exactly what would be uploaded to {repo_id}:\n{show(facts['files'])}")
         return {**facts, "folder": str(out)}
     token()  # fail before any work when there is no token
     with tempfile.TemporaryDirectory(dir=run_path, prefix=".hub-") as tmp:
-        facts = stage(run_path, Path(tmp) / "upload", repo_id, push_merged)
+        facts = stage(run_path, Path(tmp) / "upload", repo_id, push_merged, reload)
         url = upload(Path(tmp) / "upload", repo_id, private, revision, f"llmkit: {facts['kind']} model", log=log)
     log(f"pushed {len(facts['files'])} files to {repo_id}: {url}")
     return {**facts, "commit_url": url}
@@ -248,6 +219,8 @@ class CheckpointUploader:
 
         self.pending.append((checkpoint.name, self.pool.submit(job)))
 
+    __call__ = submit  # the training loop's after-save callback
+
     def wait(self) -> list[str]:
         """Block until every upload finished; return the error messages (uploads do not stop training)."""
         errors = []
@@ -269,15 +242,25 @@ def _link_or_copy(src: str, dst: str) -> None:
         shutil.copy2(src, dst)
 
 
-def push_run(run) -> None:
-    """End of a run with output.push_to_hub: push final/ (rank 0; the others wait)."""
+def checkpoint_uploader(run) -> CheckpointUploader | None:
+    """The after-save callback of a run with output.hub_strategy every_save (rank 0 only; None elsewhere and for
+    runs that do not push checkpoints)."""
+    o = run.cfg.output
+    if not (o.push_to_hub and o.hub_strategy == "every_save" and run.accelerator.is_main_process):
+        return None
+    return CheckpointUploader(o.hub_model_id, o.hub_private, o.hub_revision, run.output_dir, log=run.log)
+
+
+def push_run(run, uploader: CheckpointUploader | None = None) -> None:
+    """End of a run with output.push_to_hub: wait for the checkpoint uploads, then push final/ (rank 0; the
+    others wait)."""
     o = run.cfg.output
     if not o.push_to_hub:
         return
     if run.accelerator.is_main_process:
-        uploader = getattr(run, "hub_uploader", None)
         if uploader is not None:
             for err in uploader.wait():
                 run.log(f"hub: a checkpoint upload failed: {err}")
-        push(run.output_dir, o.hub_model_id, o.hub_private, o.hub_revision, o.hub_push_merged, log=run.log)
+        push(run.output_dir, o.hub_model_id, o.hub_private, o.hub_revision, o.hub_push_merged, log=run.log,
+             reload=False)
     run.accelerator.wait_for_everyone()

@@ -9,11 +9,12 @@ from pathlib import Path
 import yaml
 
 from llmkit import assets
+from llmkit.metrics import NAMES
 
 LICENSES = {"sentence-transformers/all-MiniLM-L6-v2": "apache-2.0",
             "HuggingFaceTB/SmolLM2-135M-Instruct": "apache-2.0"}
 DATASET_NAMES = {"asset:polarity": "sentence-polarity (movie review snippets of Hutto & Gilbert 2014)"}
-METRICS = ("accuracy", "f1", "precision", "recall", "perplexity")
+METRICS = (*NAMES, "perplexity")  # the results table: the shipped scores, and perplexity for causal LMs
 
 
 def _read(path: Path, loader=json.loads) -> dict:

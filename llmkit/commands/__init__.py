@@ -1,0 +1,1 @@
+"""The commands of `llmkit` that do more than call one library function."""

@@ -1,0 +1,25 @@
+"""`llmkit validate`: the recipe's pre-training checks (preflight), for the Accelerate config it will be launched
+with, then its tokenizer and data; nothing is written."""
+
+from __future__ import annotations
+
+from llmkit import launch, preflight
+from llmkit.config import load_config
+
+
+def validate(config_path: str, overrides: list[str], accelerate_config: str | None, log=print) -> None:
+    """Every check a recipe makes before its first training step, in order; stops at the first problem (raised
+    as LlmkitError)."""
+    cfg = load_config(config_path, overrides)
+    log(f"ok  config: {config_path} (schema, types, ranges)")
+    for line in preflight.warnings(cfg):
+        log(line)
+
+    def passed(line: str) -> None:
+        log(f"ok  {line}")
+
+    env = launch.accelerate_env(accelerate_config) if accelerate_config else {}
+    with launch.environ(env):
+        plan = preflight.check(cfg, launch.world_size(), say=passed)
+    preflight.check_inputs(cfg, plan, say=passed)
+    log("all checks passed")

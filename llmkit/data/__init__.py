@@ -1,0 +1,1 @@
+"""Data: sources and labels, classification and causal-LM examples, batching."""

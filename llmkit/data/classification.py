@@ -1,0 +1,52 @@
+"""Classification examples: every split the config names, tokenized (cached by `datasets`), evaluation splits in
+length order."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from datasets import Dataset
+
+from llmkit.config import DataConfig
+from llmkit.data.sources import load_labeled
+
+
+@dataclass
+class ClassificationData:
+    train: Dataset  # tokenized: input_ids, attention_mask, (token_type_ids), labels
+    validation: Dataset  # tokenized, sorted by length, with "row" = index into rows["validation"]
+    test: Dataset | None
+    rows: dict[str, Dataset]  # validation / test: cleaned text + label ids, for prediction files
+    label_names: list[str]
+    train_lengths: list[int]
+    dropped_rows: dict[str, int]
+
+
+def prepare(cfg: DataConfig, tokenizer, seed: int, log=print) -> ClassificationData:
+    """Load, check, clean, label-map and tokenize every split the config names."""
+    labeled = load_labeled(cfg, seed, log)
+
+    def tokenize(batch):
+        pair = batch[cfg.text_pair_column] if cfg.text_pair_column else None
+        enc = tokenizer(batch[cfg.text_column], pair, truncation=True, max_length=cfg.max_length)
+        enc["length"] = [len(ids) for ids in enc["input_ids"]]
+        return enc
+
+    tokenized = {}
+    for role, ds in labeled.rows.items():
+        drop = [c for c in ds.column_names if c != "labels"]
+        tok = ds.map(tokenize, batched=True, batch_size=1000, remove_columns=drop, desc=f"tokenizing {role}")
+        if role != "train":
+            # evaluation in length order wastes little padding; "row" maps predictions back to texts
+            tok = tok.add_column("row", list(range(len(tok)))).sort("length")
+        tokenized[role] = tok
+    lengths = tokenized["train"]["length"]
+    return ClassificationData(
+        train=tokenized["train"].remove_columns("length"),
+        validation=tokenized["validation"].remove_columns("length"),
+        test=tokenized["test"].remove_columns("length") if "test" in tokenized else None,
+        rows={role: rows for role, rows in labeled.rows.items() if role != "train"},
+        label_names=labeled.label_names,
+        train_lengths=list(lengths),
+        dropped_rows=labeled.dropped_rows,
+    )

@@ -1,0 +1,124 @@
+"""Batching: length-grouped training batches aligned across ranks, DataLoaders for both recipes, and a dataset
+wrapper whose read errors name the row. Loaders are returned unprepared; the training loop shards them."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.utils.data import DataLoader
+from transformers import DataCollatorWithPadding
+
+from llmkit import faults
+from llmkit.config import Config
+from llmkit.data.classification import ClassificationData
+from llmkit.data.lm import CandidateCollator, LMCollator, LMData
+from llmkit.errors import LlmkitError
+
+
+class LengthGroupedBatchSampler:
+    """Batches of similar length for training, in random order.
+
+    Rows are sorted by (length, random tie-break); consecutive batches are grouped `num_replicas` at a time
+    so that the ranks of one step (Accelerate deals batch i to rank i % N) get equally long batches. Groups
+    are shuffled each epoch; the one short group (and short batch) stays last, where Accelerate expects it.
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, num_replicas: int = 1, seed: int = 0):
+        self.lengths, self.batch_size, self.num_replicas, self.seed = lengths, batch_size, num_replicas, seed
+        self.epoch = 0
+        self.drop_last = False  # read by Accelerate's BatchSamplerShard
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.lengths) / self.batch_size)
+
+    def __iter__(self):
+        gen = torch.Generator().manual_seed(self.seed + self.epoch)
+        noise = torch.rand(len(self.lengths), generator=gen).tolist()
+        order = sorted(range(len(self.lengths)), key=lambda i: (self.lengths[i], noise[i]))
+        batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        groups = [batches[i:i + self.num_replicas] for i in range(0, len(batches), self.num_replicas)]
+        tail = []
+        if len(groups[-1]) < self.num_replicas or len(groups[-1][-1]) < self.batch_size:
+            tail = groups.pop()
+        for g in torch.randperm(len(groups), generator=gen).tolist():
+            yield from groups[g]
+        yield from tail
+
+
+class RowErrors(torch.utils.data.Dataset):
+    """A dataset whose failures name the row: an exception while reading row i becomes a clear error."""
+
+    def __init__(self, dataset, rank: int):
+        self.dataset, self.rank = dataset, rank
+        self.fault = faults.POINT == "row"  # crash tests only
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def _row(self, i: int):
+        try:
+            if self.fault and faults.hit("row", int(i), self.rank):
+                raise ValueError("a broken row (injected)")
+            return self.dataset[i]
+        except Exception as exc:
+            raise LlmkitError(f"reading training row {i} failed: {exc.__class__.__name__}: {exc}. Fix or drop that "
+                              "row of the train split (its index is after the shuffle by train.seed).") from exc
+
+    def __getitem__(self, i: int):
+        return self._row(i)
+
+    def __getitems__(self, indices: list[int]) -> list:
+        # the datasets library reads a whole batch at once (fast); on failure, find the row one by one
+        if not self.fault and hasattr(self.dataset, "__getitems__"):
+            try:
+                return self.dataset.__getitems__(indices)
+            except Exception:
+                pass
+        return [self._row(i) for i in indices]
+
+
+def loader_options(cfg: Config, persistent: bool = True) -> dict:
+    """DataLoader workers and pinned memory from train.*: pinning only pays off when batches go to a GPU."""
+    t = cfg.train
+    pin = torch.cuda.is_available() if t.pin_memory is None else t.pin_memory
+    return {"num_workers": t.dataloader_workers, "pin_memory": pin,
+            "persistent_workers": persistent and t.dataloader_workers > 0}
+
+
+def train_loader(cfg: Config, dataset, lengths: list[int] | None, collate, rank: int, world: int) -> DataLoader:
+    """Batches of similar length (when `lengths` are known and data.group_by_length is on), else shuffled rows."""
+    t = cfg.train
+    dataset = RowErrors(dataset, rank)
+    options = loader_options(cfg)
+    if lengths is not None and cfg.data.group_by_length:
+        sampler = LengthGroupedBatchSampler(lengths, t.per_device_batch_size, world, seed=t.seed)
+        return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, **options)
+    gen = torch.Generator().manual_seed(t.seed)
+    return DataLoader(dataset, batch_size=t.per_device_batch_size, shuffle=True, generator=gen, collate_fn=collate,
+                      **options)
+
+
+def _eval_loaders(cfg: Config, splits: dict, collate) -> dict[str, DataLoader]:
+    return {name: DataLoader(split, batch_size=cfg.train.eval_batch_size, collate_fn=collate,
+                             **loader_options(cfg, persistent=False))
+            for name, split in splits.items() if split is not None}
+
+
+def classification_loaders(cfg: Config, data: ClassificationData, tokenizer, rank: int, world: int):
+    """Train loader (length-grouped or shuffled) and validation/test loaders (length-sorted)."""
+    collate = DataCollatorWithPadding(tokenizer)
+    train = train_loader(cfg, data.train, data.train_lengths, collate, rank, world)
+    return train, _eval_loaders(cfg, {"validation": data.validation, "test": data.test}, collate)
+
+
+def lm_loaders(cfg: Config, data: LMData, tokenizer, rank: int, world: int):
+    """Train loader (length-grouped rows, or shuffled blocks) and validation/test loaders (label candidates for
+    generative classification)."""
+    collate = LMCollator(tokenizer.pad_token_id)
+    train = train_loader(cfg, data.train, data.train_lengths, collate, rank, world)
+    eval_collate = CandidateCollator(tokenizer.pad_token_id) if data.mode == "labels" else collate
+    return train, _eval_loaders(cfg, {"validation": data.validation, "test": data.test}, eval_collate)

@@ -1,0 +1,1 @@
+"""Evaluation of a model in training or after it: classification, causal LM, prediction files."""

@@ -1,0 +1,191 @@
+"""What `accelerate launch` hands a run, settled before its process group starts: the world size, the DeepSpeed
+JSON with every "auto" filled from the llmkit config, and the Accelerate settings that must agree with it."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import os
+from pathlib import Path
+
+import yaml
+
+from llmkit.config import Config
+from llmkit.errors import LlmkitError
+from llmkit.precision import ACCELERATE_PRECISION
+
+REDUCE_BUCKET_MIN = 25_000_000  # elements; the floor of DeepSpeed's reduce_bucket_size "auto"
+
+
+def auto_reduce_bucket(hidden: int | None) -> int:
+    """DeepSpeed's reduce_bucket_size for "auto": hidden^2 (what HF's Trainer fills in), but at least 25M
+    elements (50 MB in bf16): a small model's buckets would be tiny, and every bucket is one collective.
+    MiniLM on 2 CPU ranks: 147k-element buckets (83 all-reduces per step) ran 48 samples/s, 25M (one per step)
+    60 (bench/README.md)."""
+    return max((hidden or 0) ** 2, REDUCE_BUCKET_MIN)
+
+
+def world_size() -> int:
+    """Processes in the run, as the launcher set them (1 outside a launcher)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _deepspeed_source(cfg: Config) -> tuple[dict, str] | None:
+    """The DeepSpeed JSON (and where it came from), or None when the run does not use DeepSpeed."""
+    path = cfg.deepspeed.config_file or os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if path and path != "none":
+        try:
+            return json.loads(Path(path).read_text()), path
+        except (OSError, json.JSONDecodeError) as exc:
+            raise LlmkitError(f"DeepSpeed config '{path}' cannot be read as JSON: {exc}") from None
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        # ZeRO set in the Accelerate yaml itself (no JSON): build the same skeleton Accelerate would
+        stage = int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2"))
+        zero = {"stage": stage}
+        for part, env in (("offload_optimizer", "OFFLOAD_OPTIMIZER_DEVICE"), ("offload_param", "OFFLOAD_PARAM_DEVICE")):
+            device = os.environ.get(f"ACCELERATE_DEEPSPEED_{env}", "none")
+            if device != "none":
+                zero[part] = {"device": device}
+        return {"zero_optimization": zero}, "the Accelerate config"
+    if cfg.deepspeed.zero_stage is not None:
+        return {"zero_optimization": {"stage": cfg.deepspeed.zero_stage}}, "deepspeed.zero_stage"
+    return None
+
+
+def resolve_deepspeed(cfg: Config, precision: str, world_size: int, hidden: int | None) -> dict | None:
+    """Fill each "auto" of the DeepSpeed config from the llmkit config; a value set in both must agree."""
+    found = _deepspeed_source(cfg)
+    if found is None:
+        return None
+    # keys starting with "_" are notes for people (JSON has no comments), not DeepSpeed settings
+    ds = {k: copy.deepcopy(v) for k, v in found[0].items() if not k.startswith("_")}
+    source = found[1]
+    t = cfg.train
+    for section in ("optimizer", "scheduler"):
+        if section in ds:
+            raise LlmkitError(f"the DeepSpeed config ({source}) has an '{section}' section; llmkit builds the "
+                              f"{section} from train.* in its own config. Remove the section from the JSON.")
+    zero = ds.setdefault("zero_optimization", {})
+    wanted = {
+        ("train_micro_batch_size_per_gpu",): (t.per_device_batch_size, "train.per_device_batch_size"),
+        ("gradient_accumulation_steps",): (t.gradient_accumulation_steps, "train.gradient_accumulation_steps"),
+        ("train_batch_size",): (t.per_device_batch_size * t.gradient_accumulation_steps * world_size,
+                                "train.per_device_batch_size x gradient_accumulation_steps x world size"),
+        ("gradient_clipping",): (t.max_grad_norm, "train.max_grad_norm"),
+        ("bf16", "enabled"): (precision == "bf16", "train.precision"),
+        ("fp16", "enabled"): (precision == "fp16", "train.precision"),
+    }
+    if cfg.deepspeed.zero_stage is not None:
+        wanted[("zero_optimization", "stage")] = (cfg.deepspeed.zero_stage, "deepspeed.zero_stage")
+    for keys, (value, ours) in wanted.items():
+        node = ds
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        have = node.get(keys[-1], "auto")
+        if have == "auto":
+            node[keys[-1]] = value
+        elif have != value and not (isinstance(value, float) and isinstance(have, (int, float))
+                                    and math.isclose(have, value)):
+            raise LlmkitError(f"'{'.'.join(keys)}' is {have!r} in the DeepSpeed config ({source}) but {value!r} from "
+                              f"{ours} in the llmkit config. Set it to \"auto\" in the JSON (llmkit fills it) or "
+                              "make the two agree.")
+    if precision == "fp16":
+        ds["fp16"].setdefault("loss_scale", 0)  # 0 = dynamic loss scaling
+    stage = zero.setdefault("stage", 0)
+    if zero.get("reduce_bucket_size") == "auto":
+        zero["reduce_bucket_size"] = auto_reduce_bucket(hidden)
+    if hidden:
+        for key, value in (("stage3_prefetch_bucket_size", int(0.9 * hidden * hidden)),
+                           ("stage3_param_persistence_threshold", 10 * hidden)):
+            if zero.get(key) == "auto":
+                zero[key] = value
+    if stage == 3:
+        key = "stage3_gather_16bit_weights_on_model_save"
+        if zero.get(key, "auto") not in ("auto", True):
+            raise LlmkitError(f"zero_optimization.{key} is false in the DeepSpeed config ({source}); llmkit needs it "
+                              "to gather full ZeRO-3 weights for the export. Set it to true or \"auto\".")
+        zero[key] = True
+    left = [k for k, v in _flatten(ds).items() if v == "auto"]
+    if left:
+        raise LlmkitError(f"the DeepSpeed config ({source}) has \"auto\" values llmkit cannot fill: {', '.join(left)}. "
+                          "Give them explicit values.")
+    ds["steps_per_print"] = 10**9  # llmkit logs; keep DeepSpeed's per-step prints quiet
+    return ds
+
+
+def _flatten(node: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in node.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def check_accelerate_env(cfg: Config, precision: str) -> None:
+    """Knobs the Accelerate yaml may also set must agree with the llmkit config (one source of truth)."""
+    t = cfg.train
+    checks = [
+        ("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "gradient_accumulation_steps", t.gradient_accumulation_steps,
+         "train.gradient_accumulation_steps", int),
+        ("ACCELERATE_GRADIENT_CLIPPING", "gradient_clipping", t.max_grad_norm, "train.max_grad_norm", float),
+        ("ACCELERATE_MIXED_PRECISION", "mixed_precision", ACCELERATE_PRECISION[precision], "train.precision", str),
+    ]
+    for env, name, ours, key, cast in checks:
+        raw = os.environ.get(env)
+        if raw in (None, "", "auto") or (env == "ACCELERATE_MIXED_PRECISION" and raw == "no"):
+            continue
+        if cast(raw) != ours:
+            raise LlmkitError(f"the Accelerate config sets {name}={raw} but the llmkit config has {key} -> {ours}. "
+                              f"Remove {name} from the Accelerate yaml: llmkit's config is the one place to set it.")
+
+
+def zero_stage(ds_config: dict | None) -> int | None:
+    """The ZeRO stage of a resolved DeepSpeed config; None when the run does not use DeepSpeed."""
+    return ds_config["zero_optimization"]["stage"] if ds_config else None
+
+
+def accelerate_env(path: str | Path) -> dict[str, str]:
+    """The environment `accelerate launch --config_file path` gives its processes (the parts llmkit reads)."""
+    path = Path(path)
+    if not path.is_file():
+        raise LlmkitError(f"Accelerate config '{path}' does not exist")
+    try:
+        acc = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise LlmkitError(f"Accelerate config '{path}' is not valid YAML: {exc}") from None
+    env = {"WORLD_SIZE": str(int(acc.get("num_processes", 1)) * int(acc.get("num_machines", 1) or 1))}
+    if acc.get("mixed_precision"):
+        env["ACCELERATE_MIXED_PRECISION"] = str(acc["mixed_precision"])
+    ds = acc.get("deepspeed_config") or {}
+    if acc.get("distributed_type") == "DEEPSPEED":
+        env["ACCELERATE_USE_DEEPSPEED"] = "true"
+        if ds.get("deepspeed_config_file"):
+            env["ACCELERATE_DEEPSPEED_CONFIG_FILE"] = str(ds["deepspeed_config_file"])
+        for key, var in (("zero_stage", "ZERO_STAGE"), ("offload_optimizer_device", "OFFLOAD_OPTIMIZER_DEVICE"),
+                         ("offload_param_device", "OFFLOAD_PARAM_DEVICE")):
+            if key in ds:
+                env[f"ACCELERATE_DEEPSPEED_{var}"] = str(ds[key])
+        if "gradient_accumulation_steps" in ds:
+            env["ACCELERATE_GRADIENT_ACCUMULATION_STEPS"] = str(ds["gradient_accumulation_steps"])
+        if "gradient_clipping" in ds:
+            env["ACCELERATE_GRADIENT_CLIPPING"] = str(ds["gradient_clipping"])
+    return env
+
+
+@contextlib.contextmanager
+def environ(values: dict[str, str]):
+    """These environment variables set for the duration of the block."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

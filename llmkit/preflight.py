@@ -1,0 +1,188 @@
+"""Every check that needs no training, in the order a run meets them. The recipes run `check` before their
+process group starts; `llmkit validate` runs the same `check`, then `check_inputs` (the tokenizer and the data
+a recipe loads next), and stops. Each check raises LlmkitError naming what is wrong and how to fix it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from llmkit import launch, memory, model
+from llmkit.config import Config
+from llmkit.data import lm, sources
+from llmkit.errors import LlmkitError
+from llmkit.precision import resolve_precision
+
+GIB = 1024**3
+
+
+@dataclass
+class Plan:
+    """What the checks settled: the run starts from this."""
+    precision: str
+    precision_why: str
+    world_size: int
+    ds_config: dict | None  # resolved: no "auto" left; None without DeepSpeed
+    output_dir: Path
+    model_config: object  # the model's transformers config
+    causal_lm: bool
+    checked: list[str] = field(default_factory=list)  # one line per check passed
+
+
+def warnings(cfg: Config) -> list[str]:
+    """Settings that are allowed but deserve a loud line."""
+    out = []
+    if cfg.model.trust_remote_code:
+        out.append(f"warning: model.trust_remote_code is on: Python code from '{cfg.model.name_or_path}' (and "
+                   f"'{cfg.model.tokenizer or cfg.model.name_or_path}') will run on this machine. Use it only for "
+                   "repos you trust, pinned with model.revision.")
+    return out
+
+
+def check_output_dir_is_safe(cfg: Config) -> Path:
+    """The output dir, resolved: never the filesystem root, the home directory, or a folder that contains the
+    working directory (a run writes checkpoints/, final/ and replaces them there)."""
+    out = Path(cfg.output.output_dir).expanduser().resolve()
+    cwd, home = Path.cwd().resolve(), Path.home().resolve()
+    why = None
+    if out == Path(out.anchor):
+        why = "the filesystem root"
+    elif out == home:
+        why = "your home directory"
+    elif out == cwd or out in cwd.parents:
+        why = "the working directory or one of its parents"
+    if why:
+        raise LlmkitError(f"output.output_dir '{out}' is {why}; point it at a dedicated folder, e.g. outputs/<name>")
+    probe = out
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise LlmkitError(f"output.output_dir '{out}' is not writable ({probe} does not accept new files)")
+    return out
+
+
+def check_output_dir(cfg: Config) -> Path:
+    """Refuse an unsafe output dir, and one that holds another run unless asked to overwrite."""
+    check_output_dir_is_safe(cfg)
+    out = Path(cfg.output.output_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise LlmkitError(f"output.output_dir '{out}' exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not (cfg.output.overwrite_output_dir or cfg.checkpoint.resume_from):
+        raise LlmkitError(f"output.output_dir '{out}' already holds files from another run. Pick a new directory "
+                          "set output.overwrite_output_dir: true (the old export is replaced only when the new "
+                          "one is complete), or continue it with --checkpoint.resume_from latest.")
+    return out
+
+
+def checkpoint_bytes(params: int, precision: str, lora: bool) -> int:
+    """Rough size of one checkpoint on disk: the weights plus, for trained parameters, fp32 master weights and
+    two Adam moments (LoRA: the adapters are small, counted as 2% of the model)."""
+    weight = 4 if precision == "fp32" else 2
+    trained = params * (0.02 if lora else 1.0)
+    optimizer = 8 if precision == "fp32" else 12
+    return int(params * weight + trained * optimizer)
+
+
+def check_disk(cfg: Config, params: int, precision: str) -> str:
+    """Enough free disk under output_dir for the checkpoints kept plus the export."""
+    out = Path(cfg.output.output_dir).expanduser().resolve()
+    probe = out
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    one = checkpoint_bytes(params, precision, cfg.lora.enabled)
+    keep = cfg.checkpoint.keep_last or 1
+    saving = cfg.checkpoint.save_every_steps or cfg.checkpoint.save_every_epoch or cfg.checkpoint.resume_from
+    # one extra checkpoint exists while the next is written; the export holds fp32 weights (and a merged copy)
+    need = (keep + 1) * one * bool(saving) + params * 4 * (2 if cfg.lora.enabled else 1)
+    if need > free:
+        raise LlmkitError(f"not enough disk under {probe}: checkpoints (about {one / GIB:.2f} GiB each, {keep} kept "
+                          f"+ 1 being written) and the export need ~{need / GIB:.2f} GiB, {free / GIB:.2f} GiB are "
+                          "free. Free space, lower checkpoint.keep_last, or pick another output.output_dir.")
+    return f"disk: ~{need / GIB:.2f} GiB needed, {free / GIB:.1f} GiB free under {probe}"
+
+
+def check_model(cfg: Config):
+    """The model config loads (local dir, asset or Hub id) and data.max_length fits its positions."""
+    config = model.read_config(cfg.model)
+    limit = model.positions(config)
+    if limit is not None and cfg.data.max_length > limit:
+        raise LlmkitError(f"data.max_length {cfg.data.max_length} is over the model's limit of {limit} positions "
+                          f"({config.model_type}); set data.max_length <= {limit}")
+    return config, f"model: {config.model_type}, {limit or 'unknown'} positions, max_length {cfg.data.max_length} fits"
+
+
+def hub_token() -> str:
+    """The Hub token from HF_TOKEN or the `hf auth login` store; a clear error when there is none."""
+    from huggingface_hub import get_token
+
+    found = get_token()
+    if not found:
+        raise LlmkitError("pushing to the Hub needs a token: set HF_TOKEN or run `hf auth login` (or use --dry-run)")
+    return found
+
+
+def _wants_lm(cfg: Config, config) -> bool:
+    d = cfg.data
+    return model.is_causal_lm(config.architectures) or bool(d.prompt_column or d.messages_column
+                                                             or d.prompt_template)
+
+
+def check(cfg: Config, world_size: int, say: Callable[[str], None] = lambda line: None) -> Plan:
+    """Every check before training, in order; `say` gets one line per check passed."""
+    def passed(line: str) -> None:
+        plan_lines.append(line)
+        say(line)
+
+    plan_lines: list[str] = []
+    precision, why = resolve_precision(cfg.train.precision)
+    passed(f"precision: {precision} ({why})")
+    launch.check_accelerate_env(cfg, precision)
+    config, line = check_model(cfg)
+    passed(line)
+    ds = launch.resolve_deepspeed(cfg, precision, world_size, model.hidden_size(config))
+    stage = launch.zero_stage(ds)
+    passed(f"launch: {world_size} process(es), " + (f"DeepSpeed ZeRO-{stage}, no 'auto' left" if ds else
+                                                     "no DeepSpeed"))
+    out = check_output_dir(cfg)
+    passed(f"output: {check_output_dir_is_safe(cfg)} (writable, holds no other run)")
+    causal = _wants_lm(cfg, config)
+    try:
+        params, largest = model.model_sizes(cfg.model, causal_lm=causal)
+    except LlmkitError:
+        raise
+    except Exception as exc:  # an architecture that cannot be built on the meta device: no size estimates
+        passed(f"disk and memory: not estimated ({exc.__class__.__name__})")
+    else:
+        passed(check_disk(cfg, params, precision))
+        table = memory.for_run(ds, params, world_size, precision, largest_param=largest).table()
+        passed("memory (ZeRO formulas and DeepSpeed's peak, activations excluded):\n"
+               + "\n".join("      " + r for r in table.splitlines()))
+    if cfg.output.push_to_hub:  # no token: say so now, not after hours of training
+        hub_token()
+        passed(f"hub: a token is set for pushing to {cfg.output.hub_model_id}")
+    return Plan(precision, why, world_size, ds, out, config, causal, plan_lines)
+
+
+def check_inputs(cfg: Config, plan: Plan, say: Callable[[str], None] = lambda line: None) -> None:
+    """The tokenizer and the data, loaded as the recipe will load them (`llmkit validate` only: a recipe meets
+    the same errors when it loads them itself)."""
+    if model.needs_trained_tokenizer(cfg.model):
+        say("tokenizer: none given; a byte-level BPE tokenizer will be trained on the train split")
+        return
+    tokenizer = model.load_tokenizer(cfg.model)
+    say(f"tokenizer: {type(tokenizer).__name__}, pad token {tokenizer.pad_token!r}")
+    quiet = lambda m: None  # noqa: E731
+    if plan.causal_lm:
+        ds = lm.prepare(cfg.data, tokenizer, seed=cfg.train.seed, log=quiet)
+        say(f"data: {ds.mode}, train {len(ds.train)}, validation {len(ds.validation)} examples"
+            + (f", labels {ds.label_names}" if ds.label_names else ""))
+        return
+    labeled = sources.load_labeled(cfg.data, seed=cfg.train.seed, log=quiet)
+    sizes = ", ".join(f"{role} {len(rows)}" for role, rows in labeled.rows.items())
+    dropped = sum(labeled.dropped_rows.values())
+    say(f"data: {sizes} rows, labels {labeled.label_names}" + (f", {dropped} empty rows dropped" if dropped
+                                                                 else ""))

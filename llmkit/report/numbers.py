@@ -1,0 +1,201 @@
+"""The numbers of the evaluation report, computed from the files a run leaves: predictions_<split>.jsonl (text,
+gold, predicted label, class probabilities), metrics.json, metrics.jsonl (logged scalars), training_config.yaml
+and run_info.json."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from llmkit.errors import LlmkitError
+from llmkit.metrics import classification_metrics
+from llmkit.metrics.counts import per_class_scores
+
+BOOTSTRAP_SAMPLES = 1000
+CALIBRATION_BINS = 10
+MISTAKES_SHOWN = 10
+
+
+def read_predictions(path: Path, names: list[str] | None = None) -> tuple[list[dict], list[str]]:
+    """Rows of a predictions file and the label names in probability order (from metrics.json, else recovered
+    from the rows: each prediction is the argmax of its probabilities)."""
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not rows:
+        raise LlmkitError(f"{path} holds no predictions")
+    if names is None:
+        found: list[str | None] = [None] * len(rows[0]["probabilities"])
+        for r in rows:
+            found[int(np.argmax(r["probabilities"]))] = r["prediction"]
+        if None in found:
+            raise LlmkitError(f"{path}: cannot tell which probability belongs to which label; metrics.json "
+                              "next to it should list label_names")
+        names = found
+    known = set(names)
+    for i, r in enumerate(rows):
+        if r["label"] not in known or r["prediction"] not in known or len(r["probabilities"]) != len(names):
+            raise LlmkitError(f"{path} line {i + 1} does not match the labels {names}")
+    return rows, names
+
+
+def roc_curve(y: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """False / true positive rates over every threshold, and the area under them (trapezoids)."""
+    order = np.argsort(-score, kind="stable")
+    y, score = y[order], score[order]
+    distinct = np.r_[np.flatnonzero(np.diff(score)), len(y) - 1]  # last index of each score value
+    tps = np.cumsum(y)[distinct]
+    fps = (distinct + 1) - tps
+    pos, neg = max(y.sum(), 1), max(len(y) - y.sum(), 1)
+    tpr, fpr = np.r_[0.0, tps / pos], np.r_[0.0, fps / neg]
+    return fpr, tpr, float(np.trapezoid(tpr, fpr) if hasattr(np, "trapezoid") else np.trapz(tpr, fpr))
+
+
+def pr_curve(y: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """Precision and recall over every threshold, and average precision (sum of precision x recall steps)."""
+    order = np.argsort(-score, kind="stable")
+    y, score = y[order], score[order]
+    distinct = np.r_[np.flatnonzero(np.diff(score)), len(y) - 1]
+    tps = np.cumsum(y)[distinct]
+    predicted = distinct + 1
+    precision = tps / predicted
+    recall = tps / max(y.sum(), 1)
+    ap = float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+    return np.r_[1.0, precision], np.r_[0.0, recall], ap
+
+
+def calibration(confidence: np.ndarray, correct: np.ndarray, bins: int = CALIBRATION_BINS) -> dict:
+    """Reliability bins of the top-class probability, and the expected calibration error."""
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    index = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
+    table, ece = [], 0.0
+    for b in range(bins):
+        mask = index == b
+        if not mask.any():
+            continue
+        conf, acc = float(confidence[mask].mean()), float(correct[mask].mean())
+        ece += mask.mean() * abs(acc - conf)
+        table.append({"low": float(edges[b]), "high": float(edges[b + 1]), "count": int(mask.sum()),
+                      "confidence": conf, "accuracy": acc})
+    return {"ece": float(ece), "bins": table}
+
+
+def bootstrap(y: np.ndarray, pred: np.ndarray, num_labels: int, samples: int = BOOTSTRAP_SAMPLES,
+              seed: int = 0) -> dict[str, list[float]]:
+    """95% percentile intervals of accuracy and F1 over rows resampled with replacement (seeded)."""
+    rng = np.random.default_rng(seed)
+    n = len(y)
+    accs, f1s = np.empty(samples), np.empty(samples)
+    for i in range(samples):
+        idx = rng.integers(0, n, n)
+        accs[i] = (y[idx] == pred[idx]).mean()
+        f1s[i] = _f1(y[idx], pred[idx], num_labels)
+    return {"accuracy": [float(np.percentile(accs, 2.5)), float(np.percentile(accs, 97.5))],
+            "f1": [float(np.percentile(f1s, 2.5)), float(np.percentile(f1s, 97.5))]}
+
+
+def _f1(y: np.ndarray, pred: np.ndarray, k: int) -> float:
+    """Binary F1 of class 1 for 2 classes, macro F1 otherwise (the headline F1, as in the run's metrics)."""
+    f1 = per_class_scores(pred, y, range(k))[2]
+    return float(f1[1] if k == 2 else f1.mean())
+
+
+def split_report(rows: list[dict], names: list[str]) -> dict:
+    """Every number the report shows for one split."""
+    k = len(names)
+    index = {n: i for i, n in enumerate(names)}
+    y = np.array([index[r["label"]] for r in rows])
+    probs = np.array([r["probabilities"] for r in rows], dtype=float)
+    pred = np.array([index[r["prediction"]] for r in rows])
+    metrics = classification_metrics(pred.tolist(), y.tolist(), k)
+    precision, recall, f1 = per_class_scores(pred, y, range(k))
+    confusion = np.zeros((k, k), dtype=int)
+    np.add.at(confusion, (y, pred), 1)
+    out = {
+        "rows": len(rows), **metrics,
+        "per_class": [{"label": names[c], "precision": float(precision[c]), "recall": float(recall[c]),
+                       "f1": float(f1[c]), "support": int((y == c).sum())} for c in range(k)],
+        "confusion_matrix": confusion.tolist(),
+        "ci95": bootstrap(y, pred, k),
+    }
+    if k == 2:  # the curves rank rows by the probability of class 1 (the positive class of binary F1)
+        fpr, tpr, auc = roc_curve((y == 1).astype(int), probs[:, 1])
+        prec, rec, ap = pr_curve((y == 1).astype(int), probs[:, 1])
+        out["roc_auc"], out["average_precision"] = auc, ap
+        out["_curves"] = {"roc": [("", fpr, tpr, auc)], "pr": [("", rec, prec, ap)]}
+    else:  # one-vs-rest for each class, macro average
+        rocs, prs = [], []
+        for c in range(k):
+            fpr, tpr, auc = roc_curve((y == c).astype(int), probs[:, c])
+            prec, rec, ap = pr_curve((y == c).astype(int), probs[:, c])
+            rocs.append((names[c], fpr, tpr, auc))
+            prs.append((names[c], rec, prec, ap))
+        out["roc_auc"] = float(np.mean([r[3] for r in rocs]))
+        out["average_precision"] = float(np.mean([p[3] for p in prs]))
+        out["_curves"] = {"roc": rocs, "pr": prs}
+    confidence = probs.max(1)
+    out["calibration"] = calibration(confidence, (pred == y).astype(float))
+    out["ece"] = out["calibration"]["ece"]
+    wrong = [i for i in range(len(rows)) if pred[i] != y[i]]
+    wrong.sort(key=lambda i: -confidence[i])
+    out["confident_mistakes"] = [{"row": rows[i].get("row", i), "text": rows[i]["text"], "label": rows[i]["label"],
+                                  "prediction": rows[i]["prediction"], "probability": float(confidence[i])}
+                                 for i in wrong[:MISTAKES_SHOWN]]
+    return out
+
+
+def _scalars(path: Path) -> dict[str, list[list[float]]]:
+    """metrics.jsonl -> {name: [[step, value], ...]}."""
+    series: dict[str, list[list[float]]] = {}
+    if not path.is_file():
+        return series
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        entry = json.loads(line)
+        for key, value in entry.items():
+            if key != "step" and isinstance(value, (int, float)):
+                series.setdefault(key, []).append([entry["step"], float(value)])
+    return series
+
+
+def run_report(run_dir: Path) -> dict:
+    """The report of one run directory (or one `llmkit eval` output directory)."""
+    run_dir = Path(run_dir)
+    found = sorted(p.name[len("predictions_"):-len(".jsonl")] for p in run_dir.glob("predictions_*.jsonl"))
+    splits = [s for s in ("test", "validation") if s in found] + [s for s in found if s not in ("test", "validation")]
+    if not splits:
+        raise LlmkitError(f"{run_dir} has no predictions_<split>.jsonl: not a classification run or eval output")
+    metrics = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").is_file() else {}
+    info = json.loads((run_dir / "run_info.json").read_text()) if (run_dir / "run_info.json").is_file() else {}
+    config = yaml.safe_load((run_dir / "training_config.yaml").read_text()) \
+        if (run_dir / "training_config.yaml").is_file() else {}
+    report = {"name": run_dir.name, "path": str(run_dir.resolve()), "splits": {}, "primary_split": splits[0]}
+    for split in splits:
+        rows, names = read_predictions(run_dir / f"predictions_{split}.jsonl", metrics.get("label_names"))
+        report["splits"][split] = split_report(rows, names)
+        report["label_names"] = names
+    train = metrics.get("train", {})
+    data = config.get("data", {})
+    report["run"] = {
+        "model": config.get("model", {}).get("name_or_path") or metrics.get("model"),
+        "lora": bool(config.get("lora", {}).get("enabled")),
+        "dataset": data.get("dataset") or data.get("data_files") or metrics.get("dataset"),
+        "task": "generative (label words)" if data.get("prompt_template") else "sequence classification",
+        "split_rows": {"train": train.get("train_examples"),
+                       **{s: report["splits"][s]["rows"] for s in splits}},
+        "world_size": info.get("world_size", train.get("world_size")),
+        "zero_stage": info.get("zero_stage", train.get("zero_stage")),
+        "precision": info.get("precision", train.get("precision")),
+        "device": info.get("device"),
+        "steps": train.get("steps"), "epochs": train.get("epochs"),
+        "train_seconds": train.get("train_seconds"),
+        "samples_per_second": train.get("samples_per_second"),
+        "real_tokens_per_second": train.get("real_tokens_per_second"),
+        "versions": info.get("versions"), "git_commit": info.get("git_commit"),
+    }
+    scalars = _scalars(run_dir / "metrics.jsonl")
+    report["curves"] = {"train_loss": scalars.get("train/loss", []), "eval_loss": scalars.get("eval/loss", []),
+                        "learning_rate": scalars.get("train/lr", []), "eval_f1": scalars.get("eval/f1", [])}
+    return report

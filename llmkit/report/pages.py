@@ -1,0 +1,170 @@
+"""The report's pages: report.json, report.md and a self-contained report.html (plots embedded as PNG, no
+network needed to open it), for one run or a comparison of several."""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+from llmkit.errors import LlmkitError
+from llmkit.report.numbers import run_report
+from llmkit.report.plots import draw
+
+
+def _public(split: dict) -> dict:
+    return {k: v for k, v in split.items() if not k.startswith("_")}
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value)
+
+
+def _seconds(value) -> str:
+    return f"{value:.1f}" if isinstance(value, (int, float)) else "-"
+
+
+def _comparison(runs: list[dict]) -> list[dict]:
+    table = []
+    for r in runs:
+        s = r["splits"][r["primary_split"]]
+        table.append({"run": r["name"], "model": r["run"]["model"], "split": r["primary_split"], "rows": s["rows"],
+                      "accuracy": s["accuracy"], "accuracy_ci95": s["ci95"]["accuracy"], "f1": s["f1"],
+                      "f1_ci95": s["ci95"]["f1"], "f1_macro": s["f1_macro"], "roc_auc": s["roc_auc"],
+                      "ece": s["ece"], "train_seconds": r["run"]["train_seconds"]})
+    return table
+
+
+def _markdown(doc: dict) -> str:
+    lines = ["# Evaluation report", ""]
+    if len(doc["runs"]) > 1:
+        lines += ["## Comparison", "", "| run | model | split | rows | accuracy (95% CI) | F1 (95% CI) | macro F1 | "
+                  "ROC AUC | ECE | train s |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for c in doc["comparison"]:
+            lines.append(f"| {c['run']} | {c['model']} | {c['split']} | {c['rows']} | {c['accuracy']:.4f} "
+                         f"({c['accuracy_ci95'][0]:.4f}-{c['accuracy_ci95'][1]:.4f}) | {c['f1']:.4f} "
+                         f"({c['f1_ci95'][0]:.4f}-{c['f1_ci95'][1]:.4f}) | {c['f1_macro']:.4f} | "
+                         f"{c['roc_auc']:.4f} | {c['ece']:.4f} | {_seconds(c['train_seconds'])} |")
+        lines.append("")
+    for r in doc["runs"]:
+        lines += [f"## {r['name']}", ""]
+        for split, s in r["splits"].items():
+            lines += [f"### {split} ({s['rows']} rows)", "",
+                      "| metric | value | 95% CI |", "|---|---|---|",
+                      f"| accuracy | {s['accuracy']:.4f} | {s['ci95']['accuracy'][0]:.4f}-"
+                      f"{s['ci95']['accuracy'][1]:.4f} |",
+                      f"| F1 | {s['f1']:.4f} | {s['ci95']['f1'][0]:.4f}-{s['ci95']['f1'][1]:.4f} |",
+                      f"| macro F1 | {s['f1_macro']:.4f} | |", f"| precision | {s['precision']:.4f} | |",
+                      f"| recall | {s['recall']:.4f} | |", f"| ROC AUC | {s['roc_auc']:.4f} | |",
+                      f"| average precision | {s['average_precision']:.4f} | |", f"| ECE | {s['ece']:.4f} | |", "",
+                      "| class | precision | recall | F1 | support |", "|---|---|---|---|---|"]
+            lines += [f"| {c['label']} | {c['precision']:.4f} | {c['recall']:.4f} | {c['f1']:.4f} | {c['support']} |"
+                      for c in s["per_class"]]
+            lines.append("")
+        s = r["splits"][r["primary_split"]]
+        lines += [f"### Most confident mistakes ({r['primary_split']})", "",
+                  "| text | gold | predicted | probability |", "|---|---|---|---|"]
+        lines += [f"| {m['text'].replace('|', '/')} | {m['label']} | {m['prediction']} | {m['probability']:.4f} |"
+                  for m in s["confident_mistakes"]]
+        lines += ["", "### What was run", "", "| | |", "|---|---|"]
+        lines += [f"| {k} | {_fmt(json.dumps(v) if isinstance(v, dict) else v)} |" for k, v in r["run"].items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+_CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}
+table{border-collapse:collapse;margin:.6em 0}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left}
+th{background:#f3f3f3}img{max-width:100%;margin:.4em 0}.plots{display:flex;flex-wrap:wrap;gap:1em}
+code{background:#f3f3f3;padding:0 .2em}"""
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _img(plots: dict[str, str], name: str, alt: str) -> str:
+    return f'<img class="plot" data-plot="{html.escape(name)}" alt="{html.escape(alt)}" ' \
+           f'src="data:image/png;base64,{plots[name]}">'
+
+
+def _html(doc: dict, plots: dict[str, str]) -> str:
+    parts = ["<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>llmkit evaluation report</title>",
+             f"<style>{_CSS}</style></head><body><h1>Evaluation report</h1>"]
+    if len(doc["runs"]) > 1:
+        parts.append("<h2>Comparison</h2>" + _table(
+            ["run", "model", "split", "rows", "accuracy", "accuracy 95% CI", "F1", "F1 95% CI", "macro F1", "ROC AUC",
+             "ECE", "train s"],
+            [[c["run"], c["model"], c["split"], c["rows"], c["accuracy"],
+              f"{c['accuracy_ci95'][0]:.4f}-{c['accuracy_ci95'][1]:.4f}", c["f1"],
+              f"{c['f1_ci95'][0]:.4f}-{c['f1_ci95'][1]:.4f}", c["f1_macro"], c["roc_auc"], c["ece"],
+              _seconds(c["train_seconds"])] for c in doc["comparison"]]))
+    for r in doc["runs"]:
+        parts.append(f"<h2>{html.escape(r['name'])}</h2>")
+        for split, s in r["splits"].items():
+            parts.append(f"<h3>{html.escape(split)} ({s['rows']} rows)</h3>" + _table(
+                ["metric", "value", "95% CI"],
+                [["accuracy", s["accuracy"], f"{s['ci95']['accuracy'][0]:.4f}-{s['ci95']['accuracy'][1]:.4f}"],
+                 ["F1", s["f1"], f"{s['ci95']['f1'][0]:.4f}-{s['ci95']['f1'][1]:.4f}"],
+                 ["macro F1", s["f1_macro"], ""], ["precision", s["precision"], ""], ["recall", s["recall"], ""],
+                 ["ROC AUC", s["roc_auc"], ""], ["average precision", s["average_precision"], ""],
+                 ["ECE", s["ece"], ""]]))
+            parts.append(_table(["class", "precision", "recall", "F1", "support"],
+                                [[c["label"], c["precision"], c["recall"], c["f1"], c["support"]]
+                                 for c in s["per_class"]]))
+        parts.append(_img(plots, f"confusion_{r['name']}", f"confusion matrix of {r['name']}"))
+    parts.append("<h2>Curves</h2><div class='plots'>" + _img(plots, "roc", "ROC curve") + _img(plots, "pr", "PR curve")
+                 + _img(plots, "calibration", "reliability diagram") + "</div>"
+                 + (_img(plots, "training", "loss and learning rate") if "training" in plots else ""))
+    for r in doc["runs"]:
+        s = r["splits"][r["primary_split"]]
+        parts.append(f"<h2>{html.escape(r['name'])}: details</h2>")
+        parts.append(f"<h3>Most confident mistakes ({html.escape(r['primary_split'])})</h3>" + _table(
+            ["text", "gold", "predicted", "probability"],
+            [[m["text"], m["label"], m["prediction"], m["probability"]] for m in s["confident_mistakes"]]))
+        parts.append("<h3>What was run</h3>" + _table(
+            ["", ""], [[k, json.dumps(v) if isinstance(v, dict) else v] for k, v in r["run"].items()]))
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def build(run_dirs: list[str | Path], out_dir: str | Path | None = None) -> dict[str, Path]:
+    """Write report.json / report.md / report.html for the runs into `out_dir` (default: the only run's
+    directory). Returns the paths."""
+    if not run_dirs:
+        raise LlmkitError("name at least one run directory")
+    for d in run_dirs:
+        if not Path(d).is_dir():
+            raise LlmkitError(f"run directory '{d}' does not exist")
+    runs = [run_report(Path(d)) for d in run_dirs]
+    names = [r["name"] for r in runs]
+    for i, r in enumerate(runs):  # two runs with one folder name (a/run, b/run) stay distinguishable
+        if names.count(r["name"]) > 1:
+            r["name"] = f"{r['name']}-{i + 1}"
+    if out_dir is None:
+        if len(runs) > 1:
+            raise LlmkitError("with several runs, say where the report goes (--output DIR)")
+        out_dir = Path(run_dirs[0])
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    plots = draw(runs)
+    doc = {"runs": [{**r, "splits": {k: _public(v) for k, v in r["splits"].items()}} for r in runs],
+           "comparison": _comparison(runs)}
+    paths = {"json": out / "report.json", "md": out / "report.md", "html": out / "report.html"}
+    paths["json"].write_text(json.dumps(doc, indent=2) + "\n")
+    paths["md"].write_text(_markdown(doc) + "\n")
+    paths["html"].write_text(_html(doc, plots))
+    return paths
+
+
+def write_for_run(run) -> None:
+    """The report of a finished classification run, into its output directory (rank 0; the others wait)."""
+    if run.accelerator.is_main_process:
+        paths = build([run.output_dir])
+        run.log(f"report: {paths['html']}  (also {paths['md'].name}, {paths['json'].name})")
+    run.accelerator.wait_for_everyone()

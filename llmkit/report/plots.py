@@ -1,0 +1,91 @@
+"""The report's plots as base64 PNGs (matplotlib, headless): confusion matrices, ROC and precision-recall curves,
+the reliability diagram, loss and learning rate."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+
+
+def _png(fig) -> str:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def draw(runs: list[dict]) -> dict[str, str]:
+    """name -> base64 PNG. One run: its own plots; several: overlaid curves and per-run confusion matrices."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plots = {}
+    for r in runs:
+        s = r["splits"][r["primary_split"]]
+        names = r["label_names"]
+        fig, ax = plt.subplots(figsize=(3.6 + 0.3 * len(names), 3.2 + 0.3 * len(names)))
+        cm = np.array(s["confusion_matrix"])
+        ax.imshow(cm, cmap="Blues")
+        for (i, j), v in np.ndenumerate(cm):
+            ax.text(j, i, str(v), ha="center", va="center", color="white" if v > cm.max() / 2 else "black")
+        ax.set_xticks(range(len(names)), names, rotation=30)
+        ax.set_yticks(range(len(names)), names)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("gold")
+        ax.set_title(f"{r['name']}: confusion ({r['primary_split']})")
+        plots[f"confusion_{r['name']}"] = _png(fig)
+
+    multi = len(runs) > 1
+    for kind, xlabel, ylabel in (("roc", "false positive rate", "true positive rate"), ("pr", "recall", "precision")):
+        fig, ax = plt.subplots(figsize=(4.6, 4))
+        for r in runs:
+            for label, x, y, area in r["splits"][r["primary_split"]]["_curves"][kind]:
+                name = " ".join(p for p in (r["name"] if multi else "", label) if p)
+                ax.plot(x, y, label=f"{name or 'model'} ({'AUC' if kind == 'roc' else 'AP'} {area:.3f})")
+        if kind == "roc":
+            ax.plot([0, 1], [0, 1], ":", color="grey")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title("ROC curve" if kind == "roc" else "precision-recall curve")
+        ax.legend(fontsize=8)
+        plots[kind] = _png(fig)
+
+    fig, ax = plt.subplots(figsize=(4.6, 4))
+    ax.plot([0, 1], [0, 1], ":", color="grey", label="perfect calibration")
+    for r in runs:
+        s = r["splits"][r["primary_split"]]
+        bins = s["calibration"]["bins"]
+        ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], "o-",
+                label=f"{r['name'] if multi else 'model'} (ECE {s['ece']:.3f})")
+    ax.set_xlabel("confidence (top-class probability)")
+    ax.set_ylabel("accuracy")
+    ax.set_title("reliability diagram")
+    ax.legend(fontsize=8)
+    plots["calibration"] = _png(fig)
+
+    if not any(r["curves"]["train_loss"] or r["curves"]["eval_loss"] for r in runs):
+        return plots  # `llmkit eval` outputs: nothing was trained
+    fig, (loss_ax, lr_ax) = plt.subplots(1, 2, figsize=(9.5, 3.6))
+    for r in runs:
+        prefix = f"{r['name']} " if multi else ""
+        for key, style in (("train_loss", "-"), ("eval_loss", "o--")):
+            pts = r["curves"][key]
+            if pts:
+                loss_ax.plot(*zip(*pts), style, label=prefix + key.replace("_", " "))
+        if r["curves"]["learning_rate"]:
+            lr_ax.plot(*zip(*r["curves"]["learning_rate"]), label=prefix.strip() or "learning rate")
+    loss_ax.set_xlabel("optimizer step")
+    loss_ax.set_title("loss")
+    lr_ax.set_xlabel("optimizer step")
+    lr_ax.set_title("learning rate")
+    for ax in (loss_ax, lr_ax):
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    plots["training"] = _png(fig)
+    return plots

@@ -1,0 +1,1 @@
+"""Shipping a run: the verified export, the model card, the Hub."""

@@ -1,0 +1,132 @@
+"""The export: consolidated safetensors weights (ZeRO-3 gathered), tokenizer, label maps, resolved configs and
+metrics in `<output_dir>/final`, written under a temporary name, verified, then swapped in."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from llmkit import model as models
+from llmkit.errors import LlmkitError
+from llmkit.ship import verify
+from llmkit.train.run import Run
+
+PROBE_TOKENS = 16  # per probe row of a causal-LM export check
+
+
+def _canonical_names(model) -> dict:
+    """Save under the model's own parameter names. transformers 5 may otherwise map some back to legacy names
+    (e.g. LayerNorm.gamma) depending on how the model was loaded, which differs under ZeRO-3."""
+    params = inspect.signature(model.save_pretrained).parameters
+    return {"save_original_format": False} if "save_original_format" in params else {}
+
+
+def _gather(run: Run, model) -> tuple[dict | None, object]:
+    """Full weights on CPU (rank 0; None elsewhere) and the unwrapped model. Every rank must call it: under
+    ZeRO-3 the gather is collective."""
+    acc = run.accelerator
+    state_dict = acc.get_state_dict(model)
+    if not acc.is_main_process:
+        return None, None
+    state_dict = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    verify.no_empty_tensors({k: tuple(v.shape) for k, v in state_dict.items()}, "the gathered weights")
+    return state_dict, acc.unwrap_model(model)
+
+
+def _publish(run: Run, tmp: Path, results: dict) -> None:
+    """Add the resolved configs and metrics to a verified export, then swap it in for `final` (rank 0)."""
+    run.cfg.save(tmp / "training_config.yaml")
+    if run.ds_config:
+        (tmp / "ds_config.json").write_text(json.dumps(run.ds_config, indent=2) + "\n")
+    (tmp / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
+    (run.output_dir / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
+    # the old export is replaced only now that the new one is complete and verified
+    final, old = run.output_dir / "final", run.output_dir / "final.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _fresh_tmp(run: Run) -> Path:
+    tmp = run.output_dir / "final.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    return tmp
+
+
+def save_classifier(run: Run, model, tokenizer, results: dict, rows, predictions: dict[str, np.ndarray]) -> Path:
+    """Write `<output_dir>/final` atomically; all ranks must call it (ZeRO-3 gathers weights collectively).
+
+    `rows` and `predictions` are a split's rows and the run's predictions on them: the reloaded export must
+    reproduce those logits (verify.check_classifier)."""
+    acc = run.accelerator
+    state_dict, unwrapped = _gather(run, model)
+    final = run.output_dir / "final"
+    if acc.is_main_process:
+        missing = set(unwrapped.state_dict()) - set(state_dict)
+        if missing:
+            raise LlmkitError(f"the gathered weights lack {len(missing)} tensors (e.g. {sorted(missing)[0]})")
+        tmp = _fresh_tmp(run)
+        unwrapped.save_pretrained(tmp, state_dict=state_dict, **_canonical_names(unwrapped))
+        tokenizer.save_pretrained(tmp)
+        probe = verify.classifier_probe(rows, run.cfg.data, predictions, run.precision)
+        checked = verify.check_classifier(tmp, probe)
+        (tmp / verify.PROBE_FILE).write_text(json.dumps(probe) + "\n")
+        _publish(run, tmp, {**results, "export_check": checked})
+    acc.wait_for_everyone()
+    return final
+
+
+def probe_logits(run: Run, model, train_rows) -> tuple[list[list[int]], list]:
+    """The first tokens of the first training rows (equal widths) and the run's own logits on them. Every rank
+    calls it: under ZeRO-3 the forward is collective."""
+    ids = [train_rows[i]["input_ids"][:PROBE_TOKENS] for i in range(min(2, len(train_rows)))]
+    width = min(len(p) for p in ids)
+    ids = [p[:width] for p in ids]
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor(ids, device=run.accelerator.device)).logits.float().cpu().tolist()
+    return ids, logits
+
+
+def save_causal_lm(run: Run, model, tokenizer, results: dict, train_rows) -> Path:
+    """Write `<output_dir>/final` (full model, or `adapter/` + `merged/` for LoRA) atomically; all ranks call it.
+
+    The merge runs on CPU from the saved adapter and base files, never on ZeRO-3 partitions. The reloaded
+    export must reproduce the run's own logits on a probe of `train_rows` (verify.check_causal_lm); the probe is
+    kept in final/llmkit_probe.json so `llmkit push` can check again."""
+    acc = run.accelerator
+    ids, logits = probe_logits(run, model, train_rows)
+    state_dict, unwrapped = _gather(run, model)
+    final = run.output_dir / "final"
+    if acc.is_main_process:
+        tmp = _fresh_tmp(run)
+        tmp.mkdir(parents=True)
+        lora = hasattr(unwrapped, "peft_config")
+        if lora:
+            unwrapped.save_pretrained(tmp / "adapter", state_dict=state_dict)
+            tokenizer.save_pretrained(tmp / "adapter")
+            from safetensors.torch import load_file
+
+            written = load_file(tmp / "adapter" / "adapter_model.safetensors")
+            verify.no_empty_tensors({k: tuple(v.shape) for k, v in written.items()}, "the written LoRA adapter")
+        else:
+            unwrapped.save_pretrained(tmp, state_dict=state_dict, **_canonical_names(unwrapped))
+            tokenizer.save_pretrained(tmp)
+        base = models.locate(run.cfg.model.name_or_path, "model")
+        probe = {"kind": "causal_lm", "precision": run.precision, "lora": lora, "base": base, "ids": ids,
+                 "logits": np.asarray(logits, dtype=np.float64).tolist()}
+        try:  # for LoRA this also writes merged/
+            checks = verify.check_causal_lm(tmp / "adapter" if lora else tmp, probe, merged_out=tmp / "merged")
+        except LlmkitError as exc:
+            raise LlmkitError(f"{exc}; it stays in {tmp} for inspection") from None
+        (tmp / verify.PROBE_FILE).write_text(json.dumps(probe) + "\n")
+        _publish(run, tmp, {**results, "export_check": checks})
+    acc.wait_for_everyone()
+    return final

@@ -1,0 +1,168 @@
+"""Checks that an export is what the run trained: no empty tensors, and the weights reloaded with plain
+transformers / peft in a fresh interpreter reproduce the run's own logits on a probe kept in final/."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from llmkit.errors import LlmkitError
+
+PROBE_FILE = "llmkit_probe.json"  # in final/: inputs and the run's own logits, to re-verify the export later
+VERIFY_ROWS = 64
+
+
+def no_empty_tensors(shapes: dict[str, tuple], where: str, action: str = "export") -> None:
+    """There are tensors and none has size 0 (the ZeRO-3 failure: weights saved as empty shards)."""
+    empty = [name for name, shape in shapes.items() if 0 in tuple(shape)]
+    if not shapes or empty:
+        what = f"{len(empty)} size-0 tensors (e.g. {empty[0]})" if shapes else "no tensors"
+        raise LlmkitError(f"{where} has {what}; refusing to {action} a partial model")
+
+
+def check_weights(folder: Path) -> None:
+    """Every safetensors file under `folder` holds tensors, none of size 0."""
+    from safetensors import safe_open
+
+    files = sorted(folder.rglob("*.safetensors"))
+    if not files:
+        raise LlmkitError(f"{folder} holds no .safetensors weights; nothing to push")
+    for path in files:
+        with safe_open(str(path), framework="pt") as fh:
+            shapes = {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
+        no_empty_tensors(shapes, str(path.relative_to(folder)), action="push")
+
+
+# The reload scripts run in a fresh interpreter: plain transformers (+ peft), no llmkit import, no DeepSpeed
+# state (under ZeRO-3 an in-process from_pretrained would partition the reloaded model across ranks and wait).
+_RELOAD_CLASSIFIER = """
+import json, sys, torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+spec = json.load(open(sys.argv[1]))
+tok = AutoTokenizer.from_pretrained(spec["folder"])
+model, info = AutoModelForSequenceClassification.from_pretrained(spec["folder"], dtype="auto",
+                                                                 output_loading_info=True)
+with torch.no_grad():
+    enc = tok(spec["texts"], spec["pairs"], padding=True, truncation=True, max_length=spec["max_length"],
+              return_tensors="pt")
+    logits = model.eval()(**enc).logits.float()
+json.dump({"logits": logits.tolist(), "missing": sorted(info["missing_keys"]),
+           "unexpected": sorted(info["unexpected_keys"])}, open(sys.argv[2], "w"))
+"""
+
+# For LoRA runs it loads base + adapter, merges on CPU from the saved files and saves the merged model; then it
+# reloads the full (or merged) model and returns logits on fixed token ids.
+_RELOAD_LM = """
+import inspect, json, sys, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+spec = json.load(open(sys.argv[1]))
+ids = torch.tensor(spec["ids"])
+out = {}
+if spec.get("adapter"):
+    from peft import PeftModel
+    base = AutoModelForCausalLM.from_pretrained(spec["base"], dtype=torch.float32)
+    peft = PeftModel.from_pretrained(base, spec["adapter"]).eval()
+    with torch.no_grad():
+        out["base_plus_adapter"] = peft(input_ids=ids).logits.tolist()
+    merged = peft.merge_and_unload()
+    kwargs = {"save_original_format": False} if "save_original_format" in inspect.signature(
+        merged.save_pretrained).parameters else {}
+    merged.save_pretrained(spec["model"], **kwargs)
+    AutoTokenizer.from_pretrained(spec["adapter"]).save_pretrained(spec["model"])
+model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32).eval()
+AutoTokenizer.from_pretrained(spec["model"])
+with torch.no_grad():
+    out["model"] = model(input_ids=ids).logits.tolist()
+    # the run computed in bf16/fp16: compare with the same arithmetic, so a small weight error cannot hide in noise
+    out["model_in_run_dtype"] = model.to(getattr(torch, spec["dtype"]))(input_ids=ids).logits.float().tolist()
+json.dump(out, open(sys.argv[2], "w"))
+"""
+
+
+def _run_fresh(script: str, spec: dict, folder: Path) -> dict:
+    """Run a reload script in a fresh CPU-only interpreter; its JSON answer."""
+    with tempfile.TemporaryDirectory() as tmp:
+        spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "out.json"
+        spec_path.write_text(json.dumps(spec))
+        proc = subprocess.run([sys.executable, "-c", script, str(spec_path), str(out_path)], capture_output=True,
+                              text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+        if proc.returncode != 0:
+            raise LlmkitError(f"the export at {folder} does not reload with plain transformers/peft:\n"
+                              f"{proc.stderr[-2000:]}")
+        return json.loads(out_path.read_text())
+
+
+def classifier_probe(rows, data_cfg, out: dict[str, np.ndarray], precision: str) -> dict:
+    """The first rows of a split (texts) and the run's logits on them."""
+    n = min(VERIFY_ROWS, len(rows))
+    first = rows.select(range(n))
+    where = {int(r): i for i, r in enumerate(out["row"])}
+    return {"kind": "classification", "precision": precision, "texts": list(first[data_cfg.text_column]),
+            "pairs": list(first[data_cfg.text_pair_column]) if data_cfg.text_pair_column else None,
+            "max_length": data_cfg.max_length,
+            "logits": np.stack([out["logits"][where[r]] for r in range(n)]).tolist()}
+
+
+def check_classifier(folder: Path, probe: dict) -> dict:
+    """Reload `folder` with plain transformers in a fresh process; its logits on the probe must be the run's."""
+    reloaded = _run_fresh(_RELOAD_CLASSIFIER, {**probe, "folder": str(folder)}, folder)
+    if reloaded["missing"] or reloaded["unexpected"]:
+        raise LlmkitError(f"the export at {folder} reloads with missing {reloaded['missing']} / unexpected "
+                          f"{reloaded['unexpected']} weights")
+    got, want = np.asarray(reloaded["logits"]), np.asarray(probe["logits"])
+    tol = 1e-3 if probe["precision"] == "fp32" else 1e-1
+    diff = float(np.abs(got - want).max())
+    top2 = np.sort(want, -1)
+    margin = top2[:, -1] - top2[:, -2]
+    flips = int(((got.argmax(-1) != want.argmax(-1)) & (margin > 2 * tol)).sum())
+    if diff > tol and flips:
+        raise LlmkitError(f"the reloaded export disagrees with the run: max logit diff {diff:.3g}, "
+                          f"{flips} changed predictions on {len(want)} rows. The export at {folder} is not "
+                          "trustworthy.")
+    return {"rows": len(want), "max_abs_logit_diff": diff,
+            "same_predictions": int((got.argmax(-1) == want.argmax(-1)).sum())}
+
+
+def check_causal_lm(folder: Path, probe: dict, merged_out: Path | None = None) -> dict:
+    """Reload a full model folder, or (probe["lora"]) an adapter folder on its base, with plain transformers / peft
+    in a fresh process and compare its logits on the probe ids with the run's own. For an adapter the merged
+    model is built from the saved files into `merged_out` (a throwaway folder when None) and checked too.
+
+    Tolerance: 1e-4 of the logits' scale for fp32 runs; 5% relative norm, computed in the run's dtype, for
+    bf16/fp16 ones (a bf16 LoRA run of SmolLM2, 30 layers, and its merged export differ by ~3% from rounding)."""
+    with tempfile.TemporaryDirectory() as scratch:
+        dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(probe["precision"], "float32")
+        spec = {"ids": probe["ids"], "dtype": dtype}
+        if probe["lora"]:
+            spec.update(model=str(merged_out or Path(scratch) / "merged"), base=probe["base"], adapter=str(folder))
+        else:
+            spec["model"] = str(folder)
+        got = _run_fresh(_RELOAD_LM, spec, folder)
+    want = np.asarray(probe["logits"], dtype=np.float64)
+    checks, bad = {}, {}
+
+    def compare(name: str, a, b, tol: float, relative: bool = False) -> None:
+        a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+        if relative:
+            diff = float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12))
+        else:  # absolute, on the scale of the logits (a real LM's reach ~30, a tiny test model's ~1)
+            diff = float(np.abs(a - b).max() / max(1.0, np.abs(b).max()))
+        checks[name] = diff
+        if diff > tol:
+            bad[name] = (diff, tol)
+
+    if probe["precision"] == "fp32":
+        compare("model", got["model"], want, 1e-4)
+    else:
+        compare("model_relative", got["model_in_run_dtype"], want, 5e-2, relative=True)
+    if probe["lora"]:
+        compare("merged_vs_adapter", got["model"], got["base_plus_adapter"], 1e-4)
+    if bad:
+        raise LlmkitError(f"the reloaded export at {folder} disagrees with the run ((difference, tolerance): {bad})")
+    return checks

@@ -1,0 +1,135 @@
+"""The run: every pre-training check, then the Accelerator (and the process group) and the run's own files.
+
+`setup` is the first thing a recipe calls after parsing its config. The Run it returns carries what every later
+stage needs: the config, the Accelerator, the precision and DeepSpeed config that were settled, the output dir."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import platform
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator, DeepSpeedPlugin, InitProcessGroupKwargs
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from llmkit import launch, model, preflight
+from llmkit.config import Config
+from llmkit.data import lm
+from llmkit.precision import ACCELERATE_PRECISION
+
+
+@dataclass
+class Run:
+    """Everything set up before training: the config, the Accelerator and the resolved settings."""
+    cfg: Config
+    accelerator: Accelerator
+    precision: str
+    ds_config: dict | None
+    output_dir: Path
+
+    @property
+    def zero_stage(self) -> int | None:
+        return launch.zero_stage(self.ds_config)
+
+    def log(self, msg: str) -> None:
+        if self.accelerator.is_main_process:
+            tqdm.write(msg)
+
+    def log_scalars(self, scalars: dict[str, float], step: int) -> None:
+        """To TensorBoard and to <output_dir>/metrics.jsonl (one JSON object per call)."""
+        self.accelerator.log(scalars, step=step)
+        if self.accelerator.is_main_process:
+            with open(self.output_dir / "metrics.jsonl", "a") as fh:
+                fh.write(json.dumps({"step": step, **scalars}) + "\n")
+
+
+def run_info(accelerator: Accelerator, precision: str, ds_config: dict | None) -> dict:
+    """What ran where: for the report and the model card."""
+    versions = {}
+    for pkg in ("llmkit", "torch", "transformers", "accelerate", "deepspeed", "datasets", "evaluate", "peft"):
+        try:
+            versions[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            versions[pkg] = None
+    try:  # the llmkit checkout this ran from, when it is one
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                                text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    cpu = f"CPU {platform.machine()}, {os.cpu_count()} cores"
+    device = f"{torch.cuda.device_count()} x {torch.cuda.get_device_name()}" if torch.cuda.is_available() else cpu
+    return {
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "world_size": accelerator.num_processes,
+        "device": device, "precision": precision, "zero_stage": launch.zero_stage(ds_config),
+        "versions": versions, "git_commit": commit, "python": platform.python_version(),
+    }
+
+
+def setup(cfg: Config) -> Run:
+    """The pre-training checks (`llmkit validate`'s), then the Accelerator, the seed and the run's files."""
+    plan = preflight.check(cfg, launch.world_size())
+    if not torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        torch.set_num_threads(cfg.train.num_threads or max(1, (os.cpu_count() or 1) // local))
+    handlers = []
+    if not torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
+        # without gloo, Accelerate + DeepSpeed on CPU see world size 1 and DeepSpeed rejects the batch sizes
+        handlers.append(InitProcessGroupKwargs(backend="gloo"))
+    plugin = DeepSpeedPlugin(hf_ds_config=plan.ds_config) if plan.ds_config is not None else None
+    accelerator = Accelerator(
+        mixed_precision=ACCELERATE_PRECISION[plan.precision],
+        deepspeed_plugin=plugin,
+        gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
+        step_scheduler_with_optimizer=False,  # the loop steps it once per optimizer step
+        kwargs_handlers=handlers,
+        log_with="tensorboard",
+        project_dir=str(plan.output_dir),
+    )
+    set_seed(cfg.train.seed)
+    if not accelerator.is_local_main_process:  # progress bars (tokenization, loading) on rank 0 only
+        import datasets
+        import transformers
+
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
+    accelerator.wait_for_everyone()  # every rank has checked output_dir before rank 0 writes into it
+    run = Run(cfg, accelerator, plan.precision, plan.ds_config, plan.output_dir)
+    run.log(f"llmkit: {accelerator.num_processes} process(es), {accelerator.device}, precision {plan.precision} "
+            f"({plan.precision_why}), " + (f"DeepSpeed ZeRO-{run.zero_stage}" if plan.ds_config else "no DeepSpeed"))
+    for line in plan.checked:
+        run.log(f"check: {line}")
+    for line in preflight.warnings(cfg):
+        run.log(line)
+    if accelerator.is_main_process:
+        out = plan.output_dir
+        out.mkdir(parents=True, exist_ok=True)
+        cfg.save(out / "training_config.yaml")
+        (out / "run_info.json").write_text(json.dumps(run_info(accelerator, plan.precision, plan.ds_config),
+                                                      indent=2) + "\n")
+        if plan.ds_config:
+            (out / "ds_config.json").write_text(json.dumps(plan.ds_config, indent=2) + "\n")
+    accelerator.init_trackers("runs")
+    return run
+
+
+def load_tokenizer(run: Run):
+    """The run's tokenizer. From-scratch runs without one: rank 0 first trains a byte-level BPE tokenizer on the
+    train split into <output_dir>/tokenizer (vocab size from the model config), which every rank then loads."""
+    cfg = run.cfg
+    if model.needs_trained_tokenizer(cfg.model):
+        folder = run.output_dir / "tokenizer"
+        if run.accelerator.is_main_process:
+            size = int(model.read_config(cfg.model).vocab_size)
+            tok = model.train_tokenizer(lm.training_texts(cfg.data), size, folder)
+            run.log(f"tokenizer: trained a byte-level BPE tokenizer ({len(tok)} tokens, vocab_size {size}) on the "
+                    f"train split into {folder}")
+        run.accelerator.wait_for_everyone()
+        cfg.model.tokenizer = str(folder)
+    return model.load_tokenizer(cfg.model)

@@ -1,0 +1,148 @@
+"""llmkit's structure, read from its source: modules import only from lower layers (or sideways inside their
+layer), there is no import cycle, llmkit imports sit at the top of a module (the command line alone defers them,
+for start-up time), and no module is over 400 lines. The layer order is declared once, here."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+from helpers import ROOT
+
+PACKAGE = ROOT / "llmkit"
+
+# lowest first; a module belongs to the first entry that names it or a package above it
+LAYERS = [
+    ("ground", ["llmkit", "llmkit.errors", "llmkit.faults", "llmkit.metrics", "llmkit.config", "llmkit.assets"]),
+    ("build", ["llmkit.model", "llmkit.generate", "llmkit.data"]),
+    ("launch", ["llmkit.precision", "llmkit.launch", "llmkit.memory", "llmkit.preflight"]),
+    ("train", ["llmkit.train"]),
+    ("evals and ship", ["llmkit.evals", "llmkit.ship"]),
+    ("report", ["llmkit.report"]),
+    ("commands", ["llmkit.cli", "llmkit.commands"]),
+]
+DEFERRED_OK = {"llmkit.cli"}  # the top: nothing in llmkit imports it, so a deferred import there hides no cycle
+MAX_LINES = 400
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _modules() -> dict[str, Path]:
+    return {_module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def _layer(module: str) -> int:
+    best = None
+    for index, (_, prefixes) in enumerate(LAYERS):
+        for prefix in prefixes:
+            if module == prefix or (prefix != "llmkit" and module.startswith(prefix + ".")):
+                best = index if best is None else best
+    if best is None:
+        raise AssertionError(f"{module} is in no layer: add it to LAYERS in {Path(__file__).name}")
+    return best
+
+
+def _imports(module: str, path: Path, known: set[str]) -> list[tuple[str, int, bool]]:
+    """(imported llmkit module, line, inside a function) for every import statement, function-level included."""
+    tree = ast.parse(path.read_text())
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found = []
+
+    def visit(node, in_function: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            nested = in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+            targets = []
+            if isinstance(child, ast.Import):
+                targets = [a.name for a in child.names]
+            elif isinstance(child, ast.ImportFrom):
+                base = child.module or ""
+                if child.level:  # relative: from . import x / from .y import z
+                    anchor = package.split(".")[: len(package.split(".")) - (child.level - 1)]
+                    base = ".".join(anchor + ([base] if base else []))
+                # `from llmkit.data import sources` imports the module llmkit.data.sources
+                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in known else base for a in child.names]
+            for target in targets:
+                while target and target not in known:  # llmkit.x.y (an attribute) -> the module llmkit.x
+                    target = target.rpartition(".")[0]
+                if target and target != module:
+                    found.append((target, child.lineno, in_function))
+            visit(child, nested)
+
+    visit(tree, False)
+    return found
+
+
+def _graph() -> dict[str, list[tuple[str, int, bool]]]:
+    modules = _modules()
+    known = set(modules)
+    return {m: _imports(m, p, known) for m, p in modules.items()}
+
+
+def test_every_import_goes_down_the_layers():
+    bad = []
+    for module, imports in _graph().items():
+        for target, line, _ in imports:
+            if _layer(target) > _layer(module):
+                bad.append(f"{module}:{line} imports {target} ({LAYERS[_layer(module)][0]} -> "
+                           f"{LAYERS[_layer(target)][0]}, a higher layer)")
+    assert not bad, "\n".join(bad)
+
+
+def _cycles(graph: dict[str, list[str]]) -> list[str]:
+    """Each import cycle found by a depth-first walk, as a -> b -> ... -> a."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    cycles = []
+
+    def walk(node: str, path: list[str]) -> None:
+        state[node] = 1
+        path = path + [node]
+        for nxt in graph.get(node, []):
+            if state.get(nxt) == 1:
+                cycles.append(" -> ".join(path[path.index(nxt):] + [nxt]))
+            elif nxt not in state:
+                walk(nxt, path)
+        state[node] = 2
+
+    for module in graph:
+        if module not in state:
+            walk(module, [])
+    return cycles
+
+
+def test_no_import_cycle():
+    cycles = _cycles({m: sorted({t for t, _, _ in imports}) for m, imports in _graph().items()})
+    assert not cycles, "\n".join(cycles)
+
+
+def test_llmkit_imports_are_at_module_level():
+    deferred = [f"{module}:{line} imports {target} inside a function"
+                for module, imports in _graph().items() if module not in DEFERRED_OK
+                for target, line, in_function in imports if in_function]
+    assert not deferred, "\n".join(deferred)
+
+
+def test_no_module_over_400_lines():
+    long = {m: n for m, p in _modules().items() if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    assert not long, long
+
+
+@pytest.mark.parametrize("recipe", sorted((ROOT / "recipes").glob("*.py")), ids=lambda p: p.name)
+def test_recipes_stay_thin(recipe):
+    assert len(recipe.read_text().splitlines()) < 100
+
+
+def test_the_checker_sees_a_cycle_and_an_upward_import(tmp_path):
+    """The checks above can fail: a tiny package with a cycle and an import against the layers is caught."""
+    known = {"llmkit.config", "llmkit.train.loop", "llmkit.errors"}
+    (tmp_path / "config.py").write_text("from llmkit.train.loop import fit\n")
+    (tmp_path / "loop.py").write_text("def f():\n    from llmkit import config\n")
+    up = _imports("llmkit.config", tmp_path / "config.py", known)
+    assert up == [("llmkit.train.loop", 1, False)] and _layer("llmkit.train.loop") > _layer("llmkit.config")
+    down = _imports("llmkit.train.loop", tmp_path / "loop.py", known)
+    assert down == [("llmkit.config", 2, True)]  # function-level imports are seen
+    graph = {"llmkit.config": ["llmkit.train.loop"], "llmkit.train.loop": ["llmkit.config"], "llmkit.errors": []}
+    assert _cycles(graph) == ["llmkit.config -> llmkit.train.loop -> llmkit.config"]
