@@ -13,20 +13,21 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from llmkit.config import DataConfig
+from llmkit.config import DataConfig, ModelConfig
 from llmkit.data.sources import load_labeled
 from llmkit.errors import LlmkitError
 from llmkit.evals.classification import write_predictions
 from llmkit.metrics import classification_metrics
+from llmkit.model import read_config
 from llmkit.report import pages
 
 
 def _load_classifier(model_dir: Path):
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     if not (model_dir / "config.json").is_file():
         raise LlmkitError(f"'{model_dir}' has no config.json: pass an exported model folder (e.g. <run>/final)")
-    config = AutoConfig.from_pretrained(model_dir)
+    config = read_config(ModelConfig(name_or_path=str(model_dir)))
     if not getattr(config, "id2label", None) or len(config.id2label) < 2:
         raise LlmkitError(f"'{model_dir}' is not a classifier with labels (its config has no id2label)")
     try:

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llmkit import model as models
 from llmkit.errors import LlmkitError
+from llmkit.model import locate
 from llmkit.ship import verify
 from llmkit.train.run import Run
 
@@ -119,7 +119,7 @@ def save_causal_lm(run: Run, model, tokenizer, results: dict, train_rows) -> Pat
         else:
             unwrapped.save_pretrained(tmp, state_dict=state_dict, **_canonical_names(unwrapped))
             tokenizer.save_pretrained(tmp)
-        base = models.locate(run.cfg.model.name_or_path, "model")
+        base = locate(run.cfg.model.name_or_path, "model")
         probe = {"kind": "causal_lm", "precision": run.precision, "lora": lora, "base": base, "ids": ids,
                  "logits": np.asarray(logits, dtype=np.float64).tolist()}
         try:  # for LoRA this also writes merged/
