@@ -20,9 +20,9 @@ def recipe():
 def tokenized_train(cfg, tokenizer, pad_to: int | None = None):
     """The polarity train split tokenized like the recipe (truncation at data.max_length); `pad_to` pads
     every row to that length (what transformers' run_glue.py does by default: pad_to_max_length, 128)."""
-    from llmkit import data
+    from llmkit.data import sources
 
-    labeled = data.load_labeled(cfg.data, seed=cfg.train.seed, log=lambda m: None)
+    labeled = sources.load_labeled(cfg.data, seed=cfg.train.seed, log=lambda m: None)
     rows = labeled.rows["train"]
     kwargs = {"padding": "max_length", "max_length": pad_to} if pad_to else {"max_length": cfg.data.max_length}
     enc = rows.map(lambda b: tokenizer(b[cfg.data.text_column], truncation=True, **kwargs), batched=True,

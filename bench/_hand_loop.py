@@ -14,8 +14,10 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, get_scheduler
 
-from llmkit import engine, model
-from llmkit.data import LengthGroupedBatchSampler
+from llmkit import model
+from llmkit.data.loaders import LengthGroupedBatchSampler
+from llmkit.train.optim import build_optimizer
+from llmkit.train.run import setup
 
 
 def main() -> None:
@@ -26,7 +28,7 @@ def main() -> None:
     t = cfg.train
     # the same process set-up as llmkit (threads per rank, gloo on CPU, the filled-in DeepSpeed config)
     cfg.output.output_dir, cfg.output.overwrite_output_dir = tempfile.mkdtemp(prefix="llmkit-hand-"), True
-    run = engine.setup(cfg, hidden=384)
+    run = setup(cfg)
     acc: Accelerator = run.accelerator
     name = model.locate(cfg.model.name_or_path, "model")
     tok = AutoTokenizer.from_pretrained(name)
@@ -35,7 +37,7 @@ def main() -> None:
     sampler = LengthGroupedBatchSampler(lengths, t.per_device_batch_size, acc.num_processes, seed=t.seed)
     loader = DataLoader(train, batch_sampler=sampler, collate_fn=DataCollatorWithPadding(tok))
     net = AutoModelForSequenceClassification.from_pretrained(name, num_labels=2)
-    optimizer = engine.build_optimizer(cfg, net)  # the same AdamW (kernel, groups) as llmkit
+    optimizer = build_optimizer(cfg, net)  # the same AdamW (kernel, groups) as llmkit
     net, optimizer, loader = acc.prepare(net, optimizer, loader)
     scheduler = get_scheduler(t.lr_scheduler, optimizer, int(t.warmup_ratio * args.steps), args.steps)
     net.train()

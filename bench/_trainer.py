@@ -15,7 +15,8 @@ from transformers import (
     TrainingArguments,
 )
 
-from llmkit import engine, model
+from llmkit import model
+from llmkit.precision import resolve_precision
 
 
 def main() -> None:
@@ -26,7 +27,7 @@ def main() -> None:
     args = ap.parse_args()
     cfg = recipe()
     t = cfg.train
-    precision, _ = engine.resolve_precision(t.precision)
+    precision, _ = resolve_precision(t.precision)
     name = model.locate(cfg.model.name_or_path, "model")
     tok = AutoTokenizer.from_pretrained(name)
     train = tokenized_train(cfg, tok, pad_to=128 if args.mode == "glue" else None).rename_column("labels", "label")

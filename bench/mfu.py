@@ -76,14 +76,14 @@ def flops_per_token(run_dir: Path) -> tuple[float, dict]:
     """6 N_non-embedding + attention, from the run's model config and its mean real sequence length."""
     from transformers import AutoConfig
 
-    from llmkit import memory
-    from llmkit.model import locate
+    from llmkit.config import ModelConfig
+    from llmkit.model import locate, model_sizes
 
     cfg = yaml.safe_load((run_dir / "training_config.yaml").read_text())
     name = locate(cfg["model"]["name_or_path"], "model.name_or_path")
     config = AutoConfig.from_pretrained(name)
-    task = "causal-lm" if cfg["data"].get("prompt_column") or cfg["data"].get("prompt_template") else "classification"
-    params = memory.count_parameters(name, task)
+    causal = bool(cfg["data"].get("prompt_column") or cfg["data"].get("prompt_template"))
+    params = model_sizes(ModelConfig(name_or_path=name), causal_lm=causal)[0]
     embed = config.vocab_size * config.hidden_size + getattr(config, "max_position_embeddings", 0) * \
         config.hidden_size * (config.model_type in ("bert", "distilbert", "roberta", "gpt2"))
     summary = json.loads((run_dir / "metrics.json").read_text())["train"]

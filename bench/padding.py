@@ -1,12 +1,13 @@
 """Padding efficiency (real, non-pad tokens / processed tokens) of llmkit's training batches, over one full
 epoch, no model needed:
 
-  classifier   sentiment_minilm_polarity.yaml: the polarity train split from llmkit.data.prepare, batched by
-               llmkit.engine.train_loader (LengthGroupedBatchSampler, or shuffled rows with group_by_length off)
+  classifier   sentiment_minilm_polarity.yaml: the polarity train split from llmkit.data.classification.prepare,
+               batched by llmkit.data.loaders.train_loader (LengthGroupedBatchSampler, or shuffled rows with
+               group_by_length off)
                with DataCollatorWithPadding, 16 rows per rank, dealt to 1 or 2 ranks by Accelerate's
                prepare_data_loader exactly as in a run; and rows padded to 128 (run_glue.py's default)
-  lm_packed    smollm2_full_polarity_text.yaml: PackStats.efficiency of llmkit.lm_data.pack (train split)
-  lm_labels    sentiment_smollm2_lora.yaml: prompt -> label-word rows batched by llmkit.lm_data.dataloaders
+  lm_packed    smollm2_full_polarity_text.yaml: PackStats.efficiency of llmkit.data.lm.pack (train split)
+  lm_labels    sentiment_smollm2_lora.yaml: prompt -> label-word rows batched by llmkit.data.loaders.lm_loaders
                (LMCollator, 8 rows per rank), grouped vs shuffled; and its eval loader (CandidateCollator)
 
 "per rank" is what a run's metrics.json reports (train.padding_efficiency). "lockstep" counts what the ranks
@@ -21,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from types import SimpleNamespace
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -37,8 +37,7 @@ def epoch(make_loader, cfg, ranks: int) -> list[list]:
 
     loaders = []
     for rank in range(ranks):
-        run = SimpleNamespace(cfg=cfg, accelerator=SimpleNamespace(num_processes=ranks, process_index=rank))
-        loaders.append(prepare_data_loader(make_loader(run), num_processes=ranks, process_index=rank,
+        loaders.append(prepare_data_loader(make_loader(rank, ranks), num_processes=ranks, process_index=rank,
                                            put_on_device=False))
     return [[b["attention_mask"] for b in step] for step in zip(*loaders)]
 
@@ -51,7 +50,7 @@ def efficiency(steps: list[list]) -> dict:
 
 
 def batches(cfg, make_loader) -> dict:
-    """Grouped and shuffled, on 1 and 2 ranks (group_by_length is read by engine.train_loader)."""
+    """Grouped and shuffled, on 1 and 2 ranks (group_by_length is read by loaders.train_loader)."""
     out = {}
     for group in (True, False):
         cfg.data.group_by_length = group
@@ -64,32 +63,34 @@ def batches(cfg, make_loader) -> dict:
 def main() -> None:
     from transformers import DataCollatorWithPadding
 
-    from llmkit import data, engine, lm_data, model
+    from llmkit import model
     from llmkit.config import load_config
+    from llmkit.data import classification, lm, loaders
 
     quiet = {"log": lambda m: None}
     results: dict[str, dict] = {}
 
     cfg = load_config(CONFIGS / "sentiment_minilm_polarity.yaml")
     tok = model.load_tokenizer(cfg.model)
-    ds = data.prepare(cfg.data, tok, seed=cfg.train.seed, **quiet)
+    ds = classification.prepare(cfg.data, tok, seed=cfg.train.seed, **quiet)
     collate = DataCollatorWithPadding(tok)
-    results["classifier"] = batches(cfg, lambda run: engine.train_loader(run, ds.train, ds.train_lengths, collate))
+    results["classifier"] = batches(cfg, lambda rank, world: loaders.train_loader(cfg, ds.train, ds.train_lengths,
+                                                                                        collate, rank, world))
     real = sum(ds.train_lengths)
     results["classifier"]["pad to 128 (run_glue)"] = {"per_rank": real / (128 * len(ds.train_lengths))}
 
     cfg = load_config(CONFIGS / "smollm2_full_polarity_text.yaml")
     tok = model.load_tokenizer(cfg.model)
-    lm = lm_data.prepare(cfg.data, tok, seed=cfg.train.seed, **quiet)
-    results["lm_packed"] = {f"packed in {lm.packing.block_size}-token blocks": {"per_rank": lm.packing.efficiency}}
+    packed = lm.prepare(cfg.data, tok, seed=cfg.train.seed, **quiet)
+    results["lm_packed"] = {f"packed in {packed.packing.block_size}-token blocks":
+                            {"per_rank": packed.packing.efficiency}}
 
     cfg = load_config(CONFIGS / "sentiment_smollm2_lora.yaml")
     tok = model.load_tokenizer(cfg.model)
-    lm = lm_data.prepare(cfg.data, tok, seed=cfg.train.seed, **quiet)
-    results["lm_labels"] = batches(cfg, lambda run: lm_data.dataloaders(run, lm, tok)[0])
-    # eval: every row's label-word candidates, in dataset order (not sorted by length)
-    run = SimpleNamespace(cfg=cfg, accelerator=SimpleNamespace(num_processes=1, process_index=0))
-    evals = [[b["attention_mask"]] for b in lm_data.dataloaders(run, lm, tok)[1]["validation"]]
+    words = lm.prepare(cfg.data, tok, seed=cfg.train.seed, **quiet)
+    results["lm_labels"] = batches(cfg, lambda rank, world: loaders.lm_loaders(cfg, words, tok, rank, world)[0])
+    # eval: every row's label-word candidates, in the order they are scored
+    evals = [[b["attention_mask"]] for b in loaders.lm_loaders(cfg, words, tok, 0, 1)[1]["validation"]]
     results["lm_labels"]["eval candidates, 1 rank"] = efficiency(evals)
 
     print(f"\n{'path':<11}{'batches':<32}{'per rank':>9}{'lockstep':>10}{'target':>8}  meets")

@@ -1,8 +1,8 @@
 """Data-pipeline throughput (rows/s) of llmkit's real preparation path, cold and from the datasets cache:
 
-  classifier      llmkit.data.prepare, sentiment_minilm_polarity.yaml, MiniLM tokenizer
-  lm_labels       llmkit.lm_data.prepare, sentiment_smollm2_lora.yaml (prompt -> label word), SmolLM2 tokenizer
-  lm_packed       llmkit.lm_data.prepare, smollm2_full_polarity_text.yaml (plain text packed into blocks)
+  classifier      llmkit.data.classification.prepare, sentiment_minilm_polarity.yaml, MiniLM tokenizer
+  lm_labels       llmkit.data.lm.prepare, sentiment_smollm2_lora.yaml (prompt -> label word), SmolLM2 tokenizer
+  lm_packed       llmkit.data.lm.prepare, smollm2_full_polarity_text.yaml (plain text packed into blocks)
 
 Each measurement is a fresh process whose HF_DATASETS_CACHE is a temporary folder: "cold" starts it empty
 (json -> arrow, filter, clean, shuffle, tokenize all run), "cached" is a second process on the folder the cold
@@ -37,17 +37,18 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
 def child(name: str) -> None:
     """One prepare call, timed; prints one RESULT line."""
-    from llmkit import data, lm_data, model
+    from llmkit import model
     from llmkit.config import load_config
+    from llmkit.data import classification, lm, sources
 
     cfg = load_config(CONFIGS / PATHS[name])
     tokenizer = model.load_tokenizer(cfg.model)
-    prepare = data.prepare if name == "classifier" else lm_data.prepare
+    prepare = classification.prepare if name == "classifier" else lm.prepare
     start = time.perf_counter()
     prepare(cfg.data, tokenizer, seed=cfg.train.seed, log=lambda m: None)
     seconds = time.perf_counter() - start
-    raw = data.load_raw(cfg.data)  # untimed: the row count of the splits prepare read
-    rows = sum(len(raw[split]) for split in data.wanted_splits(cfg.data, raw).values())
+    raw = sources.load_raw(cfg.data)  # untimed: the row count of the splits prepare read
+    rows = sum(len(raw[split]) for split in sources.wanted_splits(cfg.data, raw).values())
     print("RESULT " + json.dumps({"rows": rows, "seconds": seconds}), flush=True)
 
 

@@ -104,13 +104,15 @@ def snapshot(engine) -> dict:
 def worker(name: str, stage: int, out: str) -> None:
     import torch
 
-    from llmkit import engine, memory, model
+    from llmkit import memory, model
     from llmkit.config import load_config
+    from llmkit.train.optim import build_optimizer
+    from llmkit.train.run import setup
 
     cfg = load_config(None, ["--model.name_or_path", f"asset:{name}", "--data.dataset", "asset:polarity",
                              "--train.precision", "bf16", "--train.per_device_batch_size", "2",
                              "--output.output_dir", out, "--output.overwrite_output_dir", "true"])
-    run = engine.setup(cfg, hidden=model.hidden_size(cfg.model))  # gloo, threads, resolved DeepSpeed config
+    run = setup(cfg)  # gloo, threads, resolved DeepSpeed config
     acc = run.accelerator
     # built after setup, as the recipes do: under ZeRO-3 from_pretrained then runs inside zero.Init
     net = (model.load_classifier(cfg.model, ["negative", "positive"]) if name == "minilm"
@@ -124,7 +126,7 @@ def worker(name: str, stage: int, out: str) -> None:
     # hooks registered before DeepSpeed's run first: they see each grad before DeepSpeed reduces and frees it
     for p in net.parameters():
         p.register_post_accumulate_grad_hook(lambda _: keep("in_backward", snapshot(ds)))
-    net, _ = acc.prepare(net, engine.build_optimizer(cfg, net))
+    net, _ = acc.prepare(net, build_optimizer(cfg, net))
     ds = acc.deepspeed_engine_wrapped.engine
     inner = getattr(ds.optimizer, "optimizer", ds.optimizer)
     gen = torch.Generator().manual_seed(acc.process_index)
