@@ -139,9 +139,13 @@ class Config:
         """Plain nested dict of every field."""
         return dataclasses.asdict(self)
 
+    def dump(self) -> str:
+        """The config as YAML (the resolved config of a run)."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
     def save(self, path: str | Path) -> None:
-        """Write the config as YAML (the resolved config of a run)."""
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        """Write the config as YAML."""
+        Path(path).write_text(self.dump())
 
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")

@@ -2,8 +2,9 @@
 
 LLMKIT_FAULT=<point>@<step>:<rank>: sigterm@5:1 (SIGTERM to rank 1 after step 5), kill@5:1 (SIGKILL between
 forward and backward), kill_in_save@4:1 / oserror_in_save@4:1 (while checkpoint step-4 is written), nan@3:0
-(the loss of step 3 becomes NaN), row@7:0 (reading training row 7 fails). LLMKIT_FAULT_STAMP names a file that
-gets the time the fault fired. Callers test `ON` first, so a normal run pays one attribute read per check."""
+(the loss of step 3 becomes NaN), row@7:0 (reading training row 7 fails), stall_export@0:0 (the export waits
+STALL_SECONDS, for a signal to arrive meanwhile). LLMKIT_FAULT_STAMP names a file that gets the time the fault
+fired. Callers test `ON` first, so a normal run pays one attribute read per check."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import time
 from pathlib import Path
 
 SPEC = os.environ.get("LLMKIT_FAULT", "")
+STALL_SECONDS = 3.0
 ON = bool(SPEC)
 POINT = SPEC.split("@", 1)[0]  # "" when off
 
@@ -27,4 +29,6 @@ def hit(point: str, step: int, rank: int) -> bool:
         os.kill(os.getpid(), signal.SIGTERM if point == "sigterm" else signal.SIGKILL)
     if point == "oserror_in_save":
         raise OSError(28, "No space left on device (injected)")
+    if point == "stall_export":
+        time.sleep(STALL_SECONDS)
     return True

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llmkit import launch, memory, model
+from llmkit import launch, memory, model, rundir
 from llmkit.config import Config
 from llmkit.data import lm, sources
 from llmkit.errors import LlmkitError
@@ -27,6 +27,7 @@ class Plan:
     world_size: int
     ds_config: dict | None  # resolved: no "auto" left; None without DeepSpeed
     output_dir: Path
+    intent: str  # what happens to output_dir: "new", "overwrite" or "resume" (llmkit.rundir)
     model_config: object  # the model's transformers config
     causal_lm: bool
     checked: list[str] = field(default_factory=list)  # one line per check passed
@@ -64,17 +65,13 @@ def check_output_dir_is_safe(cfg: Config) -> Path:
     return out
 
 
-def check_output_dir(cfg: Config) -> Path:
-    """Refuse an unsafe output dir, and one that holds another run unless asked to overwrite."""
+def check_output_dir(cfg: Config) -> tuple[Path, str]:
+    """The output dir and what the run will do with it (new / overwrite / resume): never an unsafe folder, one
+    another live run holds, or one that holds another run unless asked to overwrite or resume it."""
     check_output_dir_is_safe(cfg)
     out = Path(cfg.output.output_dir).expanduser()
-    if out.exists() and not out.is_dir():
-        raise LlmkitError(f"output.output_dir '{out}' exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not (cfg.output.overwrite_output_dir or cfg.checkpoint.resume_from):
-        raise LlmkitError(f"output.output_dir '{out}' already holds files from another run. Pick a new directory "
-                          "set output.overwrite_output_dir: true (the old export is replaced only when the new "
-                          "one is complete), or continue it with --checkpoint.resume_from latest.")
-    return out
+    rundir.check_free(out)  # first: a folder in use is not "another run's" to overwrite or resume
+    return out, rundir.intent(cfg)
 
 
 def checkpoint_bytes(params: int, precision: str, lora: bool) -> int:
@@ -147,8 +144,8 @@ def check(cfg: Config, world_size: int, say: Callable[[str], None] = lambda line
     stage = launch.zero_stage(ds)
     passed(f"launch: {world_size} process(es), " + (f"DeepSpeed ZeRO-{stage}, no 'auto' left" if ds else
                                                      "no DeepSpeed"))
-    out = check_output_dir(cfg)
-    passed(f"output: {check_output_dir_is_safe(cfg)} (writable, holds no other run)")
+    out, how = check_output_dir(cfg)
+    passed(f"output: {check_output_dir_is_safe(cfg)} (writable, {how} run, not in use)")
     causal = _wants_lm(cfg, config)
     try:
         params, largest = model.model_sizes(cfg.model, causal_lm=causal)
@@ -164,7 +161,7 @@ def check(cfg: Config, world_size: int, say: Callable[[str], None] = lambda line
     if cfg.output.push_to_hub:  # no token: say so now, not after hours of training
         hub_token()
         passed(f"hub: a token is set for pushing to {cfg.output.hub_model_id}")
-    return Plan(precision, why, world_size, ds, out, config, causal, plan_lines)
+    return Plan(precision, why, world_size, ds, out, how, config, causal, plan_lines)
 
 
 def check_inputs(cfg: Config, plan: Plan, say: Callable[[str], None] = lambda line: None) -> None:

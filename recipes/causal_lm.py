@@ -26,6 +26,7 @@ def main() -> None:
     tokenizer = load_tokenizer(run)  # from-scratch runs without one: trained on the train split first
     with acc.main_process_first():
         ds = lm.prepare(cfg.data, tokenizer, seed=cfg.train.seed, log=run.log)
+    run.identify_data(ds.train, ds.label_names)
     run.log(f"data: {ds.mode}, train {len(ds.train)}, validation {len(ds.validation)} examples"
             + (f"; label words {ds.label_words}" if ds.label_words else ""))
     net = model.load_causal_lm(cfg.model, cfg.lora, tokenizer)
@@ -70,8 +71,7 @@ def main() -> None:
     run.log(f"export: {final}  (train {result['summary']['train_seconds']} s)")
     if labels:
         pages.write_for_run(run)
-    hub.push_run(run, uploader)
-    acc.end_training()
+    run.finish(skipped=hub.push_run(run, uploader))
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ def main() -> None:
     tokenizer = model.load_tokenizer(cfg.model)
     with acc.main_process_first():  # rank 0 tokenizes and fills the cache; the others read it
         ds = classification.prepare(cfg.data, tokenizer, seed=cfg.train.seed, log=run.log)
+    run.identify_data(ds.train, ds.label_names)
     run.log(f"data: train {len(ds.train)}, validation {len(ds.validation)}, test {len(ds.test) if ds.test else 0} "
             f"rows; labels {ds.label_names}")
     net = model.load_classifier(cfg.model, ds.label_names, pad_token_id=tokenizer.pad_token_id)
@@ -54,8 +55,7 @@ def main() -> None:
         run.log(f"{name}: accuracy {m['accuracy']:.4f}  f1 {m['f1']:.4f}  ({m['samples']} rows)")
     run.log(f"export: {final}  (train {result['summary']['train_seconds']} s)")
     pages.write_for_run(run)
-    hub.push_run(run, uploader)
-    acc.end_training()
+    run.finish(skipped=hub.push_run(run, uploader))
 
 
 if __name__ == "__main__":

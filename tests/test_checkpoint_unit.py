@@ -82,3 +82,40 @@ def test_checkpoint_files_must_pass_the_weights_only_gate(tmp_path):
     with pytest.raises(LlmkitError, match="checkpoint file custom_checkpoint_0.pkl holds more than tensors and "
                                           "plain data .*_Payload.*unpickling it could run code"):
         check_pickles(tmp_path)
+
+
+def test_a_users_copy_a_torn_manifest_and_same_size_damage(tmp_path):
+    root = tmp_path / "checkpoints"
+    for step in (2, 4):
+        _fake(root, step)
+    backup = root / "step-2.bak"
+    backup.mkdir()  # a user's copy is not a checkpoint: neither resume nor pruning trips over it
+    checkpoint._prune(root, keep_last=1, keep_best=0, state=checkpoint.TrainerState(step=4))
+    assert sorted(p.name for p in root.iterdir()) == ["step-2.bak", "step-4"] and backup.is_dir()
+    _fake(root, 6)
+    (root / "step-6" / checkpoint.MANIFEST).write_text('{"step": 6, "fil')  # torn: the write was cut short
+    (root / "latest").write_text("step-6\n")
+    with pytest.raises(LlmkitError, match="step-6 is damaged: its manifest.json does not parse"):
+        checkpoint.verify(root / "step-6")
+    assert checkpoint.resolve(tmp_path, "latest") == root / "step-4"  # falls back past it
+    # a small file changed in place, same size: the manifest's sha256 catches it before anything is loaded
+    path = root / "step-4"
+    (path / checkpoint.STATE).write_text('{"step": 4}')
+    files = {"weights.bin": 4, checkpoint.STATE: 11}
+    digest = __import__("hashlib").sha256(b'{"step": 4}').hexdigest()
+    (path / checkpoint.MANIFEST).write_text(json.dumps({"step": 4, "files": files, "sha256": {checkpoint.STATE: digest},
+                                                        "fingerprint": {}}))
+    checkpoint.verify(path)
+    (path / checkpoint.STATE).write_text('{"step": 9}')
+    with pytest.raises(LlmkitError, match="trainer_state.json does not match the sha256"):
+        checkpoint.verify(path)
+
+
+def test_a_corrupted_shard_is_damaged_not_dangerous(tmp_path):
+    torch.save({"w": torch.ones(3)}, tmp_path / "optim_states.pt")
+    data = bytearray((tmp_path / "optim_states.pt").read_bytes())
+    data[len(data) // 2:] = b"\0" * (len(data) - len(data) // 2)
+    (tmp_path / "optim_states.pt").write_bytes(bytes(data))
+    with pytest.raises(LlmkitError, match="is damaged: optim_states.pt cannot be read") as err:
+        checkpoint.check_pickles(tmp_path)
+    assert "could run code" not in str(err.value)

@@ -227,7 +227,10 @@ def test_output_dir_of_another_run_is_refused(tmp_path):
     with pytest.raises(LlmkitError, match="already holds files from another run"):
         preflight.check_output_dir(cfg)
     cfg.output.overwrite_output_dir = True
-    assert preflight.check_output_dir(cfg) == tmp_path / "run"
+    with pytest.raises(LlmkitError, match="holds files llmkit did not write"):
+        preflight.check_output_dir(cfg)  # overwrite replaces an llmkit run only
+    (tmp_path / "run" / ".llmkit-run").write_text("{}")
+    assert preflight.check_output_dir(cfg) == (tmp_path / "run", "overwrite")
 
 
 def test_data_config_defaults_are_sane():

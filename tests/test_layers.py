@@ -16,7 +16,7 @@ PACKAGE = ROOT / "llmkit"
 LAYERS = [
     ("ground", ["llmkit", "llmkit.errors", "llmkit.faults", "llmkit.metrics", "llmkit.config", "llmkit.assets"]),
     ("build", ["llmkit.model", "llmkit.generate", "llmkit.data"]),
-    ("launch", ["llmkit.precision", "llmkit.launch", "llmkit.memory", "llmkit.preflight"]),
+    ("launch", ["llmkit.precision", "llmkit.launch", "llmkit.memory", "llmkit.rundir", "llmkit.preflight"]),
     ("train", ["llmkit.train"]),
     ("evals and ship", ["llmkit.evals", "llmkit.ship"]),
     ("report", ["llmkit.report"]),

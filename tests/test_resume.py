@@ -78,6 +78,10 @@ def test_kill_9_while_saving_keeps_the_previous_checkpoint(tmp_path, tiny_bert, 
     check_ok(resumed)
     assert f"resumed from {root / 'step-2'}: step 2" in resumed.stdout + resumed.stderr
     assert json.loads((out / "metrics.json").read_text())["train"]["steps"] == TOTAL
+    # steps 3 and 4 were logged before the kill and again after the resume: metrics.jsonl holds them once
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
+             if "train/loss" in json.loads(line)]
+    assert steps == list(range(1, TOTAL + 1)), steps
 
 
 def test_sigterm_checkpoints_and_resume_continues_the_sequence(tmp_path, tiny_bert, tiny_data):

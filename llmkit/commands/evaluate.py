@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from llmkit import rundir
 from llmkit.config import DataConfig, ModelConfig
 from llmkit.data.sources import load_labeled
 from llmkit.errors import LlmkitError
@@ -31,11 +32,30 @@ def _load_classifier(model_dir: Path):
     if not getattr(config, "id2label", None) or len(config.id2label) < 2:
         raise LlmkitError(f"'{model_dir}' is not a classifier with labels (its config has no id2label)")
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+        model, info = AutoModelForSequenceClassification.from_pretrained(model_dir, output_loading_info=True)
     except (OSError, ValueError) as exc:
         raise LlmkitError(f"'{model_dir}' does not load as a sequence classifier: {str(exc).splitlines()[0]}") from None
+    if info["missing_keys"]:  # a base model: transformers would score with a freshly initialised, random head
+        missing = sorted(info["missing_keys"])
+        raise LlmkitError(f"'{model_dir}' is not a fine-tuned classifier: {len(missing)} weights of its "
+                          f"classification head are not in the checkpoint (e.g. {missing[0]}), so its predictions "
+                          "would be random. Evaluate a fine-tuned export (e.g. <run>/final).")
+    model.eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     return model, tokenizer
+
+
+MARKER = ".llmkit-eval"  # an `llmkit eval` output folder, which a later eval may write over
+
+
+def _check_output(out: Path) -> None:
+    """Write only into a new or empty folder, or an earlier `llmkit eval` output; never over a training run."""
+    if rundir.is_run(out):
+        raise LlmkitError(f"--output {out} is a training run's folder: its metrics.json and report would be "
+                          "overwritten. Pick another --output.")
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MARKER).is_file())):
+        raise LlmkitError(f"--output {out} already holds files `llmkit eval` did not write; pick a new or empty "
+                          "folder")
 
 
 def data_config(source: str, split: str, label_names: list[str], text_column: str, text_pair_column: str | None,
@@ -59,6 +79,7 @@ def evaluate_export(model_dir: str | Path, source: str, split: str = "test", out
     model, tokenizer = _load_classifier(model_dir)
     names = [model.config.id2label[i] for i in range(len(model.config.id2label))]
     out_dir = Path(output_dir).expanduser() if output_dir else model_dir / f"eval-{split}"
+    _check_output(out_dir)
     cfg = data_config(source, split, names, text_column, text_pair_column, label_column, max_length, max_samples)
     rows = load_labeled(cfg, seed=0, log=lambda m: print(m)).rows["validation"]
     limit = min(max_length, getattr(tokenizer, "model_max_length", max_length) or max_length)
@@ -77,6 +98,7 @@ def evaluate_export(model_dir: str | Path, source: str, split: str = "test", out
     metrics = classification_metrics(logits.argmax(-1).tolist(), labels.tolist(), len(names))
     metrics["samples"] = len(texts)
     out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / MARKER).write_text("written by `llmkit eval`; a later eval may replace these files\n")
     write_predictions(out_dir / f"predictions_{split}.jsonl", rows,
                              {"logits": logits, "labels": labels, "row": np.arange(len(texts))}, names, text_column)
     (out_dir / "metrics.json").write_text(json.dumps({

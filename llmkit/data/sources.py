@@ -3,6 +3,7 @@ to ids. The split roles are train, validation (config key data.eval_split) and t
 
 from __future__ import annotations
 
+import hashlib
 import html
 import re
 import unicodedata
@@ -187,3 +188,23 @@ def load_labeled(cfg: DataConfig, seed: int, log=print) -> LabeledSplits:
     for role, split in wanted.items():
         splits[role] = _to_ids(splits[role], cfg, names, split)
     return LabeledSplits(rows=splits, split_names=wanted, label_names=names, dropped_rows=dropped)
+
+
+def digest(ds: Dataset) -> str:
+    """sha256 of a dataset's content in row order (each column hashed as one stream, so Arrow's chunking does not
+    matter): what a resumed run compares to know it sees the same rows, wherever the files now live."""
+    import numpy as np
+    import pyarrow as pa
+
+    hashes = {name: hashlib.sha256() for name in sorted(ds.column_names)}
+    for table in ds.with_format("arrow").iter(batch_size=100_000):
+        for name, h in hashes.items():
+            column = table.column(name).combine_chunks()
+            while isinstance(column, (pa.ListArray, pa.LargeListArray)):
+                h.update(np.diff(column.offsets.to_numpy()).astype(np.int64).tobytes())  # row lengths
+                column = column.flatten()
+            if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+                h.update("\0".join(column.to_pylist()).encode())
+            else:
+                h.update(column.to_numpy(zero_copy_only=False).tobytes())
+    return hashlib.sha256("".join(f"{n}:{h.hexdigest()}" for n, h in hashes.items()).encode()).hexdigest()

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from llmkit import faults, rundir
 from llmkit.errors import LlmkitError
 from llmkit.model import locate
 from llmkit.ship import verify
@@ -30,6 +31,8 @@ def _gather(run: Run, model) -> tuple[dict | None, object]:
     """Full weights on CPU (rank 0; None elsewhere) and the unwrapped model. Every rank must call it: under
     ZeRO-3 the gather is collective."""
     acc = run.accelerator
+    if faults.ON:  # the signal tests: a SIGTERM arrives while the export is being written
+        faults.hit("stall_export", 0, acc.process_index)
     state_dict = acc.get_state_dict(model)
     if not acc.is_main_process:
         return None, None
@@ -52,6 +55,7 @@ def _publish(run: Run, tmp: Path, results: dict) -> None:
         final.rename(old)
     tmp.rename(final)
     shutil.rmtree(old, ignore_errors=True)
+    rundir.drop_previous(run.output_dir)  # an overwritten run is gone only now
 
 
 def _fresh_tmp(run: Run) -> Path:

@@ -20,6 +20,7 @@ from llmkit.ship import card, verify
 REPORT_FILES = ("report.html", "report.md", "report.json")
 RETRIES = 4  # after the first try; waits 1, 2, 4, 8 s
 INTERNAL = {verify.PROBE_FILE}  # kept locally, not uploaded
+STAGED = ".llmkit-staging"  # marks a folder `stage` made, which a later stage may replace; never uploaded
 
 
 # ------------------------------------------------------------------------------------------------ staging
@@ -58,8 +59,7 @@ def stage(run_dir: str | Path, out: Path, repo_id: str, push_merged: bool = Fals
     kind = _kind(final)
     probe_path = final / verify.PROBE_FILE
     probe = json.loads(probe_path.read_text()) if probe_path.is_file() else None
-    if out.exists():
-        shutil.rmtree(out)
+    _claim_staging(Path(out), run_dir, final)
     if kind == "lora":
         # the adapter at the repo root (so PeftModel / AutoPeftModel load the repo), its base named by Hub id
         _copy_files(final / "adapter", out)
@@ -94,8 +94,25 @@ def stage(run_dir: str | Path, out: Path, repo_id: str, push_merged: bool = Fals
     return {"kind": kind, "checked": checked, "files": listing(out)}
 
 
+def _claim_staging(out: Path, run_dir: Path, final: Path) -> None:
+    """Make `out` an empty staging folder. Only a new or empty folder, or one an earlier stage made, is used:
+    never the run, a folder holding it, or its export."""
+    where, run, export = out.resolve(), run_dir.resolve(), final.resolve()
+    if where in (run, export) or export in where.parents or where in run.parents:
+        raise LlmkitError(f"the staging folder {out} is the run, holds it or lies inside its export; pick a folder "
+                          f"outside {export} (the default is {run_dir / 'hub_upload'})")
+    if out.exists():
+        if not out.is_dir() or (any(out.iterdir()) and not (out / STAGED).is_file()):
+            raise LlmkitError(f"the staging folder {out} already holds files llmkit did not stage; pick a new or "
+                              "empty folder (it is replaced by each dry run)")
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    (out / STAGED).write_text("made by `llmkit push`; replaced by the next dry run\n")
+
+
 def listing(folder: Path) -> list[tuple[str, int]]:
-    return [(str(p.relative_to(folder)), p.stat().st_size) for p in sorted(folder.rglob("*")) if p.is_file()]
+    return [(str(p.relative_to(folder)), p.stat().st_size) for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != STAGED]
 
 
 def show(files: list[tuple[str, int]]) -> str:
@@ -171,7 +188,8 @@ def upload(folder: Path, repo_id: str, private: bool, revision: str | None, mess
         with_retries(lambda: api.create_branch(repo_id, branch=revision, exist_ok=True), "create_branch", endpoint,
                      repo_id, log)
     info = with_retries(lambda: api.upload_folder(folder_path=str(folder), repo_id=repo_id, revision=revision,
-                                                  path_in_repo=path_in_repo or None, commit_message=message),
+                                                  path_in_repo=path_in_repo or None, commit_message=message,
+                                                  ignore_patterns=[STAGED]),
                         "upload", endpoint, repo_id, log)
     return str(getattr(info, "commit_url", info))
 
@@ -251,12 +269,17 @@ def checkpoint_uploader(run) -> CheckpointUploader | None:
     return CheckpointUploader(o.hub_model_id, o.hub_private, o.hub_revision, run.output_dir, log=run.log)
 
 
-def push_run(run, uploader: CheckpointUploader | None = None) -> None:
+def push_run(run, uploader: CheckpointUploader | None = None) -> str | None:
     """End of a run with output.push_to_hub: wait for the checkpoint uploads, then push final/ (rank 0; the
-    others wait)."""
+    others wait). A stop signal that arrived after the last training step skips the push: returns what was
+    skipped and how to do it, for Run.finish."""
     o = run.cfg.output
     if not o.push_to_hub:
-        return
+        return None
+    signal = run.stopped()
+    if signal:
+        run.log(f"hub: {signal} arrived after the last training step; the push is skipped")
+        return f"the push was skipped: push it with `llmkit push {run.output_dir} {o.hub_model_id}`"
     if run.accelerator.is_main_process:
         if uploader is not None:
             for err in uploader.wait():
@@ -264,3 +287,4 @@ def push_run(run, uploader: CheckpointUploader | None = None) -> None:
         push(run.output_dir, o.hub_model_id, o.hub_private, o.hub_revision, o.hub_push_merged, log=run.log,
              reload=False)
     run.accelerator.wait_for_everyone()
+    return None

@@ -9,9 +9,11 @@ run must match to resume) is written last inside it, and the `latest` pointer mo
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
+import re
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,9 +23,11 @@ import torch
 
 from llmkit import faults
 from llmkit.errors import LlmkitError
+from llmkit.rundir import fsync_dir, write_durably
 
 MANIFEST = "manifest.json"
 STATE = "trainer_state.json"
+DIGEST_UP_TO = 1 << 20  # files up to 1 MiB (states, RNG, scheduler) also get a sha256: same-size damage shows
 
 
 @dataclass
@@ -38,14 +42,23 @@ class TrainerState:
     history: list[dict] = field(default_factory=list)
 
 
-def fingerprint(cfg, world_size: int) -> dict:
-    """What a resumed run must share with the checkpoint for the continuation to be the same training run."""
-    t = cfg.train
+OPTIMIZER_KEYS = ("learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "lr_scheduler",
+                  "warmup_ratio", "max_grad_norm")
+
+
+def fingerprint(run) -> dict:
+    """What a resumed run must share with the checkpoint for the continuation to be the same training run: the
+    model, the data's content and labels (`run.data_identity`, set by the recipe), how the work is split and
+    computed, and the optimizer's hyperparameters (the saved optimizer and LR schedule continue as they were)."""
+    cfg, t = run.cfg, run.cfg.train
     return {
-        "model": cfg.model.name_or_path, "dataset": cfg.data.dataset or cfg.data.data_files,
-        "world_size": world_size, "per_device_batch_size": t.per_device_batch_size,
+        "model": cfg.model.name_or_path, "data": getattr(run, "data_identity", None)
+        or {"dataset": cfg.data.dataset or cfg.data.data_files},
+        "world_size": run.accelerator.num_processes, "zero_stage": run.zero_stage, "precision": run.precision,
+        "per_device_batch_size": t.per_device_batch_size,
         "gradient_accumulation_steps": t.gradient_accumulation_steps, "seed": t.seed,
         "group_by_length": cfg.data.group_by_length, "max_length": cfg.data.max_length,
+        "optimizer": {key: getattr(t, key) for key in OPTIMIZER_KEYS},
     }
 
 
@@ -100,18 +113,36 @@ def save(run, trainer_state: TrainerState, keep_last: int | None, keep_best: int
                           "are intact. Free disk space, then continue with --checkpoint.resume_from latest.")
     if acc.is_main_process:
         (tmp / STATE).write_text(json.dumps(asdict(trainer_state), indent=1))
-        files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
-        manifest = {"step": trainer_state.step, "fingerprint": fingerprint(run.cfg, acc.num_processes),
-                    "files": files}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        files, digests = {}, {}
+        for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
+            rel = str(path.relative_to(tmp))
+            files[rel] = _fsync(path)
+            if files[rel] <= DIGEST_UP_TO:
+                digests[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
+        manifest = {"step": trainer_state.step, "fingerprint": fingerprint(run),
+                    "files": files, "sha256": digests}
+        # the manifest is written last and durably: a checkpoint counts only once every file is on disk
+        write_durably(tmp / MANIFEST, json.dumps(manifest, indent=1))
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
-        pointer = root / "latest.tmp"
-        pointer.write_text(final.name + "\n")
-        os.replace(pointer, root / "latest")
+        fsync_dir(root)
+        write_durably(root / "latest", final.name + "\n")
         _prune(root, keep_last, keep_best, trainer_state)
     acc.wait_for_everyone()
     return final
+
+
+def _fsync(path: Path) -> int:
+    """Flush one written file to disk; its size."""
+    with open(path, "rb+") as fh:
+        os.fsync(fh.fileno())
+    return path.stat().st_size
+
+
+def steps(root: Path) -> list[Path]:
+    """The checkpoint folders step-<n> under `root`, oldest first (a user's step-2.bak is not one)."""
+    found = [p for p in root.glob("step-*") if p.is_dir() and re.fullmatch(r"step-\d+", p.name)]
+    return sorted(found, key=lambda p: int(p.name[5:]))
 
 
 def resolve_latest(root: Path) -> str | None:
@@ -121,7 +152,7 @@ def resolve_latest(root: Path) -> str | None:
 
 
 def _prune(root: Path, keep_last: int | None, keep_best: int, state: TrainerState) -> None:
-    done = sorted((p for p in root.glob("step-*") if (p / MANIFEST).is_file()), key=lambda p: int(p.name[5:]))
+    done = [p for p in steps(root) if (p / MANIFEST).is_file()]
     keep = set(done[-keep_last:]) if keep_last else set(done)
     if keep_best and state.history:
         scored = [h for h in state.history if h.get("checkpoint") and h.get("score") is not None]
@@ -138,14 +169,22 @@ def verify(path: Path) -> dict:
     if not manifest_path.is_file():
         raise LlmkitError(f"checkpoint {path} is incomplete (no {MANIFEST}): it was being written when the run "
                           "stopped. Resume from an earlier one (see the checkpoints folder) or from `latest`.")
-    manifest = json.loads(manifest_path.read_text())
-    for rel, size in manifest["files"].items():
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files, digests = dict(manifest["files"]), dict(manifest.get("sha256") or {})
+    except (ValueError, KeyError, TypeError) as exc:
+        raise LlmkitError(f"checkpoint {path} is damaged: its {MANIFEST} does not parse ({exc.__class__.__name__}). "
+                          "Resume from another checkpoint.") from None
+    for rel, size in files.items():
         file = path / rel
         if not file.is_file():
             raise LlmkitError(f"checkpoint {path} is damaged: {rel} is missing")
         if file.stat().st_size != size:
             raise LlmkitError(f"checkpoint {path} is damaged: {rel} has {file.stat().st_size} bytes, the manifest "
                               f"says {size} (truncated or overwritten). Resume from another checkpoint.")
+        if rel in digests and hashlib.sha256(file.read_bytes()).hexdigest() != digests[rel]:
+            raise LlmkitError(f"checkpoint {path} is damaged: {rel} does not match the sha256 in its manifest "
+                              "(changed after it was written). Resume from another checkpoint.")
     return manifest
 
 
@@ -159,7 +198,7 @@ def resolve(output_dir: Path, resume_from: str) -> Path:
         verify(path)
         return path
     pointer = root / "latest"
-    candidates = sorted((p for p in root.glob("step-*") if p.is_dir()), key=lambda p: int(p.name[5:]), reverse=True)
+    candidates = steps(root)[::-1]
     if pointer.is_file():
         named = root / pointer.read_text().strip()
         candidates = [named] + [c for c in candidates if c != named]
@@ -199,9 +238,13 @@ def check_pickles(path: Path) -> None:
             with torch.serialization.safe_globals(allowed):
                 torch.load(file, map_location="cpu", weights_only=True)
         except Exception as exc:
-            reason = next((line.strip() for line in str(exc).splitlines() if "GLOBAL" in line), str(exc)[:200])
+            unsafe = next((line.strip() for line in str(exc).splitlines() if "GLOBAL" in line), None)
+            if unsafe is None:  # not a forbidden type: the file itself is broken
+                first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+                raise LlmkitError(f"checkpoint {path} is damaged: {file.relative_to(path)} cannot be read "
+                                  f"({exc.__class__.__name__}: {first}). Resume from another checkpoint.") from None
             raise LlmkitError(f"checkpoint file {file.relative_to(path)} holds more than tensors and plain data "
-                              f"({reason}); llmkit does not load it, as unpickling it could run code. Resume only "
+                              f"({unsafe}); llmkit does not load it, as unpickling it could run code. Resume only "
                               "from checkpoints llmkit wrote.") from None
 
 
@@ -212,8 +255,26 @@ def load(run, path: Path) -> tuple[TrainerState, dict]:
     torch's RNG, and the uninterrupted run drew that number before the checkpoint, not after."""
     acc = run.accelerator
     manifest = verify(path)
-    want = fingerprint(run.cfg, acc.num_processes)
+    want = fingerprint(run)
+    unrecorded = [k for k in want if k not in manifest["fingerprint"]]
+    if unrecorded:
+        raise LlmkitError(f"checkpoint {path} was written by an older llmkit: its manifest does not record "
+                          f"{', '.join(unrecorded)}, which a resume must match. Finish that run with the llmkit that "
+                          "wrote it, or start a new run from its export.")
     diff = {k: (manifest["fingerprint"].get(k), v) for k, v in want.items() if manifest["fingerprint"].get(k) != v}
+    if "optimizer" in diff and len(diff) == 1:
+        old, new = (d or {} for d in diff["optimizer"])
+        changed = ", ".join(f"train.{k}: checkpoint {old.get(k)!r} vs now {new.get(k)!r}" for k in OPTIMIZER_KEYS
+                            if old.get(k) != new.get(k))
+        raise LlmkitError(f"checkpoint {path} was trained with other optimizer settings ({changed}). Resuming "
+                          "restores the saved optimizer and LR schedule, so the new values would not take effect: "
+                          "resume with the checkpoint's values, or start a new run from its export (final/).")
+    if "data" in diff:
+        old, new = diff.pop("data")
+        what = [k for k in sorted({*(old or {}), *(new or {})}) if (old or {}).get(k) != (new or {}).get(k)]
+        raise LlmkitError(f"checkpoint {path} was trained on other data ({', '.join(what)} changed): a resumed "
+                          "run must see the same rows and labels, in the same order. Resume with the data it was "
+                          "trained on, or start a new output_dir.")
     if "world_size" in diff:
         raise LlmkitError(f"checkpoint {path} was written by {diff['world_size'][0]} ranks; this run has "
                           f"{diff['world_size'][1]}. ZeRO shards are per rank: resume with the same number of "

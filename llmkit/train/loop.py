@@ -48,6 +48,7 @@ def fit(run: Run, model, optimizer, train_loader, eval_loader, eval_fn: EvalFn,
         path = checkpoint.resolve(run.output_dir, c.resume_from)
         state, rng = checkpoint.load(run, path)
         run.log(f"resumed from {path}: step {state.step}, epoch {state.epoch}, batch {state.batches_in_epoch}")
+    run.write_records(resumed_at=state.step if c.resume_from else None)
     batch_sampler = getattr(train_loader, "batch_sampler", None)
     inner_sampler = getattr(batch_sampler, "batch_sampler", batch_sampler)
     run.log(f"train: {len(train_loader)} batches per rank per epoch, {steps_per_epoch} optimizer steps per epoch, "
@@ -57,7 +58,7 @@ def fit(run: Run, model, optimizer, train_loader, eval_loader, eval_fn: EvalFn,
     profiler = profiling.profiler(run)
     if profiler is not None:
         profiler.start()
-    stop = StopSignal(acc)
+    stop = run.stop or StopSignal(acc)  # setup catches the signals for the whole run
     bar = tqdm(total=total_steps, initial=state.step, desc="train", disable=not acc.is_local_main_process)
     while state.step < total_steps:
         if hasattr(inner_sampler, "set_epoch"):
@@ -137,13 +138,11 @@ def fit(run: Run, model, optimizer, train_loader, eval_loader, eval_fn: EvalFn,
                     if after_save is not None:
                         after_save(path)
             if interrupted:
-                stop.restore()
                 raise LlmkitError(f"stopped by {stop.name or 'a signal on another rank'} after step {state.step}; "
                                   f"the checkpoint is in {run.output_dir / 'checkpoints'}. Continue with the same "
                                   "command plus --checkpoint.resume_from latest.")
             if end_of_epoch or state.step >= total_steps:
                 break
-    stop.restore()
     bar.close()
     if profiler is not None:
         profiler.stop()

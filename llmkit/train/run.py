@@ -19,10 +19,12 @@ from accelerate import Accelerator, DeepSpeedPlugin, InitProcessGroupKwargs
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from llmkit import launch, model, preflight
+from llmkit import launch, model, preflight, rundir
 from llmkit.config import Config
-from llmkit.data import lm
+from llmkit.data import lm, sources
+from llmkit.errors import LlmkitError
 from llmkit.precision import ACCELERATE_PRECISION
+from llmkit.train.guards import StopSignal
 
 
 @dataclass
@@ -33,6 +35,9 @@ class Run:
     precision: str
     ds_config: dict | None
     output_dir: Path
+    intent: str = "new"  # "new", "overwrite" or "resume": what the run does with output_dir (llmkit.rundir)
+    data_identity: dict | None = None  # the training rows' digest and the labels: a resume must match them
+    stop: StopSignal | None = None  # SIGTERM / SIGINT, caught for the whole run (setup to finish)
 
     @property
     def zero_stage(self) -> int | None:
@@ -41,6 +46,44 @@ class Run:
     def log(self, msg: str) -> None:
         if self.accelerator.is_main_process:
             tqdm.write(msg)
+
+    def stopped(self) -> str | None:
+        """The stop signal any rank got so far (every rank must ask together: it is one tiny collective)."""
+        if self.stop is None or not self.stop.agreed(self.accelerator):
+            return None
+        return self.stop.name or "a signal on another rank"
+
+    def finish(self, skipped: str | None = None) -> None:
+        """The end of a recipe. A stop signal after the last training step let the evaluation, export and report
+        finish (it stops the loop only while it runs); say so, and stop with the steps it made the run skip."""
+        signal = self.stopped()
+        self.accelerator.end_training()
+        if signal and skipped:
+            raise LlmkitError(f"stopped by {signal} after the last training step: final/ and the report in "
+                              f"{self.output_dir} are complete and verified; {skipped}")
+        if signal:
+            self.log(f"{signal} arrived after the last training step; the run finished its export and report")
+
+    def identify_data(self, train, label_names: list[str] | None) -> None:
+        """Record what the run trains on (the tokenized train split's digest, the label set) for resume checks."""
+        self.data_identity = {"train": sources.digest(train), "labels": label_names}
+
+    def write_records(self, resumed_at: int | None) -> None:
+        """The run's records (resolved config, what ran where, the DeepSpeed config), written once resume is
+        resolved: a refused resume leaves the records of the run it refused to continue as they were. A resumed
+        run logs again from the checkpoint's step, so the rows after it leave metrics.jsonl."""
+        if not self.accelerator.is_main_process:
+            return
+        out = self.output_dir
+        rundir.write_durably(out / "training_config.yaml", self.cfg.dump())
+        rundir.write_durably(out / "run_info.json",
+                             json.dumps(run_info(self.accelerator, self.precision, self.ds_config), indent=2) + "\n")
+        if self.ds_config:
+            rundir.write_durably(out / "ds_config.json", json.dumps(self.ds_config, indent=2) + "\n")
+        if resumed_at is not None:
+            dropped = rundir.trim_metrics(out, resumed_at)
+            if dropped:
+                self.log(f"metrics.jsonl: {dropped} rows after step {resumed_at} dropped (they are logged again)")
 
     def log_scalars(self, scalars: dict[str, float], step: int) -> None:
         """To TensorBoard and to <output_dir>/metrics.jsonl (one JSON object per call)."""
@@ -100,21 +143,18 @@ def setup(cfg: Config) -> Run:
         datasets.disable_progress_bars()
         transformers.utils.logging.disable_progress_bar()
     accelerator.wait_for_everyone()  # every rank has checked output_dir before rank 0 writes into it
-    run = Run(cfg, accelerator, plan.precision, plan.ds_config, plan.output_dir)
+    run = Run(cfg, accelerator, plan.precision, plan.ds_config, plan.output_dir, plan.intent)
+    if accelerator.is_main_process:  # a second run on this folder is refused from now on
+        rundir.Lock(plan.output_dir)
+        rundir.begin(plan.output_dir, plan.intent, log=run.log)
     run.log(f"llmkit: {accelerator.num_processes} process(es), {accelerator.device}, precision {plan.precision} "
             f"({plan.precision_why}), " + (f"DeepSpeed ZeRO-{run.zero_stage}" if plan.ds_config else "no DeepSpeed"))
     for line in plan.checked:
         run.log(f"check: {line}")
     for line in preflight.warnings(cfg):
         run.log(line)
-    if accelerator.is_main_process:
-        out = plan.output_dir
-        out.mkdir(parents=True, exist_ok=True)
-        cfg.save(out / "training_config.yaml")
-        (out / "run_info.json").write_text(json.dumps(run_info(accelerator, plan.precision, plan.ds_config),
-                                                      indent=2) + "\n")
-        if plan.ds_config:
-            (out / "ds_config.json").write_text(json.dumps(plan.ds_config, indent=2) + "\n")
+    accelerator.wait_for_everyone()  # the folder is llmkit's before any rank writes into it
+    run.stop = StopSignal(accelerator)
     accelerator.init_trackers("runs")
     return run
 

@@ -1,0 +1,180 @@
+"""The run directory's life, in one place: whether a run starts new, overwrites an earlier llmkit run or resumes
+one; the lock that keeps a second run out; which files are llmkit's; and the durable writes records are made with.
+
+A folder llmkit made carries `.llmkit-run`. Overwrite moves exactly llmkit's files of the earlier run into
+`.previous/` (deleted once the new export is in place, so a failed new run leaves the old one recoverable), and
+only in a folder llmkit made. The lock `.llmkit.lock` names the pid and host of the run holding it; the lock of a
+process that is gone (same host) is taken over."""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+
+from llmkit.config import Config
+from llmkit.errors import LlmkitError
+
+MARKER = ".llmkit-run"
+LOCK = ".llmkit.lock"
+PREVIOUS = ".previous"
+# what a run writes into its output dir (predictions_<split>.jsonl and .hub-* staging folders by pattern)
+OWNED = ("checkpoints", "final", "final.tmp", "final.old", "runs", "profile", "tokenizer", "hub_upload",
+         ".hub-checkpoints", "metrics.json", "metrics.jsonl", "samples.jsonl", "training_config.yaml",
+         "run_info.json", "ds_config.json", "report.html", "report.md", "report.json")
+OWNED_PATTERNS = ("predictions_*.jsonl", ".hub-*")
+
+
+def is_run(folder: Path) -> bool:
+    """A folder an llmkit run made (or, from before the marker, one holding a run's records)."""
+    return (folder / MARKER).is_file() or ((folder / "run_info.json").is_file()
+                                           and (folder / "training_config.yaml").is_file())
+
+
+def owned(folder: Path) -> list[Path]:
+    """The entries of `folder` that an llmkit run writes."""
+    found = {folder / name for name in OWNED if (folder / name).exists() or (folder / name).is_symlink()}
+    for pattern in OWNED_PATTERNS:
+        found.update(folder.glob(pattern))
+    return sorted(found)
+
+
+def intent(cfg: Config) -> str:
+    """"new", "overwrite" or "resume" for the config's output dir; a clear error when none applies."""
+    out = Path(cfg.output.output_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise LlmkitError(f"output.output_dir '{out}' exists and is not a directory")
+    entries = [p for p in out.iterdir() if p.name != LOCK] if out.is_dir() else []
+    if not entries:
+        return "new"
+    if cfg.checkpoint.resume_from:
+        return "resume"
+    if cfg.output.overwrite_output_dir:
+        if not is_run(out):
+            names = ", ".join(sorted(p.name for p in entries)[:5])
+            raise LlmkitError(f"output.output_dir '{out}' holds files llmkit did not write ({names}); "
+                              "output.overwrite_output_dir replaces only an earlier llmkit run. Pick a new or empty "
+                              "directory.")
+        return "overwrite"
+    raise LlmkitError(f"output.output_dir '{out}' already holds files from another run. Pick a new directory, "
+                      "set output.overwrite_output_dir: true (the old run is kept in .previous/ until the new "
+                      "export is complete), or continue it with --checkpoint.resume_from latest.")
+
+
+def begin(out: Path, how: str, log=print) -> None:
+    """Rank 0, holding the lock: make the folder llmkit's; for an overwrite, move the earlier run aside."""
+    out.mkdir(parents=True, exist_ok=True)
+    if how == "overwrite":
+        previous = out / PREVIOUS
+        shutil.rmtree(previous, ignore_errors=True)
+        moved = owned(out)
+        if moved:
+            previous.mkdir()
+            for path in moved:
+                path.rename(previous / path.name)
+            log(f"overwrite: the earlier run's {len(moved)} files and folders are in {previous} until this run's "
+                "export is complete")
+    write_durably(out / MARKER, json.dumps({"created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n")
+
+
+def drop_previous(out: Path) -> None:
+    """The new export is in place: the overwritten run goes."""
+    shutil.rmtree(out / PREVIOUS, ignore_errors=True)
+
+
+def trim_metrics(out: Path, step: int) -> int:
+    """A resumed run logs again from `step` + 1: drop the rows after `step` (the stopped run's, or those of a
+    later checkpoint's run). Returns how many rows went."""
+    path = out / "metrics.jsonl"
+    if not path.is_file():
+        return 0
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    keep = [line for line in lines if json.loads(line).get("step", 0) <= step]
+    if len(keep) != len(lines):
+        write_durably(path, "".join(line + "\n" for line in keep))
+    return len(lines) - len(keep)
+
+
+def write_durably(path: Path, text: str) -> None:
+    """Write `text` to `path` so that it counts only once it is on disk: a temporary file, fsync, rename, and an
+    fsync of the folder (a crash leaves the old file or the new one, never a torn one)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ------------------------------------------------------------------------------------------------- the lock
+
+
+def _holder(folder: Path) -> dict | None:
+    """Who holds the lock: a live process here, or one on another host (which cannot be asked); None when the
+    lock is free or its process is gone."""
+    try:
+        info = json.loads((folder / LOCK).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):  # being written this instant
+        return {"pid": "?", "host": "?", "started": "just now"}
+    if info.get("host") != socket.gethostname():
+        return info
+    try:
+        os.kill(int(info["pid"]), 0)
+    except ProcessLookupError:
+        return None
+    except (PermissionError, ValueError, KeyError):
+        return info
+    return info
+
+
+def check_free(out: Path) -> None:
+    """No other live run holds `out`."""
+    held = _holder(out) if out.is_dir() else None
+    if held is not None and held.get("pid") != os.getpid():
+        raise LlmkitError(f"output.output_dir '{out}' is in use by another run (pid {held.get('pid')} on "
+                          f"{held.get('host')}, started {held.get('started')}). Wait for it to finish or pick another "
+                          f"output.output_dir; if that process is gone, delete {out / LOCK}.")
+
+
+class Lock:
+    """The run's exclusive hold on its output dir: taken by rank 0 before anything is written, released at exit."""
+
+    def __init__(self, out: Path):
+        self.path = out / LOCK
+        out.mkdir(parents=True, exist_ok=True)
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                check_free(out)  # a live holder: refused
+                self.path.unlink(missing_ok=True)  # its process is gone: take the lock over
+                continue
+            with os.fdopen(fd, "w") as fh:
+                json.dump(info, fh)
+            atexit.register(self.release)
+            return
+        check_free(out)
+        raise LlmkitError(f"could not take the lock {self.path}: another run keeps taking it")
+
+    def release(self) -> None:
+        try:
+            if json.loads(self.path.read_text()).get("pid") == os.getpid():
+                self.path.unlink()
+        except (OSError, ValueError):
+            pass

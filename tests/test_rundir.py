@@ -1,0 +1,246 @@
+"""The run directory has one owner: new / overwrite / resume decided up front, llmkit's files alone moved by an
+overwrite, one run at a time (a lock naming its holder), durable records, staging only into folders llmkit made."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from helpers import LAUNCH_ENV, ROOT, check_ok, launch, launch_command, write_config
+
+from llmkit import rundir
+from llmkit.config import load_config
+from llmkit.errors import LlmkitError
+from llmkit.ship import hub
+
+
+def _cfg(out: Path, *extra: str):
+    return load_config(None, ["--data.dataset", "x", "--output.output_dir", str(out), *extra])
+
+
+def _fake_run(out: Path) -> Path:
+    """A folder as an earlier llmkit run leaves it, plus a file of the user's."""
+    (out / "checkpoints" / "step-4").mkdir(parents=True)
+    (out / "final").mkdir()
+    (out / "final" / "config.json").write_text(json.dumps({"architectures": ["BertForSequenceClassification"]}))
+    for name in (rundir.MARKER, "metrics.jsonl", "predictions_test.jsonl", "training_config.yaml", "run_info.json"):
+        (out / name).write_text("{}\n")
+    (out / "notes.txt").write_text("mine")
+    return out
+
+
+def test_intent_new_overwrite_resume_and_refusals(tmp_path):
+    assert rundir.intent(_cfg(tmp_path / "fresh")) == "new"
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "final").mkdir()
+    (foreign / "thesis.tex").write_text("years of work")
+    with pytest.raises(LlmkitError, match="holds files llmkit did not write \\(final, thesis.tex\\)"):
+        rundir.intent(_cfg(foreign, "--output.overwrite_output_dir", "true"))
+    run = _fake_run(tmp_path / "run")
+    with pytest.raises(LlmkitError, match="already holds files from another run"):
+        rundir.intent(_cfg(run))
+    assert rundir.intent(_cfg(run, "--output.overwrite_output_dir", "true")) == "overwrite"
+    assert rundir.intent(_cfg(run, "--checkpoint.resume_from", "latest")) == "resume"
+
+
+def test_overwrite_moves_exactly_the_earlier_runs_files_aside(tmp_path):
+    run = _fake_run(tmp_path / "run")
+    rundir.begin(run, "overwrite", log=lambda m: None)
+    assert sorted(p.name for p in run.iterdir()) == sorted([rundir.MARKER, rundir.PREVIOUS, "notes.txt"])
+    moved = sorted(p.name for p in (run / rundir.PREVIOUS).iterdir())
+    assert moved == ["checkpoints", "final", "metrics.jsonl", "predictions_test.jsonl", "run_info.json",
+                     "training_config.yaml"]
+    rundir.drop_previous(run)
+    assert not (run / rundir.PREVIOUS).exists() and (run / "notes.txt").read_text() == "mine"
+
+
+def test_a_resumed_run_drops_the_rows_it_logs_again(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "train/loss": 1.0}) + "\n"
+                                                    for s in (2, 4, 4, 6)))
+    assert rundir.trim_metrics(tmp_path, 4) == 1
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [2, 4, 4]
+
+
+HOLD = """
+import sys, time
+from pathlib import Path
+from llmkit.errors import LlmkitError
+from llmkit.rundir import Lock
+try:
+    Lock(Path(sys.argv[1]))
+except LlmkitError as exc:
+    print("refused:", exc)
+    sys.exit(2)
+print("locked", flush=True)
+if len(sys.argv) > 2:
+    time.sleep(float(sys.argv[2]))
+"""
+
+
+def test_one_run_at_a_time_and_a_stale_lock_is_taken_over(tmp_path):
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out), "60"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        second = subprocess.run([sys.executable, "-c", HOLD, str(out)], capture_output=True, text=True)
+        assert second.returncode == 2
+        assert f"is in use by another run (pid {holder.pid} on {socket.gethostname()}" in second.stdout
+        with pytest.raises(LlmkitError, match=f"pid {holder.pid}"):
+            rundir.check_free(out)  # what preflight asks, before any process group
+    finally:
+        holder.kill()
+        holder.wait()
+    # the holder died without releasing: its lock is stale and the next run takes it over
+    assert json.loads((out / rundir.LOCK).read_text())["pid"] == holder.pid
+    again = subprocess.run([sys.executable, "-c", HOLD, str(out)], capture_output=True, text=True)
+    assert again.returncode == 0 and "locked" in again.stdout, again.stdout + again.stderr
+    assert not (out / rundir.LOCK).exists()  # released at exit
+
+
+def test_dry_run_stages_only_into_folders_it_made(tmp_path):
+    run = _fake_run(tmp_path / "run")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "keep.txt").write_text("precious")
+    for target, message in ((run, "is the run"), (run / "final", "is the run"), (tmp_path, "is the run, holds it"),
+                            (mine, "already holds files llmkit did not stage")):
+        with pytest.raises(LlmkitError, match=message):
+            hub.stage(run, target, "alice/x")
+    assert (mine / "keep.txt").read_text() == "precious" and (run / "final" / "config.json").is_file()
+    assert (run / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.slow
+def test_overwrite_over_an_earlier_run_starts_clean_and_resumes_the_new_run(tmp_path, tiny_bert, tiny_data):
+    out = tmp_path / "run"
+    cfg = write_config(tmp_path / "c.yaml", tiny_bert, tiny_data, out)
+    saving = ["--checkpoint.save_every_steps", "2", "--checkpoint.keep_last", "2"]
+    check_ok(launch("recipes/classification.py", ["--config", str(cfg), "--train.max_steps", "6", *saving]))
+    (out / "notes.txt").write_text("mine")
+    check_ok(launch("recipes/classification.py", ["--config", str(cfg), "--train.max_steps", "4", *saving,
+                                                  "--data.test_split", "null", "--output.overwrite_output_dir",
+                                                  "true"]))
+    checkpoints = out / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir() if p.is_dir()) == ["step-2", "step-4"]
+    assert (checkpoints / "latest").read_text().strip() == "step-4"
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert max(steps) == 4 and steps == sorted(steps)  # only the new run's rows
+    assert not (out / "predictions_test.jsonl").exists()  # the new run has no test split
+    assert json.loads((out / "report.json").read_text())["runs"][0]["primary_split"] == "validation"
+    assert not (out / rundir.PREVIOUS).exists() and (out / "notes.txt").read_text() == "mine"
+    # what a later --checkpoint.resume_from latest would continue: the new run's step 4, not the old one's
+    assert json.loads((checkpoints / "step-4" / "trainer_state.json").read_text())["step"] == 4
+    assert json.loads((checkpoints / "step-4" / "manifest.json").read_text())["fingerprint"]["data"]["labels"] == \
+        ["neg", "pos"]
+
+
+@pytest.mark.slow
+def test_two_launches_on_one_output_dir_one_is_refused(tmp_path, tiny_bert, tiny_data):
+    out = tmp_path / "run"
+    cfg = write_config(tmp_path / "c.yaml", tiny_bert, tiny_data, out)
+    procs = []
+    for port in (29611, 29612):
+        cmd = launch_command("recipes/classification.py", ["--config", str(cfg), "--train.max_steps", "12"],
+                             launcher_args=["--main_process_port", str(port)])
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=LAUNCH_ENV, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    results = [(p.wait(timeout=600), p.stdout.read() + p.stderr.read()) for p in procs]
+    codes = sorted(code for code, _ in results)
+    assert codes[0] == 0 and codes[1] != 0, results
+    refused = next(text for code, text in results if code != 0)
+    assert "llmkit: error:" in refused and "is in use by another run (pid" in refused, refused[-3000:]
+    assert json.loads((out / "metrics.json").read_text())["train"]["steps"] == 12
+    assert not (out / rundir.LOCK).exists()
+
+
+def test_eval_refuses_a_base_model_and_a_runs_folder(tmp_path, tiny_bert, tiny_data):
+    from transformers import AutoConfig, BertModel
+
+    from llmkit.commands.evaluate import evaluate_export
+
+    base = tmp_path / "base"
+    BertModel(AutoConfig.from_pretrained(tiny_bert)).save_pretrained(base)  # an encoder without a trained head
+    for f in tiny_bert.iterdir():
+        if f.name not in ("config.json", "model.safetensors"):
+            (base / f.name).write_bytes(f.read_bytes())  # the tokenizer
+    with pytest.raises(LlmkitError, match="is not a fine-tuned classifier: .* would be random"):
+        evaluate_export(base, str(tiny_data), "test", max_length=32)
+    assert not (base / "eval-test").exists()  # nothing written
+    run = _fake_run(tmp_path / "run")
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    with pytest.raises(LlmkitError, match="is a training run's folder"):
+        evaluate_export(tiny_bert, str(tiny_data), "test", run, max_length=32)
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+    data = tmp_path / "ids.jsonl"  # integer labels, as the tiny BERT's LABEL_0 / LABEL_1 expect
+    data.write_text("".join(json.dumps({"text": f"good film {i}", "label": i % 2}) + "\n" for i in range(8)))
+    out = tmp_path / "ev"
+    evaluate_export(tiny_bert, str(data), "test", out, max_length=32)
+    evaluate_export(tiny_bert, str(data), "test", out, max_length=32)  # an earlier eval's folder: fine
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_job_after_the_last_step_lets_the_export_finish(tmp_path, tiny_bert, tiny_data):
+    """As a scheduler preempts a job: SIGTERM to the launcher's process group while the export is written
+    (torch's launcher passes it on to every rank and waits for them); the export, its check and the report
+    complete instead of leaving final.tmp behind."""
+    out, stamp = tmp_path / "run", tmp_path / "fault_time"
+    cfg = write_config(tmp_path / "c.yaml", tiny_bert, tiny_data, out)
+    cmd = launch_command("recipes/classification.py", ["--config", str(cfg), "--train.max_steps", "4"])
+    env = {**LAUNCH_ENV, "LLMKIT_FAULT": "stall_export@0:0", "LLMKIT_FAULT_STAMP": str(stamp)}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.time() + 400
+    while not stamp.exists():
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert "SIGTERM arrived after the last training step; the run finished its export and report" in stdout, \
+        (stdout[-3000:], stderr[-3000:])
+    assert (out / "final" / "model.safetensors").is_file() and not (out / "final.tmp").exists()
+    assert json.loads((out / "final" / "metrics.json").read_text())["export_check"]["rows"] > 0
+    assert (out / "report.html").is_file() and not (out / rundir.LOCK).exists()
+
+
+@pytest.mark.slow
+def test_resume_after_each_kind_of_change_is_refused_and_the_same_data_elsewhere_is_not(tmp_path, tiny_bert,
+                                                                                           tiny_data):
+    out = tmp_path / "run"
+    cfg = write_config(tmp_path / "c.yaml", tiny_bert, tiny_data, out)
+    check_ok(launch("recipes/classification.py", ["--config", str(cfg), "--train.max_steps", "2",
+                                                  "--checkpoint.save_every_steps", "2"]))
+    changed = tmp_path / "changed"
+    shutil.copytree(tiny_data, changed)
+    rows = (changed / "train.jsonl").read_text().splitlines()
+    rows[5] = json.dumps({"text": "an entirely different sentence", "label": "pos"})
+    (changed / "train.jsonl").write_text("\n".join(rows) + "\n")
+    resume = ["--config", str(cfg), "--train.max_steps", "4", "--checkpoint.resume_from", "latest"]
+    cases = [
+        (["--data.dataset", str(changed)], "cpu_zero2.yaml", "was trained on other data (train changed)"),
+        (["--data.label_names", "[pos, neg]"], "cpu_zero2.yaml", "was trained on other data (labels, train changed)"),
+        ([], "cpu_zero3.yaml", "(zero_stage: checkpoint 2 vs now 3)"),
+        (["--train.precision", "bf16"], "cpu_zero2.yaml", "(precision: checkpoint 'fp32' vs now 'bf16')"),
+        (["--train.learning_rate", "0.005"], "cpu_zero2.yaml",
+         "other optimizer settings (train.learning_rate: checkpoint 0.001 vs now 0.005)"),
+    ]
+    records = {name: (out / name).read_text() for name in ("training_config.yaml", "run_info.json", "ds_config.json")}
+    for extra, accelerate_config, message in cases:
+        proc = launch("recipes/classification.py", resume + extra, accelerate_config)
+        assert proc.returncode != 0 and message in proc.stderr, (extra, proc.stderr[-3000:])
+    # a refused resume wrote nothing: the records still describe the run the checkpoint belongs to
+    assert {name: (out / name).read_text() for name in records} == records
+    moved = tmp_path / "moved"
+    shutil.copytree(tiny_data, moved)  # the same rows at another path: the same run
+    resumed = launch("recipes/classification.py", resume + ["--data.dataset", str(moved)])
+    check_ok(resumed)
+    assert "resumed from" in resumed.stdout + resumed.stderr
