@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -69,11 +71,20 @@ def test_run_pushes_its_export_in_one_commit_byte_for_byte(pushed_classifier, fa
     final_commit = commits[-1]
     added = final_commit["added"]
     final = out / "final"
-    for name in ("model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json", "metrics.json",
-                 "training_config.yaml"):
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json", "metrics.json"):
         assert added[name] == (final / name).read_bytes(), name
-    for name in ("report.html", "report.md", "report.json"):
-        assert added[name] == (out / name).read_bytes(), name
+    # the files that name local paths go up with each path as <local>/<last part>, otherwise the same
+    local = yaml.safe_load((final / "training_config.yaml").read_text())
+    pushed = yaml.safe_load(added["training_config.yaml"])
+    assert pushed["train"] == local["train"] and pushed["lora"] == local["lora"]
+    for section, key in (("model", "name_or_path"), ("data", "dataset"), ("output", "output_dir")):
+        assert pushed[section][key] == f"<local>/{Path(local[section][key]).name}", (section, key)
+    report = json.loads(added["report.json"])
+    assert report["runs"][0]["splits"] == json.loads((out / "report.json").read_text())["runs"][0]["splits"]
+    basetemp = str(out.parent.parent)  # the folder holding this run, its model and its data
+    for name, data in added.items():
+        if name.endswith((".json", ".yaml", ".md", ".html")):
+            assert basetemp not in data.decode(errors="replace"), name
     assert "README.md" in added and "llmkit_probe.json" not in added
     assert not any(n.startswith("checkpoints/") for n in added)
     # checkpoints went up under checkpoints/step-N, though keep_last=1 pruned step-3 locally
@@ -123,8 +134,12 @@ def test_lora_push_has_adapter_at_root_and_merged_model(tmp_path, tiny_lm, fake_
     assert commit["revision"] == "v1"
     added = commit["added"]
     final = out / "final"
-    for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json"):
+    for name in ("adapter_model.safetensors", "tokenizer.json"):
         assert added[name] == (final / "adapter" / name).read_bytes(), name
+    adapter = json.loads((final / "adapter" / "adapter_config.json").read_text())
+    base = adapter.pop("base_model_name_or_path")
+    pushed = json.loads(added["adapter_config.json"])
+    assert pushed.pop("base_model_name_or_path") == f"<local>/{Path(base).name}" and pushed == adapter
     assert added["merged/model.safetensors"] == (final / "merged" / "model.safetensors").read_bytes()
     assert added["merged/config.json"] == (final / "merged" / "config.json").read_bytes()
     readme = added["README.md"].decode()
@@ -197,3 +212,28 @@ def test_push_refuses_empty_weights_and_bad_ids(tmp_path):
     for bad in ("noslash", "a/b/c", "", "a/../b", "-a/b"):
         with pytest.raises(LlmkitError, match="must look like <user or org>/<name>"):
             check_repo_id(bad)
+
+
+def test_push_refuses_links_and_a_public_repo_when_private_was_asked(pushed_classifier, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    out, _ = pushed_classifier
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy, symlinks=True)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("hf_not_for_the_hub")
+    (copy / "final" / "notes.txt").symlink_to(secret)
+    with pytest.raises(LlmkitError, match="notes.txt is a symbolic link; llmkit pushes no links"):
+        hub.stage(copy, tmp_path / "up", "alice/x")
+    assert not (tmp_path / "up").exists()
+    (copy / "final" / "notes.txt").unlink()
+    monkeypatch.setattr(hub.time, "sleep", lambda s: None)
+    monkeypatch.setenv("HF_TOKEN", CANARY)
+    with FakeHub(token=CANARY) as server:
+        monkeypatch.setattr(constants, "ENDPOINT", server.url)
+        monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+        hub.push(copy, "dave/shared", private=False, log=lambda m: None)  # someone made it public
+        with pytest.raises(LlmkitError, match="dave/shared already exists and is public, but this push asks for "
+                                              "a private repo .* nothing was pushed"):
+            hub.push(copy, "dave/shared", log=lambda m: None)  # private is the default
+        assert len(server.commits("dave/shared")) == 1

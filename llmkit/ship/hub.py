@@ -11,6 +11,8 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+import yaml
+
 from llmkit import assets, model
 from llmkit.config import check_repo_id
 from llmkit.errors import LlmkitError
@@ -20,7 +22,8 @@ from llmkit.ship import card, verify
 REPORT_FILES = ("report.html", "report.md", "report.json")
 RETRIES = 4  # after the first try; waits 1, 2, 4, 8 s
 INTERNAL = {verify.PROBE_FILE}  # kept locally, not uploaded
-STAGED = ".llmkit-staging"  # marks a folder `stage` made, which a later stage may replace; never uploaded
+STAGED = ".llmkit-dry-runs.json"  # in the run dir: the dry-run folders `stage` made, which a later one may replace
+TEXT = (".json", ".yaml", ".yml", ".md", ".html", ".txt", ".jinja")  # staged files scrubbed of local paths
 
 
 # ------------------------------------------------------------------------------------------------ staging
@@ -50,16 +53,19 @@ def _copy_files(src: Path, dst: Path) -> None:
             shutil.copy2(f, dst / f.name)
 
 
-def stage(run_dir: str | Path, out: Path, repo_id: str, push_merged: bool = False, reload: bool = True) -> dict:
+def stage(run_dir: str | Path, out: Path, repo_id: str, push_merged: bool = False, reload: bool = True,
+          remember: bool = True) -> dict:
     """Write into `out` exactly the folder that is uploaded, verified: no size-0 tensors, and (`reload`) the
     weights reload and reproduce the run's logits; model card included. Returns facts for the caller (kind,
     files). `reload=False` is for the push at the end of a run: its export was reload-checked moments ago, and
-    the check's result (final/metrics.json "export_check") is reported instead."""
+    the check's result (final/metrics.json "export_check") is reported instead. `remember` records `out` in the
+    run dir as a folder a later dry run may replace (a real push stages into a fresh temporary folder)."""
     run_dir, final = _final_dir(Path(run_dir))
     kind = _kind(final)
     probe_path = final / verify.PROBE_FILE
     probe = json.loads(probe_path.read_text()) if probe_path.is_file() else None
-    _claim_staging(Path(out), run_dir, final)
+    _refuse_links(run_dir, final)
+    _claim_staging(Path(out), run_dir, final, remember)
     if kind == "lora":
         # the adapter at the repo root (so PeftModel / AutoPeftModel load the repo), its base named by Hub id
         _copy_files(final / "adapter", out)
@@ -91,28 +97,72 @@ def stage(run_dir: str | Path, out: Path, repo_id: str, push_merged: bool = Fals
         if push_merged:
             checked["merged"] = verify.check_causal_lm(out / "merged", {**probe, "lora": False})
     (out / "README.md").write_text(card.build(run_dir, final, kind, repo_id, push_merged))
+    _scrub_local_paths(out, _local_paths(run_dir, final, probe))
     return {"kind": kind, "checked": checked, "files": listing(out)}
 
 
-def _claim_staging(out: Path, run_dir: Path, final: Path) -> None:
-    """Make `out` an empty staging folder. Only a new or empty folder, or one an earlier stage made, is used:
-    never the run, a folder holding it, or its export."""
+def _refuse_links(run_dir: Path, final: Path) -> None:
+    """Nothing uploaded is a symbolic link: a link can point at any file (a key, a secret) and would be followed."""
+    links = [p for p in sorted(final.rglob("*")) if p.is_symlink()]
+    links += [run_dir / name for name in REPORT_FILES if (run_dir / name).is_symlink()]
+    if links:
+        raise LlmkitError(f"{links[0]} is a symbolic link; llmkit pushes no links (one can point at any file, a "
+                          "secret say, and its target would go up). Replace it with a copy of the file, or remove it.")
+
+
+def _local_paths(run_dir: Path, final: Path, probe: dict | None) -> list[str]:
+    """The absolute local paths a run's text files can hold: the run itself, the home and working folders, and
+    every path its config names (model, tokenizer, data, DeepSpeed JSON, output, resume), longest first."""
+    cfg_path = final / "training_config.yaml"
+    cfg = (yaml.safe_load(cfg_path.read_text()) if cfg_path.is_file() else None) or {}
+    section = lambda name: cfg.get(name) or {}  # noqa: E731
+    named = [section("model").get("name_or_path"), section("model").get("tokenizer"), section("data").get("dataset"),
+             *(section("data").get("data_files") or {}).values(), section("deepspeed").get("config_file"),
+             section("output").get("output_dir"), section("checkpoint").get("resume_from"),
+             (probe or {}).get("base")]
+    found = {str(run_dir), str(run_dir.resolve()), str(Path.home()), str(Path.cwd())}
+    for value in named:
+        if isinstance(value, str) and value and not value.startswith("asset:"):
+            path = Path(value).expanduser()
+            found |= {str(path), str(path.resolve())} if path.is_absolute() or path.exists() else set()
+    return sorted((p for p in found if Path(p).is_absolute() and p != "/"), key=len, reverse=True)
+
+
+def _scrub_local_paths(out: Path, paths: list[str]) -> None:
+    """Each local path in the staged text files becomes <local>/<its last part>: the Hub gets no map of this
+    machine (user names, folder layout)."""
+    for file in sorted(out.rglob("*")):
+        if not file.is_file() or file.suffix not in TEXT:
+            continue
+        text = file.read_text(errors="replace")
+        scrubbed = text
+        for path in paths:
+            scrubbed = scrubbed.replace(path, f"<local>/{Path(path).name}")
+        if scrubbed != text:
+            file.write_text(scrubbed)
+
+
+def _claim_staging(out: Path, run_dir: Path, final: Path, remember: bool) -> None:
+    """Make `out` an empty staging folder. Only a new or empty folder, or one an earlier dry run of this run made,
+    is used: never the run, a folder holding it, or its export."""
     where, run, export = out.resolve(), run_dir.resolve(), final.resolve()
     if where in (run, export) or export in where.parents or where in run.parents:
         raise LlmkitError(f"the staging folder {out} is the run, holds it or lies inside its export; pick a folder "
                           f"outside {export} (the default is {run_dir / 'hub_upload'})")
+    record = run_dir / STAGED
+    made = json.loads(record.read_text()) if record.is_file() else []
     if out.exists():
-        if not out.is_dir() or (any(out.iterdir()) and not (out / STAGED).is_file()):
+        if not out.is_dir() or (any(out.iterdir()) and str(where) not in made):
             raise LlmkitError(f"the staging folder {out} already holds files llmkit did not stage; pick a new or "
                               "empty folder (it is replaced by each dry run)")
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    (out / STAGED).write_text("made by `llmkit push`; replaced by the next dry run\n")
+    if remember and str(where) not in made:
+        record.write_text(json.dumps([*made, str(where)], indent=1) + "\n")
 
 
 def listing(folder: Path) -> list[tuple[str, int]]:
-    return [(str(p.relative_to(folder)), p.stat().st_size) for p in sorted(folder.rglob("*"))
-            if p.is_file() and p.name != STAGED]
+    return [(str(p.relative_to(folder)), p.stat().st_size) for p in sorted(folder.rglob("*")) if p.is_file()]
 
 
 def show(files: list[tuple[str, int]]) -> str:
@@ -184,12 +234,16 @@ def upload(folder: Path, repo_id: str, private: bool, revision: str | None, mess
     api, endpoint = _api()
     with_retries(lambda: api.create_repo(repo_id, private=private, exist_ok=True), "create_repo", endpoint, repo_id,
                  log)
+    info = with_retries(lambda: api.repo_info(repo_id), "repo_info", endpoint, repo_id, log)
+    if private and getattr(info, "private", None) is False:
+        raise LlmkitError(f"{repo_id} already exists and is public, but this push asks for a private repo "
+                          "(output.hub_private is true, the default); nothing was pushed. Push with --public "
+                          "(output.hub_private: false) to publish into it, or make the repo private on the Hub first.")
     if revision:
         with_retries(lambda: api.create_branch(repo_id, branch=revision, exist_ok=True), "create_branch", endpoint,
                      repo_id, log)
     info = with_retries(lambda: api.upload_folder(folder_path=str(folder), repo_id=repo_id, revision=revision,
-                                                  path_in_repo=path_in_repo or None, commit_message=message,
-                                                  ignore_patterns=[STAGED]),
+                                                  path_in_repo=path_in_repo or None, commit_message=message),
                         "upload", endpoint, repo_id, log)
     return str(getattr(info, "commit_url", info))
 
@@ -207,7 +261,7 @@ def push(run_dir: str | Path, repo_id: str, private: bool = True, revision: str 
         return {**facts, "folder": str(out)}
     token()  # fail before any work when there is no token
     with tempfile.TemporaryDirectory(dir=run_path, prefix=".hub-") as tmp:
-        facts = stage(run_path, Path(tmp) / "upload", repo_id, push_merged, reload)
+        facts = stage(run_path, Path(tmp) / "upload", repo_id, push_merged, reload, remember=False)
         url = upload(Path(tmp) / "upload", repo_id, private, revision, f"llmkit: {facts['kind']} model", log=log)
     log(f"pushed {len(facts['files'])} files to {repo_id}: {url}")
     return {**facts, "commit_url": url}
