@@ -58,6 +58,11 @@ class Run:
         finish (it stops the loop only while it runs); say so, and stop with the steps it made the run skip."""
         signal = self.stopped()
         self.accelerator.end_training()
+        if torch.distributed.is_initialized():
+            # every rank is done with collectives: shut the process group down now, not in interpreter teardown
+            # (where a gloo rank once aborted with "terminate called without an active exception")
+            self.accelerator.wait_for_everyone()
+            torch.distributed.destroy_process_group()
         if signal and skipped:
             raise LlmkitError(f"stopped by {signal} after the last training step: final/ and the report in "
                               f"{self.output_dir} are complete and verified; {skipped}")
