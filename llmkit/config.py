@@ -258,17 +258,22 @@ def _full_key(key: str) -> tuple[str, str]:
     raise LlmkitError(f"unknown config key '{key}'{_did_you_mean(key, leaves)}")
 
 
+def read_yaml(path: str | Path, what: str) -> Any:
+    """A YAML file's content ({} when empty); a clear error naming `what` when it is missing or does not parse."""
+    path = Path(path)
+    if not path.is_file():
+        raise LlmkitError(f"{what} '{path}' does not exist")
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise LlmkitError(f"{what} '{path}' is not valid YAML: {exc}") from None
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
     """Read a YAML config, apply `--section.key value` overrides, validate, return the typed config."""
     raw: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise LlmkitError(f"config file '{path}' does not exist")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise LlmkitError(f"config file '{path}' is not valid YAML: {exc}") from None
+        raw = read_yaml(path, "config file")
         if not isinstance(raw, dict):
             raise LlmkitError(f"config file '{path}' must hold a mapping of sections, got {type(raw).__name__}")
     for key, text in _split_overrides(overrides or []):

@@ -10,9 +10,7 @@ import math
 import os
 from pathlib import Path
 
-import yaml
-
-from llmkit.config import Config
+from llmkit.config import Config, read_yaml
 from llmkit.errors import LlmkitError
 from llmkit.precision import ACCELERATE_PRECISION
 
@@ -150,13 +148,7 @@ def zero_stage(ds_config: dict | None) -> int | None:
 
 def accelerate_env(path: str | Path) -> dict[str, str]:
     """The environment `accelerate launch --config_file path` gives its processes (the parts llmkit reads)."""
-    path = Path(path)
-    if not path.is_file():
-        raise LlmkitError(f"Accelerate config '{path}' does not exist")
-    try:
-        acc = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise LlmkitError(f"Accelerate config '{path}' is not valid YAML: {exc}") from None
+    acc = read_yaml(path, "Accelerate config")
     env = {"WORLD_SIZE": str(int(acc.get("num_processes", 1)) * int(acc.get("num_machines", 1) or 1))}
     if acc.get("mixed_precision"):
         env["ACCELERATE_MIXED_PRECISION"] = str(acc["mixed_precision"])

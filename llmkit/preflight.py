@@ -145,7 +145,7 @@ def check(cfg: Config, world_size: int, say: Callable[[str], None] = lambda line
     passed(f"launch: {world_size} process(es), " + (f"DeepSpeed ZeRO-{stage}, no 'auto' left" if ds else
                                                      "no DeepSpeed"))
     out, how = check_output_dir(cfg)
-    passed(f"output: {check_output_dir_is_safe(cfg)} (writable, {how} run, not in use)")
+    passed(f"output: {out.resolve()} (writable, {how} run, not in use)")
     causal = _wants_lm(cfg, config)
     try:
         params, largest = model.model_sizes(cfg.model, causal_lm=causal)
