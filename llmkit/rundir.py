@@ -24,7 +24,7 @@ LOCK = ".llmkit.lock"
 PREVIOUS = ".previous"
 # what a run writes into its output dir (predictions_<split>.jsonl and .hub-* staging folders by pattern)
 OWNED = ("checkpoints", "final", "final.tmp", "final.old", "runs", "profile", "tokenizer", "hub_upload",
-         ".hub-checkpoints", "metrics.json", "metrics.jsonl", "samples.jsonl", "training_config.yaml",
+         ".hub-snapshots", "metrics.json", "metrics.jsonl", "samples.jsonl", "training_config.yaml",
          "run_info.json", "ds_config.json", "report.html", "report.md", "report.json", ".llmkit-dry-runs.json")
 OWNED_PATTERNS = ("predictions_*.jsonl", ".hub-*")
 

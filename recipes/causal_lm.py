@@ -12,7 +12,7 @@ from llmkit.data import lm, loaders
 from llmkit.evals import lm as lm_eval
 from llmkit.evals.classification import write_predictions
 from llmkit.report import pages
-from llmkit.ship import export, hub
+from llmkit.ship import every_save, export, hub
 from llmkit.train import optim
 from llmkit.train.loop import fit
 from llmkit.train.run import load_tokenizer, setup
@@ -46,7 +46,7 @@ def main() -> None:
         return metrics
 
     # train
-    uploader = hub.checkpoint_uploader(run)
+    uploader = every_save.uploader(run, tokenizer)
     result = fit(run, net, optimizer, train_loader, eval_loaders["validation"], evaluate, after_save=uploader)
     net = result["model"]
 

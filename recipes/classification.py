@@ -10,7 +10,7 @@ from llmkit.config import load_config
 from llmkit.data import classification, loaders
 from llmkit.evals.classification import evaluate, write_predictions
 from llmkit.report import pages
-from llmkit.ship import export, hub
+from llmkit.ship import every_save, export, hub
 from llmkit.train import optim
 from llmkit.train.loop import fit
 from llmkit.train.run import setup
@@ -34,7 +34,7 @@ def main() -> None:
 
     # train
     num_labels = len(ds.label_names)
-    uploader = hub.checkpoint_uploader(run)
+    uploader = every_save.uploader(run, tokenizer)
     result = fit(run, net, optimizer, train_loader, eval_loaders["validation"],
                  lambda m, loader, step: evaluate(run, m, loader, num_labels)[0], after_save=uploader)
     net = result["model"]

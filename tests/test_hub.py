@@ -66,10 +66,11 @@ def pushed_classifier(tmp_path_factory, tiny_bert, tiny_data, fake_hub):
 def test_run_pushes_its_export_in_one_commit_byte_for_byte(pushed_classifier, fake_hub):
     out, log = pushed_classifier
     commits = fake_hub.commits("alice/tiny-sentiment")
-    # two background checkpoint commits (steps 3 and 6), then the export: one commit with everything
-    assert [c["message"] for c in commits] == ["llmkit: step-3", "llmkit: step-6", "llmkit: classification model"]
-    final_commit = commits[-1]
-    added = final_commit["added"]
+    # a commit of the weights after each save (steps 3 and 6), then the export: one commit with everything
+    assert [c["message"] for c in commits] == ["llmkit: training in progress, step-3",
+                                               "llmkit: training in progress, step-6", "llmkit: classification model"]
+    # the client skips files the repo already holds byte for byte (the last save's weights): read the tree
+    added = fake_hub.files("alice/tiny-sentiment")
     final = out / "final"
     for name in ("model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json", "metrics.json"):
         assert added[name] == (final / name).read_bytes(), name
@@ -87,16 +88,44 @@ def test_run_pushes_its_export_in_one_commit_byte_for_byte(pushed_classifier, fa
             assert basetemp not in data.decode(errors="replace"), name
     assert "README.md" in added and "llmkit_probe.json" not in added
     assert not any(n.startswith("checkpoints/") for n in added)
-    # checkpoints went up under checkpoints/step-N, though keep_last=1 pruned step-3 locally
+    # the repo holds one model, at its root: no checkpoint folders, no optimizer state
     tree = fake_hub.files("alice/tiny-sentiment")
-    assert any(n.startswith("checkpoints/step-3/") for n in tree) and any(n.startswith("checkpoints/step-6/")
-                                                                          for n in tree)
-    assert not (out / "checkpoints" / "step-3").exists()
+    assert not any("/" in name for name in tree), sorted(tree)
+    assert tree["model.safetensors"] == (final / "model.safetensors").read_bytes()
     assert fake_hub.unexpected == []
     # the token: only ever in the Authorization header, never on disk or in the logs
     assert fake_hub.token_leaks() == []
     _no_canary(out, log)
     assert f"pushed {len(added)} files to alice/tiny-sentiment" in log
+
+
+def test_every_save_pushes_loadable_weights_only(pushed_classifier, fake_hub, tmp_path):
+    """hub_strategy every_save, the Trainer's way: each save commits the gathered (ZeRO-3) weights, config and
+    tokenizer at the root, overwriting the previous ones; nothing of DeepSpeed's checkpoint goes up."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    out, _ = pushed_classifier
+    saves = fake_hub.commits("alice/tiny-sentiment")[:2]
+    weights = []
+    for commit in saves:
+        tree = fake_hub.files("alice/tiny-sentiment", commit["oid"])  # the repo as this save left it
+        assert {"model.safetensors", "config.json", "tokenizer.json"} <= set(tree), sorted(tree)
+        assert "model.safetensors" in commit["added"]
+        assert not any("/" in n or n.endswith((".pt", ".bin")) or "optim" in n for n in tree), sorted(tree)
+        folder = tmp_path / commit["message"].rsplit(" ", 1)[-1]
+        folder.mkdir()
+        for name, data in tree.items():
+            (folder / name).write_bytes(data)
+        net = AutoModelForSequenceClassification.from_pretrained(folder)
+        labels = json.loads((out / "final" / "config.json").read_text())["id2label"]
+        assert net.config.id2label == {int(k): v for k, v in labels.items()}
+        with torch.no_grad():
+            assert torch.isfinite(net(input_ids=torch.tensor([[2, 5, 6, 3]])).logits).all()
+        weights.append(tree["model.safetensors"])
+        assert str(out.parent.parent) not in tree["config.json"].decode()
+    assert weights[0] != weights[1]  # the second save replaced the first one's weights
+    assert not (out / ".hub-snapshots").exists()
 
 
 def test_card_model_index_equals_metrics(pushed_classifier, fake_hub, tmp_path):
@@ -123,16 +152,33 @@ def test_card_model_index_equals_metrics(pushed_classifier, fake_hub, tmp_path):
 def test_lora_push_has_adapter_at_root_and_merged_model(tmp_path, tiny_lm, fake_hub):
     out = tmp_path / "run"
     cfg = write_lm_config(tmp_path / "c.yaml", tiny_lm, out, lora=True)
-    check_ok(launch("recipes/causal_lm.py", ["--config", str(cfg)], "cpu_zero3.yaml"))
-    before = _tree(out)
+    raw = yaml.safe_load(cfg.read_text())  # every_save too: the adapter, gathered from ZeRO-3, after each save
+    raw["checkpoint"] = {"save_every_steps": 2, "keep_last": 1}
+    raw["output"].update(push_to_hub=True, hub_model_id="bob/tiny-lora", hub_strategy="every_save")
+    cfg.write_text(yaml.safe_dump(raw))
     env = {**LAUNCH_ENV, "HF_ENDPOINT": fake_hub.url, **HUB_ENV}
+    check_ok(launch("recipes/causal_lm.py", ["--config", str(cfg)], "cpu_zero3.yaml", env=env))
+    saves = [c for c in fake_hub.commits("bob/tiny-lora") if "training in progress" in c["message"]]
+    trees = [fake_hub.files("bob/tiny-lora", c["oid"]) for c in saves]
+    assert saves and all("adapter_model.safetensors" in c["added"] for c in saves)
+    assert all(set(t) >= {"adapter_model.safetensors", "adapter_config.json"} for t in trees)
+    assert not any("/" in n for t in trees for n in t)  # no checkpoint folders, no optimizer state
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    snapshot = tmp_path / "snapshot"
+    snapshot.mkdir()
+    for name, data in trees[-1].items():
+        (snapshot / name).write_bytes(data)
+    assert json.loads((snapshot / "adapter_config.json").read_text())["base_model_name_or_path"] == "<local>/model"
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_lm / "model"), snapshot)
+    before = _tree(out)
     proc = subprocess.run([sys.executable, "-m", "llmkit.cli", "push", str(out), "bob/tiny-lora", "--merged",
                            "--revision", "v1"], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert _tree(out) == before  # pushing changes nothing local
-    (commit,) = fake_hub.commits("bob/tiny-lora")
-    assert commit["revision"] == "v1"
-    added = commit["added"]
+    assert len([c for c in fake_hub.commits("bob/tiny-lora") if c["revision"] == "v1"]) == 1
+    added = fake_hub.files("bob/tiny-lora", "v1")  # the branch starts from main: unchanged files are not re-sent
     final = out / "final"
     for name in ("adapter_model.safetensors", "tokenizer.json"):
         assert added[name] == (final / "adapter" / name).read_bytes(), name

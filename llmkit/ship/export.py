@@ -20,25 +20,29 @@ from llmkit.train.run import Run
 PROBE_TOKENS = 16  # per probe row of a causal-LM export check
 
 
-def _canonical_names(model) -> dict:
+def canonical_names(model) -> dict:
     """Save under the model's own parameter names. transformers 5 may otherwise map some back to legacy names
     (e.g. LayerNorm.gamma) depending on how the model was loaded, which differs under ZeRO-3."""
     params = inspect.signature(model.save_pretrained).parameters
     return {"save_original_format": False} if "save_original_format" in params else {}
 
 
-def _gather(run: Run, model) -> tuple[dict | None, object]:
+def gather(run: Run, model) -> tuple[dict | None, object]:
     """Full weights on CPU (rank 0; None elsewhere) and the unwrapped model. Every rank must call it: under
     ZeRO-3 the gather is collective."""
     acc = run.accelerator
-    if faults.ON:  # the signal tests: a SIGTERM arrives while the export is being written
-        faults.hit("stall_export", 0, acc.process_index)
     state_dict = acc.get_state_dict(model)
     if not acc.is_main_process:
         return None, None
     state_dict = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
     verify.no_empty_tensors({k: tuple(v.shape) for k, v in state_dict.items()}, "the gathered weights")
     return state_dict, acc.unwrap_model(model)
+
+
+def _gather_for_export(run: Run, model) -> tuple[dict | None, object]:
+    if faults.ON:  # the signal tests: a SIGTERM arrives while the export is being written
+        faults.hit("stall_export", 0, run.accelerator.process_index)
+    return gather(run, model)
 
 
 def _publish(run: Run, tmp: Path, results: dict) -> None:
@@ -70,14 +74,14 @@ def save_classifier(run: Run, model, tokenizer, results: dict, rows, predictions
     `rows` and `predictions` are a split's rows and the run's predictions on them: the reloaded export must
     reproduce those logits (verify.check_classifier)."""
     acc = run.accelerator
-    state_dict, unwrapped = _gather(run, model)
+    state_dict, unwrapped = _gather_for_export(run, model)
     final = run.output_dir / "final"
     if acc.is_main_process:
         missing = set(unwrapped.state_dict()) - set(state_dict)
         if missing:
             raise LlmkitError(f"the gathered weights lack {len(missing)} tensors (e.g. {sorted(missing)[0]})")
         tmp = _fresh_tmp(run)
-        unwrapped.save_pretrained(tmp, state_dict=state_dict, **_canonical_names(unwrapped))
+        unwrapped.save_pretrained(tmp, state_dict=state_dict, **canonical_names(unwrapped))
         tokenizer.save_pretrained(tmp)
         probe = verify.classifier_probe(rows, run.cfg.data, predictions, run.precision)
         checked = verify.check_classifier(tmp, probe)
@@ -107,7 +111,7 @@ def save_causal_lm(run: Run, model, tokenizer, results: dict, train_rows) -> Pat
     kept in final/llmkit_probe.json so `llmkit push` can check again."""
     acc = run.accelerator
     ids, logits = probe_logits(run, model, train_rows)
-    state_dict, unwrapped = _gather(run, model)
+    state_dict, unwrapped = _gather_for_export(run, model)
     final = run.output_dir / "final"
     if acc.is_main_process:
         tmp = _fresh_tmp(run)
@@ -121,7 +125,7 @@ def save_causal_lm(run: Run, model, tokenizer, results: dict, train_rows) -> Pat
             written = load_file(tmp / "adapter" / "adapter_model.safetensors")
             verify.no_empty_tensors({k: tuple(v.shape) for k, v in written.items()}, "the written LoRA adapter")
         else:
-            unwrapped.save_pretrained(tmp, state_dict=state_dict, **_canonical_names(unwrapped))
+            unwrapped.save_pretrained(tmp, state_dict=state_dict, **canonical_names(unwrapped))
             tokenizer.save_pretrained(tmp)
         base = locate(run.cfg.model.name_or_path, "model")
         probe = {"kind": "causal_lm", "precision": run.precision, "lora": lora, "base": base, "ids": ids,

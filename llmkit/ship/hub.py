@@ -4,11 +4,9 @@ in one commit with retries. The token comes from huggingface_hub's usual places 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import yaml
@@ -97,7 +95,9 @@ def stage(run_dir: str | Path, out: Path, repo_id: str, push_merged: bool = Fals
         if push_merged:
             checked["merged"] = verify.check_causal_lm(out / "merged", {**probe, "lora": False})
     (out / "README.md").write_text(card.build(run_dir, final, kind, repo_id, push_merged))
-    _scrub_local_paths(out, _local_paths(run_dir, final, probe))
+    cfg_path = final / "training_config.yaml"
+    cfg = (yaml.safe_load(cfg_path.read_text()) if cfg_path.is_file() else None) or {}
+    scrub_local_paths(out, local_paths(run_dir, cfg, probe))
     return {"kind": kind, "checked": checked, "files": listing(out)}
 
 
@@ -110,11 +110,10 @@ def _refuse_links(run_dir: Path, final: Path) -> None:
                           "secret say, and its target would go up). Replace it with a copy of the file, or remove it.")
 
 
-def _local_paths(run_dir: Path, final: Path, probe: dict | None) -> list[str]:
+def local_paths(run_dir: Path, cfg: dict, probe: dict | None) -> list[str]:
     """The absolute local paths a run's text files can hold: the run itself, the home and working folders, and
-    every path its config names (model, tokenizer, data, DeepSpeed JSON, output, resume), longest first."""
-    cfg_path = final / "training_config.yaml"
-    cfg = (yaml.safe_load(cfg_path.read_text()) if cfg_path.is_file() else None) or {}
+    every path its config (as a dict) names (model, tokenizer, data, DeepSpeed JSON, output, resume), longest
+    first."""
     section = lambda name: cfg.get(name) or {}  # noqa: E731
     named = [section("model").get("name_or_path"), section("model").get("tokenizer"), section("data").get("dataset"),
              *(section("data").get("data_files") or {}).values(), section("deepspeed").get("config_file"),
@@ -128,7 +127,7 @@ def _local_paths(run_dir: Path, final: Path, probe: dict | None) -> list[str]:
     return sorted((p for p in found if Path(p).is_absolute() and p != "/"), key=len, reverse=True)
 
 
-def _scrub_local_paths(out: Path, paths: list[str]) -> None:
+def scrub_local_paths(out: Path, paths: list[str]) -> None:
     """Each local path in the staged text files becomes <local>/<its last part>: the Hub gets no map of this
     machine (user names, folder layout)."""
     for file in sorted(out.rglob("*")):
@@ -267,64 +266,8 @@ def push(run_dir: str | Path, repo_id: str, private: bool = True, revision: str 
     return {**facts, "commit_url": url}
 
 
-class CheckpointUploader:
-    """hub_strategy every_save: each checkpoint goes up in a background thread (one commit each) while training
-    goes on. A hard-linked snapshot is uploaded, so pruning old checkpoints cannot pull files from under it."""
-
-    def __init__(self, repo_id: str, private: bool, revision: str | None, root: Path, log=print):
-        self.repo_id, self.private, self.revision, self.log = repo_id, private, revision, log
-        self.root = root / ".hub-checkpoints"
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hub-upload")
-        self.pending: list[tuple[str, Future]] = []
-
-    def submit(self, checkpoint: Path) -> None:
-        snapshot = self.root / checkpoint.name
-        shutil.rmtree(snapshot, ignore_errors=True)
-        shutil.copytree(checkpoint, snapshot, copy_function=_link_or_copy)
-
-        def job() -> str:
-            try:
-                return upload(snapshot, self.repo_id, self.private, self.revision, f"llmkit: {checkpoint.name}",
-                              path_in_repo=f"checkpoints/{checkpoint.name}", log=self.log)
-            finally:
-                shutil.rmtree(snapshot, ignore_errors=True)
-
-        self.pending.append((checkpoint.name, self.pool.submit(job)))
-
-    __call__ = submit  # the training loop's after-save callback
-
-    def wait(self) -> list[str]:
-        """Block until every upload finished; return the error messages (uploads do not stop training)."""
-        errors = []
-        for name, future in self.pending:
-            try:
-                future.result()
-                self.log(f"hub: uploaded checkpoint {name}")
-            except Exception as exc:  # reported, not raised: the final push still happens
-                errors.append(f"{name}: {exc}")
-        self.pool.shutdown()
-        shutil.rmtree(self.root, ignore_errors=True)
-        return errors
-
-
-def _link_or_copy(src: str, dst: str) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
-
-
-def checkpoint_uploader(run) -> CheckpointUploader | None:
-    """The after-save callback of a run with output.hub_strategy every_save (rank 0 only; None elsewhere and for
-    runs that do not push checkpoints)."""
-    o = run.cfg.output
-    if not (o.push_to_hub and o.hub_strategy == "every_save" and run.accelerator.is_main_process):
-        return None
-    return CheckpointUploader(o.hub_model_id, o.hub_private, o.hub_revision, run.output_dir, log=run.log)
-
-
-def push_run(run, uploader: CheckpointUploader | None = None) -> str | None:
-    """End of a run with output.push_to_hub: wait for the checkpoint uploads, then push final/ (rank 0; the
+def push_run(run, uploader=None) -> str | None:
+    """End of a run with output.push_to_hub: wait for the every_save uploads (`uploader`), then push final/ (rank 0; the
     others wait). A stop signal that arrived after the last training step skips the push: returns what was
     skipped and how to do it, for Run.finish."""
     o = run.cfg.output
@@ -337,7 +280,7 @@ def push_run(run, uploader: CheckpointUploader | None = None) -> str | None:
     if run.accelerator.is_main_process:
         if uploader is not None:
             for err in uploader.wait():
-                run.log(f"hub: a checkpoint upload failed: {err}")
+                run.log(f"hub: an every_save upload failed: {err}")
         push(run.output_dir, o.hub_model_id, o.hub_private, o.hub_revision, o.hub_push_merged, log=run.log,
              reload=False)
     run.accelerator.wait_for_everyone()

@@ -25,11 +25,11 @@ EvalFn = Callable[[object, object, int], dict]  # (model, eval loader, step) -> 
 
 
 def fit(run: Run, model, optimizer, train_loader, eval_loader, eval_fn: EvalFn,
-        after_save: Callable[[Path], None] | None = None) -> dict:
+        after_save: Callable[[object, Path], None] | None = None) -> dict:
     """Train to train.max_steps (or train.epochs); returns {"model": the prepared model, "summary": numbers}.
 
-    `eval_fn` scores the validation split at every eval; `after_save(path)` runs on every rank after each
-    checkpoint is in place."""
+    `eval_fn` scores the validation split at every eval; `after_save(model, path)` runs on every rank after
+    each checkpoint is in place."""
     cfg, acc = run.cfg, run.accelerator
     t, c = cfg.train, cfg.checkpoint
     guard = LossScaleGuard(run) if run.precision == "fp16" else None
@@ -136,7 +136,7 @@ def fit(run: Run, model, optimizer, train_loader, eval_loader, eval_fn: EvalFn,
                     path = checkpoint.save(run, state, c.keep_last, c.keep_best)
                     run.log(f"checkpoint: {path}")
                     if after_save is not None:
-                        after_save(path)
+                        after_save(model, path)
             if interrupted:
                 raise LlmkitError(f"stopped by {stop.name or 'a signal on another rank'} after step {state.step}; "
                                   f"the checkpoint is in {run.output_dir / 'checkpoints'}. Continue with the same "
