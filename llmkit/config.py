@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -152,6 +153,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 SCHEDULERS = ("linear", "cosine", "constant")
 ADAMW_IMPLS = ("fused", "foreach", "loop")
+INT_MAX = 2**31 - 1  # integers reach torch and C libraries (threads, steps, sizes) as 32-bit ints
 
 
 def _hints(cls: type) -> dict[str, Any]:
@@ -187,15 +189,20 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             return value
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
+            if abs(value) > INT_MAX:
+                raise LlmkitError(f"config key '{key}' is {value}, beyond what it can hold (at most {INT_MAX:,})")
             return value
     elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+        number = value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
         if isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            if not math.isfinite(number):  # inf epochs or a NaN rate pass every comparison, then fail mid-run
+                raise LlmkitError(f"config key '{key}' must be a finite number, got {value!r}")
+            return float(number)
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -306,6 +313,7 @@ def check_values(cfg: Config) -> None:
         if not ok:
             raise LlmkitError(f"config key '{key}' {why}")
 
+    need(0 <= t.seed < 2**32, "train.seed", f"must be in [0, 2**32) (numpy's seed range), got {t.seed}")
     need(t.learning_rate > 0, "train.learning_rate", f"must be > 0, got {t.learning_rate}")
     need(t.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {t.weight_decay}")
     need(t.epochs > 0, "train.epochs", f"must be > 0, got {t.epochs}")
@@ -323,7 +331,8 @@ def check_values(cfg: Config) -> None:
          f"must be one of {', '.join(SCHEDULERS)}, got '{t.lr_scheduler}'")
     need(t.eval_every_steps is None or t.eval_every_steps > 0, "train.eval_every_steps", "must be > 0 when set")
     need(t.logging_steps >= 1, "train.logging_steps", f"must be >= 1, got {t.logging_steps}")
-    need(t.num_threads is None or t.num_threads >= 1, "train.num_threads", "must be >= 1 when set")
+    need(t.num_threads is None or 1 <= t.num_threads <= 4096, "train.num_threads",
+         f"must be in [1, 4096] when set (threads per rank), got {t.num_threads}")
     need(t.sample_max_new_tokens >= 1, "train.sample_max_new_tokens", f"must be >= 1, got {t.sample_max_new_tokens}")
     need(t.adamw_impl in ADAMW_IMPLS, "train.adamw_impl",
          f"must be one of {', '.join(ADAMW_IMPLS)}, got '{t.adamw_impl}'")

@@ -25,9 +25,22 @@ def auto_reduce_bucket(hidden: int | None) -> int:
     return max((hidden or 0) ** 2, REDUCE_BUCKET_MIN)
 
 
+def env_int(name: str, default: str, low: int = 0) -> int:
+    """An integer environment variable (a launcher's, or one left in the shell); a clear error when it is not."""
+    raw = os.environ.get(name, default)
+    try:
+        value = int(raw)
+    except ValueError:
+        value = None
+    if value is None or value < low:
+        raise LlmkitError(f"the environment variable {name}={raw!r} must be a whole number >= {low}; unset it "
+                          "(export -n / unset) or let `accelerate launch` set it")
+    return value
+
+
 def world_size() -> int:
     """Processes in the run, as the launcher set them (1 outside a launcher)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    return env_int("WORLD_SIZE", "1", low=1)
 
 
 def _deepspeed_source(cfg: Config) -> tuple[dict, str] | None:
@@ -35,12 +48,12 @@ def _deepspeed_source(cfg: Config) -> tuple[dict, str] | None:
     path = cfg.deepspeed.config_file or os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
     if path and path != "none":
         try:
-            return json.loads(Path(path).read_text()), path
-        except (OSError, json.JSONDecodeError) as exc:
+            return _check_json_shape(json.loads(Path(path).read_text()), path), path
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise LlmkitError(f"DeepSpeed config '{path}' cannot be read as JSON: {exc}") from None
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
         # ZeRO set in the Accelerate yaml itself (no JSON): build the same skeleton Accelerate would
-        stage = int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2"))
+        stage = env_int("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
         zero = {"stage": stage}
         for part, env in (("offload_optimizer", "OFFLOAD_OPTIMIZER_DEVICE"), ("offload_param", "OFFLOAD_PARAM_DEVICE")):
             device = os.environ.get(f"ACCELERATE_DEEPSPEED_{env}", "none")
@@ -50,6 +63,33 @@ def _deepspeed_source(cfg: Config) -> tuple[dict, str] | None:
     if cfg.deepspeed.zero_stage is not None:
         return {"zero_optimization": {"stage": cfg.deepspeed.zero_stage}}, "deepspeed.zero_stage"
     return None
+
+
+# DeepSpeed config sections that are objects of settings (a user's `"bf16": true` is a common slip)
+DS_SECTIONS = ("zero_optimization", "bf16", "fp16", "optimizer", "scheduler", "activation_checkpointing",
+               "flops_profiler", "aio", "comms_logger", "tensorboard", "wandb", "csv_monitor", "data_types")
+ZERO_SECTIONS = ("offload_optimizer", "offload_param")
+
+
+def _check_json_shape(ds, path: str) -> dict:
+    """A DeepSpeed JSON must be an object, and its sections objects (with a whole-number ZeRO stage)."""
+    if not isinstance(ds, dict):
+        raise LlmkitError(f"DeepSpeed config '{path}' must hold a JSON object of settings, got a {type(ds).__name__}")
+    for key in DS_SECTIONS:
+        if key in ds and not isinstance(ds[key], dict):
+            hint = f' (write "{key}": {{"enabled": {json.dumps(ds[key])}}})' if isinstance(ds[key], bool) else ""
+            raise LlmkitError(f"'{key}' in DeepSpeed config '{path}' must be an object of settings, got "
+                              f"{json.dumps(ds[key])}{hint}")
+    zero = ds.get("zero_optimization", {})
+    for key in ZERO_SECTIONS:
+        if key in zero and not isinstance(zero[key], dict):
+            raise LlmkitError(f"'zero_optimization.{key}' in DeepSpeed config '{path}' must be an object such as "
+                              f'{{"device": "cpu"}}, got {json.dumps(zero[key])}')
+    stage = zero.get("stage", 0)
+    if stage not in (0, 1, 2, 3) or isinstance(stage, bool):
+        raise LlmkitError(f"'zero_optimization.stage' in DeepSpeed config '{path}' must be 0, 1, 2 or 3, got "
+                          f"{json.dumps(stage)}")
+    return ds
 
 
 def resolve_deepspeed(cfg: Config, precision: str, world_size: int, hidden: int | None) -> dict | None:
@@ -136,9 +176,17 @@ def check_accelerate_env(cfg: Config, precision: str) -> None:
         raw = os.environ.get(env)
         if raw in (None, "", "auto") or (env == "ACCELERATE_MIXED_PRECISION" and raw == "no"):
             continue
-        if cast(raw) != ours:
-            raise LlmkitError(f"the Accelerate config sets {name}={raw} but the llmkit config has {key} -> {ours}. "
-                              f"Remove {name} from the Accelerate yaml: llmkit's config is the one place to set it.")
+        try:
+            theirs = cast(raw)
+        except ValueError:
+            theirs = None
+        if theirs is None or (env == "ACCELERATE_MIXED_PRECISION" and raw not in ACCELERATE_PRECISION.values()):
+            raise LlmkitError(f"{name}={raw!r} (environment variable {env}, from the Accelerate config or the shell) "
+                              f"is not a valid value; remove it: llmkit's {key} is the one place to set it")
+        if theirs != ours:
+            raise LlmkitError(f"the Accelerate config sets {name}={raw} but the llmkit config has {key} -> {ours} "
+                              f"(environment variable {env}). Remove {name} from the Accelerate yaml: llmkit's "
+                              "config is the one place to set it.")
 
 
 def zero_stage(ds_config: dict | None) -> int | None:
@@ -149,10 +197,25 @@ def zero_stage(ds_config: dict | None) -> int | None:
 def accelerate_env(path: str | Path) -> dict[str, str]:
     """The environment `accelerate launch --config_file path` gives its processes (the parts llmkit reads)."""
     acc = read_yaml(path, "Accelerate config")
-    env = {"WORLD_SIZE": str(int(acc.get("num_processes", 1)) * int(acc.get("num_machines", 1) or 1))}
+    if not isinstance(acc, dict):
+        raise LlmkitError(f"Accelerate config '{path}' must be a mapping of settings (as `accelerate config` writes), "
+                          f"got a {type(acc).__name__}")
+
+    def whole(key: str, default: int, low: int) -> int:
+        value = acc.get(key, default)
+        if value is None:
+            return default
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise LlmkitError(f"{key} in Accelerate config '{path}' must be a whole number >= {low}, got {value!r}")
+        return value
+
+    env = {"WORLD_SIZE": str(whole("num_processes", 1, 1) * whole("num_machines", 1, 1))}
     if acc.get("mixed_precision"):
         env["ACCELERATE_MIXED_PRECISION"] = str(acc["mixed_precision"])
     ds = acc.get("deepspeed_config") or {}
+    if not isinstance(ds, dict):
+        raise LlmkitError(f"deepspeed_config in Accelerate config '{path}' must be a mapping (zero_stage, "
+                          f"deepspeed_config_file, ...), got {ds!r}")
     if acc.get("distributed_type") == "DEEPSPEED":
         env["ACCELERATE_USE_DEEPSPEED"] = "true"
         if ds.get("deepspeed_config_file"):

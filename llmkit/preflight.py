@@ -146,6 +146,9 @@ def check(cfg: Config, world_size: int, say: Callable[[str], None] = lambda line
                                                      "no DeepSpeed"))
     out, how = check_output_dir(cfg)
     passed(f"output: {out.resolve()} (writable, {how} run, not in use)")
+    if cfg.checkpoint.resume_from:  # found and verified now, not after the model and data are loaded
+        passed(f"resume: from {rundir.resolve_checkpoint(out, cfg.checkpoint.resume_from)} (complete, sizes and "
+               "digests match)")
     causal = _wants_lm(cfg, config)
     try:
         params, largest = model.model_sizes(cfg.model, causal_lm=causal)

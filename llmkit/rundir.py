@@ -9,8 +9,10 @@ process that is gone (same host) is taken over."""
 from __future__ import annotations
 
 import atexit
+import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import time
@@ -22,6 +24,7 @@ from llmkit.errors import LlmkitError
 MARKER = ".llmkit-run"
 LOCK = ".llmkit.lock"
 PREVIOUS = ".previous"
+MANIFEST = "manifest.json"  # inside a checkpoint: its files, sizes, digests; written last
 # what a run writes into its output dir (predictions_<split>.jsonl and .hub-* staging folders by pattern)
 OWNED = ("checkpoints", "final", "final.tmp", "final.old", "runs", "profile", "tokenizer", "hub_upload",
          ".hub-snapshots", "metrics.json", "metrics.jsonl", "samples.jsonl", "training_config.yaml",
@@ -178,3 +181,62 @@ class Lock:
                 self.path.unlink()
         except (OSError, ValueError):
             pass
+
+
+# ------------------------------------------------------------------------------ checkpoints on disk
+
+
+def checkpoint_steps(root: Path) -> list[Path]:
+    """The checkpoint folders step-<n> under `root`, oldest first (a user's step-2.bak is not one)."""
+    found = [p for p in root.glob("step-*") if p.is_dir() and re.fullmatch(r"step-\d+", p.name)]
+    return sorted(found, key=lambda p: int(p.name[5:]))
+
+
+def verify_checkpoint(path: Path) -> dict:
+    """The manifest of a complete, untruncated checkpoint; a clear error otherwise."""
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise LlmkitError(f"checkpoint {path} is incomplete (no {MANIFEST}): it was being written when the run "
+                          "stopped. Resume from an earlier one (see the checkpoints folder) or from `latest`.")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files, digests = dict(manifest["files"]), dict(manifest.get("sha256") or {})
+    except (ValueError, KeyError, TypeError) as exc:
+        raise LlmkitError(f"checkpoint {path} is damaged: its {MANIFEST} does not parse ({exc.__class__.__name__}). "
+                          "Resume from another checkpoint.") from None
+    for rel, size in files.items():
+        file = path / rel
+        if not file.is_file():
+            raise LlmkitError(f"checkpoint {path} is damaged: {rel} is missing")
+        if file.stat().st_size != size:
+            raise LlmkitError(f"checkpoint {path} is damaged: {rel} has {file.stat().st_size} bytes, the manifest "
+                              f"says {size} (truncated or overwritten). Resume from another checkpoint.")
+        if rel in digests and hashlib.sha256(file.read_bytes()).hexdigest() != digests[rel]:
+            raise LlmkitError(f"checkpoint {path} is damaged: {rel} does not match the sha256 in its manifest "
+                              "(changed after it was written). Resume from another checkpoint.")
+    return manifest
+
+
+def resolve_checkpoint(output_dir: Path, resume_from: str) -> Path:
+    """`latest` or a path -> a verified checkpoint folder; with `latest`, falls back to the newest good one."""
+    root = output_dir / "checkpoints"
+    if resume_from != "latest":
+        path = Path(resume_from).expanduser()
+        if not path.is_dir():
+            raise LlmkitError(f"checkpoint.resume_from: '{resume_from}' is not a checkpoint folder")
+        verify_checkpoint(path)
+        return path
+    pointer = root / "latest"
+    candidates = checkpoint_steps(root)[::-1]
+    if pointer.is_file():
+        named = root / pointer.read_text().strip()
+        candidates = [named] + [c for c in candidates if c != named]
+    problems = []
+    for path in candidates:
+        try:
+            verify_checkpoint(path)
+            return path
+        except LlmkitError as exc:
+            problems.append(str(exc))
+    detail = ("; ".join(problems)) if problems else "none was written"
+    raise LlmkitError(f"checkpoint.resume_from is 'latest' but {root} holds no usable checkpoint ({detail})")

@@ -7,25 +7,13 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers import CHATML, FILLER, LM_SPECIAL, LM_WORDS, NEGATIVE, POSITIVE, SPECIAL, make_sentences, write_jsonl
+from helpers import CHATML, LM_SPECIAL, LM_WORDS, build_tiny_bert, build_tiny_data
 
 
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory) -> Path:
     """A 2-layer BERT with a 40-word vocabulary and its fast tokenizer, saved as a model folder."""
-    from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
-
-    out = tmp_path_factory.mktemp("tiny_bert")
-    vocab = SPECIAL + FILLER + POSITIVE + NEGATIVE
-    tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(vocab)})
-    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=64, num_labels=2)
-    import torch
-
-    torch.manual_seed(0)
-    BertForSequenceClassification(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
+    return build_tiny_bert(tmp_path_factory.mktemp("tiny_bert"))
 
 
 @pytest.fixture(scope="session")
@@ -47,10 +35,7 @@ def tiny_bert_no_dropout(tmp_path_factory, tiny_bert) -> Path:
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """train (96 rows) / validation (37, uneven for 2 ranks) / test (29) jsonl with string labels."""
-    out = tmp_path_factory.mktemp("tiny_data")
-    for split, n, seed in (("train", 96, 1), ("validation", 37, 2), ("test", 29, 3)):
-        write_jsonl(out / f"{split}.jsonl", make_sentences(n, seed))
-    return out
+    return build_tiny_data(tmp_path_factory.mktemp("tiny_data"))
 
 
 @pytest.fixture(scope="session")

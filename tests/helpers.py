@@ -34,6 +34,28 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+def build_tiny_bert(out: Path) -> Path:
+    """A 2-layer BERT with a 40-word vocabulary and its fast tokenizer, saved as a model folder in `out`."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
+
+    vocab = SPECIAL + FILLER + POSITIVE + NEGATIVE
+    tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(vocab)})
+    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64, num_labels=2)
+    torch.manual_seed(0)
+    BertForSequenceClassification(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def build_tiny_data(out: Path) -> Path:
+    """train (96 rows) / validation (37, uneven for 2 ranks) / test (29) jsonl with string labels, in `out`."""
+    for split, n, seed in (("train", 96, 1), ("validation", 37, 2), ("test", 29, 3)):
+        write_jsonl(out / f"{split}.jsonl", make_sentences(n, seed))
+    return out
+
+
 # a word-level tokenizer with a ChatML template, for tiny causal LMs
 LM_SPECIAL = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>"]
 LM_WORDS = "system user assistant you are helpful is this film good positive negative bad hi".split()

@@ -190,6 +190,6 @@ def test_a_rank_killed_mid_step_ends_the_job_and_keeps_the_checkpoint(tmp_path, 
     assert after_kill < 60, after_kill  # the surviving rank and the launcher notice and stop
     checkpoints = out / "checkpoints"
     assert (checkpoints / "latest").read_text().strip() == "step-4"
-    from llmkit.train import checkpoint
+    from llmkit import rundir
 
-    assert checkpoint.verify(checkpoints / "step-4")["step"] == 4
+    assert rundir.verify_checkpoint(checkpoints / "step-4")["step"] == 4

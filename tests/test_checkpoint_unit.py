@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from llmkit import rundir
 from llmkit.errors import LlmkitError
 from llmkit.train import checkpoint
 
@@ -18,7 +19,7 @@ def _fake(root, step, files=None):
     path.mkdir(parents=True)
     (path / "weights.bin").write_bytes(b"x" * step)
     files = files or {"weights.bin": step}
-    (path / checkpoint.MANIFEST).write_text(json.dumps({"step": step, "files": files, "fingerprint": {}}))
+    (path / rundir.MANIFEST).write_text(json.dumps({"step": step, "files": files, "fingerprint": {}}))
     return path
 
 
@@ -42,17 +43,17 @@ def test_latest_falls_back_past_incomplete_ones(tmp_path):
     _fake(root, 2)
     (root / "step-4").mkdir()  # no manifest: was being written
     (root / "latest").write_text("step-4\n")
-    assert checkpoint.resolve(tmp_path, "latest") == root / "step-2"
+    assert rundir.resolve_checkpoint(tmp_path, "latest") == root / "step-2"
     with pytest.raises(LlmkitError, match="step-4 is incomplete"):
-        checkpoint.resolve(tmp_path, str(root / "step-4"))
+        rundir.resolve_checkpoint(tmp_path, str(root / "step-4"))
     with pytest.raises(LlmkitError, match="holds no usable checkpoint"):
-        checkpoint.resolve(tmp_path / "elsewhere", "latest")
+        rundir.resolve_checkpoint(tmp_path / "elsewhere", "latest")
 
 
 def test_missing_file_is_reported(tmp_path):
     path = _fake(tmp_path, 3, files={"weights.bin": 3, "optimizer.pt": 10})
     with pytest.raises(LlmkitError, match="is damaged: optimizer.pt is missing"):
-        checkpoint.verify(path)
+        rundir.verify_checkpoint(path)
 
 
 def test_rng_round_trip():
@@ -93,22 +94,22 @@ def test_a_users_copy_a_torn_manifest_and_same_size_damage(tmp_path):
     checkpoint._prune(root, keep_last=1, keep_best=0, state=checkpoint.TrainerState(step=4))
     assert sorted(p.name for p in root.iterdir()) == ["step-2.bak", "step-4"] and backup.is_dir()
     _fake(root, 6)
-    (root / "step-6" / checkpoint.MANIFEST).write_text('{"step": 6, "fil')  # torn: the write was cut short
+    (root / "step-6" / rundir.MANIFEST).write_text('{"step": 6, "fil')  # torn: the write was cut short
     (root / "latest").write_text("step-6\n")
     with pytest.raises(LlmkitError, match="step-6 is damaged: its manifest.json does not parse"):
-        checkpoint.verify(root / "step-6")
-    assert checkpoint.resolve(tmp_path, "latest") == root / "step-4"  # falls back past it
+        rundir.verify_checkpoint(root / "step-6")
+    assert rundir.resolve_checkpoint(tmp_path, "latest") == root / "step-4"  # falls back past it
     # a small file changed in place, same size: the manifest's sha256 catches it before anything is loaded
     path = root / "step-4"
     (path / checkpoint.STATE).write_text('{"step": 4}')
     files = {"weights.bin": 4, checkpoint.STATE: 11}
     digest = __import__("hashlib").sha256(b'{"step": 4}').hexdigest()
-    (path / checkpoint.MANIFEST).write_text(json.dumps({"step": 4, "files": files, "sha256": {checkpoint.STATE: digest},
+    (path / rundir.MANIFEST).write_text(json.dumps({"step": 4, "files": files, "sha256": {checkpoint.STATE: digest},
                                                         "fingerprint": {}}))
-    checkpoint.verify(path)
+    rundir.verify_checkpoint(path)
     (path / checkpoint.STATE).write_text('{"step": 9}')
     with pytest.raises(LlmkitError, match="trainer_state.json does not match the sha256"):
-        checkpoint.verify(path)
+        rundir.verify_checkpoint(path)
 
 
 def test_a_corrupted_shard_is_damaged_not_dangerous(tmp_path):

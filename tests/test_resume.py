@@ -10,6 +10,7 @@ import torch
 from helpers import check_ok, launch, write_config
 from safetensors.torch import load_file
 
+from llmkit import rundir
 from llmkit.errors import LlmkitError
 from llmkit.train import checkpoint
 
@@ -41,7 +42,7 @@ def test_resume_continues_exactly(tmp_path, tiny_bert, tiny_data, stage, precisi
                               gradient_accumulation_steps=accumulation)
     check_ok(straight)
     ckpt = s_out / "checkpoints" / f"step-{AT}"
-    assert (ckpt / checkpoint.MANIFEST).is_file()
+    assert (ckpt / rundir.MANIFEST).is_file()
     state = json.loads((ckpt / checkpoint.STATE).read_text())
     assert state["step"] == AT and state["batches_in_epoch"] == AT * accumulation % 6  # mid-epoch position
 
@@ -72,7 +73,7 @@ def test_kill_9_while_saving_keeps_the_previous_checkpoint(tmp_path, tiny_bert, 
     assert proc.returncode != 0
     root = out / "checkpoints"
     assert (root / "latest").read_text().strip() == "step-2"
-    assert checkpoint.verify(root / "step-2")["step"] == 2
+    assert rundir.verify_checkpoint(root / "step-2")["step"] == 2
     assert not (root / "step-4").exists() and (root / ".tmp-step-4").exists()  # the partial one is not a checkpoint
     resumed = launch("recipes/classification.py", ["--config", str(cfg), "--checkpoint.resume_from", "latest"])
     check_ok(resumed)
@@ -93,7 +94,7 @@ def test_sigterm_checkpoints_and_resume_continues_the_sequence(tmp_path, tiny_be
     assert proc.returncode != 0
     assert proc.stderr.count("llmkit: error: stopped by") == 1
     assert "--checkpoint.resume_from latest" in proc.stderr
-    assert checkpoint.verify(out / "checkpoints" / "step-3")["step"] == 3
+    assert rundir.verify_checkpoint(out / "checkpoints" / "step-3")["step"] == 3
     resumed = launch("recipes/classification.py", ["--config", str(cfg), "--checkpoint.resume_from", "latest"])
     check_ok(resumed)
     a, b = _losses(s_out), _losses(out)
@@ -110,9 +111,9 @@ def test_damaged_and_foreign_checkpoints_are_refused(tmp_path, tiny_bert, tiny_d
     shard = max((p for p in bad.rglob("*") if p.is_file() and p.suffix == ".pt"), key=lambda p: p.stat().st_size)
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # truncate the biggest shard
     with pytest.raises(LlmkitError, match=r"is damaged: .* has \d+ bytes, the manifest says \d+ \(truncated"):
-        checkpoint.verify(bad)
+        rundir.verify_checkpoint(bad)
     # `latest` points at the damaged one; resume falls back to the newest good one
-    assert checkpoint.resolve(out, "latest") == good
+    assert rundir.resolve_checkpoint(out, "latest") == good
 
     other = tmp_path / "other_model"
     shutil.copytree(tiny_bert, other)

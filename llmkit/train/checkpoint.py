@@ -13,7 +13,6 @@ import hashlib
 import json
 import os
 import random
-import re
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,9 +22,8 @@ import torch
 
 from llmkit import faults
 from llmkit.errors import LlmkitError
-from llmkit.rundir import fsync_dir, write_durably
+from llmkit.rundir import MANIFEST, checkpoint_steps, fsync_dir, verify_checkpoint, write_durably
 
-MANIFEST = "manifest.json"
 STATE = "trainer_state.json"
 DIGEST_UP_TO = 1 << 20  # files up to 1 MiB (states, RNG, scheduler) also get a sha256: same-size damage shows
 
@@ -139,12 +137,6 @@ def _fsync(path: Path) -> int:
     return path.stat().st_size
 
 
-def steps(root: Path) -> list[Path]:
-    """The checkpoint folders step-<n> under `root`, oldest first (a user's step-2.bak is not one)."""
-    found = [p for p in root.glob("step-*") if p.is_dir() and re.fullmatch(r"step-\d+", p.name)]
-    return sorted(found, key=lambda p: int(p.name[5:]))
-
-
 def resolve_latest(root: Path) -> str | None:
     """The name `latest` points at, if any (for messages)."""
     pointer = root / "latest"
@@ -152,7 +144,7 @@ def resolve_latest(root: Path) -> str | None:
 
 
 def _prune(root: Path, keep_last: int | None, keep_best: int, state: TrainerState) -> None:
-    done = [p for p in steps(root) if (p / MANIFEST).is_file()]
+    done = [p for p in checkpoint_steps(root) if (p / MANIFEST).is_file()]
     keep = set(done[-keep_last:]) if keep_last else set(done)
     if keep_best and state.history:
         scored = [h for h in state.history if h.get("checkpoint") and h.get("score") is not None]
@@ -161,56 +153,6 @@ def _prune(root: Path, keep_last: int | None, keep_best: int, state: TrainerStat
     for path in done:
         if path not in keep:
             shutil.rmtree(path, ignore_errors=True)
-
-
-def verify(path: Path) -> dict:
-    """The manifest of a complete, untruncated checkpoint; a clear error otherwise."""
-    manifest_path = path / MANIFEST
-    if not manifest_path.is_file():
-        raise LlmkitError(f"checkpoint {path} is incomplete (no {MANIFEST}): it was being written when the run "
-                          "stopped. Resume from an earlier one (see the checkpoints folder) or from `latest`.")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-        files, digests = dict(manifest["files"]), dict(manifest.get("sha256") or {})
-    except (ValueError, KeyError, TypeError) as exc:
-        raise LlmkitError(f"checkpoint {path} is damaged: its {MANIFEST} does not parse ({exc.__class__.__name__}). "
-                          "Resume from another checkpoint.") from None
-    for rel, size in files.items():
-        file = path / rel
-        if not file.is_file():
-            raise LlmkitError(f"checkpoint {path} is damaged: {rel} is missing")
-        if file.stat().st_size != size:
-            raise LlmkitError(f"checkpoint {path} is damaged: {rel} has {file.stat().st_size} bytes, the manifest "
-                              f"says {size} (truncated or overwritten). Resume from another checkpoint.")
-        if rel in digests and hashlib.sha256(file.read_bytes()).hexdigest() != digests[rel]:
-            raise LlmkitError(f"checkpoint {path} is damaged: {rel} does not match the sha256 in its manifest "
-                              "(changed after it was written). Resume from another checkpoint.")
-    return manifest
-
-
-def resolve(output_dir: Path, resume_from: str) -> Path:
-    """`latest` or a path -> a verified checkpoint folder; with `latest`, falls back to the newest good one."""
-    root = output_dir / "checkpoints"
-    if resume_from != "latest":
-        path = Path(resume_from).expanduser()
-        if not path.is_dir():
-            raise LlmkitError(f"checkpoint.resume_from: '{resume_from}' is not a checkpoint folder")
-        verify(path)
-        return path
-    pointer = root / "latest"
-    candidates = steps(root)[::-1]
-    if pointer.is_file():
-        named = root / pointer.read_text().strip()
-        candidates = [named] + [c for c in candidates if c != named]
-    problems = []
-    for path in candidates:
-        try:
-            verify(path)
-            return path
-        except LlmkitError as exc:
-            problems.append(str(exc))
-    detail = ("; ".join(problems)) if problems else "none was written"
-    raise LlmkitError(f"checkpoint.resume_from is 'latest' but {root} holds no usable checkpoint ({detail})")
 
 
 def _safe_globals() -> list:
@@ -254,7 +196,7 @@ def load(run, path: Path) -> tuple[TrainerState, dict]:
     The caller restores the RNG state itself, once the data iterator has started: starting one draws from
     torch's RNG, and the uninterrupted run drew that number before the checkpoint, not after."""
     acc = run.accelerator
-    manifest = verify(path)
+    manifest = verify_checkpoint(path)
     want = fingerprint(run)
     unrecorded = [k for k in want if k not in manifest["fingerprint"]]
     if unrecorded:

@@ -13,7 +13,7 @@ from pathlib import Path
 from torch.profiler import record_function
 from tqdm.auto import tqdm
 
-from llmkit import faults
+from llmkit import faults, rundir
 from llmkit.errors import LlmkitError
 from llmkit.metrics import LOWER_IS_BETTER
 from llmkit.train import checkpoint, optim, profiling
@@ -45,7 +45,7 @@ def fit(run: Run, model, optimizer, train_loader, eval_loader, eval_fn: EvalFn,
     acc.register_for_checkpointing(scheduler)
     state, rng = checkpoint.TrainerState(sampler_seed=t.seed), None
     if c.resume_from:
-        path = checkpoint.resolve(run.output_dir, c.resume_from)
+        path = rundir.resolve_checkpoint(run.output_dir, c.resume_from)
         state, rng = checkpoint.load(run, path)
         run.log(f"resumed from {path}: step {state.step}, epoch {state.epoch}, batch {state.batches_in_epoch}")
     run.write_records(resumed_at=state.step if c.resume_from else None)

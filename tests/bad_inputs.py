@@ -1,0 +1,308 @@
+"""The bad-input battery: ordinary mistakes, each run through the `llmkit` command in this process (the same
+`guarded` path a shell gives it). A case is clean when it exits 2 with exactly one `llmkit: error:` line that
+holds the expected words, shows no traceback and changes no file; a legitimate input (`expect=None`) must pass.
+tests/test_bad_input.py runs it under pytest; bench/bad_inputs.py prints "N of M bad inputs clean"."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from helpers import ROOT, make_sentences, write_config, write_jsonl
+
+ACC = ROOT / "accelerate_configs"
+
+
+@dataclass
+class Case:
+    kind: str  # the class of input: config, deepspeed, accelerate, env, data, model, checkpoint, hub, target
+    name: str
+    build: Callable[[Path, dict], list[str]]  # (tmp, assets) -> the `llmkit` arguments; writes its files in tmp
+    expect: str | None  # words the error line must hold; None: a legitimate input that must pass
+    env: dict = field(default_factory=dict)
+
+
+def _cfg(tmp: Path, a: dict, change=None, **extra) -> str:
+    """The tiny BERT recipe config, changed by `change(raw, tmp)`."""
+    cfg = write_config(tmp / "c.yaml", a["bert"], a["data"], tmp / "out", **extra)
+    if change is not None:
+        raw = yaml.safe_load(cfg.read_text())
+        change(raw, tmp)
+        cfg.write_text(yaml.safe_dump(raw))
+    return str(cfg)
+
+
+def validate(change=None, *extra: str, acc: str | None = None):
+    """A case that runs `llmkit validate` on the changed config, with overrides `extra`."""
+    def build(tmp: Path, a: dict) -> list[str]:
+        args = ["validate", _cfg(tmp, a, change), *extra]
+        return args + (["--accelerate-config", acc(tmp) if callable(acc) else acc] if acc else [])
+    return build
+
+
+def _write(path: Path, data: str | bytes) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data.encode() if isinstance(data, str) else data)
+    return str(path)
+
+
+def _files(**splits: str | bytes):
+    """data.data_files of csv/jsonl text written into tmp (name -> content); the test split off."""
+    def change(raw, tmp):
+        raw["data"].update(dataset=None, test_split=None,
+                           data_files={split: _write(tmp / name, text) for split, (name, text) in splits.items()})
+    return change
+
+
+def _folder(folder: str, rows=None):
+    """data.dataset: a folder named `folder` holding train/validation jsonl."""
+    def change(raw, tmp):
+        for split, n in (("train", 24), ("validation", 9)):
+            write_jsonl(_mk(tmp / folder) / f"{split}.jsonl", rows or make_sentences(n, n))
+        raw["data"].update(dataset=str(tmp / folder), test_split=None)
+    return change
+
+
+def _mk(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _csv(rows: list[tuple[str, str]], newline: str = "\n") -> str:
+    return newline.join(["text,label", *(f"{t},{lab}" for t, lab in rows)]) + newline
+
+
+GOOD = [("the film was great fun", "pos"), ("a dull and boring plot", "neg"), ("wonderful acting", "pos"),
+        ("bland weak story", "neg")]
+VALID = [("moving and charming", "pos"), ("tedious film", "neg")]
+
+
+def _jsonl(rows) -> str:
+    return "".join(json.dumps({"text": t, "label": lab}) + "\n" for t, lab in rows)
+
+
+def _acc_yaml(text: str):
+    return lambda tmp: _write(tmp / "acc.yaml", text)
+
+
+def _ds_json(text: str):
+    return lambda raw, tmp: raw.setdefault("deepspeed", {}).update(config_file=_write(tmp / "ds.json", text))
+
+
+CASES: list[Case] = [
+    # ---- the llmkit config: types, ranges, numbers that overflow later
+    Case("config", "negative seed", validate(None, "--train.seed=-1"), "train.seed"),
+    Case("config", "seed over 2**32", validate(None, "--train.seed", str(2**40)), "train.seed"),
+    Case("config", "infinite epochs", validate(None, "--train.max_steps", "null", "--train.epochs", "inf"),
+         "train.epochs"),
+    Case("config", "NaN learning rate", validate(None, "--train.learning_rate", "nan"), "train.learning_rate"),
+    Case("config", "absurd thread count", validate(None, "--train.num_threads", "99999999999"), "train.num_threads"),
+    Case("config", "absurd max_steps", validate(None, "--train.max_steps", str(10**20)), "train.max_steps"),
+    Case("config", "zero batch size", validate(None, "--train.per_device_batch_size", "0"),
+         "train.per_device_batch_size"),
+    Case("config", "typo in a key", validate(lambda c, t: c["train"].update(learnig_rate=1e-3)),
+         "did you mean 'learning_rate'"),
+    Case("config", "a word where a number goes", validate(None, "--train.epochs", "many"), "train.epochs"),
+    Case("config", "override with nothing after =", validate(None, "--train.epochs="), "train.epochs"),
+    Case("config", "a section that is a list", validate(lambda c, t: c.update(train=[1, 2])), "config section 'train'"),
+    Case("config", "one label name", validate(lambda c, t: c["data"].update(label_names=["pos"])), "data.label_names"),
+    Case("config", "bad Hub id to push to", validate(lambda c, t: c["output"].update(
+        push_to_hub=True, hub_model_id="alice/bob/carol")), "output.hub_model_id"),
+    # ---- the DeepSpeed JSON
+    Case("deepspeed", "JSON whose bf16 is true", validate(_ds_json('{"bf16": true}')), "bf16"),
+    Case("deepspeed", "JSON that is a list", validate(_ds_json("[]")), "JSON object"),
+    Case("deepspeed", "zero_optimization a number", validate(_ds_json('{"zero_optimization": 3}')),
+         "zero_optimization"),
+    Case("deepspeed", "ZeRO stage 5", validate(_ds_json('{"zero_optimization": {"stage": 5}}')), "stage"),
+    Case("deepspeed", "ZeRO stage as a word", validate(_ds_json('{"zero_optimization": {"stage": "three"}}')),
+         "stage"),
+    Case("deepspeed", "JSON that does not parse", validate(_ds_json("{ not json")), "cannot be read as JSON"),
+    Case("deepspeed", "batch size that disagrees", validate(_ds_json(
+        '{"train_micro_batch_size_per_gpu": 3, "zero_optimization": {"stage": 2}}')), "train_micro_batch_size"),
+    # ---- the Accelerate yaml
+    Case("accelerate", "yaml that is a list", validate(acc=_acc_yaml("- 1\n- 2\n")), "mapping"),
+    Case("accelerate", "num_processes a word", validate(acc=_acc_yaml("num_processes: two\n")), "num_processes"),
+    Case("accelerate", "num_processes 0", validate(acc=_acc_yaml("num_processes: 0\n")), "num_processes"),
+    Case("accelerate", "deepspeed_config not a mapping", validate(acc=_acc_yaml(
+        "distributed_type: DEEPSPEED\ndeepspeed_config: zero2\nnum_processes: 2\n")), "deepspeed_config"),
+    Case("accelerate", "JSON file it names is missing", validate(acc=lambda tmp: _write(tmp / "acc.yaml", (
+        f"distributed_type: DEEPSPEED\nnum_processes: 2\ndeepspeed_config:\n  deepspeed_config_file: {tmp}/no.json\n"))),
+        "no.json"),
+    Case("accelerate", "file that is missing", validate(acc=str(ACC / "nope.yaml")), "does not exist"),
+    Case("accelerate", "accumulation that disagrees", validate(acc=_acc_yaml(
+        "distributed_type: DEEPSPEED\nnum_processes: 2\ndeepspeed_config:\n  zero_stage: 2\n"
+        "  gradient_accumulation_steps: 4\n")), "gradient_accumulation_steps"),
+    # ---- the environment a launcher (or a stale shell) left
+    Case("env", "WORLD_SIZE a word", validate(), "WORLD_SIZE", env={"WORLD_SIZE": "two"}),
+    Case("env", "accumulation env not a number", validate(), "ACCELERATE_GRADIENT_ACCUMULATION_STEPS",
+         env={"ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "four"}),
+    Case("env", "clipping env not a number", validate(), "ACCELERATE_GRADIENT_CLIPPING",
+         env={"ACCELERATE_GRADIENT_CLIPPING": "high"}),
+    Case("env", "ZeRO stage env a word", validate(), "ACCELERATE_DEEPSPEED_ZERO_STAGE",
+         env={"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "x"}),
+    Case("env", "unknown mixed precision env", validate(), "ACCELERATE_MIXED_PRECISION",
+         env={"ACCELERATE_MIXED_PRECISION": "fp8"}),
+    # ---- data files and folders
+    Case("data", "latin-1 CSV", validate(_files(train=("tr.csv", _csv(GOOD[:2] + [("caf\xe9 film", "pos")] + GOOD[2:])
+                                                        .encode("latin-1")), validation=("va.csv", _csv(VALID)))),
+         "UTF-8"),
+    Case("data", "UTF-8 BOM CSV (works)", validate(_files(train=("tr.csv", "\ufeff" + _csv(GOOD)),
+                                                          validation=("va.csv", _csv(VALID)))), None),
+    Case("data", "UTF-8 BOM jsonl (works)", validate(_files(
+        train=("tr.jsonl", "\ufeff" + _jsonl(GOOD)), validation=("va.jsonl", _jsonl(VALID)))), None),
+    Case("data", "CRLF CSV (works)", validate(_files(train=("tr.csv", _csv(GOOD, "\r\n")),
+                                                     validation=("va.csv", _csv(VALID, "\r\n")))), None),
+    Case("data", "folder with [1] in its name (works)", validate(_folder("data[1]")), None),
+    Case("data", "folder with * and ? in its name (works)", validate(_folder("my*data?")), None),
+    Case("data", "file with [x] in its name (works)", validate(_files(train=("tr[x].csv", _csv(GOOD)),
+                                                                      validation=("va.csv", _csv(VALID)))), None),
+    Case("data", "blank label (rows must all be good)", validate(
+        _files(train=("tr.csv", _csv(GOOD[:3] + [("a moving story", "")] + GOOD[3:])),
+               validation=("va.csv", _csv(VALID))), "--data.drop_bad_rows", "false"), "row 3"),
+    Case("data", "blank int label names the right row", validate(
+        _files(train=("tr.csv", _csv([("good", "1"), ("bad", "0"), ("fine", ""), ("dull", "0")])),
+               validation=("va.csv", _csv([("great", "1"), ("weak", "0")]))), "--data.drop_bad_rows", "false"),
+        "row 2"),
+    Case("data", "NaN label", validate(
+        _files(train=("tr.csv", _csv([("good", "1"), ("bad", "0"), ("fine", "nan"), ("dull", "0")])),
+               validation=("va.csv", _csv([("great", "1"), ("weak", "0")]))), "--data.drop_bad_rows", "false"),
+        "row 2"),
+    Case("data", "labels mixing ints and strings", validate(_files(
+        train=("tr.jsonl", _jsonl([("good", 1), ("bad", "neg"), ("fine", 1), ("dull", 0)])),
+        validation=("va.jsonl", _jsonl([("ok", 1), ("no", 0)])))), "mix"),
+    Case("data", "labels mixing digits and words in a CSV", validate(_files(
+        train=("tr.csv", _csv([("good", "1"), ("bad", "neg"), ("fine", "1"), ("dull", "0")])),
+        validation=("va.csv", _csv([("great", "1"), ("weak", "0")])))), "mix"),
+    Case("data", "fractional labels", validate(_files(
+        train=("tr.csv", _csv([("good", "1"), ("bad", "0.5"), ("fine", "1"), ("dull", "0")])),
+        validation=("va.csv", _csv([("great", "1"), ("weak", "0")])))), "0.5"),
+    Case("data", "boolean labels", validate(_files(
+        train=("tr.jsonl", _jsonl([("good", True), ("bad", False)])), validation=("va.jsonl", _jsonl([("ok", True)])))),
+        "label"),
+    Case("data", "one class only", validate(_files(train=("tr.csv", _csv([(t, "pos") for t, _ in GOOD])),
+                                                   validation=("va.csv", _csv(VALID)))), "at least 2"),
+    Case("data", "empty validation file", validate(_files(train=("tr.csv", _csv(GOOD)), validation=("va.csv", ""))),
+         "split 'validation' is empty"),
+    Case("data", "header-only CSV", validate(_files(train=("tr.csv", _csv(GOOD)), validation=("va.csv", "text,label\n"))),
+         "validation"),
+    Case("data", "a broken jsonl line", validate(_files(
+        train=("tr.jsonl", '{"text": "good", "label": "pos"}\n{"text": "bad", "label": \n'),
+        validation=("va.jsonl", '{"text": "ok", "label": "pos"}\n'))), "tr.jsonl"),
+    Case("data", "a CSV row with an extra field", validate(_files(
+        train=("tr.csv", "text,label\ngood,pos\nbad,neg,extra,more\nfine,pos\n"), validation=("va.csv", _csv(VALID)))),
+        "tr.csv"),
+    Case("data", "a parquet file that is not parquet", validate(_files(
+        train=("tr.parquet", b"PAR1 this is not a parquet file"), validation=("va.parquet", b"garbage"))),
+        "parquet"),
+    Case("data", "unseen label in validation", validate(_files(train=("tr.csv", _csv(GOOD)),
+                                                               validation=("va.csv", _csv([("meh film", "meh")])))),
+         "'meh'"),
+    Case("data", "a label column that is missing", validate(None, "--data.label_column", "sentiment"),
+         "no column 'sentiment'"),
+    Case("data", "a dataset folder that is missing", validate(lambda c, t: c["data"].update(dataset=str(t / "nope"))),
+         "does not exist"),
+    Case("data", "a folder without data files", validate(lambda c, t: (_mk(t / "empty_data"), c["data"].update(
+        dataset=str(t / "empty_data")))), "holds no"),
+    Case("data", "texts that are numbers (works)", validate(_files(
+        train=("tr.csv", _csv([("12", "pos"), ("7", "neg"), ("30", "pos"), ("4", "neg")])),
+        validation=("va.csv", _csv([("5", "pos"), ("1", "neg")])))), None),
+    # ---- model and tokenizer folders
+    Case("model", "a model folder without weights", validate(lambda c, t: (
+        _write(t / "noweights" / "config.json", (Path(c["model"]["name_or_path"]) / "config.json").read_text()),
+        c["model"].update(name_or_path=str(t / "noweights")))), "weights"),
+    Case("model", "config.json that is not JSON", validate(lambda c, t: (
+        _write(t / "badcfg" / "config.json", "{ oops"), c["model"].update(name_or_path=str(t / "badcfg")))),
+        "config.json"),
+    Case("model", "config.json without model_type", validate(lambda c, t: (
+        _write(t / "notype" / "config.json", '{"hidden_size": 8}'), c["model"].update(name_or_path=str(t / "notype")))),
+        "config.json"),
+    Case("model", "a tokenizer folder that is missing", validate(lambda c, t: c["model"].update(
+        tokenizer=str(t / "no_tok"))), "no_tok"),
+    Case("model", "a tokenizer folder without tokenizer files", validate(lambda c, t: (
+        _mk(t / "empty_tok"), c["model"].update(tokenizer=str(t / "empty_tok")))), "empty_tok"),
+    Case("model", "a Hub id while offline", validate(lambda c, t: c["model"].update(name_or_path="nobody/nothing")),
+         "nobody/nothing"),
+    # ---- checkpoints
+    Case("checkpoint", "resume from a folder that is not a checkpoint", validate(lambda c, t: (
+        _mk(t / "notckpt"), c["checkpoint"].update(resume_from=str(t / "notckpt")) if "checkpoint" in c else
+        c.update(checkpoint={"resume_from": str(t / "notckpt")}))), "notckpt"),
+    Case("checkpoint", "resume latest with nothing to resume", validate(
+        lambda c, t: c.update(checkpoint={"resume_from": "latest"})), "resume"),
+    # ---- the targets of eval, generate, push, report, estimate-memory
+    Case("target", "eval of a folder that is missing", lambda t, a: ["eval", str(t / "nope"), "--data",
+                                                                     str(a["data"])], "nope"),
+    Case("target", "eval of a split the data lacks", lambda t, a: ["eval", str(a["bert"]), "--data", str(a["data"]),
+                                                                   "--split", "dev"], "dev"),
+    Case("target", "eval with batch size 0", lambda t, a: ["eval", str(a["bert"]), "--data", str(a["data"]),
+                                                           "--batch-size", "0"], "--batch-size"),
+    Case("target", "generate from a folder that is missing", lambda t, a: ["generate", str(t / "nope"), "--prompt",
+                                                                           "hi"], "nope"),
+    Case("target", "generate from a classifier", lambda t, a: ["generate", str(a["bert"]), "--prompt", "hi"],
+         "causal"),
+    Case("target", "push of a folder that is not a run", lambda t, a: ["push", str(_mk(t / "empty")), "alice/x",
+                                                                       "--dry-run"], "neither a run"),
+    Case("target", "report of a folder that is not a run", lambda t, a: ["report", str(_mk(t / "empty"))], "empty"),
+    Case("target", "estimate-memory of a missing model", lambda t, a: ["estimate-memory", "--model", str(t / "nope"),
+                                                                       "--zero-stage", "2"], "nope"),
+]
+
+
+@dataclass
+class Outcome:
+    code: int | None
+    errors: list[str]  # the `llmkit: error:` lines
+    crash: str  # a traceback, when the command raised
+    changed: list[str]  # files created, changed or removed by the refused command
+    stderr: str
+
+
+def _snapshot(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def run(case: Case, tmp: Path, assets: dict) -> Outcome:
+    """Build the case's files in `tmp`, run `llmkit <args>` in this process, and report what happened."""
+    from llmkit import cli, launch
+
+    args = case.build(tmp, assets)
+    before = {"tmp": _snapshot(tmp), "bert": _snapshot(assets["bert"]), "data": _snapshot(assets["data"])}
+    err, out, code, crash = io.StringIO(), io.StringIO(), 0, ""
+    with launch.environ({"HF_HUB_OFFLINE": "1", **case.env}), contextlib.redirect_stderr(err), \
+            contextlib.redirect_stdout(out):
+        try:
+            cli.main(args)
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        except BaseException:  # noqa: BLE001 - an escaped exception is what the battery looks for
+            crash, code = traceback.format_exc(), 1
+    after = {"tmp": _snapshot(tmp), "bert": _snapshot(assets["bert"]), "data": _snapshot(assets["data"])}
+    changed = sorted(f"{where}/{name}" for where in before for name in set(before[where]) | set(after[where])
+                     if before[where].get(name) != after[where].get(name))
+    text = err.getvalue()
+    return Outcome(code, [line for line in text.splitlines() if line.startswith("llmkit: error:")], crash, changed,
+                   text)
+
+
+def verdict(case: Case, got: Outcome) -> str | None:
+    """None when the case is clean, else what is wrong."""
+    if got.crash:
+        return "traceback: " + got.crash.strip().splitlines()[-1]
+    if case.expect is None:
+        return None if got.code == 0 else f"a legitimate input was refused (exit {got.code}): {got.errors or got.stderr[-300:]}"
+    if got.code != 2:
+        return f"exit {got.code}, not 2" + (" (passed)" if got.code == 0 else "")
+    if len(got.errors) != 1:
+        return f"{len(got.errors)} error lines"
+    if case.expect not in got.errors[0]:
+        return f"message lacks {case.expect!r}: {got.errors[0]}"
+    if got.changed:
+        return f"changed files: {got.changed[:3]}"
+    return None
