@@ -70,7 +70,7 @@ def _generate(args: argparse.Namespace) -> None:
     if args.temperature < 0 or not 0 < args.top_p <= 1 or args.max_new_tokens < 1:
         raise LlmkitError("--temperature must be >= 0, --top-p in (0, 1] and --max-new-tokens >= 1")
     torch.manual_seed(args.seed)
-    model, tokenizer, what = generate.load(args.model_dir, args.base)
+    model, tokenizer, what = generate.load(args.model_dir, args.base, args.trust_remote_code)
     chat = {"auto": None, "on": True, "off": False}[args.chat]
     print(f"# {what}", file=sys.stderr)
     for text in generate.complete(model, tokenizer, args.prompt, args.max_new_tokens, chat, args.temperature,
@@ -88,9 +88,9 @@ def _report(args: argparse.Namespace) -> None:
 def _eval(args: argparse.Namespace) -> None:
     from llmkit.commands.evaluate import evaluate_export
 
-    got = evaluate_export(args.model_dir, args.data, args.split, args.output, args.text_column,
-                                     args.text_pair_column, args.label_column, args.max_length, args.batch_size,
-                                     args.max_samples)
+    got = evaluate_export(args.model_dir, args.data, args.split, args.output, args.text_column, args.text_pair_column,
+                          args.label_column, args.max_length, args.batch_size, args.max_samples,
+                          args.trust_remote_code)
     m = got["metrics"]
     print(f"{args.split}: accuracy {m['accuracy']:.4f}  f1 {m['f1']:.4f}  f1_macro {m['f1_macro']:.4f}  "
           f"({m['samples']} rows)")
@@ -135,6 +135,7 @@ def main(argv: list[str] | None = None) -> None:
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--base", help="base model of an adapter (default: from adapter_config.json)")
+    gen.add_argument("--trust-remote-code", action="store_true", help="run the model folder's own Python code")
     gen.set_defaults(fn=_generate)
     rep = sub.add_parser("report", help="evaluation report (html, md, json) of one or more classification runs")
     rep.add_argument("run_dirs", nargs="+", help="run output directories (or `llmkit eval` outputs)")
@@ -151,6 +152,7 @@ def main(argv: list[str] | None = None) -> None:
     ev.add_argument("--max-length", type=int, default=512)
     ev.add_argument("--batch-size", type=int, default=64)
     ev.add_argument("--max-samples", type=int)
+    ev.add_argument("--trust-remote-code", action="store_true", help="run the model folder's own Python code")
     ev.set_defaults(fn=_eval)
     push = sub.add_parser("push", help="push a run's export, report and model card to the Hugging Face Hub")
     push.add_argument("run_dir", help="a run output directory (with final/) or its final/ folder")

@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import math
 import re
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +12,7 @@ import yaml
 
 from llmkit import metrics
 from llmkit.errors import LlmkitError
+from llmkit.typed import build, did_you_mean, hints
 
 
 @dataclass
@@ -153,83 +150,6 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 SCHEDULERS = ("linear", "cosine", "constant")
 ADAMW_IMPLS = ("fused", "foreach", "loop")
-INT_MAX = 2**31 - 1  # integers reach torch and C libraries (threads, steps, sizes) as 32-bit ints
-
-
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _did_you_mean(name: str, options: list[str]) -> str:
-    close = difflib.get_close_matches(name, options, n=1)
-    return f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(sorted(options))})"
-
-
-def _coerce(key: str, value: Any, tp: Any) -> Any:
-    """Check `value` against the annotation `tp`; return it (floats may come as YAML strings like 5e-5)."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(key, value, inner[0])
-    if origin is list:
-        if not isinstance(value, list):
-            raise LlmkitError(f"config key '{key}' must be a list, got {value!r}")
-        (item,) = typing.get_args(tp)
-        return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise LlmkitError(f"config key '{key}' must be a mapping, got {value!r}")
-        _, item = typing.get_args(tp)
-        return {str(k): _coerce(f"{key}.{k}", v, item) for k, v in value.items()}
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            if abs(value) > INT_MAX:
-                raise LlmkitError(f"config key '{key}' is {value}, beyond what it can hold (at most {INT_MAX:,})")
-            return value
-    elif tp is float:
-        number = value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-        if isinstance(value, str):
-            try:
-                number = float(value)
-            except ValueError:
-                pass
-        if number is not None:
-            if not math.isfinite(number):  # inf epochs or a NaN rate pass every comparison, then fail mid-run
-                raise LlmkitError(f"config key '{key}' must be a finite number, got {value!r}")
-            return float(number)
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-    name = getattr(tp, "__name__", str(tp))
-    raise LlmkitError(f"config key '{key}' must be of type {name}, got {value!r} ({type(value).__name__})")
-
-
-def _build(raw: dict[str, Any]) -> Config:
-    sections = _hints(Config)
-    if not isinstance(raw, dict):
-        raise LlmkitError(f"the config must be a mapping of sections {sorted(sections)}, got {type(raw).__name__}")
-    built = {}
-    for section, values in raw.items():
-        if section not in sections:
-            raise LlmkitError(f"unknown config section '{section}'{_did_you_mean(section, list(sections))}")
-        cls = sections[section]
-        values = values or {}
-        if not isinstance(values, dict):
-            raise LlmkitError(f"config section '{section}' must be a mapping of keys, got {values!r}")
-        hints = _hints(cls)
-        kwargs = {}
-        for key, value in values.items():
-            if key not in hints:
-                raise LlmkitError(f"unknown config key '{section}.{key}'{_did_you_mean(key, list(hints))}")
-            kwargs[key] = _coerce(f"{section}.{key}", value, hints[key])
-        built[section] = cls(**kwargs)
-    return Config(**built)
 
 
 def _split_overrides(args: list[str]) -> list[tuple[str, str]]:
@@ -252,24 +172,24 @@ def _split_overrides(args: list[str]) -> list[tuple[str, str]]:
 
 def _full_key(key: str) -> tuple[str, str]:
     """'train.learning_rate' -> (train, learning_rate); a bare leaf name works when it is unique."""
-    sections = _hints(Config)
+    sections = hints(Config)
     if "." in key:
         section, leaf = key.split(".", 1)
         return section, leaf
-    owners = [s for s, cls in sections.items() if key in _hints(cls)]
+    owners = [s for s, cls in sections.items() if key in hints(cls)]
     if len(owners) == 1:
         return owners[0], key
     if len(owners) > 1:
         raise LlmkitError(f"override '--{key}' is ambiguous: write one of " + ", ".join(f"--{s}.{key}" for s in owners))
-    leaves = [f"{s}.{k}" for s, cls in sections.items() for k in _hints(cls)]
-    raise LlmkitError(f"unknown config key '{key}'{_did_you_mean(key, leaves)}")
+    leaves = [f"{s}.{k}" for s, cls in sections.items() for k in hints(cls)]
+    raise LlmkitError(f"unknown config key '{key}'{did_you_mean(key, leaves)}")
 
 
 def read_yaml(path: str | Path, what: str) -> Any:
     """A YAML file's content ({} when empty); a clear error naming `what` when it is missing or does not parse."""
     path = Path(path)
     if not path.is_file():
-        raise LlmkitError(f"{what} '{path}' does not exist")
+        raise LlmkitError(f"{what} '{path}' " + ("is a folder, not a file" if path.is_dir() else "does not exist"))
     try:
         return yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
@@ -293,7 +213,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not isinstance(current, dict):
             raise LlmkitError(f"config section '{section}' must be a mapping")
         current[leaf] = value
-    config = _build(raw)
+    config = build(raw, Config)
     check_values(config)
     return config
 
@@ -303,6 +223,17 @@ def check_repo_id(repo_id: str | None, key: str = "output.hub_model_id") -> str:
     if not repo_id or not REPO_ID.match(repo_id) or ".." in repo_id:
         raise LlmkitError(f"{key} must look like <user or org>/<name> (letters, digits, . _ -), got {repo_id!r}")
     return repo_id
+
+
+BRANCH = re.compile(r"^(?![-/.])[A-Za-z0-9._/-]+(?<![/.])$")  # a subset of git's ref rules, enough for the Hub
+
+
+def check_revision(revision: str | None, key: str = "output.hub_revision") -> str | None:
+    """A branch name git and the Hub accept (letters, digits, . _ - /; no '..', no leading or trailing . or /)."""
+    if revision is not None and (not BRANCH.match(revision) or ".." in revision or revision.endswith(".lock")):
+        raise LlmkitError(f"{key} must be a branch name (letters, digits, . _ - /, no spaces or '..'), got "
+                          f"{revision!r}")
+    return revision
 
 
 def check_values(cfg: Config) -> None:
@@ -355,6 +286,9 @@ def check_values(cfg: Config) -> None:
     need(d.max_length >= 2, "data.max_length", f"must be >= 2, got {d.max_length}")
     need(bool(d.text_column), "data.text_column", "must name the text column")
     need(bool(d.label_column), "data.label_column", "must name the label column")
+    need(len({d.text_column, d.text_pair_column, d.label_column} - {None}) == 2 + bool(d.text_pair_column),
+         "data.text_column", f"'{d.text_column}', data.text_pair_column and data.label_column '{d.label_column}' must "
+         "name different columns")
     need(d.label_names is None or len(set(d.label_names)) == len(d.label_names) >= 2, "data.label_names",
          "must list at least 2 distinct labels")
     if d.prompt_template is not None:
@@ -390,7 +324,14 @@ def check_values(cfg: Config) -> None:
          f"must be end or every_save, got '{o.hub_strategy}'")
     if o.push_to_hub:
         check_repo_id(o.hub_model_id)
+    check_revision(o.hub_revision)
     c = cfg.checkpoint
+    need(not (c.resume_from and o.overwrite_output_dir), "output.overwrite_output_dir",
+         "and checkpoint.resume_from are both set: resume continues the run in output_dir, overwrite replaces it. "
+         "Drop one of them")
+    need(o.hub_strategy != "every_save" or not o.push_to_hub or bool(c.save_every_steps or c.save_every_epoch),
+         "output.hub_strategy", "every_save pushes at each checkpoint, but no checkpoint is saved: set "
+         "checkpoint.save_every_steps or checkpoint.save_every_epoch (or use hub_strategy: end)")
     need(c.save_every_steps is None or c.save_every_steps >= 1, "checkpoint.save_every_steps", "must be >= 1 when set")
     need(c.keep_last is None or c.keep_last >= 1, "checkpoint.keep_last", "must be >= 1 (or null to keep all)")
     need(c.keep_best >= 0, "checkpoint.keep_best", f"must be >= 0, got {c.keep_best}")

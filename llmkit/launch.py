@@ -200,6 +200,10 @@ def accelerate_env(path: str | Path) -> dict[str, str]:
     if not isinstance(acc, dict):
         raise LlmkitError(f"Accelerate config '{path}' must be a mapping of settings (as `accelerate config` writes), "
                           f"got a {type(acc).__name__}")
+    recipe = sorted(set(acc) & {"model", "data", "train", "lora", "checkpoint", "output"})
+    if recipe:
+        raise LlmkitError(f"'{path}' looks like an llmkit recipe config (sections {recipe}), not an Accelerate "
+                          "config; pass one of accelerate_configs/*.yaml as --accelerate-config")
 
     def whole(key: str, default: int, low: int) -> int:
         value = acc.get(key, default)

@@ -26,6 +26,34 @@ def locate(name_or_path: str, what: str) -> str:
     return path
 
 
+WEIGHTS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json", "*.pt", "*.gguf")
+
+
+def check_weights_present(cfg: ModelConfig) -> None:
+    """A local model folder must hold weights, unless the run starts from scratch: transformers would otherwise
+    stop late with a long OSError, after the data is tokenized."""
+    path = Path(assets.resolve(cfg.name_or_path)).expanduser()
+    if cfg.from_scratch or not path.is_dir():
+        return
+    if not any(any(path.glob(pattern)) for pattern in WEIGHTS):
+        raise LlmkitError(f"model.name_or_path '{cfg.name_or_path}' holds a config.json but no weights "
+                          "(model.safetensors or pytorch_model.bin); copy them in, or set model.from_scratch: true "
+                          "to train from a random init")
+
+
+def trusts_remote_code(export: Path) -> bool:
+    """An llmkit export whose run was trained with model.trust_remote_code (its training_config.yaml says so):
+    reloading it needs the same consent, which the run's config already gave."""
+    import yaml
+
+    cfg_path = Path(export) / "training_config.yaml"
+    try:
+        cfg = yaml.safe_load(cfg_path.read_text()) if cfg_path.is_file() else None
+    except yaml.YAMLError:
+        return False
+    return bool(((cfg or {}).get("model") or {}).get("trust_remote_code")) if isinstance(cfg, dict) else False
+
+
 def _hub_error(what: str, name: str, exc: Exception) -> LlmkitError:
     return LlmkitError(f"could not load {what} '{name}': {exc.__class__.__name__}: {str(exc).splitlines()[0]}. "
                        "If it is a Hub id, check the spelling and your network / HF_TOKEN; offline, use a local "

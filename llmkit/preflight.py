@@ -57,6 +57,8 @@ def check_output_dir_is_safe(cfg: Config) -> Path:
         why = "the working directory or one of its parents"
     if why:
         raise LlmkitError(f"output.output_dir '{out}' is {why}; point it at a dedicated folder, e.g. outputs/<name>")
+    if out.exists() and not out.is_dir():
+        raise LlmkitError(f"output.output_dir '{out}' exists and is not a directory; pick a folder path")
     probe = out
     while not probe.exists():
         probe = probe.parent
@@ -105,6 +107,7 @@ def check_disk(cfg: Config, params: int, precision: str) -> str:
 def check_model(cfg: Config):
     """The model config loads (local dir, asset or Hub id) and data.max_length fits its positions."""
     config = model.read_config(cfg.model)
+    model.check_weights_present(cfg.model)
     limit = model.positions(config)
     if limit is not None and cfg.data.max_length > limit:
         raise LlmkitError(f"data.max_length {cfg.data.max_length} is over the model's limit of {limit} positions "

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
-from helpers import ROOT, make_sentences, write_config, write_jsonl
+from helpers import ROOT, make_sentences, write_config, write_jsonl, write_lm_config
 
 ACC = ROOT / "accelerate_configs"
 
@@ -96,6 +96,26 @@ def _ds_json(text: str):
     return lambda raw, tmp: raw.setdefault("deepspeed", {}).update(config_file=_write(tmp / "ds.json", text))
 
 
+def _lm(change=None, *extra: str):
+    """`llmkit validate` of the tiny Llama prompt/response recipe, changed by `change(raw, tmp)`."""
+    def build(tmp: Path, a: dict) -> list[str]:
+        cfg = write_lm_config(tmp / "c.yaml", a["lm"], tmp / "out", lora=False)
+        if change is not None:
+            raw = yaml.safe_load(cfg.read_text())
+            change(raw, tmp)
+            cfg.write_text(yaml.safe_dump(raw))
+        return ["validate", str(cfg), *extra]
+    return build
+
+
+def _one_long_prompt(raw, tmp):
+    """LM data whose second row's prompt alone is longer than 12 tokens."""
+    long = " ".join(["is this film good"] * 4)
+    rows = "".join(json.dumps({"prompt": p, "response": "positive"}) + "\n" for p in ["hi", long, "hi", "is this bad"])
+    data = _write(tmp / "lmdata" / "train.jsonl", rows)
+    raw["data"].update(dataset=None, data_files={"train": data, "validation": data})
+
+
 CASES: list[Case] = [
     # ---- the llmkit config: types, ranges, numbers that overflow later
     Case("config", "negative seed", validate(None, "--train.seed=-1"), "train.seed"),
@@ -115,6 +135,30 @@ CASES: list[Case] = [
     Case("config", "one label name", validate(lambda c, t: c["data"].update(label_names=["pos"])), "data.label_names"),
     Case("config", "bad Hub id to push to", validate(lambda c, t: c["output"].update(
         push_to_hub=True, hub_model_id="alice/bob/carol")), "output.hub_model_id"),
+    Case("config", "max_length over the model's positions", validate(lambda c, t: c["data"].update(max_length=100)),
+         "data.max_length 100 is over the model's limit of 64 positions (bert); set data.max_length <= 64"),
+    Case("config", "YAML that does not parse", lambda t, a: ["validate", _write(t / "bad.yaml", "model: [unclosed\n")],
+         "is not valid YAML"),
+    Case("config", "a config path that is a folder", lambda t, a: ["validate", str(_mk(t / "conf"))], "not a file"),
+    Case("config", "the Accelerate yaml given as the recipe", lambda t, a: ["validate", str(ACC / "cpu_zero2.yaml")],
+         "unknown config section 'compute_environment'"),
+    Case("config", "resume and overwrite both asked", validate(None, "--checkpoint.resume_from", "latest",
+                                                               "--output.overwrite_output_dir", "true"),
+         "overwrite_output_dir"),
+    Case("config", "text and label the same column", validate(None, "--data.text_column", "label"), "text_column"),
+    Case("config", "every_save with no checkpoints", validate(lambda c, t: c["output"].update(
+        push_to_hub=True, hub_model_id="alice/x", hub_strategy="every_save")), "every_save"),
+    Case("config", "a branch name with a space", validate(lambda c, t: c["output"].update(hub_revision="my branch")),
+         "output.hub_revision"),
+    Case("config", "fp16 on a machine without a GPU", validate(None, "--train.precision", "fp16"),
+         "fp16 with loss scaling is a GPU mode"),
+    # ---- the output folder
+    Case("output", "the working directory", validate(lambda c, t: c["output"].update(output_dir=".")),
+         "is the working directory or one of its parents"),
+    Case("output", "a folder holding another run", validate(lambda c, t: _write(t / "out" / "metrics.json", "{}")),
+         "already holds files from another run"),
+    Case("output", "a path that is a file", validate(lambda c, t: _write(t / "out", "not a folder")),
+         "is not a directory"),
     # ---- the DeepSpeed JSON
     Case("deepspeed", "JSON whose bf16 is true", validate(_ds_json('{"bf16": true}')), "bf16"),
     Case("deepspeed", "JSON that is a list", validate(_ds_json("[]")), "JSON object"),
@@ -139,6 +183,8 @@ CASES: list[Case] = [
     Case("accelerate", "accumulation that disagrees", validate(acc=_acc_yaml(
         "distributed_type: DEEPSPEED\nnum_processes: 2\ndeepspeed_config:\n  zero_stage: 2\n"
         "  gradient_accumulation_steps: 4\n")), "gradient_accumulation_steps"),
+    Case("accelerate", "the recipe config given as the Accelerate yaml", validate(acc=lambda tmp: str(tmp / "c.yaml")),
+         "llmkit recipe config"),
     # ---- the environment a launcher (or a stale shell) left
     Case("env", "WORLD_SIZE a word", validate(), "WORLD_SIZE", env={"WORLD_SIZE": "two"}),
     Case("env", "accumulation env not a number", validate(), "ACCELERATE_GRADIENT_ACCUMULATION_STEPS",
@@ -213,7 +259,23 @@ CASES: list[Case] = [
     Case("data", "texts that are numbers (works)", validate(_files(
         train=("tr.csv", _csv([("12", "pos"), ("7", "neg"), ("30", "pos"), ("4", "neg")])),
         validation=("va.csv", _csv([("5", "pos"), ("1", "neg")])))), None),
+    Case("data", "an empty train file", validate(_files(train=("tr.jsonl", ""), validation=("va.jsonl", _jsonl(VALID)))),
+         "split 'train' is empty"),
+    Case("data", "a text column that is missing", validate(None, "--data.text_column", "review"),
+         "split 'train' has no column 'review'"),
+    Case("data", "a data file that is a folder", validate(lambda c, t: (_mk(t / "tr.csv"), _files(
+        validation=("va.csv", _csv(VALID)))(c, t), c["data"]["data_files"].update(train=str(t / "tr.csv")))),
+        "is a folder"),
+    Case("data", "prompts that fill max_length", _lm(None, "--data.max_length", "4"), "no row of the train split"),
+    Case("data", "one prompt that fills max_length", _lm(_one_long_prompt, "--data.max_length", "12",
+                                                          "--data.drop_bad_rows", "false"), "train row 1"),
+    Case("data", "prompt without a response column", _lm(lambda c, t: c["data"].update(response_column=None)),
+         "must be set together"),
     # ---- model and tokenizer folders
+    Case("model", "a model path that does not exist", validate(lambda c, t: c["model"].update(
+        name_or_path=str(t / "nope"))), "does not exist (neither a local dir nor a Hub id)"),
+    Case("model", "a folder that is not a model", validate(lambda c, t: (_mk(t / "empty"), c["model"].update(
+        name_or_path=str(t / "empty")))), "is a directory without config.json"),
     Case("model", "a model folder without weights", validate(lambda c, t: (
         _write(t / "noweights" / "config.json", (Path(c["model"]["name_or_path"]) / "config.json").read_text()),
         c["model"].update(name_or_path=str(t / "noweights")))), "weights"),
@@ -249,6 +311,8 @@ CASES: list[Case] = [
     Case("target", "push of a folder that is not a run", lambda t, a: ["push", str(_mk(t / "empty")), "alice/x",
                                                                        "--dry-run"], "neither a run"),
     Case("target", "report of a folder that is not a run", lambda t, a: ["report", str(_mk(t / "empty"))], "empty"),
+    Case("target", "push to a branch name with '..'", lambda t, a: ["push", str(_mk(t / "empty")), "alice/x",
+                                                                    "--revision", "a..b", "--dry-run"], "--revision"),
     Case("target", "estimate-memory of a missing model", lambda t, a: ["estimate-memory", "--model", str(t / "nope"),
                                                                        "--zero-stage", "2"], "nope"),
 ]
@@ -273,7 +337,7 @@ def run(case: Case, tmp: Path, assets: dict) -> Outcome:
     from llmkit import cli, launch
 
     args = case.build(tmp, assets)
-    before = {"tmp": _snapshot(tmp), "bert": _snapshot(assets["bert"]), "data": _snapshot(assets["data"])}
+    before = {name: _snapshot(folder) for name, folder in {"tmp": tmp, **assets}.items()}
     err, out, code, crash = io.StringIO(), io.StringIO(), 0, ""
     with launch.environ({"HF_HUB_OFFLINE": "1", **case.env}), contextlib.redirect_stderr(err), \
             contextlib.redirect_stdout(out):
@@ -283,7 +347,7 @@ def run(case: Case, tmp: Path, assets: dict) -> Outcome:
             code = exc.code if isinstance(exc.code, int) else 1
         except BaseException:  # noqa: BLE001 - an escaped exception is what the battery looks for
             crash, code = traceback.format_exc(), 1
-    after = {"tmp": _snapshot(tmp), "bert": _snapshot(assets["bert"]), "data": _snapshot(assets["data"])}
+    after = {name: _snapshot(folder) for name, folder in {"tmp": tmp, **assets}.items()}
     changed = sorted(f"{where}/{name}" for where in before for name in set(before[where]) | set(after[where])
                      if before[where].get(name) != after[where].get(name))
     text = err.getvalue()

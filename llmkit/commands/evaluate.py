@@ -19,20 +19,21 @@ from llmkit.data.sources import load_labeled
 from llmkit.errors import LlmkitError
 from llmkit.evals.classification import write_predictions
 from llmkit.metrics import classification_metrics
-from llmkit.model import read_config
+from llmkit.model import read_config, trusts_remote_code
 from llmkit.report import pages
 
 
-def _load_classifier(model_dir: Path):
+def _load_classifier(model_dir: Path, trust_remote_code: bool):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     if not (model_dir / "config.json").is_file():
         raise LlmkitError(f"'{model_dir}' has no config.json: pass an exported model folder (e.g. <run>/final)")
-    config = read_config(ModelConfig(name_or_path=str(model_dir)))
+    config = read_config(ModelConfig(name_or_path=str(model_dir), trust_remote_code=trust_remote_code))
     if not getattr(config, "id2label", None) or len(config.id2label) < 2:
         raise LlmkitError(f"'{model_dir}' is not a classifier with labels (its config has no id2label)")
     try:
-        model, info = AutoModelForSequenceClassification.from_pretrained(model_dir, output_loading_info=True)
+        model, info = AutoModelForSequenceClassification.from_pretrained(model_dir, output_loading_info=True,
+                                                                         trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise LlmkitError(f"'{model_dir}' does not load as a sequence classifier: {str(exc).splitlines()[0]}") from None
     if info["missing_keys"]:  # a base model: transformers would score with a freshly initialised, random head
@@ -41,7 +42,7 @@ def _load_classifier(model_dir: Path):
                           f"classification head are not in the checkpoint (e.g. {missing[0]}), so its predictions "
                           "would be random. Evaluate a fine-tuned export (e.g. <run>/final).")
     model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     return model, tokenizer
 
 
@@ -72,11 +73,16 @@ def data_config(source: str, split: str, label_names: list[str], text_column: st
 @torch.no_grad()
 def evaluate_export(model_dir: str | Path, source: str, split: str = "test", output_dir: str | Path | None = None,
                     text_column: str = "text", text_pair_column: str | None = None, label_column: str = "label",
-                    max_length: int = 512, batch_size: int = 64, max_samples: int | None = None) -> dict:
+                    max_length: int = 512, batch_size: int = 64, max_samples: int | None = None,
+                    trust_remote_code: bool = False) -> dict:
     """Predict `split` of `source` with the classifier in `model_dir`; write predictions_<split>.jsonl,
-    metrics.json, run_info.json and report.{json,md,html} into `output_dir` (default <model_dir>/eval-<split>)."""
+    metrics.json, run_info.json and report.{json,md,html} into `output_dir` (default <model_dir>/eval-<split>).
+    `trust_remote_code` (or an llmkit export trained with it) runs the model folder's own Python code."""
+    if batch_size < 1 or max_length < 2 or (max_samples is not None and max_samples < 1):
+        raise LlmkitError(f"--batch-size must be >= 1, --max-length >= 2 and --max-samples >= 1; got {batch_size}, "
+                          f"{max_length}, {max_samples}")
     model_dir = Path(model_dir).expanduser()
-    model, tokenizer = _load_classifier(model_dir)
+    model, tokenizer = _load_classifier(model_dir, trust_remote_code or trusts_remote_code(model_dir))
     names = [model.config.id2label[i] for i in range(len(model.config.id2label))]
     out_dir = Path(output_dir).expanduser() if output_dir else model_dir / f"eval-{split}"
     _check_output(out_dir)

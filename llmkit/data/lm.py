@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from datasets import Dataset
 
@@ -208,11 +209,12 @@ def prepare(cfg: DataConfig, tokenizer, seed: int, log=print) -> LMData:
         ds = raw[split]
         sources.require_columns(ds, split, columns)
         ds = ds.select_columns(columns)
-        if role == "train":
-            ds = ds.shuffle(seed=seed)
+        # the file row of each example, for messages; the shuffle is datasets' own (one numpy permutation)
+        rows = np.random.default_rng(seed).permutation(len(ds)) if role == "train" else np.arange(len(ds))
         limit = cfg.max_train_samples if role == "train" else cfg.max_eval_samples
-        if limit is not None and limit < len(ds):
-            ds = ds.select(range(limit))
+        rows = rows[:limit] if limit is not None else rows
+        if role == "train" or len(rows) < len(ds):
+            ds = ds.select(rows)
         if mode == "packed":
             if tokenizer.eos_token_id is None:
                 raise LlmkitError("packing separates documents with EOS, but the tokenizer has no eos token")
@@ -233,9 +235,29 @@ def prepare(cfg: DataConfig, tokenizer, seed: int, log=print) -> LMData:
                 return prompt_response_example(tokenizer, row[cfg.prompt_column], row[cfg.response_column],
                                                cfg.max_length)
 
-            out[role] = ds.map(render, remove_columns=columns, desc=f"rendering {role}")
+            out[role] = _drop_untrained(ds.map(render, remove_columns=columns, desc=f"rendering {role}"), role,
+                                        cfg, rows, log)
     lengths = None if mode == "packed" else [len(x) for x in out["train"]["input_ids"]]
     return LMData(train=out["train"], validation=out["validation"], mode=mode, packing=stats, train_lengths=lengths)
+
+
+def _drop_untrained(ds, role: str, cfg: DataConfig, rows, log):
+    """Rows whose prompt fills data.max_length keep no response token: nothing to learn, and a batch of only such
+    rows has a 0/0 loss (NaN). Dropped with a count (an error with data.drop_bad_rows false, or when all are)."""
+    empty = [i for i, labels in enumerate(ds["labels"]) if all(t == IGNORE for t in labels)]
+    if not empty:
+        return ds
+    if len(empty) == len(ds):
+        raise LlmkitError(f"no row of the {role} split keeps a response token within data.max_length "
+                          f"{cfg.max_length}: the prompts fill it. Raise data.max_length or shorten the prompts.")
+    if not cfg.drop_bad_rows:
+        raise LlmkitError(f"{role} row {rows[empty[0]]}: its prompt fills data.max_length {cfg.max_length}, so none of "
+                          "its response is trained on. Raise data.max_length, shorten the row, or set "
+                          "data.drop_bad_rows: true to drop such rows with a count.")
+    log(f"data: dropped {len(empty)} rows of the {role} split whose prompt fills data.max_length "
+        f"{cfg.max_length} (no response token left)")
+    skip = set(empty)
+    return ds.select([i for i in range(len(ds)) if i not in skip])
 
 
 class LMCollator:

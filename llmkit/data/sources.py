@@ -3,18 +3,21 @@ to ids. The split roles are train, validation (config key data.eval_split) and t
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import html
+import math
 import re
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
-from datasets import ClassLabel, Dataset, DatasetDict
+from datasets import ClassLabel, Dataset, DatasetDict, Value
 
 from llmkit import assets
 from llmkit.config import DataConfig
+from llmkit.data import files_problem
 from llmkit.errors import LlmkitError
 
 BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}
@@ -30,6 +33,9 @@ def _builder(path: str, key: str) -> str:
 def _load_files(files: dict[str, str], key: str) -> DatasetDict:
     for split, path in files.items():
         file = Path(path).expanduser()
+        if file.is_dir():
+            raise LlmkitError(f"{key}: the file for split '{split}' is a folder: {path}. Name one file per split, "
+                              "or point data.dataset at the folder")
         if not file.is_file():
             raise LlmkitError(f"{key}: the file for split '{split}' does not exist: {path}")
         with open(file, "rb") as fh:  # datasets fails on an empty file with a bare StopIteration
@@ -40,7 +46,12 @@ def _load_files(files: dict[str, str], key: str) -> DatasetDict:
         raise LlmkitError(f"{key}: all split files must have one format, got {sorted(kinds)}")
     kind = kinds.pop()
     kwargs = {"delimiter": "\t"} if all(p.endswith(".tsv") for p in files.values()) else {}
-    return datasets.load_dataset(kind, data_files={s: str(Path(p).expanduser()) for s, p in files.items()}, **kwargs)
+    # datasets reads data_files as glob patterns: a folder named "run[1]" must match itself
+    patterns = {s: glob.escape(str(Path(p).expanduser())) for s, p in files.items()}
+    try:
+        return datasets.load_dataset(kind, data_files=patterns, **kwargs)
+    except Exception as exc:  # the readers (pandas, pyarrow, json) raise many types, wrapped by datasets
+        raise LlmkitError(files_problem.explain(kind, files, exc)) from None
 
 
 def load_raw(cfg: DataConfig) -> DatasetDict:
@@ -80,30 +91,54 @@ def clean(text: str) -> str:
     return _SPACE.sub(" ", text).strip()
 
 
-def _label_names(cfg: DataConfig, train: Dataset) -> list[str]:
+def _normalise_labels(values: list, split: str) -> list:
+    """Labels as ints or strings, None where there is none. A CSV column with a blank or 'nan' label becomes
+    float (NaN there, 1.0 elsewhere): NaN is no label, whole floats are class ids, anything else is an error."""
+    out = []
+    for row, value in enumerate(values):
+        if isinstance(value, float):
+            if math.isnan(value):
+                value = None
+            elif value.is_integer():
+                value = int(value)
+            else:
+                raise LlmkitError(f"split '{split}' row {row}: label {value} is not a class: labels must be whole "
+                                  "numbers (class ids) or names")
+        out.append(value)
+    return out
+
+
+def _label_names(cfg: DataConfig, train: Dataset, labels: list) -> list[str]:
     feature = train.features[cfg.label_column]
     if isinstance(feature, ClassLabel):
         return list(cfg.label_names or feature.names)
+    ints = {v for v in labels if isinstance(v, int) and not isinstance(v, bool)}
+    words = {v for v in labels if isinstance(v, str)}
+    digits = {w for w in words if w.strip().lstrip("-").isdigit()}
+    if (ints and words) or (digits and digits != words):
+        number = next(iter(sorted(map(str, ints)) or sorted(digits)))
+        word = next(iter(sorted(words - digits)))
+        raise LlmkitError(f"column '{cfg.label_column}' of the train split mixes class ids (e.g. {number}) and "
+                          f"label names (e.g. '{word}'); use one kind for every row")
     if cfg.label_names:
         return list(cfg.label_names)
-    values = set(train[cfg.label_column])
-    if all(isinstance(v, str) for v in values):
-        return sorted(values)
-    if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-        if min(values) < 0:
-            raise LlmkitError(f"column '{cfg.label_column}' of the train split has negative labels {min(values)}; "
+    if words and not ints:
+        return sorted(words)
+    if ints and len(ints) == len({v for v in labels if v is not None}):
+        if min(ints) < 0:
+            raise LlmkitError(f"column '{cfg.label_column}' of the train split has negative labels {min(ints)}; "
                               "unlabeled rows cannot be trained on")
-        return [str(i) for i in range(max(values) + 1)]
+        return [str(i) for i in range(max(ints) + 1)]
     raise LlmkitError(f"column '{cfg.label_column}' must hold int or string labels, got "
-                      f"{sorted({type(v).__name__ for v in values})}")
+                      f"{sorted({type(v).__name__ for v in labels})}")
 
 
-def _to_ids(ds: Dataset, cfg: DataConfig, names: list[str], split: str) -> Dataset:
-    """Map string labels to ids; check int labels lie in range. Errors name the split and row."""
+def _to_ids(labels: list, names: list[str], split: str, rows: list[int]) -> list[int]:
+    """String labels mapped to ids, int labels checked in range. Errors name the split and the row in the file
+    (`rows`: the file row of each kept row)."""
     index = {n: i for i, n in enumerate(names)}
-    column = ds[cfg.label_column]
     ids = []
-    for row, value in enumerate(column):
+    for value, row in zip(labels, rows):
         if isinstance(value, str):
             if value not in index:
                 raise LlmkitError(f"split '{split}' row {row}: label '{value}' is not one of {names}; add it to "
@@ -114,7 +149,7 @@ def _to_ids(ds: Dataset, cfg: DataConfig, names: list[str], split: str) -> Datas
         else:
             raise LlmkitError(f"split '{split}' row {row}: label {value!r} is out of range for "
                               f"{len(names)} classes {names}")
-    return ds.remove_columns(cfg.label_column).add_column("labels", ids)
+    return ids
 
 
 def wanted_splits(cfg: DataConfig, raw: DatasetDict) -> dict[str, str]:
@@ -151,42 +186,50 @@ def load_labeled(cfg: DataConfig, seed: int, log=print) -> LabeledSplits:
     columns = [c for c in (cfg.text_column, cfg.text_pair_column, cfg.label_column) if c]
     texts = [c for c in (cfg.text_column, cfg.text_pair_column) if c]
     splits: dict[str, Dataset] = {}
+    labels: dict[str, list] = {}
+    kept: dict[str, list[int]] = {}  # per role: the file row of each kept row, for messages
     dropped: dict[str, int] = {}
     for role, split in wanted.items():
         ds = raw[split]
         require_columns(ds, split, columns)
         ds = ds.select_columns(columns)
-        before = len(ds)
-        if before == 0:
-            raise LlmkitError(f"split '{split}' is empty: it has no rows at all")
-
-        def usable(r) -> bool:
-            return all(isinstance(r[c], str) and r[c].strip() for c in texts) and r[cfg.label_column] is not None
-
-        if not cfg.drop_bad_rows:
-            for i, r in enumerate(ds):
-                if not usable(r):
-                    raise LlmkitError(f"split '{split}' row {i} has empty/missing text or no label: {r}. Fix the "
-                                      "row, or set data.drop_bad_rows: true to drop such rows with a count")
-        ds = ds.filter(usable)
-        dropped[split] = before - len(ds)
-        if dropped[split]:
-            log(f"data: dropped {dropped[split]} rows of split '{split}' with empty text or no label")
         if len(ds) == 0:
-            raise LlmkitError(f"split '{split}' has no usable rows (all {before} empty or unlabeled)")
+            raise LlmkitError(f"split '{split}' is empty: it has no rows at all")
+        for c in texts:  # a CSV column of texts like "12" is read as numbers
+            if getattr(ds.features[c], "dtype", None) not in ("string", "large_string"):
+                ds = ds.cast_column(c, Value("string"))
+        values = _normalise_labels(ds[cfg.label_column], split)
+        text_values = [ds[c] for c in texts]
+        bad = [i for i, v in enumerate(values)
+               if v is None or not all(isinstance(t[i], str) and t[i].strip() for t in text_values)]
+        if bad and not cfg.drop_bad_rows:
+            raise LlmkitError(f"split '{split}' row {bad[0]} has empty/missing text or no label: {ds[bad[0]]}. Fix "
+                              "the row, or set data.drop_bad_rows: true to drop such rows with a count")
+        dropped[split] = len(bad)
+        if bad:
+            log(f"data: dropped {len(bad)} rows of split '{split}' with empty text or no label")
+            skip = set(bad)
+            kept[role] = [i for i in range(len(ds)) if i not in skip]
+            ds, values = ds.select(kept[role]), [values[i] for i in kept[role]]
+        else:
+            kept[role] = list(range(len(ds)))
+        if len(ds) == 0:
+            raise LlmkitError(f"split '{split}' has no usable rows (all {len(bad)} empty or unlabeled)")
         if cfg.clean_text:
             ds = ds.map(lambda r: {c: clean(r[c]) for c in texts}, desc=f"cleaning {split}")
+        splits[role], labels[role] = ds, values
+    names = _label_names(cfg, splits["train"], labels["train"])
+    if len(names) < 2:
+        raise LlmkitError(f"the train split has only the label(s) {names}; a classifier needs at least 2")
+    for role, split in wanted.items():
+        ids = _to_ids(labels[role], names, split, kept[role])
+        ds = splits[role].remove_columns(cfg.label_column).add_column("labels", ids)
         limit = cfg.max_train_samples if role == "train" else cfg.max_eval_samples
         if role == "train":
             ds = ds.shuffle(seed=seed)
         if limit is not None and limit < len(ds):
             ds = ds.select(range(limit))
         splits[role] = ds
-    names = _label_names(cfg, splits["train"])
-    if len(names) < 2:
-        raise LlmkitError(f"the train split has only the label(s) {names}; a classifier needs at least 2")
-    for role, split in wanted.items():
-        splits[role] = _to_ids(splits[role], cfg, names, split)
     return LabeledSplits(rows=splits, split_names=wanted, label_names=names, dropped_rows=dropped)
 
 

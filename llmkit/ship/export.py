@@ -83,7 +83,8 @@ def save_classifier(run: Run, model, tokenizer, results: dict, rows, predictions
         tmp = _fresh_tmp(run)
         unwrapped.save_pretrained(tmp, state_dict=state_dict, **canonical_names(unwrapped))
         tokenizer.save_pretrained(tmp)
-        probe = verify.classifier_probe(rows, run.cfg.data, predictions, run.precision)
+        probe = verify.classifier_probe(rows, run.cfg.data, predictions, run.precision,
+                                         run.cfg.model.trust_remote_code)
         checked = verify.check_classifier(tmp, probe)
         (tmp / verify.PROBE_FILE).write_text(json.dumps(probe) + "\n")
         _publish(run, tmp, {**results, "export_check": checked})
@@ -129,6 +130,7 @@ def save_causal_lm(run: Run, model, tokenizer, results: dict, train_rows) -> Pat
             tokenizer.save_pretrained(tmp)
         base = locate(run.cfg.model.name_or_path, "model")
         probe = {"kind": "causal_lm", "precision": run.precision, "lora": lora, "base": base, "ids": ids,
+                 "trust_remote_code": run.cfg.model.trust_remote_code,
                  "logits": np.asarray(logits, dtype=np.float64).tolist()}
         try:  # for LoRA this also writes merged/
             checks = verify.check_causal_lm(tmp / "adapter" if lora else tmp, probe, merged_out=tmp / "merged")

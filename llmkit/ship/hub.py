@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 
 from llmkit import assets, model
-from llmkit.config import check_repo_id
+from llmkit.config import check_repo_id, check_revision
 from llmkit.errors import LlmkitError
 from llmkit.preflight import hub_token as token
 from llmkit.ship import card, verify
@@ -252,6 +252,7 @@ def push(run_dir: str | Path, repo_id: str, private: bool = True, revision: str 
          reload: bool = True) -> dict:
     """Stage, verify and push a run (or print what would be pushed). Local files are never modified."""
     check_repo_id(repo_id, "repo_id")
+    check_revision(revision, "--revision")
     run_path, _ = _final_dir(Path(run_dir))
     if dry_run:
         out = Path(staging) if staging else run_path / "hub_upload"

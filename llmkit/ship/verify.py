@@ -45,9 +45,10 @@ _RELOAD_CLASSIFIER = """
 import json, sys, torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 spec = json.load(open(sys.argv[1]))
-tok = AutoTokenizer.from_pretrained(spec["folder"])
+remote = bool(spec.get("trust_remote_code"))
+tok = AutoTokenizer.from_pretrained(spec["folder"], trust_remote_code=remote)
 model, info = AutoModelForSequenceClassification.from_pretrained(spec["folder"], dtype="auto",
-                                                                 output_loading_info=True)
+                                                                 trust_remote_code=remote, output_loading_info=True)
 with torch.no_grad():
     enc = tok(spec["texts"], spec["pairs"], padding=True, truncation=True, max_length=spec["max_length"],
               return_tensors="pt")
@@ -62,11 +63,12 @@ _RELOAD_LM = """
 import inspect, json, sys, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 spec = json.load(open(sys.argv[1]))
+remote = bool(spec.get("trust_remote_code"))
 ids = torch.tensor(spec["ids"])
 out = {}
 if spec.get("adapter"):
     from peft import PeftModel
-    base = AutoModelForCausalLM.from_pretrained(spec["base"], dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(spec["base"], dtype=torch.float32, trust_remote_code=remote)
     peft = PeftModel.from_pretrained(base, spec["adapter"]).eval()
     with torch.no_grad():
         out["base_plus_adapter"] = peft(input_ids=ids).logits.tolist()
@@ -74,9 +76,9 @@ if spec.get("adapter"):
     kwargs = {"save_original_format": False} if "save_original_format" in inspect.signature(
         merged.save_pretrained).parameters else {}
     merged.save_pretrained(spec["model"], **kwargs)
-    AutoTokenizer.from_pretrained(spec["adapter"]).save_pretrained(spec["model"])
-model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32).eval()
-AutoTokenizer.from_pretrained(spec["model"])
+    AutoTokenizer.from_pretrained(spec["adapter"], trust_remote_code=remote).save_pretrained(spec["model"])
+model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32, trust_remote_code=remote).eval()
+AutoTokenizer.from_pretrained(spec["model"], trust_remote_code=remote)
 with torch.no_grad():
     out["model"] = model(input_ids=ids).logits.tolist()
     # the run computed in bf16/fp16: compare with the same arithmetic, so a small weight error cannot hide in noise
@@ -90,20 +92,23 @@ def _run_fresh(script: str, spec: dict, folder: Path) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "out.json"
         spec_path.write_text(json.dumps(spec))
+        # run in the empty temporary folder: `-c` puts the working directory first on sys.path, and a json.py
+        # or torch.py lying in the user's folder must not be imported in place of the real one
         proc = subprocess.run([sys.executable, "-c", script, str(spec_path), str(out_path)], capture_output=True,
-                              text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+                              text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, cwd=tmp)
         if proc.returncode != 0:
             raise LlmkitError(f"the export at {folder} does not reload with plain transformers/peft:\n"
                               f"{proc.stderr[-2000:]}")
         return json.loads(out_path.read_text())
 
 
-def classifier_probe(rows, data_cfg, out: dict[str, np.ndarray], precision: str) -> dict:
+def classifier_probe(rows, data_cfg, out: dict[str, np.ndarray], precision: str, trust_remote_code: bool) -> dict:
     """The first rows of a split (texts) and the run's logits on them."""
     n = min(VERIFY_ROWS, len(rows))
     first = rows.select(range(n))
     where = {int(r): i for i, r in enumerate(out["row"])}
-    return {"kind": "classification", "precision": precision, "texts": list(first[data_cfg.text_column]),
+    return {"kind": "classification", "precision": precision, "trust_remote_code": trust_remote_code,
+            "texts": list(first[data_cfg.text_column]),
             "pairs": list(first[data_cfg.text_pair_column]) if data_cfg.text_pair_column else None,
             "max_length": data_cfg.max_length,
             "logits": np.stack([out["logits"][where[r]] for r in range(n)]).tolist()}
@@ -138,7 +143,7 @@ def check_causal_lm(folder: Path, probe: dict, merged_out: Path | None = None) -
     bf16/fp16 ones (a bf16 LoRA run of SmolLM2, 30 layers, and its merged export differ by ~3% from rounding)."""
     with tempfile.TemporaryDirectory() as scratch:
         dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(probe["precision"], "float32")
-        spec = {"ids": probe["ids"], "dtype": dtype}
+        spec = {"ids": probe["ids"], "dtype": dtype, "trust_remote_code": probe.get("trust_remote_code", False)}
         if probe["lora"]:
             spec.update(model=str(merged_out or Path(scratch) / "merged"), base=probe["base"], adapter=str(folder))
         else:
