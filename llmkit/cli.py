@@ -4,12 +4,16 @@ it runs, so `llmkit --help` and `llmkit assets` start without torch."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable
 
 from llmkit.errors import LlmkitError
+
+USER_ERROR = 2  # the exit code of a mistake the user can fix (argparse's too)
 
 
 def is_main_rank() -> bool:
@@ -17,19 +21,66 @@ def is_main_rank() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+def _tell_launcher(line: str) -> None:
+    """Under torch elastic (`accelerate launch` with several processes) write the error file the launcher reads
+    for its failure summary: its "Root Cause" then shows this line (not "To enable traceback see ..."), in the
+    plain-message form torch's ProcessFailure reads."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    try:
+        with open(path, "w") as fh:
+            json.dump({"message": line, "timestamp": int(time.time())}, fh)
+    except OSError:
+        pass  # the summary then says less; the line itself is already on stderr
+
+
 def guarded(fn: Callable[[], object]) -> None:
     """Run `fn`; print an LlmkitError as one clear line (no traceback) and exit 2."""
     try:
         fn()
     except LlmkitError as exc:
+        line = f"llmkit: error: {exc}"
         if is_main_rank():
-            print(f"llmkit: error: {exc}", file=sys.stderr, flush=True)
+            _tell_launcher(line)
+            print(line, file=sys.stderr, flush=True)
         elif "LOCAL_RANK" in os.environ:
-            # most errors are raised by every rank together: rank 0 prints, exits, and the launcher stops the
-            # others during this wait. Still alive afterwards means the error is this rank's alone: say it.
+            # most errors are raised by every rank together: rank 0 prints and exits first, and the launcher
+            # stops the others during this wait (with SIGTERM, which the run's own handler must no longer catch).
+            # Still alive afterwards means the error is this rank's alone: say it, unless rank 0 sent it here.
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
             time.sleep(5)
-            print(f"llmkit: error (rank {os.environ.get('RANK')}): {exc}", file=sys.stderr, flush=True)
-        sys.exit(2)
+            if not exc.on_every_rank:
+                _tell_launcher(line)
+                print(f"llmkit: error (rank {os.environ.get('RANK')}): {exc}", file=sys.stderr, flush=True)
+        sys.exit(USER_ERROR)
+
+
+def launch(argv: list[str]) -> None:
+    """`llmkit launch ARGS`: `accelerate launch ARGS` (the same arguments, Accelerate's own launcher), except that a
+    run stopped by a user error exits 2 after its one `llmkit: error:` line, without the launcher's traceback.
+    Accelerate's launcher re-raises every child failure (ChildFailedError, exit 1) and has no option to do
+    otherwise; a failure that is not a user error (a bug, a crash, a signal) is re-raised here unchanged."""
+    import subprocess
+
+    from accelerate.commands.launch import launch_command, launch_command_parser
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    args = launch_command_parser().parse_args(argv)
+    try:
+        launch_command(args)
+    except ChildFailedError as exc:
+        # a user error: some rank exited 2 with its llmkit line; every other failed rank exited 2 too (the same
+        # error, reported once) or was stopped by the launcher's SIGTERM (a negative exit code is a signal)
+        failures = exc.failures.values()
+        said = any(f.exitcode == USER_ERROR and str(f.message).startswith("llmkit: error") for f in failures)
+        if not said or any(f.exitcode not in (USER_ERROR, -signal.SIGTERM) for f in failures):
+            raise
+        sys.exit(USER_ERROR)
+    except subprocess.CalledProcessError as exc:  # one process: the child printed its line already
+        if exc.returncode != USER_ERROR:
+            raise
+        sys.exit(USER_ERROR)
 
 
 def recipe_args(argv: list[str] | None = None) -> tuple[str | None, list[str]]:
@@ -112,8 +163,14 @@ def _validate(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `llmkit` console script."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["launch"]:  # every further argument is Accelerate's
+        launch(argv[1:])
+        return
     parser = argparse.ArgumentParser(prog="llmkit", description="llmkit command line")
     sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("launch", help="accelerate launch with the same arguments; a user error exits 2 with its one "
+                   "line, without the launcher's traceback")
     sub.add_parser("assets", help="install the offline model and data assets (idempotent)").set_defaults(fn=_assets)
     est = sub.add_parser("estimate-memory", help="per-device bytes of params, grads and Adam states under ZeRO "
                          "(paper formulas and DeepSpeed's gradient peak)")

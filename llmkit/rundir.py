@@ -52,7 +52,7 @@ def intent(cfg: Config) -> str:
     if out.exists() and not out.is_dir():
         raise LlmkitError(f"output.output_dir '{out}' exists and is not a directory")
     entries = [p for p in out.iterdir() if p.name != LOCK] if out.is_dir() else []
-    if not entries:
+    if not entries or _never_trained(out, entries):
         return "new"
     if cfg.checkpoint.resume_from:
         return "resume"
@@ -68,9 +68,17 @@ def intent(cfg: Config) -> str:
                       "export is complete), or continue it with --checkpoint.resume_from latest.")
 
 
+def _never_trained(out: Path, entries: list[Path]) -> bool:
+    """A folder an llmkit run made and left before its first step (a user error in the data, say): only the
+    marker and TensorBoard's empty logs. Running the fixed command again must not be refused as "another run"."""
+    return is_run(out) and {p.name for p in entries} <= {MARKER, "runs"}
+
+
 def begin(out: Path, how: str, log=print) -> None:
     """Rank 0, holding the lock: make the folder llmkit's; for an overwrite, move the earlier run aside."""
     out.mkdir(parents=True, exist_ok=True)
+    if how == "new" and _never_trained(out, [p for p in out.iterdir() if p.name != LOCK]):
+        shutil.rmtree(out / "runs", ignore_errors=True)  # the stopped attempt's logs hold no step
     if how == "overwrite":
         previous = out / PREVIOUS
         shutil.rmtree(previous, ignore_errors=True)

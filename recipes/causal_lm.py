@@ -24,8 +24,7 @@ def main() -> None:
     run = setup(cfg)
     acc = run.accelerator
     tokenizer = load_tokenizer(run)  # from-scratch runs without one: trained on the train split first
-    with acc.main_process_first():
-        ds = lm.prepare(cfg.data, tokenizer, seed=cfg.train.seed, log=run.log)
+    ds = run.main_first(lambda: lm.prepare(cfg.data, tokenizer, seed=cfg.train.seed, log=run.log))
     run.identify_data(ds.train, ds.label_names)
     run.log(f"data: {ds.mode}, train {len(ds.train)}, validation {len(ds.validation)} examples"
             + (f"; label words {ds.label_words}" if ds.label_words else ""))

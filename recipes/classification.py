@@ -22,8 +22,8 @@ def main() -> None:
     run = setup(cfg)
     acc = run.accelerator
     tokenizer = model.load_tokenizer(cfg.model)
-    with acc.main_process_first():  # rank 0 tokenizes and fills the cache; the others read it
-        ds = classification.prepare(cfg.data, tokenizer, seed=cfg.train.seed, log=run.log)
+    # rank 0 tokenizes and fills the cache; the others read it
+    ds = run.main_first(lambda: classification.prepare(cfg.data, tokenizer, seed=cfg.train.seed, log=run.log))
     run.identify_data(ds.train, ds.label_names)
     run.log(f"data: train {len(ds.train)}, validation {len(ds.validation)}, test {len(ds.test) if ds.test else 0} "
             f"rows; labels {ds.label_names}")

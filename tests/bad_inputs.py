@@ -9,6 +9,9 @@ import contextlib
 import hashlib
 import io
 import json
+import os
+import subprocess
+import sys
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,6 +30,7 @@ class Case:
     build: Callable[[Path, dict], list[str]]  # (tmp, assets) -> the `llmkit` arguments; writes its files in tmp
     expect: str | None  # words the error line must hold; None: a legitimate input that must pass
     env: dict = field(default_factory=dict)
+    fresh: bool = False  # run in a new interpreter: the case needs settings read at import (HF_HUB_OFFLINE)
 
 
 def _cfg(tmp: Path, a: dict, change=None, **extra) -> str:
@@ -290,7 +294,7 @@ CASES: list[Case] = [
     Case("model", "a tokenizer folder without tokenizer files", validate(lambda c, t: (
         _mk(t / "empty_tok"), c["model"].update(tokenizer=str(t / "empty_tok")))), "empty_tok"),
     Case("model", "a Hub id while offline", validate(lambda c, t: c["model"].update(name_or_path="nobody/nothing")),
-         "nobody/nothing"),
+         "nobody/nothing", fresh=True),
     # ---- checkpoints
     Case("checkpoint", "resume from a folder that is not a checkpoint", validate(lambda c, t: (
         _mk(t / "notckpt"), c["checkpoint"].update(resume_from=str(t / "notckpt")) if "checkpoint" in c else
@@ -332,12 +336,24 @@ def _snapshot(folder: Path) -> dict[str, str]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+def _changed(before: dict, tmp: Path, assets: dict) -> list[str]:
+    after = {name: _snapshot(folder) for name, folder in {"tmp": tmp, **assets}.items()}
+    return sorted(f"{where}/{name}" for where in before for name in set(before[where]) | set(after[where])
+                  if before[where].get(name) != after[where].get(name))
+
+
 def run(case: Case, tmp: Path, assets: dict) -> Outcome:
     """Build the case's files in `tmp`, run `llmkit <args>` in this process, and report what happened."""
     from llmkit import cli, launch
 
     args = case.build(tmp, assets)
     before = {name: _snapshot(folder) for name, folder in {"tmp": tmp, **assets}.items()}
+    if case.fresh:
+        proc = subprocess.run([sys.executable, "-m", "llmkit.cli", *args], capture_output=True, text=True, cwd=tmp,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1", **case.env}, timeout=300)
+        crash = proc.stderr if "Traceback (most recent call last)" in proc.stderr else ""
+        return Outcome(proc.returncode, [ln for ln in proc.stderr.splitlines() if ln.startswith("llmkit: error:")],
+                       crash, _changed(before, tmp, assets), proc.stderr)
     err, out, code, crash = io.StringIO(), io.StringIO(), 0, ""
     with launch.environ({"HF_HUB_OFFLINE": "1", **case.env}), contextlib.redirect_stderr(err), \
             contextlib.redirect_stdout(out):
@@ -347,12 +363,9 @@ def run(case: Case, tmp: Path, assets: dict) -> Outcome:
             code = exc.code if isinstance(exc.code, int) else 1
         except BaseException:  # noqa: BLE001 - an escaped exception is what the battery looks for
             crash, code = traceback.format_exc(), 1
-    after = {name: _snapshot(folder) for name, folder in {"tmp": tmp, **assets}.items()}
-    changed = sorted(f"{where}/{name}" for where in before for name in set(before[where]) | set(after[where])
-                     if before[where].get(name) != after[where].get(name))
     text = err.getvalue()
-    return Outcome(code, [line for line in text.splitlines() if line.startswith("llmkit: error:")], crash, changed,
-                   text)
+    return Outcome(code, [line for line in text.splitlines() if line.startswith("llmkit: error:")], crash,
+                   _changed(before, tmp, assets), text)
 
 
 def verdict(case: Case, got: Outcome) -> str | None:

@@ -9,9 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import bad_inputs
 import pytest
 import yaml
-from helpers import LAUNCH_ENV, ROOT, check_ok, launch, write_config
+from helpers import LAUNCH_ENV, ROOT, check_ok, launch, launch_command, write_config
 
 from llmkit.config import load_config
 from llmkit.errors import LlmkitError
@@ -36,69 +37,58 @@ def test_validate_passes_a_good_config_and_lists_every_check(tmp_path, tiny_bert
     assert not (tmp_path / "out").exists()  # validating writes nothing
 
 
-def _bad(tmp_path, tiny_bert, tiny_data, change) -> Path:
+@pytest.fixture(scope="module")
+def battery_assets(tiny_bert, tiny_data, tiny_lm) -> dict:
+    return {"bert": tiny_bert, "data": tiny_data, "lm": tiny_lm}
+
+
+@pytest.mark.parametrize("case", bad_inputs.CASES, ids=[f"{c.kind}: {c.name}" for c in bad_inputs.CASES])
+def test_battery_one_clear_line_exit_2_nothing_changed(tmp_path, battery_assets, case):
+    """Each bad input of tests/bad_inputs.py: exit 2, one `llmkit: error:` line naming it, no traceback, no file
+    changed; each legitimate one (BOM, CRLF, brackets in a path) passes. bench/bad_inputs.py prints the count."""
+    got = bad_inputs.run(case, tmp_path, battery_assets)
+    assert bad_inputs.verdict(case, got) is None, (bad_inputs.verdict(case, got), got.stderr[-3000:], got.crash)
+
+
+# under a launcher: one case met before the process group, one in the DeepSpeed JSON, one in the data after it
+UNDER_LAUNCH = [("--train.seed=-1", "config key 'train.seed' must be in [0, 2**32)"),
+                ("--deepspeed.config_file={ds}", "'bf16' in DeepSpeed config"),
+                ("--data.text_column=sentence", "split 'train' has no column 'sentence'")]
+
+
+@pytest.mark.parametrize(("arg", "message"), UNDER_LAUNCH, ids=["config", "deepspeed", "data"])
+def test_llmkit_launch_user_error_is_one_line_and_exit_2(tmp_path, tiny_bert, tiny_data, arg, message):
+    """`llmkit launch` is `accelerate launch` whose user errors end as exit 2 and the one llmkit line, with no
+    traceback of the launcher or of another rank; the run folder is left so the fixed command runs."""
     cfg = write_config(tmp_path / "c.yaml", tiny_bert, tiny_data, tmp_path / "out")
-    raw = yaml.safe_load(cfg.read_text())
-    change(raw, tmp_path)
-    cfg.write_text(yaml.safe_dump(raw))
-    return cfg
-
-
-def _write(path: Path, text: str) -> str:
-    path.write_text(text)
-    return str(path)
-
-
-BATTERY = [
-    ("sequence length over the model max", lambda c, t: c["data"].update(max_length=100),
-     "data.max_length 100 is over the model's limit of 64 positions (bert); set data.max_length <= 64"),
-    ("model path that does not exist", lambda c, t: c["model"].update(name_or_path=str(t / "nope")),
-     "model.name_or_path '{t}/nope' does not exist (neither a local dir nor a Hub id)"),
-    ("a dir that is not a model", lambda c, t: (t.joinpath("empty").mkdir(), c["model"].update(
-        name_or_path=str(t / "empty"))), "is a directory without config.json, so it is not a transformers model"),
-    ("ds_config that does not parse", lambda c, t: c.setdefault("deepspeed", {}).update(
-        config_file=_write(t / "ds.json", "{ not json")), "DeepSpeed config '{t}/ds.json' cannot be read as JSON"),
-    ("empty split", lambda c, t: c["data"].update(dataset=None, data_files={
-        "train": _write(t / "tr.jsonl", ""), "validation": _write(t / "va.jsonl", '{"text": "a", "label": "x"}\n')},
-        test_split=None), "split 'train' is empty"),
-    ("missing text column", lambda c, t: c["data"].update(text_column="review"),
-     "split 'train' has no column 'review'"),
-    ("unseen string label in eval", lambda c, t: c["data"].update(label_names=["neg", "pos"], dataset=None, data_files={
-        "train": _write(t / "tr.jsonl", '{"text": "a", "label": "neg"}\n{"text": "b", "label": "pos"}\n'),
-        "validation": _write(t / "va.jsonl", '{"text": "c", "label": "meh"}\n')}, test_split=None),
-     "split 'validation' row 0: label 'meh' is not one of ['neg', 'pos']"),
-    ("fp16 on CPU", lambda c, t: c["train"].update(precision="fp16"),
-     "train.precision is fp16, but no GPU is available: fp16 with loss scaling is a GPU mode"),
-    ("output dir is the working directory", lambda c, t: c["output"].update(output_dir="."),
-     "is the working directory or one of its parents; point it at a dedicated folder"),
-    ("unknown key with a suggestion", lambda c, t: c["train"].update(learnig_rate=1e-3),
-     "unknown config key 'train.learnig_rate' (did you mean 'learning_rate'?)"),
-    ("wrong type", lambda c, t: c["train"].update(epochs="many"),
-     "config key 'train.epochs' must be of type float, got 'many'"),
-]
-
-
-@pytest.mark.parametrize(("what", "change", "message"), BATTERY, ids=[b[0] for b in BATTERY])
-def test_validate_battery_one_clear_message_exit_2(tmp_path, tiny_bert, tiny_data, what, change, message):
-    cfg = _bad(tmp_path, tiny_bert, tiny_data, change)
-    proc = _validate(cfg)
-    assert proc.returncode == 2, (what, proc.stdout, proc.stderr[-2000:])
+    (tmp_path / "ds.json").write_text('{"bf16": true}')
+    cmd = [sys.executable, "-m", "llmkit.cli", "launch", *launch_command("recipes/classification.py", [
+        "--config", str(cfg), arg.format(ds=tmp_path / "ds.json")], "cpu_zero2.yaml")[3:]]
+    proc = subprocess.run(cmd, cwd=ROOT, env=LAUNCH_ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if "llmkit: error" in line]
+    assert len(errors) == 1 and errors[0].startswith(f"llmkit: error: {message}"), proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("llmkit: error:")]
-    assert len(errors) == 1, proc.stderr
-    assert message.format(t=tmp_path) in errors[0], errors[0]
+    if (tmp_path / "out").exists():  # a run stopped before its first step: the same folder is "new" again
+        from llmkit.config import load_config
+        from llmkit.rundir import intent
+
+        assert intent(load_config(cfg)) == "new"
 
 
-def test_malformed_yaml_and_output_dir_of_another_run(tmp_path, tiny_bert, tiny_data):
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("model: [unclosed\n")
-    proc = _validate(bad)
-    assert proc.returncode == 2 and f"config file '{bad}' is not valid YAML" in proc.stderr
+def test_accelerate_launch_summary_names_the_llmkit_line(tmp_path, tiny_bert, tiny_data):
+    """Under plain `accelerate launch` the launcher always re-raises a child failure (its own traceback, exit 1);
+    the root cause in its failure summary is the llmkit line, with the child's exit code 2."""
     cfg = write_config(tmp_path / "c.yaml", tiny_bert, tiny_data, tmp_path / "out")
-    (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "metrics.json").write_text("{}")
-    proc = _validate(cfg)
-    assert proc.returncode == 2 and "already holds files from another run" in proc.stderr
+    proc = launch("recipes/classification.py", ["--config", str(cfg), "--data.text_column", "sentence"])
+    assert proc.returncode != 0
+    root = proc.stderr.split("Root Cause (first observed failure):")[-1]
+    assert "exitcode  : 2" in root, proc.stderr[-3000:]
+    assert "traceback : llmkit: error: split 'train' has no column 'sentence'" in root
+    assert [line for line in proc.stderr.splitlines() if line.startswith("llmkit: error:")] == [
+        "llmkit: error: split 'train' has no column 'sentence' (columns: ['text', 'label']); set the data.*_column "
+        "keys to the right names"]
+    assert "[rank1]" not in proc.stderr  # the other rank did not die in a barrier
 
 
 def test_a_bug_still_shows_its_traceback(tmp_path):
@@ -193,3 +183,40 @@ def test_a_rank_killed_mid_step_ends_the_job_and_keeps_the_checkpoint(tmp_path, 
     from llmkit import rundir
 
     assert rundir.verify_checkpoint(checkpoints / "step-4")["step"] == 4
+
+
+REMOTE_CONFIG = "from transformers import BertConfig\n\n\nclass TinyConfig(BertConfig):\n    model_type = 'tiny-remote'\n"
+REMOTE_MODEL = ("from transformers import BertForSequenceClassification\n\nfrom .configuration_tiny import TinyConfig\n\n\n"
+                "class TinyForSequenceClassification(BertForSequenceClassification):\n    config_class = TinyConfig\n")
+
+
+def test_a_trust_remote_code_model_trains_exports_and_evaluates(tmp_path, tiny_bert, tiny_data):
+    """A model whose code lives in its folder (auto_map): the flag reaches the export's reload check and
+    `llmkit eval` of the export, not only the training."""
+    remote = tmp_path / "remote"
+    remote.mkdir()
+    for f in tiny_bert.iterdir():
+        (remote / f.name).write_bytes(f.read_bytes())
+    (remote / "configuration_tiny.py").write_text(REMOTE_CONFIG)
+    (remote / "modeling_tiny.py").write_text(REMOTE_MODEL)
+    config = json.loads((remote / "config.json").read_text())
+    config.update(model_type="tiny-remote", architectures=["TinyForSequenceClassification"], auto_map={
+        "AutoConfig": "configuration_tiny.TinyConfig",
+        "AutoModelForSequenceClassification": "modeling_tiny.TinyForSequenceClassification"})
+    (remote / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path / "c.yaml", remote, tiny_data, out, max_steps=2)
+    proc = launch("recipes/classification.py", ["--config", str(cfg), "--model.trust_remote_code", "true"],
+                  "single.yaml")
+    check_ok(proc)
+    assert "export_check" in json.loads((out / "final" / "metrics.json").read_text())
+    # a json.py in the working directory must not be imported by the reload check (`push --dry-run` reloads the
+    # export in a fresh interpreter) or by eval (the console script, as a user runs it)
+    (tmp_path / "json.py").write_text("raise SystemExit('the wrong json module was imported')\n")
+    llmkit = str(Path(sys.executable).parent / "llmkit")
+    for args in (["eval", str(out / "final"), "--data", str(tiny_data)],
+                 ["push", str(out), "alice/remote", "--dry-run", "--output", str(tmp_path / "staged")]):
+        done = subprocess.run([llmkit, *args], capture_output=True, text=True, env=LAUNCH_ENV, cwd=tmp_path,
+                              timeout=300)
+        assert done.returncode == 0, (args[0], done.stderr[-3000:])
+    assert "accuracy" in json.dumps(json.loads((out / "final" / "eval-test" / "metrics.json").read_text()))

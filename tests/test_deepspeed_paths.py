@@ -68,7 +68,8 @@ def test_fp16_is_refused_on_cpu_before_training(tmp_path, tiny_bert, tiny_data):
     cfg = write_config(tmp_path / "c.yaml", tiny_bert, tiny_data, tmp_path / "out", precision="fp16")
     proc = launch("recipes/classification.py", ["--config", str(cfg)])
     assert proc.returncode != 0
-    assert proc.stderr.count("llmkit: error: train.precision is fp16, but no GPU is available") == 1
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("llmkit: error:")]
+    assert len(errors) == 1 and "train.precision is fp16, but no GPU is available" in errors[0]
     assert not (tmp_path / "out").exists()  # nothing was started or written
 
 

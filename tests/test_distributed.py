@@ -81,12 +81,3 @@ def test_metrics_identical_on_one_and_two_ranks_with_uneven_eval(tmp_path, tiny_
     assert one["metrics"]["loss"] == pytest.approx(two["metrics"]["loss"], rel=1e-5)
     assert one["metrics"]["accuracy"] == pytest.approx(sk.accuracy_score(one["labels"], one["pred"]))
     assert one["metrics"]["f1"] == pytest.approx(sk.f1_score(one["labels"], one["pred"]))
-
-
-def test_bad_input_under_launch_prints_one_clear_error(tmp_path, tiny_bert, tiny_data):
-    cfg = write_config(tmp_path / "c.yaml", tiny_bert, tiny_data, tmp_path / "out")
-    proc = launch("recipes/classification.py", ["--config", str(cfg), "--data.text_column", "sentence"])
-    assert proc.returncode != 0
-    err = proc.stderr
-    assert err.count("llmkit: error: split 'train' has no column 'sentence'") == 1
-    assert "LlmkitError" not in err  # printed as one line, not as a traceback

@@ -11,12 +11,14 @@ import os
 import platform
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from accelerate import Accelerator, DeepSpeedPlugin, InitProcessGroupKwargs
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list, set_seed
 from tqdm.auto import tqdm
 
 from llmkit import launch, model, preflight, rundir
@@ -25,6 +27,8 @@ from llmkit.data import lm, sources
 from llmkit.errors import LlmkitError
 from llmkit.precision import ACCELERATE_PRECISION
 from llmkit.train.guards import StopSignal
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -68,6 +72,25 @@ class Run:
                               f"{self.output_dir} are complete and verified; {skipped}")
         if signal:
             self.log(f"{signal} arrived after the last training step; the run finished its export and report")
+
+    def main_first(self, fn: Callable[[], T], others: bool = True) -> T | None:
+        """`fn()` on rank 0 first (it fills the caches), then on the other ranks (unless `others` is False).
+        A user error on rank 0 is sent to every rank and raised there too: each exits with the one message,
+        where a plain barrier would leave the others failing in it with a connection traceback."""
+        acc = self.accelerator
+        result, message = None, [None]
+        if acc.is_main_process:
+            try:
+                result = fn()
+            except LlmkitError as exc:
+                message = [str(exc)]
+        if acc.num_processes > 1:
+            broadcast_object_list(message)
+        if message[0] is not None:
+            raise LlmkitError(message[0], on_every_rank=True)
+        if not acc.is_main_process and others:
+            result = fn()
+        return result
 
     def identify_data(self, train, label_names: list[str] | None) -> None:
         """Record what the run trains on (the tokenized train split's digest, the label set) for resume checks."""
@@ -170,11 +193,12 @@ def load_tokenizer(run: Run):
     cfg = run.cfg
     if model.needs_trained_tokenizer(cfg.model):
         folder = run.output_dir / "tokenizer"
-        if run.accelerator.is_main_process:
+        def train() -> None:
             size = int(model.read_config(cfg.model).vocab_size)
             tok = model.train_tokenizer(lm.training_texts(cfg.data), size, folder)
             run.log(f"tokenizer: trained a byte-level BPE tokenizer ({len(tok)} tokens, vocab_size {size}) on the "
                     f"train split into {folder}")
-        run.accelerator.wait_for_everyone()
+
+        run.main_first(train, others=False)
         cfg.model.tokenizer = str(folder)
     return model.load_tokenizer(cfg.model)
