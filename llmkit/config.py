@@ -185,13 +185,28 @@ def _full_key(key: str) -> tuple[str, str]:
     raise LlmkitError(f"unknown config key '{key}'{did_you_mean(key, leaves)}")
 
 
+class _UniqueKeys(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"'{key}' is set twice (lines {seen[key] + 1} and {key_node.start_mark.line + 1}); "
+                    "keep one", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml(path: str | Path, what: str) -> Any:
     """A YAML file's content ({} when empty); a clear error naming `what` when it is missing or does not parse."""
     path = Path(path)
     if not path.is_file():
         raise LlmkitError(f"{what} '{path}' " + ("is a folder, not a file" if path.is_dir() else "does not exist"))
     try:
-        return yaml.safe_load(path.read_text()) or {}
+        return yaml.load(path.read_text(), Loader=_UniqueKeys) or {}
     except yaml.YAMLError as exc:
         raise LlmkitError(f"{what} '{path}' is not valid YAML: {exc}") from None
 

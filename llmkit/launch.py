@@ -69,6 +69,7 @@ def _deepspeed_source(cfg: Config) -> tuple[dict, str] | None:
 DS_SECTIONS = ("zero_optimization", "bf16", "fp16", "optimizer", "scheduler", "activation_checkpointing",
                "flops_profiler", "aio", "comms_logger", "tensorboard", "wandb", "csv_monitor", "data_types")
 ZERO_SECTIONS = ("offload_optimizer", "offload_param")
+SUPPORTED_DISTRIBUTED = ("NO", "MULTI_CPU", "MULTI_GPU", "DEEPSPEED")  # Accelerate's distributed_type names
 
 
 def _check_json_shape(ds, path: str) -> dict:
@@ -85,6 +86,14 @@ def _check_json_shape(ds, path: str) -> dict:
         if key in zero and not isinstance(zero[key], dict):
             raise LlmkitError(f"'zero_optimization.{key}' in DeepSpeed config '{path}' must be an object such as "
                               f'{{"device": "cpu"}}, got {json.dumps(zero[key])}')
+    for key in ZERO_SECTIONS:
+        device = zero.get(key, {}).get("device", "none")
+        if device not in ("none", "cpu", "nvme"):
+            raise LlmkitError(f"'zero_optimization.{key}.device' in DeepSpeed config '{path}' must be none, cpu or "
+                              f"nvme, got {json.dumps(device)}")
+        if device == "nvme" and not zero[key].get("nvme_path"):
+            raise LlmkitError(f"'zero_optimization.{key}' in DeepSpeed config '{path}' offloads to nvme but names no "
+                              "nvme_path (a folder on a fast local disk); add one, or offload to cpu")
     stage = zero.get("stage", 0)
     if stage not in (0, 1, 2, 3) or isinstance(stage, bool):
         raise LlmkitError(f"'zero_optimization.stage' in DeepSpeed config '{path}' must be 0, 1, 2 or 3, got "
@@ -165,6 +174,9 @@ def _flatten(node: dict, prefix: str = "") -> dict:
 
 def check_accelerate_env(cfg: Config, precision: str) -> None:
     """Knobs the Accelerate yaml may also set must agree with the llmkit config (one source of truth)."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        raise LlmkitError("this run was launched with FSDP (ACCELERATE_USE_FSDP); llmkit trains with DeepSpeed ZeRO "
+                          "or plain data parallelism. Launch with one of accelerate_configs/*.yaml")
     t = cfg.train
     checks = [
         ("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "gradient_accumulation_steps", t.gradient_accumulation_steps,
@@ -213,6 +225,11 @@ def accelerate_env(path: str | Path) -> dict[str, str]:
             raise LlmkitError(f"{key} in Accelerate config '{path}' must be a whole number >= {low}, got {value!r}")
         return value
 
+    kind = acc.get("distributed_type") or "NO"
+    if kind not in SUPPORTED_DISTRIBUTED:
+        raise LlmkitError(f"distributed_type {kind} in Accelerate config '{path}' is not one llmkit runs: it trains "
+                          f"with DeepSpeed ZeRO or plain data parallelism ({', '.join(SUPPORTED_DISTRIBUTED)}). "
+                          "Start from one of accelerate_configs/*.yaml")
     env = {"WORLD_SIZE": str(whole("num_processes", 1, 1) * whole("num_machines", 1, 1))}
     if acc.get("mixed_precision"):
         env["ACCELERATE_MIXED_PRECISION"] = str(acc["mixed_precision"])

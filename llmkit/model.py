@@ -19,6 +19,12 @@ def locate(name_or_path: str, what: str) -> str:
         local = Path(path).expanduser()
         if not local.exists():
             raise LlmkitError(f"{what} '{name_or_path}' does not exist (neither a local dir nor a Hub id)")
+        if local.is_file() and what == "model.name_or_path":
+            raise LlmkitError(f"{what} '{name_or_path}' is a file; name the model's folder (the one holding "
+                              "config.json and the weights)")
+        if (local / "adapter_config.json").is_file() and what == "model.name_or_path":
+            raise LlmkitError(f"{what} '{name_or_path}' is a LoRA adapter, not a model: train from its base model "
+                              "(adapter_config.json names it), or export a merged model and start from that")
         if local.is_dir() and not (local / "config.json").is_file() and what == "model.name_or_path":
             raise LlmkitError(f"{what} '{name_or_path}' is a directory without config.json, so it is not a "
                               "transformers model folder")
@@ -76,6 +82,12 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerFast:
         if fallback is None:
             raise LlmkitError(f"the tokenizer of '{name}' has no pad, eos or unk token to pad with")
         tok.pad_token = fallback
+    separate = cfg.tokenizer and not needs_trained_tokenizer(cfg)  # a model's own tokenizer fits it
+    vocab = getattr(read_config(cfg), "vocab_size", None) if separate else None
+    if vocab and len(tok) > vocab:  # ids past the embedding table fail as an IndexError in the first forward
+        raise LlmkitError(f"the tokenizer '{cfg.tokenizer}' has {len(tok)} tokens but the model's vocabulary (its "
+                          f"embeddings) holds {vocab}: they do not belong together. Use the model's own tokenizer "
+                          "(leave model.tokenizer unset) or a model trained with this one.")
     return tok
 
 

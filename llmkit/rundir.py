@@ -232,6 +232,9 @@ def resolve_checkpoint(output_dir: Path, resume_from: str) -> Path:
         path = Path(resume_from).expanduser()
         if not path.is_dir():
             raise LlmkitError(f"checkpoint.resume_from: '{resume_from}' is not a checkpoint folder")
+        if checkpoint_steps(path) and not (path / MANIFEST).is_file():
+            raise LlmkitError(f"checkpoint.resume_from: '{resume_from}' is the folder holding the checkpoints; name "
+                              f"one step-<n> inside it ({checkpoint_steps(path)[-1]} is the newest) or use 'latest'")
         verify_checkpoint(path)
         return path
     pointer = root / "latest"

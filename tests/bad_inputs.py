@@ -112,6 +112,15 @@ def _lm(change=None, *extra: str):
     return build
 
 
+def _big_tokenizer(tmp: Path) -> str:
+    """A word-level BERT tokenizer of 100 words: more ids than the tiny model's 40 embeddings."""
+    from transformers import BertTokenizer
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *(f"w{i}" for i in range(95))]
+    BertTokenizer(vocab={w: i for i, w in enumerate(words)}).save_pretrained(tmp / "big_tok")
+    return str(tmp / "big_tok")
+
+
 def _one_long_prompt(raw, tmp):
     """LM data whose second row's prompt alone is longer than 12 tokens."""
     long = " ".join(["is this film good"] * 4)
@@ -156,6 +165,12 @@ CASES: list[Case] = [
          "output.hub_revision"),
     Case("config", "fp16 on a machine without a GPU", validate(None, "--train.precision", "fp16"),
          "fp16 with loss scaling is a GPU mode"),
+    Case("config", "a section name with a typo", validate(None, "--trian.epochs", "1"), "did you mean 'train'"),
+    Case("config", "two values after one key", validate(None, "--train.epochs", "1", "2"), "unexpected argument '2'"),
+    Case("config", "a key set twice in the YAML", lambda t, a: ["validate", _write(t / "twice.yaml", (
+        f"model: {{name_or_path: {a['bert']}}}\ndata: {{dataset: {a['data']}, max_length: 32}}\n"
+        "train:\n  learning_rate: 1e-3\n  epochs: 1\n  learning_rate: 3e-5\n"))], "twice"),
+    Case("config", "a decimal comma", validate(lambda c, t: c["train"].update(epochs="1,5")), "train.epochs"),
     # ---- the output folder
     Case("output", "the working directory", validate(lambda c, t: c["output"].update(output_dir=".")),
          "is the working directory or one of its parents"),
@@ -174,6 +189,8 @@ CASES: list[Case] = [
     Case("deepspeed", "JSON that does not parse", validate(_ds_json("{ not json")), "cannot be read as JSON"),
     Case("deepspeed", "batch size that disagrees", validate(_ds_json(
         '{"train_micro_batch_size_per_gpu": 3, "zero_optimization": {"stage": 2}}')), "train_micro_batch_size"),
+    Case("deepspeed", "NVMe offload without a path", validate(_ds_json(
+        '{"zero_optimization": {"stage": 3, "offload_param": {"device": "nvme"}}}')), "nvme_path"),
     # ---- the Accelerate yaml
     Case("accelerate", "yaml that is a list", validate(acc=_acc_yaml("- 1\n- 2\n")), "mapping"),
     Case("accelerate", "num_processes a word", validate(acc=_acc_yaml("num_processes: two\n")), "num_processes"),
@@ -189,6 +206,8 @@ CASES: list[Case] = [
         "  gradient_accumulation_steps: 4\n")), "gradient_accumulation_steps"),
     Case("accelerate", "the recipe config given as the Accelerate yaml", validate(acc=lambda tmp: str(tmp / "c.yaml")),
          "llmkit recipe config"),
+    Case("accelerate", "an FSDP config", validate(acc=_acc_yaml("distributed_type: FSDP\nnum_processes: 2\n")),
+         "FSDP"),
     # ---- the environment a launcher (or a stale shell) left
     Case("env", "WORLD_SIZE a word", validate(), "WORLD_SIZE", env={"WORLD_SIZE": "two"}),
     Case("env", "accumulation env not a number", validate(), "ACCELERATE_GRADIENT_ACCUMULATION_STEPS",
@@ -275,6 +294,20 @@ CASES: list[Case] = [
                                                           "--data.drop_bad_rows", "false"), "train row 1"),
     Case("data", "prompt without a response column", _lm(lambda c, t: c["data"].update(response_column=None)),
          "must be set together"),
+    Case("data", "a UTF-16 CSV (Excel's Unicode text)", validate(_files(
+        train=("tr.csv", _csv(GOOD).encode("utf-16")), validation=("va.csv", _csv(VALID)))), "UTF-8"),
+    Case("data", "a semicolon-separated CSV", validate(_files(
+        train=("tr.csv", _csv(GOOD).replace(",", ";")), validation=("va.csv", _csv(VALID).replace(",", ";")))),
+        "separated by ';'"),
+    Case("data", "a JSON array file (works)", validate(_files(
+        train=("tr.json", json.dumps([{"text": t, "label": lab} for t, lab in GOOD])),
+        validation=("va.json", json.dumps([{"text": t, "label": lab} for t, lab in VALID])))), None),
+    Case("data", "texts that are lists", validate(_files(
+        train=("tr.jsonl", "".join(json.dumps({"text": t.split(), "label": lab}) + "\n" for t, lab in GOOD)),
+        validation=("va.jsonl", "".join(json.dumps({"text": t.split(), "label": lab}) + "\n" for t, lab in VALID)))),
+        "not text"),
+    Case("data", "a datasets cache that is a file", validate(), "HF_DATASETS_CACHE", fresh=True,
+         env={"HF_DATASETS_CACHE": "/etc/hostname"}),
     # ---- model and tokenizer folders
     Case("model", "a model path that does not exist", validate(lambda c, t: c["model"].update(
         name_or_path=str(t / "nope"))), "does not exist (neither a local dir nor a Hub id)"),
@@ -295,12 +328,28 @@ CASES: list[Case] = [
         _mk(t / "empty_tok"), c["model"].update(tokenizer=str(t / "empty_tok")))), "empty_tok"),
     Case("model", "a Hub id while offline", validate(lambda c, t: c["model"].update(name_or_path="nobody/nothing")),
          "nobody/nothing", fresh=True),
+    Case("model", "a tokenizer bigger than the model's vocabulary", validate(lambda c, t: c["model"].update(
+        tokenizer=_big_tokenizer(t))), "vocabulary"),
+    Case("model", "a LoRA adapter folder as the model", validate(lambda c, t: (
+        _write(t / "adapter" / "adapter_config.json", '{"peft_type": "LORA", "base_model_name_or_path": "x"}'),
+        c["model"].update(name_or_path=str(t / "adapter")))), "adapter"),
+    Case("model", "a weights file instead of its folder", validate(lambda c, t: c["model"].update(
+        name_or_path=str(Path(c["model"]["name_or_path"]) / "model.safetensors"))), "folder"),
     # ---- checkpoints
     Case("checkpoint", "resume from a folder that is not a checkpoint", validate(lambda c, t: (
         _mk(t / "notckpt"), c["checkpoint"].update(resume_from=str(t / "notckpt")) if "checkpoint" in c else
         c.update(checkpoint={"resume_from": str(t / "notckpt")}))), "notckpt"),
     Case("checkpoint", "resume latest with nothing to resume", validate(
         lambda c, t: c.update(checkpoint={"resume_from": "latest"})), "resume"),
+    Case("checkpoint", "resume from the checkpoints folder itself", validate(lambda c, t: (
+        _mk(t / "old" / "checkpoints" / "step-2"), c.update(checkpoint={"resume_from": str(t / "old" / "checkpoints")}))),
+        "step-<n>"),
+    # ---- the Hub
+    Case("hub", "push at the end with no token", validate(lambda c, t: c["output"].update(
+        push_to_hub=True, hub_model_id="alice/x")), "needs a token", fresh=True,
+        env={"HF_TOKEN": "", "HF_HOME": "/nonexistent-hf-home"}),
+    Case("hub", "a repo id with a space", validate(lambda c, t: c["output"].update(
+        push_to_hub=True, hub_model_id="alice/my model")), "output.hub_model_id"),
     # ---- the targets of eval, generate, push, report, estimate-memory
     Case("target", "eval of a folder that is missing", lambda t, a: ["eval", str(t / "nope"), "--data",
                                                                      str(a["data"])], "nope"),

@@ -40,6 +40,10 @@ def prepare(cfg: DataConfig, tokenizer, seed: int, log=print) -> ClassificationD
             # evaluation in length order wastes little padding; "row" maps predictions back to texts
             tok = tok.add_column("row", list(range(len(tok)))).sort("length")
         tokenized[role] = tok
+        cut = sum(1 for n in tok["length"] if n >= cfg.max_length)
+        if cut:  # truncation is right for long texts, but the user should know how much is cut
+            log(f"data: {cut} of {len(tok)} {role} rows reach data.max_length {cfg.max_length} tokens and are cut "
+                "there; raise data.max_length (up to the model's positions) to keep more of each text")
     lengths = tokenized["train"]["length"]
     return ClassificationData(
         train=tokenized["train"].remove_columns("length"),

@@ -98,6 +98,10 @@ def explain(kind: str, files: dict[str, str], exc: BaseException) -> str:
         if problem:
             return f"split '{split}': {problem}"
     root = _root(exc)
+    named = {str(Path(p).expanduser()) for p in files.values()}
+    if isinstance(root, OSError) and root.filename and str(root.filename) not in named:
+        return (f"datasets could not use its cache or a temporary folder: {type(root).__name__}: {root}. Check "
+                "HF_DATASETS_CACHE / HF_HOME (a writable folder with free space)")
     detail = str(root).splitlines()[0][:300] if str(root) else ""
     return (f"the data files {sorted(files.values())} could not be read as {kind}: {type(root).__name__}: {detail}. "
             "Check that each file is well-formed " + {"csv": "CSV (a header, equal field counts)",

@@ -167,8 +167,12 @@ def require_columns(ds: Dataset, split: str, columns: list[str]) -> None:
     """A clear error for the first configured column the split lacks."""
     missing = [c for c in columns if c not in ds.column_names]
     if missing:
+        joined = next((sep for sep in (";", "\t", "|") if len(ds.column_names) == 1 and sep in ds.column_names[0]),
+                      None)
+        hint = (f"; the file looks separated by {joined!r}, not commas: save it as a comma-separated .csv (or "
+                "tab-separated .tsv)") if joined else ""
         raise LlmkitError(f"split '{split}' has no column {missing[0]!r} (columns: {ds.column_names}); set "
-                          "the data.*_column keys to the right names")
+                          f"the data.*_column keys to the right names{hint}")
 
 
 @dataclass
@@ -196,7 +200,11 @@ def load_labeled(cfg: DataConfig, seed: int, log=print) -> LabeledSplits:
         if len(ds) == 0:
             raise LlmkitError(f"split '{split}' is empty: it has no rows at all")
         for c in texts:  # a CSV column of texts like "12" is read as numbers
-            if getattr(ds.features[c], "dtype", None) not in ("string", "large_string"):
+            kind = getattr(ds.features[c], "dtype", None)
+            if kind is None or kind in ("list", "struct"):
+                raise LlmkitError(f"column '{c}' of split '{split}' holds {type(ds.features[c]).__name__} values, "
+                                  "not text: each row's text must be one string")
+            if kind not in ("string", "large_string"):
                 ds = ds.cast_column(c, Value("string"))
         values = _normalise_labels(ds[cfg.label_column], split)
         text_values = [ds[c] for c in texts]
