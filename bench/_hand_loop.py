@@ -28,7 +28,7 @@ def main() -> None:
     t = cfg.train
     # the same process set-up as llmkit (threads per rank, gloo on CPU, the filled-in DeepSpeed config)
     cfg.output.output_dir, cfg.output.overwrite_output_dir = tempfile.mkdtemp(prefix="llmkit-hand-"), True
-    run = setup(cfg)
+    run = setup(cfg, "classification")
     acc: Accelerator = run.accelerator
     name = model.locate(cfg.model.name_or_path, "model")
     tok = AutoTokenizer.from_pretrained(name)

@@ -112,7 +112,7 @@ def worker(name: str, stage: int, out: str) -> None:
     cfg = load_config(None, ["--model.name_or_path", f"asset:{name}", "--data.dataset", "asset:polarity",
                              "--train.precision", "bf16", "--train.per_device_batch_size", "2",
                              "--output.output_dir", out, "--output.overwrite_output_dir", "true"])
-    run = setup(cfg)  # gloo, threads, resolved DeepSpeed config
+    run = setup(cfg, "classification" if name == "minilm" else "causal_lm")  # gloo, threads, the DeepSpeed config
     acc = run.accelerator
     # built after setup, as the recipes do: under ZeRO-3 from_pretrained then runs inside zero.Init
     net = (model.load_classifier(cfg.model, ["negative", "positive"]) if name == "minilm"

@@ -53,7 +53,16 @@ def guarded(fn: Callable[[], object]) -> None:
             if not exc.on_every_rank:
                 _tell_launcher(line)
                 print(f"llmkit: error (rank {os.environ.get('RANK')}): {exc}", file=sys.stderr, flush=True)
+        _leave_process_group()
         sys.exit(USER_ERROR)
+
+
+def _leave_process_group() -> None:
+    """A rank stopping on a user error leaves the process group now: in interpreter teardown, gloo's destructor
+    on rank 0 (the store's host) was seen to wait ~55 s for the other ranks."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def launch(argv: list[str]) -> None:
@@ -158,7 +167,7 @@ def _push(args: argparse.Namespace) -> None:
 def _validate(args: argparse.Namespace) -> None:
     from llmkit.commands.validate import validate
 
-    validate(args.config, args.overrides, args.accelerate_config)
+    validate(args.config, args.overrides, args.accelerate_config, args.recipe)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -226,6 +235,8 @@ def main(argv: list[str] | None = None) -> None:
     val = sub.add_parser("validate", help="run every check of a recipe that needs no training, then stop")
     val.add_argument("config", help="the recipe YAML")
     val.add_argument("--accelerate-config", help="the Accelerate yaml you will launch with (processes, DeepSpeed)")
+    val.add_argument("--recipe", choices=["classification", "causal_lm"],
+                     help="the recipe you will run (default: causal_lm for a causal LM or prompt/chat data)")
     val.set_defaults(fn=_validate)  # any further --section.key value arguments override the config
     args, rest = parser.parse_known_args(argv)
     if rest and args.command != "validate":

@@ -23,6 +23,8 @@ class ModelConfig:
     from_scratch: bool = False  # random init from the model's config instead of its weights
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False
+    dtype: str | None = None  # the dtype weights load in: float32 | bfloat16 | float16 (default: float32)
+    attn_implementation: str | None = None  # eager | sdpa | flash_attention_2 (CUDA + flash-attn) | flex_attention
 
 
 @dataclass
@@ -32,6 +34,7 @@ class LoraConfig:
     alpha: int = 32
     dropout: float = 0.05
     target_modules: list[str] | None = None  # default: chosen per architecture (see llmkit.model)
+    load_in_4bit: bool = False  # QLoRA: the frozen base in 4-bit NF4 (bitsandbytes), the adapters on top
 
 
 @dataclass
@@ -83,6 +86,7 @@ class TrainConfig:
     eval_every_steps: int | None = None  # also evaluate every N optimizer steps (always at epoch end)
     logging_steps: int = 10
     num_threads: int | None = None  # torch CPU threads per rank; default: cores / local ranks
+    class_weights: list[float] | str | None = None  # classifiers: null | balanced | [w0, w1, ...] in label order
     loss_scale_patience: int = 50  # fp16: stop after this many steps with the loss scale at its minimum
     sample_prompts: list[str] | None = None  # causal LM: greedy completions logged at every eval
     sample_max_new_tokens: int = 48
@@ -284,9 +288,17 @@ def check_values(cfg: Config) -> None:
          f"must be one of {', '.join(ADAMW_IMPLS)}, got '{t.adamw_impl}'")
     need(t.dataloader_workers >= 0, "train.dataloader_workers", f"must be >= 0, got {t.dataloader_workers}")
     need(t.profile_steps >= 0, "train.profile_steps", f"must be >= 0, got {t.profile_steps}")
+    w = t.class_weights
+    need(w is None or w == "balanced" or (isinstance(w, list) and len(w) >= 2 and all(x > 0 for x in w)),
+         "train.class_weights", f"must be null, balanced, or a list of positive weights (one per label), got {w!r}")
     need(t.loss_scale_patience >= 1, "train.loss_scale_patience", f"must be >= 1, got {t.loss_scale_patience}")
 
     need(bool(cfg.model.name_or_path), "model.name_or_path", "must name a Hub id, a local dir or asset:<name>")
+    need(cfg.model.dtype in (None, "float32", "bfloat16", "float16"), "model.dtype",
+         f"must be float32, bfloat16 or float16, got {cfg.model.dtype!r}")
+    need(cfg.model.attn_implementation in (None, "eager", "sdpa", "flash_attention_2", "flex_attention"),
+         "model.attn_implementation", f"must be eager, sdpa, flash_attention_2 or flex_attention, got "
+         f"{cfg.model.attn_implementation!r}")
     need(d.dataset is not None or d.data_files is not None, "data.dataset",
          "is missing: set data.dataset (Hub id, local path or asset:<name>) or data.data_files")
     need(d.dataset is None or d.data_files is None, "data.data_files",
@@ -325,6 +337,10 @@ def check_values(cfg: Config) -> None:
     need(lo.r >= 1, "lora.r", f"must be >= 1, got {lo.r}")
     need(lo.alpha > 0, "lora.alpha", f"must be > 0, got {lo.alpha}")
     need(0 <= lo.dropout < 1, "lora.dropout", f"must be in [0, 1), got {lo.dropout}")
+    need(not lo.load_in_4bit or lo.enabled, "lora.load_in_4bit",
+         "needs lora.enabled: true (QLoRA trains LoRA adapters on the 4-bit base)")
+    need(not (lo.load_in_4bit and cfg.model.from_scratch), "lora.load_in_4bit",
+         "quantizes pretrained weights; a from-scratch model has none to quantize")
     need(lo.target_modules is None or len(lo.target_modules) > 0, "lora.target_modules",
          "must list module names (or be null for the per-architecture default)")
 

@@ -91,19 +91,57 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerFast:
     return tok
 
 
-def load_classifier(cfg: ModelConfig, label_names: list[str], pad_token_id: int | None = None):
-    """AutoModelForSequenceClassification with a head for `label_names` (id2label/label2id in its config)."""
+DTYPES = ("float32", "bfloat16", "float16")
+ATTENTION = ("eager", "sdpa", "flash_attention_2", "flex_attention")
+
+
+def loading_options(cfg: ModelConfig, lora: LoraConfig | None = None, precision: str = "fp32") -> dict:
+    """from_pretrained's keywords from model.*: revision, remote code, the dtype weights load in, attention; and
+    for QLoRA (lora.load_in_4bit) the 4-bit quantization, computing in the run's precision."""
+    options = {"revision": cfg.revision, **_config_options(cfg)}
+    if lora is not None and lora.load_in_4bit:
+        options["quantization_config"] = quantization(precision)
+    return options
+
+
+def quantization(precision: str):
+    """bitsandbytes NF4 with double quantization. The packed weights are stored in the compute dtype, so ZeRO-3
+    can partition them like any other parameter."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=dtype)
+
+
+def _config_options(cfg: ModelConfig) -> dict:
+    import torch
+
+    options = {"trust_remote_code": cfg.trust_remote_code}
+    if cfg.dtype:
+        options["dtype"] = getattr(torch, cfg.dtype)
+    if cfg.attn_implementation:
+        options["attn_implementation"] = cfg.attn_implementation
+    return options
+
+
+def load_classifier(cfg: ModelConfig, label_names: list[str], pad_token_id: int | None = None,
+                    lora: LoraConfig | None = None, precision: str = "fp32"):
+    """AutoModelForSequenceClassification with a head for `label_names` (id2label/label2id in its config), any
+    architecture (an encoder, or a decoder LLM that scores its last real token). With `lora` on, peft's
+    sequence-classification task: adapters on the body, the new head trained in full and saved with them."""
     name = locate(cfg.name_or_path, "model.name_or_path")
     labels = {
         "num_labels": len(label_names),
         "id2label": dict(enumerate(label_names)),
         "label2id": {n: i for i, n in enumerate(label_names)},
     }
-    common = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
+    common = loading_options(cfg, lora, precision)
     try:
         if cfg.from_scratch:
             config = read_config(cfg, **labels)
-            model = AutoModelForSequenceClassification.from_config(config, trust_remote_code=cfg.trust_remote_code)
+            model = AutoModelForSequenceClassification.from_config(config, **_config_options(cfg))
         else:
             # a checkpoint with another head size (e.g. a 2-class model tuned to 3 classes) gets a fresh head
             model = AutoModelForSequenceClassification.from_pretrained(name, ignore_mismatched_sizes=True,
@@ -112,8 +150,23 @@ def load_classifier(cfg: ModelConfig, label_names: list[str], pad_token_id: int 
         raise _hub_error("the model", name, exc) from None
     if model.config.pad_token_id is None and pad_token_id is not None:
         model.config.pad_token_id = pad_token_id  # decoder classifiers find the last real token through it
-    if cfg.gradient_checkpointing:
+    model = _for_adapters(model, cfg, lora)
+    return apply_lora(model, lora, task_type="SEQ_CLS") if lora is not None else model
+
+
+def _for_adapters(model, cfg: ModelConfig, lora: LoraConfig | None):
+    """Gradient checkpointing, and what LoRA on a frozen (maybe 4-bit) base needs: inputs that carry gradients,
+    and for 4-bit peft's k-bit preparation (norms in fp32, the checkpointing it wants)."""
+    if lora is not None and lora.load_in_4bit:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=cfg.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif cfg.gradient_checkpointing:
         _checkpointing(model)
+        if lora is not None and lora.enabled:
+            model.enable_input_require_grads()  # frozen embeddings would cut the gradient path into the adapters
     return model
 
 
@@ -232,14 +285,14 @@ def train_tokenizer(texts, vocab_size: int, folder: Path, max_length: int | None
     return tok
 
 
-def load_causal_lm(cfg: ModelConfig, lora: LoraConfig, tokenizer=None):
+def load_causal_lm(cfg: ModelConfig, lora: LoraConfig, tokenizer=None, precision: str = "fp32"):
     """AutoModelForCausalLM from a Hub id, a local dir or an asset, or random init from its config; LoRA if asked.
 
     From scratch, the config's special-token ids are taken from `tokenizer` (it may have been trained here)."""
     from transformers import AutoModelForCausalLM
 
     name = locate(cfg.name_or_path, "model.name_or_path")
-    common = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
+    common = loading_options(cfg, lora, precision)
     try:
         if cfg.from_scratch:
             config = read_config(cfg)
@@ -250,15 +303,12 @@ def load_causal_lm(cfg: ModelConfig, lora: LoraConfig, tokenizer=None):
                 config.pad_token_id = tokenizer.pad_token_id
                 config.eos_token_id = tokenizer.eos_token_id
                 config.bos_token_id = tokenizer.bos_token_id
-            model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
+            model = AutoModelForCausalLM.from_config(config, **_config_options(cfg))
         else:
             model = AutoModelForCausalLM.from_pretrained(name, **common)
     except (OSError, ValueError) as exc:
         raise _hub_error("the model", name, exc) from None
     if tokenizer is not None and model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    if cfg.gradient_checkpointing:
-        _checkpointing(model)
-        if lora.enabled:
-            model.enable_input_require_grads()  # frozen embeddings would cut the gradient path into the adapters
+    model = _for_adapters(model, cfg, lora)
     return apply_lora(model, lora, task_type="CAUSAL_LM")

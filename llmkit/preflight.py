@@ -43,6 +43,37 @@ def warnings(cfg: Config) -> list[str]:
     return out
 
 
+def check_loading(cfg: Config, precision: str) -> None:
+    """model.dtype and model.attn_implementation against the precision and this machine."""
+    import importlib.util
+
+    import torch
+
+    wanted = {"fp32": ("float32",), "bf16": ("float32", "bfloat16"), "fp16": ("float32", "float16")}[precision]
+    if cfg.model.dtype and cfg.model.dtype not in wanted:
+        raise LlmkitError(f"model.dtype {cfg.model.dtype} does not go with precision {precision}: load the weights "
+                          f"as {' or '.join(wanted)} (or leave model.dtype unset)")
+    if cfg.lora.load_in_4bit and not torch.cuda.is_available():
+        # measured with bitsandbytes 0.50.2: its CPU backend loads and trains a 4-bit model, but the first
+        # no-grad forward after a training step fails (a shape error in _convert_weight_packed_for_cpu), so a
+        # run could not evaluate or export
+        raise LlmkitError("lora.load_in_4bit (QLoRA) needs a CUDA GPU: bitsandbytes' CPU backend fails to evaluate "
+                          "a 4-bit model after a training step. On this machine use plain LoRA (drop "
+                          "lora.load_in_4bit)")
+    if cfg.lora.load_in_4bit and importlib.util.find_spec("bitsandbytes") is None:
+        raise LlmkitError("lora.load_in_4bit (QLoRA) needs bitsandbytes: `pip install bitsandbytes` (>= 0.45 runs "
+                          "on CPUs too), or `pip install llmkit[qlora]`")
+    if cfg.model.attn_implementation == "flash_attention_2":
+        if not torch.cuda.is_available():
+            raise LlmkitError("model.attn_implementation flash_attention_2 needs a CUDA GPU; use sdpa (or leave it "
+                              "unset) on this machine")
+        if importlib.util.find_spec("flash_attn") is None:
+            raise LlmkitError("model.attn_implementation flash_attention_2 needs the flash-attn package (`pip "
+                              "install flash-attn`); or use sdpa")
+        if precision == "fp32":
+            raise LlmkitError("flash_attention_2 runs in bf16 or fp16 only; set train.precision bf16 (or use sdpa)")
+
+
 def check_output_dir_is_safe(cfg: Config) -> Path:
     """The output dir, resolved: never the filesystem root, the home directory, or a folder that contains the
     working directory (a run writes checkpoints/, final/ and replaces them there)."""
@@ -125,14 +156,46 @@ def hub_token() -> str:
     return found
 
 
-def _wants_lm(cfg: Config, config) -> bool:
+RECIPES = ("classification", "causal_lm")
+# config keys only one recipe reads: set in a run of the other, they would be silently ignored
+ONLY_IN = {
+    "causal_lm": ("data.prompt_column", "data.response_column", "data.messages_column", "data.prompt_template",
+                  "data.label_words", "train.sample_prompts", "train.sample_max_new_tokens"),
+    "classification": ("train.class_weights",),  # label-word classification does not weigh classes yet
+}
+# the causal-LM recipe reads these only for generative classification (data.prompt_template)
+LABELS_ONLY = ("data.label_names", "data.clean_text", "data.drop_bad_rows")
+
+
+def recipe_of(cfg: Config, config) -> str:
+    """The recipe a config is for, when none is named (`llmkit validate`): causal_lm for a causal-LM model or
+    prompt / chat / label-word data, else classification."""
     d = cfg.data
-    return model.is_causal_lm(config.architectures) or bool(d.prompt_column or d.messages_column
-                                                             or d.prompt_template)
+    lm_data = bool(d.prompt_column or d.messages_column or d.prompt_template)
+    return "causal_lm" if model.is_causal_lm(config.architectures) or lm_data else "classification"
 
 
-def check(cfg: Config, world_size: int, say: Callable[[str], None] = lambda line: None) -> Plan:
-    """Every check before training, in order; `say` gets one line per check passed."""
+def check_recipe_keys(cfg: Config, recipe: str) -> None:
+    """Refuse a key set away from its default that `recipe` would not read, naming the recipe that does."""
+    defaults = Config()
+    other = next(r for r in RECIPES if r != recipe)
+    ignored = list(ONLY_IN[other])
+    if recipe == "causal_lm" and cfg.data.prompt_template is None:
+        ignored += [k for k in LABELS_ONLY if k != "data.drop_bad_rows"]
+    for key in ignored:
+        section, leaf = key.split(".")
+        value = getattr(getattr(cfg, section), leaf)
+        if value != getattr(getattr(defaults, section), leaf):
+            reader = f"recipes/{other}.py" if key in ONLY_IN[other] else \
+                "recipes/causal_lm.py with data.prompt_template"
+            raise LlmkitError(f"{key} is set, but recipes/{recipe}.py does not read it (only {reader} does); "
+                              f"remove it from this run's config, or run that recipe")
+
+
+def check(cfg: Config, world_size: int, recipe: str | None = None,
+          say: Callable[[str], None] = lambda line: None) -> Plan:
+    """Every check before training, in order, for `recipe` (classification / causal_lm; None: the one the config
+    is for); `say` gets one line per check passed."""
     def passed(line: str) -> None:
         plan_lines.append(line)
         say(line)
@@ -140,9 +203,12 @@ def check(cfg: Config, world_size: int, say: Callable[[str], None] = lambda line
     plan_lines: list[str] = []
     precision, why = resolve_precision(cfg.train.precision)
     passed(f"precision: {precision} ({why})")
+    check_loading(cfg, precision)
     launch.check_accelerate_env(cfg, precision)
     config, line = check_model(cfg)
     passed(line)
+    recipe = recipe or recipe_of(cfg, config)
+    check_recipe_keys(cfg, recipe)
     ds = launch.resolve_deepspeed(cfg, precision, world_size, model.hidden_size(config))
     stage = launch.zero_stage(ds)
     passed(f"launch: {world_size} process(es), " + (f"DeepSpeed ZeRO-{stage}, no 'auto' left" if ds else
@@ -152,7 +218,7 @@ def check(cfg: Config, world_size: int, say: Callable[[str], None] = lambda line
     if cfg.checkpoint.resume_from:  # found and verified now, not after the model and data are loaded
         passed(f"resume: from {rundir.resolve_checkpoint(out, cfg.checkpoint.resume_from)} (complete, sizes and "
                "digests match)")
-    causal = _wants_lm(cfg, config)
+    causal = recipe == "causal_lm"
     try:
         params, largest = model.model_sizes(cfg.model, causal_lm=causal)
     except LlmkitError:

@@ -32,7 +32,12 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(key, value, inner[0])
+        for tp_i in inner[:-1]:  # e.g. list[float] | str: the first annotation the value fits
+            try:
+                return _coerce(key, value, tp_i)
+            except LlmkitError:
+                pass
+        return _coerce(key, value, inner[-1])
     if origin is list:
         if not isinstance(value, list):
             raise LlmkitError(f"config key '{key}' must be a list, got {value!r}")

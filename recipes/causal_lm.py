@@ -21,14 +21,14 @@ from llmkit.train.run import load_tokenizer, setup
 def main() -> None:
     # setup: every check runs before the process group starts
     cfg = load_config(*recipe_args())
-    run = setup(cfg)
+    run = setup(cfg, "causal_lm")
     acc = run.accelerator
     tokenizer = load_tokenizer(run)  # from-scratch runs without one: trained on the train split first
     ds = run.main_first(lambda: lm.prepare(cfg.data, tokenizer, seed=cfg.train.seed, log=run.log))
     run.identify_data(ds.train, ds.label_names)
     run.log(f"data: {ds.mode}, train {len(ds.train)}, validation {len(ds.validation)} examples"
             + (f"; label words {ds.label_words}" if ds.label_words else ""))
-    net = model.load_causal_lm(cfg.model, cfg.lora, tokenizer)
+    net = model.load_causal_lm(cfg.model, cfg.lora, tokenizer, precision=run.precision)
     optimizer = optim.build_optimizer(cfg, net)
     train_loader, eval_loaders = loaders.lm_loaders(cfg, ds, tokenizer, acc.process_index, acc.num_processes)
     labels = ds.mode == "labels"

@@ -11,7 +11,7 @@ from llmkit.data import classification, loaders
 from llmkit.evals.classification import evaluate, write_predictions
 from llmkit.report import pages
 from llmkit.ship import every_save, export, hub
-from llmkit.train import optim
+from llmkit.train import losses, optim
 from llmkit.train.loop import fit
 from llmkit.train.run import setup
 
@@ -19,7 +19,7 @@ from llmkit.train.run import setup
 def main() -> None:
     # setup: every check runs before the process group starts
     cfg = load_config(*recipe_args())
-    run = setup(cfg)
+    run = setup(cfg, "classification")
     acc = run.accelerator
     tokenizer = model.load_tokenizer(cfg.model)
     # rank 0 tokenizes and fills the cache; the others read it
@@ -27,7 +27,8 @@ def main() -> None:
     run.identify_data(ds.train, ds.label_names)
     run.log(f"data: train {len(ds.train)}, validation {len(ds.validation)}, test {len(ds.test) if ds.test else 0} "
             f"rows; labels {ds.label_names}")
-    net = model.load_classifier(cfg.model, ds.label_names, pad_token_id=tokenizer.pad_token_id)
+    net = model.load_classifier(cfg.model, ds.label_names, pad_token_id=tokenizer.pad_token_id, lora=cfg.lora,
+                                precision=run.precision)
     optimizer = optim.build_optimizer(cfg, net)
     train_loader, eval_loaders = loaders.classification_loaders(cfg, ds, tokenizer, acc.process_index,
                                                                 acc.num_processes)
@@ -35,8 +36,14 @@ def main() -> None:
     # train
     num_labels = len(ds.label_names)
     uploader = every_save.uploader(run, tokenizer)
+    weights = losses.class_weights(cfg.train.class_weights, ds.train["labels"], ds.label_names)
+    if weights:
+        run.log("class weights: " + ", ".join(f"{n} {w:.3f}" for n, w in zip(ds.label_names, weights)))
     result = fit(run, net, optimizer, train_loader, eval_loaders["validation"],
-                 lambda m, loader, step: evaluate(run, m, loader, num_labels)[0], after_save=uploader)
+                 lambda m, loader, step: evaluate(run, m, loader, num_labels)[0], after_save=uploader,
+                 loss_fn=losses.weighted_cross_entropy(weights) if weights else None)
+    if weights:
+        result["summary"]["class_weights"] = dict(zip(ds.label_names, weights))
     net = result["model"]
 
     # evaluate the final model on every split and keep the predictions

@@ -72,3 +72,15 @@ def test_tokenizer_without_pad_token_gets_one(tiny_bert, tmp_path):
     tok.save_pretrained(tmp_path / "tok")
     loaded = model.load_tokenizer(ModelConfig(name_or_path=str(tiny_bert), tokenizer=str(tmp_path / "tok")))
     assert loaded.pad_token is not None
+
+
+def test_model_dtype_and_attention_reach_from_pretrained(tiny_lm):
+    import torch
+
+    from llmkit.config import LoraConfig
+
+    cfg = ModelConfig(name_or_path=str(tiny_lm / "model"), dtype="bfloat16", attn_implementation="eager")
+    net = model.load_classifier(cfg, ["neg", "pos"], pad_token_id=0, lora=LoraConfig(enabled=False))
+    assert {p.dtype for p in net.parameters()} == {torch.bfloat16}
+    assert net.config._attn_implementation == "eager"
+    assert type(net).__name__ == "LlamaForSequenceClassification" and net.config.pad_token_id == 0

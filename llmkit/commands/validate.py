@@ -7,7 +7,8 @@ from llmkit import launch, preflight
 from llmkit.config import load_config
 
 
-def validate(config_path: str, overrides: list[str], accelerate_config: str | None, log=print) -> None:
+def validate(config_path: str, overrides: list[str], accelerate_config: str | None, recipe: str | None = None,
+             log=print) -> None:
     """Every check a recipe makes before its first training step, in order; stops at the first problem (raised
     as LlmkitError)."""
     cfg = load_config(config_path, overrides)
@@ -20,6 +21,6 @@ def validate(config_path: str, overrides: list[str], accelerate_config: str | No
 
     env = launch.accelerate_env(accelerate_config) if accelerate_config else {}
     with launch.environ(env):
-        plan = preflight.check(cfg, launch.world_size(), say=passed)
+        plan = preflight.check(cfg, launch.world_size(), recipe, say=passed)
     preflight.check_inputs(cfg, plan, say=passed)
     log("all checks passed")

@@ -38,9 +38,14 @@ def eval_results(metrics: dict, task: str, dataset_id: str, dataset_name: str) -
 def _usage(kind: str, repo_id: str, cfg: dict, push_merged: bool) -> str:
     data = cfg.get("data") or {}
     if kind == "classification":
-        return ("```python\nfrom transformers import pipeline\n\n"
+        text = ("```python\nfrom transformers import pipeline\n\n"
                 f'classifier = pipeline("text-classification", model="{repo_id}")\n'
                 'print(classifier("A gorgeous, witty and deeply moving film."))\n```')
+        if (cfg.get("lora") or {}).get("enabled"):
+            text += ("\n\nThat is the merged model (base + LoRA, no peft needed). The LoRA adapter itself, with the "
+                     "trained classification head, is in `adapter/` (`PeftModel.from_pretrained(base, "
+                     f'"{repo_id}", subfolder="adapter")` on the base built with this config\'s labels).')
+        return text
     prompt = "Write one sentence about the sea."
     if data.get("prompt_template"):
         prompt = data["prompt_template"].replace("{text}", "A gorgeous, witty and deeply moving film.")
@@ -80,7 +85,7 @@ def build(run_dir: Path, final: Path, kind: str, repo_id: str, push_merged: bool
     summary = metrics.get("train") or {}
     stage = summary.get("zero_stage", info.get("zero_stage"))
     tags = ["llmkit", "deepspeed", f"zero-{stage}" if stage is not None else "ddp"]
-    if kind == "lora":
+    if kind == "lora" or lora.get("enabled"):
         tags.append("lora")
     card_data = ModelCardData(
         language="en", license=cfg.get("output", {}).get("hub_license") or LICENSES.get(base or "", "other"),
@@ -118,7 +123,9 @@ def build(run_dir: Path, final: Path, kind: str, repo_id: str, push_merged: bool
              ("batch size", f"{per_device} per device x {world} devices x {accumulation} accumulation"),
              ("max length", data.get("max_length")), ("precision", summary.get("precision", info.get("precision"))),
              ("DeepSpeed ZeRO stage", stage), ("seed", train.get("seed"))]
-    if kind == "lora":
+    if summary.get("class_weights"):
+        hyper.append(("class weights (loss)", ", ".join(f"{n} {w:.3g}" for n, w in summary["class_weights"].items())))
+    if kind == "lora" or lora.get("enabled"):
         hyper += [("LoRA r / alpha / dropout", f"{lora.get('r')} / {lora.get('alpha')} / {lora.get('dropout')}"),
                   ("LoRA target modules", lora.get("target_modules") or "per-architecture default")]
     versions = ", ".join(f"{k} {v}" for k, v in (info.get("versions") or {}).items() if v)

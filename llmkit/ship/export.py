@@ -81,15 +81,44 @@ def save_classifier(run: Run, model, tokenizer, results: dict, rows, predictions
         if missing:
             raise LlmkitError(f"the gathered weights lack {len(missing)} tensors (e.g. {sorted(missing)[0]})")
         tmp = _fresh_tmp(run)
-        unwrapped.save_pretrained(tmp, state_dict=state_dict, **canonical_names(unwrapped))
-        tokenizer.save_pretrained(tmp)
         probe = verify.classifier_probe(rows, run.cfg.data, predictions, run.precision,
                                          run.cfg.model.trust_remote_code)
-        checked = verify.check_classifier(tmp, probe)
+        if hasattr(unwrapped, "peft_config"):  # LoRA: the adapter with its head; the merged model is built from it
+            _save_adapter(unwrapped, state_dict, tokenizer, tmp / "adapter")
+            config = unwrapped.config
+            head = {"num_labels": config.num_labels, "id2label": config.id2label, "label2id": config.label2id,
+                    "pad_token_id": config.pad_token_id}
+            probe.update(lora=True, base=locate(run.cfg.model.name_or_path, "model"), quantized=_quantized(run),
+                         head=head)
+        else:
+            unwrapped.save_pretrained(tmp, state_dict=state_dict, **canonical_names(unwrapped))
+            tokenizer.save_pretrained(tmp)
+        try:  # for LoRA this writes the merged classifier into tmp first
+            checked = verify.check_classifier(tmp, probe)
+        except LlmkitError as exc:
+            raise LlmkitError(f"{exc}; it stays in {tmp} for inspection") from None
         (tmp / verify.PROBE_FILE).write_text(json.dumps(probe) + "\n")
         _publish(run, tmp, {**results, "export_check": checked})
     acc.wait_for_everyone()
     return final
+
+
+def _quantized(run: Run) -> str | None:
+    """QLoRA runs: the 4-bit base's compute dtype, for the reload check to build the same base."""
+    if not run.cfg.lora.load_in_4bit:
+        return None
+    return {"bf16": "bfloat16", "fp16": "float16"}.get(run.precision, "float32")
+
+
+def _save_adapter(unwrapped, state_dict: dict, tokenizer, out: Path) -> None:
+    """A peft model's adapter (and, for a classifier, its trained head) from the gathered weights, with the
+    tokenizer; no tensor may be empty."""
+    from safetensors.torch import load_file
+
+    unwrapped.save_pretrained(out, state_dict=state_dict)
+    tokenizer.save_pretrained(out)
+    written = load_file(out / "adapter_model.safetensors")
+    verify.no_empty_tensors({k: tuple(v.shape) for k, v in written.items()}, "the written LoRA adapter")
 
 
 def probe_logits(run: Run, model, train_rows) -> tuple[list[list[int]], list]:
@@ -119,18 +148,13 @@ def save_causal_lm(run: Run, model, tokenizer, results: dict, train_rows) -> Pat
         tmp.mkdir(parents=True)
         lora = hasattr(unwrapped, "peft_config")
         if lora:
-            unwrapped.save_pretrained(tmp / "adapter", state_dict=state_dict)
-            tokenizer.save_pretrained(tmp / "adapter")
-            from safetensors.torch import load_file
-
-            written = load_file(tmp / "adapter" / "adapter_model.safetensors")
-            verify.no_empty_tensors({k: tuple(v.shape) for k, v in written.items()}, "the written LoRA adapter")
+            _save_adapter(unwrapped, state_dict, tokenizer, tmp / "adapter")
         else:
             unwrapped.save_pretrained(tmp, state_dict=state_dict, **canonical_names(unwrapped))
             tokenizer.save_pretrained(tmp)
         base = locate(run.cfg.model.name_or_path, "model")
         probe = {"kind": "causal_lm", "precision": run.precision, "lora": lora, "base": base, "ids": ids,
-                 "trust_remote_code": run.cfg.model.trust_remote_code,
+                 "trust_remote_code": run.cfg.model.trust_remote_code, "quantized": _quantized(run),
                  "logits": np.asarray(logits, dtype=np.float64).tolist()}
         try:  # for LoRA this also writes merged/
             checks = verify.check_causal_lm(tmp / "adapter" if lora else tmp, probe, merged_out=tmp / "merged")

@@ -38,10 +38,23 @@ def _final_dir(path: Path) -> tuple[Path, Path]:
 
 
 def _kind(final: Path) -> str:
-    if (final / "adapter" / "adapter_config.json").is_file():
+    """classification (a LoRA classifier: the merged model, with its adapter in adapter/), causal_lm, or lora (a
+    causal LM's adapter, with merged/)."""
+    if not (final / "config.json").is_file() and (final / "adapter" / "adapter_config.json").is_file():
         return "lora"
     config = json.loads((final / "config.json").read_text())
     return "causal_lm" if model.is_causal_lm(config.get("architectures")) else "classification"
+
+
+def _name_base_by_hub_id(adapter_dir: Path, probe: dict | None) -> None:
+    """The adapter's base_model_name_or_path as a Hub id when the base has one (the local path means nothing
+    on the Hub)."""
+    path = adapter_dir / "adapter_config.json"
+    adapter_cfg = json.loads(path.read_text())
+    hub_base = assets.hub_id(probe["base"] if probe else adapter_cfg.get("base_model_name_or_path"))
+    if hub_base:
+        adapter_cfg["base_model_name_or_path"] = hub_base
+        path.write_text(json.dumps(adapter_cfg, indent=2) + "\n")
 
 
 def _copy_files(src: Path, dst: Path) -> None:
@@ -70,13 +83,12 @@ def stage(run_dir: str | Path, out: Path, repo_id: str, push_merged: bool = Fals
         _copy_files(final, out)
         if push_merged:
             _copy_files(final / "merged", out / "merged")
-        adapter_cfg = json.loads((out / "adapter_config.json").read_text())
-        hub_base = assets.hub_id(probe["base"] if probe else adapter_cfg.get("base_model_name_or_path"))
-        if hub_base:
-            adapter_cfg["base_model_name_or_path"] = hub_base
-            (out / "adapter_config.json").write_text(json.dumps(adapter_cfg, indent=2) + "\n")
+        _name_base_by_hub_id(out, probe)
     else:
         _copy_files(final, out)
+        if (final / "adapter").is_dir():  # a LoRA classifier: the merged model at the root, its adapter beside
+            _copy_files(final / "adapter", out / "adapter")
+            _name_base_by_hub_id(out / "adapter", probe)
     for name in REPORT_FILES:
         if (run_dir / name).is_file():
             shutil.copy2(run_dir / name, out / name)

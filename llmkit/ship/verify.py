@@ -41,37 +41,73 @@ def check_weights(folder: Path) -> None:
 
 # The reload scripts run in a fresh interpreter: plain transformers (+ peft), no llmkit import, no DeepSpeed
 # state (under ZeRO-3 an in-process from_pretrained would partition the reloaded model across ranks and wait).
-_RELOAD_CLASSIFIER = """
-import json, sys, torch
+_FOUR_BIT = """
+import torch
+def four_bit(dtype):
+    from transformers import BitsAndBytesConfig
+    dtype = getattr(torch, dtype)
+    return {"quantization_config": BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype,
+        bnb_4bit_quant_storage=dtype)}
+"""
+
+_RELOAD_CLASSIFIER = _FOUR_BIT + """
+import inspect, json, sys, torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 spec = json.load(open(sys.argv[1]))
 remote = bool(spec.get("trust_remote_code"))
+out = {}
+def encode(tok):
+    return tok(spec["texts"], spec["pairs"], padding=True, truncation=True, max_length=spec["max_length"],
+               return_tensors="pt")
+def with_adapter(quantized):  # the base rebuilt with the run's head config, the adapter and its head on it
+    from peft import PeftModel
+    base = AutoModelForSequenceClassification.from_pretrained(spec["base"], dtype=torch.float32,
+                                                              trust_remote_code=remote, **spec["head"],
+                                                              **(four_bit(spec["quantized"]) if quantized else {}))
+    return PeftModel.from_pretrained(base, spec["adapter"]).eval()
+if spec.get("adapter"):
+    peft = with_adapter(bool(spec.get("quantized")))  # QLoRA: on the same 4-bit base as in training
+    tok = AutoTokenizer.from_pretrained(spec["adapter"], trust_remote_code=remote)
+    with torch.no_grad():
+        out["adapter_logits"] = peft(**encode(tok)).logits.float().tolist()
+    if spec.get("merge"):
+        if spec.get("quantized"):  # merged into the full-precision base: a model without bitsandbytes
+            peft = with_adapter(False)
+        merged = peft.merge_and_unload()
+        kwargs = {"save_original_format": False} if "save_original_format" in inspect.signature(
+            merged.save_pretrained).parameters else {}
+        merged.save_pretrained(spec["folder"], **kwargs)
+        tok.save_pretrained(spec["folder"])
 tok = AutoTokenizer.from_pretrained(spec["folder"], trust_remote_code=remote)
 model, info = AutoModelForSequenceClassification.from_pretrained(spec["folder"], dtype="auto",
                                                                  trust_remote_code=remote, output_loading_info=True)
 with torch.no_grad():
-    enc = tok(spec["texts"], spec["pairs"], padding=True, truncation=True, max_length=spec["max_length"],
-              return_tensors="pt")
-    logits = model.eval()(**enc).logits.float()
-json.dump({"logits": logits.tolist(), "missing": sorted(info["missing_keys"]),
-           "unexpected": sorted(info["unexpected_keys"])}, open(sys.argv[2], "w"))
+    out["logits"] = model.eval()(**encode(tok)).logits.float().tolist()
+out.update(missing=sorted(info["missing_keys"]), unexpected=sorted(info["unexpected_keys"]))
+json.dump(out, open(sys.argv[2], "w"))
 """
 
-# For LoRA runs it loads base + adapter, merges on CPU from the saved files and saves the merged model; then it
+
 # reloads the full (or merged) model and returns logits on fixed token ids.
-_RELOAD_LM = """
+_RELOAD_LM = _FOUR_BIT + """
 import inspect, json, sys, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 spec = json.load(open(sys.argv[1]))
 remote = bool(spec.get("trust_remote_code"))
 ids = torch.tensor(spec["ids"])
 out = {}
-if spec.get("adapter"):
+def with_adapter(quantized):
     from peft import PeftModel
-    base = AutoModelForCausalLM.from_pretrained(spec["base"], dtype=torch.float32, trust_remote_code=remote)
-    peft = PeftModel.from_pretrained(base, spec["adapter"]).eval()
+    kwargs = four_bit(spec["quantized"]) if quantized else {}
+    base = AutoModelForCausalLM.from_pretrained(spec["base"], dtype=torch.float32, trust_remote_code=remote, **kwargs)
+    return PeftModel.from_pretrained(base, spec["adapter"]).eval()
+if spec.get("adapter"):
+    peft = with_adapter(bool(spec.get("quantized")))  # QLoRA: on the same 4-bit base as in training
     with torch.no_grad():
         out["base_plus_adapter"] = peft(input_ids=ids).logits.tolist()
+    if spec.get("quantized"):  # merged into the full-precision base: a model without bitsandbytes
+        peft = with_adapter(False)
     merged = peft.merge_and_unload()
     kwargs = {"save_original_format": False} if "save_original_format" in inspect.signature(
         merged.save_pretrained).parameters else {}
@@ -85,6 +121,9 @@ with torch.no_grad():
     out["model_in_run_dtype"] = model.to(getattr(torch, spec["dtype"]))(input_ids=ids).logits.float().tolist()
 json.dump(out, open(sys.argv[2], "w"))
 """
+
+
+QUANTIZED_MERGE_TOL = 0.5  # relative logit difference allowed between a QLoRA run and its full-precision merge
 
 
 def _run_fresh(script: str, spec: dict, folder: Path) -> dict:
@@ -115,13 +154,28 @@ def classifier_probe(rows, data_cfg, out: dict[str, np.ndarray], precision: str,
 
 
 def check_classifier(folder: Path, probe: dict) -> dict:
-    """Reload `folder` with plain transformers in a fresh process; its logits on the probe must be the run's."""
-    reloaded = _run_fresh(_RELOAD_CLASSIFIER, {**probe, "folder": str(folder)}, folder)
+    """Reload `folder` with plain transformers in a fresh process; its logits on the probe must be the run's.
+    A LoRA run (probe["lora"]): `folder`/adapter on its base too, which first writes the merged classifier into
+    `folder` when that holds none; both must give the run's logits (a head re-initialised on reload would not)."""
+    spec = {**probe, "folder": str(folder)}
+    if probe.get("lora"):
+        spec.update(adapter=str(folder / "adapter"), merge=not (folder / "config.json").is_file())
+    reloaded = _run_fresh(_RELOAD_CLASSIFIER, spec, folder)
     if reloaded["missing"] or reloaded["unexpected"]:
         raise LlmkitError(f"the export at {folder} reloads with missing {reloaded['missing']} / unexpected "
                           f"{reloaded['unexpected']} weights")
-    got, want = np.asarray(reloaded["logits"]), np.asarray(probe["logits"])
-    tol = 1e-3 if probe["precision"] == "fp32" else 1e-1
+    quantized = bool(probe.get("quantized"))
+    result = _compare_logits(folder, reloaded["logits"], probe, tol=QUANTIZED_MERGE_TOL if quantized else None)
+    if probe.get("lora"):
+        result["adapter"] = _compare_logits(folder / "adapter", reloaded["adapter_logits"], probe)
+    if quantized:
+        result["merged_from_full_precision_base"] = True
+    return result
+
+
+def _compare_logits(folder: Path, logits, probe: dict, tol: float | None = None) -> dict:
+    got, want = np.asarray(logits), np.asarray(probe["logits"])
+    tol = tol or (1e-3 if probe["precision"] == "fp32" else 1e-1)
     diff = float(np.abs(got - want).max())
     top2 = np.sort(want, -1)
     margin = top2[:, -1] - top2[:, -2]
@@ -143,7 +197,8 @@ def check_causal_lm(folder: Path, probe: dict, merged_out: Path | None = None) -
     bf16/fp16 ones (a bf16 LoRA run of SmolLM2, 30 layers, and its merged export differ by ~3% from rounding)."""
     with tempfile.TemporaryDirectory() as scratch:
         dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(probe["precision"], "float32")
-        spec = {"ids": probe["ids"], "dtype": dtype, "trust_remote_code": probe.get("trust_remote_code", False)}
+        spec = {"ids": probe["ids"], "dtype": dtype, "trust_remote_code": probe.get("trust_remote_code", False),
+                "quantized": probe.get("quantized")}
         if probe["lora"]:
             spec.update(model=str(merged_out or Path(scratch) / "merged"), base=probe["base"], adapter=str(folder))
         else:
@@ -162,11 +217,16 @@ def check_causal_lm(folder: Path, probe: dict, merged_out: Path | None = None) -
         if diff > tol:
             bad[name] = (diff, tol)
 
-    if probe["precision"] == "fp32":
+    if probe.get("quantized"):
+        # QLoRA: the adapter on the same 4-bit base must give the run's logits; the merged model (full-precision
+        # base + adapter) differs by the quantization error, which is reported and bounded
+        compare("adapter_on_4bit_base", got["base_plus_adapter"], want, 5e-2, relative=True)
+        compare("merged_relative", got["model"], want, QUANTIZED_MERGE_TOL, relative=True)
+    elif probe["precision"] == "fp32":
         compare("model", got["model"], want, 1e-4)
     else:
         compare("model_relative", got["model_in_run_dtype"], want, 5e-2, relative=True)
-    if probe["lora"]:
+    if probe["lora"] and not probe.get("quantized"):
         compare("merged_vs_adapter", got["model"], got["base_plus_adapter"], 1e-4)
     if bad:
         raise LlmkitError(f"the reloaded export at {folder} disagrees with the run ((difference, tolerance): {bad})")

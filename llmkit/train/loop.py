@@ -22,14 +22,15 @@ from llmkit.train.meter import Meter, peak_memory, sharded_elements
 from llmkit.train.run import Run
 
 EvalFn = Callable[[object, object, int], dict]  # (model, eval loader, step) -> metrics of the validation split
+LossFn = Callable[[object, dict], object]  # (model outputs, batch) -> the loss to train on
 
 
 def fit(run: Run, model, optimizer, train_loader, eval_loader, eval_fn: EvalFn,
-        after_save: Callable[[object, Path], None] | None = None) -> dict:
+        after_save: Callable[[object, Path], None] | None = None, loss_fn: LossFn | None = None) -> dict:
     """Train to train.max_steps (or train.epochs); returns {"model": the prepared model, "summary": numbers}.
 
     `eval_fn` scores the validation split at every eval; `after_save(model, path)` runs on every rank after
-    each checkpoint is in place."""
+    each checkpoint is in place; `loss_fn(outputs, batch)` replaces the model's own loss (class weights)."""
     cfg, acc = run.cfg, run.accelerator
     t, c = cfg.train, cfg.checkpoint
     guard = LossScaleGuard(run) if run.precision == "fp16" else None
@@ -79,6 +80,8 @@ def fit(run: Run, model, optimizer, train_loader, eval_loader, eval_fn: EvalFn,
             with acc.accumulate(model):
                 with record_function("llmkit/forward"):
                     out = model(**batch)
+                    if loss_fn is not None:
+                        out.loss = loss_fn(out, batch)
                 if faults.ON and faults.hit("nan", state.step + 1, acc.process_index):
                     out.loss = out.loss * float("nan")
                 meter.watch(out.loss, state.step + 1)

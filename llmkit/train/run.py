@@ -143,9 +143,10 @@ def run_info(accelerator: Accelerator, precision: str, ds_config: dict | None) -
     }
 
 
-def setup(cfg: Config) -> Run:
-    """The pre-training checks (`llmkit validate`'s), then the Accelerator, the seed and the run's files."""
-    plan = preflight.check(cfg, launch.world_size())
+def setup(cfg: Config, recipe: str) -> Run:
+    """The pre-training checks of `recipe` (`llmkit validate`'s), then the Accelerator, the seed and the run's
+    files."""
+    plan = preflight.check(cfg, launch.world_size(), recipe)
     if not torch.cuda.is_available():
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         torch.set_num_threads(cfg.train.num_threads or max(1, (os.cpu_count() or 1) // local))

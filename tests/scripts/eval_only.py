@@ -13,7 +13,7 @@ from llmkit.train.run import setup
 
 def main() -> None:
     cfg = load_config(sys.argv[1], sys.argv[3:])
-    run = setup(cfg)
+    run = setup(cfg, "classification")
     acc = run.accelerator
     tokenizer = model.load_tokenizer(cfg.model)
     with acc.main_process_first():
