@@ -41,8 +41,12 @@ def check_weights(folder: Path) -> None:
 
 # The reload scripts run in a fresh interpreter: plain transformers (+ peft), no llmkit import, no DeepSpeed
 # state (under ZeRO-3 an in-process from_pretrained would partition the reloaded model across ranks and wait).
-_FOUR_BIT = """
-import torch
+_PREAMBLE = """
+import inspect, torch
+def save_plain(model, folder):  # the model's own parameter names (transformers 5 may map some to legacy ones)
+    kwargs = {"save_original_format": False} if "save_original_format" in inspect.signature(
+        model.save_pretrained).parameters else {}
+    model.save_pretrained(folder, **kwargs)
 def four_bit(dtype):
     from transformers import BitsAndBytesConfig
     dtype = getattr(torch, dtype)
@@ -51,8 +55,8 @@ def four_bit(dtype):
         bnb_4bit_quant_storage=dtype)}
 """
 
-_RELOAD_CLASSIFIER = _FOUR_BIT + """
-import inspect, json, sys, torch
+_RELOAD_CLASSIFIER = _PREAMBLE + """
+import json, sys, torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 spec = json.load(open(sys.argv[1]))
 remote = bool(spec.get("trust_remote_code"))
@@ -74,10 +78,7 @@ if spec.get("adapter"):
     if spec.get("merge"):
         if spec.get("quantized"):  # merged into the full-precision base: a model without bitsandbytes
             peft = with_adapter(False)
-        merged = peft.merge_and_unload()
-        kwargs = {"save_original_format": False} if "save_original_format" in inspect.signature(
-            merged.save_pretrained).parameters else {}
-        merged.save_pretrained(spec["folder"], **kwargs)
+        save_plain(peft.merge_and_unload(), spec["folder"])
         tok.save_pretrained(spec["folder"])
 tok = AutoTokenizer.from_pretrained(spec["folder"], trust_remote_code=remote)
 model, info = AutoModelForSequenceClassification.from_pretrained(spec["folder"], dtype="auto",
@@ -90,8 +91,8 @@ json.dump(out, open(sys.argv[2], "w"))
 
 
 # reloads the full (or merged) model and returns logits on fixed token ids.
-_RELOAD_LM = _FOUR_BIT + """
-import inspect, json, sys, torch
+_RELOAD_LM = _PREAMBLE + """
+import json, sys, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 spec = json.load(open(sys.argv[1]))
 remote = bool(spec.get("trust_remote_code"))
@@ -108,10 +109,7 @@ if spec.get("adapter"):
         out["base_plus_adapter"] = peft(input_ids=ids).logits.tolist()
     if spec.get("quantized"):  # merged into the full-precision base: a model without bitsandbytes
         peft = with_adapter(False)
-    merged = peft.merge_and_unload()
-    kwargs = {"save_original_format": False} if "save_original_format" in inspect.signature(
-        merged.save_pretrained).parameters else {}
-    merged.save_pretrained(spec["model"], **kwargs)
+    save_plain(peft.merge_and_unload(), spec["model"])
     AutoTokenizer.from_pretrained(spec["adapter"], trust_remote_code=remote).save_pretrained(spec["model"])
 model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32, trust_remote_code=remote).eval()
 AutoTokenizer.from_pretrained(spec["model"], trust_remote_code=remote)
