@@ -161,10 +161,10 @@ RECIPES = ("classification", "causal_lm")
 ONLY_IN = {
     "causal_lm": ("data.prompt_column", "data.response_column", "data.messages_column", "data.prompt_template",
                   "data.label_words", "train.sample_prompts", "train.sample_max_new_tokens"),
-    "classification": ("train.class_weights",),  # label-word classification does not weigh classes yet
+    "classification": (),
 }
 # the causal-LM recipe reads these only for generative classification (data.prompt_template)
-LABELS_ONLY = ("data.label_names", "data.clean_text", "data.drop_bad_rows")
+LABELS_ONLY = ("data.label_names", "data.clean_text", "data.drop_bad_rows", "train.class_weights")
 
 
 def recipe_of(cfg: Config, config) -> str:
@@ -187,7 +187,7 @@ def check_recipe_keys(cfg: Config, recipe: str) -> None:
         value = getattr(getattr(cfg, section), leaf)
         if value != getattr(getattr(defaults, section), leaf):
             reader = f"recipes/{other}.py" if key in ONLY_IN[other] else \
-                "recipes/causal_lm.py with data.prompt_template"
+                "recipes/classification.py, or recipes/causal_lm.py with data.prompt_template,"
             raise LlmkitError(f"{key} is set, but recipes/{recipe}.py does not read it (only {reader} does); "
                               f"remove it from this run's config, or run that recipe")
 

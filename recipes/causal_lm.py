@@ -13,7 +13,7 @@ from llmkit.evals import lm as lm_eval
 from llmkit.evals.classification import write_predictions
 from llmkit.report import pages
 from llmkit.ship import every_save, export, hub
-from llmkit.train import optim
+from llmkit.train import losses, optim
 from llmkit.train.loop import fit
 from llmkit.train.run import load_tokenizer, setup
 
@@ -46,7 +46,11 @@ def main() -> None:
 
     # train
     uploader = every_save.uploader(run, tokenizer)
-    result = fit(run, net, optimizer, train_loader, eval_loaders["validation"], evaluate, after_save=uploader)
+    loss_fn, weighted = losses.for_run(run.log, cfg.train.class_weights, ds.train[losses.CLASS_KEY] if labels else [],
+                                       ds.label_names, tokens=True)
+    result = fit(run, net, optimizer, train_loader, eval_loaders["validation"], evaluate, after_save=uploader,
+                 loss_fn=loss_fn)
+    result["summary"].update(weighted)
     net = result["model"]
 
     # evaluate the final model (generative classification: every split, with prediction files)

@@ -36,14 +36,11 @@ def main() -> None:
     # train
     num_labels = len(ds.label_names)
     uploader = every_save.uploader(run, tokenizer)
-    weights = losses.class_weights(cfg.train.class_weights, ds.train["labels"], ds.label_names)
-    if weights:
-        run.log("class weights: " + ", ".join(f"{n} {w:.3f}" for n, w in zip(ds.label_names, weights)))
+    loss_fn, weighted = losses.for_run(run.log, cfg.train.class_weights, ds.train["labels"], ds.label_names)
     result = fit(run, net, optimizer, train_loader, eval_loaders["validation"],
                  lambda m, loader, step: evaluate(run, m, loader, num_labels)[0], after_save=uploader,
-                 loss_fn=losses.weighted_cross_entropy(weights) if weights else None)
-    if weights:
-        result["summary"]["class_weights"] = dict(zip(ds.label_names, weights))
+                 loss_fn=loss_fn)
+    result["summary"].update(weighted)
     net = result["model"]
 
     # evaluate the final model on every split and keep the predictions

@@ -59,8 +59,9 @@ def _generate(model_dir, prompt: str, *extra: str) -> str:
 
 
 def test_label_words_under_zero3_score_generate_and_export(tmp_path, tiny_lm):
-    """Generative classification with LoRA on 2 ranks, ZeRO-3: label-word scores gathered exactly (checked against
-    the exported model scored here), sample generations at each eval, `llmkit generate` on adapter and merged."""
+    """Generative classification with LoRA on 2 ranks, ZeRO-3 and class weights: label-word scores gathered exactly
+    (checked against the exported model scored here), sample generations at each eval, `llmkit generate` on adapter
+    and merged."""
     texts = ["this film is good", "this film is bad", "is this good", "is this bad", "you are good", "hi bad"]
     for split, n in (("train", 48), ("validation", 13), ("test", 7)):
         rows = [{"text": texts[i % 6], "label": "positive" if "good" in texts[i % 6] else "negative"}
@@ -74,7 +75,8 @@ def test_label_words_under_zero3_score_generate_and_export(tmp_path, tiny_lm):
                  "max_length": 32},
         "train": {"epochs": 2, "per_device_batch_size": 4, "eval_batch_size": 3, "learning_rate": 5e-3,
                   "warmup_ratio": 0.0, "logging_steps": 1, "precision": "fp32", "eval_every_steps": 4,
-                  "sample_prompts": ["is this film good", "hi"], "sample_max_new_tokens": 3},
+                  "sample_prompts": ["is this film good", "hi"], "sample_max_new_tokens": 3,
+                  "class_weights": [1.0, 2.0]},
         "output": {"output_dir": str(out)},
     }
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
@@ -82,6 +84,9 @@ def test_label_words_under_zero3_score_generate_and_export(tmp_path, tiny_lm):
     check_ok(proc)
     metrics = json.loads((out / "metrics.json").read_text())
     assert all(v <= 1e-4 for v in metrics["export_check"].values()), metrics["export_check"]
+    # class weights on the label-word tokens: logged and in the summary the card reads
+    assert "class weights: negative 1.000, positive 2.000" in proc.stdout + proc.stderr
+    assert metrics["train"]["class_weights"] == {"negative": 1.0, "positive": 2.0}
 
     # every eval logged its samples (steps 4, 8, 12 and the epoch ends 6, 12)
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]

@@ -96,6 +96,32 @@ def test_class_weights_weigh_each_row_by_its_class():
         losses.class_weights("balanced", [0, 0], ["neg", "pos"])
 
 
+def test_label_word_class_weights_weigh_each_token_by_its_row(tiny_lm):
+    """The label-word loss: all weights 1 is the causal LM's own loss; other weights are the by-hand weighted mean
+    of the trained tokens' next-token losses."""
+    from transformers import AutoModelForCausalLM
+
+    net = AutoModelForCausalLM.from_pretrained(tiny_lm / "model").eval()
+    torch.manual_seed(0)
+    ids = torch.randint(3, net.config.vocab_size, (3, 7))
+    labels = torch.full_like(ids, -100)
+    labels[0, 4:] = ids[0, 4:]  # row 0 (class 1): 3 trained tokens; row 1 (class 0): 2; row 2 (class 1): 1
+    labels[1, 5:] = ids[1, 5:]
+    labels[2, 6:] = ids[2, 6:]
+    batch = {"input_ids": ids, "labels": labels, "class_ids": torch.tensor([1, 0, 1])}
+    with torch.no_grad():
+        out = net(input_ids=ids, labels=labels)
+        same = losses.weighted_token_loss([1.0, 1.0])(out, batch)
+        weighted = losses.weighted_token_loss([1.0, 10.0])(out, batch)
+    assert float(same) == pytest.approx(float(out.loss), rel=1e-5)
+    logp = torch.log_softmax(out.logits.double(), -1)
+    nll = {(r, t): -float(logp[r, t - 1, ids[r, t]]) for r in range(3) for t in range(7) if labels[r, t] >= 0}
+    w = {0: 10.0, 1: 1.0, 2: 10.0}
+    by_hand = sum(w[r] * v for (r, _), v in nll.items()) / sum(w[r] for r, _ in nll)
+    assert float(weighted) == pytest.approx(by_hand, rel=1e-5)
+    assert abs(float(weighted) - float(out.loss)) > 1e-3  # the weights change it (a random model: all near ln V)
+
+
 def test_qlora_is_refused_on_cpu_with_the_reason(tmp_path, tiny_lm):
     """bitsandbytes' CPU backend (0.50) trains a 4-bit model but fails its first no-grad forward after a training
     step (evaluation, export): measured here, so QLoRA is refused before anything starts on a machine without CUDA."""

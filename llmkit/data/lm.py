@@ -14,6 +14,7 @@ from llmkit.data import sources
 from llmkit.errors import LlmkitError
 
 IGNORE = -100  # label of a token that does not count in the loss
+CLASS_KEY = "class_ids"  # label-word rows: each row's class, read by the class-weighted loss, never by the model
 
 
 @dataclass
@@ -169,8 +170,9 @@ def _prepare_labels(cfg, tokenizer, seed: int, log) -> LMData:
         raise LlmkitError(f"the label words {words} tokenize to identical sequences; pick distinguishable words")
 
     def train_row(row):
-        return fit_prompt(tokenizer, cfg.prompt_template, row[cfg.text_column], words[row["labels"]], cfg.max_length,
-                          row[pair] if pair else None)
+        out = fit_prompt(tokenizer, cfg.prompt_template, row[cfg.text_column], words[row["labels"]], cfg.max_length,
+                         row[pair] if pair else None)
+        return {**out, CLASS_KEY: row["labels"]}  # for train.class_weights
 
     def eval_row(row, index):
         out = label_candidates(tokenizer, cfg, words, row[cfg.text_column], row[pair] if pair else None)
@@ -272,8 +274,11 @@ class LMCollator:
         def padded(key: str, fill: int):
             return torch.tensor([list(r[key]) + [fill] * (width - len(r[key])) for r in rows], dtype=torch.long)
 
-        return {"input_ids": padded("input_ids", self.pad_id), "attention_mask": padded("attention_mask", 0),
-                "labels": padded("labels", IGNORE)}
+        batch = {"input_ids": padded("input_ids", self.pad_id), "attention_mask": padded("attention_mask", 0),
+                 "labels": padded("labels", IGNORE)}
+        if CLASS_KEY in rows[0]:
+            batch[CLASS_KEY] = torch.tensor([r[CLASS_KEY] for r in rows], dtype=torch.long)
+        return batch
 
 
 class CandidateCollator:

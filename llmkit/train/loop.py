@@ -14,6 +14,7 @@ from torch.profiler import record_function
 from tqdm.auto import tqdm
 
 from llmkit import faults, rundir
+from llmkit.data.lm import CLASS_KEY
 from llmkit.errors import LlmkitError
 from llmkit.metrics import LOWER_IS_BETTER
 from llmkit.train import checkpoint, optim, profiling
@@ -79,7 +80,7 @@ def fit(run: Run, model, optimizer, train_loader, eval_loader, eval_fn: EvalFn,
         for batch in batches:
             with acc.accumulate(model):
                 with record_function("llmkit/forward"):
-                    out = model(**batch)
+                    out = model(**{k: v for k, v in batch.items() if k != CLASS_KEY})
                     if loss_fn is not None:
                         out.loss = loss_fn(out, batch)
                 if faults.ON and faults.hit("nan", state.step + 1, acc.process_index):
