@@ -102,7 +102,8 @@ def run(name: str, folder: Path, steps: int, batch: int) -> dict:
     preds = _rows(out / "predictions_test.jsonl")
     test = metrics["test"]
     return {"variant": name, "what": WHAT[name], "steps": metrics["train"]["steps"],
-            "train_rows": len(_rows(folder / "train.jsonl")), "test_rows": len(preds), "test_accuracy": test["accuracy"],
+            "train_rows": len(_rows(folder / "train.jsonl")), "test_rows": len(preds),
+            "test_accuracy": test["accuracy"],
             "test_f1_macro": macro_f1(preds), "test_f1_macro_reported": test.get("f1_macro"),
             "test_90_10_f1_macro": macro_f1(_ninety_ten(preds, seed=1)),
             "train_seconds": metrics["train"]["step_seconds"],
@@ -127,8 +128,9 @@ def main() -> None:
     by = {r["variant"]: r for r in results}
     if {"b", "c"} <= by.keys():
         b, c = by["b"], by["c"]
-        print(f"b vs c: accuracy {b['test_accuracy'] - c['test_accuracy']:+.4f}, time x{b['train_seconds'] / c['train_seconds']:.2f}"
-              f" -> {'met' if b['test_accuracy'] >= c['test_accuracy'] and b['train_seconds'] <= c['train_seconds'] else 'not met'}")
+        met = b["test_accuracy"] >= c["test_accuracy"] and b["train_seconds"] <= c["train_seconds"]
+        print(f"b vs c: accuracy {b['test_accuracy'] - c['test_accuracy']:+.4f}, "
+              f"time x{b['train_seconds'] / c['train_seconds']:.2f} -> {'met' if met else 'not met'}")
     if {"d", "d0"} <= by.keys():
         d, d0 = by["d"], by["d0"]
         print(f"d vs d0: macro-F1 {d['test_f1_macro'] - d0['test_f1_macro']:+.4f} (90/10 test "

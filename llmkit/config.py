@@ -12,7 +12,7 @@ import yaml
 
 from llmkit import metrics
 from llmkit.errors import LlmkitError
-from llmkit.typed import build, did_you_mean, hints
+from llmkit.typed import build, did_you_mean, hints, read_yaml
 
 
 @dataclass
@@ -37,6 +37,26 @@ class LoraConfig:
     load_in_4bit: bool = False  # QLoRA: the frozen base in 4-bit NF4 (bitsandbytes), the adapters on top
 
 
+# data.format: how causal-LM rows are read (llmkit.data.formats)
+DATA_FORMATS = ("auto", "text", "prompt_response", "messages", "alpaca", "sharegpt")
+
+
+@dataclass
+class MixtureSource:
+    """One source of data.mixture: where its rows are and how to read them; unset keys come from data.*."""
+    weight: float  # the share of training examples drawn from this source (weights are normalised)
+    dataset: str | None = None
+    dataset_config: str | None = None
+    data_files: dict[str, str] | None = None
+    train_split: str | None = None
+    eval_split: str | None = None  # its validation rows join the run's validation split when it has this split
+    format: str | None = None
+    text_column: str | None = None
+    prompt_column: str | None = None
+    response_column: str | None = None
+    messages_column: str | None = None
+
+
 @dataclass
 class DataConfig:
     dataset: str | None = None  # Hub id, local dir or file, or asset:<name>
@@ -55,11 +75,17 @@ class DataConfig:
     group_by_length: bool = True  # batches of similar length: little padding
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
-    # causal LM: plain text in text_column is packed into blocks of max_length tokens; or set
-    # prompt_column + response_column, or messages_column (chat), for response-only loss
+    # causal LM rows (llmkit.data.formats): auto (from the columns) | text (packed into blocks of max_length
+    # tokens) | prompt_response | messages | alpaca | sharegpt; the last four train on the responses only
+    format: str = "auto"
+    # the column keys of prompt_response (default prompt / response) and messages / sharegpt (messages /
+    # conversations); setting them under format auto picks that format
     prompt_column: str | None = None
     response_column: str | None = None
     messages_column: str | None = None
+    # several sources, interleaved by weight with train.seed (instead of data.dataset / data.data_files); each
+    # source is read like data.dataset with its own keys over these
+    mixture: list[MixtureSource] | None = None
     # generative classification: each row becomes prompt_template (with {text}, and {text_pair} for pairs) and
     # the response is its label word; evaluation scores every label word by log-likelihood
     prompt_template: str | None = None
@@ -189,32 +215,6 @@ def _full_key(key: str) -> tuple[str, str]:
     raise LlmkitError(f"unknown config key '{key}'{did_you_mean(key, leaves)}")
 
 
-class _UniqueKeys(yaml.SafeLoader):
-    """YAML's safe loader, except that a key given twice in one mapping is an error (PyYAML keeps the last)."""
-
-    def construct_mapping(self, node, deep=False):
-        seen = {}
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"'{key}' is set twice (lines {seen[key] + 1} and {key_node.start_mark.line + 1}); "
-                    "keep one", key_node.start_mark)
-            seen[key] = key_node.start_mark.line
-        return super().construct_mapping(node, deep)
-
-
-def read_yaml(path: str | Path, what: str) -> Any:
-    """A YAML file's content ({} when empty); a clear error naming `what` when it is missing or does not parse."""
-    path = Path(path)
-    if not path.is_file():
-        raise LlmkitError(f"{what} '{path}' " + ("is a folder, not a file" if path.is_dir() else "does not exist"))
-    try:
-        return yaml.load(path.read_text(), Loader=_UniqueKeys) or {}
-    except yaml.YAMLError as exc:
-        raise LlmkitError(f"{what} '{path}' is not valid YAML: {exc}") from None
-
-
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
     """Read a YAML config, apply `--section.key value` overrides, validate, return the typed config."""
     raw: dict[str, Any] = {}
@@ -299,8 +299,20 @@ def check_values(cfg: Config) -> None:
     need(cfg.model.attn_implementation in (None, "eager", "sdpa", "flash_attention_2", "flex_attention"),
          "model.attn_implementation", f"must be eager, sdpa, flash_attention_2 or flex_attention, got "
          f"{cfg.model.attn_implementation!r}")
-    need(d.dataset is not None or d.data_files is not None, "data.dataset",
-         "is missing: set data.dataset (Hub id, local path or asset:<name>) or data.data_files")
+    if d.mixture is not None:
+        need(d.dataset is None and d.data_files is None, "data.mixture",
+             "lists the sources: remove data.dataset / data.data_files, or the mixture")
+        need(len(d.mixture) >= 2, "data.mixture", "needs at least 2 sources (one source: use data.dataset)")
+        need(d.prompt_template is None, "data.mixture", "does not take label words (data.prompt_template)")
+        for i, src in enumerate(d.mixture):
+            need(src.weight > 0, f"data.mixture[{i}].weight", f"must be > 0, got {src.weight}")
+            need((src.dataset is None) != (src.data_files is None), f"data.mixture[{i}]",
+                 "needs exactly one of dataset or data_files")
+            need(src.format is None or src.format in DATA_FORMATS, f"data.mixture[{i}].format",
+                 f"must be one of {', '.join(DATA_FORMATS)}, got {src.format!r}")
+    else:
+        need(d.dataset is not None or d.data_files is not None, "data.dataset",
+             "is missing: set data.dataset (Hub id, local path or asset:<name>) or data.data_files")
     need(d.dataset is None or d.data_files is None, "data.data_files",
          "cannot be used together with data.dataset: pick one")
     need(bool(d.train_split), "data.train_split", "must name the training split")
@@ -325,6 +337,9 @@ def check_values(cfg: Config) -> None:
              "must contain {text_pair} exactly when data.text_pair_column is set")
         need(not (d.prompt_column or d.response_column or d.messages_column), "data.prompt_template",
              "builds prompts from text_column; it cannot be combined with prompt/response/messages columns")
+        need(d.format == "auto", "data.format", "does not apply to label words (data.prompt_template reads "
+             "data.text_column); remove it")
+    need(d.format in DATA_FORMATS, "data.format", f"must be one of {', '.join(DATA_FORMATS)}, got {d.format!r}")
     if d.label_words is not None:
         need(d.prompt_template is not None, "data.label_words", "needs data.prompt_template (generative labels)")
         need(len(set(d.label_words)) == len(d.label_words) >= 2 and all(w.strip() for w in d.label_words),

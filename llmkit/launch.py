@@ -10,9 +10,10 @@ import math
 import os
 from pathlib import Path
 
-from llmkit.config import Config, read_yaml
+from llmkit.config import Config
 from llmkit.errors import LlmkitError
 from llmkit.precision import ACCELERATE_PRECISION
+from llmkit.typed import read_yaml
 
 REDUCE_BUCKET_MIN = 25_000_000  # elements; the floor of DeepSpeed's reduce_bucket_size "auto"
 

@@ -1,13 +1,18 @@
 """A nested dataclass from plain YAML data: each section and key checked against its annotation, unknown names
-answered with the closest known one. Knows nothing of llmkit's own schema (llmkit.config)."""
+answered with the closest known one; YAML files read with a key given twice refused. Knows nothing of llmkit's
+own schema (llmkit.config)."""
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import math
 import types
 import typing
+from pathlib import Path
 from typing import Any
+
+import yaml
 
 from llmkit.errors import LlmkitError
 
@@ -48,6 +53,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             raise LlmkitError(f"config key '{key}' must be a mapping, got {value!r}")
         _, item = typing.get_args(tp)
         return {str(k): _coerce(f"{key}.{k}", v, item) for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        return _mapping(key, value, tp)
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -83,15 +90,51 @@ def build(raw: dict[str, Any], root: type):
     for section, values in raw.items():
         if section not in sections:
             raise LlmkitError(f"unknown config section '{section}'{did_you_mean(section, list(sections))}")
-        cls = sections[section]
-        values = values or {}
-        if not isinstance(values, dict):
+        if values is not None and not isinstance(values, dict):
             raise LlmkitError(f"config section '{section}' must be a mapping of keys, got {values!r}")
-        fields = hints(cls)
-        kwargs = {}
-        for key, value in values.items():
-            if key not in fields:
-                raise LlmkitError(f"unknown config key '{section}.{key}'{did_you_mean(key, list(fields))}")
-            kwargs[key] = _coerce(f"{section}.{key}", value, fields[key])
-        built[section] = cls(**kwargs)
+        built[section] = _mapping(section, values or {}, sections[section])
     return root(**built)
+
+
+def _mapping(key: str, values: Any, cls: type):
+    """A YAML mapping as the dataclass `cls` (a section, or an item such as one data.mixture source)."""
+    if not isinstance(values, dict):
+        raise LlmkitError(f"config key '{key}' must be a mapping of keys, got {values!r}")
+    fields = hints(cls)
+    kwargs = {}
+    for name, value in values.items():
+        if name not in fields:
+            raise LlmkitError(f"unknown config key '{key}.{name}'{did_you_mean(name, list(fields))}")
+        kwargs[name] = _coerce(f"{key}.{name}", value, fields[name])
+    try:
+        return cls(**kwargs)
+    except TypeError:  # a required field left out
+        missing = [f.name for f in dataclasses.fields(cls) if f.name not in kwargs and
+                   f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        raise LlmkitError(f"config key '{key}' needs {', '.join(missing)}") from None
+
+
+class _UniqueKeys(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"'{key}' is set twice (lines {seen[key] + 1} and {key_node.start_mark.line + 1}); "
+                    "keep one", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml(path: str | Path, what: str) -> Any:
+    """A YAML file's content ({} when empty); a clear error naming `what` when it is missing or does not parse."""
+    path = Path(path)
+    if not path.is_file():
+        raise LlmkitError(f"{what} '{path}' " + ("is a folder, not a file" if path.is_dir() else "does not exist"))
+    try:
+        return yaml.load(path.read_text(), Loader=_UniqueKeys) or {}
+    except yaml.YAMLError as exc:
+        raise LlmkitError(f"{what} '{path}' is not valid YAML: {exc}") from None

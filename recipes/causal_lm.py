@@ -64,6 +64,8 @@ def main() -> None:
                               ds.label_names, cfg.data.text_column)
     if ds.packing is not None:
         results["packing_efficiency"] = ds.packing.efficiency
+    if ds.sources:
+        results["data_mixture"] = ds.sources
 
     # export (adapter + merged for LoRA), verified by reloading with plain transformers / peft
     final = export.save_causal_lm(run, net, tokenizer, results, ds.train)

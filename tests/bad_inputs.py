@@ -112,6 +112,16 @@ def _lm(change=None, *extra: str):
     return build
 
 
+def _sft_rows(rows: list[dict]):
+    """LM data in another row format (the same rows in train and validation), with no format keys set."""
+    def change(raw, tmp):
+        (tmp / "sft").mkdir(exist_ok=True)
+        write_jsonl(tmp / "sft" / "train.jsonl", rows)
+        write_jsonl(tmp / "sft" / "validation.jsonl", rows)
+        raw["data"] = {"dataset": str(tmp / "sft"), "test_split": None, "max_length": 32}
+    return change
+
+
 def _big_tokenizer(tmp: Path) -> str:
     """A word-level BERT tokenizer of 100 words: more ids than the tiny model's 40 embeddings."""
     from transformers import BertTokenizer
@@ -312,6 +322,19 @@ CASES: list[Case] = [
                                                           "--data.drop_bad_rows", "false"), "train row 1"),
     Case("data", "prompt without a response column", _lm(lambda c, t: c["data"].update(response_column=None)),
          "must be set together"),
+    Case("config", "an unknown data.format", _lm(None, "--data.format", "jsonl"), "data.format"),
+    Case("config", "data.format in the classification recipe", validate(lambda c, t: c["data"].update(
+        format="alpaca")), "recipes/classification.py does not read it"),
+    Case("data", "an alpaca row without output", _lm(_sft_rows([{"instruction": "hi", "output": "hi"},
+                                                                {"instruction": "hi", "output": None}])),
+         "split 'train' row 1 (alpaca): alpaca 'output' must be a string"),
+    Case("data", "a ShareGPT turn from an unknown role", _lm(_sft_rows([
+        {"conversations": [{"from": "human", "value": "hi"}, {"from": "bot", "value": "hi"}]}])),
+         "ShareGPT turn 1 is from 'bot'"),
+    Case("data", "columns that fit no format", _lm(_sft_rows([{"question": "hi", "answer": "hi"}])),
+         "fit no format"),
+    Case("data", "alpaca rows (works)", _lm(_sft_rows([{"instruction": "hi", "input": "", "output": "hi"}] * 4)),
+         None),
     Case("data", "a UTF-16 CSV (Excel's Unicode text)", validate(_files(
         train=("tr.csv", _csv(GOOD).encode("utf-16")), validation=("va.csv", _csv(VALID)))), "UTF-8"),
     Case("data", "a semicolon-separated CSV", validate(_files(

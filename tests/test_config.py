@@ -41,6 +41,14 @@ def test_saved_config_round_trips(tmp_path):
     assert again == cfg
 
 
+def test_a_mixture_round_trips(tmp_path):
+    mix = [{"dataset": "a", "weight": 3, "format": "alpaca"}, {"data_files": {"train": "b.jsonl"}, "weight": 1.5}]
+    cfg = load_config(_yaml(tmp_path, {"data": {"mixture": mix}}), ["--data.max_length", "64"])
+    assert [s.weight for s in cfg.data.mixture] == [3.0, 1.5] and cfg.data.mixture[0].format == "alpaca"
+    cfg.save(tmp_path / "resolved.yaml")
+    assert load_config(tmp_path / "resolved.yaml") == cfg
+
+
 def test_shipped_recipe_configs_are_valid():
     for path in sorted((ROOT / "recipes" / "configs").glob("*.yaml")):
         cfg = load_config(path)
@@ -50,10 +58,10 @@ def test_shipped_recipe_configs_are_valid():
     assert sst2.data.dataset == "stanfordnlp/sst2" and sst2.data.test_split is None
 
     # the causal-LM configs: which data mode each selects; the Hub example is validated here, never run offline
-    from llmkit.data.lm import mode_of
+    from llmkit.data.formats import choose
     from llmkit.model import locate
 
-    modes = {name: mode_of(load_config(ROOT / "recipes/configs" / name).data) for name in (
+    modes = {name: choose(load_config(ROOT / "recipes/configs" / name).data).mode for name in (
         "sentiment_smollm2_lora.yaml", "smollm2_full_polarity_text.yaml", "hub_qwen2.5_0.5b_lora_no_robots.yaml")}
     assert modes == {"sentiment_smollm2_lora.yaml": "labels", "smollm2_full_polarity_text.yaml": "packed",
                      "hub_qwen2.5_0.5b_lora_no_robots.yaml": "chat"}
@@ -66,6 +74,16 @@ def test_shipped_recipe_configs_are_valid():
     ("data", "overrides", "message"),
     [
         ({**BASE, "trian": {}}, [], "unknown config section 'trian' (did you mean 'train'?)"),
+        ({"data": {"mixture": [{"dataset": "a", "wieght": 1}, {"dataset": "b", "weight": 1}]}}, [],
+         "unknown config key 'data.mixture[0].wieght' (did you mean 'weight'?)"),
+        ({"data": {"mixture": [{"dataset": "a"}, {"dataset": "b", "weight": 1}]}}, [],
+         "config key 'data.mixture[0]' needs weight"),
+        ({"data": {"mixture": [{"dataset": "a", "weight": 0}, {"dataset": "b", "weight": 1}]}}, [],
+         "data.mixture[0].weight"),
+        ({"data": {"dataset": "x", "mixture": [{"dataset": "a", "weight": 1}, {"dataset": "b", "weight": 1}]}}, [],
+         "remove data.dataset / data.data_files, or the mixture"),
+        ({"data": {"mixture": [{"dataset": "a", "weight": 1}]}}, [], "needs at least 2 sources"),
+        ({**BASE, "data": {"dataset": "x", "format": "csv"}}, [], "data.format"),
         ({**BASE, "data": {"dataset": "x", "prompt_template": "no slot"}}, [],
          "config key 'data.prompt_template' must contain {text}"),
         ({**BASE, "data": {"dataset": "x", "prompt_template": "{text}", "label_words": ["yes", "yes"]}}, [],

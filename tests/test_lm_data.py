@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import random
+import re
+from pathlib import Path
 
 import pytest
 from helpers import CHATML, LM_SPECIAL, LM_WORDS
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from llmkit.data.lm import IGNORE, chat_example, pack, prompt_response_example
+from llmkit.data.lm import IGNORE, chat_example, prompt_response_example
+from llmkit.data.packing import pack
 from llmkit.errors import LlmkitError
 
 
@@ -94,7 +97,7 @@ def test_prepare_packs_text_and_renders_prompt_response(tok, tmp_path):
     for split in ("train", "validation"):
         (tmp_path / f"{split}.jsonl").write_text("".join(
             json.dumps({"text": t, "prompt": t, "response": "positive"}) + "\n" for t in text))
-    packed = prepare(DataConfig(dataset=str(tmp_path), test_split=None, max_length=8), tok, seed=0,
+    packed = prepare(DataConfig(dataset=str(tmp_path), test_split=None, max_length=8, format="text"), tok, seed=0,
                      log=lambda _: None)
     assert packed.mode == "packed" and packed.packing.tokens == sum(len(t.split()) + 1 for t in text)
     assert all(len(ids) == 8 for ids in packed.train["input_ids"])
@@ -191,3 +194,180 @@ def test_byte_level_bpe_tokenizer_trained_from_the_data(tmp_path):
     assert len(reloaded("the film number")["input_ids"]) < len("the film number")  # merges were learned
     with pytest.raises(LlmkitError, match="vocab_size 100 is too small for a byte-level BPE"):
         train_tokenizer(iter(texts), 100, tmp_path / "tok2")
+
+
+@pytest.mark.parametrize("per_batch", [1, 3])
+def test_packed_blocks_cut_across_map_batches_keep_the_stream(monkeypatch, per_batch):
+    """Blocks are cut by a batched map: a document spanning two map batches is split exactly as in one pass."""
+    from llmkit.data import packing
+
+    monkeypatch.setattr(packing, "BLOCKS_PER_BATCH", per_batch)
+    rng = random.Random(1)
+    docs = [[rng.randint(3, 99) for _ in range(rng.randint(1, 30))] for _ in range(23)]
+    blocks, stats = pack(docs, block_size=7, eos_id=2, pad_id=0)
+    stream = [t for d in docs for t in (*d, 2)]
+    assert [t for ids, m in zip(blocks["input_ids"], blocks["attention_mask"]) for t, k in zip(ids, m) if k] == stream
+    assert stats.blocks == len(blocks["input_ids"]) == -(-len(stream) // 7)
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+FORMAT_ROWS = {
+    "alpaca": [{"instruction": "is this film good", "input": "hi", "output": "positive"},
+               {"instruction": "is this bad", "input": "", "output": "negative"}],
+    "sharegpt": [{"conversations": [{"from": "system", "value": "you are helpful"},
+                                    {"from": "human", "value": "is this good"}, {"from": "gpt", "value": "positive"}]},
+                 {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hi"}]}],
+    "messages": [{"messages": [{"role": "user", "content": "is this good"},
+                               {"role": "assistant", "content": "positive"}]},
+                 {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hi"}]}],
+    "prompt_response": [{"prompt": "is this good", "response": "positive"}, {"prompt": "hi", "response": "hi"}],
+    "text": [{"text": "this film is good"}, {"text": "hi you"}],
+}
+TRAINED = {"alpaca": [["positive", "<|im_end|>"], ["negative", "<|im_end|>"]],
+           "sharegpt": [["positive", "<|im_end|>"], ["hi", "<|im_end|>"]],
+           "messages": [["positive", "<|im_end|>"], ["hi", "<|im_end|>"]],
+           "prompt_response": [["positive", "<|im_end|>"], ["hi", "<|im_end|>"]]}
+
+
+@pytest.mark.parametrize("fmt", list(FORMAT_ROWS))
+def test_each_format_is_detected_and_trains_on_responses_only(tok, tmp_path, fmt):
+    from llmkit.config import DataConfig
+    from llmkit.data.lm import prepare
+
+    for split in ("train", "validation"):
+        _write(tmp_path / f"{split}.jsonl", FORMAT_ROWS[fmt])
+    said = []
+    for chosen in ("auto", fmt):
+        data = prepare(DataConfig(dataset=str(tmp_path), test_split=None, max_length=32, format=chosen), tok,
+                       seed=0, log=said.append)
+        assert data.format == fmt
+        if fmt == "text":
+            assert data.mode == "packed" and data.packing.tokens == 8  # 4 + 2 words, an EOS each
+            continue
+        assert data.mode == ("chat" if fmt in ("sharegpt", "messages") else "prompt_response")
+        by_file_row = {tuple(r["input_ids"]): r for r in data.train}  # the train split is shuffled
+        assert len(by_file_row) == 2 and list(data.train_lengths) == [len(r["input_ids"]) for r in data.train]
+        trained = sorted([tok.convert_ids_to_tokens([t for t in r["labels"] if t != IGNORE]) for r in data.train])
+        assert trained == sorted(TRAINED[fmt])
+    assert any(f"data: format {fmt} (detected from the column" in line for line in said)
+    if fmt == "alpaca":  # the input follows the instruction in the prompt
+        prompts = [tok.decode(r["input_ids"]) for r in data.train]
+        assert any("is this film good" in p and "hi" in p for p in prompts)
+    if fmt == "sharegpt":  # the system turn is rendered, as system, and not trained on
+        row = next(r for r in data.train if "system" in tok.convert_ids_to_tokens(r["input_ids"]))
+        assert tok.convert_ids_to_tokens(row["input_ids"])[:5] == ["<|im_start|>", "system", "you", "are", "helpful"]
+
+
+@pytest.mark.parametrize(("fmt", "bad", "message"), [
+    ("alpaca", {"instruction": "hi", "output": None}, "row 1 (alpaca): alpaca 'output' must be a string"),
+    ("sharegpt", {"conversations": [{"from": "human", "value": "hi"}, {"from": "bot", "value": "hi"}]},
+     "row 1 (sharegpt): ShareGPT turn 1 is from 'bot'"),
+    ("sharegpt", {"conversations": [{"from": "human", "value": "hi"}]}, "row 1 (sharegpt): the conversation has no gpt"),
+    ("prompt_response", {"prompt": "hi", "response": 3}, "row 1 (prompt_response): the response must be a string"),
+])
+def test_a_row_that_does_not_fit_its_format_is_named(tok, tmp_path, fmt, bad, message):
+    from llmkit.config import DataConfig
+    from llmkit.data.lm import prepare
+
+    _write(tmp_path / "train.jsonl", [FORMAT_ROWS[fmt][0], bad])
+    _write(tmp_path / "validation.jsonl", FORMAT_ROWS[fmt][:1])
+    with pytest.raises(LlmkitError, match=f"split 'train' {re.escape(message)}"):
+        prepare(DataConfig(dataset=str(tmp_path), test_split=None, max_length=32), tok, seed=0, log=lambda _: None)
+
+
+def test_format_errors_name_the_columns(tok, tmp_path):
+    from llmkit.config import DataConfig
+    from llmkit.data.lm import prepare
+
+    for split in ("train", "validation"):
+        _write(tmp_path / f"{split}.jsonl", [{"question": "hi", "answer": "hi"}])
+    with pytest.raises(LlmkitError, match=r"columns \['answer', 'question'\] fit no format"):
+        prepare(DataConfig(dataset=str(tmp_path), test_split=None), tok, seed=0, log=lambda _: None)
+    with pytest.raises(LlmkitError, match="has no column 'instruction'"):
+        prepare(DataConfig(dataset=str(tmp_path), test_split=None, format="alpaca"), tok, seed=0, log=lambda _: None)
+    with pytest.raises(LlmkitError, match="data.format is text but data.messages_column is set"):
+        prepare(DataConfig(dataset=str(tmp_path), test_split=None, format="text", messages_column="m"), tok, seed=0)
+
+
+def test_packed_data_is_cached_and_reused_by_a_second_run(tok, tmp_path, monkeypatch):
+    """The packed blocks live in an Arrow file beside the tokenized data; a second prepare reads that file instead
+    of packing again (as the other ranks, and the next run, do)."""
+    from llmkit.config import DataConfig
+    from llmkit.data import lm, packing
+
+    text = ["this film is good", "hi", "you are helpful and this is bad"] * 20
+    for split in ("train", "validation"):
+        _write(tmp_path / f"{split}.jsonl", [{"text": t} for t in text])
+    cfg = DataConfig(dataset=str(tmp_path), test_split=None, max_length=8)
+    first = lm.prepare(cfg, tok, seed=0, log=lambda _: None)
+    files = [f["filename"] for f in first.train.cache_files]
+    assert files and all("llmkit-packed-" in f for f in files)
+    stamp = {f: Path(f).stat().st_mtime_ns for f in files}
+    calls = []
+    monkeypatch.setattr(packing, "_stream", lambda *a: calls.append(a) or pytest.fail("packed again"))
+    second = lm.prepare(cfg, tok, seed=0, log=lambda _: None)
+    assert [f["filename"] for f in second.train.cache_files] == files and not calls
+    assert {f: Path(f).stat().st_mtime_ns for f in files} == stamp
+    assert second.train["input_ids"] == first.train["input_ids"]
+    cfg.max_length = 6  # another block size: packed anew, into another file
+    monkeypatch.undo()
+    third = lm.prepare(cfg, tok, seed=0, log=lambda _: None)
+    assert third.train.cache_files[0]["filename"] not in files and len(third.train[0]["input_ids"]) == 6
+
+
+def test_a_two_source_mixture_draws_each_source_by_its_weight(tok, tmp_path):
+    """Weights are shares of the training examples: 3:1 over two SFT sources of 400 rows each, in two formats;
+    the drawn shares match within sampling error, the counts are reported, and a bad source is named."""
+    import numpy as np
+
+    from llmkit.config import DataConfig, MixtureSource
+    from llmkit.data.lm import prepare
+
+    for name, fmt in (("a", "alpaca"), ("b", "sharegpt")):
+        (tmp_path / name).mkdir()
+        rows = [FORMAT_ROWS[fmt][i % 2] for i in range(400)]
+        _write(tmp_path / name / "train.jsonl", rows)
+        if name == "a":
+            _write(tmp_path / name / "validation.jsonl", rows[:5])
+    cfg = DataConfig(mixture=[MixtureSource(weight=3, dataset=str(tmp_path / "a")),
+                              MixtureSource(weight=1, dataset=str(tmp_path / "b"))], test_split=None, max_length=32)
+    said = []
+    data = prepare(cfg, tok, seed=0, log=said.append)
+    a, b = data.sources
+    n = a["examples"] + b["examples"]
+    assert a["examples"] == 400 or b["examples"] == 400  # it ends when a source runs out
+    assert len(data.train) == n and abs(a["drawn_share"] - 0.75) < 4 * (0.75 * 0.25 / n) ** 0.5
+    assert np.bincount(data.train["source"]).tolist() == [a["examples"], b["examples"]]
+    assert a["tokens"] == sum(r["length"] for r in data.train if r["source"] == 0) > 0
+    assert len(data.validation) == 5 and data.mode == "mixed"  # prompt/response rows and chat rows
+    assert any("mixture source" in line and "weight 3 (75.0%)" in line for line in said)
+    again = prepare(cfg, tok, seed=0, log=lambda _: None)
+    assert again.train["source"] == data.train["source"]  # the seed fixes the draw
+    assert prepare(cfg, tok, seed=1, log=lambda _: None).train["source"] != data.train["source"]
+    cfg.mixture[1].format = "alpaca"
+    with pytest.raises(LlmkitError, match=r"data.mixture\[1\] \(.*/b\): split 'train' has no column 'instruction'"):
+        prepare(cfg, tok, seed=0, log=lambda _: None)
+
+
+def test_the_model_card_lists_the_mixture_sources(tmp_path):
+    import yaml
+
+    from llmkit.ship import card
+
+    mix = [{"source": "org/sft-a", "weight": 3.0, "weight_share": 0.75, "examples": 533, "drawn_share": 0.7507,
+            "tokens": 9000, "available": 533},
+           {"source": "/data/b", "weight": 1.0, "weight_share": 0.25, "examples": 177, "drawn_share": 0.2493,
+            "tokens": 3000, "available": 400}]
+    (tmp_path / "training_config.yaml").write_text(yaml.safe_dump({
+        "model": {"name_or_path": "org/base"}, "data": {"mixture": [{"dataset": "org/sft-a", "weight": 3},
+                                                                    {"dataset": "/data/b", "weight": 1}]}}))
+    (tmp_path / "metrics.json").write_text(json.dumps({"validation": {"loss": 1.0}, "data_mixture": mix}))
+    text = card.build(tmp_path, tmp_path, "causal_lm", "me/model")
+    assert "on a mixture of 2 sources" in text
+    assert "| org/sft-a | 3 (75.0%) | 533 of 533 (75.1%) | 9000 |" in text
+    assert "| /data/b | 1 (25.0%) | 177 of 400 (24.9%) | 3000 |" in text
+    assert "- org/sft-a" in text.split("---")[1]  # the Hub source in the card's metadata, the local one not
+    assert "/data/b" not in text.split("---")[1]

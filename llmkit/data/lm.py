@@ -3,6 +3,7 @@ response tokens only (prompt tokens get label -100)."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -10,47 +11,11 @@ import torch
 from datasets import Dataset
 
 from llmkit.config import DataConfig
-from llmkit.data import sources
+from llmkit.data import formats, mixture, packing, sources
+from llmkit.data.packing import IGNORE, PackStats, column
 from llmkit.errors import LlmkitError
 
-IGNORE = -100  # label of a token that does not count in the loss
 CLASS_KEY = "class_ids"  # label-word rows: each row's class, read by the class-weighted loss, never by the model
-
-
-@dataclass
-class PackStats:
-    documents: int
-    tokens: int  # real tokens placed, EOS separators included
-    blocks: int
-    block_size: int
-
-    @property
-    def efficiency(self) -> float:
-        """Real tokens / token slots: 1.0 means no padding at all."""
-        return self.tokens / max(1, self.blocks * self.block_size)
-
-
-def pack(documents: list[list[int]], block_size: int, eos_id: int, pad_id: int) -> tuple[dict, PackStats]:
-    """Concatenate documents, each followed by EOS, and cut the stream into blocks of `block_size` tokens.
-
-    Every token lands in exactly one block, in order. Only the last block can be short: it is padded with
-    `pad_id`, its padding masked out of attention and loss.
-    """
-    if block_size < 2:
-        raise LlmkitError(f"the packing block size must be >= 2, got {block_size}")
-    stream: list[int] = []
-    for doc in documents:
-        stream.extend(doc)
-        stream.append(eos_id)
-    input_ids, attention, labels = [], [], []
-    for start in range(0, len(stream), block_size):
-        block = stream[start:start + block_size]
-        pad = block_size - len(block)
-        input_ids.append(block + [pad_id] * pad)
-        attention.append([1] * len(block) + [0] * pad)
-        labels.append(block + [IGNORE] * pad)
-    stats = PackStats(documents=len(documents), tokens=len(stream), blocks=len(input_ids), block_size=block_size)
-    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}, stats
 
 
 def _chat_ids(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
@@ -135,26 +100,15 @@ def label_candidates(tokenizer, cfg, words: list[str], text: str, text_pair: str
 class LMData:
     train: Dataset  # input_ids, attention_mask, labels
     validation: Dataset  # the same for "packed" / "prompt_response" / "chat"; label candidates for "labels"
-    mode: str  # "packed" | "prompt_response" | "chat" | "labels"
+    mode: str  # "packed" | "prompt_response" | "chat" | "labels" (formats.MODE of the row format)
     packing: PackStats | None
-    train_lengths: list[int] | None = None  # rows' token counts (None for packed blocks: all equal)
+    train_lengths: np.ndarray | None = None  # rows' token counts, from a column (None for packed blocks: all equal)
     test: Dataset | None = None  # "labels" only: candidates of the test split
     rows: dict[str, Dataset] | None = None  # "labels" only: validation / test rows (text + label ids)
     label_names: list[str] | None = None
     label_words: list[str] | None = None
-
-
-def mode_of(cfg: DataConfig) -> str:
-    """What the data config makes of the rows: packed text, prompt/response, chat, or label words."""
-    if cfg.prompt_template:
-        return "labels"
-    if cfg.messages_column:
-        return "chat"
-    if cfg.prompt_column or cfg.response_column:
-        if not (cfg.prompt_column and cfg.response_column):
-            raise LlmkitError("data.prompt_column and data.response_column must be set together")
-        return "prompt_response"
-    return "packed"
+    format: str = "labels"  # the row format (formats.choose), or "mixture"
+    sources: list[dict] | None = None  # a mixture: per source, examples and tokens drawn (mixture.mix)
 
 
 def _prepare_labels(cfg, tokenizer, seed: int, log) -> LMData:
@@ -172,7 +126,7 @@ def _prepare_labels(cfg, tokenizer, seed: int, log) -> LMData:
     def train_row(row):
         out = fit_prompt(tokenizer, cfg.prompt_template, row[cfg.text_column], words[row["labels"]], cfg.max_length,
                          row[pair] if pair else None)
-        return {**out, CLASS_KEY: row["labels"]}  # for train.class_weights
+        return {**out, CLASS_KEY: row["labels"], "length": len(out["input_ids"])}  # class: for train.class_weights
 
     def eval_row(row, index):
         out = label_candidates(tokenizer, cfg, words, row[cfg.text_column], row[pair] if pair else None)
@@ -191,63 +145,126 @@ def _prepare_labels(cfg, tokenizer, seed: int, log) -> LMData:
             # "row" maps the scores back to the texts
             scored[role] = ds.sort("length").remove_columns("length")
     return LMData(train=train, validation=scored["validation"], mode="labels", packing=None,
-                  train_lengths=[len(x) for x in train["input_ids"]], test=scored.get("test"),
+                  train_lengths=column(train, "length"), test=scored.get("test"),
                   rows={role: rows[role] for role in scored}, label_names=names, label_words=words)
 
 
-def prepare(cfg: DataConfig, tokenizer, seed: int, log=print) -> LMData:
-    """Load the splits and turn them into causal-LM examples: packed blocks, rows with response-only labels, or
-    generative-classification rows."""
-    mode = mode_of(cfg)
-    if mode == "labels":
-        return _prepare_labels(cfg, tokenizer, seed, log)
+def _render(cfg: DataConfig, fmt: str, tokenizer, row: dict) -> dict:
+    """One SFT row as token ids with response-only labels, plus its length and trained-token count (columns the
+    loaders and the drop check read without a pass over the rows)."""
+    if fmt == "messages":
+        ex = chat_example(tokenizer, row[cfg.messages_column or "messages"], cfg.max_length)
+    elif fmt == "sharegpt":
+        ex = chat_example(tokenizer, formats.sharegpt_messages(row[cfg.messages_column or "conversations"]),
+                          cfg.max_length)
+    else:
+        if fmt == "alpaca":
+            prompt, response = formats.prompt_of(row)
+        else:
+            prompt, response = (row[c] for c in (cfg.prompt_column or "prompt", cfg.response_column or "response"))
+            for name, value in (("prompt", prompt), ("response", response)):
+                if not isinstance(value, str):
+                    raise LlmkitError(f"the {name} must be a string, got {value!r}")
+        ex = prompt_response_example(tokenizer, prompt, response, cfg.max_length)
+    return {**ex, "length": len(ex["input_ids"]), "trained": sum(t != IGNORE for t in ex["labels"])}
+
+
+@dataclass
+class _Source:
+    train: Dataset
+    validation: Dataset | None
+    choice: formats.Choice
+    packing: PackStats | None
+
+
+def _prepare_source(cfg: DataConfig, tokenizer, seed: int, log, need_validation: bool = True) -> _Source:
+    """One dataset's train and validation splits as causal-LM examples in datasets' Arrow cache."""
     raw = sources.load_raw(cfg)
-    wanted = sources.wanted_splits(cfg, raw)
-    columns = {"chat": [cfg.messages_column], "prompt_response": [cfg.prompt_column, cfg.response_column],
-               "packed": [cfg.text_column]}[mode]
+    if need_validation:
+        wanted = sources.wanted_splits(dataclasses.replace(cfg, test_split=None), raw)
+    else:  # a mixture source: its validation split when it has one
+        wanted = sources.wanted_splits(dataclasses.replace(cfg, eval_split=None, test_split=None), raw)
+        wanted.update({"validation": cfg.eval_split} if cfg.eval_split in raw else {})
+    first = raw[wanted["train"]]
+    choice = formats.choose(cfg, set(first.column_names), first[0] if len(first) else None)
+    log(f"data: format {choice.format} ({choice.why})" + (f" for {cfg.dataset or 'data_files'}" if
+                                                        not need_validation else ""))
     out, stats, text = {}, None, cfg.text_column
-    for role in ("train", "validation"):
-        split = wanted[role]
+    for role, split in wanted.items():
         ds = raw[split]
-        sources.require_columns(ds, split, columns)
-        ds = ds.select_columns(columns)
+        sources.require_columns(ds, split, choice.columns)
+        ds = ds.select_columns(choice.columns)
         # the file row of each example, for messages; the shuffle is datasets' own (one numpy permutation)
         rows = np.random.default_rng(seed).permutation(len(ds)) if role == "train" else np.arange(len(ds))
         limit = cfg.max_train_samples if role == "train" else cfg.max_eval_samples
         rows = rows[:limit] if limit is not None else rows
         if role == "train" or len(rows) < len(ds):
             ds = ds.select(rows)
-        if mode == "packed":
+        if choice.mode == "packed":
             if tokenizer.eos_token_id is None:
                 raise LlmkitError("packing separates documents with EOS, but the tokenizer has no eos token")
-            ds = ds.filter(lambda r: isinstance(r[text], str) and bool(r[text].strip()), desc=f"non-empty {role}")
-            # batched and cached by datasets: a second run with the same data and tokenizer skips this
-            docs = ds.map(lambda b: {"ids": tokenizer(b[text], add_special_tokens=False)["input_ids"]},
-                          batched=True, remove_columns=[text], desc=f"tokenizing {role}")["ids"]
-            blocks, pack_stats = pack(list(docs), cfg.max_length, tokenizer.eos_token_id, tokenizer.pad_token_id)
-            out[role] = Dataset.from_dict(blocks)
+            ds = ds.filter(lambda b: [isinstance(t, str) and bool(t.strip()) for t in b[text]], batched=True,
+                           desc=f"non-empty {role}")
+            docs = packing.tokenize(ds, tokenizer, text, desc=f"tokenizing {role}")
+            out[role], pack_stats = packing.pack_dataset(docs, cfg.max_length, tokenizer.eos_token_id,
+                                                         tokenizer.pad_token_id, desc=f"packing {role}")
             if role == "train":
                 stats = pack_stats
                 log(f"data: packed {pack_stats.documents} documents ({pack_stats.tokens} tokens) into "
                     f"{pack_stats.blocks} blocks of {pack_stats.block_size}: efficiency {pack_stats.efficiency:.4f}")
         else:
-            def render(row):
-                if mode == "chat":
-                    return chat_example(tokenizer, row[cfg.messages_column], cfg.max_length)
-                return prompt_response_example(tokenizer, row[cfg.prompt_column], row[cfg.response_column],
-                                               cfg.max_length)
+            def render(row, i, split=split, rows=rows):
+                try:
+                    return _render(cfg, choice.format, tokenizer, row)
+                except LlmkitError as exc:
+                    raise LlmkitError(f"split '{split}' row {rows[i]} ({choice.format}): {exc}") from None
 
-            out[role] = _drop_untrained(ds.map(render, remove_columns=columns, desc=f"rendering {role}"), role,
-                                        cfg, rows, log)
-    lengths = None if mode == "packed" else [len(x) for x in out["train"]["input_ids"]]
-    return LMData(train=out["train"], validation=out["validation"], mode=mode, packing=stats, train_lengths=lengths)
+            ds = ds.map(render, with_indices=True, remove_columns=choice.columns, desc=f"rendering {role}")
+            out[role] = _drop_untrained(ds, role, cfg, rows, log)
+    return _Source(out["train"], out.get("validation"), choice, stats)
+
+
+def prepare(cfg: DataConfig, tokenizer, seed: int, log=print) -> LMData:
+    """Load the splits and turn them into causal-LM examples: packed blocks, rows with response-only labels,
+    generative-classification rows, or a mixture of sources. Everything stays in datasets' Arrow cache."""
+    if cfg.prompt_template:
+        return _prepare_labels(cfg, tokenizer, seed, log)
+    if cfg.mixture:
+        return _prepare_mixture(cfg, tokenizer, seed, log)
+    one = _prepare_source(cfg, tokenizer, seed, log)
+    lengths = None if one.choice.mode == "packed" else column(one.train, "length")
+    return LMData(train=one.train, validation=one.validation, mode=one.choice.mode, packing=one.packing,
+                  train_lengths=lengths, format=one.choice.format)
+
+
+def _prepare_mixture(cfg: DataConfig, tokenizer, seed: int, log) -> LMData:
+    """Each source prepared on its own (cached apart), then interleaved by weight; validation: the sources' own."""
+    parts = []
+    for i, src in enumerate(cfg.mixture):
+        try:
+            parts.append(_prepare_source(mixture.source_config(cfg, src), tokenizer, seed, log, need_validation=False))
+        except LlmkitError as exc:
+            raise LlmkitError(f"data.mixture[{i}] ({mixture.name_of(src)}): {exc}") from None
+    trains = [mixture.as_rows(p.train, i, cfg.max_length) for i, p in enumerate(parts)]
+    train, counts = mixture.mix(cfg.mixture, trains, seed)
+    val = mixture.validation([mixture.as_rows(p.validation, i, cfg.max_length) if p.validation is not None
+                              else None for i, p in enumerate(parts)])
+    if val is None:
+        raise LlmkitError(f"no source of data.mixture has a '{cfg.eval_split}' split to validate on: give one "
+                          "source that split, or set data.mixture[i].eval_split to a split it has")
+    for c in counts:
+        log(f"data: mixture source {c['source']}: weight {c['weight']:g} ({c['weight_share']:.1%}), drew "
+            f"{c['examples']} of {c['available']} examples ({c['drawn_share']:.1%}), {c['tokens']} tokens")
+    modes = {p.choice.mode for p in parts}
+    return LMData(train=train, validation=val, mode=modes.pop() if len(modes) == 1 else "mixed", packing=None,
+                  train_lengths=column(train, "length"), format="mixture", sources=counts)
 
 
 def _drop_untrained(ds, role: str, cfg: DataConfig, rows, log):
     """Rows whose prompt fills data.max_length keep no response token: nothing to learn, and a batch of only such
     rows has a 0/0 loss (NaN). Dropped with a count (an error with data.drop_bad_rows false, or when all are)."""
-    empty = [i for i, labels in enumerate(ds["labels"]) if all(t == IGNORE for t in labels)]
-    if not empty:
+    empty = np.flatnonzero(column(ds, "trained") == 0)
+    if not len(empty):
         return ds
     if len(empty) == len(ds):
         raise LlmkitError(f"no row of the {role} split keeps a response token within data.max_length "
@@ -258,8 +275,9 @@ def _drop_untrained(ds, role: str, cfg: DataConfig, rows, log):
                           "data.drop_bad_rows: true to drop such rows with a count.")
     log(f"data: dropped {len(empty)} rows of the {role} split whose prompt fills data.max_length "
         f"{cfg.max_length} (no response token left)")
-    skip = set(empty)
-    return ds.select([i for i in range(len(ds)) if i not in skip])
+    keep = np.ones(len(ds), dtype=bool)
+    keep[empty] = False
+    return ds.select(np.flatnonzero(keep))
 
 
 class LMCollator:
@@ -304,15 +322,14 @@ def training_texts(cfg: DataConfig):
     """Every text of the train split the model will see (plain text, prompts and responses, or chat turns)."""
     raw = sources.load_raw(cfg)
     split = sources.wanted_splits(cfg, raw)["train"]
-    mode = mode_of(cfg)
-    columns = {"chat": [cfg.messages_column], "prompt_response": [cfg.prompt_column, cfg.response_column],
-               "packed": [cfg.text_column], "labels": [cfg.text_column]}[mode]
-    sources.require_columns(raw[split], split, columns)
-    for row in raw[split].select_columns(columns):
+    ds = raw[split]
+    choice = formats.choose(cfg, set(ds.column_names), ds[0] if len(ds) else None)
+    sources.require_columns(ds, split, choice.columns)
+    for row in ds.select_columns(choice.columns):
         for value in row.values():
             if isinstance(value, str):
                 yield value
-            elif isinstance(value, list):  # chat messages
-                yield from (m.get("content", "") for m in value if isinstance(m, dict))
-    if mode == "labels":
+            elif isinstance(value, list):  # chat messages or ShareGPT turns
+                yield from (m.get("content", m.get("value", "")) for m in value if isinstance(m, dict))
+    if choice.mode == "labels":
         yield from (cfg.prompt_template, *(cfg.label_words or []))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding
@@ -24,7 +25,7 @@ class LengthGroupedBatchSampler:
     are shuffled each epoch; the one short group (and short batch) stays last, where Accelerate expects it.
     """
 
-    def __init__(self, lengths: list[int], batch_size: int, num_replicas: int = 1, seed: int = 0):
+    def __init__(self, lengths, batch_size: int, num_replicas: int = 1, seed: int = 0):
         self.lengths, self.batch_size, self.num_replicas, self.seed = lengths, batch_size, num_replicas, seed
         self.epoch = 0
         self.drop_last = False  # read by Accelerate's BatchSamplerShard
@@ -37,8 +38,8 @@ class LengthGroupedBatchSampler:
 
     def __iter__(self):
         gen = torch.Generator().manual_seed(self.seed + self.epoch)
-        noise = torch.rand(len(self.lengths), generator=gen).tolist()
-        order = sorted(range(len(self.lengths)), key=lambda i: (self.lengths[i], noise[i]))
+        noise = torch.rand(len(self.lengths), generator=gen).numpy()
+        order = np.lexsort((noise, np.asarray(self.lengths))).tolist()  # by length, ties in random order
         batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         groups = [batches[i:i + self.num_replicas] for i in range(0, len(batches), self.num_replicas)]
         tail = []

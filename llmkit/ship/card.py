@@ -80,6 +80,9 @@ def build(run_dir: Path, final: Path, kind: str, repo_id: str, push_merged: bool
     dataset_ref = data.get("dataset") or "local files"
     dataset_id = assets.hub_id(dataset_ref) if data.get("dataset") and not dataset_ref.startswith("asset:") else None
     dataset_name = DATASET_NAMES.get(dataset_ref, dataset_ref)
+    mixture = metrics.get("data_mixture") or []
+    hub_datasets = [dataset_id] if dataset_id else [
+        i for i in (assets.hub_id(m["source"]) for m in mixture if not m["source"].startswith("asset:")) if i]
     labels = "accuracy" in (metrics.get("test") or metrics.get("validation") or {})
     task = "text-classification" if labels else "text-generation"
     summary = metrics.get("train") or {}
@@ -90,7 +93,7 @@ def build(run_dir: Path, final: Path, kind: str, repo_id: str, push_merged: bool
     card_data = ModelCardData(
         language="en", license=cfg.get("output", {}).get("hub_license") or LICENSES.get(base or "", "other"),
         library_name="peft" if kind == "lora" else "transformers",
-        base_model=base, datasets=[dataset_id] if dataset_id else None,
+        base_model=base, datasets=hub_datasets or None,
         metrics=[m for m in METRICS if any(m in (metrics.get(s) or {}) for s in ("test", "validation"))],
         pipeline_tag="text-classification" if kind == "classification" else "text-generation",
         tags=tags, model_name=repo_id.split("/")[-1],
@@ -107,6 +110,8 @@ def build(run_dir: Path, final: Path, kind: str, repo_id: str, push_merged: bool
     if base and base_ref and base_ref.startswith("asset:smollm2"):
         base_text += " (as dequantised from its Q4_1 GGUF, the llmkit offline asset)"
     data_text = f"[{dataset_id}](https://huggingface.co/datasets/{dataset_id})" if dataset_id else dataset_name
+    if mixture:
+        data_text = f"a mixture of {len(mixture)} sources (see Training data)"
 
     rows = []
     for split in ("validation", "test"):
@@ -145,7 +150,7 @@ This is {what}, fine-tuned from {base_text} on {data_text} with llmkit
 
 {_usage(kind, repo_id, cfg, push_merged)}
 
-## Training
+{_mixture_table(mixture)}## Training
 
 | setting | value |
 |---|---|
@@ -164,3 +169,13 @@ The full resolved config is `training_config.yaml`; the evaluation report is `re
 - {"Base-model limitations apply: see " + base_text + "." if base else "It was not built on a published base model."}
 """
     return str(ModelCard(f"---\n{card_data.to_yaml()}\n---\n{body}"))
+
+
+def _mixture_table(sources: list[dict]) -> str:
+    """The training data of a mixture: each source's weight and what it gave (examples drawn, tokens)."""
+    if not sources:
+        return ""
+    rows = "\n".join(f"| {s['source']} | {s['weight']:g} ({s['weight_share']:.1%}) | {s['examples']} of "
+                     f"{s['available']} ({s['drawn_share']:.1%}) | {s['tokens']} |" for s in sources)
+    return ("## Training data\n\nSources interleaved by weight (the share of training examples drawn from each):\n\n"
+            "| source | weight | examples drawn | tokens |\n|---|---|---|---|\n" + rows + "\n\n")

@@ -1,0 +1,120 @@
+"""Row formats of causal-LM data (data.format): plain text, prompt/response, chat messages, alpaca and ShareGPT.
+`choose` picks the format from the config or, with `auto`, from the train split's columns; `prompt_of` and
+`sharegpt_messages` map an alpaca or ShareGPT row onto the chat path (response-only loss). A row that does not
+fit its format is an error naming the row.
+
+Training shape of each: text -> packed blocks; prompt_response, alpaca -> one prompt and one response;
+messages, sharegpt -> a conversation with the loss on the assistant turns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from llmkit.config import DataConfig
+from llmkit.errors import LlmkitError
+
+MODE = {"text": "packed", "prompt_response": "prompt_response", "alpaca": "prompt_response", "messages": "chat",
+        "sharegpt": "chat", "labels": "labels"}
+ALPACA = ("instruction", "input", "output")  # input is optional
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+
+
+@dataclass
+class Choice:
+    format: str  # one of config.DATA_FORMATS but auto, or "labels" (generative classification)
+    columns: list[str]  # the columns its rows are read from
+    why: str  # for the log
+
+    @property
+    def mode(self) -> str:
+        return MODE[self.format]
+
+
+def _columns(cfg: DataConfig, fmt: str, present: set[str] | None) -> list[str]:
+    if fmt == "text":
+        return [cfg.text_column]
+    if fmt == "prompt_response":
+        return [cfg.prompt_column or "prompt", cfg.response_column or "response"]
+    if fmt == "messages":
+        return [cfg.messages_column or "messages"]
+    if fmt == "sharegpt":
+        return [cfg.messages_column or "conversations"]
+    if fmt == "alpaca":
+        return [c for c in ALPACA if present is None or c in present or c != "input"]
+    return [cfg.text_column]  # labels
+
+
+def _looks_like_sharegpt(first_row: dict | None, column: str) -> bool:
+    turns = (first_row or {}).get(column)
+    return isinstance(turns, list) and bool(turns) and isinstance(turns[0], dict) and "from" in turns[0]
+
+
+def choose(cfg: DataConfig, present: set[str] | None = None, first_row: dict | None = None) -> Choice:
+    """The format of the train split: data.format when set, the column keys the config names, else detected from
+    the columns `present` (None: decide from the config alone, as far as it can)."""
+    if cfg.prompt_template:
+        return Choice("labels", [cfg.text_column], "data.prompt_template is set: label words")
+    fmt = cfg.format
+    if fmt != "auto":
+        if (cfg.prompt_column or cfg.response_column) and fmt != "prompt_response":
+            raise LlmkitError(f"data.format is {fmt} but data.prompt_column / data.response_column are set; "
+                              "remove them, or set data.format: prompt_response")
+        if cfg.messages_column and fmt not in ("messages", "sharegpt"):
+            raise LlmkitError(f"data.format is {fmt} but data.messages_column is set; remove it, or set "
+                              "data.format: messages (or sharegpt)")
+        return Choice(fmt, _columns(cfg, fmt, present), f"data.format {fmt}")
+    if cfg.prompt_column or cfg.response_column:
+        if not (cfg.prompt_column and cfg.response_column):
+            raise LlmkitError("data.prompt_column and data.response_column must be set together")
+        return Choice("prompt_response", _columns(cfg, "prompt_response", present),
+                      "data.prompt_column and data.response_column are set")
+    if cfg.messages_column:
+        fmt = "sharegpt" if _looks_like_sharegpt(first_row, cfg.messages_column) else "messages"
+        return Choice(fmt, _columns(cfg, fmt, present), f"data.messages_column is set ({fmt} turns)")
+    if present is None:
+        return Choice("text", [cfg.text_column], "no format keys set (the columns decide at load time)")
+    # detected from the columns, most specific first
+    for fmt, needs in (("sharegpt", {"conversations"}), ("alpaca", {"instruction", "output"}),
+                       ("prompt_response", {"prompt", "response"}), ("text", {cfg.text_column})):
+        if needs <= present:
+            if fmt == "text" and "messages" in present:
+                break
+            return Choice(fmt, _columns(cfg, fmt, present), f"detected from the columns {sorted(needs)}")
+    if "messages" in present:
+        fmt = "sharegpt" if _looks_like_sharegpt(first_row, "messages") else "messages"
+        return Choice(fmt, ["messages"], f"detected from the column 'messages' ({fmt} turns)")
+    raise LlmkitError(f"data.format auto: the train split's columns {sorted(present)} fit no format. Expected "
+                      f"'{cfg.text_column}' (text), prompt + response, messages (role/content), instruction + "
+                      "output (alpaca) or conversations (ShareGPT from/value); set data.format and the column keys")
+
+
+def prompt_of(row: dict) -> tuple[str, str]:
+    """An alpaca row as (prompt, response): the instruction, then the input when there is one."""
+    for key in ("instruction", "output"):
+        if not isinstance(row.get(key), str):
+            raise LlmkitError(f"alpaca '{key}' must be a string, got {row.get(key)!r}")
+    extra = row.get("input")
+    if extra is not None and not isinstance(extra, str):
+        raise LlmkitError(f"alpaca 'input' must be a string or empty, got {extra!r}")
+    prompt = row["instruction"] + (f"\n\n{extra}" if extra and extra.strip() else "")
+    return prompt, row["output"]
+
+
+def sharegpt_messages(turns) -> list[dict]:
+    """ShareGPT turns ({from, value}: system / human / gpt) as chat messages ({role, content})."""
+    if not isinstance(turns, list) or not turns:
+        raise LlmkitError(f"ShareGPT 'conversations' must be a non-empty list of turns, got {turns!r}")
+    out = []
+    for i, t in enumerate(turns):
+        if not isinstance(t, dict) or "from" not in t or "value" not in t:
+            raise LlmkitError(f"ShareGPT turn {i} must be a mapping with 'from' and 'value', got {t!r}")
+        role = SHAREGPT_ROLES.get(t["from"])
+        if role is None:
+            raise LlmkitError(f"ShareGPT turn {i} is from '{t['from']}'; expected one of "
+                              f"{', '.join(SHAREGPT_ROLES)}")
+        if not isinstance(t["value"], str):
+            raise LlmkitError(f"ShareGPT turn {i} has a non-text value {t['value']!r}")
+        out.append({"role": role, "content": t["value"]})
+    if not any(m["role"] == "assistant" for m in out):
+        raise LlmkitError("the conversation has no gpt turn: nothing to train on")
+    return out
