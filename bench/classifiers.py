@@ -13,7 +13,8 @@ test accuracy and macro-F1 from each run's metrics.json, macro-F1 on a 90/10 pos
 test predictions (the imbalance the d runs were trained on), and the run's own training seconds (optimizer
 steps only). Goals: b at least as accurate as c in no more time; d above d0 on macro-F1.
 
-    .venv/bin/python bench/classifiers.py [--steps 120] [--batch 8] [--only b c] [--val-rows 200] [--test-rows N]
+    .venv/bin/python bench/classifiers.py [--steps 120] [--batch 8] [--only b c] [--val-rows 200]
+        [--test-rows N] [--reuse]
 
 Writes bench/results/classifiers.json; the runs are in bench/results/classifiers/.
 """
@@ -83,9 +84,13 @@ def macro_f1(rows: list[dict]) -> float:
     return float(f1_score([r["label"] for r in rows], [r["prediction"] for r in rows], average="macro"))
 
 
-def run(name: str, folder: Path, steps: int, batch: int) -> dict:
+def run(name: str, folder: Path, steps: int, batch: int, reuse: bool = False) -> dict:
     recipe, config, _, extra = VARIANTS[name]
     out = OUT / "classifiers" / name
+    done = out / "metrics.json"
+    if reuse and done.is_file() and json.loads(done.read_text())["train"]["steps"] == steps:
+        print(f"{name}: reusing the finished run in {out}", flush=True)
+        return _result(name, folder, out)
     cmd = [str(ROOT / ".venv" / "bin" / "accelerate"), "launch", "--config_file",
            str(ROOT / "accelerate_configs" / "cpu_zero2.yaml"), str(ROOT / "recipes" / f"{recipe}.py"),
            "--config", str(CONFIGS / config), "--data.dataset", str(folder), "--train.max_steps", str(steps),
@@ -98,6 +103,10 @@ def run(name: str, folder: Path, steps: int, batch: int) -> dict:
                               env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
     if proc.returncode:
         sys.exit(f"{name} failed (exit {proc.returncode}); see {log}")
+    return _result(name, folder, out)
+
+
+def _result(name: str, folder: Path, out: Path) -> dict:
     metrics = json.loads((out / "metrics.json").read_text())
     preds = _rows(out / "predictions_test.jsonl")
     test = metrics["test"]
@@ -116,10 +125,11 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8, help="rows per rank per step, every variant")
     ap.add_argument("--val-rows", type=int, default=200)
     ap.add_argument("--test-rows", type=int, default=None, help="a smaller test split, for a quick try")
+    ap.add_argument("--reuse", action="store_true", help="read the variants already run at these steps")
     ap.add_argument("--only", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     args = ap.parse_args()
     folders = write_data(args.val_rows, args.test_rows)
-    results = [run(name, folders[VARIANTS[name][2]], args.steps, args.batch) for name in args.only]
+    results = [run(name, folders[VARIANTS[name][2]], args.steps, args.batch, args.reuse) for name in args.only]
     print(f"\n{args.steps} steps x {args.batch} rows x 2 ranks, ZeRO-2; test split {results[0]['test_rows']} rows")
     print(f"{'':3} {'variant':34} {'train rows':>10} {'test acc':>8} {'macro-F1':>8} {'90/10 F1':>8} {'train s':>8}")
     for r in results:

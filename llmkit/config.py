@@ -86,6 +86,12 @@ class DataConfig:
     # several sources, interleaved by weight with train.seed (instead of data.dataset / data.data_files); each
     # source is read like data.dataset with its own keys over these
     mixture: list[MixtureSource] | None = None
+    # read the train split as a stream (Hub or local): each rank its own share, tokenized and packed on the fly,
+    # in stream order (no shuffle), resumed at the exact row; needs train.max_steps
+    streaming: bool = False
+    # prompt/response and chat rows packed padding-free: each batch's rows end to end, position_ids restarting per
+    # row, no attention across rows (plain text is always packed, into blocks)
+    packing: bool = False
     # generative classification: each row becomes prompt_template (with {text}, and {text_pair} for pairs) and
     # the response is its label word; evaluation scores every label word by log-likelihood
     prompt_template: str | None = None
@@ -299,6 +305,13 @@ def check_values(cfg: Config) -> None:
     need(cfg.model.attn_implementation in (None, "eager", "sdpa", "flash_attention_2", "flex_attention"),
          "model.attn_implementation", f"must be eager, sdpa, flash_attention_2 or flex_attention, got "
          f"{cfg.model.attn_implementation!r}")
+    if d.streaming:
+        need(cfg.train.max_steps is not None, "data.streaming", "needs train.max_steps: a stream has no length "
+             "to count epochs by")
+        need(d.mixture is None and d.prompt_template is None, "data.streaming", "works with one dataset of text, "
+             "prompt/response, chat, alpaca or ShareGPT rows (not data.mixture or label words yet)")
+    need(not (d.packing and d.prompt_template), "data.packing", "applies to prompt/response and chat rows, not "
+         "label words (data.prompt_template)")
     if d.mixture is not None:
         need(d.dataset is None and d.data_files is None, "data.mixture",
              "lists the sources: remove data.dataset / data.data_files, or the mixture")

@@ -160,8 +160,8 @@ RECIPES = ("classification", "causal_lm")
 # config keys only one recipe reads: set in a run of the other, they would be silently ignored
 ONLY_IN = {
     "causal_lm": ("data.format", "data.prompt_column", "data.response_column", "data.messages_column",
-                  "data.prompt_template", "data.label_words", "data.mixture", "train.sample_prompts",
-                  "train.sample_max_new_tokens"),
+                  "data.prompt_template", "data.label_words", "data.mixture", "data.streaming", "data.packing",
+                  "train.sample_prompts", "train.sample_max_new_tokens"),
     "classification": (),
 }
 # the causal-LM recipe reads these only for generative classification (data.prompt_template)

@@ -26,8 +26,10 @@ def main() -> None:
     tokenizer = load_tokenizer(run)  # from-scratch runs without one: trained on the train split first
     ds = run.main_first(lambda: lm.prepare(cfg.data, tokenizer, seed=cfg.train.seed, log=run.log))
     run.identify_data(ds.train, ds.label_names)
-    run.log(f"data: {ds.mode}, train {len(ds.train)}, validation {len(ds.validation)} examples"
-            + (f"; label words {ds.label_words}" if ds.label_words else ""))
+    run.log(f"data: {ds.mode}, train {'streamed' if ds.streamed else len(ds.train)}, validation "
+            f"{len(ds.validation)} examples"
+            + (f"; label words {ds.label_words}" if ds.label_words else "")
+            + ("; rows packed padding-free" if cfg.data.packing and ds.mode != "packed" else ""))
     net = model.load_causal_lm(cfg.model, cfg.lora, tokenizer, precision=run.precision)
     optimizer = optim.build_optimizer(cfg, net)
     train_loader, eval_loaders = loaders.lm_loaders(cfg, ds, tokenizer, acc.process_index, acc.num_processes)
@@ -68,7 +70,7 @@ def main() -> None:
         results["data_mixture"] = ds.sources
 
     # export (adapter + merged for LoRA), verified by reloading with plain transformers / peft
-    final = export.save_causal_lm(run, net, tokenizer, results, ds.train)
+    final = export.save_causal_lm(run, net, tokenizer, results, ds.probe)
     for name in eval_loaders:
         m = results[name]
         shown = f"accuracy {m['accuracy']:.4f}  f1 {m['f1']:.4f}  " if "accuracy" in m else ""

@@ -13,13 +13,19 @@ from safetensors.torch import load_file
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize(("stage", "lora"), [(2, True), (3, True), (2, False), (3, False)])
-def test_causal_lm_trains_exports_and_reloads(tmp_path, tiny_lm, stage, lora):
+# the last run also packs its rows padding-free (data.packing): no pad token is processed
+@pytest.mark.parametrize(("stage", "lora", "packing"), [(2, True, False), (3, True, False), (2, False, False),
+                                                        (3, False, True)])
+def test_causal_lm_trains_exports_and_reloads(tmp_path, tiny_lm, stage, lora, packing):
     out = tmp_path / "run"
     cfg = write_lm_config(tmp_path / "c.yaml", tiny_lm, out, lora, epochs=2, logging_steps=1)
-    proc = launch("recipes/causal_lm.py", ["--config", str(cfg)], f"cpu_zero{stage}.yaml")
+    proc = launch("recipes/causal_lm.py", ["--config", str(cfg), "--data.packing", str(packing).lower()],
+                  f"cpu_zero{stage}.yaml")
     check_ok(proc)
     metrics = json.loads((out / "metrics.json").read_text())
+    if packing:  # every processed token is a real one, and the log says how the rows went in
+        assert metrics["train"]["padding_efficiency"] == 1.0
+        assert "rows packed padding-free" in proc.stdout + proc.stderr
     history = metrics["train"]["history"]
     assert history[-1]["loss"] < history[0]["loss"] or metrics["validation"]["loss"] < 2.0  # it learned
     assert all(v <= 1e-4 for v in metrics["export_check"].values()), metrics["export_check"]

@@ -8,11 +8,13 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import CHATML, LM_SPECIAL, LM_WORDS
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from llmkit.data.lm import IGNORE, chat_example, prompt_response_example
+from llmkit.data.formats import chat_example, prompt_response_example
+from llmkit.data.lm import IGNORE
 from llmkit.data.packing import pack
 from llmkit.errors import LlmkitError
 
@@ -371,3 +373,76 @@ def test_the_model_card_lists_the_mixture_sources(tmp_path):
     assert "| /data/b | 1 (25.0%) | 177 of 400 (24.9%) | 3000 |" in text
     assert "- org/sft-a" in text.split("---")[1]  # the Hub source in the card's metadata, the local one not
     assert "/data/b" not in text.split("---")[1]
+
+
+def test_a_streamed_split_gives_each_rank_its_share_and_resumes_at_the_exact_row(tok, tmp_path):
+    """Two ranks' StreamLoaders over one streamed file: disjoint shares that cover it, pass after pass; a loader
+    restored from the state saved after batch 3 yields what the uninterrupted one yields next."""
+    from llmkit.config import DataConfig
+    from llmkit.data.lm import LMCollator, prepare
+    from llmkit.data.streaming import StreamLoader
+
+    words = LM_WORDS[5:]
+    rows = [{"prompt": " ".join(random.Random(i).choices(words, k=1 + i % 5)), "response": words[i % len(words)]}
+            for i in range(22)]
+    _write(tmp_path / "train.jsonl", rows)
+    _write(tmp_path / "validation.jsonl", rows[:3])
+    data = prepare(DataConfig(dataset=str(tmp_path), test_split=None, streaming=True), tok, seed=0,
+                   log=lambda _: None)
+    assert data.streamed and len(data.validation) == 3 and data.format == "prompt_response"
+    collate = LMCollator(tok.pad_token_id)
+
+    def take(loader, n):
+        it = iter(loader)
+        return [next(it)["input_ids"].tolist() for _ in range(n)]
+
+    shares = [take(StreamLoader(data.train, 2, collate, rank, 2), 7) for rank in (0, 1)]  # 11 rows: 6 batches
+    seen = [tuple(x for x in r if x != tok.pad_token_id) for share in shares for b in share[:6] for r in b]
+    assert len(set(seen)) == len(seen) == 22  # disjoint shares that cover the stream
+    assert all(share[6] == share[0] for share in shares)  # then the next pass starts over
+    straight = StreamLoader(data.train, 2, collate, 0, 2)
+    it = iter(straight)
+    for _ in range(3):
+        next(it)
+    saved = json.loads(json.dumps(straight.state_dict()))  # what a checkpoint holds
+    rest = [next(it)["input_ids"].tolist() for _ in range(7)]  # into the next pass
+    resumed = StreamLoader(data.train, 2, collate, 0, 2)
+    resumed.load_state_dict(saved)
+    assert take(resumed, 7) == rest
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_rows_do_not_see_each_other(tok, tiny_lm, attn):
+    """data.packing: a flattened batch's per-token losses equal each row's losses computed alone, so no row
+    attends to another and no label crosses a row boundary."""
+    from transformers import AutoModelForCausalLM
+
+    from llmkit.data.formats import prompt_response_example
+    from llmkit.data.lm import ROWS_KEY, FlatCollator
+
+    net = AutoModelForCausalLM.from_pretrained(tiny_lm / "model", attn_implementation=attn).eval()
+    rows = [prompt_response_example(tok, p, r) for p, r in (("is this film good", "positive"), ("hi", "hi"),
+                                                            ("you are helpful and this is bad", "negative bad"))]
+    batch = FlatCollator(flash=False)(rows)
+    assert batch[ROWS_KEY] == 3 and "attention_mask" not in batch
+    assert batch["input_ids"].shape == (1, sum(len(r["input_ids"]) for r in rows))
+
+    def token_losses(ids, labels, **extra):
+        logits = net(input_ids=ids, **extra).logits[0, :-1].double()
+        return torch.nn.functional.cross_entropy(logits, labels[0, 1:], ignore_index=IGNORE, reduction="none")
+
+    with torch.no_grad():
+        packed = token_losses(batch["input_ids"], batch["labels"], position_ids=batch["position_ids"],
+                              use_cache=batch["use_cache"])
+        alone = [token_losses(torch.tensor([r["input_ids"]]), torch.tensor([r["labels"]])) for r in rows]
+    start = 0
+    for r, loss in zip(rows, alone):
+        n = len(r["input_ids"])
+        assert torch.allclose(packed[start:start + n - 1], loss, atol=1e-6), attn
+        if start:  # the first token of each row after the first predicts nothing across the boundary
+            assert batch["labels"][0, start] == IGNORE
+        start += n
+    # without the restarting positions the rows would see each other: the check above can fail
+    with torch.no_grad():
+        leaky = token_losses(batch["input_ids"], batch["labels"], use_cache=False)
+    assert not torch.allclose(leaky, packed, atol=1e-4)

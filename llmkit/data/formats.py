@@ -1,16 +1,17 @@
 """Row formats of causal-LM data (data.format): plain text, prompt/response, chat messages, alpaca and ShareGPT.
-`choose` picks the format from the config or, with `auto`, from the train split's columns; `prompt_of` and
-`sharegpt_messages` map an alpaca or ShareGPT row onto the chat path (response-only loss). A row that does not
-fit its format is an error naming the row.
+`choose` picks the format from the config or, with `auto`, from the train split's columns; `render` turns one
+row into token ids with labels on the responses only (alpaca and ShareGPT rows through the chat path). A row
+that does not fit its format is an error naming the row.
 
-Training shape of each: text -> packed blocks; prompt_response, alpaca -> one prompt and one response;
-messages, sharegpt -> a conversation with the loss on the assistant turns."""
+Training shape of each: text -> packed blocks (llmkit.data.packing); prompt_response, alpaca -> one prompt and
+one response; messages, sharegpt -> a conversation with the loss on the assistant turns."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from llmkit.config import DataConfig
+from llmkit.data.packing import IGNORE
 from llmkit.errors import LlmkitError
 
 MODE = {"text": "packed", "prompt_response": "prompt_response", "alpaca": "prompt_response", "messages": "chat",
@@ -118,3 +119,69 @@ def sharegpt_messages(turns) -> list[dict]:
     if not any(m["role"] == "assistant" for m in out):
         raise LlmkitError("the conversation has no gpt turn: nothing to train on")
     return out
+
+
+def _chat_ids(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
+    out = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt)
+    if isinstance(out, dict) or hasattr(out, "keys"):  # some versions return a BatchEncoding
+        out = out["input_ids"]
+    return list(out)
+
+
+def chat_example(tokenizer, messages: list[dict], max_length: int | None = None) -> dict:
+    """Render `messages` with the tokenizer's chat template; only assistant turns carry labels."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise LlmkitError("the tokenizer has no chat template; use prompt/response columns, or set one")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") or "content" not in m:
+            raise LlmkitError(f"message {i} must be a mapping with role system|user|assistant and content, got {m!r}")
+    full = _chat_ids(tokenizer, messages)
+    labels = [IGNORE] * len(full)
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        # the tokens this assistant turn adds on top of the conversation before it (with the assistant header)
+        before = _chat_ids(tokenizer, messages[:i], add_generation_prompt=True)
+        upto = full if i == len(messages) - 1 else _chat_ids(tokenizer, messages[:i + 1])  # last turn: no re-render
+        if full[:len(upto)] != upto or upto[:len(before)] != before:
+            raise LlmkitError("the chat template does not render a conversation as a prefix of its continuation, "
+                              "so response tokens cannot be located; use prompt/response columns instead")
+        labels[len(before):len(upto)] = upto[len(before):]
+    if max_length is not None:
+        full, labels = full[:max_length], labels[:max_length]
+    return {"input_ids": full, "attention_mask": [1] * len(full), "labels": labels}
+
+
+def prompt_response_example(tokenizer, prompt: str, response: str, max_length: int | None = None) -> dict:
+    """A single-turn example: with a chat template, as user/assistant turns; without, prompt + response + EOS."""
+    if getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+        return chat_example(tokenizer, messages, max_length)
+    if tokenizer.eos_token_id is None:
+        raise LlmkitError("the tokenizer has neither a chat template nor an EOS token to end responses with")
+    p = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    r = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    ids, labels = p + r, [IGNORE] * len(p) + r
+    if max_length is not None:
+        ids, labels = ids[:max_length], labels[:max_length]
+    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
+
+
+def render(cfg: DataConfig, fmt: str, tokenizer, row: dict) -> dict:
+    """One SFT row as token ids with response-only labels, plus its length and trained-token count (columns the
+    loaders and the drop check read without a pass over the rows)."""
+    if fmt == "messages":
+        ex = chat_example(tokenizer, row[cfg.messages_column or "messages"], cfg.max_length)
+    elif fmt == "sharegpt":
+        ex = chat_example(tokenizer, sharegpt_messages(row[cfg.messages_column or "conversations"]),
+                          cfg.max_length)
+    else:
+        if fmt == "alpaca":
+            prompt, response = prompt_of(row)
+        else:
+            prompt, response = (row[c] for c in (cfg.prompt_column or "prompt", cfg.response_column or "response"))
+            for name, value in (("prompt", prompt), ("response", response)):
+                if not isinstance(value, str):
+                    raise LlmkitError(f"the {name} must be a string, got {value!r}")
+        ex = prompt_response_example(tokenizer, prompt, response, cfg.max_length)
+    return {**ex, "length": len(ex["input_ids"]), "trained": sum(t != IGNORE for t in ex["labels"])}

@@ -1,5 +1,6 @@
-"""Causal-LM data: packing plain text into fixed blocks, and chat / prompt-response rows with the loss on
-response tokens only (prompt tokens get label -100)."""
+"""Causal-LM data, split by split: one dataset (its row format from llmkit.data.formats, packed text through
+llmkit.data.packing), a stream (llmkit.data.streaming), a mixture of sources (llmkit.data.mixture), or
+label-word rows for generative classification; and the collators of those examples."""
 
 from __future__ import annotations
 
@@ -8,60 +9,17 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from datasets import Dataset
+from datasets import Dataset, IterableDataset
+from transformers import DataCollatorWithFlattening
 
 from llmkit.config import DataConfig
-from llmkit.data import formats, mixture, packing, sources
+from llmkit.data import formats, mixture, packing, sources, streaming
 from llmkit.data.packing import IGNORE, PackStats, column
 from llmkit.errors import LlmkitError
 
 CLASS_KEY = "class_ids"  # label-word rows: each row's class, read by the class-weighted loss, never by the model
-
-
-def _chat_ids(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
-    out = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt)
-    if isinstance(out, dict) or hasattr(out, "keys"):  # some versions return a BatchEncoding
-        out = out["input_ids"]
-    return list(out)
-
-
-def chat_example(tokenizer, messages: list[dict], max_length: int | None = None) -> dict:
-    """Render `messages` with the tokenizer's chat template; only assistant turns carry labels."""
-    if not getattr(tokenizer, "chat_template", None):
-        raise LlmkitError("the tokenizer has no chat template; use prompt/response columns, or set one")
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") or "content" not in m:
-            raise LlmkitError(f"message {i} must be a mapping with role system|user|assistant and content, got {m!r}")
-    full = _chat_ids(tokenizer, messages)
-    labels = [IGNORE] * len(full)
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
-        # the tokens this assistant turn adds on top of the conversation before it (with the assistant header)
-        before = _chat_ids(tokenizer, messages[:i], add_generation_prompt=True)
-        upto = full if i == len(messages) - 1 else _chat_ids(tokenizer, messages[:i + 1])  # last turn: no re-render
-        if full[:len(upto)] != upto or upto[:len(before)] != before:
-            raise LlmkitError("the chat template does not render a conversation as a prefix of its continuation, "
-                              "so response tokens cannot be located; use prompt/response columns instead")
-        labels[len(before):len(upto)] = upto[len(before):]
-    if max_length is not None:
-        full, labels = full[:max_length], labels[:max_length]
-    return {"input_ids": full, "attention_mask": [1] * len(full), "labels": labels}
-
-
-def prompt_response_example(tokenizer, prompt: str, response: str, max_length: int | None = None) -> dict:
-    """A single-turn example: with a chat template, as user/assistant turns; without, prompt + response + EOS."""
-    if getattr(tokenizer, "chat_template", None):
-        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
-        return chat_example(tokenizer, messages, max_length)
-    if tokenizer.eos_token_id is None:
-        raise LlmkitError("the tokenizer has neither a chat template nor an EOS token to end responses with")
-    p = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-    r = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    ids, labels = p + r, [IGNORE] * len(p) + r
-    if max_length is not None:
-        ids, labels = ids[:max_length], labels[:max_length]
-    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
+ROWS_KEY = "rows"  # a flattened batch's row count, for the meter, never for the model
+NOT_MODEL_INPUTS = (CLASS_KEY, ROWS_KEY)
 
 
 def render_prompt(template: str, text: str, text_pair: str | None = None) -> str:
@@ -72,7 +30,7 @@ def render_prompt(template: str, text: str, text_pair: str | None = None) -> str
 
 def fit_prompt(tokenizer, template: str, text: str, response: str, max_length: int, text_pair: str | None = None):
     """prompt_response_example for `text` in `template`, with the text cut (never the response) to fit."""
-    example = prompt_response_example(tokenizer, render_prompt(template, text, text_pair), response)
+    example = formats.prompt_response_example(tokenizer, render_prompt(template, text, text_pair), response)
     over = len(example["input_ids"]) - max_length
     if over <= 0:
         return example
@@ -84,8 +42,8 @@ def fit_prompt(tokenizer, template: str, text: str, response: str, max_length: i
                               f"response '{response}' alone take {len(example['input_ids']) - len(ids)} tokens. "
                               "Raise data.max_length or shorten data.prompt_template.")
         ids = ids[:keep]
-        example = prompt_response_example(tokenizer, render_prompt(template, tokenizer.decode(ids), text_pair),
-                                          response)
+        example = formats.prompt_response_example(
+            tokenizer, render_prompt(template, tokenizer.decode(ids), text_pair), response)
         over = len(example["input_ids"]) - max_length
     return example
 
@@ -98,7 +56,7 @@ def label_candidates(tokenizer, cfg, words: list[str], text: str, text_pair: str
 
 @dataclass
 class LMData:
-    train: Dataset  # input_ids, attention_mask, labels
+    train: Dataset | IterableDataset  # input_ids, attention_mask, labels (an IterableDataset: data.streaming)
     validation: Dataset  # the same for "packed" / "prompt_response" / "chat"; label candidates for "labels"
     mode: str  # "packed" | "prompt_response" | "chat" | "labels" (formats.MODE of the row format)
     packing: PackStats | None
@@ -109,6 +67,15 @@ class LMData:
     label_words: list[str] | None = None
     format: str = "labels"  # the row format (formats.choose), or "mixture"
     sources: list[dict] | None = None  # a mixture: per source, examples and tokens drawn (mixture.mix)
+
+    @property
+    def streamed(self) -> bool:
+        return isinstance(self.train, IterableDataset)
+
+    @property
+    def probe(self) -> Dataset:
+        """Rows the export check runs the model on: the train split's first, or validation's for a stream."""
+        return self.validation if self.streamed else self.train
 
 
 def _prepare_labels(cfg, tokenizer, seed: int, log) -> LMData:
@@ -147,26 +114,6 @@ def _prepare_labels(cfg, tokenizer, seed: int, log) -> LMData:
     return LMData(train=train, validation=scored["validation"], mode="labels", packing=None,
                   train_lengths=column(train, "length"), test=scored.get("test"),
                   rows={role: rows[role] for role in scored}, label_names=names, label_words=words)
-
-
-def _render(cfg: DataConfig, fmt: str, tokenizer, row: dict) -> dict:
-    """One SFT row as token ids with response-only labels, plus its length and trained-token count (columns the
-    loaders and the drop check read without a pass over the rows)."""
-    if fmt == "messages":
-        ex = chat_example(tokenizer, row[cfg.messages_column or "messages"], cfg.max_length)
-    elif fmt == "sharegpt":
-        ex = chat_example(tokenizer, formats.sharegpt_messages(row[cfg.messages_column or "conversations"]),
-                          cfg.max_length)
-    else:
-        if fmt == "alpaca":
-            prompt, response = formats.prompt_of(row)
-        else:
-            prompt, response = (row[c] for c in (cfg.prompt_column or "prompt", cfg.response_column or "response"))
-            for name, value in (("prompt", prompt), ("response", response)):
-                if not isinstance(value, str):
-                    raise LlmkitError(f"the {name} must be a string, got {value!r}")
-        ex = prompt_response_example(tokenizer, prompt, response, cfg.max_length)
-    return {**ex, "length": len(ex["input_ids"]), "trained": sum(t != IGNORE for t in ex["labels"])}
 
 
 @dataclass
@@ -215,7 +162,7 @@ def _prepare_source(cfg: DataConfig, tokenizer, seed: int, log, need_validation:
         else:
             def render(row, i, split=split, rows=rows):
                 try:
-                    return _render(cfg, choice.format, tokenizer, row)
+                    return formats.render(cfg, choice.format, tokenizer, row)
                 except LlmkitError as exc:
                     raise LlmkitError(f"split '{split}' row {rows[i]} ({choice.format}): {exc}") from None
 
@@ -231,10 +178,48 @@ def prepare(cfg: DataConfig, tokenizer, seed: int, log=print) -> LMData:
         return _prepare_labels(cfg, tokenizer, seed, log)
     if cfg.mixture:
         return _prepare_mixture(cfg, tokenizer, seed, log)
+    if cfg.streaming:
+        return _prepare_stream(cfg, tokenizer, log)
     one = _prepare_source(cfg, tokenizer, seed, log)
     lengths = None if one.choice.mode == "packed" else column(one.train, "length")
     return LMData(train=one.train, validation=one.validation, mode=one.choice.mode, packing=one.packing,
                   train_lengths=lengths, format=one.choice.format)
+
+
+def _prepare_stream(cfg: DataConfig, tokenizer, log) -> LMData:
+    """The train split as a lazy stream of examples (split by rank in the loader); validation read in full."""
+    raw = sources.load_raw(cfg, streaming=True)
+    wanted = sources.wanted_splits(dataclasses.replace(cfg, test_split=None), raw)
+    first = next(iter(raw[wanted["train"]]), None)
+    if first is None:
+        raise LlmkitError(f"the streamed train split '{wanted['train']}' holds no rows")
+    choice = formats.choose(cfg, set(first), first)
+    missing = [c for c in choice.columns if c not in first]
+    if missing:
+        raise LlmkitError(f"split '{wanted['train']}' has no column {missing[0]!r} (columns: {sorted(first)}); set "
+                          "the data.*_column keys to the right names")
+    log(f"data: format {choice.format} ({choice.why}), streamed")
+    out = {}
+    for role, split in wanted.items():
+        ds = raw[split].select_columns(choice.columns)
+        if choice.mode == "packed":
+            if tokenizer.eos_token_id is None:
+                raise LlmkitError("packing separates documents with EOS, but the tokenizer has no eos token")
+            ds = streaming.pack_stream(ds, tokenizer, cfg.text_column, cfg.max_length)
+        else:
+            def render(row, split=split):
+                try:
+                    return formats.render(cfg, choice.format, tokenizer, row)
+                except LlmkitError as exc:
+                    raise LlmkitError(f"a row of the streamed split '{split}' ({choice.format}): {exc}; the row: "
+                                      f"{str(row)[:120]}") from None
+
+            ds = ds.map(render, remove_columns=choice.columns).filter(lambda r: r["trained"] > 0)
+        if role == "validation":  # scored in full at every eval: read once into memory
+            ds = Dataset.from_list(list(ds.take(cfg.max_eval_samples) if cfg.max_eval_samples else ds))
+        out[role] = ds
+    return LMData(train=out["train"], validation=out["validation"], mode=choice.mode, packing=None,
+                  train_lengths=None, format=choice.format)
 
 
 def _prepare_mixture(cfg: DataConfig, tokenizer, seed: int, log) -> LMData:
@@ -278,6 +263,22 @@ def _drop_untrained(ds, role: str, cfg: DataConfig, rows, log):
     keep = np.ones(len(ds), dtype=bool)
     keep[empty] = False
     return ds.select(np.flatnonzero(keep))
+
+
+class FlatCollator:
+    """data.packing for prompt/response and chat rows: the batch's rows end to end as one sequence, no padding,
+    position_ids restarting at each row and its first label ignored (transformers' DataCollatorWithFlattening).
+    With no attention mask, transformers builds a mask that keeps each row to itself from the position_ids
+    (sdpa, eager); flash attention gets the sequence boundaries (varlen). `ROWS_KEY` carries the row count."""
+
+    def __init__(self, flash: bool):
+        self.flatten = DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE,
+                                                  return_flash_attn_kwargs=flash)
+
+    def __call__(self, rows: list[dict]) -> dict:
+        batch = self.flatten([{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows])
+        # no KV cache: transformers reads packed rows from the position_ids only when there is none
+        return {**batch, "use_cache": False, ROWS_KEY: len(rows)}
 
 
 class LMCollator:

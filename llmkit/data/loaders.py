@@ -7,13 +7,15 @@ import math
 
 import numpy as np
 import torch
+from datasets import IterableDataset
 from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding
 
 from llmkit import faults
 from llmkit.config import Config
 from llmkit.data.classification import ClassificationData
-from llmkit.data.lm import CandidateCollator, LMCollator, LMData
+from llmkit.data.lm import CandidateCollator, FlatCollator, LMCollator, LMData
+from llmkit.data.streaming import StreamLoader
 from llmkit.errors import LlmkitError
 
 
@@ -120,6 +122,11 @@ def lm_loaders(cfg: Config, data: LMData, tokenizer, rank: int, world: int):
     """Train loader (length-grouped rows, or shuffled blocks) and validation/test loaders (label candidates for
     generative classification)."""
     collate = LMCollator(tokenizer.pad_token_id)
-    train = train_loader(cfg, data.train, data.train_lengths, collate, rank, world)
+    packed_rows = cfg.data.packing and data.mode in ("prompt_response", "chat", "mixed")
+    train_collate = FlatCollator(cfg.model.attn_implementation == "flash_attention_2") if packed_rows else collate
+    if isinstance(data.train, IterableDataset):  # data.streaming: this rank's share, read as it comes
+        train = StreamLoader(data.train, cfg.train.per_device_batch_size, train_collate, rank, world)
+    else:
+        train = train_loader(cfg, data.train, data.train_lengths, train_collate, rank, world)
     eval_collate = CandidateCollator(tokenizer.pad_token_id) if data.mode == "labels" else collate
     return train, _eval_loaders(cfg, {"validation": data.validation, "test": data.test}, eval_collate)

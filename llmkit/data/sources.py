@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
-from datasets import ClassLabel, Dataset, DatasetDict, Value
+from datasets import ClassLabel, Dataset, DatasetDict, IterableDatasetDict, Value
 
 from llmkit import assets
 from llmkit.config import DataConfig
@@ -30,7 +30,7 @@ def _builder(path: str, key: str) -> str:
     return BUILDERS[suffix]
 
 
-def _load_files(files: dict[str, str], key: str) -> DatasetDict:
+def _load_files(files: dict[str, str], key: str, streaming: bool = False) -> DatasetDict:
     for split, path in files.items():
         file = Path(path).expanduser()
         if file.is_dir():
@@ -49,30 +49,32 @@ def _load_files(files: dict[str, str], key: str) -> DatasetDict:
     # datasets reads data_files as glob patterns: a folder named "run[1]" must match itself
     patterns = {s: glob.escape(str(Path(p).expanduser())) for s, p in files.items()}
     try:
-        return datasets.load_dataset(kind, data_files=patterns, **kwargs)
+        return datasets.load_dataset(kind, data_files=patterns, streaming=streaming, **kwargs)
     except Exception as exc:  # the readers (pandas, pyarrow, json) raise many types, wrapped by datasets
         raise LlmkitError(files_problem.explain(kind, files, exc)) from None
 
 
-def load_raw(cfg: DataConfig) -> DatasetDict:
-    """The splits of a Hub dataset, a local folder / file set, or an llmkit asset."""
+def load_raw(cfg: DataConfig, streaming: bool = False) -> DatasetDict:
+    """The splits of a Hub dataset, a local folder / file set, or an llmkit asset; `streaming`: read lazily, as
+    IterableDatasets (nothing is converted to Arrow first)."""
     if cfg.data_files is not None:
-        return _load_files(cfg.data_files, "data.data_files")
+        return _load_files(cfg.data_files, "data.data_files", streaming)
     source = assets.resolve(cfg.dataset)
     local = Path(source).expanduser()
     if local.is_dir():
         if (local / "dataset_dict.json").is_file():
-            return datasets.load_from_disk(str(local))
+            saved = datasets.load_from_disk(str(local))
+            return IterableDatasetDict({k: v.to_iterable_dataset() for k, v in saved.items()}) if streaming else saved
         files = {p.stem: str(p) for p in sorted(local.iterdir()) if p.suffix.lower() in BUILDERS}
         if not files:
             raise LlmkitError(f"data.dataset folder '{local}' holds no {'/'.join(BUILDERS)} files named <split>.<ext>")
-        return _load_files(files, "data.dataset")
+        return _load_files(files, "data.dataset", streaming)
     if local.is_file():
         raise LlmkitError(f"data.dataset '{source}' is a single file; name one file per split with data.data_files")
     if source.startswith((".", "/", "~")):
         raise LlmkitError(f"data.dataset '{source}' does not exist")
     try:
-        return datasets.load_dataset(source, cfg.dataset_config)
+        return datasets.load_dataset(source, cfg.dataset_config, streaming=streaming)
     except Exception as exc:  # datasets raises many types for "not found / offline"
         raise LlmkitError(f"could not load data.dataset '{source}' from the Hub: {exc.__class__.__name__}: "
                           f"{str(exc).splitlines()[0] if str(exc) else ''}. Check the id and network, or use local "

@@ -81,8 +81,10 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
 
 
-def save(run, trainer_state: TrainerState, keep_last: int | None, keep_best: int) -> Path:
-    """Write checkpoint step-<n> atomically (all ranks must call this) and prune old ones."""
+def save(run, trainer_state: TrainerState, keep_last: int | None, keep_best: int, rank_state: dict | None = None
+         ) -> Path:
+    """Write checkpoint step-<n> atomically (all ranks must call this) and prune old ones; `rank_state`: more of
+    this rank's own state (a stream's position), kept beside its RNG states."""
     acc = run.accelerator
     root = run.output_dir / "checkpoints"
     final = root / f"step-{trainer_state.step}"
@@ -94,7 +96,7 @@ def save(run, trainer_state: TrainerState, keep_last: int | None, keep_best: int
     failure = None
     try:
         acc.save_state(str(tmp))
-        (tmp / f"rng_rank{acc.process_index}.json").write_text(json.dumps(_rng_state()))
+        (tmp / f"rng_rank{acc.process_index}.json").write_text(json.dumps({**_rng_state(), **(rank_state or {})}))
         if faults.ON:  # the crash tests: a rank killed, or the disk full, while the checkpoint is written
             faults.hit("kill_in_save", trainer_state.step, acc.process_index)
             faults.hit("oserror_in_save", trainer_state.step, acc.process_index)

@@ -14,7 +14,8 @@ from torch.profiler import record_function
 from tqdm.auto import tqdm
 
 from llmkit import faults, rundir
-from llmkit.data.lm import CLASS_KEY
+from llmkit.data.lm import NOT_MODEL_INPUTS
+from llmkit.data.streaming import StreamLoader, to_device
 from llmkit.errors import LlmkitError
 from llmkit.metrics import LOWER_IS_BETTER
 from llmkit.train import checkpoint, optim, profiling
@@ -35,10 +36,13 @@ def fit(run: Run, model, optimizer, train_loader, eval_loader, eval_fn: EvalFn,
     cfg, acc = run.cfg, run.accelerator
     t, c = cfg.train, cfg.checkpoint
     guard = LossScaleGuard(run) if run.precision == "fp16" else None
-    # the loader length per rank is known only once Accelerate has sharded it
-    train_loader = acc.prepare_data_loader(train_loader)
-    steps_per_epoch = math.ceil(len(train_loader) / t.gradient_accumulation_steps)
-    total_steps = t.max_steps or math.ceil(t.epochs * steps_per_epoch)
+    stream = isinstance(train_loader, StreamLoader)  # data.streaming: sharded by rank already, no length
+    if stream:
+        steps_per_epoch = total_steps = t.max_steps  # one "epoch" is the run
+    else:  # the loader length per rank is known only once Accelerate has sharded it
+        train_loader = acc.prepare_data_loader(train_loader)
+        steps_per_epoch = math.ceil(len(train_loader) / t.gradient_accumulation_steps)
+        total_steps = t.max_steps or math.ceil(t.epochs * steps_per_epoch)
     model, optimizer, eval_loader = acc.prepare(model, optimizer, eval_loader)
     if t.torch_compile:
         compiled = optim.compile_blocks(acc.unwrap_model(model))
@@ -49,12 +53,14 @@ def fit(run: Run, model, optimizer, train_loader, eval_loader, eval_fn: EvalFn,
     if c.resume_from:
         path = rundir.resolve_checkpoint(run.output_dir, c.resume_from)
         state, rng = checkpoint.load(run, path)
+        if stream:
+            train_loader.load_state_dict(rng["stream"])
         run.log(f"resumed from {path}: step {state.step}, epoch {state.epoch}, batch {state.batches_in_epoch}")
     run.write_records(resumed_at=state.step if c.resume_from else None)
     batch_sampler = getattr(train_loader, "batch_sampler", None)
     inner_sampler = getattr(batch_sampler, "batch_sampler", batch_sampler)
-    run.log(f"train: {len(train_loader)} batches per rank per epoch, {steps_per_epoch} optimizer steps per epoch, "
-            f"{total_steps} steps in all")
+    run.log(f"train: streamed, {total_steps} steps" if stream else f"train: {len(train_loader)} batches per rank per "
+            f"epoch, {steps_per_epoch} optimizer steps per epoch, {total_steps} steps in all")
     model.train()
     meter = Meter(acc)
     profiler = profiling.profiler(run)
@@ -68,8 +74,11 @@ def fit(run: Run, model, optimizer, train_loader, eval_loader, eval_fn: EvalFn,
         elif hasattr(train_loader, "set_epoch"):
             train_loader.set_epoch(state.epoch)
         # after a resume: skip the consumed batches by index, without loading them
-        skip = state.batches_in_epoch
-        batches = iter(acc.skip_first_batches(train_loader, skip) if skip else train_loader)
+        skip = 0 if stream else state.batches_in_epoch
+        if stream:  # a resumed stream starts where its saved state points
+            batches = (to_device(b, acc.device) for b in train_loader)
+        else:
+            batches = iter(acc.skip_first_batches(train_loader, skip) if skip else train_loader)
         if rng is not None:
             # starting an epoch's iterator draws from torch's RNG (and happens lazily, on the first batch);
             # the uninterrupted run drew it before the checkpoint, so restore the RNG only after that
@@ -80,7 +89,7 @@ def fit(run: Run, model, optimizer, train_loader, eval_loader, eval_fn: EvalFn,
         for batch in batches:
             with acc.accumulate(model):
                 with record_function("llmkit/forward"):
-                    out = model(**{k: v for k, v in batch.items() if k != CLASS_KEY})
+                    out = model(**{k: v for k, v in batch.items() if k not in NOT_MODEL_INPUTS})
                     if loss_fn is not None:
                         out.loss = loss_fn(out, batch)
                 if faults.ON and faults.hit("nan", state.step + 1, acc.process_index):
@@ -121,7 +130,7 @@ def fit(run: Run, model, optimizer, train_loader, eval_loader, eval_fn: EvalFn,
                     scalars["train/grad_norm"] = float(grad_norm)
                 run.log_scalars(scalars, state.step)
                 bar.set_postfix(loss=f"{scalars['train/loss']:.4f}", lr=f"{scalars['train/lr']:.2e}")
-            end_of_epoch = acc.gradient_state.end_of_dataloader
+            end_of_epoch = not stream and acc.gradient_state.end_of_dataloader
             if end_of_epoch:  # the saved position is then the start of the next epoch
                 state.epoch, state.batches_in_epoch = state.epoch + 1, 0
             evaluated = (t.eval_every_steps and state.step % t.eval_every_steps == 0) or end_of_epoch \
@@ -137,7 +146,8 @@ def fit(run: Run, model, optimizer, train_loader, eval_loader, eval_fn: EvalFn,
                     meter.stop_if_nonfinite(run.output_dir)  # never replace a good checkpoint with a diverged one
                     if evaluated:
                         state.history[-1]["checkpoint"] = f"step-{state.step}"
-                    path = checkpoint.save(run, state, c.keep_last, c.keep_best)
+                    path = checkpoint.save(run, state, c.keep_last, c.keep_best,
+                                           {"stream": train_loader.state_dict()} if stream else None)
                     run.log(f"checkpoint: {path}")
                     if after_save is not None:
                         after_save(model, path)
@@ -152,7 +162,8 @@ def fit(run: Run, model, optimizer, train_loader, eval_loader, eval_fn: EvalFn,
         profiler.stop()
     summary = {"steps": state.step, "epochs": round(state.step / steps_per_epoch, 3), **meter.summary(),
                "world_size": acc.num_processes, "precision": run.precision, "zero_stage": run.zero_stage,
-               "peak_memory_bytes": peak_memory(), "train_examples": len(train_loader.dataset),
+               "peak_memory_bytes": peak_memory(),
+               "train_examples": train_loader.examples * acc.num_processes if stream else len(train_loader.dataset),
                "history": state.history, "per_rank": sharded_elements(acc, model, optimizer)}
     return {"model": model, "summary": summary}
 

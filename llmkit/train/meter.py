@@ -9,6 +9,7 @@ import time
 
 import torch
 
+from llmkit.data.lm import ROWS_KEY
 from llmkit.errors import LlmkitError
 from llmkit.train.checkpoint import resolve_latest
 
@@ -37,7 +38,12 @@ class Meter:
         """One batch done: its loss and its tokens."""
         self.running_loss += loss.detach().float()
         self.running_n += 1
-        mask = batch["attention_mask"]
+        mask = batch.get("attention_mask")
+        if mask is None:  # a flattened batch (data.packing): no padding at all
+            self.seen_tokens += batch["input_ids"].numel()
+            self.seen_rows += batch[ROWS_KEY]
+            self.real_tokens += batch["input_ids"].numel()
+            return
         self.seen_tokens += mask.numel()
         self.seen_rows += mask.shape[0]
         self.real_tokens += mask.sum()

@@ -19,6 +19,7 @@ from typing import TypeVar
 import torch
 from accelerate import Accelerator, DeepSpeedPlugin, InitProcessGroupKwargs
 from accelerate.utils import broadcast_object_list, set_seed
+from datasets import IterableDataset
 from tqdm.auto import tqdm
 
 from llmkit import launch, model, preflight, rundir
@@ -93,8 +94,12 @@ class Run:
         return result
 
     def identify_data(self, train, label_names: list[str] | None) -> None:
-        """Record what the run trains on (the tokenized train split's digest, the label set) for resume checks."""
-        self.data_identity = {"train": sources.digest(train), "labels": label_names}
+        """Record what the run trains on (the tokenized train split's digest, the label set) for resume checks; a
+        stream is named by its source and row format (reading it to hash it would read the whole stream)."""
+        d = self.cfg.data
+        digest = f"stream of {d.dataset or d.data_files} ({d.format})" if isinstance(train, IterableDataset) \
+            else sources.digest(train)
+        self.data_identity = {"train": digest, "labels": label_names}
 
     def write_records(self, resumed_at: int | None) -> None:
         """The run's records (resolved config, what ran where, the DeepSpeed config), written once resume is
