@@ -349,6 +349,10 @@ def test_a_two_source_mixture_draws_each_source_by_its_weight(tok, tmp_path):
     again = prepare(cfg, tok, seed=0, log=lambda _: None)
     assert again.train["source"] == data.train["source"]  # the seed fixes the draw
     assert prepare(cfg, tok, seed=1, log=lambda _: None).train["source"] != data.train["source"]
+    from llmkit.data.lm import training_texts
+
+    texts = set(training_texts(cfg))  # what a from-scratch tokenizer is trained on: both sources
+    assert {"is this film good", "is this good", "positive"} <= texts
     cfg.mixture[1].format = "alpaca"
     with pytest.raises(LlmkitError, match=r"data.mixture\[1\] \(.*/b\): split 'train' has no column 'instruction'"):
         prepare(cfg, tok, seed=0, log=lambda _: None)
@@ -446,3 +450,23 @@ def test_packed_rows_do_not_see_each_other(tok, tiny_lm, attn):
     with torch.no_grad():
         leaky = token_losses(batch["input_ids"], batch["labels"], use_cache=False)
     assert not torch.allclose(leaky, packed, atol=1e-4)
+
+
+def test_a_mixture_of_packed_text_and_rows(tok, tmp_path):
+    """A text source (packed blocks) and an alpaca source (rows) in one mixture: one row layout, real lengths."""
+    from llmkit.config import DataConfig, MixtureSource
+    from llmkit.data.lm import prepare
+
+    for name, rows in (("text", [{"text": "this film is good and you are helpful"}] * 30),
+                       ("alpaca", FORMAT_ROWS["alpaca"] * 15)):
+        (tmp_path / name).mkdir()
+        _write(tmp_path / name / "train.jsonl", rows)
+        _write(tmp_path / name / "validation.jsonl", rows[:2])
+    cfg = DataConfig(mixture=[MixtureSource(weight=1, dataset=str(tmp_path / "text")),
+                              MixtureSource(weight=1, dataset=str(tmp_path / "alpaca"))], test_split=None, max_length=16)
+    data = prepare(cfg, tok, seed=0, log=lambda _: None)
+    assert data.mode == "mixed" and len(data.validation) == 2 + 2
+    blocks = [r for r in data.train if r["source"] == 0]
+    assert blocks and all(len(r["input_ids"]) == 16 for r in blocks)
+    assert all(r["length"] == sum(r["attention_mask"]) for r in data.train)  # real tokens, the short block too
+    assert data.sources[0]["tokens"] == sum(r["length"] for r in blocks)

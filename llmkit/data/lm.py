@@ -198,7 +198,8 @@ def _prepare_stream(cfg: DataConfig, tokenizer, log) -> LMData:
     if missing:
         raise LlmkitError(f"split '{wanted['train']}' has no column {missing[0]!r} (columns: {sorted(first)}); set "
                           "the data.*_column keys to the right names")
-    log(f"data: format {choice.format} ({choice.why}), streamed")
+    log(f"data: format {choice.format} ({choice.why}), streamed: rows in stream order, each rank its share "
+        "(no length grouping, no shuffle)")
     out = {}
     for role, split in wanted.items():
         ds = raw[split].select_columns(choice.columns)
@@ -321,8 +322,12 @@ class CandidateCollator:
 
 def training_texts(cfg: DataConfig):
     """Every text of the train split the model will see (plain text, prompts and responses, or chat turns)."""
+    if cfg.mixture:
+        for src in cfg.mixture:
+            yield from training_texts(mixture.source_config(cfg, src))
+        return
     raw = sources.load_raw(cfg)
-    split = sources.wanted_splits(cfg, raw)["train"]
+    split = sources.wanted_splits(dataclasses.replace(cfg, eval_split=None, test_split=None), raw)["train"]
     ds = raw[split]
     choice = formats.choose(cfg, set(ds.column_names), ds[0] if len(ds) else None)
     sources.require_columns(ds, split, choice.columns)
