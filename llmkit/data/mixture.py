@@ -48,8 +48,9 @@ def mix(sources: list[MixtureSource], trains: list[Dataset], seed: int) -> tuple
     weights = np.array([s.weight for s in sources], dtype=np.float64)
     mixed = interleave_datasets(trains, probabilities=(weights / weights.sum()).tolist(), seed=seed,
                                 stopping_strategy="first_exhausted")
-    drawn = np.bincount(column(mixed, SOURCE), minlength=len(sources))
-    tokens = np.bincount(column(mixed, SOURCE), weights=column(mixed, "length"), minlength=len(sources))
+    source = column(mixed, SOURCE)
+    drawn = np.bincount(source, minlength=len(sources))
+    tokens = np.bincount(source, weights=column(mixed, "length"), minlength=len(sources))
     counts = [{"source": name_of(s), "weight": float(s.weight), "weight_share": float(w / weights.sum()),
                "examples": int(n), "drawn_share": float(n / max(1, drawn.sum())), "tokens": int(t),
                "available": len(ds)}

@@ -62,6 +62,18 @@ def _stream(docs: Dataset, first: int, stop: int, eos_id: int) -> np.ndarray:
     return out
 
 
+def blocks_of(stream: np.ndarray, block_size: int, pad_id: int) -> dict:
+    """A token stream cut into rows of `block_size`: the last one padded, its padding out of attention and loss."""
+    rows = -(-len(stream) // block_size)
+    ids = np.full(rows * block_size, pad_id, dtype=np.int32)
+    ids[:len(stream)] = stream
+    mask = np.zeros(rows * block_size, dtype=np.int8)
+    mask[:len(stream)] = 1
+    labels = np.where(mask == 1, ids, IGNORE).astype(np.int32)
+    shape = (rows, block_size)
+    return {"input_ids": ids.reshape(shape), "attention_mask": mask.reshape(shape), "labels": labels.reshape(shape)}
+
+
 def pack_dataset(docs: Dataset, block_size: int, eos_id: int, pad_id: int, desc: str = "packing"
                  ) -> tuple[Dataset, PackStats]:
     """Blocks of the tokenized documents (`tokenize`'s output), written to an Arrow file beside the tokenized data
@@ -81,15 +93,7 @@ def pack_dataset(docs: Dataset, block_size: int, eos_id: int, pad_id: int, desc:
         d0 = int(np.searchsorted(ends, t0, side="right"))
         d1 = int(np.searchsorted(ends, t1 - 1, side="right")) + 1
         before = int(ends[d0 - 1]) if d0 else 0
-        seg = _stream(docs, d0, d1, eos_id)[t0 - before: t1 - before]
-        rows = b1 - b0
-        ids = np.full(rows * block_size, pad_id, dtype=np.int32)
-        ids[:len(seg)] = seg
-        mask = np.zeros(rows * block_size, dtype=np.int8)
-        mask[:len(seg)] = 1
-        labels = np.where(mask == 1, ids, IGNORE).astype(np.int32)
-        shape = (rows, block_size)
-        return {"input_ids": ids.reshape(shape), "attention_mask": mask.reshape(shape), "labels": labels.reshape(shape)}
+        return blocks_of(_stream(docs, d0, d1, eos_id)[t0 - before: t1 - before], block_size, pad_id)
 
     key = hashlib.sha256(f"{VERSION} {docs._fingerprint} {block_size} {eos_id} {pad_id}".encode()).hexdigest()[:16]
     index = Dataset.from_dict({"block": np.arange(blocks, dtype=np.int64)})

@@ -13,6 +13,7 @@ import torch
 from datasets import IterableDataset
 from datasets.distributed import split_dataset_by_node
 
+from llmkit.data.packing import blocks_of
 from llmkit.errors import LlmkitError
 
 DOCS_PER_MAP = 1000  # documents packed together: at most one short block per this many
@@ -27,15 +28,7 @@ def pack_stream(ds: IterableDataset, tokenizer, column: str, block_size: int) ->
         texts = [t for t in batch[column] if isinstance(t, str) and t.strip()]
         ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
         stream = np.fromiter((t for doc in ids for t in (*doc, eos)), dtype=np.int64)
-        rows = -(-len(stream) // block_size)
-        out = np.full(rows * block_size, pad, dtype=np.int64)
-        out[:len(stream)] = stream
-        mask = np.zeros(rows * block_size, dtype=np.int64)
-        mask[:len(stream)] = 1
-        labels = np.where(mask == 1, out, -100)
-        shape = (rows, block_size)
-        return {"input_ids": out.reshape(shape).tolist(), "attention_mask": mask.reshape(shape).tolist(),
-                "labels": labels.reshape(shape).tolist()}
+        return {k: v.tolist() for k, v in blocks_of(stream, block_size, pad).items()}
 
     return ds.map(cut, batched=True, batch_size=DOCS_PER_MAP, remove_columns=[column])
 
