@@ -6,7 +6,9 @@ of synthetic text, on 2 ranks, against two anchors on the same text and cores.
   sft         the same for prompt/response rows (format prompt_response, the SmolLM2 chat template)
   stream      data.streaming: both ranks at once, each reading its share of the stream and packing it on the fly
               (llmkit.data.streaming.StreamLoader), to the end of one pass
-  tokenizer   anchor, the limit: the fast tokenizer alone over the same documents, batches of 1000, no output kept
+  tokenizer   anchor, the limit: the fast tokenizer alone over the same documents, batches of 1000, no output kept,
+              through the call the pipeline makes (llmkit.data.packing.ids_of: the backend's encode_batch_fast)
+  tokenizer_call  the same through transformers' tokenizer(texts) call (it also computes character offsets)
   group_texts anchor: the HF examples' run_clm.py recipe (datasets map tokenize, then map group_texts)
 
 Every measurement is its own process with an empty datasets cache (HF_DATASETS_CACHE in a fresh folder).
@@ -33,7 +35,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "results"
-RUNNERS = ("packed", "sft", "stream", "tokenizer", "group_texts")
+RUNNERS = ("packed", "sft", "stream", "tokenizer", "tokenizer_call", "group_texts")
 BLOCK = 1024
 WORDS_PER_DOC = 180
 
@@ -43,7 +45,7 @@ def write_corpus(folder: Path, tokens: int, sft: bool) -> None:
     rng = random.Random(0)
     vocab = [w for w in (ROOT / "README.md").read_text().split() if w.isalpha()] or ["word"]
     folder.mkdir(parents=True, exist_ok=True)
-    n_docs = max(2, int(tokens / (WORDS_PER_DOC * 1.3)))  # ~1.3 tokens per word for this vocabulary
+    n_docs = max(2, int(tokens / (WORDS_PER_DOC * 1.07)))  # ~1.07 tokens per word for this vocabulary
 
     def doc():
         return " ".join(rng.choices(vocab, k=rng.randint(WORDS_PER_DOC // 2, WORDS_PER_DOC * 3 // 2)))
@@ -89,13 +91,17 @@ def worker(runner: str, folder: Path, rank: int, world: int) -> dict:
             if loader.dataset.epoch > 0:  # one pass done: this batch starts the next
                 break
             made += batch["input_ids"].shape[0]
-    elif runner == "tokenizer":
+    elif runner in ("tokenizer", "tokenizer_call"):
         import datasets
+
+        from llmkit.data.packing import ids_of
 
         ds = datasets.load_dataset("json", data_files=str(folder / "train.jsonl"), split="train")
         began = time.perf_counter()  # the limit: tokenizing only
         for start in range(0, len(ds), 1000):
-            made += len(tok(ds[start:start + 1000]["text"], add_special_tokens=False)["input_ids"])
+            texts = ds[start:start + 1000]["text"]
+            made += len(ids_of(tok, texts) if runner == "tokenizer" else
+                        tok(texts, add_special_tokens=False)["input_ids"])
     elif runner == "group_texts":
         import datasets
 
@@ -139,7 +145,7 @@ def measure(runner: str, folder: Path, tokens: int) -> dict:
         else:
             ranks = [_read(_spawn(runner, folder, Path(cache), 0, 1))]
         wall = time.perf_counter() - began
-    inner = max(r["seconds"] for r in ranks) if runner in ("stream", "tokenizer") else sum(r["seconds"] for r in ranks)
+    inner = max(r["seconds"] for r in ranks) if runner not in ("packed", "sft") else sum(r["seconds"] for r in ranks)
     return {"runner": runner, "tokens": tokens, "wall_seconds": round(wall, 2), "work_seconds": round(inner, 2),
             "tokens_per_second": round(tokens / inner),
             "peak_rss_mib": [round(r["peak_rss_bytes"] / 2**20) for r in ranks],

@@ -82,6 +82,31 @@ def test_prompt_response_with_and_without_template(tok):
     assert ex["labels"][:4] == [IGNORE] * 4 and ex["labels"][4:] == ex["input_ids"][4:]
 
 
+def test_the_fast_tokenizer_path_gives_the_plain_calls_ids():
+    """packing.ids_of (the backend's encode_batch_fast) and the batched chat render give the ids of transformers'
+    own calls on the real SmolLM2 tokenizer (BPE, added tokens, a chat template); a tokenizer set to truncate is
+    asked through the plain call."""
+    from transformers import AutoTokenizer
+
+    from llmkit.assets import resolve
+    from llmkit.data.formats import chat_examples
+    from llmkit.data.packing import ids_of
+
+    real = AutoTokenizer.from_pretrained(resolve("asset:smollm2"))
+    texts = ["A film, I said: <|im_end|> not good.", "  caf\u00e9 \u2014 na\u00efve r\u00e9sum\u00e9 ", "", "x" * 300,
+             "tabs\tand\nnewlines  twice"]
+    plain = real(texts, add_special_tokens=False)["input_ids"]
+    assert ids_of(real, texts) == plain
+    conversations = [[{"role": "user", "content": t or "hi"}, {"role": "assistant", "content": "positive"},
+                      {"role": "user", "content": "and now?"}, {"role": "assistant", "content": t[::-1] or "no"}]
+                     for t in texts]
+    for conv, ex in zip(conversations, chat_examples(real, conversations)):
+        assert ex["input_ids"] == list(real.apply_chat_template(conv, tokenize=True, return_dict=False))
+        assert sum(lab != IGNORE for lab in ex["labels"]) > 2
+    real.backend_tokenizer.enable_truncation(3)  # as an earlier caller might leave it: the plain call ignores it
+    assert ids_of(real, texts) == plain
+
+
 def test_bad_messages_are_clear_errors(tok):
     with pytest.raises(LlmkitError, match="message 1 must be a mapping with role"):
         chat_example(tok, [{"role": "user", "content": "hi"}, {"role": "robot", "content": "hi"}])

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from llmkit.config import DataConfig
-from llmkit.data.packing import IGNORE
+from llmkit.data.packing import IGNORE, ids_of
 from llmkit.errors import LlmkitError
 
 MODE = {"text": "packed", "prompt_response": "prompt_response", "alpaca": "prompt_response", "messages": "chat",
@@ -121,35 +121,73 @@ def sharegpt_messages(turns) -> list[dict]:
     return out
 
 
-def _chat_ids(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
-    out = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt)
-    if isinstance(out, dict) or hasattr(out, "keys"):  # some versions return a BatchEncoding
-        out = out["input_ids"]
-    return list(out)
+class RowError(LlmkitError):
+    """A row of a batch that does not fit its format; `index` is its place in the batch."""
+
+    def __init__(self, index: int, message: str):
+        super().__init__(message)
+        self.index = index
 
 
-def chat_example(tokenizer, messages: list[dict], max_length: int | None = None) -> dict:
-    """Render `messages` with the tokenizer's chat template; only assistant turns carry labels."""
-    if not getattr(tokenizer, "chat_template", None):
-        raise LlmkitError("the tokenizer has no chat template; use prompt/response columns, or set one")
+def _check_messages(messages) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise LlmkitError(f"a conversation must be a non-empty list of messages, got {messages!r}")
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") or "content" not in m:
             raise LlmkitError(f"message {i} must be a mapping with role system|user|assistant and content, got {m!r}")
-    full = _chat_ids(tokenizer, messages)
-    labels = [IGNORE] * len(full)
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
-        # the tokens this assistant turn adds on top of the conversation before it (with the assistant header)
-        before = _chat_ids(tokenizer, messages[:i], add_generation_prompt=True)
-        upto = full if i == len(messages) - 1 else _chat_ids(tokenizer, messages[:i + 1])  # last turn: no re-render
-        if full[:len(upto)] != upto or upto[:len(before)] != before:
-            raise LlmkitError("the chat template does not render a conversation as a prefix of its continuation, "
-                              "so response tokens cannot be located; use prompt/response columns instead")
-        labels[len(before):len(upto)] = upto[len(before):]
-    if max_length is not None:
-        full, labels = full[:max_length], labels[:max_length]
-    return {"input_ids": full, "attention_mask": [1] * len(full), "labels": labels}
+
+
+def chat_examples(tokenizer, conversations: list[list[dict]], max_length: int | None = None) -> list[dict]:
+    """Each conversation rendered with the tokenizer's chat template; only assistant turns carry labels. An
+    assistant turn's tokens are what it adds on top of the conversation before it (with the assistant header):
+    every prefix is rendered as text and all of them are tokenized in one batched call (the same ids as
+    apply_chat_template(tokenize=True), which tokenizes one rendering per call). A bad one raises RowError."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise LlmkitError("the tokenizer has no chat template; use prompt/response columns, or set one")
+    wanted, plans = [], []  # plans[k]: (index of the full render, [(before, upto) render indices per turn])
+
+    def add(messages, generation: bool) -> int:
+        wanted.append((messages, generation))
+        return len(wanted) - 1
+
+    for k, messages in enumerate(conversations):
+        try:
+            _check_messages(messages)
+        except LlmkitError as exc:
+            raise RowError(k, str(exc)) from None
+        full = add(messages, False)
+        turns = [(add(messages[:i], True), full if i == len(messages) - 1 else add(messages[:i + 1], False))
+                 for i, m in enumerate(messages) if m["role"] == "assistant"]
+        plans.append((full, turns))
+    texts = [""] * len(wanted)
+    for generation in (False, True):  # one template call per kind of render
+        at = [i for i, (_, g) in enumerate(wanted) if g == generation]
+        if at:
+            rendered = tokenizer.apply_chat_template([wanted[i][0] for i in at], tokenize=False,
+                                                     add_generation_prompt=generation)
+            for i, text in zip(at, rendered):
+                texts[i] = text
+    ids = ids_of(tokenizer, texts)
+    out = []
+    for k, (full, turns) in enumerate(plans):
+        tokens = ids[full]
+        labels = [IGNORE] * len(tokens)
+        for before, upto in turns:
+            b, u = ids[before], ids[upto]
+            if tokens[:len(u)] != u or u[:len(b)] != b:
+                raise RowError(k, "the chat template does not render a conversation as a prefix of its "
+                                  "continuation, so response tokens cannot be located; use prompt/response columns "
+                                  "instead")
+            labels[len(b):len(u)] = u[len(b):]
+        if max_length is not None:
+            tokens, labels = tokens[:max_length], labels[:max_length]
+        out.append({"input_ids": tokens, "attention_mask": [1] * len(tokens), "labels": labels})
+    return out
+
+
+def chat_example(tokenizer, messages: list[dict], max_length: int | None = None) -> dict:
+    """One conversation as `chat_examples` renders it."""
+    return chat_examples(tokenizer, [messages], max_length)[0]
 
 
 def prompt_response_example(tokenizer, prompt: str, response: str, max_length: int | None = None) -> dict:
@@ -167,21 +205,45 @@ def prompt_response_example(tokenizer, prompt: str, response: str, max_length: i
     return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
 
 
-def render(cfg: DataConfig, fmt: str, tokenizer, row: dict) -> dict:
-    """One SFT row as token ids with response-only labels, plus its length and trained-token count (columns the
-    loaders and the drop check read without a pass over the rows)."""
+def _conversation(cfg: DataConfig, fmt: str, row: dict) -> list[dict] | tuple[str, str]:
+    """A row's chat messages (messages, sharegpt) or its (prompt, response) (prompt_response, alpaca)."""
     if fmt == "messages":
-        ex = chat_example(tokenizer, row[cfg.messages_column or "messages"], cfg.max_length)
-    elif fmt == "sharegpt":
-        ex = chat_example(tokenizer, sharegpt_messages(row[cfg.messages_column or "conversations"]),
-                          cfg.max_length)
+        return row[cfg.messages_column or "messages"]
+    if fmt == "sharegpt":
+        return sharegpt_messages(row[cfg.messages_column or "conversations"])
+    if fmt == "alpaca":
+        return prompt_of(row)
+    prompt, response = (row[c] for c in (cfg.prompt_column or "prompt", cfg.response_column or "response"))
+    for name, value in (("prompt", prompt), ("response", response)):
+        if not isinstance(value, str):
+            raise LlmkitError(f"the {name} must be a string, got {value!r}")
+    return prompt, response
+
+
+def render_rows(cfg: DataConfig, fmt: str, tokenizer, batch: dict[str, list]) -> dict[str, list]:
+    """A batch of SFT rows (datasets' batched map) as token ids with response-only labels, plus each row's length
+    and trained-token count (columns the loaders and the drop check read without a pass over the rows). Rows go
+    through the chat template when the tokenizer has one; a row that does not fit raises RowError."""
+    rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
+    parts = []
+    for k, row in enumerate(rows):
+        try:
+            parts.append(_conversation(cfg, fmt, row))
+        except LlmkitError as exc:
+            raise RowError(k, str(exc)) from None
+    if getattr(tokenizer, "chat_template", None):
+        examples = chat_examples(tokenizer, [[{"role": "user", "content": p[0]}, {"role": "assistant", "content": p[1]}]
+                                             if isinstance(p, tuple) else p for p in parts], cfg.max_length)
     else:
-        if fmt == "alpaca":
-            prompt, response = prompt_of(row)
-        else:
-            prompt, response = (row[c] for c in (cfg.prompt_column or "prompt", cfg.response_column or "response"))
-            for name, value in (("prompt", prompt), ("response", response)):
-                if not isinstance(value, str):
-                    raise LlmkitError(f"the {name} must be a string, got {value!r}")
-        ex = prompt_response_example(tokenizer, prompt, response, cfg.max_length)
-    return {**ex, "length": len(ex["input_ids"]), "trained": sum(t != IGNORE for t in ex["labels"])}
+        examples = []
+        for k, p in enumerate(parts):
+            if not isinstance(p, tuple):
+                raise RowError(k, "the tokenizer has no chat template; use prompt/response columns, or set one")
+            try:
+                examples.append(prompt_response_example(tokenizer, *p, cfg.max_length))
+            except LlmkitError as exc:
+                raise RowError(k, str(exc)) from None
+    out = {key: [ex[key] for ex in examples] for key in ("input_ids", "attention_mask", "labels")}
+    out["length"] = [len(ex["input_ids"]) for ex in examples]
+    out["trained"] = [sum(t != IGNORE for t in ex["labels"]) for ex in examples]
+    return out

@@ -56,7 +56,7 @@ def label_candidates(tokenizer, cfg, words: list[str], text: str, text_pair: str
 
 @dataclass
 class LMData:
-    train: Dataset | IterableDataset  # input_ids, attention_mask, labels (an IterableDataset: data.streaming)
+    train: Dataset | streaming.Stream  # input_ids, attention_mask, labels (a Stream: data.streaming)
     validation: Dataset  # the same for "packed" / "prompt_response" / "chat"; label candidates for "labels"
     mode: str  # "packed" | "prompt_response" | "chat" | "labels" (formats.MODE of the row format)
     packing: PackStats | None
@@ -70,7 +70,7 @@ class LMData:
 
     @property
     def streamed(self) -> bool:
-        return isinstance(self.train, IterableDataset)
+        return isinstance(self.train, streaming.Stream)
 
     @property
     def probe(self) -> Dataset:
@@ -160,13 +160,14 @@ def _prepare_source(cfg: DataConfig, tokenizer, seed: int, log, need_validation:
                 log(f"data: packed {pack_stats.documents} documents ({pack_stats.tokens} tokens) into "
                     f"{pack_stats.blocks} blocks of {pack_stats.block_size}: efficiency {pack_stats.efficiency:.4f}")
         else:
-            def render(row, i, split=split, rows=rows):
+            def render(batch, idx, split=split, rows=rows):
                 try:
-                    return formats.render(cfg, choice.format, tokenizer, row)
-                except LlmkitError as exc:
-                    raise LlmkitError(f"split '{split}' row {rows[i]} ({choice.format}): {exc}") from None
+                    return formats.render_rows(cfg, choice.format, tokenizer, batch)
+                except formats.RowError as exc:
+                    raise LlmkitError(f"split '{split}' row {rows[idx[exc.index]]} ({choice.format}): {exc}") from None
 
-            ds = ds.map(render, with_indices=True, remove_columns=choice.columns, desc=f"rendering {role}")
+            ds = ds.map(render, batched=True, with_indices=True, remove_columns=choice.columns,
+                        desc=f"rendering {role}")
             out[role] = _drop_untrained(ds, role, cfg, rows, log)
     return _Source(out["train"], out.get("validation"), choice, stats)
 
@@ -200,25 +201,32 @@ def _prepare_stream(cfg: DataConfig, tokenizer, log) -> LMData:
                           "the data.*_column keys to the right names")
     log(f"data: format {choice.format} ({choice.why}), streamed: rows in stream order, each rank its share "
         "(no length grouping, no shuffle)")
+    if choice.mode == "packed" and tokenizer.eos_token_id is None:
+        raise LlmkitError("packing separates documents with EOS, but the tokenizer has no eos token")
+
+    def examples(ds: IterableDataset, split: str) -> IterableDataset:
+        if choice.mode == "packed":
+            return streaming.pack_stream(ds, tokenizer, cfg.text_column, cfg.max_length)
+
+        def render(batch):
+            try:
+                return formats.render_rows(cfg, choice.format, tokenizer, batch)
+            except formats.RowError as exc:
+                row = {k: v[exc.index] for k, v in batch.items()}
+                raise LlmkitError(f"a row of the streamed split '{split}' ({choice.format}): {exc}; the row: "
+                                  f"{str(row)[:120]}") from None
+
+        return ds.map(render, batched=True, batch_size=streaming.DOCS_PER_MAP, remove_columns=choice.columns
+                      ).filter(lambda r: r["trained"] > 0)
+
     out = {}
     for role, split in wanted.items():
         ds = raw[split].select_columns(choice.columns)
-        if choice.mode == "packed":
-            if tokenizer.eos_token_id is None:
-                raise LlmkitError("packing separates documents with EOS, but the tokenizer has no eos token")
-            ds = streaming.pack_stream(ds, tokenizer, cfg.text_column, cfg.max_length)
-        else:
-            def render(row, split=split):
-                try:
-                    return formats.render(cfg, choice.format, tokenizer, row)
-                except LlmkitError as exc:
-                    raise LlmkitError(f"a row of the streamed split '{split}' ({choice.format}): {exc}; the row: "
-                                      f"{str(row)[:120]}") from None
-
-            ds = ds.map(render, remove_columns=choice.columns).filter(lambda r: r["trained"] > 0)
         if role == "validation":  # scored in full at every eval: read once into memory
-            ds = Dataset.from_list(list(ds.take(cfg.max_eval_samples) if cfg.max_eval_samples else ds))
-        out[role] = ds
+            ds = examples(ds, split)
+            out[role] = Dataset.from_list(list(ds.take(cfg.max_eval_samples) if cfg.max_eval_samples else ds))
+        else:  # each rank's share is cut out before it is tokenized (streaming.Stream)
+            out[role] = streaming.Stream(ds, lambda share, split=split: examples(share, split))
     return LMData(train=out["train"], validation=out["validation"], mode=choice.mode, packing=None,
                   train_lengths=None, format=choice.format)
 

@@ -7,7 +7,6 @@ import math
 
 import numpy as np
 import torch
-from datasets import IterableDataset
 from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding
 
@@ -15,7 +14,7 @@ from llmkit import faults
 from llmkit.config import Config
 from llmkit.data.classification import ClassificationData
 from llmkit.data.lm import CandidateCollator, FlatCollator, LMCollator, LMData
-from llmkit.data.streaming import StreamLoader
+from llmkit.data.streaming import Stream, StreamLoader
 from llmkit.errors import LlmkitError
 
 
@@ -124,7 +123,7 @@ def lm_loaders(cfg: Config, data: LMData, tokenizer, rank: int, world: int):
     collate = LMCollator(tokenizer.pad_token_id)
     packed_rows = cfg.data.packing and data.mode in ("prompt_response", "chat", "mixed")
     train_collate = FlatCollator(cfg.model.attn_implementation == "flash_attention_2") if packed_rows else collate
-    if isinstance(data.train, IterableDataset):  # data.streaming: this rank's share, read as it comes
+    if isinstance(data.train, Stream):  # data.streaming: this rank's share, read as it comes
         train = StreamLoader(data.train, cfg.train.per_device_batch_size, train_collate, rank, world)
     else:
         train = train_loader(cfg, data.train, data.train_lengths, train_collate, rank, world)

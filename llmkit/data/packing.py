@@ -8,6 +8,7 @@ exactly one block, in order, and only the last block is short (padded, its paddi
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,11 +39,45 @@ class PackStats:
         return self.tokens / max(1, self.blocks * self.block_size)
 
 
+def ids_of(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Each text's token ids, no special tokens added. A fast tokenizer set to neither truncate nor pad is asked
+    through its backend's encode_batch_fast: the same ids as `tokenizer(texts)`, without the character offsets
+    that transformers' call computes and drops (about 1.5x faster); any other tokenizer through the plain call."""
+    backend = getattr(tokenizer, "_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+    fast = getattr(backend, "encode_batch_fast", None)
+    if fast is None or backend.truncation is not None or backend.padding is not None:
+        return tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return [e.ids for e in fast(texts, add_special_tokens=False)]
+
+
+def with_eos(ids: list[list[int]], eos_id: int) -> np.ndarray:
+    """Documents' ids as one stream, each followed by EOS (int32, no per-token Python loop)."""
+    n = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    return _joined(np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32, count=int(n.sum())), n + 1,
+                   eos_id)
+
+
+def _joined(values: np.ndarray, n: np.ndarray, eos_id: int) -> np.ndarray:
+    """`values` (documents back to back) with EOS after each; `n` holds each document's length + 1."""
+    out = np.empty(int(n.sum()), dtype=np.int32)
+    eos_at = np.cumsum(n) - 1
+    keep = np.ones(len(out), dtype=bool)
+    keep[eos_at] = False
+    out[keep] = values
+    out[eos_at] = eos_id
+    return out
+
+
 def tokenize(ds: Dataset, tokenizer, column: str, desc: str) -> Dataset:
     """Each document's ids (int32) and its stream length `n` (ids + EOS), batched and cached by datasets."""
     def encode(batch):
-        ids = tokenizer(batch[column], add_special_tokens=False)["input_ids"]
-        return {"ids": ids, "n": [len(x) + 1 for x in ids]}
+        ids = ids_of(tokenizer, batch[column])
+        n = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+        offsets = np.zeros(len(ids) + 1, dtype=np.int32)
+        np.cumsum(n, out=offsets[1:])
+        values = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32, count=int(offsets[-1]))
+        # handed to Arrow as a table: no per-token Python objects on the way to the cache file
+        return pa.table({"ids": pa.ListArray.from_arrays(pa.array(offsets), pa.array(values)), "n": pa.array(n + 1)})
 
     features = Features({"ids": Sequence(Value("int32")), "n": Value("int64")})
     return ds.map(encode, batched=True, remove_columns=ds.column_names, features=features, desc=desc)
@@ -52,14 +87,7 @@ def _stream(docs: Dataset, first: int, stop: int, eos_id: int) -> np.ndarray:
     """Documents first..stop-1 as one stream, each followed by EOS, read from Arrow without Python lists."""
     ids = docs.data.table.slice(first, stop - first).column("ids").combine_chunks()
     values = ids.flatten().to_numpy(zero_copy_only=False)
-    n = np.diff(ids.offsets.to_numpy()) + 1
-    out = np.empty(int(n.sum()), dtype=np.int32)
-    eos_at = np.cumsum(n) - 1
-    keep = np.ones(len(out), dtype=bool)
-    keep[eos_at] = False
-    out[keep] = values
-    out[eos_at] = eos_id
-    return out
+    return _joined(values, np.diff(ids.offsets.to_numpy()) + 1, eos_id)
 
 
 def blocks_of(stream: np.ndarray, block_size: int, pad_id: int) -> dict:

@@ -19,12 +19,12 @@ from typing import TypeVar
 import torch
 from accelerate import Accelerator, DeepSpeedPlugin, InitProcessGroupKwargs
 from accelerate.utils import broadcast_object_list, set_seed
-from datasets import IterableDataset
 from tqdm.auto import tqdm
 
 from llmkit import launch, model, preflight, rundir
 from llmkit.config import Config
 from llmkit.data import lm, sources
+from llmkit.data.streaming import Stream
 from llmkit.errors import LlmkitError
 from llmkit.precision import ACCELERATE_PRECISION
 from llmkit.train.guards import StopSignal
@@ -97,7 +97,7 @@ class Run:
         """Record what the run trains on (the tokenized train split's digest, the label set) for resume checks; a
         stream is named by its source and row format (reading it to hash it would read the whole stream)."""
         d = self.cfg.data
-        digest = f"stream of {d.dataset or d.data_files} ({d.format})" if isinstance(train, IterableDataset) \
+        digest = f"stream of {d.dataset or d.data_files} ({d.format})" if isinstance(train, Stream) \
             else sources.digest(train)
         self.data_identity = {"train": digest, "labels": label_names}
 
