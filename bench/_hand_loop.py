@@ -34,7 +34,8 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained(name)
     train = tokenized_train(cfg, tok)
     lengths = [len(x) for x in train["input_ids"]]
-    sampler = LengthGroupedBatchSampler(lengths, t.per_device_batch_size, acc.num_processes, seed=t.seed)
+    sampler = LengthGroupedBatchSampler(lengths, t.per_device_batch_size,
+                                        acc.num_processes * t.gradient_accumulation_steps, seed=t.seed)
     loader = DataLoader(train, batch_sampler=sampler, collate_fn=DataCollatorWithPadding(tok))
     net = AutoModelForSequenceClassification.from_pretrained(name, num_labels=2)
     optimizer = build_optimizer(cfg, net)  # the same AdamW (kernel, groups) as llmkit

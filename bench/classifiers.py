@@ -14,7 +14,7 @@ test predictions (the imbalance the d runs were trained on), and the run's own t
 steps only). Goals: b at least as accurate as c in no more time; d above d0 on macro-F1.
 
     .venv/bin/python bench/classifiers.py [--steps 120] [--batch 8] [--only b c] [--val-rows 200]
-        [--test-rows N] [--reuse]
+        [--test-rows N] [--reuse] [--set train.learning_rate 1e-3 ...]
 
 Writes bench/results/classifiers.json; the runs are in bench/results/classifiers/.
 """
@@ -84,9 +84,11 @@ def macro_f1(rows: list[dict]) -> float:
     return float(f1_score([r["label"] for r in rows], [r["prediction"] for r in rows], average="macro"))
 
 
-def run(name: str, folder: Path, steps: int, batch: int, reuse: bool = False) -> dict:
+def run(name: str, folder: Path, steps: int, batch: int, reuse: bool = False, more: list[str] = ()) -> dict:
     recipe, config, _, extra = VARIANTS[name]
-    out = OUT / "classifiers" / name
+    extra = [*extra, *more]
+    tag = "".join(c if c.isalnum() or c in ".-" else "_" for c in "_".join(more).replace("--", ""))
+    out = OUT / "classifiers" / (f"{name}-{tag}" if more else name)  # an override run keeps its own folder
     done = out / "metrics.json"
     if reuse and done.is_file() and json.loads(done.read_text())["train"]["steps"] == steps:
         print(f"{name}: reusing the finished run in {out}", flush=True)
@@ -97,7 +99,7 @@ def run(name: str, folder: Path, steps: int, batch: int, reuse: bool = False) ->
            "--train.per_device_batch_size", str(batch), "--output.output_dir", str(out),
            "--output.overwrite_output_dir", "true", *extra]
     print("$ " + " ".join(cmd), flush=True)
-    log = OUT / "classifiers" / f"{name}.log"
+    log = out.parent / f"{out.name}.log"
     with log.open("w") as f:
         proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT,
                               env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
@@ -127,9 +129,13 @@ def main() -> None:
     ap.add_argument("--test-rows", type=int, default=None, help="a smaller test split, for a quick try")
     ap.add_argument("--reuse", action="store_true", help="read the variants already run at these steps")
     ap.add_argument("--only", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    ap.add_argument("--set", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
+                    help="a config override for every variant run, e.g. --set train.learning_rate 1e-3")
     args = ap.parse_args()
+    more = [x for key, value in args.set for x in (f"--{key}", value)]
     folders = write_data(args.val_rows, args.test_rows)
-    results = [run(name, folders[VARIANTS[name][2]], args.steps, args.batch, args.reuse) for name in args.only]
+    results = [run(name, folders[VARIANTS[name][2]], args.steps, args.batch, args.reuse, more)
+               for name in args.only]
     print(f"\n{args.steps} steps x {args.batch} rows x 2 ranks, ZeRO-2; test split {results[0]['test_rows']} rows")
     print(f"{'':3} {'variant':34} {'train rows':>10} {'test acc':>8} {'macro-F1':>8} {'90/10 F1':>8} {'train s':>8}")
     for r in results:

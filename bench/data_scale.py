@@ -13,7 +13,9 @@ of synthetic text, on 2 ranks, against two anchors on the same text and cores.
 
 Every measurement is its own process with an empty datasets cache (HF_DATASETS_CACHE in a fresh folder).
 tokens/s counts the tokenizer's tokens of the text (the same number for every runner). Goals: time grows
-linearly, peak RSS per rank < 2 GiB at 10^8 tokens, packed tokens/s >= 80% of the tokenizer alone.
+linearly, peak RSS per rank < 2 GiB at 10^8 tokens, packed tokens/s >= 80% of the tokenizer alone. Peak RSS
+includes the memory-mapped Arrow pages a rank has read (the kernel drops them under pressure); the anonymous
+peak (RssAnon, sampled) is what the rank itself holds.
 
     .venv/bin/python bench/data_scale.py [--tokens 1e6 1e7 1e8] [--only packed stream tokenizer]
 
@@ -23,6 +25,7 @@ Writes bench/results/data_scale.json.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import random
@@ -67,11 +70,36 @@ def _tokenizer():
     return AutoTokenizer.from_pretrained(resolve("asset:smollm2"))
 
 
+class AnonPeak:
+    """The peak of this process's anonymous resident memory (RssAnon: heap, Python objects), sampled every 20 ms.
+    Peak RSS also counts the pages of memory-mapped Arrow files the process has read, which the kernel can drop
+    at any time; RssAnon is the memory the process itself holds."""
+
+    def __init__(self):
+        import threading
+
+        self.peak, self._stop = 0, threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+
+    def _watch(self):
+        while not self._stop.wait(0.02):
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("RssAnon:"):
+                    self.peak = max(self.peak, int(line.split()[1]) * 1024)
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return self.peak
+
+
 def worker(runner: str, folder: Path, rank: int, world: int) -> dict:
     """One measurement in this process; returns seconds, rows or blocks made, and this process's peak RSS."""
     from llmkit.config import DataConfig
     from llmkit.data import lm
 
+    anon = AnonPeak()
     tok = _tokenizer()
     began = time.perf_counter()
     made = 0
@@ -109,14 +137,14 @@ def worker(runner: str, folder: Path, rank: int, world: int) -> dict:
         ids = raw.map(lambda b: tok(b["text"]), batched=True, remove_columns=["text"])
 
         def group_texts(examples):  # as in transformers' examples/pytorch/language-modeling/run_clm.py
-            joined = {k: sum(examples[k], []) for k in examples}
+            joined = {k: list(itertools.chain(*examples[k])) for k in examples}
             total = (len(joined["input_ids"]) // BLOCK) * BLOCK
             out = {k: [t[i:i + BLOCK] for i in range(0, total, BLOCK)] for k, t in joined.items()}
             out["labels"] = out["input_ids"].copy()
             return out
 
         made = len(ids.map(group_texts, batched=True))
-    return {"seconds": time.perf_counter() - began, "made": made,
+    return {"seconds": time.perf_counter() - began, "made": made, "peak_anon_bytes": anon.stop(),
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
@@ -149,6 +177,7 @@ def measure(runner: str, folder: Path, tokens: int) -> dict:
     return {"runner": runner, "tokens": tokens, "wall_seconds": round(wall, 2), "work_seconds": round(inner, 2),
             "tokens_per_second": round(tokens / inner),
             "peak_rss_mib": [round(r["peak_rss_bytes"] / 2**20) for r in ranks],
+            "peak_anon_mib": [round(r["peak_anon_bytes"] / 2**20) for r in ranks],
             "made": [r["made"] for r in ranks]}
 
 
@@ -176,7 +205,8 @@ def main() -> None:
                     r = measure(runner, folder, real)
                     results.append(r)
                     print(f"{r['runner']:12} {r['tokens']:>12,} tokens  {r['work_seconds']:>8.1f} s  "
-                          f"{r['tokens_per_second']:>10,} tok/s  peak RSS {r['peak_rss_mib']} MiB", flush=True)
+                          f"{r['tokens_per_second']:>10,} tok/s  peak RSS {r['peak_rss_mib']} MiB (anonymous "
+                          f"{r['peak_anon_mib']})", flush=True)
     OUT.mkdir(exist_ok=True)
     (OUT / "data_scale.json").write_text(json.dumps(results, indent=2))
 

@@ -4,19 +4,34 @@ LLMKIT_FAULT=<point>@<step>:<rank>: sigterm@5:1 (SIGTERM to rank 1 after step 5)
 forward and backward), kill_in_save@4:1 / oserror_in_save@4:1 (while checkpoint step-4 is written), nan@3:0
 (the loss of step 3 becomes NaN), row@7:0 (reading training row 7 fails), stall_export@0:0 (the export waits
 STALL_SECONDS, for a signal to arrive meanwhile). LLMKIT_FAULT_STAMP names a file that gets the time the fault
-fired. Callers test `ON` first, so a normal run pays one attribute read per check."""
+fired. Callers test `ON` first, so a normal run pays one attribute read per check.
+
+LLMKIT_TRACE_ROWS=<folder>: each rank appends, per micro-batch, the optimizer step it belongs to and a checksum of
+each row's real tokens to <folder>/rows_rank<r>.jsonl (the resume tests compare which rows each step trained on)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
+import zlib
 from pathlib import Path
 
 SPEC = os.environ.get("LLMKIT_FAULT", "")
 STALL_SECONDS = 3.0
 ON = bool(SPEC)
 POINT = SPEC.split("@", 1)[0]  # "" when off
+TRACE = os.environ.get("LLMKIT_TRACE_ROWS", "")
+
+
+def trace_rows(step: int, rank: int, batch: dict) -> None:
+    """One line for this micro-batch: its step and each row's checksum (real tokens only)."""
+    ids = batch["input_ids"].cpu().numpy()
+    mask = batch["attention_mask"].cpu().numpy() if "attention_mask" in batch else ids * 0 + 1  # flattened rows
+    rows = [zlib.crc32(row[m == 1].astype("int64").tobytes()) for row, m in zip(ids, mask)]
+    with open(Path(TRACE) / f"rows_rank{rank}.jsonl", "a") as f:
+        f.write(json.dumps({"step": step, "rows": rows}) + "\n")
 
 
 def hit(point: str, step: int, rank: int) -> bool:

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llmkit import launch, memory, model, rundir
+from llmkit import elastic, launch, memory, model, rundir
 from llmkit.config import Config
 from llmkit.data import lm, sources
 from llmkit.errors import LlmkitError
@@ -31,6 +31,7 @@ class Plan:
     model_config: object  # the model's transformers config
     causal_lm: bool
     checked: list[str] = field(default_factory=list)  # one line per check passed
+    elastic: elastic.Elastic | None = None  # resuming a checkpoint written by another number of ranks
 
 
 def warnings(cfg: Config) -> list[str]:
@@ -210,15 +211,24 @@ def check(cfg: Config, world_size: int, recipe: str | None = None,
     passed(line)
     recipe = recipe or recipe_of(cfg, config)
     check_recipe_keys(cfg, recipe)
-    ds = launch.resolve_deepspeed(cfg, precision, world_size, model.hidden_size(config))
-    stage = launch.zero_stage(ds)
-    passed(f"launch: {world_size} process(es), " + (f"DeepSpeed ZeRO-{stage}, no 'auto' left" if ds else
-                                                     "no DeepSpeed"))
     out, how = check_output_dir(cfg)
     passed(f"output: {out.resolve()} (writable, {how} run, not in use)")
+    plan_elastic = None
     if cfg.checkpoint.resume_from:  # found and verified now, not after the model and data are loaded
-        passed(f"resume: from {rundir.resolve_checkpoint(out, cfg.checkpoint.resume_from)} (complete, sizes and "
-               "digests match)")
+        resume = rundir.resolve_checkpoint(out, cfg.checkpoint.resume_from)
+        passed(f"resume: from {resume} (complete, sizes and digests match)")
+        plan_elastic = elastic.decide(cfg, resume, world_size)  # before the DeepSpeed config reads the accumulation
+        if plan_elastic is not None:
+            passed(plan_elastic.describe())
+    ds = launch.resolve_deepspeed(cfg, precision, world_size, model.hidden_size(config))
+    stage = launch.zero_stage(ds)
+    if plan_elastic is not None and plan_elastic.universal:
+        if stage != plan_elastic.zero_stage:
+            raise LlmkitError(f"the checkpoint was written under ZeRO-{plan_elastic.zero_stage}; this launch uses "
+                              f"ZeRO-{stage or 0}: resume with the checkpoint's stage (its accelerate config)")
+        ds = elastic.universal_config(ds)
+    passed(f"launch: {world_size} process(es), " + (f"DeepSpeed ZeRO-{stage}, no 'auto' left" if ds else
+                                                     "no DeepSpeed"))
     causal = recipe == "causal_lm"
     try:
         params, largest = model.model_sizes(cfg.model, causal_lm=causal)
@@ -234,7 +244,7 @@ def check(cfg: Config, world_size: int, recipe: str | None = None,
     if cfg.output.push_to_hub:  # no token: say so now, not after hours of training
         hub_token()
         passed(f"hub: a token is set for pushing to {cfg.output.hub_model_id}")
-    return Plan(precision, why, world_size, ds, out, how, config, causal, plan_lines)
+    return Plan(precision, why, world_size, ds, out, how, config, causal, plan_lines, plan_elastic)
 
 
 def check_inputs(cfg: Config, plan: Plan, say: Callable[[str], None] = lambda line: None) -> None:

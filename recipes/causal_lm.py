@@ -76,8 +76,7 @@ def main() -> None:
         shown = f"accuracy {m['accuracy']:.4f}  f1 {m['f1']:.4f}  " if "accuracy" in m else ""
         run.log(f"{name}: {shown}loss {m['loss']:.4f}  perplexity {m['perplexity']:.2f}")
     run.log(f"export: {final}  (train {result['summary']['train_seconds']} s)")
-    if labels:
-        pages.write_for_run(run)
+    pages.write_for_run(run)  # classification numbers for label words; loss, perplexity and the data otherwise
     run.finish(skipped=hub.push_run(run, uploader))
 
 

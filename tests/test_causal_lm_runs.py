@@ -13,16 +13,48 @@ from safetensors.torch import load_file
 pytestmark = pytest.mark.slow
 
 
-# the last run also packs its rows padding-free (data.packing): no pad token is processed
-@pytest.mark.parametrize(("stage", "lora", "packing"), [(2, True, False), (3, True, False), (2, False, False),
-                                                        (3, False, True)])
-def test_causal_lm_trains_exports_and_reloads(tmp_path, tiny_lm, stage, lora, packing):
+def _as_mixture(cfg_path, tiny_lm, tmp_path) -> None:
+    """The run's data as a mixture: its prompt/response rows (weight 2) and the same rows in alpaca form (weight 1)."""
+    rows = [json.loads(line) for line in (tiny_lm / "data" / "train.jsonl").read_text().splitlines()]
+    (tmp_path / "alpaca").mkdir()
+    (tmp_path / "alpaca" / "train.jsonl").write_text("".join(
+        json.dumps({"instruction": r["prompt"], "input": "", "output": r["response"]}) + "\n" for r in rows))
+    cfg = yaml.safe_load(cfg_path.read_text())
+    for key in ("dataset", "prompt_column", "response_column"):
+        del cfg["data"][key]
+    cfg["data"]["mixture"] = [{"dataset": str(tiny_lm / "data"), "weight": 2.0},
+                              {"dataset": str(tmp_path / "alpaca"), "weight": 1.0}]
+    cfg_path.write_text(yaml.safe_dump(cfg))
+
+
+# the third run reads a two-source mixture; the last packs its rows padding-free (data.packing): no pad token
+@pytest.mark.parametrize(("stage", "lora", "packing", "mixture"), [
+    (2, True, False, False), (3, True, False, False), (2, False, False, True), (3, False, True, False)])
+def test_causal_lm_trains_exports_and_reloads(tmp_path, tiny_lm, stage, lora, packing, mixture):
     out = tmp_path / "run"
     cfg = write_lm_config(tmp_path / "c.yaml", tiny_lm, out, lora, epochs=2, logging_steps=1)
+    if mixture:
+        _as_mixture(cfg, tiny_lm, tmp_path)
     proc = launch("recipes/causal_lm.py", ["--config", str(cfg), "--data.packing", str(packing).lower()],
                   f"cpu_zero{stage}.yaml")
     check_ok(proc)
     metrics = json.loads((out / "metrics.json").read_text())
+    report = json.loads((out / "report.json").read_text())  # every run ends with its report
+    assert report["kind"] == "lm"
+    assert report["runs"][0]["scores"]["validation"]["loss"] == metrics["validation"]["loss"]
+    if mixture:  # what each source gave, in the log, metrics.json, the report and the card
+        mix = metrics["data_mixture"]
+        assert [m["weight_share"] for m in mix] == pytest.approx([2 / 3, 1 / 3])
+        assert sum(m["examples"] for m in mix) == metrics["train"]["train_examples"]
+        assert min(m["examples"] for m in mix) < max(m["available"] for m in mix)  # first_exhausted ended it
+        assert report["runs"][0]["data_mixture"] == mix
+        first = f"| {mix[0]['source']} | 2 | 66.7% | {mix[0]['examples']} | {mix[0]['available']} |"
+        assert first in (out / "report.md").read_text()
+        assert "Training data (mixture)" in (out / "report.html").read_text()
+        from llmkit.ship import card
+
+        assert f"{mix[1]['examples']} of {mix[1]['available']}" in card.build(out, out / "final", "causal_lm", "me/x")
+        assert "mixture source" in proc.stdout + proc.stderr
     if packing:  # every processed token is a real one, and the log says how the rows went in
         assert metrics["train"]["padding_efficiency"] == 1.0
         assert "rows packed padding-free" in proc.stdout + proc.stderr

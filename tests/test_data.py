@@ -130,7 +130,7 @@ def test_length_grouped_batches(replicas):
 
     rng = random.Random(0)
     lengths = [rng.randint(3, 60) for _ in range(203)]
-    sampler = loaders.LengthGroupedBatchSampler(lengths, batch_size=8, num_replicas=replicas, seed=5)
+    sampler = loaders.LengthGroupedBatchSampler(lengths, batch_size=8, per_step=replicas, seed=5)
     batches = list(sampler)
     assert len(batches) == len(sampler) == 26
     flat = [i for b in batches for i in b]
@@ -154,7 +154,7 @@ def test_length_grouped_batches(replicas):
 
 def test_group_order_is_shuffled():
     lengths = list(range(100))
-    batches = list(loaders.LengthGroupedBatchSampler(lengths, batch_size=10, num_replicas=1, seed=0))
+    batches = list(loaders.LengthGroupedBatchSampler(lengths, batch_size=10, per_step=1, seed=0))
     starts = [b[0] for b in batches]
     assert starts != sorted(starts)
     assert collections.Counter(len(b) for b in batches) == {10: 10}

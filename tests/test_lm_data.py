@@ -404,9 +404,11 @@ def test_the_model_card_lists_the_mixture_sources(tmp_path):
     assert "/data/b" not in text.split("---")[1]
 
 
-def test_a_streamed_split_gives_each_rank_its_share_and_resumes_at_the_exact_row(tok, tmp_path):
-    """Two ranks' StreamLoaders over one streamed file: disjoint shares that cover it, pass after pass; a loader
-    restored from the state saved after batch 3 yields what the uninterrupted one yields next."""
+@pytest.mark.parametrize("files", [1, 2])
+def test_a_streamed_split_gives_each_rank_its_share_and_resumes_at_the_exact_row(tok, tmp_path, files):
+    """Two ranks' StreamLoaders over a streamed split in one file (each rank keeps every other row) or in two
+    shards named as on the Hub (each rank reads its own): disjoint shares that cover it, pass after pass; a loader restored from the
+    state saved after batch 3 yields what the uninterrupted one yields next."""
     from llmkit.config import DataConfig
     from llmkit.data.lm import LMCollator, prepare
     from llmkit.data.streaming import StreamLoader
@@ -414,11 +416,16 @@ def test_a_streamed_split_gives_each_rank_its_share_and_resumes_at_the_exact_row
     words = LM_WORDS[5:]
     rows = [{"prompt": " ".join(random.Random(i).choices(words, k=1 + i % 5)), "response": words[i % len(words)]}
             for i in range(22)]
-    _write(tmp_path / "train.jsonl", rows)
+    if files == 1:
+        _write(tmp_path / "train.jsonl", rows)
+    else:
+        _write(tmp_path / "train-00000-of-00002.jsonl", rows[:11])
+        _write(tmp_path / "train-00001-of-00002.jsonl", rows[11:])
     _write(tmp_path / "validation.jsonl", rows[:3])
     data = prepare(DataConfig(dataset=str(tmp_path), test_split=None, streaming=True), tok, seed=0,
                    log=lambda _: None)
     assert data.streamed and len(data.validation) == 3 and data.format == "prompt_response"
+    assert data.train.rows.n_shards == files
     collate = LMCollator(tok.pad_token_id)
 
     def take(loader, n):

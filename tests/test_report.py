@@ -175,7 +175,7 @@ def test_llmkit_eval_scores_any_exported_classifier(tiny_run, tiny_bert, tiny_da
 
 
 def test_report_and_eval_errors_are_clear(tmp_path, tiny_run):
-    with pytest.raises(LlmkitError, match="has no predictions_<split>.jsonl"):
+    with pytest.raises(LlmkitError, match="has neither predictions_<split>.jsonl nor language-model scores"):
         pages.build([tmp_path])
     with pytest.raises(LlmkitError, match="does not exist"):
         pages.build([tmp_path / "nope"])

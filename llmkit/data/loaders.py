@@ -21,13 +21,15 @@ from llmkit.errors import LlmkitError
 class LengthGroupedBatchSampler:
     """Batches of similar length for training, in random order.
 
-    Rows are sorted by (length, random tie-break); consecutive batches are grouped `num_replicas` at a time
-    so that the ranks of one step (Accelerate deals batch i to rank i % N) get equally long batches. Groups
-    are shuffled each epoch; the one short group (and short batch) stays last, where Accelerate expects it.
+    Rows are sorted by (length, random tie-break); consecutive batches are grouped `per_step` at a time (the
+    micro-batches of one optimizer step: ranks x accumulation; Accelerate deals batch i to rank i % ranks), so
+    the batches of one step are equally long and the sequence does not depend on how the step is split among
+    ranks (an elastic resume continues it). Groups are shuffled each epoch; the one short group (and short
+    batch) stays last, where Accelerate expects it.
     """
 
-    def __init__(self, lengths, batch_size: int, num_replicas: int = 1, seed: int = 0):
-        self.lengths, self.batch_size, self.num_replicas, self.seed = lengths, batch_size, num_replicas, seed
+    def __init__(self, lengths, batch_size: int, per_step: int = 1, seed: int = 0):
+        self.lengths, self.batch_size, self.num_replicas, self.seed = lengths, batch_size, per_step, seed
         self.epoch = 0
         self.drop_last = False  # read by Accelerate's BatchSamplerShard
 
@@ -97,7 +99,8 @@ def train_loader(cfg: Config, dataset, lengths: list[int] | None, collate, rank:
     dataset = RowErrors(dataset, rank)
     options = loader_options(cfg)
     if lengths is not None and cfg.data.group_by_length:
-        sampler = LengthGroupedBatchSampler(lengths, t.per_device_batch_size, world, seed=t.seed)
+        sampler = LengthGroupedBatchSampler(lengths, t.per_device_batch_size, world * t.gradient_accumulation_steps,
+                                            seed=t.seed)
         return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, **options)
     gen = torch.Generator().manual_seed(t.seed)
     return DataLoader(dataset, batch_size=t.per_device_batch_size, shuffle=True, generator=gen, collate_fn=collate,

@@ -30,28 +30,37 @@ def _builder(path: str, key: str) -> str:
     return BUILDERS[suffix]
 
 
-def _load_files(files: dict[str, str], key: str, streaming: bool = False) -> DatasetDict:
-    for split, path in files.items():
-        file = Path(path).expanduser()
-        if file.is_dir():
-            raise LlmkitError(f"{key}: the file for split '{split}' is a folder: {path}. Name one file per split, "
-                              "or point data.dataset at the folder")
-        if not file.is_file():
-            raise LlmkitError(f"{key}: the file for split '{split}' does not exist: {path}")
-        with open(file, "rb") as fh:  # datasets fails on an empty file with a bare StopIteration
-            if not fh.read(4096).strip():
-                raise LlmkitError(f"split '{split}' is empty: {path} holds no rows")
-    kinds = {_builder(p, key) for p in files.values()}
+SHARD = re.compile(r"^(?P<split>\w+)-\d+-of-\d+$")  # the Hub's shard names: train-00000-of-00004.parquet
+
+
+def _load_files(files: dict[str, str | list[str]], key: str, streaming: bool = False) -> DatasetDict:
+    """Split -> one file, or a split's shards (read in order; a stream reads them as its shards)."""
+    lists = {split: [p] if isinstance(p, str) else list(p) for split, p in files.items()}
+    for split, paths in lists.items():
+        for path in paths:
+            file = Path(path).expanduser()
+            if file.is_dir():
+                raise LlmkitError(f"{key}: the file for split '{split}' is a folder: {path}. Name one file per "
+                                  "split, or point data.dataset at the folder")
+            if not file.is_file():
+                raise LlmkitError(f"{key}: the file for split '{split}' does not exist: {path}")
+            with open(file, "rb") as fh:  # datasets fails on an empty file with a bare StopIteration
+                if not fh.read(4096).strip():
+                    raise LlmkitError(f"split '{split}' is empty: {path} holds no rows")
+    every = [p for paths in lists.values() for p in paths]
+    kinds = {_builder(p, key) for p in every}
     if len(kinds) > 1:
         raise LlmkitError(f"{key}: all split files must have one format, got {sorted(kinds)}")
     kind = kinds.pop()
-    kwargs = {"delimiter": "\t"} if all(p.endswith(".tsv") for p in files.values()) else {}
+    kwargs = {"delimiter": "\t"} if all(p.endswith(".tsv") for p in every) else {}
     # datasets reads data_files as glob patterns: a folder named "run[1]" must match itself
-    patterns = {s: glob.escape(str(Path(p).expanduser())) for s, p in files.items()}
+    patterns = {s: [glob.escape(str(Path(p).expanduser())) for p in paths] for s, paths in lists.items()}
     try:
         return datasets.load_dataset(kind, data_files=patterns, streaming=streaming, **kwargs)
     except Exception as exc:  # the readers (pandas, pyarrow, json) raise many types, wrapped by datasets
-        raise LlmkitError(files_problem.explain(kind, files, exc)) from None
+        named = {split if len(paths) == 1 else f"{split} ({Path(p).name})": p
+                 for split, paths in lists.items() for p in paths}
+        raise LlmkitError(files_problem.explain(kind, named, exc)) from None
 
 
 def load_raw(cfg: DataConfig, streaming: bool = False) -> DatasetDict:
@@ -65,9 +74,14 @@ def load_raw(cfg: DataConfig, streaming: bool = False) -> DatasetDict:
         if (local / "dataset_dict.json").is_file():
             saved = datasets.load_from_disk(str(local))
             return IterableDatasetDict({k: v.to_iterable_dataset() for k, v in saved.items()}) if streaming else saved
-        files = {p.stem: str(p) for p in sorted(local.iterdir()) if p.suffix.lower() in BUILDERS}
+        files: dict[str, list[str]] = {}
+        for p in sorted(local.iterdir()):
+            if p.suffix.lower() in BUILDERS:
+                shard = SHARD.match(p.stem)
+                files.setdefault(shard["split"] if shard else p.stem, []).append(str(p))
         if not files:
-            raise LlmkitError(f"data.dataset folder '{local}' holds no {'/'.join(BUILDERS)} files named <split>.<ext>")
+            raise LlmkitError(f"data.dataset folder '{local}' holds no {'/'.join(BUILDERS)} files named <split>.<ext> "
+                              "(or shards <split>-00000-of-00004.<ext>)")
         return _load_files(files, "data.dataset", streaming)
     if local.is_file():
         raise LlmkitError(f"data.dataset '{source}' is a single file; name one file per split with data.data_files")

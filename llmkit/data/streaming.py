@@ -1,5 +1,5 @@
 """Streaming (data.streaming): the train split read as a datasets IterableDataset, each rank its own share
-(`split_dataset_by_node`), tokenized and packed on the fly, in stream order. A checkpoint holds each rank's
+(`Stream.share`: its own files, or every world-th row), tokenized and packed on the fly, in stream order. A checkpoint holds each rank's
 position in its stream (the IterableDataset's own state_dict), so a resumed run neither replays nor skips rows.
 
 The stream is read pass after pass (set_epoch) until train.max_steps: ranks whose shares differ in length never

@@ -161,28 +161,36 @@ def _scalars(path: Path) -> dict[str, list[list[float]]]:
 
 
 def run_report(run_dir: Path) -> dict:
-    """The report of one run directory (or one `llmkit eval` output directory)."""
+    """The report of one run directory (or one `llmkit eval` output directory): kind "classification" (from its
+    predictions) or, for a causal-LM run that writes none, kind "lm" (loss and perplexity per split)."""
     run_dir = Path(run_dir)
     found = sorted(p.name[len("predictions_"):-len(".jsonl")] for p in run_dir.glob("predictions_*.jsonl"))
     splits = [s for s in ("test", "validation") if s in found] + [s for s in found if s not in ("test", "validation")]
-    if not splits:
-        raise LlmkitError(f"{run_dir} has no predictions_<split>.jsonl: not a classification run or eval output")
     metrics = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").is_file() else {}
+    scores = {k: {"loss": v["loss"], "perplexity": v["perplexity"]} for k, v in metrics.items()
+              if isinstance(v, dict) and "perplexity" in v}
+    if not splits and not scores:
+        raise LlmkitError(f"{run_dir} has neither predictions_<split>.jsonl nor language-model scores in "
+                          "metrics.json: not a run directory or eval output")
     info = json.loads((run_dir / "run_info.json").read_text()) if (run_dir / "run_info.json").is_file() else {}
     config = yaml.safe_load((run_dir / "training_config.yaml").read_text()) \
         if (run_dir / "training_config.yaml").is_file() else {}
-    report = {"name": run_dir.name, "path": str(run_dir.resolve()), "splits": {}, "primary_split": splits[0]}
+    report = {"name": run_dir.name, "path": str(run_dir.resolve()), "kind": "classification" if splits else "lm",
+              "splits": {}, "primary_split": splits[0] if splits else next(iter(scores)), "scores": scores}
     for split in splits:
         rows, names = read_predictions(run_dir / f"predictions_{split}.jsonl", metrics.get("label_names"))
         report["splits"][split] = split_report(rows, names)
         report["label_names"] = names
     train = metrics.get("train", {})
     data = config.get("data", {})
+    task = "generative (label words)" if data.get("prompt_template") else \
+        "sequence classification" if splits else "causal language modelling"
     report["run"] = {
         "model": config.get("model", {}).get("name_or_path") or metrics.get("model"),
         "lora": bool(config.get("lora", {}).get("enabled")),
-        "dataset": data.get("dataset") or data.get("data_files") or metrics.get("dataset"),
-        "task": "generative (label words)" if data.get("prompt_template") else "sequence classification",
+        "dataset": data.get("dataset") or data.get("data_files") or metrics.get("dataset") or
+        (f"a mixture of {len(data['mixture'])} sources" if data.get("mixture") else None),
+        "task": task,
         "split_rows": {"train": train.get("train_examples"),
                        **{s: report["splits"][s]["rows"] for s in splits}},
         "world_size": info.get("world_size", train.get("world_size")),
@@ -195,6 +203,7 @@ def run_report(run_dir: Path) -> dict:
         "real_tokens_per_second": train.get("real_tokens_per_second"),
         "versions": info.get("versions"), "git_commit": info.get("git_commit"),
     }
+    report["data_mixture"] = metrics.get("data_mixture") or []
     scalars = _scalars(run_dir / "metrics.jsonl")
     report["curves"] = {"train_loss": scalars.get("train/loss", []), "eval_loss": scalars.get("eval/loss", []),
                         "learning_rate": scalars.get("train/lr", []), "eval_f1": scalars.get("eval/f1", [])}

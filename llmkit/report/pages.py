@@ -28,9 +28,27 @@ def _seconds(value) -> str:
     return f"{value:.1f}" if isinstance(value, (int, float)) else "-"
 
 
+MIXTURE_HEADER = ["source", "weight", "weight share", "examples drawn", "of available", "drawn share", "tokens"]
+LM_HEADER = ["split", "loss", "perplexity"]
+
+
+def _mixture_rows(r: dict) -> list[list]:
+    return [[m["source"], f"{m['weight']:g}", f"{m['weight_share']:.1%}", m["examples"], m["available"],
+             f"{m['drawn_share']:.1%}", m["tokens"]] for m in r["data_mixture"]]
+
+
+def _lm_rows(r: dict) -> list[list]:
+    return [[split, s["loss"], s["perplexity"]] for split, s in r["scores"].items()]
+
+
 def _comparison(runs: list[dict]) -> list[dict]:
     table = []
     for r in runs:
+        if r["kind"] == "lm":
+            s = r["scores"][r["primary_split"]]
+            table.append({"run": r["name"], "model": r["run"]["model"], "split": r["primary_split"],
+                          "loss": s["loss"], "perplexity": s["perplexity"], "train_seconds": r["run"]["train_seconds"]})
+            continue
         s = r["splits"][r["primary_split"]]
         table.append({"run": r["name"], "model": r["run"]["model"], "split": r["primary_split"], "rows": s["rows"],
                       "accuracy": s["accuracy"], "accuracy_ci95": s["ci95"]["accuracy"], "f1": s["f1"],
@@ -39,7 +57,29 @@ def _comparison(runs: list[dict]) -> list[dict]:
     return table
 
 
+def _md_table(header: list[str], rows: list[list]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + \
+        ["| " + " | ".join(_fmt(v).replace("|", "/") for v in row) + " |" for row in rows] + [""]
+
+
+def _markdown_lm(doc: dict) -> str:
+    lines = ["# Evaluation report", ""]
+    if len(doc["runs"]) > 1:
+        lines += ["## Comparison", ""] + _md_table(["run", "model", "split", "loss", "perplexity", "train s"], [
+            [c["run"], c["model"], c["split"], c["loss"], c["perplexity"], _seconds(c["train_seconds"])]
+            for c in doc["comparison"]])
+    for r in doc["runs"]:
+        lines += [f"## {r['name']}", ""] + _md_table(LM_HEADER, _lm_rows(r))
+        if r["data_mixture"]:
+            lines += ["### Training data (mixture)", ""] + _md_table(MIXTURE_HEADER, _mixture_rows(r))
+        lines += ["### What was run", ""] + _md_table(["", ""], [
+            [k, json.dumps(v) if isinstance(v, dict) else v] for k, v in r["run"].items()])
+    return "\n".join(lines)
+
+
 def _markdown(doc: dict) -> str:
+    if doc["kind"] == "lm":
+        return _markdown_lm(doc)
     lines = ["# Evaluation report", ""]
     if len(doc["runs"]) > 1:
         lines += ["## Comparison", "", "| run | model | split | rows | accuracy (95% CI) | F1 (95% CI) | macro F1 | "
@@ -70,6 +110,8 @@ def _markdown(doc: dict) -> str:
                   "| text | gold | predicted | probability |", "|---|---|---|---|"]
         lines += [f"| {m['text'].replace('|', '/')} | {m['label']} | {m['prediction']} | {m['probability']:.4f} |"
                   for m in s["confident_mistakes"]]
+        if r["data_mixture"]:
+            lines += ["", "### Training data (mixture)", ""] + _md_table(MIXTURE_HEADER, _mixture_rows(r))[:-1]
         lines += ["", "### What was run", "", "| | |", "|---|---|"]
         lines += [f"| {k} | {_fmt(json.dumps(v) if isinstance(v, dict) else v)} |" for k, v in r["run"].items()]
         lines.append("")
@@ -93,9 +135,37 @@ def _img(plots: dict[str, str], name: str, alt: str) -> str:
            f'src="data:image/png;base64,{plots[name]}">'
 
 
+def _head() -> list[str]:
+    return ["<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>llmkit evaluation report</title>",
+            f"<style>{_CSS}</style></head><body><h1>Evaluation report</h1>"]
+
+
+def _html_run_facts(r: dict) -> str:
+    """A run's training data (when a mixture) and what was run."""
+    mix = ("<h3>Training data (mixture)</h3>" + _table(MIXTURE_HEADER, _mixture_rows(r))) if r["data_mixture"] \
+        else ""
+    return mix + "<h3>What was run</h3>" + _table(
+        ["", ""], [[k, json.dumps(v) if isinstance(v, dict) else v] for k, v in r["run"].items()])
+
+
+def _html_lm(doc: dict, plots: dict[str, str]) -> str:
+    parts = _head()
+    if len(doc["runs"]) > 1:
+        parts.append("<h2>Comparison</h2>" + _table(["run", "model", "split", "loss", "perplexity", "train s"], [
+            [c["run"], c["model"], c["split"], c["loss"], c["perplexity"], _seconds(c["train_seconds"])]
+            for c in doc["comparison"]]))
+    for r in doc["runs"]:
+        parts.append(f"<h2>{html.escape(r['name'])}</h2>" + _table(LM_HEADER, _lm_rows(r)) + _html_run_facts(r))
+    if "training" in plots:
+        parts.append("<h2>Curves</h2>" + _img(plots, "training", "loss and learning rate"))
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
 def _html(doc: dict, plots: dict[str, str]) -> str:
-    parts = ["<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>llmkit evaluation report</title>",
-             f"<style>{_CSS}</style></head><body><h1>Evaluation report</h1>"]
+    if doc["kind"] == "lm":
+        return _html_lm(doc, plots)
+    parts = _head()
     if len(doc["runs"]) > 1:
         parts.append("<h2>Comparison</h2>" + _table(
             ["run", "model", "split", "rows", "accuracy", "accuracy 95% CI", "F1", "F1 95% CI", "macro F1", "ROC AUC",
@@ -127,8 +197,7 @@ def _html(doc: dict, plots: dict[str, str]) -> str:
         parts.append(f"<h3>Most confident mistakes ({html.escape(r['primary_split'])})</h3>" + _table(
             ["text", "gold", "predicted", "probability"],
             [[m["text"], m["label"], m["prediction"], m["probability"]] for m in s["confident_mistakes"]]))
-        parts.append("<h3>What was run</h3>" + _table(
-            ["", ""], [[k, json.dumps(v) if isinstance(v, dict) else v] for k, v in r["run"].items()]))
+        parts.append(_html_run_facts(r))
     parts.append("</body></html>")
     return "\n".join(parts)
 
@@ -142,6 +211,10 @@ def build(run_dirs: list[str | Path], out_dir: str | Path | None = None) -> dict
         if not Path(d).is_dir():
             raise LlmkitError(f"run directory '{d}' does not exist")
     runs = [run_report(Path(d)) for d in run_dirs]
+    kinds = sorted({r["kind"] for r in runs})
+    if len(kinds) > 1:
+        raise LlmkitError(f"these runs are of different kinds ({', '.join(kinds)}): a report compares classifiers "
+                          "with classifiers and language models with language models; build one report for each")
     names = [r["name"] for r in runs]
     for i, r in enumerate(runs):  # two runs with one folder name (a/run, b/run) stay distinguishable
         if names.count(r["name"]) > 1:
@@ -153,7 +226,7 @@ def build(run_dirs: list[str | Path], out_dir: str | Path | None = None) -> dict
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     plots = draw(runs)
-    doc = {"runs": [{**r, "splits": {k: _public(v) for k, v in r["splits"].items()}} for r in runs],
+    doc = {"kind": kinds[0], "runs": [{**r, "splits": {k: _public(v) for k, v in r["splits"].items()}} for r in runs],
            "comparison": _comparison(runs)}
     paths = {"json": out / "report.json", "md": out / "report.md", "html": out / "report.html"}
     paths["json"].write_text(json.dumps(doc, indent=2) + "\n")
@@ -163,7 +236,7 @@ def build(run_dirs: list[str | Path], out_dir: str | Path | None = None) -> dict
 
 
 def write_for_run(run) -> None:
-    """The report of a finished classification run, into its output directory (rank 0; the others wait)."""
+    """The report of a finished run, into its output directory (rank 0; the others wait)."""
     if run.accelerator.is_main_process:
         paths = build([run.output_dir])
         run.log(f"report: {paths['html']}  (also {paths['md'].name}, {paths['json'].name})")

@@ -26,6 +26,9 @@ def draw(runs: list[dict]) -> dict[str, str]:
     import matplotlib.pyplot as plt
 
     plots = {}
+    multi = len(runs) > 1
+    if all(r["kind"] == "lm" for r in runs):
+        return _training(runs, plots, multi)
     for r in runs:
         s = r["splits"][r["primary_split"]]
         names = r["label_names"]
@@ -41,7 +44,6 @@ def draw(runs: list[dict]) -> dict[str, str]:
         ax.set_title(f"{r['name']}: confusion ({r['primary_split']})")
         plots[f"confusion_{r['name']}"] = _png(fig)
 
-    multi = len(runs) > 1
     for kind, xlabel, ylabel in (("roc", "false positive rate", "true positive rate"), ("pr", "recall", "precision")):
         fig, ax = plt.subplots(figsize=(4.6, 4))
         for r in runs:
@@ -68,6 +70,12 @@ def draw(runs: list[dict]) -> dict[str, str]:
     ax.set_title("reliability diagram")
     ax.legend(fontsize=8)
     plots["calibration"] = _png(fig)
+    return _training(runs, plots, multi)
+
+
+def _training(runs: list[dict], plots: dict[str, str], multi: bool) -> dict[str, str]:
+    """The loss and learning-rate curves, when something was trained."""
+    import matplotlib.pyplot as plt
 
     if not any(r["curves"]["train_loss"] or r["curves"]["eval_loss"] for r in runs):
         return plots  # `llmkit eval` outputs: nothing was trained

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llmkit import faults
+from llmkit import elastic, faults
 from llmkit.errors import LlmkitError
 from llmkit.rundir import MANIFEST, checkpoint_steps, fsync_dir, verify_checkpoint, write_durably
 
@@ -192,7 +192,7 @@ def check_pickles(path: Path) -> None:
                               "from checkpoints llmkit wrote.") from None
 
 
-def load(run, path: Path) -> tuple[TrainerState, dict]:
+def load(run, path: Path, optimizer) -> tuple[TrainerState, dict]:
     """Restore what `path` holds into the prepared objects; return the trainer state and this rank's RNG state.
 
     The caller restores the RNG state itself, once the data iterator has started: starting one draws from
@@ -206,6 +206,9 @@ def load(run, path: Path) -> tuple[TrainerState, dict]:
                           f"{', '.join(unrecorded)}, which a resume must match. Finish that run with the llmkit that "
                           "wrote it, or start a new run from its export.")
     diff = {k: (manifest["fingerprint"].get(k), v) for k, v in want.items() if manifest["fingerprint"].get(k) != v}
+    if run.elastic is not None:  # another number of ranks, the global batch kept (llmkit.elastic.decide)
+        diff.pop("world_size", None)
+        diff.pop("gradient_accumulation_steps", None)
     if "optimizer" in diff and len(diff) == 1:
         old, new = (d or {} for d in diff["optimizer"])
         changed = ", ".join(f"train.{k}: checkpoint {old.get(k)!r} vs now {new.get(k)!r}" for k in OPTIMIZER_KEYS
@@ -219,16 +222,41 @@ def load(run, path: Path) -> tuple[TrainerState, dict]:
         raise LlmkitError(f"checkpoint {path} was trained on other data ({', '.join(what)} changed): a resumed "
                           "run must see the same rows and labels, in the same order. Resume with the data it was "
                           "trained on, or start a new output_dir.")
-    if "world_size" in diff:
-        raise LlmkitError(f"checkpoint {path} was written by {diff['world_size'][0]} ranks; this run has "
-                          f"{diff['world_size'][1]}. ZeRO shards are per rank: resume with the same number of "
-                          "processes, or convert the checkpoint with DeepSpeed's ds_to_universal.py and start a new "
-                          "run from the exported weights.")
     if diff:
         lines = ", ".join(f"{k}: checkpoint {old!r} vs now {new!r}" for k, (old, new) in diff.items())
         raise LlmkitError(f"checkpoint {path} belongs to a different run ({lines}). Resume with the same settings, "
                           "or start a new output_dir.")
     check_pickles(path)
-    acc.load_state(str(path))
-    rng = json.loads((path / f"rng_rank{acc.process_index}.json").read_text())
-    return TrainerState(**json.loads((path / STATE).read_text())), rng
+    state = TrainerState(**json.loads((path / STATE).read_text()))
+    if run.elastic is None:
+        acc.load_state(str(path))
+        return state, json.loads((path / f"rng_rank{acc.process_index}.json").read_text())
+    return state, _load_elsewhere(run, path, state, optimizer)
+
+
+def _load_elsewhere(run, path: Path, state: TrainerState, optimizer) -> dict:
+    """Load a checkpoint written by another number of ranks (llmkit.elastic); returns this rank's new RNG state."""
+    acc, plan = run.accelerator, run.elastic
+    source = path
+    if plan.universal:
+        run.main_first(lambda: elastic.universal_of(path, run.log), others=False)
+        source = path / elastic.UNIVERSAL
+        check_pickles(source)
+    # DeepSpeed's ZeRO-3 universal loading gives every parameter group the first group's hyperparameters; the
+    # groups were built from train.* (decay / no decay), so put theirs back
+    decay = [g.get("weight_decay") for g in optimizer.param_groups]
+    acc.load_state(str(source))
+    for group, value in zip(optimizer.param_groups, decay):
+        if value is not None:
+            group["weight_decay"] = value
+    # the data position is global: this rank's batches into the epoch are the global count over the new ranks
+    consumed = state.batches_in_epoch * plan.saved_world
+    state.batches_in_epoch = consumed // plan.world
+    seed = elastic.reseed(run.cfg.train.seed, state.step, acc.process_index)
+    run.log(f"resume: {consumed} micro-batches of epoch {state.epoch} were consumed by {plan.saved_world} rank(s): "
+            f"each of {plan.world} rank(s) skips {state.batches_in_epoch}; RNG streams re-seeded from train.seed, the "
+            "step and the rank (per-rank dropout draws cannot carry over to another number of ranks)")
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return _rng_state()

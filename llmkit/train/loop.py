@@ -5,6 +5,7 @@ after-save callback. Accounting, guards, profiling and checkpoints live in their
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from collections.abc import Callable
@@ -52,7 +53,7 @@ def fit(run: Run, model, optimizer, train_loader, eval_loader, eval_fn: EvalFn,
     state, rng = checkpoint.TrainerState(sampler_seed=t.seed), None
     if c.resume_from:
         path = rundir.resolve_checkpoint(run.output_dir, c.resume_from)
-        state, rng = checkpoint.load(run, path)
+        state, rng = checkpoint.load(run, path, optimizer)
         if stream:
             train_loader.load_state_dict(rng["stream"])
         run.log(f"resumed from {path}: step {state.step}, epoch {state.epoch}, batch {state.batches_in_epoch}")
@@ -69,10 +70,12 @@ def fit(run: Run, model, optimizer, train_loader, eval_loader, eval_fn: EvalFn,
     stop = run.stop or StopSignal(acc)  # setup catches the signals for the whole run
     bar = tqdm(total=total_steps, initial=state.step, desc="train", disable=not acc.is_local_main_process)
     while state.step < total_steps:
+        # Accelerate's loader sets its sampler's epoch from its own count of finished passes, which a resumed
+        # run's first (skipping) pass does not advance: set both
+        if hasattr(train_loader, "set_epoch"):
+            train_loader.set_epoch(state.epoch)
         if hasattr(inner_sampler, "set_epoch"):
             inner_sampler.set_epoch(state.epoch)
-        elif hasattr(train_loader, "set_epoch"):
-            train_loader.set_epoch(state.epoch)
         # after a resume: skip the consumed batches by index, without loading them
         skip = 0 if stream else state.batches_in_epoch
         if stream:  # a resumed stream starts where its saved state points
@@ -87,6 +90,8 @@ def fit(run: Run, model, optimizer, train_loader, eval_loader, eval_fn: EvalFn,
             rng = None
             batches = itertools.chain([first] if first is not None else [], batches)
         for batch in batches:
+            if faults.TRACE:
+                faults.trace_rows(state.step + 1, acc.process_index, batch)
             with acc.accumulate(model):
                 with record_function("llmkit/forward"):
                     out = model(**{k: v for k, v in batch.items() if k not in NOT_MODEL_INPUTS})
@@ -165,6 +170,8 @@ def fit(run: Run, model, optimizer, train_loader, eval_loader, eval_fn: EvalFn,
                "peak_memory_bytes": peak_memory(),
                "train_examples": train_loader.examples * acc.num_processes if stream else len(train_loader.dataset),
                "history": state.history, "per_rank": sharded_elements(acc, model, optimizer)}
+    if run.elastic is not None:  # the resume changed how the global batch is split
+        summary["elastic_resume"] = dataclasses.asdict(run.elastic)
     return {"model": model, "summary": summary}
 
 

@@ -21,7 +21,7 @@ from accelerate import Accelerator, DeepSpeedPlugin, InitProcessGroupKwargs
 from accelerate.utils import broadcast_object_list, set_seed
 from tqdm.auto import tqdm
 
-from llmkit import launch, model, preflight, rundir
+from llmkit import elastic, launch, model, preflight, rundir
 from llmkit.config import Config
 from llmkit.data import lm, sources
 from llmkit.data.streaming import Stream
@@ -43,6 +43,7 @@ class Run:
     intent: str = "new"  # "new", "overwrite" or "resume": what the run does with output_dir (llmkit.rundir)
     data_identity: dict | None = None  # the training rows' digest and the labels: a resume must match them
     stop: StopSignal | None = None  # SIGTERM / SIGINT, caught for the whole run (setup to finish)
+    elastic: elastic.Elastic | None = None  # resuming a checkpoint written by another number of ranks
 
     @property
     def zero_stage(self) -> int | None:
@@ -177,7 +178,7 @@ def setup(cfg: Config, recipe: str) -> Run:
         datasets.disable_progress_bars()
         transformers.utils.logging.disable_progress_bar()
     accelerator.wait_for_everyone()  # every rank has checked output_dir before rank 0 writes into it
-    run = Run(cfg, accelerator, plan.precision, plan.ds_config, plan.output_dir, plan.intent)
+    run = Run(cfg, accelerator, plan.precision, plan.ds_config, plan.output_dir, plan.intent, elastic=plan.elastic)
     if accelerator.is_main_process:  # a second run on this folder is refused from now on
         rundir.Lock(plan.output_dir)
         rundir.begin(plan.output_dir, plan.intent, log=run.log)
