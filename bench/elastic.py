@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -28,8 +29,7 @@ def launch(out: Path, ranks: int, stage: int, steps: int, extra: list[str]) -> s
            str(ROOT / "recipes" / "causal_lm.py"), "--config", str(CONFIG), "--train.precision", "fp32",
            "--train.max_steps", str(steps), "--train.per_device_batch_size", "2", "--train.logging_steps", "1",
            "--train.eval_every_steps", "null", "--data.max_length", "128", "--data.max_eval_samples", "16",
-           "--train.sample_prompts", "null", "--output.output_dir", str(out), "--output.overwrite_output_dir", "true",
-           *extra]
+           "--train.sample_prompts", "null", "--output.output_dir", str(out), *extra]
     print("$ " + " ".join(cmd), flush=True)
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
                           env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
@@ -55,7 +55,8 @@ def main() -> None:
     if 2 % saved or 2 % resumed:
         sys.exit("--ranks: 1 or 2 each (the global batch is 2 micro-batches)")
     root = OUT / "elastic"
-    root.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(root, ignore_errors=True)  # fresh runs (a resume must not find an old run in its folder)
+    root.mkdir(parents=True)
     straight = root / f"straight-{saved}"
     launch(straight, saved, args.stage, args.steps, ["--checkpoint.save_every_steps", str(args.at),
                                                      "--train.gradient_accumulation_steps", str(2 // saved)])
