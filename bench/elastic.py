@@ -69,7 +69,8 @@ def main() -> None:
     result = {
         "stage": args.stage, "saved_ranks": saved, "resumed_ranks": resumed, "checkpoint_step": args.at,
         "conversion_seconds": float(found.group(1)) if found else None,
-        "checkpoint_bytes": sum(p.stat().st_size for p in ckpt.rglob("*") if p.is_file() and universal not in p.parents),
+        "checkpoint_bytes": sum(p.stat().st_size for p in ckpt.rglob("*")
+                                if p.is_file() and universal not in p.parents),
         "universal_bytes": sum(p.stat().st_size for p in universal.rglob("*") if p.is_file()),
         "losses": {s: {"straight": a[s], "resumed": b[s], "relative_difference": abs(b[s] - a[s]) / abs(a[s])}
                    for s in sorted(b)},

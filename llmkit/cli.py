@@ -203,7 +203,8 @@ def main(argv: list[str] | None = None) -> None:
     gen.add_argument("--base", help="base model of an adapter (default: from adapter_config.json)")
     gen.add_argument("--trust-remote-code", action="store_true", help="run the model folder's own Python code")
     gen.set_defaults(fn=_generate)
-    rep = sub.add_parser("report", help="evaluation report (html, md, json) of one or more runs (classifiers or language models)")
+    rep = sub.add_parser("report", help="evaluation report (html, md, json) of one or more runs (classifiers or "
+                         "language models)")
     rep.add_argument("run_dirs", nargs="+", help="run output directories (or `llmkit eval` outputs)")
     rep.add_argument("--output", help="where the report goes (default: the run directory; required for several)")
     rep.set_defaults(fn=_report)

@@ -144,6 +144,7 @@ class CheckpointConfig:
     keep_best: int = 0  # also keep this many best ones by best_metric (from the evals at checkpoint steps)
     best_metric: str = "f1"  # an eval metric (loss and perplexity: lower is better)
     resume_from: str | None = None  # "latest" (in output_dir) or a checkpoint folder
+    new_global_batch: bool = False  # a resume takes this launch's ranks x accumulation, not the checkpoint's
 
 
 @dataclass
@@ -388,6 +389,8 @@ def check_values(cfg: Config) -> None:
     need(not (c.resume_from and o.overwrite_output_dir), "output.overwrite_output_dir",
          "and checkpoint.resume_from are both set: resume continues the run in output_dir, overwrite replaces it. "
          "Drop one of them")
+    need(not c.new_global_batch or bool(c.resume_from), "checkpoint.new_global_batch", "only changes how a resumed "
+         "run continues, and checkpoint.resume_from is not set: drop it, or name the checkpoint to resume")
     need(o.hub_strategy != "every_save" or not o.push_to_hub or bool(c.save_every_steps or c.save_every_epoch),
          "output.hub_strategy", "every_save pushes at each checkpoint, but no checkpoint is saved: set "
          "checkpoint.save_every_steps or checkpoint.save_every_epoch (or use hub_strategy: end)")

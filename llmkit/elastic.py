@@ -1,10 +1,13 @@
-"""Elastic resume: a checkpoint written by N ranks continued on M.
+"""Elastic resume: a checkpoint written by N ranks continued on M (or with a new global batch, when asked).
 
 What a run consumes is defined without the number of ranks: optimizer step s trains on micro-batches
 s*K .. s*K+K-1 of one global sequence (K = ranks x gradient accumulation; the length-grouped sampler groups
 K batches, Accelerate deals batch i to rank i % ranks). Resuming on M ranks keeps K, and so the global batch,
-by setting the accumulation to K / M; the run is refused when M does not divide K. The data position moves
-with it: a rank's batches into the epoch are the global count over M.
+by setting the accumulation to K / M; the run is refused when M does not divide K, unless
+checkpoint.new_global_batch takes this launch's accumulation instead: the samples keep the checkpoint's order
+(length groups of K), only the number a step takes changes. The data position moves with it: a rank's batches
+into the epoch are the global count over M (rounded up with a new global batch: up to M-1 batches of that epoch
+are skipped, and the log says how many).
 
 ZeRO 1-3 shards the optimizer by rank, so the checkpoint is converted once with DeepSpeed's ds_to_universal
 into `<checkpoint>/universal/` (its own manifest, verified and reused by later resumes) and loaded with
@@ -16,7 +19,6 @@ the step and the rank, and the log says so.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import shutil
@@ -26,7 +28,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from llmkit.errors import LlmkitError
-from llmkit.rundir import MANIFEST, fsync_dir, verify_checkpoint, write_durably
+from llmkit.rundir import MANIFEST, fsync_dir, verify_checkpoint, write_manifest
 
 UNIVERSAL = "universal"  # the converted copy, beside the checkpoint's own files
 DS_TAG = "pytorch_model"  # the folder Accelerate's save_state gives the DeepSpeed engine
@@ -34,56 +36,104 @@ DS_TAG = "pytorch_model"  # the folder Accelerate's save_state gives the DeepSpe
 
 @dataclass
 class Elastic:
-    """How a checkpoint written by another number of ranks continues here."""
+    """How a checkpoint continues under another split of its global batch, or with a new global batch."""
     saved_world: int
     world: int
     saved_accumulation: int
     accumulation: int
     zero_stage: int | None
+    per_device_batch_size: int
+
+    @property
+    def saved_micro(self) -> int:
+        """Micro-batches per optimizer step in the checkpoint's run (its global batch / per-device batch)."""
+        return self.saved_world * self.saved_accumulation
+
+    @property
+    def micro(self) -> int:
+        return self.world * self.accumulation
+
+    @property
+    def new_global_batch(self) -> bool:
+        return self.micro != self.saved_micro
 
     @property
     def universal(self) -> bool:
-        """ZeRO 1-3: the optimizer is sharded by rank and loads through DeepSpeed's universal format."""
-        return bool(self.zero_stage)
+        """ZeRO 1-3 on another number of ranks: the optimizer is sharded by rank and loads through DeepSpeed's
+        universal format."""
+        return bool(self.zero_stage) and self.world != self.saved_world
+
+    def record(self) -> dict:
+        """What metrics.json keeps of the decision."""
+        rows = self.per_device_batch_size
+        return {"saved_world": self.saved_world, "world": self.world, "saved_accumulation": self.saved_accumulation,
+                "accumulation": self.accumulation, "zero_stage": self.zero_stage, "universal": self.universal,
+                "saved_global_batch": self.saved_micro * rows, "global_batch": self.micro * rows,
+                "new_global_batch": self.new_global_batch}
 
     def describe(self) -> str:
-        micro = self.saved_world * self.saved_accumulation
+        rows = self.per_device_batch_size
+        if self.new_global_batch:
+            batch = (f"NEW global batch (checkpoint.new_global_batch): {self.saved_micro * rows} -> "
+                     f"{self.micro * rows} rows per step ({self.saved_world} rank(s) x accumulation "
+                     f"{self.saved_accumulation} -> {self.world} x {self.accumulation}); the checkpoint's order of "
+                     "samples continues, steps take more or fewer of them")
+        else:
+            batch = (f"global batch kept at {self.saved_micro} micro-batches per step (gradient accumulation "
+                     f"{self.saved_accumulation} -> {self.accumulation})")
+        if self.world == self.saved_world:
+            return f"resume with a new global batch on the {self.world} rank(s) that wrote it: {batch}"
         how = f"ZeRO-{self.zero_stage} shards converted once to DeepSpeed's universal format (reused if already " \
             "there)" if self.universal else "whole states (no ZeRO shards), loaded as they are"
-        return (f"elastic resume: written by {self.saved_world} rank(s), continued on {self.world}; global batch "
-                f"kept at {micro} micro-batches per step (gradient accumulation {self.saved_accumulation} -> "
-                f"{self.accumulation}); {how}; per-rank RNG streams re-seeded")
+        return (f"elastic resume: written by {self.saved_world} rank(s), continued on {self.world}; {batch}; {how}; "
+                "per-rank RNG streams re-seeded")
 
 
 def decide(cfg, checkpoint: Path, world: int) -> Elastic | None:
-    """None when `checkpoint` was written by `world` ranks; else the plan, after setting
-    cfg.train.gradient_accumulation_steps so the global batch stays what it was."""
+    """None when `checkpoint` continues as it was written (same ranks, same accumulation); else the plan, after
+    setting cfg.train.gradient_accumulation_steps so the global batch stays what it was (unless
+    checkpoint.new_global_batch says to take this launch's)."""
     saved = json.loads((checkpoint / MANIFEST).read_text())["fingerprint"]
-    if saved.get("world_size") in (None, world):
+    if saved.get("world_size") is None:  # an older manifest: checkpoint.load names what it lacks
         return None
-    t = cfg.train
+    t, new_batch = cfg.train, cfg.checkpoint.new_global_batch
     saved_world, saved_acc = int(saved["world_size"]), int(saved["gradient_accumulation_steps"])
-    if cfg.data.streaming:
+    if saved_world == world and t.gradient_accumulation_steps == saved_acc:
+        return None
+    rows = t.per_device_batch_size
+    micro = saved_world * saved_acc  # micro-batches per optimizer step: the global batch / per-device batch
+    opt_in = (f"or continue with a global batch of {world * t.gradient_accumulation_steps * rows} rows "
+              f"({world} rank(s) x accumulation {t.gradient_accumulation_steps} x {rows}) with "
+              "--checkpoint.new_global_batch true")
+    if rows != saved["per_device_batch_size"]:
+        raise LlmkitError(f"checkpoint {checkpoint} was trained with train.per_device_batch_size "
+                          f"{saved['per_device_batch_size']}; a resume keeps its batches of rows (the data position "
+                          "counts them), so set it back; change train.gradient_accumulation_steps (with "
+                          "--checkpoint.new_global_batch true) to change the global batch")
+    if cfg.data.streaming and saved_world != world:
         raise LlmkitError(f"checkpoint {checkpoint} was written by {saved_world} ranks, each at its own place in its "
                           f"share of the stream; a streamed run resumes on {saved_world} ranks only")
-    if t.per_device_batch_size != saved["per_device_batch_size"]:
-        raise LlmkitError(f"checkpoint {checkpoint} was trained with train.per_device_batch_size "
-                          f"{saved['per_device_batch_size']}; an elastic resume keeps it (and the global batch), so "
-                          "set it back")
-    micro = saved_world * saved_acc  # micro-batches per optimizer step: the global batch / per-device batch
-    if micro % world:
+    if new_batch:
+        accumulation = t.gradient_accumulation_steps
+    elif saved_world == world:
+        raise LlmkitError(f"train.gradient_accumulation_steps is {t.gradient_accumulation_steps}, but checkpoint "
+                          f"{checkpoint} was trained with {saved_acc}: a resume keeps the global batch. Set it back, "
+                          + opt_in)
+    elif micro % world:
         fits = [n for n in range(1, micro + 1) if micro % n == 0]
         raise LlmkitError(f"checkpoint {checkpoint} was written by {saved_world} ranks with gradient accumulation "
-                          f"{saved_acc}: {micro} micro-batches of {t.per_device_batch_size} rows per optimizer step. "
-                          f"{world} ranks cannot split that evenly, so the global batch could not be kept. Resume on "
-                          f"{', '.join(map(str, fits))} rank(s), or start a new run from its export")
-    accumulation = micro // world
-    if t.gradient_accumulation_steps not in (saved_acc, accumulation):
-        raise LlmkitError(f"train.gradient_accumulation_steps is {t.gradient_accumulation_steps}, but resuming "
-                          f"checkpoint {checkpoint} ({saved_world} ranks x {saved_acc}) on {world} rank(s) keeps the "
-                          f"global batch with {accumulation}: leave it at the checkpoint's value (llmkit adjusts it)")
+                          f"{saved_acc}: {micro} micro-batches of {rows} rows per optimizer step. {world} ranks cannot "
+                          f"split that evenly, so the global batch could not be kept. Resume on "
+                          f"{', '.join(map(str, fits))} rank(s), " + opt_in)
+    else:
+        accumulation = micro // world
+        if t.gradient_accumulation_steps not in (saved_acc, accumulation):
+            raise LlmkitError(f"train.gradient_accumulation_steps is {t.gradient_accumulation_steps}, but resuming "
+                              f"checkpoint {checkpoint} ({saved_world} ranks x {saved_acc}) on {world} rank(s) keeps "
+                              f"the global batch with {accumulation}: leave it at the checkpoint's value (llmkit "
+                              "adjusts it), " + opt_in)
     t.gradient_accumulation_steps = accumulation
-    return Elastic(saved_world, world, saved_acc, accumulation, saved.get("zero_stage"))
+    return Elastic(saved_world, world, saved_acc, accumulation, saved.get("zero_stage"), rows)
 
 
 def universal_of(checkpoint: Path, log) -> Path:
@@ -117,16 +167,24 @@ def universal_of(checkpoint: Path, log) -> Path:
     for extra in checkpoint.iterdir():
         if extra.is_file() and extra.name.endswith((".pkl", ".bin")) and not extra.name.startswith("random_states"):
             shutil.copy2(extra, tmp / extra.name)
-    files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
-    digests = {rel: hashlib.sha256((tmp / rel).read_bytes()).hexdigest() for rel, size in files.items()
-               if size <= 1 << 20}
-    write_durably(tmp / MANIFEST, json.dumps({"converted_from": checkpoint.name, "files": files, "sha256": digests},
-                                             indent=1))
+    write_manifest(tmp, converted_from=checkpoint.name)
     tmp.rename(out)
     fsync_dir(checkpoint)
     log(f"resume: converted {checkpoint} to DeepSpeed's universal format in {time.perf_counter() - began:.1f} s "
         f"({out})")
     return out
+
+
+def universal_bytes(checkpoint: Path) -> int:
+    """Disk the universal copy will take (0 once it exists): every parameter's fp32 weight and Adam moments in
+    files of their own, plus the engine's model states copied. It came to 1.5x the optimizer shards for SmolLM2
+    under ZeRO-3 (bench/elastic.py); counted at 2x to leave room."""
+    if (checkpoint / UNIVERSAL / MANIFEST).is_file():
+        return 0
+    engine = checkpoint / DS_TAG
+    shards = sum(p.stat().st_size for p in engine.glob("*optim_states.pt"))
+    states = next((p.stat().st_size for p in sorted(engine.glob("*model_states.pt"))), 0)
+    return 2 * shards + states
 
 
 def universal_config(ds_config: dict) -> dict:

@@ -117,8 +117,9 @@ def checkpoint_bytes(params: int, precision: str, lora: bool) -> int:
     return int(params * weight + trained * optimizer)
 
 
-def check_disk(cfg: Config, params: int, precision: str) -> str:
-    """Enough free disk under output_dir for the checkpoints kept plus the export."""
+def check_disk(cfg: Config, params: int, precision: str, conversion: int = 0) -> str:
+    """Enough free disk under output_dir for the checkpoints kept plus the export (and `conversion` bytes: the
+    universal copy an elastic resume writes beside its checkpoint)."""
     out = Path(cfg.output.output_dir).expanduser().resolve()
     probe = out
     while not probe.exists():
@@ -128,11 +129,12 @@ def check_disk(cfg: Config, params: int, precision: str) -> str:
     keep = cfg.checkpoint.keep_last or 1
     saving = cfg.checkpoint.save_every_steps or cfg.checkpoint.save_every_epoch or cfg.checkpoint.resume_from
     # one extra checkpoint exists while the next is written; the export holds fp32 weights (and a merged copy)
-    need = (keep + 1) * one * bool(saving) + params * 4 * (2 if cfg.lora.enabled else 1)
+    need = (keep + 1) * one * bool(saving) + params * 4 * (2 if cfg.lora.enabled else 1) + conversion
     if need > free:
+        copy = f", the universal copy of the resumed checkpoint (~{conversion / GIB:.2f} GiB)" if conversion else ""
         raise LlmkitError(f"not enough disk under {probe}: checkpoints (about {one / GIB:.2f} GiB each, {keep} kept "
-                          f"+ 1 being written) and the export need ~{need / GIB:.2f} GiB, {free / GIB:.2f} GiB are "
-                          "free. Free space, lower checkpoint.keep_last, or pick another output.output_dir.")
+                          f"+ 1 being written){copy} and the export need ~{need / GIB:.2f} GiB, {free / GIB:.2f} GiB "
+                          "are free. Free space, lower checkpoint.keep_last, or pick another output.output_dir.")
     return f"disk: ~{need / GIB:.2f} GiB needed, {free / GIB:.1f} GiB free under {probe}"
 
 
@@ -213,13 +215,14 @@ def check(cfg: Config, world_size: int, recipe: str | None = None,
     check_recipe_keys(cfg, recipe)
     out, how = check_output_dir(cfg)
     passed(f"output: {out.resolve()} (writable, {how} run, not in use)")
-    plan_elastic = None
+    plan_elastic, conversion = None, 0
     if cfg.checkpoint.resume_from:  # found and verified now, not after the model and data are loaded
         resume = rundir.resolve_checkpoint(out, cfg.checkpoint.resume_from)
         passed(f"resume: from {resume} (complete, sizes and digests match)")
         plan_elastic = elastic.decide(cfg, resume, world_size)  # before the DeepSpeed config reads the accumulation
         if plan_elastic is not None:
             passed(plan_elastic.describe())
+            conversion = elastic.universal_bytes(resume) if plan_elastic.universal else 0
     ds = launch.resolve_deepspeed(cfg, precision, world_size, model.hidden_size(config))
     stage = launch.zero_stage(ds)
     if plan_elastic is not None and plan_elastic.universal:
@@ -237,7 +240,7 @@ def check(cfg: Config, world_size: int, recipe: str | None = None,
     except Exception as exc:  # an architecture that cannot be built on the meta device: no size estimates
         passed(f"disk and memory: not estimated ({exc.__class__.__name__})")
     else:
-        passed(check_disk(cfg, params, precision))
+        passed(check_disk(cfg, params, precision, conversion))
         table = memory.for_run(ds, params, world_size, precision, largest_param=largest).table()
         passed("memory (ZeRO formulas and DeepSpeed's peak, activations excluded):\n"
                + "\n".join("      " + r for r in table.splitlines()))

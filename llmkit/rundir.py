@@ -25,6 +25,7 @@ MARKER = ".llmkit-run"
 LOCK = ".llmkit.lock"
 PREVIOUS = ".previous"
 MANIFEST = "manifest.json"  # inside a checkpoint: its files, sizes, digests; written last
+DIGEST_UP_TO = 1 << 20  # checkpoint files up to 1 MiB (states, RNG, scheduler) get a sha256: same-size damage shows
 # what a run writes into its output dir (predictions_<split>.jsonl and .hub-* staging folders by pattern)
 OWNED = ("checkpoints", "final", "final.tmp", "final.old", "runs", "profile", "tokenizer", "hub_upload",
          ".hub-snapshots", "metrics.json", "metrics.jsonl", "samples.jsonl", "training_config.yaml",
@@ -198,6 +199,20 @@ def checkpoint_steps(root: Path) -> list[Path]:
     """The checkpoint folders step-<n> under `root`, oldest first (a user's step-2.bak is not one)."""
     found = [p for p in root.glob("step-*") if p.is_dir() and re.fullmatch(r"step-\d+", p.name)]
     return sorted(found, key=lambda p: int(p.name[5:]))
+
+
+def write_manifest(folder: Path, **facts) -> None:
+    """Flush every file of the checkpoint `folder` to disk, then write its manifest (sizes, small files' sha256,
+    `facts`) last and durably: a checkpoint counts only once every file it names is on disk."""
+    files, digests = {}, {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        rel = str(path.relative_to(folder))
+        with open(path, "rb+") as fh:
+            os.fsync(fh.fileno())
+        files[rel] = path.stat().st_size
+        if files[rel] <= DIGEST_UP_TO:
+            digests[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
+    write_durably(folder / MANIFEST, json.dumps({**facts, "files": files, "sha256": digests}, indent=1))
 
 
 def verify_checkpoint(path: Path) -> dict:

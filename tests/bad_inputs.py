@@ -168,6 +168,8 @@ CASES: list[Case] = [
     Case("config", "resume and overwrite both asked", validate(None, "--checkpoint.resume_from", "latest",
                                                                "--output.overwrite_output_dir", "true"),
          "overwrite_output_dir"),
+    Case("config", "a new global batch with nothing to resume", validate(None, "--checkpoint.new_global_batch", "true"),
+         "'checkpoint.new_global_batch' only changes how a resumed run continues"),
     Case("config", "text and label the same column", validate(None, "--data.text_column", "label"), "text_column"),
     Case("config", "every_save with no checkpoints", validate(lambda c, t: c["output"].update(
         push_to_hub=True, hub_model_id="alice/x", hub_strategy="every_save")), "every_save"),

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from llmkit import rundir
+from llmkit import elastic, rundir
 from llmkit.errors import LlmkitError
 from llmkit.train import checkpoint
 
@@ -120,3 +120,60 @@ def test_a_corrupted_shard_is_damaged_not_dangerous(tmp_path):
     with pytest.raises(LlmkitError, match="is damaged: optim_states.pt cannot be read") as err:
         checkpoint.check_pickles(tmp_path)
     assert "could run code" not in str(err.value)
+
+
+def _saved_by(root, world, accumulation, batch=8, stage=2):
+    """A checkpoint folder whose manifest says it was written by `world` ranks x `accumulation`."""
+    root.mkdir(parents=True, exist_ok=True)
+    engine = root / elastic.DS_TAG
+    engine.mkdir(exist_ok=True)
+    for rank in range(world):
+        (engine / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").write_bytes(b"o" * 300)
+    (engine / "mp_rank_00_model_states.pt").write_bytes(b"m" * 100)
+    fingerprint = {"world_size": world, "gradient_accumulation_steps": accumulation, "per_device_batch_size": batch,
+                   "zero_stage": stage}
+    (root / rundir.MANIFEST).write_text(json.dumps({"step": 4, "files": {}, "fingerprint": fingerprint}))
+    return root
+
+
+def _cfg(accumulation=1, batch=8, new_global_batch=False, streaming=False):
+    from llmkit.config import Config
+
+    cfg = Config()
+    cfg.train.gradient_accumulation_steps, cfg.train.per_device_batch_size = accumulation, batch
+    cfg.checkpoint.resume_from, cfg.checkpoint.new_global_batch = "latest", new_global_batch
+    cfg.data.streaming = streaming
+    return cfg
+
+
+def test_the_batch_decision_of_a_resume(tmp_path):
+    """The global batch is kept by the accumulation, refused with the choices, or changed only when asked."""
+    ckpt = _saved_by(tmp_path / "a", world=2, accumulation=2)
+    assert elastic.decide(_cfg(accumulation=2), ckpt, 2) is None  # as written
+    cfg = _cfg(accumulation=2)
+    plan = elastic.decide(cfg, ckpt, 4)
+    assert cfg.train.gradient_accumulation_steps == 1 and plan.universal and not plan.new_global_batch
+    assert "global batch kept at 4 micro-batches per step (gradient accumulation 2 -> 1)" in plan.describe()
+    with pytest.raises(LlmkitError, match=r"3 ranks cannot split that evenly.*Resume on 1, 2, 4 rank\(s\), or "
+                                          r"continue with a global batch of 48 rows .*new_global_batch true"):
+        elastic.decide(_cfg(accumulation=2), ckpt, 3)
+    cfg = _cfg(accumulation=2, new_global_batch=True)
+    plan = elastic.decide(cfg, ckpt, 3)  # asked for: this launch's accumulation, 3 x 2 x 8 rows
+    assert plan.new_global_batch and plan.record()["global_batch"] == 48 and plan.record()["saved_global_batch"] == 32
+    assert "NEW global batch (checkpoint.new_global_batch): 32 -> 48 rows per step" in plan.describe()
+    with pytest.raises(LlmkitError, match="train.gradient_accumulation_steps is 3, but checkpoint .* was trained "
+                                          "with 2: a resume keeps the global batch"):
+        elastic.decide(_cfg(accumulation=3), ckpt, 2)
+    plan = elastic.decide(_cfg(accumulation=3, new_global_batch=True), ckpt, 2)  # same ranks: nothing to convert
+    assert plan.new_global_batch and not plan.universal and "on the 2 rank(s) that wrote it" in plan.describe()
+    with pytest.raises(LlmkitError, match="leave it at the checkpoint's value"):
+        elastic.decide(_cfg(accumulation=4), ckpt, 4)  # neither the saved 2 nor the 1 that keeps the batch
+    with pytest.raises(LlmkitError, match="per_device_batch_size 8; a resume keeps its batches of rows"):
+        elastic.decide(_cfg(accumulation=2, batch=4, new_global_batch=True), ckpt, 4)
+    with pytest.raises(LlmkitError, match="a streamed run resumes on 2 ranks only"):
+        elastic.decide(_cfg(accumulation=2, streaming=True, new_global_batch=True), ckpt, 4)
+    # the disk the conversion needs: twice the optimizer shards plus the model states, none once it exists
+    assert elastic.universal_bytes(ckpt) == 2 * 600 + 100
+    (ckpt / elastic.UNIVERSAL).mkdir()
+    (ckpt / elastic.UNIVERSAL / rundir.MANIFEST).write_text("{}")
+    assert elastic.universal_bytes(ckpt) == 0

@@ -83,12 +83,14 @@ def _rows_by_step(folder) -> dict[int, list[int]]:
 ELASTIC_RTOL = 1e-5
 
 
-@pytest.mark.parametrize(("stage", "saved", "ranks"), [(2, 2, 1), (2, 1, 2), (3, 2, 1), (3, 1, 2)])
+@pytest.mark.parametrize(("stage", "saved", "ranks"), [(2, 2, 1), (2, 1, 2), (3, 2, 1), (3, 1, 2), (1, 2, 1),
+                                                     (0, 2, 1)])
 def test_an_elastic_resume_trains_on_the_rows_a_straight_run_would(tmp_path, tiny_bert_no_dropout, tiny_data, stage,
                                                                   saved, ranks):
     """A mid-epoch checkpoint written by `saved` ranks resumed on `ranks`: the global batch is kept (accumulation
     2 // ranks), each step after the resume trains on the straight run's rows, the losses follow it, the export
-    reloads; a second resume reuses the converted checkpoint."""
+    reloads; a second resume reuses the converted checkpoint; with checkpoint.new_global_batch the checkpoint's
+    order of rows continues, fewer to a step."""
     acc_cfg = f"cpu_zero{stage}.yaml"
 
     def run(name, n, *extra):
@@ -130,6 +132,20 @@ def test_an_elastic_resume_trains_on_the_rows_a_straight_run_would(tmp_path, tin
     if (stage, saved) == (2, 2):  # a second resume from that checkpoint reuses the universal copy
         again, _, _ = run("again", ranks, "--checkpoint.resume_from", str(ckpt))
         assert f"reusing the universal checkpoint {ckpt / 'universal'}" in again.stdout + again.stderr
+    if stage == 1:  # the same checkpoint on 1 rank with accumulation 1: half the global batch, asked for
+        proc, n_out, n_rows = run("new-batch", 1, "--checkpoint.resume_from", str(ckpt),
+                                  "--train.gradient_accumulation_steps", "1", "--checkpoint.new_global_batch", "true")
+        said = proc.stdout + proc.stderr
+        assert "NEW global batch (checkpoint.new_global_batch): 16 -> 8 rows per step" in said, said[-3000:]
+        assert "reusing the universal checkpoint" in said
+        # the 4 micro-batches left in epoch 0 (12 in all, 8 consumed) are the straight run's steps 5-6 and here
+        # steps 5-8, one each: the same rows, in the checkpoint's order
+        resumed = _rows_by_step(n_rows)
+        assert sorted(resumed) == list(range(AT + 1, TOTAL + 1))
+        assert sorted(sum(resumed.values(), [])) == sorted(straight[AT + 1] + straight[AT + 2])
+        record = json.loads((n_out / "metrics.json").read_text())["train"]["elastic_resume"]
+        assert record["new_global_batch"] and (record["saved_global_batch"], record["global_batch"]) == (16, 8)
+        AutoModelForSequenceClassification.from_pretrained(n_out / "final")
 
 
 def test_kill_9_while_saving_keeps_the_previous_checkpoint(tmp_path, tiny_bert, tiny_data):

@@ -29,7 +29,7 @@ class LengthGroupedBatchSampler:
     """
 
     def __init__(self, lengths, batch_size: int, per_step: int = 1, seed: int = 0):
-        self.lengths, self.batch_size, self.num_replicas, self.seed = lengths, batch_size, per_step, seed
+        self.lengths, self.batch_size, self.per_step, self.seed = lengths, batch_size, per_step, seed
         self.epoch = 0
         self.drop_last = False  # read by Accelerate's BatchSamplerShard
 
@@ -44,9 +44,9 @@ class LengthGroupedBatchSampler:
         noise = torch.rand(len(self.lengths), generator=gen).numpy()
         order = np.lexsort((noise, np.asarray(self.lengths))).tolist()  # by length, ties in random order
         batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
-        groups = [batches[i:i + self.num_replicas] for i in range(0, len(batches), self.num_replicas)]
+        groups = [batches[i:i + self.per_step] for i in range(0, len(batches), self.per_step)]
         tail = []
-        if len(groups[-1]) < self.num_replicas or len(groups[-1][-1]) < self.batch_size:
+        if len(groups[-1]) < self.per_step or len(groups[-1][-1]) < self.batch_size:
             tail = groups.pop()
         for g in torch.randperm(len(groups), generator=gen).tolist():
             yield from groups[g]

@@ -1,6 +1,7 @@
 """Streaming (data.streaming): the train split read as a datasets IterableDataset, each rank its own share
-(`Stream.share`: its own files, or every world-th row), tokenized and packed on the fly, in stream order. A checkpoint holds each rank's
-position in its stream (the IterableDataset's own state_dict), so a resumed run neither replays nor skips rows.
+(`Stream.share`: its own files, or every world-th row), tokenized and packed on the fly, in stream order. A
+checkpoint holds each rank's position in its stream (the IterableDataset's own state_dict), so a resumed run
+neither replays nor skips rows.
 
 The stream is read pass after pass (set_epoch) until train.max_steps: ranks whose shares differ in length never
 wait on each other for an epoch end. No shuffle buffer: datasets does not save one, and a resume would lose

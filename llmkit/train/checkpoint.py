@@ -9,9 +9,7 @@ run must match to resume) is written last inside it, and the `latest` pointer mo
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import random
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -22,10 +20,9 @@ import torch
 
 from llmkit import elastic, faults
 from llmkit.errors import LlmkitError
-from llmkit.rundir import MANIFEST, checkpoint_steps, fsync_dir, verify_checkpoint, write_durably
+from llmkit.rundir import MANIFEST, checkpoint_steps, fsync_dir, verify_checkpoint, write_durably, write_manifest
 
 STATE = "trainer_state.json"
-DIGEST_UP_TO = 1 << 20  # files up to 1 MiB (states, RNG, scheduler) also get a sha256: same-size damage shows
 
 
 @dataclass
@@ -113,16 +110,7 @@ def save(run, trainer_state: TrainerState, keep_last: int | None, keep_best: int
                           "are intact. Free disk space, then continue with --checkpoint.resume_from latest.")
     if acc.is_main_process:
         (tmp / STATE).write_text(json.dumps(asdict(trainer_state), indent=1))
-        files, digests = {}, {}
-        for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
-            rel = str(path.relative_to(tmp))
-            files[rel] = _fsync(path)
-            if files[rel] <= DIGEST_UP_TO:
-                digests[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
-        manifest = {"step": trainer_state.step, "fingerprint": fingerprint(run),
-                    "files": files, "sha256": digests}
-        # the manifest is written last and durably: a checkpoint counts only once every file is on disk
-        write_durably(tmp / MANIFEST, json.dumps(manifest, indent=1))
+        write_manifest(tmp, step=trainer_state.step, fingerprint=fingerprint(run))
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         fsync_dir(root)
@@ -130,13 +118,6 @@ def save(run, trainer_state: TrainerState, keep_last: int | None, keep_best: int
         _prune(root, keep_last, keep_best, trainer_state)
     acc.wait_for_everyone()
     return final
-
-
-def _fsync(path: Path) -> int:
-    """Flush one written file to disk; its size."""
-    with open(path, "rb+") as fh:
-        os.fsync(fh.fileno())
-    return path.stat().st_size
 
 
 def resolve_latest(root: Path) -> str | None:
@@ -206,7 +187,7 @@ def load(run, path: Path, optimizer) -> tuple[TrainerState, dict]:
                           f"{', '.join(unrecorded)}, which a resume must match. Finish that run with the llmkit that "
                           "wrote it, or start a new run from its export.")
     diff = {k: (manifest["fingerprint"].get(k), v) for k, v in want.items() if manifest["fingerprint"].get(k) != v}
-    if run.elastic is not None:  # another number of ranks, the global batch kept (llmkit.elastic.decide)
+    if run.elastic is not None:  # another split of the global batch, or a new one (llmkit.elastic.decide)
         diff.pop("world_size", None)
         diff.pop("gradient_accumulation_steps", None)
     if "optimizer" in diff and len(diff) == 1:
@@ -235,7 +216,8 @@ def load(run, path: Path, optimizer) -> tuple[TrainerState, dict]:
 
 
 def _load_elsewhere(run, path: Path, state: TrainerState, optimizer) -> dict:
-    """Load a checkpoint written by another number of ranks (llmkit.elastic); returns this rank's new RNG state."""
+    """Load a checkpoint written by another number of ranks, or for a new global batch (llmkit.elastic);
+    returns this rank's RNG state."""
     acc, plan = run.accelerator, run.elastic
     source = path
     if plan.universal:
@@ -249,13 +231,19 @@ def _load_elsewhere(run, path: Path, state: TrainerState, optimizer) -> dict:
     for group, value in zip(optimizer.param_groups, decay):
         if value is not None:
             group["weight_decay"] = value
-    # the data position is global: this rank's batches into the epoch are the global count over the new ranks
+    # the data position is global: this rank's batches into the epoch are the global count over the new ranks;
+    # with a new global batch that count may not divide: round up (skip, never train a sample twice)
     consumed = state.batches_in_epoch * plan.saved_world
-    state.batches_in_epoch = consumed // plan.world
-    seed = elastic.reseed(run.cfg.train.seed, state.step, acc.process_index)
+    state.batches_in_epoch = -(-consumed // plan.world)
+    skipped = state.batches_in_epoch * plan.world - consumed
     run.log(f"resume: {consumed} micro-batches of epoch {state.epoch} were consumed by {plan.saved_world} rank(s): "
-            f"each of {plan.world} rank(s) skips {state.batches_in_epoch}; RNG streams re-seeded from train.seed, the "
-            "step and the rank (per-rank dropout draws cannot carry over to another number of ranks)")
+            f"each of {plan.world} rank(s) skips {state.batches_in_epoch}"
+            + (f", so {skipped} micro-batch(es) of this epoch are not trained on (the new split)" if skipped else ""))
+    if plan.world == plan.saved_world:
+        return json.loads((path / f"rng_rank{acc.process_index}.json").read_text())
+    seed = elastic.reseed(run.cfg.train.seed, state.step, acc.process_index)
+    run.log("resume: RNG streams re-seeded from train.seed, the step and the rank (per-rank dropout draws cannot "
+            "carry over to another number of ranks)")
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)

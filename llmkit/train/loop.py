@@ -5,7 +5,6 @@ after-save callback. Accounting, guards, profiling and checkpoints live in their
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import math
 from collections.abc import Callable
@@ -60,6 +59,8 @@ def fit(run: Run, model, optimizer, train_loader, eval_loader, eval_fn: EvalFn,
     run.write_records(resumed_at=state.step if c.resume_from else None)
     batch_sampler = getattr(train_loader, "batch_sampler", None)
     inner_sampler = getattr(batch_sampler, "batch_sampler", batch_sampler)
+    if run.elastic is not None and hasattr(inner_sampler, "per_step"):
+        inner_sampler.per_step = run.elastic.saved_micro  # a new global batch keeps the checkpoint's sample order
     run.log(f"train: streamed, {total_steps} steps" if stream else f"train: {len(train_loader)} batches per rank per "
             f"epoch, {steps_per_epoch} optimizer steps per epoch, {total_steps} steps in all")
     model.train()
@@ -171,7 +172,7 @@ def fit(run: Run, model, optimizer, train_loader, eval_loader, eval_fn: EvalFn,
                "train_examples": train_loader.examples * acc.num_processes if stream else len(train_loader.dataset),
                "history": state.history, "per_rank": sharded_elements(acc, model, optimizer)}
     if run.elastic is not None:  # the resume changed how the global batch is split
-        summary["elastic_resume"] = dataclasses.asdict(run.elastic)
+        summary["elastic_resume"] = run.elastic.record()
     return {"model": model, "summary": summary}
 
 
