@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llmkit import elastic, launch, memory, model, rundir
+from llmkit import elastic, launch, memory, model, rundir, trackers
 from llmkit.config import Config
 from llmkit.data import lm, sources
 from llmkit.errors import LlmkitError
@@ -244,6 +244,7 @@ def check(cfg: Config, world_size: int, recipe: str | None = None,
         table = memory.for_run(ds, params, world_size, precision, largest_param=largest).table()
         passed("memory (ZeRO formulas and DeepSpeed's peak, activations excluded):\n"
                + "\n".join("      " + r for r in table.splitlines()))
+    passed(trackers.check(cfg))
     if cfg.output.push_to_hub:  # no token: say so now, not after hours of training
         hub_token()
         passed(f"hub: a token is set for pushing to {cfg.output.hub_model_id}")

@@ -27,7 +27,7 @@ PREVIOUS = ".previous"
 MANIFEST = "manifest.json"  # inside a checkpoint: its files, sizes, digests; written last
 DIGEST_UP_TO = 1 << 20  # checkpoint files up to 1 MiB (states, RNG, scheduler) get a sha256: same-size damage shows
 # what a run writes into its output dir (predictions_<split>.jsonl and .hub-* staging folders by pattern)
-OWNED = ("checkpoints", "final", "final.tmp", "final.old", "runs", "profile", "tokenizer", "hub_upload",
+OWNED = ("checkpoints", "final", "final.tmp", "final.old", "runs", "wandb", "profile", "tokenizer", "hub_upload",
          ".hub-snapshots", "metrics.json", "metrics.jsonl", "samples.jsonl", "training_config.yaml",
          "run_info.json", "ds_config.json", "report.html", "report.md", "report.json", ".llmkit-dry-runs.json")
 OWNED_PATTERNS = ("predictions_*.jsonl", ".hub-*")

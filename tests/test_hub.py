@@ -17,7 +17,7 @@ import yaml
 from fake_hub import FakeHub
 from helpers import LAUNCH_ENV, check_ok, launch, write_config, write_lm_config
 
-from llmkit.config import check_repo_id
+from llmkit.config_checks import check_repo_id
 from llmkit.errors import LlmkitError
 from llmkit.ship import hub, verify
 

@@ -14,10 +14,10 @@ PACKAGE = ROOT / "llmkit"
 
 # lowest first; a module belongs to the first entry that names it or a package above it
 LAYERS = [
-    ("ground", ["llmkit", "llmkit.errors", "llmkit.faults", "llmkit.metrics", "llmkit.typed", "llmkit.config",
-                "llmkit.assets"]),
+    ("ground", ["llmkit", "llmkit.errors", "llmkit.faults", "llmkit.metrics", "llmkit.typed", "llmkit.config_checks",
+                "llmkit.config", "llmkit.assets"]),
     ("build", ["llmkit.model", "llmkit.generate", "llmkit.data"]),
-    ("launch", ["llmkit.precision", "llmkit.launch", "llmkit.memory", "llmkit.rundir", "llmkit.elastic",
+    ("launch", ["llmkit.precision", "llmkit.launch", "llmkit.memory", "llmkit.rundir", "llmkit.elastic", "llmkit.trackers",
                 "llmkit.preflight"]),
     ("train", ["llmkit.train"]),
     ("evals and ship", ["llmkit.evals", "llmkit.ship"]),

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import torch
 
-from llmkit import generate
+from llmkit import generate, trackers
 from llmkit.evals.gather import gather_split
 from llmkit.metrics import classification_metrics
 
@@ -59,7 +59,7 @@ def score_labels(run, model, loader, num_labels: int) -> tuple[dict[str, float],
 
 
 def log_samples(run, model, tokenizer, step: int) -> None:
-    """Greedy completions of train.sample_prompts: to the log, TensorBoard (text) and samples.jsonl.
+    """Greedy completions of train.sample_prompts: to the log, the trackers that keep text and samples.jsonl.
     Every rank calls it (a ZeRO-3 forward is collective)."""
     t, acc = run.cfg.train, run.accelerator
     if not t.sample_prompts:
@@ -71,7 +71,7 @@ def log_samples(run, model, tokenizer, step: int) -> None:
         return
     for i, (prompt, text) in enumerate(zip(t.sample_prompts, texts)):
         run.log(f"sample {i} @ step {step}: {prompt!r} -> {text!r}")
-        acc.log({f"samples/{i}": f"**prompt:** {prompt}\n\n**completion:** {text}"}, step=step)
+        trackers.log_text(acc, f"samples/{i}", f"**prompt:** {prompt}\n\n**completion:** {text}", step)
     with open(run.output_dir / "samples.jsonl", "a") as fh:
         fh.write(json.dumps({"step": step, "samples": [{"prompt": p, "completion": c}
                                                         for p, c in zip(t.sample_prompts, texts)]}) + "\n")

@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 
 from llmkit import assets, model
-from llmkit.config import check_repo_id, check_revision
+from llmkit.config_checks import check_repo_id, check_revision
 from llmkit.errors import LlmkitError
 from llmkit.preflight import hub_token as token
 from llmkit.ship import card, verify

@@ -21,7 +21,7 @@ from accelerate import Accelerator, DeepSpeedPlugin, InitProcessGroupKwargs
 from accelerate.utils import broadcast_object_list, set_seed
 from tqdm.auto import tqdm
 
-from llmkit import elastic, launch, model, preflight, rundir
+from llmkit import elastic, launch, model, preflight, rundir, trackers
 from llmkit.config import Config
 from llmkit.data import lm, sources
 from llmkit.data.streaming import Stream
@@ -120,7 +120,7 @@ class Run:
                 self.log(f"metrics.jsonl: {dropped} rows after step {resumed_at} dropped (they are logged again)")
 
     def log_scalars(self, scalars: dict[str, float], step: int) -> None:
-        """To TensorBoard and to <output_dir>/metrics.jsonl (one JSON object per call)."""
+        """To the trackers (train.report_to) and to <output_dir>/metrics.jsonl (one JSON object per call)."""
         self.accelerator.log(scalars, step=step)
         if self.accelerator.is_main_process:
             with open(self.output_dir / "metrics.jsonl", "a") as fh:
@@ -167,7 +167,7 @@ def setup(cfg: Config, recipe: str) -> Run:
         gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
         step_scheduler_with_optimizer=False,  # the loop steps it once per optimizer step
         kwargs_handlers=handlers,
-        log_with="tensorboard",
+        log_with=trackers.log_with(cfg, plan.output_dir),
         project_dir=str(plan.output_dir),
     )
     set_seed(cfg.train.seed)
@@ -190,7 +190,8 @@ def setup(cfg: Config, recipe: str) -> Run:
         run.log(line)
     accelerator.wait_for_everyone()  # the folder is llmkit's before any rank writes into it
     run.stop = StopSignal(accelerator)
-    accelerator.init_trackers("runs")
+    trackers.start(accelerator, cfg, plan.output_dir, trackers.hyperparameters(
+        cfg, world_size=accelerator.num_processes, precision=plan.precision, zero_stage=run.zero_stage))
     return run
 
 
