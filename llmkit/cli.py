@@ -170,6 +170,15 @@ def _validate(args: argparse.Namespace) -> None:
     validate(args.config, args.overrides, args.accelerate_config, args.recipe)
 
 
+def _config(args: argparse.Namespace) -> None:
+    from llmkit.commands import config_help
+
+    if args.write:
+        config_help.write(args.write, args.recipe)
+    else:
+        print(config_help.listing(), end="")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `llmkit` console script."""
     argv = sys.argv[1:] if argv is None else argv
@@ -239,6 +248,12 @@ def main(argv: list[str] | None = None) -> None:
     val.add_argument("--recipe", choices=["classification", "causal_lm"],
                      help="the recipe you will run (default: causal_lm for a causal LM or prompt/chat data)")
     val.set_defaults(fn=_validate)  # any further --section.key value arguments override the config
+    conf = sub.add_parser("config", help="every config key with its type, default and meaning; or write a starter "
+                          "YAML (--write)")
+    conf.add_argument("--write", metavar="FILE", help="write a commented starter YAML of every key the recipe reads")
+    conf.add_argument("--recipe", choices=["classification", "causal_lm"], default="classification",
+                      help="the recipe the starter is for (default: classification)")
+    conf.set_defaults(fn=_config)
     args, rest = parser.parse_known_args(argv)
     if rest and args.command != "validate":
         parser.error(f"unrecognized arguments: {' '.join(rest)}")

@@ -18,20 +18,20 @@ from llmkit.typed import build, did_you_mean, hints, read_yaml
 class ModelConfig:
     name_or_path: str = "asset:minilm"  # Hub id, local dir, or asset:<name> (see `llmkit assets`)
     tokenizer: str | None = None  # defaults to name_or_path
-    revision: str | None = None
+    revision: str | None = None  # a Hub branch, tag or commit of the model
     from_scratch: bool = False  # random init from the model's config instead of its weights
-    trust_remote_code: bool = False
-    gradient_checkpointing: bool = False
+    trust_remote_code: bool = False  # run the model repo's own Python code (only for repos you trust)
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
     dtype: str | None = None  # the dtype weights load in: float32 | bfloat16 | float16 (default: float32)
     attn_implementation: str | None = None  # eager | sdpa | flash_attention_2 (CUDA + flash-attn) | flex_attention
 
 
 @dataclass
 class LoraConfig:
-    enabled: bool = False
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.05
+    enabled: bool = False  # train peft LoRA adapters (and a classifier head in full) instead of every weight
+    r: int = 16  # adapter rank
+    alpha: int = 32  # adapter scale: updates are multiplied by alpha / r
+    dropout: float = 0.05  # dropout on the adapter inputs
     target_modules: list[str] | None = None  # default: chosen per architecture (see llmkit.model)
     load_in_4bit: bool = False  # QLoRA: the frozen base in 4-bit NF4 (bitsandbytes), the adapters on top
 
@@ -40,16 +40,16 @@ class LoraConfig:
 class MixtureSource:
     """One source of data.mixture: where its rows are and how to read them; unset keys come from data.*."""
     weight: float  # the share of training examples drawn from this source (weights are normalised)
-    dataset: str | None = None
-    dataset_config: str | None = None
-    data_files: dict[str, str] | None = None
-    train_split: str | None = None
+    dataset: str | None = None  # as data.dataset, for this source
+    dataset_config: str | None = None  # as data.dataset_config
+    data_files: dict[str, str] | None = None  # as data.data_files
+    train_split: str | None = None  # as data.train_split
     eval_split: str | None = None  # its validation rows join the run's validation split when it has this split
-    format: str | None = None
-    text_column: str | None = None
-    prompt_column: str | None = None
-    response_column: str | None = None
-    messages_column: str | None = None
+    format: str | None = None  # as data.format
+    text_column: str | None = None  # as data.text_column
+    prompt_column: str | None = None  # as data.prompt_column
+    response_column: str | None = None  # as data.response_column
+    messages_column: str | None = None  # as data.messages_column
 
 
 @dataclass
@@ -57,19 +57,19 @@ class DataConfig:
     dataset: str | None = None  # Hub id, local dir or file, or asset:<name>
     dataset_config: str | None = None  # Hub subset, e.g. "sst2" for "glue"
     data_files: dict[str, str] | None = None  # split -> local csv/json/jsonl/parquet file
-    train_split: str = "train"
-    eval_split: str = "validation"
-    test_split: str | None = "test"
-    text_column: str = "text"
-    text_pair_column: str | None = None
-    label_column: str = "label"
+    train_split: str = "train"  # the split trained on
+    eval_split: str = "validation"  # the split evaluated during training and for the best checkpoint
+    test_split: str | None = "test"  # evaluated once at the end; null for none
+    text_column: str = "text"  # classifiers: the input text
+    text_pair_column: str | None = None  # classifiers: a second text (pairs: NLI, paraphrase)
+    label_column: str = "label"  # classifiers: the label (names or ids)
     label_names: list[str] | None = None  # fixes the label order; default: from the data
-    max_length: int = 128
+    max_length: int = 128  # tokens per row (longer rows are cut); causal-LM text: the block size
     clean_text: bool = False  # unicode NFKC, strip HTML tags and URLs, squeeze whitespace
     drop_bad_rows: bool = True  # rows with empty/None text or no label: dropped with a count (false: an error)
     group_by_length: bool = True  # batches of similar length: little padding
-    max_train_samples: int | None = None
-    max_eval_samples: int | None = None
+    max_train_samples: int | None = None  # use only the first N training rows (after the shuffle)
+    max_eval_samples: int | None = None  # use only the first N rows of each evaluation split
     # causal LM rows (llmkit.data.formats): auto (from the columns) | text (packed into blocks of max_length
     # tokens) | prompt_response | messages | alpaca | sharegpt; the last four train on the responses only
     format: str = "auto"
@@ -95,28 +95,28 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    seed: int = 42
-    epochs: float = 1.0
+    seed: int = 42  # data order, initialisation and dropout
+    epochs: float = 1.0  # passes over the train split (fractions allowed)
     max_steps: int | None = None  # optimizer steps; overrides epochs when set
-    per_device_batch_size: int = 16
-    eval_batch_size: int = 64
-    gradient_accumulation_steps: int = 1
-    learning_rate: float = 5e-5
-    weight_decay: float = 0.01
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_epsilon: float = 1e-8
+    per_device_batch_size: int = 16  # rows per micro-batch on each rank
+    eval_batch_size: int = 64  # rows per evaluation batch on each rank
+    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step on each rank
+    learning_rate: float = 5e-5  # peak AdamW learning rate
+    weight_decay: float = 0.01  # AdamW decoupled weight decay (not on biases and norms)
+    adam_beta1: float = 0.9  # AdamW first-moment decay
+    adam_beta2: float = 0.999  # AdamW second-moment decay
+    adam_epsilon: float = 1e-8  # AdamW denominator epsilon
     lr_scheduler: str = "linear"  # linear | cosine | constant
-    warmup_ratio: float = 0.06
+    warmup_ratio: float = 0.06  # share of the steps with a linear warm-up
     max_grad_norm: float = 1.0  # 0 turns clipping off
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     eval_every_steps: int | None = None  # also evaluate every N optimizer steps (always at epoch end)
-    logging_steps: int = 10
+    logging_steps: int = 10  # log the train scalars every N optimizer steps
     num_threads: int | None = None  # torch CPU threads per rank; default: cores / local ranks
     class_weights: list[float] | str | None = None  # classifiers: null | balanced | [w0, w1, ...] in label order
     loss_scale_patience: int = 50  # fp16: stop after this many steps with the loss scale at its minimum
     sample_prompts: list[str] | None = None  # causal LM: greedy completions logged at every eval
-    sample_max_new_tokens: int = 48
+    sample_max_new_tokens: int = 48  # tokens generated per sample prompt
     # speed switches (bench/README.md has each one's measured effect)
     adamw_impl: str = "fused"  # fused (one kernel for all params; ~6x faster on CPU) | foreach | loop
     dataloader_workers: int = 0  # worker processes per rank for collation (0: in the training process)
@@ -140,7 +140,7 @@ class DeepSpeedConfig:
 @dataclass
 class CheckpointConfig:
     save_every_steps: int | None = None  # write checkpoints/step-<n> every N optimizer steps
-    save_every_epoch: bool = False
+    save_every_epoch: bool = False  # also write a checkpoint at each epoch end
     keep_last: int | None = 2  # newest checkpoints kept (None keeps all)
     keep_best: int = 0  # also keep this many best ones by best_metric (from the evals at checkpoint steps)
     best_metric: str = "f1"  # an eval metric (loss and perplexity: lower is better)
@@ -150,11 +150,11 @@ class CheckpointConfig:
 
 @dataclass
 class OutputConfig:
-    output_dir: str = "outputs/run"
-    overwrite_output_dir: bool = False
+    output_dir: str = "outputs/run"  # the run's folder: export, reports, checkpoints, logs
+    overwrite_output_dir: bool = False  # replace an earlier llmkit run (kept until the new export is in place)
     push_to_hub: bool = False  # push final/ + report + model card at the end; token: HF_TOKEN or `hf auth login`
     hub_model_id: str | None = None  # <user or org>/<name>
-    hub_private: bool = True
+    hub_private: bool = True  # create the Hub repo private
     hub_revision: str | None = None  # a branch; default main
     hub_strategy: str = "end"  # end | every_save (each checkpoint too, uploaded in the background)
     hub_push_merged: bool = False  # LoRA runs: also push the merged model (under merged/)

@@ -254,3 +254,54 @@ def test_output_dir_of_another_run_is_refused(tmp_path):
 def test_data_config_defaults_are_sane():
     d = DataConfig()
     assert d.eval_split == "validation" and d.max_length == 128 and d.clean_text is False
+
+
+def _fields(cls, prefix):
+    import dataclasses
+
+    for f in dataclasses.fields(cls):
+        yield f"{prefix}.{f.name}", f
+
+
+def test_llmkit_config_lists_every_key_of_the_schema():
+    """`llmkit config` against the dataclasses themselves: every field once, its type and default, a meaning."""
+    import dataclasses
+
+    from llmkit import config as schema
+    from llmkit.commands import config_help
+
+    want = {}
+    for section in dataclasses.fields(schema.Config):
+        want.update(_fields(getattr(schema, section.type), section.name))
+    want.update(_fields(schema.MixtureSource, "data.mixture[]"))
+    listed = {k.name: k for k in config_help.keys()}
+    assert list(listed) == list(want) and len(listed) > 90
+    for name, f in want.items():
+        key = listed[name]
+        assert key.type == f.type, name
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        assert key.default == default, name
+        assert len(key.meaning) > 8, f"{name} has no comment in llmkit/config.py"
+    text = config_help.listing()
+    assert "  train.report_to: list[str] | str = [tensorboard]\n      experiment trackers" in text
+    assert "  data.mixture[].weight: float = (required)\n      the share of training examples" in text
+    # a comment above a field speaks for it and for the uncommented fields right after it, not further
+    assert listed["data.response_column"].meaning == listed["data.prompt_column"].meaning != ""
+    assert listed["data.mixture"].meaning.startswith("several sources")
+    assert listed["data.label_words"].meaning.startswith("one per label")
+
+
+@pytest.mark.parametrize("recipe", ["classification", "causal_lm"])
+def test_a_starter_config_validates_as_written(tmp_path, recipe, capsys):
+    from llmkit.commands import config_help
+    from llmkit.commands.validate import validate
+
+    path = tmp_path / "starter.yaml"
+    config_help.write(str(path), recipe)
+    text = path.read_text()
+    assert "  # peak AdamW learning rate\n  learning_rate: 5.0e-05\n" in text
+    assert ("sample_prompts" in text) == (recipe == "causal_lm")  # only the keys the recipe reads
+    validate(str(path), [f"--output.output_dir={tmp_path / 'out'}"], None, recipe)
+    assert capsys.readouterr().out.rstrip().endswith("all checks passed")
+    with pytest.raises(LlmkitError, match="already exists: llmkit config --write does not overwrite"):
+        config_help.write(str(path), recipe)
