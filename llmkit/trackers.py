@@ -70,18 +70,19 @@ def _credentials(name: str) -> str | None:
 def check(cfg) -> str:
     """Every tracker of train.report_to can start: a clear error before any training otherwise."""
     chosen = names(cfg)
-    for name in chosen:
+    for name in chosen:  # every name first: a typo is named before another tracker's missing login
         if name not in PACKAGES:
             raise LlmkitError(f"train.report_to: unknown tracker {name!r}; choose from {', '.join(PACKAGES)} "
                               "(or none)")
+    if len(set(chosen)) != len(chosen):
+        raise LlmkitError(f"train.report_to names a tracker twice: {chosen}")
+    for name in chosen:
         if not _available(name):
             raise LlmkitError(f"train.report_to has {name}, but the {PACKAGES[name]} package is not installed: "
                               f"pip install {PACKAGES[name].replace('_', '-')} (or drop it from train.report_to)")
         missing = _credentials(name)
         if missing:
             raise LlmkitError(f"train.report_to has {name}, but {missing}")
-    if len(set(chosen)) != len(chosen):
-        raise LlmkitError(f"train.report_to names a tracker twice: {chosen}")
     return "trackers: " + (", ".join(chosen) if chosen else "none (train.report_to: none)")
 
 

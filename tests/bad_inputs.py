@@ -240,6 +240,13 @@ CASES: list[Case] = [
          "FSDP"),
     # ---- the environment a launcher (or a stale shell) left
     Case("env", "WORLD_SIZE a word", validate(), "WORLD_SIZE", env={"WORLD_SIZE": "two"}),
+    Case("env", "W&B with no login", validate(None, "--train.report_to", "[tensorboard, wandb]"),
+         "train.report_to has wandb, but no W&B credentials",
+         env={"HOME": "/nonexistent-home", "WANDB_MODE": "online", "WANDB_API_KEY": ""}),
+    Case("env", "a tracker that is not installed", validate(None, "--train.report_to", "aim"),
+         "the aim package is not installed: pip install aim"),
+    Case("config", "a tracker name with a typo", validate(None, "--train.report_to", "[wandb, tensorbord]"),
+         "unknown tracker 'tensorbord'"),
     Case("env", "accumulation env not a number", validate(), "ACCELERATE_GRADIENT_ACCUMULATION_STEPS",
          env={"ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "four"}),
     Case("env", "clipping env not a number", validate(), "ACCELERATE_GRADIENT_CLIPPING",
