@@ -10,6 +10,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from llmkit.errors import LlmkitError
 
@@ -170,6 +171,25 @@ def _validate(args: argparse.Namespace) -> None:
     validate(args.config, args.overrides, args.accelerate_config, args.recipe)
 
 
+def _explain(args: argparse.Namespace) -> None:
+    from llmkit.errors import LlmkitError
+    from llmkit.evals import explain
+
+    texts = list(args.text or [])
+    if args.file:
+        texts += [line for line in Path(args.file).read_text().splitlines() if line.strip()]
+    if not texts:
+        raise LlmkitError("give the texts to explain: --text \"...\" (repeatable) or --file FILE (one per line)")
+    model, tokenizer = explain.load(args.model_dir)
+    for row in explain.explain(model, tokenizer, texts, steps=args.steps):
+        names = list(row["attributions"])
+        probs = ", ".join(f"{n} {p:.3f}" for n, p in zip(names, row["probabilities"]))
+        print(f"\n{row['text']}\n  predicted: {row['prediction']} ({probs})")
+        for name in names:
+            words = "  ".join(f"{w} {a:+.3f}" for w, a in zip(row["words"], row["attributions"][name]))
+            print(f"  toward {name} (delta {row['delta'][name]:.1e}): {words}")
+
+
 def _config(args: argparse.Namespace) -> None:
     from llmkit.commands import config_help
 
@@ -248,6 +268,13 @@ def main(argv: list[str] | None = None) -> None:
     val.add_argument("--recipe", choices=["classification", "causal_lm"],
                      help="the recipe you will run (default: causal_lm for a causal LM or prompt/chat data)")
     val.set_defaults(fn=_validate)  # any further --section.key value arguments override the config
+    exp = sub.add_parser("explain", help="each word's attribution toward every label of an exported classifier "
+                         "(integrated gradients)")
+    exp.add_argument("model_dir", help="a run's final/ folder (or any saved sequence classifier)")
+    exp.add_argument("--text", action="append", help="a text to explain (repeatable)")
+    exp.add_argument("--file", help="a file of texts, one per line")
+    exp.add_argument("--steps", type=int, default=32, help="integration steps (more: smaller delta, slower)")
+    exp.set_defaults(fn=_explain)
     conf = sub.add_parser("config", help="every config key with its type, default and meaning; or write a starter "
                           "YAML (--write)")
     conf.add_argument("--write", metavar="FILE", help="write a commented starter YAML of every key the recipe reads")

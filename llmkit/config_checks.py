@@ -153,6 +153,8 @@ def check_values(cfg) -> None:
              f"points to '{cfg.deepspeed.config_file}', which does not exist")
     need(bool(cfg.output.output_dir), "output.output_dir", "must name a directory")
     o = cfg.output
+    need(0 <= o.explain_rows <= 200, "output.explain_rows", f"must be in [0, 200] (each row costs an integrated-"
+         f"gradients pass per label), got {o.explain_rows}")
     need(o.hub_strategy in ("end", "every_save"), "output.hub_strategy",
          f"must be end or every_save, got '{o.hub_strategy}'")
     if o.push_to_hub:

@@ -29,7 +29,8 @@ DIGEST_UP_TO = 1 << 20  # checkpoint files up to 1 MiB (states, RNG, scheduler) 
 # what a run writes into its output dir (predictions_<split>.jsonl and .hub-* staging folders by pattern)
 OWNED = ("checkpoints", "final", "final.tmp", "final.old", "runs", "wandb", "profile", "tokenizer", "hub_upload",
          ".hub-snapshots", "metrics.json", "metrics.jsonl", "samples.jsonl", "training_config.yaml",
-         "run_info.json", "ds_config.json", "report.html", "report.md", "report.json", ".llmkit-dry-runs.json")
+         "run_info.json", "ds_config.json", "explanations.json", "report.html", "report.md", "report.json",
+         ".llmkit-dry-runs.json")
 OWNED_PATTERNS = ("predictions_*.jsonl", ".hub-*")
 
 

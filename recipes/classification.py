@@ -8,6 +8,7 @@ from llmkit import model
 from llmkit.cli import guarded, recipe_args
 from llmkit.config import load_config
 from llmkit.data import classification, loaders
+from llmkit.evals import explain
 from llmkit.evals.classification import evaluate, write_predictions
 from llmkit.report import pages
 from llmkit.ship import every_save, export, hub
@@ -58,6 +59,8 @@ def main() -> None:
         m = results[name]
         run.log(f"{name}: accuracy {m['accuracy']:.4f}  f1 {m['f1']:.4f}  ({m['samples']} rows)")
     run.log(f"export: {final}  (train {result['summary']['train_seconds']} s)")
+    if acc.is_main_process and cfg.output.explain_rows:  # why it said that: the exported model, on rank 0
+        explain.for_run(run.output_dir, check, cfg.output.explain_rows, cfg.train.seed, log=run.log)
     pages.write_for_run(run)
     run.finish(skipped=hub.push_run(run, uploader))
 

@@ -245,6 +245,8 @@ CASES: list[Case] = [
          env={"HOME": "/nonexistent-home", "WANDB_MODE": "online", "WANDB_API_KEY": ""}),
     Case("env", "a tracker that is not installed", validate(None, "--train.report_to", "aim"),
          "the aim package is not installed: pip install aim"),
+    Case("config", "too many rows to explain", validate(None, "--output.explain_rows", "5000"),
+         "output.explain_rows"),
     Case("config", "a tracker name with a typo", validate(None, "--train.report_to", "[wandb, tensorbord]"),
          "unknown tracker 'tensorbord'"),
     Case("env", "accumulation env not a number", validate(), "ACCELERATE_GRADIENT_ACCUMULATION_STEPS",

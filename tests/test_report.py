@@ -119,6 +119,18 @@ def test_html_is_self_contained_and_markdown_shows_the_same_numbers(tiny_run):
             assert f"{s[key]:.4f}" in page, (split, key)
         lo, hi = s["ci95"]["f1"]
         assert f"{lo:.4f}-{hi:.4f}" in md
+    # the explained rows (output.explain_rows, default 8): the test split's most confident mistakes first
+    why = doc["runs"][0]["explanations"]
+    assert why["split"] == "test" and len(why["rows"]) == 8 and why["seconds"] > 0
+    predictions = {r["row"]: r for r in _rows(tiny_run / "predictions_test.jsonl")}
+    for row in why["rows"]:
+        assert row["prediction"] == predictions[row["row"]]["prediction"]
+        assert set(row["attributions"]) == {"neg", "pos"} and all(len(v) == len(row["words"])
+                                                                 for v in row["attributions"].values())
+        assert " ".join(row["words"]) == row["text"]  # the tiny vocabulary's words, each whole
+        assert max(row["delta"].values()) < 0.05
+    assert f"Why the model said that (test, 8 rows, {why['seconds']:.1f} s)" in md
+    assert page.count("<td class='why'>") == 8 and "pushes toward pos" in page and "pushes toward neg" in page
 
 
 def test_tensorboard_has_the_training_scalars(tiny_run):
@@ -214,6 +226,11 @@ def test_report_renders_in_headless_chromium(tiny_run, tmp_path):
         page.get((tiny_run / "report.html").resolve().as_uri())
         loaded = page.execute_script(
             "return Array.from(document.images).map(i => [i.dataset.plot, i.complete && i.naturalWidth > 0]);")
+        # the explained rows' words: laid out, with the highlight drawn (a background or an underline)
+        words = page.execute_script(
+            "return Array.from(document.querySelectorAll('td.why span')).map(s => {const r = s.getBoundingClientRect();"
+            " const c = getComputedStyle(s); return [r.width > 0 && r.height > 0, c.backgroundColor,"
+            " c.borderBottomStyle];});")
         page.save_screenshot(str(tmp_path / "report.png"))
         errors = [e for e in page.get_log("browser") if e["level"] in ("SEVERE", "ERROR")]
     finally:
@@ -221,4 +238,7 @@ def test_report_renders_in_headless_chromium(tiny_run, tmp_path):
     assert errors == [], errors
     assert {name for name, ok in loaded if ok} == PLOTS | {"confusion_run"}, loaded
     assert all(ok for _, ok in loaded)
+    assert words and all(shown for shown, _, _ in words)
+    assert any(style == "solid" for _, _, style in words) and any(style == "dotted" for _, _, style in words)
+    assert any(colour not in ("rgba(0, 0, 0, 0)", "transparent") for _, colour, _ in words)
     assert (tmp_path / "report.png").stat().st_size > 10_000  # a rendered page, not a blank one

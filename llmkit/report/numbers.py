@@ -204,6 +204,8 @@ def run_report(run_dir: Path) -> dict:
         "versions": info.get("versions"), "git_commit": info.get("git_commit"),
     }
     report["data_mixture"] = metrics.get("data_mixture") or []
+    explained = run_dir / "explanations.json"  # llmkit.evals.explain.FILE
+    report["explanations"] = json.loads(explained.read_text()) if explained.is_file() else None
     scalars = _scalars(run_dir / "metrics.jsonl")
     report["curves"] = {"train_loss": scalars.get("train/loss", []), "eval_loss": scalars.get("eval/loss", []),
                         "learning_rate": scalars.get("train/lr", []), "eval_f1": scalars.get("eval/f1", [])}

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 from llmkit.errors import LlmkitError
+from llmkit.report import explained
 from llmkit.report.numbers import run_report
 from llmkit.report.plots import draw
 
@@ -110,6 +111,8 @@ def _markdown(doc: dict) -> str:
                   "| text | gold | predicted | probability |", "|---|---|---|---|"]
         lines += [f"| {m['text'].replace('|', '/')} | {m['label']} | {m['prediction']} | {m['probability']:.4f} |"
                   for m in s["confident_mistakes"]]
+        if r.get("explanations"):
+            lines += [""] + explained.md_section(r["explanations"], r["label_names"])
         if r["data_mixture"]:
             lines += ["", "### Training data (mixture)", ""] + _md_table(MIXTURE_HEADER, _mixture_rows(r))[:-1]
         lines += ["", "### What was run", "", "| | |", "|---|---|"]
@@ -121,7 +124,7 @@ def _markdown(doc: dict) -> str:
 _CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}
 table{border-collapse:collapse;margin:.6em 0}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left}
 th{background:#f3f3f3}img{max-width:100%;margin:.4em 0}.plots{display:flex;flex-wrap:wrap;gap:1em}
-code{background:#f3f3f3;padding:0 .2em}"""
+code{background:#f3f3f3;padding:0 .2em}""" + explained.CSS
 
 
 def _table(header: list[str], rows: list[list]) -> str:
@@ -197,6 +200,8 @@ def _html(doc: dict, plots: dict[str, str]) -> str:
         parts.append(f"<h3>Most confident mistakes ({html.escape(r['primary_split'])})</h3>" + _table(
             ["text", "gold", "predicted", "probability"],
             [[m["text"], m["label"], m["prediction"], m["probability"]] for m in s["confident_mistakes"]]))
+        if r.get("explanations"):
+            parts.append(explained.html_section(r["explanations"], r["label_names"]))
         parts.append(_html_run_facts(r))
     parts.append("</body></html>")
     return "\n".join(parts)

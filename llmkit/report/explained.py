@@ -1,0 +1,77 @@
+"""The report's "Why the model said that" section, from a run's explanations.json (llmkit.evals.explain): each
+explained row with its words highlighted, the convergence delta, the words that push most often toward each
+label, and what it cost.
+
+Colour: green toward the second label (positive in sentiment), red toward the first; with more than two labels,
+green toward the row's prediction, red against it. The colour is never the only cue: words pushing toward green
+are underlined solid and those toward red dotted, every word carries its value on hover, and the page keeps its
+colours in print."""
+
+from __future__ import annotations
+
+import html
+
+CSS = """.why{line-height:2.1}.why span{padding:.1em .15em;border-radius:3px;-webkit-print-color-adjust:exact;
+print-color-adjust:exact}.why .up{border-bottom:2px solid #1a7f37}.why .down{border-bottom:2px dotted #b42318}
+.legend span{padding:.1em .4em;margin-right:.6em}"""
+
+
+def contrast(row: dict, names: list[str]) -> tuple[list[float], str, str]:
+    """One value per word for the colours, and what green and red mean."""
+    a = row["attributions"]
+    if len(names) == 2:  # toward the second label less toward the first: the logit margin, exactly additive
+        return [p - n for p, n in zip(a[names[1]], a[names[0]])], names[1], names[0]
+    pred = row["prediction"]
+    return a[pred], f"the prediction ({pred})", f"against {pred}"
+
+
+def _word(word: str, value: float, scale: float) -> str:
+    alpha = min(1.0, abs(value) / scale) * 0.75 if scale > 0 else 0.0
+    colour = f"rgba(26,127,55,{alpha:.2f})" if value > 0 else f"rgba(180,35,24,{alpha:.2f})"
+    kind = "up" if value > 0 else "down" if value < 0 else ""
+    return (f"<span class='{kind}' style='background:{colour}' title='{value:+.4f}'>{html.escape(word)}</span>")
+
+
+def html_section(doc: dict, names: list[str]) -> str:
+    rows = doc["rows"]
+    if not rows:
+        return ""
+    green, red = contrast(rows[0], names)[1:]
+    parts = [f"<h3>Why the model said that ({html.escape(doc['split'])}, {len(rows)} rows)</h3>",
+             "<p class='legend'>Integrated gradients on the word embeddings (Captum, "
+             f"{doc['steps']} steps; baseline: {html.escape(doc['baseline'])}); {doc['seconds']:.1f} s for these "
+             f"rows. <span class='up' style='background:rgba(26,127,55,.5)'>pushes toward "
+             f"{html.escape(green)}</span><span class='down' style='background:rgba(180,35,24,.5)'>pushes toward "
+             f"{html.escape(red)}</span> (stronger colour: larger attribution; hover a word for its value)</p>",
+             "<table><tr><th>text, by attribution</th><th>gold</th><th>predicted</th><th>p</th><th>delta</th></tr>"]
+    for row in rows:
+        values = contrast(row, names)[0]
+        scale = max((abs(v) for v in values), default=0.0)
+        text = " ".join(_word(w, v, scale) for w, v in zip(row["words"], values))
+        mark = "" if row["prediction"] == row["label"] else " (mistake)"
+        parts.append(f"<tr><td class='why'>{text}</td><td>{html.escape(row['label'])}</td>"
+                     f"<td>{html.escape(row['prediction'] + mark)}</td><td>{max(row['probabilities']):.3f}</td>"
+                     f"<td>{max(row['delta'].values()):.1e}</td></tr>")
+    parts.append("</table>")
+    parts.append("<table><tr><th>label</th><th>words most often among a row's strongest pushes toward it</th></tr>"
+                 + "".join(f"<tr><td>{html.escape(label)}</td><td>"
+                           + html.escape(", ".join(f"{w} ({n})" for w, n in words)) + "</td></tr>"
+                           for label, words in doc["summary"].items()) + "</table>")
+    return "\n".join(parts)
+
+
+def md_section(doc: dict, names: list[str]) -> list[str]:
+    rows = doc["rows"]
+    if not rows:
+        return []
+    green, red = contrast(rows[0], names)[1:]
+    lines = [f"### Why the model said that ({doc['split']}, {len(rows)} rows, {doc['seconds']:.1f} s)", "",
+             f"Top words toward {green} (+) and {red} (-), integrated gradients ({doc['steps']} steps).", "",
+             "| text | gold | predicted | strongest words | delta |", "|---|---|---|---|---|"]
+    for row in rows:
+        values = contrast(row, names)[0]
+        top = sorted(zip(values, row["words"]), key=lambda t: -abs(t[0]))[:3]
+        words = ", ".join(f"{w} ({v:+.2f})" for v, w in top)
+        lines.append(f"| {row['text'].replace('|', '/')} | {row['label']} | {row['prediction']} | "
+                     f"{words.replace('|', '/')} | {max(row['delta'].values()):.1e} |")
+    return lines
