@@ -180,7 +180,7 @@ def _explain(args: argparse.Namespace) -> None:
         texts += [line for line in Path(args.file).read_text().splitlines() if line.strip()]
     if not texts:
         raise LlmkitError("give the texts to explain: --text \"...\" (repeatable) or --file FILE (one per line)")
-    model, tokenizer = explain.load(args.model_dir)
+    model, tokenizer = explain.load(args.model_dir, args.trust_remote_code)
     for row in explain.explain(model, tokenizer, texts, steps=args.steps):
         names = list(row["attributions"])
         probs = ", ".join(f"{n} {p:.3f}" for n, p in zip(names, row["probabilities"]))
@@ -273,7 +273,8 @@ def main(argv: list[str] | None = None) -> None:
     exp.add_argument("model_dir", help="a run's final/ folder (or any saved sequence classifier)")
     exp.add_argument("--text", action="append", help="a text to explain (repeatable)")
     exp.add_argument("--file", help="a file of texts, one per line")
-    exp.add_argument("--steps", type=int, default=32, help="integration steps (more: smaller delta, slower)")
+    exp.add_argument("--steps", type=int, default=16, help="integration steps (more: smaller delta, slower)")
+    exp.add_argument("--trust-remote-code", action="store_true", help="run the model folder's own Python code")
     exp.set_defaults(fn=_explain)
     conf = sub.add_parser("config", help="every config key with its type, default and meaning; or write a starter "
                           "YAML (--write)")
