@@ -6,7 +6,7 @@ from pathlib import Path
 
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerFast
 
-from llmkit import assets
+from llmkit import assets, fresh
 from llmkit.config import LoraConfig, ModelConfig
 from llmkit.errors import LlmkitError
 
@@ -28,7 +28,7 @@ def locate(name_or_path: str, what: str) -> str:
         if local.is_dir() and not (local / "config.json").is_file() and what == "model.name_or_path":
             raise LlmkitError(f"{what} '{name_or_path}' is a directory without config.json, so it is not a "
                               "transformers model folder")
-        return str(local)
+        return str(fresh.absolute(local))  # also handed to fresh processes (the export check)
     return path
 
 

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llmkit import elastic, launch, memory, model, rundir, trackers
+from llmkit import elastic, fresh, launch, memory, model, rundir, trackers
 from llmkit.config import Config
 from llmkit.data import lm, sources
 from llmkit.errors import LlmkitError
@@ -103,7 +103,8 @@ def check_output_dir(cfg: Config) -> tuple[Path, str]:
     """The output dir and what the run will do with it (new / overwrite / resume): never an unsafe folder, one
     another live run holds, or one that holds another run unless asked to overwrite or resume it."""
     check_output_dir_is_safe(cfg)
-    out = Path(cfg.output.output_dir).expanduser()
+    # absolute once, here: the run hands this folder to fresh processes that do not share its working directory
+    out = fresh.absolute(cfg.output.output_dir)
     rundir.check_free(out)  # first: a folder in use is not "another run's" to overwrite or resume
     return out, rundir.intent(cfg)
 

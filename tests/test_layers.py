@@ -15,7 +15,7 @@ PACKAGE = ROOT / "llmkit"
 # lowest first; a module belongs to the first entry that names it or a package above it
 LAYERS = [
     ("ground", ["llmkit", "llmkit.errors", "llmkit.faults", "llmkit.metrics", "llmkit.typed", "llmkit.config_checks",
-                "llmkit.config", "llmkit.assets"]),
+                "llmkit.config", "llmkit.assets", "llmkit.fresh"]),
     ("build", ["llmkit.model", "llmkit.generate", "llmkit.data"]),
     ("launch", ["llmkit.precision", "llmkit.launch", "llmkit.memory", "llmkit.rundir", "llmkit.elastic", "llmkit.trackers",
                 "llmkit.preflight"]),

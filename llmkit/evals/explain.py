@@ -12,17 +12,15 @@ is from that difference (the integral's error at this number of steps)."""
 from __future__ import annotations
 
 import json
-import os
 import random
-import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
 
 import torch
 
+from llmkit import fresh
 from llmkit.errors import LlmkitError
 
 STEPS = 16  # integration steps (Gauss-Legendre): delta stays below 1e-3 on MiniLM (bench/explain.py)
@@ -139,16 +137,10 @@ def summary(explained: list[dict]) -> dict[str, list[list]]:
 
 
 def for_run(run_dir: Path, split: str, count: int, seed: int, trust_remote_code: bool = False, log=print) -> dict:
-    """Explain `count` rows of a run's predictions on `split` with its exported model, in a fresh CPU process:
-    inside a training rank, transformers sees the run's ZeRO-3 config and would load the model partitioned
-    across ranks that are not taking part. Writes explanations.json."""
-    # no rank variables: the fresh process is nobody's rank
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
-           and not k.startswith("ACCELERATE_")}
-    with tempfile.TemporaryDirectory() as tmp:  # an empty working dir: nothing of the user's is imported
-        proc = subprocess.run([sys.executable, "-m", "llmkit.evals.explain", str(Path(run_dir).resolve()), split,
-                               str(count), str(seed), str(int(trust_remote_code))], capture_output=True, text=True,
-                              env={**env, "CUDA_VISIBLE_DEVICES": ""}, cwd=tmp)
+    """Explain `count` rows of a run's predictions on `split` with its exported model, in a fresh CPU process
+    (llmkit.fresh: not inside a training rank). Writes explanations.json."""
+    proc = fresh.run_python(["-m", "llmkit.evals.explain", str(fresh.absolute(run_dir)), split, str(count),
+                             str(seed), str(int(trust_remote_code))])
     if proc.returncode != 0:
         raise LlmkitError(f"explaining the report's rows failed (the export and predictions are in place; rerun "
                           f"with output.explain_rows: 0 to skip it):\n{proc.stderr[-2000:]}")

@@ -4,14 +4,12 @@ transformers / peft in a fresh interpreter reproduce the run's own logits on a p
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from llmkit import fresh
 from llmkit.errors import LlmkitError
 
 PROBE_FILE = "llmkit_probe.json"  # in final/: inputs and the run's own logits, to re-verify the export later
@@ -129,10 +127,7 @@ def _run_fresh(script: str, spec: dict, folder: Path) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "out.json"
         spec_path.write_text(json.dumps(spec))
-        # run in the empty temporary folder: `-c` puts the working directory first on sys.path, and a json.py
-        # or torch.py lying in the user's folder must not be imported in place of the real one
-        proc = subprocess.run([sys.executable, "-c", script, str(spec_path), str(out_path)], capture_output=True,
-                              text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, cwd=tmp)
+        proc = fresh.run_python(["-c", script, str(spec_path), str(out_path)], cwd=tmp)
         if proc.returncode != 0:
             raise LlmkitError(f"the export at {folder} does not reload with plain transformers/peft:\n"
                               f"{proc.stderr[-2000:]}")
@@ -155,6 +150,7 @@ def check_classifier(folder: Path, probe: dict) -> dict:
     """Reload `folder` with plain transformers in a fresh process; its logits on the probe must be the run's.
     A LoRA run (probe["lora"]): `folder`/adapter on its base too, which first writes the merged classifier into
     `folder` when that holds none; both must give the run's logits (a head re-initialised on reload would not)."""
+    folder = fresh.absolute(folder)  # the fresh process runs elsewhere
     spec = {**probe, "folder": str(folder)}
     if probe.get("lora"):
         spec.update(adapter=str(folder / "adapter"), merge=not (folder / "config.json").is_file())
@@ -195,6 +191,8 @@ def check_causal_lm(folder: Path, probe: dict, merged_out: Path | None = None) -
     run's dtype, within 4x the reload's own rounding error (its logits in that dtype against fp32) and at least 5%:
     a SmolLM2 label-word LoRA run (30 layers, 120 bf16 steps) measured 6.0% with a rounding error of 1.8%, where
     its untrained base is 20% away."""
+    folder = fresh.absolute(folder)  # the fresh process runs elsewhere
+    merged_out = fresh.absolute(merged_out) if merged_out is not None else None
     with tempfile.TemporaryDirectory() as scratch:
         dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(probe["precision"], "float32")
         spec = {"ids": probe["ids"], "dtype": dtype, "trust_remote_code": probe.get("trust_remote_code", False),
