@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH_CPU := torch==2.13.0
 
-.PHONY: demo test setup assets lint clean browser soak
+.PHONY: demo test test-fast setup assets lint clean browser soak
 
 # headless Chromium + chromedriver for the report's browser test (Debian/Ubuntu; needs root or sudo)
 browser:
@@ -36,7 +36,11 @@ demo: assets
 	@echo "demo done: the evaluation report is outputs/sentiment_minilm_polarity/report.html"
 
 test: assets browser
-	$(BIN)/python -m pytest -v --durations=15 tests
+	$(BIN)/python -m pytest -v --durations=25 tests
+
+# the edit loop: every test that starts no process and loads no real asset (a few minutes)
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow" --durations=10 tests
 
 # not part of `make test`: ~2,000 steps of a 2-rank ZeRO-3 run, watched for memory, fd and disk growth
 soak: setup

@@ -3,10 +3,12 @@ The helpers the tests import are in helpers.py."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import helpers
 import pytest
-from helpers import build_tiny_bert, build_tiny_data, build_tiny_lm
+from helpers import build_tiny_bert, build_tiny_data, build_tiny_lm, check_ok, launch, write_config
 
 
 @pytest.fixture(scope="session")
@@ -50,3 +52,39 @@ def cpu_adam():
 def tiny_lm(tmp_path_factory):
     """A tiny Llama with a word-level tokenizer and a ChatML template, plus prompt/response data."""
     return build_tiny_lm(tmp_path_factory.mktemp("tiny_lm"))
+
+
+def pytest_terminal_summary(terminalreporter):
+    """How many `accelerate launch` runs the session made: the suite's main cost, watched across changes."""
+    if helpers.LAUNCHES:
+        by_script = {s: helpers.LAUNCHES.count(s) for s in sorted(set(helpers.LAUNCHES))}
+        terminalreporter.write_line(f"accelerate launch runs: {len(helpers.LAUNCHES)} ({by_script})")
+
+
+ZERO_RUN_ROWS = 80  # of the 96 training rows: 2 epochs are 10 steps of 8 x 2 ranks (or 4 x 2 ranks x accumulation 2)
+ZERO_RUN_STEPS = 10
+
+
+@pytest.fixture(scope="session")
+def zero_runs(tmp_path_factory, tiny_bert_no_dropout, tiny_data):
+    """One 2-epoch fp32 classification run per ZeRO stage (batch 8 x 2 ranks), plus ZeRO-2 with batch 4 x
+    accumulation 2: made once, read by the equivalence, export and DeepSpeed-path tests. No dropout: the
+    comparisons are about the sharded arithmetic, not random masks. The ZeRO-3 run also explains its report's rows
+    (a fresh process: inside a ZeRO-3 rank the model would load partitioned, and that hung once)."""
+    root = tmp_path_factory.mktemp("zero_runs")
+    variants = {f"zero{s}": (f"cpu_zero{s}.yaml", 8, 1) for s in range(4)}
+    variants["zero2_accumulate"] = ("cpu_zero2.yaml", 4, 2)
+    out = {}
+    for name, (accelerate_config, batch, accumulation) in variants.items():
+        run_dir = root / name
+        cfg = write_config(root / f"{name}.yaml", tiny_bert_no_dropout, tiny_data, run_dir, epochs=2,
+                           logging_steps=1, per_device_batch_size=batch, gradient_accumulation_steps=accumulation,
+                           learning_rate=2e-3, warmup_ratio=0.1, explain_rows=8 if name == "zero3" else 0)
+        proc = launch("recipes/classification.py", ["--config", str(cfg), "--data.group_by_length", "false",
+                                                    "--data.max_train_samples", str(ZERO_RUN_ROWS)], accelerate_config)
+        check_ok(proc)
+        scalars = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        out[name] = {"dir": run_dir, "log": proc.stdout + proc.stderr, "batch": batch, "accumulation": accumulation,
+                     "losses": [s["train/loss"] for s in scalars if "train/loss" in s],
+                     "metrics": json.loads((run_dir / "metrics.json").read_text())}
+    return out

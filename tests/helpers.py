@@ -80,8 +80,8 @@ def write_lm_config(path: Path, tiny_lm: Path, output: Path, lora: bool, **train
     return path
 
 
-def write_config(path: Path, model: Path, data: Path, output: Path, **train) -> Path:
-    """A recipe YAML for the tiny model and data."""
+def write_config(path: Path, model: Path, data: Path, output: Path, explain_rows: int = 0, **train) -> Path:
+    """A recipe YAML for the tiny model and data; no explanations unless asked (each costs a fresh process)."""
     import yaml
 
     cfg = {
@@ -89,7 +89,7 @@ def write_config(path: Path, model: Path, data: Path, output: Path, **train) -> 
         "data": {"dataset": str(data), "max_length": 32},
         "train": {"epochs": 1, "per_device_batch_size": 8, "eval_batch_size": 4, "learning_rate": 1e-3,
                   "warmup_ratio": 0.0, "logging_steps": 2, "precision": "fp32", **train},
-        "output": {"output_dir": str(output)},
+        "output": {"output_dir": str(output), "explain_rows": explain_rows},
     }
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -122,6 +122,9 @@ def build_tiny_lm(root: Path) -> Path:
     return root
 
 
+LAUNCHES: list[str] = []  # every `accelerate launch` command this session built (the summary counts them)
+
+
 def launch_command(script: str, args: list[str], accelerate_config: str | None = "cpu_zero2.yaml",
                    num_processes: int | None = None, launcher_args: list[str] = ()) -> list[str]:
     """The `accelerate launch` command line for a script of this repo."""
@@ -130,6 +133,7 @@ def launch_command(script: str, args: list[str], accelerate_config: str | None =
         cmd += ["--config_file", str(ROOT / "accelerate_configs" / accelerate_config)]
     if num_processes is not None:
         cmd += ["--num_processes", str(num_processes)]
+    LAUNCHES.append(script)
     return [*cmd, *launcher_args, str(ROOT / script), *args]
 
 

@@ -33,8 +33,6 @@ def _check_export(out, stage: int, offload: str | None = None) -> dict:
 @pytest.mark.parametrize(
     ("name", "accelerate_config", "ds_file", "stage", "offload", "extra"),
     [
-        ("zero0", "cpu_zero0.yaml", None, 0, None, {}),
-        ("zero1", "cpu_zero1.yaml", None, 1, None, {}),
         ("zero2_offload", "cpu_zero2.yaml", "ds_configs/zero2_offload.json", 2, "optimizer", {}),
         ("zero3_offload", "cpu_zero3.yaml", "ds_configs/zero3_offload.json", 3, "both", {}),
         ("zero2_bf16_checkpointing", "cpu_zero2.yaml", None, 2, None,
@@ -62,6 +60,16 @@ def test_zero_paths_train_and_export(request, tmp_path, tiny_bert, tiny_data, na
     assert f"ZeRO-{stage}, 2 device(s), {precision}" in log  # the memory estimate is logged at start
     metrics = _check_export(out, stage, offload)
     assert metrics["train"]["precision"] == precision
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_plain_zero_stages_train_and_export(zero_runs, stage):
+    """ZeRO 0-3 without offload: the shared runs of conftest.zero_runs."""
+    log = zero_runs[f"zero{stage}"]["log"]
+    assert f"precision fp32 (set in the config), DeepSpeed ZeRO-{stage}" in log
+    assert f"ZeRO-{stage}, 2 device(s), fp32" in log  # the memory estimate is logged at start
+    metrics = _check_export(zero_runs[f"zero{stage}"]["dir"], stage)
+    assert metrics["train"]["precision"] == "fp32"
 
 
 def test_fp16_is_refused_on_cpu_before_training(tmp_path, tiny_bert, tiny_data):

@@ -2,41 +2,20 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
-from helpers import check_ok, launch, write_config
+from conftest import ZERO_RUN_STEPS
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
 
-STEPS = 10
+STEPS = ZERO_RUN_STEPS
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, tiny_bert_no_dropout, tiny_data):
-    """One 10-step fp32 run per ZeRO stage (batch 8 x 2 ranks), plus ZeRO-2 with batch 4 x accumulation 2."""
-    root = tmp_path_factory.mktemp("equivalence")
-    # no dropout: the comparison is about the sharded arithmetic, not about random masks
-    model_dir = tiny_bert_no_dropout
-    variants = {f"zero{s}": (f"cpu_zero{s}.yaml", 8, 1) for s in range(4)}
-    variants["zero2_accumulate"] = ("cpu_zero2.yaml", 4, 2)
-    out = {}
-    for name, (accelerate_config, batch, accumulation) in variants.items():
-        run_dir = root / name
-        cfg = write_config(root / f"{name}.yaml", model_dir, tiny_data, run_dir, max_steps=STEPS, logging_steps=1,
-                           per_device_batch_size=batch, gradient_accumulation_steps=accumulation,
-                           learning_rate=2e-3, warmup_ratio=0.1)
-        proc = launch("recipes/classification.py", ["--config", str(cfg), "--data.group_by_length", "false"],
-                      accelerate_config)
-        check_ok(proc)
-        scalars = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        out[name] = {
-            "losses": [s["train/loss"] for s in scalars if "train/loss" in s],
-            "weights": load_file(run_dir / "final" / "model.safetensors"),
-            "metrics": json.loads((run_dir / "metrics.json").read_text()),
-        }
-    return out
+def runs(zero_runs):
+    """The shared ZeRO 0-3 runs (conftest.zero_runs) with their exported weights."""
+    return {name: {**run, "weights": load_file(run["dir"] / "final" / "model.safetensors")}
+            for name, run in zero_runs.items()}
 
 
 def _close_losses(a, b, rel=1e-5):

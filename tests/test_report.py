@@ -28,7 +28,7 @@ def tiny_run(tmp_path_factory, tiny_bert, tiny_data):
     """A real 2-rank ZeRO-2 classification run; the recipe writes its report at the end."""
     root = tmp_path_factory.mktemp("report_run")
     out = root / "run"
-    cfg = write_config(root / "c.yaml", tiny_bert, tiny_data, out, epochs=3, eval_every_steps=3)
+    cfg = write_config(root / "c.yaml", tiny_bert, tiny_data, out, explain_rows=8, epochs=3, eval_every_steps=3)
     proc = launch("recipes/classification.py", ["--config", str(cfg)], "cpu_zero2.yaml")
     check_ok(proc)
     assert f"report: {out / 'report.html'}" in proc.stdout + proc.stderr
