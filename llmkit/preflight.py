@@ -4,6 +4,7 @@ a recipe loads next), and stops. Each check raises LlmkitError naming what is wr
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from collections.abc import Callable
@@ -231,6 +232,12 @@ def check(cfg: Config, world_size: int, recipe: str | None = None,
             raise LlmkitError(f"the checkpoint was written under ZeRO-{plan_elastic.zero_stage}; this launch uses "
                               f"ZeRO-{stage or 0}: resume with the checkpoint's stage (its accelerate config)")
         ds = elastic.universal_config(ds)
+    if cfg.checkpoint.resume_from:  # the checkpoint's run, as far as the config tells: before any model or data
+        recorded = json.loads((resume / rundir.MANIFEST).read_text())["fingerprint"]
+        want = rundir.fingerprint(cfg, world_size, stage, precision)
+        want.pop("data")  # its rows are read later; the resume compares them then
+        rundir.refuse_other_run(resume, recorded, want, elastic=plan_elastic is not None)
+        passed("resume: the same run as the checkpoint (model, split of the work, precision, optimizer)")
     passed(f"launch: {world_size} process(es), " + (f"DeepSpeed ZeRO-{stage}, no 'auto' left" if ds else
                                                      "no DeepSpeed"))
     causal = recipe == "causal_lm"

@@ -241,6 +241,58 @@ def verify_checkpoint(path: Path) -> dict:
     return manifest
 
 
+OPTIMIZER_KEYS = ("learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "lr_scheduler",
+                  "warmup_ratio", "max_grad_norm")
+
+
+def fingerprint(cfg: Config, world_size: int, zero_stage: int | None, precision: str,
+                data_identity: dict | None = None) -> dict:
+    """What a resumed run must share with the checkpoint for the continuation to be the same training run: the
+    model, the data's content and labels (known once the data is tokenized; until then its source), how the work
+    is split and computed, and the optimizer's hyperparameters (the saved optimizer and LR schedule continue)."""
+    t = cfg.train
+    return {
+        "model": cfg.model.name_or_path, "data": data_identity or {"dataset": cfg.data.dataset or cfg.data.data_files},
+        "world_size": world_size, "zero_stage": zero_stage, "precision": precision,
+        "per_device_batch_size": t.per_device_batch_size,
+        "gradient_accumulation_steps": t.gradient_accumulation_steps, "seed": t.seed,
+        "group_by_length": cfg.data.group_by_length, "max_length": cfg.data.max_length,
+        "optimizer": {key: getattr(t, key) for key in OPTIMIZER_KEYS},
+    }
+
+
+def refuse_other_run(path: Path, recorded: dict, want: dict, elastic: bool = False) -> None:
+    """A clear error when this launch (`want`, a fingerprint) is not the run checkpoint `path` recorded. Preflight
+    asks before any process group without "data" (the rows are not read yet); the resume asks again with it.
+    `elastic`: another split of the global batch was agreed (llmkit.elastic.decide)."""
+    unrecorded = [k for k in want if k not in recorded]
+    if unrecorded:
+        raise LlmkitError(f"checkpoint {path} was written by an older llmkit: its manifest does not record "
+                          f"{', '.join(unrecorded)}, which a resume must match. Finish that run with the llmkit that "
+                          "wrote it, or start a new run from its export.")
+    diff = {k: (recorded.get(k), v) for k, v in want.items() if recorded.get(k) != v}
+    if elastic:
+        diff.pop("world_size", None)
+        diff.pop("gradient_accumulation_steps", None)
+    if "optimizer" in diff and len(diff) == 1:
+        old, new = (d or {} for d in diff["optimizer"])
+        changed = ", ".join(f"train.{k}: checkpoint {old.get(k)!r} vs now {new.get(k)!r}" for k in OPTIMIZER_KEYS
+                            if old.get(k) != new.get(k))
+        raise LlmkitError(f"checkpoint {path} was trained with other optimizer settings ({changed}). Resuming "
+                          "restores the saved optimizer and LR schedule, so the new values would not take effect: "
+                          "resume with the checkpoint's values, or start a new run from its export (final/).")
+    if "data" in diff:
+        old, new = diff.pop("data")
+        what = [k for k in sorted({*(old or {}), *(new or {})}) if (old or {}).get(k) != (new or {}).get(k)]
+        raise LlmkitError(f"checkpoint {path} was trained on other data ({', '.join(what)} changed): a resumed "
+                          "run must see the same rows and labels, in the same order. Resume with the data it was "
+                          "trained on, or start a new output_dir.")
+    if diff:
+        lines = ", ".join(f"{k}: checkpoint {old!r} vs now {new!r}" for k, (old, new) in diff.items())
+        raise LlmkitError(f"checkpoint {path} belongs to a different run ({lines}). Resume with the same settings, "
+                          "or start a new output_dir.")
+
+
 def resolve_checkpoint(output_dir: Path, resume_from: str) -> Path:
     """`latest` or a path -> a verified checkpoint folder; with `latest`, falls back to the newest good one."""
     root = output_dir / "checkpoints"

@@ -88,3 +88,17 @@ def zero_runs(tmp_path_factory, tiny_bert_no_dropout, tiny_data):
                      "losses": [s["train/loss"] for s in scalars if "train/loss" in s],
                      "metrics": json.loads((run_dir / "metrics.json").read_text())}
     return out
+
+
+@pytest.fixture(autouse=True)
+def _fast_tests_start_no_process(request, monkeypatch):
+    """A test that starts a process is slow by definition: outside the `slow` mark, starting one fails the test
+    and names the mark, so `make test-fast` stays fast as tests are added."""
+    if request.node.get_closest_marker("slow") is None:
+        import subprocess
+
+        def refuse(*args, **kwargs):
+            raise AssertionError(f"{request.node.nodeid} starts a process ({args[1] if len(args) > 1 else args}): "
+                                 "mark it @pytest.mark.slow")
+
+        monkeypatch.setattr(subprocess.Popen, "__init__", refuse)

@@ -133,6 +133,8 @@ def launch_command(script: str, args: list[str], accelerate_config: str | None =
         cmd += ["--config_file", str(ROOT / "accelerate_configs" / accelerate_config)]
     if num_processes is not None:
         cmd += ["--num_processes", str(num_processes)]
+    if "--main_process_port" not in launcher_args:  # no fixed port: another job on the machine may hold it
+        cmd += ["--main_process_port", str(free_ports(1)[0])]
     LAUNCHES.append(script)
     return [*cmd, *launcher_args, str(ROOT / script), *args]
 
@@ -150,3 +152,17 @@ def launch(script: str, args: list[str], accelerate_config: str | None = "cpu_ze
 
 def check_ok(proc: subprocess.CompletedProcess) -> None:
     assert proc.returncode == 0, f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}"
+
+
+def free_ports(n: int) -> list[int]:
+    """`n` distinct TCP ports free on 127.0.0.1 now (all held open together while picked, so none repeats)."""
+    import socket
+
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()

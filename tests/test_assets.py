@@ -24,6 +24,7 @@ def test_split_rules_on_made_up_lines():
             assert r["label"] == int(r["rating"] > 0)
 
 
+@pytest.mark.slow
 def test_installed_polarity_split_is_the_standard_one():
     root = assets.resolve("asset:polarity")
     sizes, labels = {}, {}
@@ -36,6 +37,7 @@ def test_installed_polarity_split_is_the_standard_one():
     assert all(0.45 < labels[s] / sizes[s] < 0.55 for s in sizes)
 
 
+@pytest.mark.slow
 def test_installed_minilm_is_a_transformers_model():
     from transformers import AutoConfig, AutoTokenizer
 
@@ -59,18 +61,21 @@ def test_unknown_or_missing_asset(tmp_path, monkeypatch):
         assets.resolve("asset:minilm")
 
 
+@pytest.mark.slow
 def test_changed_file_is_refused(tmp_path):
     wrong = dataclasses.replace(assets.VADER, sha256="0" * 64)
     with pytest.raises(LlmkitError, match="has sha256 5d7c06e0.*expected 0000"):
         assets.fetch(wrong, tmp_path)
 
 
+@pytest.mark.slow
 def test_download_failure_is_clear(tmp_path):
     missing = dataclasses.replace(assets.VADER, version="0.0.0.99")
     with pytest.raises(LlmkitError, match=r"could not download vadersentiment==0.0.0.99 from the package registry"):
         assets.fetch(missing, tmp_path)
 
 
+@pytest.mark.slow
 def test_installed_smollm2_is_a_plain_causal_lm_with_the_gguf_perplexity(tmp_path):
     import torch
     import yaml

@@ -24,6 +24,7 @@ def _validate(cfg: Path, *extra: str) -> subprocess.CompletedProcess:
                           text=True, env=LAUNCH_ENV, timeout=300, cwd=ROOT)
 
 
+@pytest.mark.slow
 def test_validate_passes_a_good_config_and_lists_every_check(tmp_path, tiny_bert, tiny_data):
     cfg = write_config(tmp_path / "c.yaml", tiny_bert, tiny_data, tmp_path / "out")
     proc = _validate(cfg, "--accelerate-config", str(ROOT / "accelerate_configs/cpu_zero3.yaml"),
@@ -42,7 +43,8 @@ def battery_assets(tiny_bert, tiny_data, tiny_lm) -> dict:
     return {"bert": tiny_bert, "data": tiny_data, "lm": tiny_lm}
 
 
-@pytest.mark.parametrize("case", bad_inputs.CASES, ids=[f"{c.kind}: {c.name}" for c in bad_inputs.CASES])
+@pytest.mark.parametrize("case", [pytest.param(c, marks=[pytest.mark.slow] if c.fresh else [])
+                                  for c in bad_inputs.CASES], ids=[f"{c.kind}: {c.name}" for c in bad_inputs.CASES])
 def test_battery_one_clear_line_exit_2_nothing_changed(tmp_path, battery_assets, case):
     """Each bad input of tests/bad_inputs.py: exit 2, one `llmkit: error:` line naming it, no traceback, no file
     changed; each legitimate one (BOM, CRLF, brackets in a path) passes. bench/bad_inputs.py prints the count."""
@@ -55,6 +57,7 @@ UNDER_LAUNCH = [("--deepspeed.config_file={ds}", "'bf16' in DeepSpeed config"),
                 ("--data.text_column=sentence", "split 'train' has no column 'sentence'")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("arg", "message"), UNDER_LAUNCH, ids=["deepspeed-json", "data"])
 def test_llmkit_launch_user_error_is_one_line_and_exit_2(tmp_path, tiny_bert, tiny_data, arg, message):
     """`llmkit launch` is `accelerate launch` whose user errors end as exit 2 and the one llmkit line, with no
@@ -75,6 +78,7 @@ def test_llmkit_launch_user_error_is_one_line_and_exit_2(tmp_path, tiny_bert, ti
         assert intent(load_config(cfg)) == "new"
 
 
+@pytest.mark.slow
 def test_accelerate_launch_summary_names_the_llmkit_line(tmp_path, tiny_bert, tiny_data):
     """Under plain `accelerate launch` the launcher always re-raises a child failure (its own traceback, exit 1);
     the root cause in its failure summary is the llmkit line, with the child's exit code 2."""
@@ -90,6 +94,7 @@ def test_accelerate_launch_summary_names_the_llmkit_line(tmp_path, tiny_bert, ti
     assert "[rank1]" not in proc.stderr  # the other rank did not die in a barrier
 
 
+@pytest.mark.slow
 def test_a_bug_still_shows_its_traceback(tmp_path):
     # not a user error: an internal failure must not be hidden behind a one-line message
     code = "from llmkit.cli import guarded\nguarded(lambda: 1 / 0)"
@@ -125,6 +130,7 @@ def _faulty_run(tmp_path, tiny_bert, tiny_data, stage: int, fault: str, **train)
     return out, cfg, proc
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, tiny_bert, tiny_data):
     out, _, proc = _faulty_run(tmp_path, tiny_bert, tiny_data, 2, "nan@3:1", logging_steps=10)
     assert ("llmkit: error: the training loss became NaN/inf at step 3: training diverged. The last good "
@@ -136,6 +142,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
     assert not (out / "final").exists()
 
 
+@pytest.mark.slow
 def test_write_error_while_saving_keeps_the_previous_checkpoint(tmp_path, tiny_bert, tiny_data):
     out, cfg, proc = _faulty_run(tmp_path, tiny_bert, tiny_data, 3, "oserror_in_save@4:1")
     assert ("llmkit: error: writing checkpoint step-4 failed on 1 rank(s); nothing was replaced: the previous "
@@ -162,6 +169,7 @@ def test_security_rules_of_the_code_base():
     assert "safe_serialization=False" not in export
 
 
+@pytest.mark.slow
 def test_a_broken_training_row_is_named_even_on_another_rank(tmp_path, tiny_bert, tiny_data):
     # the length-grouped sampler deals row 5 to some rank in the first steps; only that rank fails
     out, _, proc = _faulty_run(tmp_path, tiny_bert, tiny_data, 2, "row@5:1")
@@ -171,12 +179,13 @@ def test_a_broken_training_row_is_named_even_on_another_rank(tmp_path, tiny_bert
     assert not (out / "final").exists()
 
 
+@pytest.mark.slow
 def test_a_rank_killed_mid_step_ends_the_job_and_keeps_the_checkpoint(tmp_path, tiny_bert, tiny_data):
-    import time
-
+    # the launcher and the surviving rank notice and stop: the run ends (no hang until the launch's timeout) and
+    # the launcher's summary names the killed rank as the root cause
     out, cfg, proc = _faulty_run(tmp_path, tiny_bert, tiny_data, 2, "kill@5:1")
-    after_kill = time.time() - float((tmp_path / "fault_time").read_text())
-    assert after_kill < 60, after_kill  # the surviving rank and the launcher notice and stop
+    root = proc.stderr.split("Root Cause (first observed failure):")[-1]
+    assert "rank      : 1 (local_rank: 1)" in root and "Signal 9 (SIGKILL)" in root, proc.stderr[-3000:]
     checkpoints = out / "checkpoints"
     assert (checkpoints / "latest").read_text().strip() == "step-4"
     from llmkit import rundir
@@ -189,6 +198,7 @@ REMOTE_MODEL = ("from transformers import BertForSequenceClassification\n\nfrom 
                 "class TinyForSequenceClassification(BertForSequenceClassification):\n    config_class = TinyConfig\n")
 
 
+@pytest.mark.slow
 def test_a_trust_remote_code_model_trains_exports_and_evaluates(tmp_path, tiny_bert, tiny_data):
     """A model whose code lives in its folder (auto_map): the flag reaches the export's reload check and
     `llmkit eval` of the export, not only the training."""

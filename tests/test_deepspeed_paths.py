@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 
 import pytest
 import torch
-from helpers import LAUNCH_ENV, ROOT, check_ok, launch, launch_command, write_config
+from helpers import LAUNCH_ENV, ROOT, check_ok, free_ports, launch, launch_command, write_config
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
@@ -92,17 +91,11 @@ def test_json_and_llmkit_config_disagree_under_launch(tmp_path, tiny_bert, tiny_
     assert "4 from train.gradient_accumulation_steps in the llmkit config" in proc.stderr
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_nodes_simulated_on_loopback_zero3(tmp_path, tiny_bert, tiny_data):
     """Two `accelerate launch` processes as two machines (one rank each) on 127.0.0.1, multi-node ZeRO-3 template."""
     out = tmp_path / "run"
     cfg = write_config(tmp_path / "c.yaml", tiny_bert, tiny_data, out, num_threads=1)
-    port = str(_free_port())
+    port = str(free_ports(1)[0])
     procs = []
     for rank in (0, 1):
         cmd = launch_command("recipes/classification.py", ["--config", str(cfg)], "multinode_zero3.yaml",

@@ -27,6 +27,7 @@ def _lm_data(root):
 
 
 # both architectures under both stages (each run costs ~28 s on 2 CPU cores); the ZeRO-2 runs weigh classes
+@pytest.mark.slow
 @pytest.mark.parametrize(("arch", "stage"), [("llama", 3), ("bert", 2), ("llama", 2), ("bert", 3)])
 def test_lora_classifier_exports_adapter_with_its_head(tmp_path, tiny_lm, tiny_bert, tiny_data, arch, stage):
     from peft import PeftModel

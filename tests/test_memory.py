@@ -120,6 +120,7 @@ def test_count_parameters_matches_the_model(tiny_bert):
     assert (memory.parameters_of(model), memory.largest_of(model)) == (want, largest)
 
 
+@pytest.mark.slow
 def test_estimate_memory_command(tiny_bert):
     out = subprocess.run([sys.executable, "-m", "llmkit.cli", "estimate-memory", "--model", str(tiny_bert),
                           "--zero-stage", "2", "--num-gpus", "4"], capture_output=True, text=True, timeout=120)

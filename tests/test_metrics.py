@@ -37,6 +37,7 @@ def test_averages_and_degenerate_cases():
     assert load("precision").compute(predictions=[0, 0], references=[1, 0])["precision"] == 0.0
 
 
+@pytest.mark.slow
 def test_modules_load_offline_in_a_fresh_process():
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_ENDPOINT": "http://127.0.0.1:9"}
     code = ("from llmkit.metrics import load, NAMES\n"

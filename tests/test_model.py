@@ -43,6 +43,7 @@ def test_bad_model_paths(tmp_path):
         model.load_classifier(ModelConfig(name_or_path=str(tmp_path / "empty")), ["a", "b"])
 
 
+@pytest.mark.slow
 def test_hub_ids_fail_clearly_offline():
     # a fresh process: the Hub libraries read HF_HUB_OFFLINE once, at import
     code = textwrap.dedent("""

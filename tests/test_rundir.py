@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -14,9 +15,10 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import LAUNCH_ENV, ROOT, check_ok, launch, launch_command, write_config
+from helpers import LAUNCH_ENV, ROOT, check_ok, free_ports, launch, launch_command, write_config
 
 from llmkit import rundir
+from llmkit.commands.validate import validate
 from llmkit.config import load_config
 from llmkit.errors import LlmkitError
 from llmkit.ship import hub
@@ -87,6 +89,7 @@ if len(sys.argv) > 2:
 """
 
 
+@pytest.mark.slow
 def test_one_run_at_a_time_and_a_stale_lock_is_taken_over(tmp_path):
     out = tmp_path / "run"
     holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out), "60"], stdout=subprocess.PIPE, text=True)
@@ -149,7 +152,7 @@ def test_two_launches_on_one_output_dir_one_is_refused(tmp_path, tiny_bert, tiny
     out = tmp_path / "run"
     cfg = write_config(tmp_path / "c.yaml", tiny_bert, tiny_data, out)
     procs = []
-    for port in (29611, 29612):
+    for port in free_ports(2):
         cmd = launch_command("recipes/classification.py", ["--config", str(cfg), "--train.max_steps", "12"],
                              launcher_args=["--main_process_port", str(port)])
         procs.append(subprocess.Popen(cmd, cwd=ROOT, env=LAUNCH_ENV, stdout=subprocess.PIPE,
@@ -225,17 +228,22 @@ def test_resume_after_each_kind_of_change_is_refused_and_the_same_data_elsewhere
     rows[5] = json.dumps({"text": "an entirely different sentence", "label": "pos"})
     (changed / "train.jsonl").write_text("\n".join(rows) + "\n")
     resume = ["--config", str(cfg), "--train.max_steps", "4", "--checkpoint.resume_from", "latest"]
-    cases = [
-        (["--data.dataset", str(changed)], "cpu_zero2.yaml", "was trained on other data (train changed)"),
-        (["--data.label_names", "[pos, neg]"], "cpu_zero2.yaml", "was trained on other data (labels, train changed)"),
+    records = {name: (out / name).read_text() for name in ("training_config.yaml", "run_info.json", "ds_config.json")}
+    # what the config tells is refused before any process group, so `llmkit validate` says it too
+    for extra, accelerate_config, message in [
         ([], "cpu_zero3.yaml", "(zero_stage: checkpoint 2 vs now 3)"),
         (["--train.precision", "bf16"], "cpu_zero2.yaml", "(precision: checkpoint 'fp32' vs now 'bf16')"),
         (["--train.learning_rate", "0.005"], "cpu_zero2.yaml",
          "other optimizer settings (train.learning_rate: checkpoint 0.001 vs now 0.005)"),
-    ]
-    records = {name: (out / name).read_text() for name in ("training_config.yaml", "run_info.json", "ds_config.json")}
-    for extra, accelerate_config, message in cases:
-        proc = launch("recipes/classification.py", resume + extra, accelerate_config)
+    ]:
+        with pytest.raises(LlmkitError, match=re.escape(message)):
+            validate(str(cfg), ["--train.max_steps", "4", "--checkpoint.resume_from", "latest", *extra],
+                     str(ROOT / "accelerate_configs" / accelerate_config), log=lambda line: None)
+    # the rows are known once read: refused by the launched run, before its first step
+    for extra, message in [(["--data.dataset", str(changed)], "was trained on other data (train changed)"),
+                           (["--data.label_names", "[pos, neg]"], "was trained on other data (labels, train changed)"),
+                           (["--train.precision", "bf16"], "(precision: checkpoint 'fp32' vs now 'bf16')")]:
+        proc = launch("recipes/classification.py", resume + extra)
         assert proc.returncode != 0 and message in proc.stderr, (extra, proc.stderr[-3000:])
     # a refused resume wrote nothing: the records still describe the run the checkpoint belongs to
     assert {name: (out / name).read_text() for name in records} == records

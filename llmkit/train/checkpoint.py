@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llmkit import elastic, faults
+from llmkit import elastic, faults, rundir
 from llmkit.errors import LlmkitError
 from llmkit.rundir import MANIFEST, checkpoint_steps, fsync_dir, verify_checkpoint, write_durably, write_manifest
 
@@ -37,24 +37,10 @@ class TrainerState:
     history: list[dict] = field(default_factory=list)
 
 
-OPTIMIZER_KEYS = ("learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "lr_scheduler",
-                  "warmup_ratio", "max_grad_norm")
-
-
 def fingerprint(run) -> dict:
-    """What a resumed run must share with the checkpoint for the continuation to be the same training run: the
-    model, the data's content and labels (`run.data_identity`, set by the recipe), how the work is split and
-    computed, and the optimizer's hyperparameters (the saved optimizer and LR schedule continue as they were)."""
-    cfg, t = run.cfg, run.cfg.train
-    return {
-        "model": cfg.model.name_or_path, "data": getattr(run, "data_identity", None)
-        or {"dataset": cfg.data.dataset or cfg.data.data_files},
-        "world_size": run.accelerator.num_processes, "zero_stage": run.zero_stage, "precision": run.precision,
-        "per_device_batch_size": t.per_device_batch_size,
-        "gradient_accumulation_steps": t.gradient_accumulation_steps, "seed": t.seed,
-        "group_by_length": cfg.data.group_by_length, "max_length": cfg.data.max_length,
-        "optimizer": {key: getattr(t, key) for key in OPTIMIZER_KEYS},
-    }
+    """This run's fingerprint (rundir.fingerprint), with the data it trains on (`run.data_identity`)."""
+    return rundir.fingerprint(run.cfg, run.accelerator.num_processes, run.zero_stage, run.precision,
+                              getattr(run, "data_identity", None))
 
 
 def _rng_state() -> dict:
@@ -180,33 +166,7 @@ def load(run, path: Path, optimizer) -> tuple[TrainerState, dict]:
     torch's RNG, and the uninterrupted run drew that number before the checkpoint, not after."""
     acc = run.accelerator
     manifest = verify_checkpoint(path)
-    want = fingerprint(run)
-    unrecorded = [k for k in want if k not in manifest["fingerprint"]]
-    if unrecorded:
-        raise LlmkitError(f"checkpoint {path} was written by an older llmkit: its manifest does not record "
-                          f"{', '.join(unrecorded)}, which a resume must match. Finish that run with the llmkit that "
-                          "wrote it, or start a new run from its export.")
-    diff = {k: (manifest["fingerprint"].get(k), v) for k, v in want.items() if manifest["fingerprint"].get(k) != v}
-    if run.elastic is not None:  # another split of the global batch, or a new one (llmkit.elastic.decide)
-        diff.pop("world_size", None)
-        diff.pop("gradient_accumulation_steps", None)
-    if "optimizer" in diff and len(diff) == 1:
-        old, new = (d or {} for d in diff["optimizer"])
-        changed = ", ".join(f"train.{k}: checkpoint {old.get(k)!r} vs now {new.get(k)!r}" for k in OPTIMIZER_KEYS
-                            if old.get(k) != new.get(k))
-        raise LlmkitError(f"checkpoint {path} was trained with other optimizer settings ({changed}). Resuming "
-                          "restores the saved optimizer and LR schedule, so the new values would not take effect: "
-                          "resume with the checkpoint's values, or start a new run from its export (final/).")
-    if "data" in diff:
-        old, new = diff.pop("data")
-        what = [k for k in sorted({*(old or {}), *(new or {})}) if (old or {}).get(k) != (new or {}).get(k)]
-        raise LlmkitError(f"checkpoint {path} was trained on other data ({', '.join(what)} changed): a resumed "
-                          "run must see the same rows and labels, in the same order. Resume with the data it was "
-                          "trained on, or start a new output_dir.")
-    if diff:
-        lines = ", ".join(f"{k}: checkpoint {old!r} vs now {new!r}" for k, (old, new) in diff.items())
-        raise LlmkitError(f"checkpoint {path} belongs to a different run ({lines}). Resume with the same settings, "
-                          "or start a new output_dir.")
+    rundir.refuse_other_run(path, manifest["fingerprint"], fingerprint(run), elastic=run.elastic is not None)
     check_pickles(path)
     state = TrainerState(**json.loads((path / STATE).read_text()))
     if run.elastic is None:
