@@ -166,3 +166,42 @@ def free_ports(n: int) -> list[int]:
     finally:
         for sock in socks:
             sock.close()
+
+
+def fake_run(out: Path) -> Path:
+    """A folder as an earlier llmkit run leaves it, plus a file of the user's."""
+    from llmkit import rundir
+
+    (out / "checkpoints" / "step-4").mkdir(parents=True)
+    (out / "final").mkdir()
+    (out / "final" / "config.json").write_text(json.dumps({"architectures": ["BertForSequenceClassification"]}))
+    for name in (rundir.MARKER, "metrics.jsonl", "predictions_test.jsonl", "training_config.yaml", "run_info.json"):
+        (out / name).write_text("{}\n")
+    (out / "notes.txt").write_text("mine")
+    return out
+
+
+def faulty_run(tmp_path: Path, model: Path, data: Path, stage: int, fault: str, **train):
+    """A 2-rank run saving every 2 steps, with LLMKIT_FAULT injected (llmkit.faults); it must fail. The time the
+    fault fired is written to tmp_path/fault_time."""
+    import yaml
+
+    out = tmp_path / "run"
+    cfg = write_config(tmp_path / "c.yaml", model, data, out, epochs=2, **train)
+    raw = yaml.safe_load(cfg.read_text())
+    raw["checkpoint"] = {"save_every_steps": 2}
+    cfg.write_text(yaml.safe_dump(raw))
+    proc = launch("recipes/classification.py", ["--config", str(cfg)], f"cpu_zero{stage}.yaml",
+                  env={"LLMKIT_FAULT": fault, "LLMKIT_FAULT_STAMP": str(tmp_path / "fault_time")})
+    assert proc.returncode != 0
+    return out, cfg, proc
+
+
+def losses_of(run_dir: Path) -> dict[int, float]:
+    """step -> train loss, from a run's metrics.jsonl."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]

@@ -5,6 +5,7 @@ for start-up time), and no module is over 400 lines. The layer order is declared
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -148,3 +149,15 @@ def test_the_checker_sees_a_cycle_and_an_upward_import(tmp_path):
     assert down == [("llmkit.config", 2, True)]  # function-level imports are seen
     graph = {"llmkit.config": ["llmkit.train.loop"], "llmkit.train.loop": ["llmkit.config"], "llmkit.errors": []}
     assert _cycles(graph) == ["llmkit.config -> llmkit.train.loop -> llmkit.config"]
+
+
+def test_security_rules_of_the_code_base():
+    """No eval/exec/pickle of user content, torch.load only with weights_only=True, weights as safetensors."""
+    for path in sorted((ROOT / "llmkit").rglob("*.py")):
+        text = path.read_text()
+        assert not re.search(r"(?<![\w.])(eval|exec)\(", text), path
+        assert "import pickle" not in text and "pickle.load" not in text, path
+        for call in re.findall(r"torch\.load\([^)]*\)", text):
+            assert "weights_only=True" in call, (path, call)
+    export = (ROOT / "llmkit" / "ship" / "export.py").read_text()
+    assert "safe_serialization=False" not in export

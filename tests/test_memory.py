@@ -1,4 +1,4 @@
-"""ZeRO memory formulas and DeepSpeed's gradient peak, parameter counting, the estimate-memory command, and the fp16 watchdog."""
+"""ZeRO memory formulas and DeepSpeed's gradient peak, parameter counting, the estimate-memory command."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ from llmkit import memory
 from llmkit.config import ModelConfig
 from llmkit.errors import LlmkitError
 from llmkit.model import model_sizes
-from llmkit.train.guards import LossScaleWatchdog
 
 P = 7_500_000_000
 
@@ -139,22 +138,6 @@ def test_estimate_memory_command(tiny_bert):
     bad = subprocess.run([sys.executable, "-m", "llmkit.cli", "estimate-memory", "--model", str(tiny_bert),
                           "--zero-stage", "1", "--offload", "params"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "llmkit: error: parameter offload needs ZeRO-3" in bad.stderr
-
-
-def test_loss_scale_watchdog():
-    dog = LossScaleWatchdog(patience=3, floor=1.0)
-    for step, scale in enumerate([65536, 1, 1, 2, 1, 1], start=1):
-        dog.update(scale, step)  # never 3 in a row at the floor
-    dog.update(None, 7)  # no scale known: no change
-    with pytest.raises(LlmkitError, match="loss scale has been at its minimum \\(1\\) for 3 steps \\(step 8\\)"):
-        dog.update(1, 8)
-    sampled = LossScaleWatchdog(patience=25, floor=1.0)  # read every 10 steps (torch's GradScaler)
-    sampled.update(1, 10, steps=10)
-    sampled.update(4, 20, steps=10)  # back above the floor: the count restarts
-    sampled.update(1, 30, steps=10)
-    sampled.update(1, 40, steps=10)
-    with pytest.raises(LlmkitError, match="for 30 steps \\(step 50\\)"):
-        sampled.update(1, 50, steps=10)
 
 
 def test_reduce_bucket_bytes_follow_deepspeed_allocation():

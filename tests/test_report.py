@@ -1,5 +1,5 @@
 """The evaluation report: every number re-derived with scikit-learn from the saved predictions, a self-contained
-HTML page that headless Chromium renders without console errors, TensorBoard scalars, and `llmkit eval`."""
+HTML page that headless Chromium renders without console errors, TensorBoard scalars."""
 
 from __future__ import annotations
 
@@ -7,12 +7,10 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-from helpers import LAUNCH_ENV, check_ok, launch, write_config, write_jsonl
+from helpers import read_jsonl
 from sklearn import metrics as sk
 
 from llmkit.errors import LlmkitError
@@ -21,22 +19,6 @@ from llmkit.report import pages
 pytestmark = pytest.mark.slow
 
 PLOTS = {"roc", "pr", "calibration", "training"}
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, tiny_bert, tiny_data):
-    """A real 2-rank ZeRO-2 classification run; the recipe writes its report at the end."""
-    root = tmp_path_factory.mktemp("report_run")
-    out = root / "run"
-    cfg = write_config(root / "c.yaml", tiny_bert, tiny_data, out, explain_rows=8, epochs=3, eval_every_steps=3)
-    proc = launch("recipes/classification.py", ["--config", str(cfg)], "cpu_zero2.yaml")
-    check_ok(proc)
-    assert f"report: {out / 'report.html'}" in proc.stdout + proc.stderr
-    return out
-
-
-def _rows(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def _ece(conf, correct, bins=10):
@@ -57,7 +39,7 @@ def test_report_numbers_match_scikit_learn(tiny_run):
     assert names == ["neg", "pos"]
     for split in ("test", "validation"):
         s = run["splits"][split]
-        rows = _rows(tiny_run / f"predictions_{split}.jsonl")
+        rows = read_jsonl(tiny_run / f"predictions_{split}.jsonl")
         y = np.array([names.index(r["label"]) for r in rows])
         pred = np.array([names.index(r["prediction"]) for r in rows])
         prob = np.array([r["probabilities"] for r in rows])
@@ -122,7 +104,7 @@ def test_html_is_self_contained_and_markdown_shows_the_same_numbers(tiny_run):
     # the explained rows (output.explain_rows, default 8): the test split's most confident mistakes first
     why = doc["runs"][0]["explanations"]
     assert why["split"] == "test" and len(why["rows"]) == 8 and why["seconds"] > 0
-    predictions = {r["row"]: r for r in _rows(tiny_run / "predictions_test.jsonl")}
+    predictions = {r["row"]: r for r in read_jsonl(tiny_run / "predictions_test.jsonl")}
     for row in why["rows"]:
         assert row["prediction"] == predictions[row["row"]]["prediction"]
         assert set(row["attributions"]) == {"neg", "pos"} and all(len(v) == len(row["words"])
@@ -147,43 +129,6 @@ def test_tensorboard_has_the_training_scalars(tiny_run):
     logged = [json.loads(line) for line in (tiny_run / "metrics.jsonl").read_text().splitlines()]
     losses = [e["train/loss"] for e in logged if "train/loss" in e]
     assert [e.value for e in acc.Scalars("train/loss")] == pytest.approx(losses)
-
-
-def test_llmkit_eval_scores_any_exported_classifier(tiny_run, tiny_bert, tiny_data, tmp_path):
-    # llmkit's own export on the test file: the same numbers as the run
-    out = tmp_path / "eval"
-    proc = subprocess.run([sys.executable, "-m", "llmkit.cli", "eval", str(tiny_run / "final"), "--data",
-                           str(tiny_data / "test.jsonl"), "--split", "test", "--output", str(out), "--max-length",
-                           "32"], capture_output=True, text=True, env=LAUNCH_ENV, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"report: {out / 'report.html'}" in proc.stdout
-    run_metrics = json.loads((tiny_run / "metrics.json").read_text())["test"]
-    got = json.loads((out / "metrics.json").read_text())["test"]
-    assert got["accuracy"] == pytest.approx(run_metrics["accuracy"])
-    assert got["f1"] == pytest.approx(run_metrics["f1"])
-    assert [r["prediction"] for r in _rows(out / "predictions_test.jsonl")] == \
-        [r["prediction"] for r in _rows(tiny_run / "predictions_test.jsonl")]
-
-    # a classifier llmkit never saw (integer labels, default LABEL_i names), data as a folder of splits
-    data = tmp_path / "intdata"
-    data.mkdir()
-    rows = [{"text": r["text"], "label": int(r["label"] == "pos")} for r in _rows(tiny_data / "test.jsonl")]
-    write_jsonl(data / "test.jsonl", rows)
-    from llmkit.commands.evaluate import evaluate_export
-
-    res = evaluate_export(tiny_bert, str(data), "test", tmp_path / "foreign", max_length=32)
-    doc = json.loads((tmp_path / "foreign" / "report.json").read_text())
-    assert doc["runs"][0]["label_names"] == ["LABEL_0", "LABEL_1"]
-    assert doc["runs"][0]["splits"]["test"]["accuracy"] == pytest.approx(res["metrics"]["accuracy"])
-
-    # two runs in one report: a comparison table and overlaid curves
-    both = tmp_path / "both"
-    paths = pages.build([tiny_run, out], both)
-    doc = json.loads(paths["json"].read_text())
-    assert [c["run"] for c in doc["comparison"]] == ["run", "eval"]
-    assert "## Comparison" in paths["md"].read_text()
-    page = paths["html"].read_text()
-    assert {"confusion_run", "confusion_eval"} <= set(re.findall(r'data-plot="([^"]+)"', page))
 
 
 def test_report_and_eval_errors_are_clear(tmp_path, tiny_run):

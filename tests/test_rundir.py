@@ -15,28 +15,16 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import LAUNCH_ENV, ROOT, check_ok, free_ports, launch, launch_command, write_config
+from helpers import LAUNCH_ENV, ROOT, check_ok, fake_run, free_ports, launch, launch_command, write_config
 
 from llmkit import rundir
 from llmkit.commands.validate import validate
 from llmkit.config import load_config
 from llmkit.errors import LlmkitError
-from llmkit.ship import hub
 
 
 def _cfg(out: Path, *extra: str):
     return load_config(None, ["--data.dataset", "x", "--output.output_dir", str(out), *extra])
-
-
-def _fake_run(out: Path) -> Path:
-    """A folder as an earlier llmkit run leaves it, plus a file of the user's."""
-    (out / "checkpoints" / "step-4").mkdir(parents=True)
-    (out / "final").mkdir()
-    (out / "final" / "config.json").write_text(json.dumps({"architectures": ["BertForSequenceClassification"]}))
-    for name in (rundir.MARKER, "metrics.jsonl", "predictions_test.jsonl", "training_config.yaml", "run_info.json"):
-        (out / name).write_text("{}\n")
-    (out / "notes.txt").write_text("mine")
-    return out
 
 
 def test_intent_new_overwrite_resume_and_refusals(tmp_path):
@@ -47,7 +35,7 @@ def test_intent_new_overwrite_resume_and_refusals(tmp_path):
     (foreign / "thesis.tex").write_text("years of work")
     with pytest.raises(LlmkitError, match="holds files llmkit did not write \\(final, thesis.tex\\)"):
         rundir.intent(_cfg(foreign, "--output.overwrite_output_dir", "true"))
-    run = _fake_run(tmp_path / "run")
+    run = fake_run(tmp_path / "run")
     with pytest.raises(LlmkitError, match="already holds files from another run"):
         rundir.intent(_cfg(run))
     assert rundir.intent(_cfg(run, "--output.overwrite_output_dir", "true")) == "overwrite"
@@ -55,7 +43,7 @@ def test_intent_new_overwrite_resume_and_refusals(tmp_path):
 
 
 def test_overwrite_moves_exactly_the_earlier_runs_files_aside(tmp_path):
-    run = _fake_run(tmp_path / "run")
+    run = fake_run(tmp_path / "run")
     rundir.begin(run, "overwrite", log=lambda m: None)
     assert sorted(p.name for p in run.iterdir()) == sorted([rundir.MARKER, rundir.PREVIOUS, "notes.txt"])
     moved = sorted(p.name for p in (run / rundir.PREVIOUS).iterdir())
@@ -110,19 +98,6 @@ def test_one_run_at_a_time_and_a_stale_lock_is_taken_over(tmp_path):
     assert not (out / rundir.LOCK).exists()  # released at exit
 
 
-def test_dry_run_stages_only_into_folders_it_made(tmp_path):
-    run = _fake_run(tmp_path / "run")
-    mine = tmp_path / "mine"
-    mine.mkdir()
-    (mine / "keep.txt").write_text("precious")
-    for target, message in ((run, "is the run"), (run / "final", "is the run"), (tmp_path, "is the run, holds it"),
-                            (mine, "already holds files llmkit did not stage")):
-        with pytest.raises(LlmkitError, match=message):
-            hub.stage(run, target, "alice/x")
-    assert (mine / "keep.txt").read_text() == "precious" and (run / "final" / "config.json").is_file()
-    assert (run / "notes.txt").read_text() == "mine"
-
-
 @pytest.mark.slow
 def test_overwrite_over_an_earlier_run_starts_clean_and_resumes_the_new_run(tmp_path, tiny_bert, tiny_data):
     out = tmp_path / "run"
@@ -164,31 +139,6 @@ def test_two_launches_on_one_output_dir_one_is_refused(tmp_path, tiny_bert, tiny
     assert "llmkit: error:" in refused and "is in use by another run (pid" in refused, refused[-3000:]
     assert json.loads((out / "metrics.json").read_text())["train"]["steps"] == 12
     assert not (out / rundir.LOCK).exists()
-
-
-def test_eval_refuses_a_base_model_and_a_runs_folder(tmp_path, tiny_bert, tiny_data):
-    from transformers import AutoConfig, BertModel
-
-    from llmkit.commands.evaluate import evaluate_export
-
-    base = tmp_path / "base"
-    BertModel(AutoConfig.from_pretrained(tiny_bert)).save_pretrained(base)  # an encoder without a trained head
-    for f in tiny_bert.iterdir():
-        if f.name not in ("config.json", "model.safetensors"):
-            (base / f.name).write_bytes(f.read_bytes())  # the tokenizer
-    with pytest.raises(LlmkitError, match="is not a fine-tuned classifier: .* would be random"):
-        evaluate_export(base, str(tiny_data), "test", max_length=32)
-    assert not (base / "eval-test").exists()  # nothing written
-    run = _fake_run(tmp_path / "run")
-    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
-    with pytest.raises(LlmkitError, match="is a training run's folder"):
-        evaluate_export(tiny_bert, str(tiny_data), "test", run, max_length=32)
-    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
-    data = tmp_path / "ids.jsonl"  # integer labels, as the tiny BERT's LABEL_0 / LABEL_1 expect
-    data.write_text("".join(json.dumps({"text": f"good film {i}", "label": i % 2}) + "\n" for i in range(8)))
-    out = tmp_path / "ev"
-    evaluate_export(tiny_bert, str(data), "test", out, max_length=32)
-    evaluate_export(tiny_bert, str(data), "test", out, max_length=32)  # an earlier eval's folder: fine
 
 
 @pytest.mark.slow

@@ -1,5 +1,6 @@
-"""The speed switches change how fast a run goes, never what it computes: the AdamW kernel, DataLoader workers,
-torch.compile; the profiler writes what it promises; throughput counts training steps, not evaluation."""
+"""The optimizer and speed switches (llmkit.train.optim): they change how fast a run goes, never what it
+computes: the AdamW kernel, DataLoader workers, torch.compile; the profiler writes what it promises; throughput
+counts training steps, not evaluation."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from llmkit.config import Config
 from llmkit.train import optim
 
 
-def _losses(run_dir):
+def _loss_list(run_dir):
     return [s["train/loss"] for s in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
             if "train/loss" in s]
 
@@ -64,7 +65,7 @@ def test_switches_keep_a_two_rank_run_identical(tmp_path, tiny_bert_no_dropout, 
                            logging_steps=1, eval_every_steps=4, learning_rate=2e-3)
         check_ok(launch("recipes/classification.py", ["--config", str(cfg), *extra]))
         runs[name] = out
-    _close(_losses(runs["switched"]), _losses(runs["baseline"]), rel=1e-5)
+    _close(_loss_list(runs["switched"]), _loss_list(runs["baseline"]), rel=1e-5)
 
     for rank in (0, 1):
         ops = (runs["switched"] / "profile" / f"rank{rank}_ops.txt").read_text()
@@ -101,7 +102,7 @@ def test_torch_compile_switch_compiles_the_blocks_and_computes_the_same(tmp_path
         runs[name] = (out, proc.stdout + proc.stderr)
     assert "torch.compile: 2 transformer blocks" in runs["compiled"][1]
     assert "torch.compile" not in runs["eager"][1]
-    _close(_losses(runs["compiled"][0]), _losses(runs["eager"][0]), rel=1e-4)
+    _close(_loss_list(runs["compiled"][0]), _loss_list(runs["eager"][0]), rel=1e-4)
     # parameter names are untouched by compiling in place: the export reloads with plain transformers
     reloaded = BertForSequenceClassification.from_pretrained(runs["compiled"][0] / "final")
     assert reloaded.config.num_hidden_layers == 2

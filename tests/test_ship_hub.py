@@ -15,13 +15,11 @@ from pathlib import Path
 import pytest
 import yaml
 from fake_hub import FakeHub
-from helpers import LAUNCH_ENV, check_ok, launch, write_config, write_lm_config
+from helpers import LAUNCH_ENV, check_ok, fake_run, launch, write_config, write_lm_config
 
 from llmkit.config_checks import check_repo_id
 from llmkit.errors import LlmkitError
 from llmkit.ship import hub, verify
-
-pytestmark = pytest.mark.slow
 
 CANARY = "hf_llmkitCanaryToken0123456789abcdefXYZ"  # a made-up token that must never be written anywhere
 # the stand-in speaks the classic LFS upload protocol; the client would pick Xet storage (the real Hub's) otherwise
@@ -63,6 +61,7 @@ def pushed_classifier(tmp_path_factory, tiny_bert, tiny_data, fake_hub):
     return out, proc.stdout + proc.stderr
 
 
+@pytest.mark.slow
 def test_run_pushes_its_export_in_one_commit_byte_for_byte(pushed_classifier, fake_hub):
     out, log = pushed_classifier
     commits = fake_hub.commits("alice/tiny-sentiment")
@@ -99,6 +98,7 @@ def test_run_pushes_its_export_in_one_commit_byte_for_byte(pushed_classifier, fa
     assert f"pushed {len(added)} files to alice/tiny-sentiment" in log
 
 
+@pytest.mark.slow
 def test_every_save_pushes_loadable_weights_only(pushed_classifier, fake_hub, tmp_path):
     """hub_strategy every_save, the Trainer's way: each save commits the gathered (ZeRO-3) weights, config and
     tokenizer at the root, overwriting the previous ones; nothing of DeepSpeed's checkpoint goes up."""
@@ -128,6 +128,7 @@ def test_every_save_pushes_loadable_weights_only(pushed_classifier, fake_hub, tm
     assert not (out / ".hub-snapshots").exists()
 
 
+@pytest.mark.slow
 def test_card_model_index_equals_metrics(pushed_classifier, fake_hub, tmp_path):
     from huggingface_hub import ModelCard
 
@@ -149,6 +150,7 @@ def test_card_model_index_equals_metrics(pushed_classifier, fake_hub, tmp_path):
     assert "## Limitations" in text and "DeepSpeed ZeRO stage | 3" in text
 
 
+@pytest.mark.slow
 def test_lora_push_has_adapter_at_root_and_merged_model(tmp_path, tiny_lm, fake_hub):
     out = tmp_path / "run"
     cfg = write_lm_config(tmp_path / "c.yaml", tiny_lm, out, lora=True)
@@ -194,6 +196,7 @@ def test_lora_push_has_adapter_at_root_and_merged_model(tmp_path, tiny_lm, fake_
     _no_canary(out, proc.stdout, proc.stderr)
 
 
+@pytest.mark.slow
 def test_dry_run_writes_the_exact_folder_without_network(pushed_classifier, tmp_path, monkeypatch):
     out, _ = pushed_classifier
     monkeypatch.delenv("HF_TOKEN", raising=False)
@@ -211,6 +214,7 @@ def test_dry_run_writes_the_exact_folder_without_network(pushed_classifier, tmp_
     assert (staged / "model.safetensors").read_bytes() == (out / "final" / "model.safetensors").read_bytes()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fault", ["down", "401", "5xx_then_ok", "413"])
 def test_push_failures_are_clear_and_keep_local_files(pushed_classifier, tmp_path, monkeypatch, fault):
     from huggingface_hub import constants
@@ -248,6 +252,7 @@ def test_push_failures_are_clear_and_keep_local_files(pushed_classifier, tmp_pat
     assert all(CANARY not in s for s in said)
 
 
+@pytest.mark.slow
 def test_push_refuses_empty_weights_and_bad_ids(tmp_path):
     import torch
     from safetensors.torch import save_file
@@ -260,6 +265,7 @@ def test_push_refuses_empty_weights_and_bad_ids(tmp_path):
             check_repo_id(bad)
 
 
+@pytest.mark.slow
 def test_push_refuses_links_and_a_public_repo_when_private_was_asked(pushed_classifier, tmp_path, monkeypatch):
     from huggingface_hub import constants
 
@@ -283,3 +289,16 @@ def test_push_refuses_links_and_a_public_repo_when_private_was_asked(pushed_clas
                                               "a private repo .* nothing was pushed"):
             hub.push(copy, "dave/shared", log=lambda m: None)  # private is the default
         assert len(server.commits("dave/shared")) == 1
+
+
+def test_dry_run_stages_only_into_folders_it_made(tmp_path):
+    run = fake_run(tmp_path / "run")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "keep.txt").write_text("precious")
+    for target, message in ((run, "is the run"), (run / "final", "is the run"), (tmp_path, "is the run, holds it"),
+                            (mine, "already holds files llmkit did not stage")):
+        with pytest.raises(LlmkitError, match=message):
+            hub.stage(run, target, "alice/x")
+    assert (mine / "keep.txt").read_text() == "precious" and (run / "final" / "config.json").is_file()
+    assert (run / "notes.txt").read_text() == "mine"

@@ -1,13 +1,18 @@
-"""2-rank causal-LM runs (tiny Llama made here): full and LoRA under ZeRO-2 and ZeRO-3 train, export, reload."""
+"""The causal-LM recipe end to end on 2 ranks (tiny Llama made here): full and LoRA under ZeRO-2 and ZeRO-3
+train, export, reload; label words under ZeRO-3; a from-scratch tokenizer with packing; SmolLM2 (real asset)
+bounded."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 import yaml
-from helpers import check_ok, launch, write_lm_config
+from helpers import ROOT, check_ok, launch, write_lm_config
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
@@ -205,3 +210,30 @@ def test_from_scratch_trains_a_bpe_tokenizer_and_packs_text(tmp_path):
     assert model.config.eos_token_id == tok.eos_token_id and model.config.pad_token_id == tok.pad_token_id
     assert tok.decode(tok("the film was good")["input_ids"]) == "the film was good"
     assert _generate(final, "the film number", "--chat", "off").strip()
+
+
+def test_smollm2_lora_bounded_run_exports_and_generates(tmp_path):
+    """The generative-sentiment recipe on the real SmolLM2 asset, a few steps: label scores, a merged export and
+    an adapter that plain peft loads, and `llmkit generate` answering from the export."""
+    out = tmp_path / "run"
+    proc = launch("recipes/causal_lm.py", [
+        "--config", str(ROOT / "recipes/configs/sentiment_smollm2_lora.yaml"), "--train.max_steps", "3",
+        "--data.max_train_samples", "64", "--data.max_eval_samples", "8", "--output.output_dir", str(out)],
+        "cpu_zero2.yaml", timeout=900)
+    check_ok(proc)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["train"]["steps"] == 3 and metrics["test"]["samples"] == 8
+    assert 0 <= metrics["test"]["accuracy"] <= 1 and metrics["validation"]["perplexity"] > 1
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert samples[-1]["step"] == 3 and samples[-1]["samples"][0]["completion"]
+    final = out / "final"
+    assert (final / "adapter" / "adapter_model.safetensors").is_file()
+    assert (final / "merged" / "model.safetensors").is_file()
+    assert "<|im_start|>" in (final / "merged" / "chat_template.jinja").read_text()
+    prompt = ("Is the sentiment of this movie review positive or negative? Answer with one word.\n\n"
+              "Review: a gorgeous, witty and deeply moving film.")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    got = subprocess.run([sys.executable, "-m", "llmkit.cli", "generate", str(final), "--prompt", prompt,
+                          "--max-new-tokens", "4"], capture_output=True, text=True, env=env, timeout=300)
+    assert got.returncode == 0, got.stderr[-3000:]
+    assert got.stdout.strip()  # the merged model answers (a few greedy tokens)

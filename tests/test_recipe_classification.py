@@ -1,0 +1,280 @@
+"""The classification recipe end to end: `make demo`'s own command on the real assets, bounded, from a repo-root
+layout with its relative output dir (and the commands on that run folder from elsewhere); LoRA sequence
+classification on 2 real ranks (tiny Llama, tiny BERT) under ZeRO-2 and ZeRO-3, merged + adapter exports that
+reload to the run's predictions; QLoRA refused on CPU; a trust_remote_code model."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from helpers import LAUNCH_ENV, ROOT, check_ok, launch, write_config, write_jsonl
+
+LM_ROWS = [("is this film good", "pos"), ("this film is bad", "neg"), ("you are helpful", "pos"),
+           ("is this bad", "neg"), ("this is good", "pos"), ("bad film", "neg")]
+
+
+def _lm_data(root):
+    root.mkdir()
+    for split, n in (("train", 48), ("validation", 13)):
+        write_jsonl(root / f"{split}.jsonl", [{"text": LM_ROWS[i % 6][0], "label": LM_ROWS[i % 6][1]}
+                                              for i in range(n)])
+    return root
+
+
+# both architectures under both stages (each run costs ~28 s on 2 CPU cores); the ZeRO-2 runs weigh classes
+@pytest.mark.slow
+@pytest.mark.parametrize(("arch", "stage"), [("llama", 3), ("bert", 2), ("llama", 2), ("bert", 3)])
+def test_lora_classifier_exports_adapter_with_its_head(tmp_path, tiny_lm, tiny_bert, tiny_data, arch, stage):
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    base, data = (tiny_lm / "model", _lm_data(tmp_path / "data")) if arch == "llama" else (tiny_bert, tiny_data)
+    out = tmp_path / "run"
+    cfg = write_config(tmp_path / "c.yaml", base, data, out, max_steps=4, learning_rate=5e-3)
+    raw = yaml.safe_load(cfg.read_text())
+    raw["lora"] = {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0}
+    if arch == "llama":
+        raw["data"]["test_split"] = None
+    if stage == 2:
+        raw["train"]["class_weights"] = [1.0, 3.0]
+    cfg.write_text(yaml.safe_dump(raw))
+    proc = launch("recipes/classification.py", ["--config", str(cfg)], f"cpu_zero{stage}.yaml")
+    check_ok(proc)
+    final = out / "final"
+    adapter = json.loads((final / "adapter" / "adapter_config.json").read_text())
+    head = "score" if arch == "llama" else "classifier"
+    assert adapter["task_type"] == "SEQ_CLS" and head in adapter["modules_to_save"]
+    metrics = json.loads((final / "metrics.json").read_text())
+    check = metrics["export_check"]
+    assert check["same_predictions"] == check["rows"] and check["adapter"]["same_predictions"] == check["rows"]
+    # the run's own validation logits (from its probabilities) against both reloads, done here with plain peft
+    rows = [json.loads(line) for line in (out / "predictions_validation.jsonl").read_text().splitlines()][:6]
+    merged = AutoModelForSequenceClassification.from_pretrained(final).eval()
+    tok = AutoTokenizer.from_pretrained(final)
+    config = merged.config
+    enc = tok([r["text"] for r in rows], padding=True, truncation=True, max_length=32, return_tensors="pt")
+    with torch.no_grad():
+        want = merged(**enc).logits
+        got = []
+        for seed in (0, 1):  # a head re-initialised on reload would differ between seeds
+            torch.manual_seed(seed)
+            body = AutoModelForSequenceClassification.from_pretrained(
+                base, num_labels=config.num_labels, id2label=config.id2label, label2id=config.label2id,
+                pad_token_id=config.pad_token_id)
+            got.append(PeftModel.from_pretrained(body, final / "adapter").eval()(**enc).logits)
+    assert torch.allclose(got[0], got[1]) and torch.allclose(got[0], want, atol=1e-4)
+    probs = np.array([r["probabilities"] for r in rows])
+    assert np.allclose(torch.softmax(want, -1).numpy(), probs, atol=1e-3)
+    if stage == 2:  # class weights: logged, and in the summary the card reads
+        assert "class weights: neg 1.000, pos 3.000" in proc.stdout + proc.stderr
+        assert metrics["train"]["class_weights"] == {"neg": 1.0, "pos": 3.0}
+
+
+def test_qlora_is_refused_on_cpu_with_the_reason(tmp_path, tiny_lm):
+    """bitsandbytes' CPU backend (0.50) trains a 4-bit model but fails its first no-grad forward after a training
+    step (evaluation, export): measured here, so QLoRA is refused before anything starts on a machine without CUDA."""
+    import torch
+
+    from llmkit.config import load_config
+    from llmkit.errors import LlmkitError
+    from llmkit.preflight import check
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: QLoRA runs (test_qlora_trains_on_a_4bit_base_and_exports)")
+    cfg = write_config(tmp_path / "c.yaml", tiny_lm / "model", _lm_data(tmp_path / "data"), tmp_path / "out")
+    loaded = load_config(cfg, ["--lora.enabled", "true", "--lora.load_in_4bit", "true", "--data.test_split", "null"])
+    with pytest.raises(LlmkitError, match="needs a CUDA GPU: bitsandbytes' CPU backend fails"):
+        check(loaded, 1, "classification")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="QLoRA runs on CUDA GPUs (refused on CPU, tested above)")
+@pytest.mark.parametrize(("recipe", "stage"), [("classification", 2), ("causal_lm", 3)])
+def test_qlora_trains_on_a_4bit_base_and_exports(tmp_path, tiny_lm, recipe, stage):
+    """QLoRA on a GPU: the base loads as 4-bit NF4 (stored in the compute dtype, so ZeRO-3 can partition it),
+    LoRA trains on top, the adapter reloads on the same 4-bit base to the run's logits, and the merge into the
+    full-precision base is a plain model whose drift is reported."""
+    from helpers import write_lm_config
+
+    out = tmp_path / "run"
+    if recipe == "classification":
+        cfg = write_config(tmp_path / "c.yaml", tiny_lm / "model", _lm_data(tmp_path / "data"), out, max_steps=3)
+    else:
+        cfg = write_lm_config(tmp_path / "c.yaml", tiny_lm, out, lora=True, max_steps=3)
+    raw = yaml.safe_load(cfg.read_text())
+    raw["lora"] = {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0, "load_in_4bit": True}
+    raw["data"]["test_split"] = None
+    cfg.write_text(yaml.safe_dump(raw))
+    proc = launch(f"recipes/{recipe}.py", ["--config", str(cfg)], f"zero{stage}.yaml",
+                  num_processes=torch.cuda.device_count())
+    check_ok(proc)
+    check = json.loads((out / "final" / "metrics.json").read_text())["export_check"]
+    if recipe == "classification":
+        assert check["adapter"]["same_predictions"] == check["adapter"]["rows"]
+        assert check["merged_from_full_precision_base"] is True
+        merged = out / "final"
+    else:
+        assert check["adapter_on_4bit_base"] < 5e-2 and "merged_relative" in check
+        merged = out / "final" / "merged"
+    config = json.loads((merged / "config.json").read_text())
+    assert "quantization_config" not in config  # the merged export needs no bitsandbytes
+
+
+REMOTE_CONFIG = "from transformers import BertConfig\n\n\nclass TinyConfig(BertConfig):\n    model_type = 'tiny-remote'\n"
+
+
+REMOTE_MODEL = ("from transformers import BertForSequenceClassification\n\nfrom .configuration_tiny import TinyConfig\n\n\n"
+                "class TinyForSequenceClassification(BertForSequenceClassification):\n    config_class = TinyConfig\n")
+
+
+@pytest.mark.slow
+def test_a_trust_remote_code_model_trains_exports_and_evaluates(tmp_path, tiny_bert, tiny_data):
+    """A model whose code lives in its folder (auto_map): the flag reaches the export's reload check and
+    `llmkit eval` of the export, not only the training."""
+    remote = tmp_path / "remote"
+    remote.mkdir()
+    for f in tiny_bert.iterdir():
+        (remote / f.name).write_bytes(f.read_bytes())
+    (remote / "configuration_tiny.py").write_text(REMOTE_CONFIG)
+    (remote / "modeling_tiny.py").write_text(REMOTE_MODEL)
+    config = json.loads((remote / "config.json").read_text())
+    config.update(model_type="tiny-remote", architectures=["TinyForSequenceClassification"], auto_map={
+        "AutoConfig": "configuration_tiny.TinyConfig",
+        "AutoModelForSequenceClassification": "modeling_tiny.TinyForSequenceClassification"})
+    (remote / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path / "c.yaml", remote, tiny_data, out, max_steps=2)
+    proc = launch("recipes/classification.py", ["--config", str(cfg), "--model.trust_remote_code", "true"],
+                  "single.yaml")
+    check_ok(proc)
+    assert "export_check" in json.loads((out / "final" / "metrics.json").read_text())
+    # a json.py in the working directory must not be imported by the reload check (`push --dry-run` reloads the
+    # export in a fresh interpreter) or by eval (the console script, as a user runs it)
+    (tmp_path / "json.py").write_text("raise SystemExit('the wrong json module was imported')\n")
+    llmkit = str(Path(sys.executable).parent / "llmkit")
+    for args in (["eval", str(out / "final"), "--data", str(tiny_data)],
+                 ["push", str(out), "alice/remote", "--dry-run", "--output", str(tmp_path / "staged")]):
+        done = subprocess.run([llmkit, *args], capture_output=True, text=True, env=LAUNCH_ENV, cwd=tmp_path,
+                              timeout=300)
+        assert done.returncode == 0, (args[0], done.stderr[-3000:])
+    assert "accuracy" in json.dumps(json.loads((out / "final" / "eval-test" / "metrics.json").read_text()))
+
+
+# bounds on top of the demo's own command: a few steps and evaluation rows, nothing else changed
+DEMO_BOUNDS = ["--train.max_steps", "40", "--data.max_eval_samples", "256"]
+
+
+DEMO_OUTPUT = Path("outputs/sentiment_minilm_polarity")  # the demo config's output_dir, relative to the repo root
+
+
+def demo_command() -> list[str]:
+    """The command `make demo` runs, read from the Makefile with `make -n` so this test follows any change."""
+    proc = subprocess.run(["make", "-n", "demo"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.replace("\\\n", " ").splitlines()
+    launch_lines = [line for line in lines if "accelerate launch" in line]
+    assert len(launch_lines) == 1, proc.stdout
+    cmd = shlex.split(launch_lines[0])
+    if not (ROOT / cmd[0]).exists():  # the suite runs from another environment than the Makefile's .venv
+        cmd[0] = str(Path(sys.executable).with_name("accelerate"))
+    return cmd
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """`make demo`'s command, bounded, run from a copy of the repo root's layout (its folders linked), so its
+    relative paths and relative output directory are exactly the README's and a user's outputs/ stays untouched."""
+    root = tmp_path_factory.mktemp("repo_root")
+    for name in ("recipes", "accelerate_configs", "ds_configs", ".venv"):
+        if (ROOT / name).exists():
+            (root / name).symlink_to(ROOT / name)
+    cmd = demo_command()
+    assert "--config_file" in cmd and not any(Path(a).is_absolute() for a in cmd[1:]), cmd
+    proc = subprocess.run([*cmd, *DEMO_BOUNDS], cwd=root, env=LAUNCH_ENV, capture_output=True, text=True,
+                          timeout=900)
+    check_ok(proc)
+    return root, proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_make_demo_runs_from_the_repo_root_and_exports_a_loadable_model(demo_run, tmp_path):
+    root, log = demo_run
+    out = root / DEMO_OUTPUT
+    assert "data: train 8433, validation 256, test 256 rows; labels ['negative', 'positive']" in log
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["train"]["steps"] == 40
+    # 40 steps of 32 rows already learn something real on this data
+    assert metrics["test"]["accuracy"] > 0.65, metrics["test"]
+    assert metrics["train"]["padding_efficiency"] > 0.9
+    # what the Makefile promises at the end, and the report's explanations (the demo keeps the default 8)
+    assert (out / "report.html").is_file() and (out / "final" / "model.safetensors").is_file()
+    assert len(json.loads((out / "explanations.json").read_text())["rows"]) == 8
+    assert not (out / "final.tmp").exists()
+
+    # the export loads in plain transformers (a fresh interpreter, no llmkit import) and predicts what the run did
+    rows = [json.loads(line) for line in (out / "predictions_test.jsonl").read_text().splitlines()]
+    texts = [r["text"] for r in rows]
+    (tmp_path / "texts.json").write_text(json.dumps(texts))
+    code = textwrap.dedent(f"""
+        import json, sys, torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        folder = {str(out / "final")!r}
+        tok = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+        texts = json.load(open({str(tmp_path / "texts.json")!r}))
+        with torch.no_grad():
+            logits = model(**tok(texts, padding=True, truncation=True, max_length=128, return_tensors="pt")).logits
+        print(json.dumps([model.config.id2label[int(i)] for i in logits.argmax(-1)]))
+        assert "llmkit" not in sys.modules
+    """)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    got = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path,
+                         timeout=300)
+    assert got.returncode == 0, got.stderr[-3000:]
+    predicted = json.loads(got.stdout.strip().splitlines()[-1])
+    same = sum(p == r["prediction"] for p, r in zip(predicted, rows)) / len(rows)
+    # the demo's precision is auto: bf16 on a CPU with native bf16, where a near tie may flip in the fp32 reload
+    precision = json.loads((out / "run_info.json").read_text())["precision"]
+    assert same == 1.0 if precision == "fp32" else same >= 0.97, (precision, same)
+    accuracy = sum(p == r["label"] for p, r in zip(predicted, rows)) / len(rows)
+    assert accuracy == pytest.approx(metrics["test"]["accuracy"], abs=0.0 if same == 1.0 else 0.03)
+
+
+@pytest.mark.slow
+def test_commands_take_a_relative_run_folder_from_another_directory(demo_run, tmp_path):
+    """llmkit eval / report / explain / push --dry-run on the demo's run folder named by a relative path, from a
+    working directory that is neither the run's nor the repo's: the commands that hand paths to fresh processes."""
+    root, _ = demo_run
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    run = os.path.relpath(root / DEMO_OUTPUT, elsewhere)
+    assert not Path(run).is_absolute() and run.startswith("..")
+    rows = [json.loads(line) for line in (root / DEMO_OUTPUT / "predictions_test.jsonl").read_text().splitlines()]
+    write_jsonl(elsewhere / "rows.jsonl", [{"text": r["text"], "label": r["label"]} for r in rows[:24]])
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+    def llmkit(*args: str) -> str:
+        got = subprocess.run([sys.executable, "-m", "llmkit.cli", *args], cwd=elsewhere, env=env, capture_output=True,
+                             text=True, timeout=600)
+        assert got.returncode == 0, f"{args}\n{got.stdout[-2000:]}\n{got.stderr[-3000:]}"
+        return got.stdout
+
+    said = llmkit("eval", f"{run}/final", "--data", "rows.jsonl", "--output", "eval_out")
+    assert "test: accuracy" in said and (elsewhere / "eval_out" / "metrics.json").is_file()
+    assert json.loads((elsewhere / "eval_out" / "metrics.json").read_text())["test"]["samples"] == 24
+    llmkit("report", run, "eval_out", "--output", "both")
+    assert {r["name"] for r in json.loads((elsewhere / "both" / "report.json").read_text())["runs"]} >= {"eval_out"}
+    said = llmkit("explain", f"{run}/final", "--text", "a gorgeous, witty film")
+    assert "predicted:" in said and "gorgeous" in said
+    llmkit("push", run, "someone/demo", "--dry-run", "--output", "staged")  # re-checks the export in a fresh process
+    assert (elsewhere / "staged" / "model.safetensors").is_file() and (elsewhere / "staged" / "README.md").is_file()
