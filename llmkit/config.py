@@ -115,6 +115,9 @@ class TrainConfig:
     num_threads: int | None = None  # torch CPU threads per rank; default: cores / local ranks
     class_weights: list[float] | str | None = None  # classifiers: null | balanced | [w0, w1, ...] in label order
     loss_scale_patience: int = 50  # fp16: stop after this many steps with the loss scale at its minimum
+    # how long a rank waits for the others in any collective (every process group): after training, rank 0 checks
+    # the export, merges LoRA and explains rows in fresh processes while the others wait (a 7B model: many minutes)
+    collective_timeout_minutes: int = 120
     sample_prompts: list[str] | None = None  # causal LM: greedy completions logged at every eval
     sample_max_new_tokens: int = 48  # tokens generated per sample prompt
     # speed switches (bench/README.md has each one's measured effect)

@@ -72,6 +72,8 @@ def check_values(cfg) -> None:
     need(w is None or w == "balanced" or (isinstance(w, list) and len(w) >= 2 and all(x > 0 for x in w)),
          "train.class_weights", f"must be null, balanced, or a list of positive weights (one per label), got {w!r}")
     need(t.loss_scale_patience >= 1, "train.loss_scale_patience", f"must be >= 1, got {t.loss_scale_patience}")
+    need(t.collective_timeout_minutes >= 1, "train.collective_timeout_minutes",
+         f"must be >= 1, got {t.collective_timeout_minutes}")
 
     need(bool(cfg.model.name_or_path), "model.name_or_path", "must name a Hub id, a local dir or asset:<name>")
     need(cfg.model.dtype in (None, "float32", "bfloat16", "float16"), "model.dtype",

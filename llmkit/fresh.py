@@ -27,6 +27,8 @@ def run_python(args: list[str], cwd: str | None = None) -> subprocess.CompletedP
     json.py or torch.py lying in the user's folder must not be imported in place of the real one."""
     env = {k: v for k, v in os.environ.items() if k not in RANK_VARS and not k.startswith("ACCELERATE_")}
     env["CUDA_VISIBLE_DEVICES"] = ""
+    # the launcher gave each rank OMP_NUM_THREADS=1; the other ranks only wait meanwhile, so use every core
+    env["OMP_NUM_THREADS"] = str(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
     if cwd is not None:
         return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, cwd=cwd)
     with tempfile.TemporaryDirectory() as tmp:

@@ -44,6 +44,16 @@ def world_size() -> int:
     return env_int("WORLD_SIZE", "1", low=1)
 
 
+def local_world_size() -> int:
+    """Processes of the run on this machine (the launcher's LOCAL_WORLD_SIZE; 1 outside a launcher)."""
+    return env_int("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1"), low=1)
+
+
+def uses_deepspeed(cfg: Config) -> bool:
+    """Whether the run trains under DeepSpeed (a DeepSpeed JSON from the config or the Accelerate config)."""
+    return _deepspeed_source(cfg) is not None
+
+
 def _deepspeed_source(cfg: Config) -> tuple[dict, str] | None:
     """The DeepSpeed JSON (and where it came from), or None when the run does not use DeepSpeed."""
     path = cfg.deepspeed.config_file or os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
@@ -231,7 +241,10 @@ def accelerate_env(path: str | Path) -> dict[str, str]:
         raise LlmkitError(f"distributed_type {kind} in Accelerate config '{path}' is not one llmkit runs: it trains "
                           f"with DeepSpeed ZeRO or plain data parallelism ({', '.join(SUPPORTED_DISTRIBUTED)}). "
                           "Start from one of accelerate_configs/*.yaml")
-    env = {"WORLD_SIZE": str(whole("num_processes", 1, 1) * whole("num_machines", 1, 1))}
+    env = {"WORLD_SIZE": str(whole("num_processes", 1, 1) * whole("num_machines", 1, 1)),
+           "LOCAL_WORLD_SIZE": str(whole("num_processes", 1, 1) // max(whole("num_machines", 1, 1), 1) or 1)}
+    if acc.get("gpu_ids") not in (None, "all"):  # Accelerate hands its processes only these GPUs ("": none)
+        env["CUDA_VISIBLE_DEVICES"] = str(acc["gpu_ids"])
     if acc.get("mixed_precision"):
         env["ACCELERATE_MIXED_PRECISION"] = str(acc["mixed_precision"])
     ds = acc.get("deepspeed_config") or {}

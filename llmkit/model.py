@@ -97,10 +97,12 @@ ATTENTION = ("eager", "sdpa", "flash_attention_2", "flex_attention")
 
 def loading_options(cfg: ModelConfig, lora: LoraConfig | None = None, precision: str = "fp32") -> dict:
     """from_pretrained's keywords from model.*: revision, remote code, the dtype weights load in, attention; and
-    for QLoRA (lora.load_in_4bit) the 4-bit quantization, computing in the run's precision."""
+    for QLoRA (lora.load_in_4bit) the 4-bit quantization, computing in the run's precision, with the weights that
+    stay unquantized (norms, embeddings, head) loaded in that dtype too unless model.dtype says otherwise."""
     options = {"revision": cfg.revision, **_config_options(cfg)}
     if lora is not None and lora.load_in_4bit:
         options["quantization_config"] = quantization(precision)
+        options.setdefault("dtype", options["quantization_config"].bnb_4bit_compute_dtype)
     return options
 
 
@@ -127,7 +129,7 @@ def _config_options(cfg: ModelConfig) -> dict:
 
 
 def load_classifier(cfg: ModelConfig, label_names: list[str], pad_token_id: int | None = None,
-                    lora: LoraConfig | None = None, precision: str = "fp32"):
+                    lora: LoraConfig | None = None, precision: str = "fp32", zero3: bool = False):
     """AutoModelForSequenceClassification with a head for `label_names` (id2label/label2id in its config), any
     architecture (an encoder, or a decoder LLM that scores its last real token). With `lora` on, peft's
     sequence-classification task: adapters on the body, the new head trained in full and saved with them."""
@@ -150,14 +152,20 @@ def load_classifier(cfg: ModelConfig, label_names: list[str], pad_token_id: int 
         raise _hub_error("the model", name, exc) from None
     if model.config.pad_token_id is None and pad_token_id is not None:
         model.config.pad_token_id = pad_token_id  # decoder classifiers find the last real token through it
-    model = _for_adapters(model, cfg, lora)
+    model = _for_adapters(model, cfg, lora, zero3)
     return apply_lora(model, lora, task_type="SEQ_CLS") if lora is not None else model
 
 
-def _for_adapters(model, cfg: ModelConfig, lora: LoraConfig | None):
+def _for_adapters(model, cfg: ModelConfig, lora: LoraConfig | None, zero3: bool = False):
     """Gradient checkpointing, and what LoRA on a frozen (maybe 4-bit) base needs: inputs that carry gradients,
-    and for 4-bit peft's k-bit preparation (norms in fp32, the checkpointing it wants)."""
-    if lora is not None and lora.load_in_4bit:
+    and for 4-bit peft's k-bit preparation (norms in fp32, the checkpointing it wants). Under ZeRO-3 a 4-bit base
+    keeps one dtype: ZeRO-3 flattens parameters of one dtype, and peft's preparation would upcast every weight
+    that is not 4-bit to fp32 beside the 4-bit weights stored in the compute dtype."""
+    if lora is not None and lora.load_in_4bit and zero3:
+        if cfg.gradient_checkpointing:
+            _checkpointing(model)
+        model.enable_input_require_grads()  # the frozen base would cut the gradient path into the adapters
+    elif lora is not None and lora.load_in_4bit:
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(
@@ -285,7 +293,8 @@ def train_tokenizer(texts, vocab_size: int, folder: Path, max_length: int | None
     return tok
 
 
-def load_causal_lm(cfg: ModelConfig, lora: LoraConfig, tokenizer=None, precision: str = "fp32"):
+def load_causal_lm(cfg: ModelConfig, lora: LoraConfig, tokenizer=None, precision: str = "fp32",
+                   zero3: bool = False):
     """AutoModelForCausalLM from a Hub id, a local dir or an asset, or random init from its config; LoRA if asked.
 
     From scratch, the config's special-token ids are taken from `tokenizer` (it may have been trained here)."""
@@ -310,5 +319,5 @@ def load_causal_lm(cfg: ModelConfig, lora: LoraConfig, tokenizer=None, precision
         raise _hub_error("the model", name, exc) from None
     if tokenizer is not None and model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    model = _for_adapters(model, cfg, lora)
+    model = _for_adapters(model, cfg, lora, zero3)
     return apply_lora(model, lora, task_type="CAUSAL_LM")

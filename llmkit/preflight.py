@@ -15,7 +15,7 @@ from llmkit import elastic, fresh, launch, memory, model, rundir, trackers
 from llmkit.config import Config
 from llmkit.data import lm, sources
 from llmkit.errors import LlmkitError
-from llmkit.precision import resolve_precision
+from llmkit.precision import Hardware, hardware, resolve_precision
 
 GIB = 1024**3
 
@@ -45,30 +45,55 @@ def warnings(cfg: Config) -> list[str]:
     return out
 
 
-def check_loading(cfg: Config, precision: str) -> None:
-    """model.dtype and model.attn_implementation against the precision and this machine."""
-    import importlib.util
+def _version(package: str) -> tuple[int, ...] | None:
+    """An installed package's version as numbers (major, minor), or None."""
+    import importlib.metadata
 
-    import torch
+    try:
+        return tuple(int(p) for p in importlib.metadata.version(package).split(".")[:2] if p.isdigit())
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def check_devices(hw: Hardware, local_ranks: int) -> None:
+    """Each rank on this machine gets a GPU of its own, or none sees a GPU (the cpu_* configs hide them)."""
+    if hw.gpus and local_ranks > hw.gpus:
+        raise LlmkitError(f"{local_ranks} processes on this machine but {hw.gpus} GPU(s) visible: rank {hw.gpus} "
+                          f"would ask for a GPU that is not there. Launch with --num_processes {hw.gpus}, or use an "
+                          "accelerate_configs/cpu_*.yaml config to run on the CPU")
+
+
+def check_loading(cfg: Config, precision: str, hw: Hardware, deepspeed: bool) -> None:
+    """model.dtype and model.attn_implementation against the precision, the launch and this machine."""
+    import importlib.util
 
     wanted = {"fp32": ("float32",), "bf16": ("float32", "bfloat16"), "fp16": ("float32", "float16")}[precision]
     if cfg.model.dtype and cfg.model.dtype not in wanted:
         raise LlmkitError(f"model.dtype {cfg.model.dtype} does not go with precision {precision}: load the weights "
                           f"as {' or '.join(wanted)} (or leave model.dtype unset)")
-    if cfg.lora.load_in_4bit and not torch.cuda.is_available():
+    if precision == "fp16" and cfg.model.dtype == "float16" and not deepspeed:
+        # without DeepSpeed (its fp32 master weights) Accelerate's GradScaler refuses fp16 gradients at step 1
+        raise LlmkitError("model.dtype float16 with precision fp16 and no DeepSpeed: torch's gradient scaler cannot "
+                          "unscale fp16 gradients, so the first step would fail. Load the weights in float32 (leave "
+                          "model.dtype unset) and let fp16 autocast, or launch with a DeepSpeed config")
+    if cfg.lora.load_in_4bit and not hw.gpus:
         # measured with bitsandbytes 0.50.2: its CPU backend loads and trains a 4-bit model, but the first
         # no-grad forward after a training step fails (a shape error in _convert_weight_packed_for_cpu), so a
         # run could not evaluate or export
         raise LlmkitError("lora.load_in_4bit (QLoRA) needs a CUDA GPU: bitsandbytes' CPU backend fails to evaluate "
                           "a 4-bit model after a training step. On this machine use plain LoRA (drop "
                           "lora.load_in_4bit)")
-    if cfg.lora.load_in_4bit and importlib.util.find_spec("bitsandbytes") is None:
-        raise LlmkitError("lora.load_in_4bit (QLoRA) needs bitsandbytes: `pip install bitsandbytes` (>= 0.45 runs "
-                          "on CPUs too), or `pip install llmkit[qlora]`")
+    if cfg.lora.load_in_4bit and (_version("bitsandbytes") or (0,)) < (0, 50):
+        raise LlmkitError(f"lora.load_in_4bit (QLoRA) needs bitsandbytes >= 0.50 (found: {_version('bitsandbytes')}); "
+                          "the export check reloads the 4-bit base on the CPU, which older ones cannot: "
+                          "`pip install llmkit[qlora]`")
     if cfg.model.attn_implementation == "flash_attention_2":
-        if not torch.cuda.is_available():
+        if not hw.gpus:
             raise LlmkitError("model.attn_implementation flash_attention_2 needs a CUDA GPU; use sdpa (or leave it "
                               "unset) on this machine")
+        if not hw.gpu_bf16:
+            raise LlmkitError(f"model.attn_implementation flash_attention_2 needs an Ampere (sm80) or newer GPU; "
+                              f"{hw.describe_gpu()} is older: use sdpa")
         if importlib.util.find_spec("flash_attn") is None:
             raise LlmkitError("model.attn_implementation flash_attention_2 needs the flash-attn package (`pip "
                               "install flash-attn`); or use sdpa")
@@ -199,17 +224,19 @@ def check_recipe_keys(cfg: Config, recipe: str) -> None:
 
 
 def check(cfg: Config, world_size: int, recipe: str | None = None,
-          say: Callable[[str], None] = lambda line: None) -> Plan:
+          say: Callable[[str], None] = lambda line: None, hw: Hardware | None = None) -> Plan:
     """Every check before training, in order, for `recipe` (classification / causal_lm; None: the one the config
-    is for); `say` gets one line per check passed."""
+    is for); `say` gets one line per check passed. `hw`: this machine's (precision.hardware()) unless given."""
     def passed(line: str) -> None:
         plan_lines.append(line)
         say(line)
 
     plan_lines: list[str] = []
-    precision, why = resolve_precision(cfg.train.precision)
+    hw = hw or hardware()
+    check_devices(hw, launch.local_world_size())
+    precision, why = resolve_precision(cfg.train.precision, hw)
     passed(f"precision: {precision} ({why})")
-    check_loading(cfg, precision)
+    check_loading(cfg, precision, hw, deepspeed=launch.uses_deepspeed(cfg))
     launch.check_accelerate_env(cfg, precision)
     config, line = check_model(cfg)
     passed(line)

@@ -30,7 +30,7 @@ def main() -> None:
             f"{len(ds.validation)} examples"
             + (f"; label words {ds.label_words}" if ds.label_words else "")
             + ("; rows packed padding-free" if cfg.data.packing and ds.mode != "packed" else ""))
-    net = model.load_causal_lm(cfg.model, cfg.lora, tokenizer, precision=run.precision)
+    net = model.load_causal_lm(cfg.model, cfg.lora, tokenizer, precision=run.precision, zero3=run.zero_stage == 3)
     optimizer = optim.build_optimizer(cfg, net)
     train_loader, eval_loaders = loaders.lm_loaders(cfg, ds, tokenizer, acc.process_index, acc.num_processes)
     labels = ds.mode == "labels"

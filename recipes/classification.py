@@ -29,7 +29,7 @@ def main() -> None:
     run.log(f"data: train {len(ds.train)}, validation {len(ds.validation)}, test {len(ds.test) if ds.test else 0} "
             f"rows; labels {ds.label_names}")
     net = model.load_classifier(cfg.model, ds.label_names, pad_token_id=tokenizer.pad_token_id, lora=cfg.lora,
-                                precision=run.precision)
+                                precision=run.precision, zero3=run.zero_stage == 3)
     optimizer = optim.build_optimizer(cfg, net)
     train_loader, eval_loaders = loaders.classification_loaders(cfg, ds, tokenizer, acc.process_index,
                                                                 acc.num_processes)

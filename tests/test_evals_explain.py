@@ -113,3 +113,21 @@ def test_llmkit_explain_prints_and_refuses(planted, tmp_path, capsys):
         (tmp_path / "lm").mkdir()
         (tmp_path / "lm" / "config.json").write_text('{"architectures": ["LlamaForCausalLM"], "model_type": "llama"}')
         explain.load(tmp_path / "lm")
+
+
+def test_a_near_tie_that_flips_in_fp32_is_marked_not_fatal():
+    """A bf16/fp16 run's near tie may come out the other way in the explaining fp32 process: the row stays in the
+    report, marked with what the run said, beside the mistakes."""
+    from llmkit.report import explained
+
+    row = {"text": "a fine film", "words": ["a", "fine", "film"], "label": "pos", "prediction": "neg",
+           "run_prediction": "pos", "probabilities": [0.501, 0.499], "delta": {"neg": 1e-4, "pos": 1e-4},
+           "attributions": {"neg": [0.0, -0.2, 0.1], "pos": [0.0, 0.2, -0.1]}}
+    same = {**row, "prediction": "pos", "probabilities": [0.499, 0.501], "run_prediction": "pos"}
+    doc = {"split": "test", "steps": 16, "seconds": 1.0, "rows": [row, same], "summary": explain.summary([row, same]),
+           "baseline": "pad tokens"}
+    page = explained.html_section(doc, ["neg", "pos"])
+    table = "\n".join(explained.md_section(doc, ["neg", "pos"]))
+    for text in (page, table):
+        assert "neg (mistake) (the run: pos)" in text
+        assert text.count("(the run:") == 1  # the row that agrees is not marked

@@ -61,6 +61,12 @@ def test_zero_run_exports_a_model_plain_transformers_reloads(zero_runs, tiny_ber
     assert metrics["test"]["accuracy"] == pytest.approx(np.mean([g == id2label[p] for g, p in zip(gold, preds)]))
     assert metrics["export_check"]["same_predictions"] == metrics["export_check"]["rows"]
     assert metrics["train"]["world_size"] == 2 and metrics["train"]["zero_stage"] == stage
+    # every rank's peak memory, and the largest as the run's (what to provision), also in the report
+    peaks = metrics["train"]["per_rank"]["peak_memory_bytes"]
+    assert len(peaks) == 2 and min(peaks) > 0 and metrics["train"]["peak_memory_bytes"] == max(peaks)
+    facts = json.loads((out / "report.json").read_text())["runs"][0]["run"]
+    assert facts["peak_memory_gib_per_rank"] == [round(b / 2**30, 3) for b in peaks]
+    assert facts["peak_memory_gib"] == max(facts["peak_memory_gib_per_rank"])
     # 2 epochs of 80 rows / (batch x 2 ranks) batches per rank, one optimizer step per `accumulation` of them
     assert metrics["train"]["steps"] == 2 * (ZERO_RUN_ROWS // (batch * 2)) // accumulation == ZERO_RUN_STEPS
     # explanations come from a fresh process after the export (the ZeRO-3 run asks for them; the others do not)
@@ -74,11 +80,13 @@ def test_metrics_identical_on_one_and_two_ranks_with_uneven_eval(tmp_path, tiny_
     results = {}
     for n in (1, 2):
         cfg = write_config(tmp_path / f"c{n}.yaml", tiny_bert, tiny_data, tmp_path / f"out{n}")
-        proc = launch("tests/scripts/eval_only.py", [str(cfg), str(tmp_path / f"m{n}.json")], num_processes=n)
+        proc = launch("tests/scripts/eval_only.py", [str(cfg), str(tmp_path / f"m{n}.json"),
+                                                     "--train.collective_timeout_minutes", "7"], num_processes=n)
         check_ok(proc)
         results[n] = json.loads((tmp_path / f"m{n}.json").read_text())
     one, two = results[1], results[2]
     assert (one["world_size"], two["world_size"]) == (1, 2)
+    assert set(two["timeouts_s"]) == {7 * 60}  # the config's timeout reached every process group
     # 37 rows in batches of 4 over 2 ranks: the last round is padded by Accelerate and must be dropped again
     for r in (one, two):
         assert sorted(r["row"]) == list(range(37))

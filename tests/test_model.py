@@ -147,3 +147,26 @@ def test_lora_with_gradient_checkpointing_keeps_a_gradient_path(tiny_llama):
     net(input_ids=ids, labels=ids).loss.backward()
     grads = [p.grad for n, p in net.named_parameters() if "lora_B" in n]  # A's grad is 0 while B is still 0
     assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_a_4bit_base_keeps_one_dtype_under_zero3(tiny_llama):
+    """QLoRA's preparation: peft's upcasts every weight that is not 4-bit to fp32, which ZeRO-3 cannot flatten
+    beside 4-bit weights stored in the compute dtype; under ZeRO-3 the base keeps the compute dtype and still
+    passes gradients to the adapters. (The 4-bit loading itself needs a GPU; here the base is a bf16 model.)"""
+    from transformers import AutoModelForCausalLM
+
+    lora = LoraConfig(enabled=True, r=4, alpha=8, load_in_4bit=True)
+    cfg = ModelConfig(name_or_path=str(tiny_llama), gradient_checkpointing=True)
+    options = model.loading_options(cfg, lora, "bf16")
+    assert options["dtype"] == torch.bfloat16 and options["quantization_config"].bnb_4bit_quant_storage == \
+        torch.bfloat16  # the weights that stay unquantized load in the dtype the packed ones are stored in
+    dtypes = {}
+    for zero3 in (False, True):
+        base = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.bfloat16)
+        net = model.apply_lora(model._for_adapters(base, cfg, lora, zero3=zero3), lora, task_type="CAUSAL_LM")
+        dtypes[zero3] = {p.dtype for n, p in net.named_parameters() if "lora_" not in n}
+        net.train()
+        net(input_ids=torch.tensor([[1, 2, 3, 4]]), labels=torch.tensor([[1, 2, 3, 4]])).loss.backward()
+        assert all(p.grad is not None for n, p in net.named_parameters() if "lora_" in n), zero3
+    assert dtypes[False] == {torch.float32}  # peft's preparation (ZeRO-2, one process): norms and all in fp32
+    assert dtypes[True] == {torch.bfloat16}

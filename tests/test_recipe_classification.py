@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from helpers import LAUNCH_ENV, ROOT, check_ok, launch, write_config, write_jsonl
+from helpers import LAUNCH_ENV, ROOT, assert_same_predictions, check_ok, launch, write_config, write_jsonl
 
 LM_ROWS = [("is this film good", "pos"), ("this film is bad", "neg"), ("you are helpful", "pos"),
            ("is this bad", "neg"), ("this is good", "pos"), ("bad film", "neg")]
@@ -242,12 +242,12 @@ def test_make_demo_runs_from_the_repo_root_and_exports_a_loadable_model(demo_run
                          timeout=300)
     assert got.returncode == 0, got.stderr[-3000:]
     predicted = json.loads(got.stdout.strip().splitlines()[-1])
-    same = sum(p == r["prediction"] for p, r in zip(predicted, rows)) / len(rows)
-    # the demo's precision is auto: bf16 on a CPU with native bf16, where a near tie may flip in the fp32 reload
+    # the demo's precision is auto: bf16 on a CPU with native bf16 (or a GPU), where a near tie may flip
     precision = json.loads((out / "run_info.json").read_text())["precision"]
-    assert same == 1.0 if precision == "fp32" else same >= 0.97, (precision, same)
+    assert_same_predictions(predicted, rows, precision)
+    flipped = sum(p != r["prediction"] for p, r in zip(predicted, rows))
     accuracy = sum(p == r["label"] for p, r in zip(predicted, rows)) / len(rows)
-    assert accuracy == pytest.approx(metrics["test"]["accuracy"], abs=0.0 if same == 1.0 else 0.03)
+    assert abs(accuracy - metrics["test"]["accuracy"]) <= flipped / len(rows) + 1e-9
 
 
 @pytest.mark.slow

@@ -139,6 +139,7 @@ def summary(explained: list[dict]) -> dict[str, list[list]]:
 def for_run(run_dir: Path, split: str, count: int, seed: int, trust_remote_code: bool = False, log=print) -> dict:
     """Explain `count` rows of a run's predictions on `split` with its exported model, in a fresh CPU process
     (llmkit.fresh: not inside a training rank). Writes explanations.json."""
+    log(f"explanations: explaining {count} rows of {split} word by word in a fresh CPU process")
     proc = fresh.run_python(["-m", "llmkit.evals.explain", str(fresh.absolute(run_dir)), split, str(count),
                              str(seed), str(int(trust_remote_code))])
     if proc.returncode != 0:
@@ -146,6 +147,9 @@ def for_run(run_dir: Path, split: str, count: int, seed: int, trust_remote_code:
                           f"with output.explain_rows: 0 to skip it):\n{proc.stderr[-2000:]}")
     doc = json.loads((Path(run_dir) / FILE).read_text())
     log(f"explanations: {len(doc['rows'])} rows of {split} in {doc['seconds']} s ({Path(run_dir) / FILE})")
+    if doc.get("disagree"):
+        log(f"explanations: {doc['disagree']} row(s) come out otherwise in fp32 on the CPU than in the run (near ties "
+            "in its precision); the report marks them")
     return doc
 
 
@@ -157,12 +161,12 @@ def _write(run_dir: Path, split: str, count: int, seed: int, trust_remote_code: 
     chosen = choose(rows, count, seed)
     explained = explain(model, tokenizer, [r["text"] for r in chosen])
     for row, done in zip(chosen, explained):
-        done.update(row=row["row"], label=row["label"])
-        if done["prediction"] != row["prediction"]:  # the export reproduces the run's logits (verified)
-            raise LlmkitError(f"explaining row {row['row']}: the exported model predicts {done['prediction']}, the "
-                              f"run predicted {row['prediction']}")
+        # the export reproduces the run's logits (verified), but a bf16/fp16 run's near tie may come out the other
+        # way in this fp32 process: kept and marked, not an error
+        done.update(row=row["row"], label=row["label"], run_prediction=row["prediction"])
     doc = {"split": split, "steps": STEPS, "rows": explained, "summary": summary(explained),
            "baseline": "the text's word tokens replaced by the pad token; special tokens and mask kept",
+           "disagree": sum(r["prediction"] != r["run_prediction"] for r in explained),
            "seconds": round(time.perf_counter() - began, 2)}
     (run_dir / FILE).write_text(json.dumps(doc, ensure_ascii=False, indent=1))
 

@@ -32,6 +32,13 @@ def _word(word: str, value: float, scale: float) -> str:
     return (f"<span class='{kind}' style='background:{colour}' title='{value:+.4f}'>{html.escape(word)}</span>")
 
 
+def _marks(row: dict) -> str:
+    """A mistake; a row the explaining model (fp32, CPU) predicts otherwise than the run did (a near tie)."""
+    mark = "" if row["prediction"] == row["label"] else " (mistake)"
+    run = row.get("run_prediction", row["prediction"])
+    return mark + ("" if run == row["prediction"] else f" (the run: {run})")
+
+
 def html_section(doc: dict, names: list[str]) -> str:
     rows = doc["rows"]
     if not rows:
@@ -48,7 +55,7 @@ def html_section(doc: dict, names: list[str]) -> str:
         values = contrast(row, names)[0]
         scale = max((abs(v) for v in values), default=0.0)
         text = " ".join(_word(w, v, scale) for w, v in zip(row["words"], values))
-        mark = "" if row["prediction"] == row["label"] else " (mistake)"
+        mark = _marks(row)
         parts.append(f"<tr><td class='why'>{text}</td><td>{html.escape(row['label'])}</td>"
                      f"<td>{html.escape(row['prediction'] + mark)}</td><td>{max(row['probabilities']):.3f}</td>"
                      f"<td>{max(row['delta'].values()):.1e}</td></tr>")
@@ -72,6 +79,6 @@ def md_section(doc: dict, names: list[str]) -> list[str]:
         values = contrast(row, names)[0]
         top = sorted(zip(values, row["words"]), key=lambda t: -abs(t[0]))[:3]
         words = ", ".join(f"{w} ({v:+.2f})" for v, w in top)
-        lines.append(f"| {row['text'].replace('|', '/')} | {row['label']} | {row['prediction']} | "
+        lines.append(f"| {row['text'].replace('|', '/')} | {row['label']} | {row['prediction']}{_marks(row)} | "
                      f"{words.replace('|', '/')} | {max(row['delta'].values()):.1e} |")
     return lines

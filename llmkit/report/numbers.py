@@ -160,6 +160,10 @@ def _scalars(path: Path) -> dict[str, list[list[float]]]:
     return series
 
 
+def _gib(nbytes: int | None) -> float | None:
+    return None if nbytes is None else round(nbytes / 2**30, 3)
+
+
 def run_report(run_dir: Path) -> dict:
     """The report of one run directory (or one `llmkit eval` output directory): kind "classification" (from its
     predictions) or, for a causal-LM run that writes none, kind "lm" (loss and perplexity per split)."""
@@ -201,6 +205,9 @@ def run_report(run_dir: Path) -> dict:
         "train_seconds": train.get("train_seconds"),
         "samples_per_second": train.get("samples_per_second"),
         "real_tokens_per_second": train.get("real_tokens_per_second"),
+        # every rank's peak (GPU: allocated; CPU: resident set) and the largest, which is what to provision
+        "peak_memory_gib": _gib(train.get("peak_memory_bytes")),
+        "peak_memory_gib_per_rank": [_gib(b) for b in train.get("per_rank", {}).get("peak_memory_bytes", [])],
         "versions": info.get("versions"), "git_commit": info.get("git_commit"),
     }
     report["data_mixture"] = metrics.get("data_mixture") or []

@@ -93,6 +93,8 @@ def save_classifier(run: Run, model, tokenizer, results: dict, rows, predictions
         else:
             unwrapped.save_pretrained(tmp, state_dict=state_dict, **canonical_names(unwrapped))
             tokenizer.save_pretrained(tmp)
+        run.log("export: reloading it with plain transformers in a fresh CPU process to check it"
+                + (" (and merging the adapter)" if probe.get("lora") else "") + "; the other ranks wait")
         try:  # for LoRA this writes the merged classifier into tmp first
             checked = verify.check_classifier(tmp, probe)
         except LlmkitError as exc:
@@ -156,6 +158,8 @@ def save_causal_lm(run: Run, model, tokenizer, results: dict, train_rows) -> Pat
         probe = {"kind": "causal_lm", "precision": run.precision, "lora": lora, "base": base, "ids": ids,
                  "trust_remote_code": run.cfg.model.trust_remote_code, "quantized": _quantized(run),
                  "logits": np.asarray(logits, dtype=np.float64).tolist()}
+        run.log("export: reloading it with plain transformers in a fresh CPU process to check it"
+                + (" (and merging the adapter)" if lora else "") + "; the other ranks wait")
         try:  # for LoRA this also writes merged/
             checks = verify.check_causal_lm(tmp / "adapter" if lora else tmp, probe, merged_out=tmp / "merged")
         except LlmkitError as exc:

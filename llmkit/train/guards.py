@@ -4,6 +4,7 @@ stuck at its floor."""
 from __future__ import annotations
 
 import signal
+from datetime import timedelta
 
 import torch
 from accelerate import Accelerator
@@ -14,13 +15,13 @@ from llmkit.errors import LlmkitError
 class StopSignal:
     """SIGTERM / SIGINT set a flag; the loop finishes its step, the ranks agree, a checkpoint is written."""
 
-    def __init__(self, acc: Accelerator):
+    def __init__(self, acc: Accelerator, timeout: timedelta | None = None):
         self.name = None
         self._old = {sig: signal.signal(sig, self._catch) for sig in (signal.SIGTERM, signal.SIGINT)}
         # the flag travels through a host-side (gloo) group: asking every step must not wait for the GPU
         self.group = None
         if acc.num_processes > 1 and acc.device.type != "cpu":
-            self.group = torch.distributed.new_group(backend="gloo")
+            self.group = torch.distributed.new_group(backend="gloo", timeout=timeout)
 
     def _catch(self, signum, frame):
         self.name = signal.Signals(signum).name

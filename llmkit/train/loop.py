@@ -20,7 +20,7 @@ from llmkit.errors import LlmkitError
 from llmkit.metrics import LOWER_IS_BETTER
 from llmkit.train import checkpoint, optim, profiling
 from llmkit.train.guards import LossScaleGuard, StopSignal
-from llmkit.train.meter import Meter, peak_memory, sharded_elements
+from llmkit.train.meter import Meter, per_rank
 from llmkit.train.run import Run
 
 EvalFn = Callable[[object, object, int], dict]  # (model, eval loader, step) -> metrics of the validation split
@@ -166,11 +166,12 @@ def fit(run: Run, model, optimizer, train_loader, eval_loader, eval_fn: EvalFn,
     bar.close()
     if profiler is not None:
         profiler.stop()
+    ranks = per_rank(acc, model, optimizer)
     summary = {"steps": state.step, "epochs": round(state.step / steps_per_epoch, 3), **meter.summary(),
                "world_size": acc.num_processes, "precision": run.precision, "zero_stage": run.zero_stage,
-               "peak_memory_bytes": peak_memory(),
+               "peak_memory_bytes": max(ranks["peak_memory_bytes"]),  # the largest rank's: what to provision
                "train_examples": train_loader.examples * acc.num_processes if stream else len(train_loader.dataset),
-               "history": state.history, "per_rank": sharded_elements(acc, model, optimizer)}
+               "history": state.history, "per_rank": ranks}
     if run.elastic is not None:  # the resume changed how the global batch is split
         summary["elastic_resume"] = run.elastic.record()
     return {"model": model, "summary": summary}

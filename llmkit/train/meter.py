@@ -103,10 +103,12 @@ def _innermost_optimizer(optimizer):
     return optimizer
 
 
-def sharded_elements(acc, model, optimizer) -> dict[str, list[int]]:
-    """Elements each rank really holds: parameters and optimizer states, read from the engine (not assumed)."""
+def per_rank(acc, model, optimizer) -> dict[str, list[int]]:
+    """What each rank really holds, read from the engine (not assumed): parameter and optimizer-state elements,
+    and its peak memory so far (ranks differ: rank 0 also evaluates and gathers)."""
     params = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in model.parameters())
     state = _innermost_optimizer(optimizer).state
     states = sum(v.numel() for s in state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0)
-    counts = acc.gather(torch.tensor([[params, states]], device=acc.device)).tolist()
-    return {"parameter_elements": [c[0] for c in counts], "optimizer_state_elements": [c[1] for c in counts]}
+    counts = acc.gather(torch.tensor([[params, states, peak_memory()]], device=acc.device)).tolist()
+    return {"parameter_elements": [c[0] for c in counts], "optimizer_state_elements": [c[1] for c in counts],
+            "peak_memory_bytes": [c[2] for c in counts]}

@@ -13,6 +13,7 @@ import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import TypeVar
 
@@ -156,10 +157,10 @@ def setup(cfg: Config, recipe: str) -> Run:
     if not torch.cuda.is_available():
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         torch.set_num_threads(cfg.train.num_threads or max(1, (os.cpu_count() or 1) // local))
-    handlers = []
-    if not torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
-        # without gloo, Accelerate + DeepSpeed on CPU see world size 1 and DeepSpeed rejects the batch sizes
-        handlers.append(InitProcessGroupKwargs(backend="gloo"))
+    # without gloo, Accelerate + DeepSpeed on CPU see world size 1 and DeepSpeed rejects the batch sizes; the
+    # timeout reaches the default group (DeepSpeed reuses it) and the stop-flag group (guards.StopSignal)
+    timeout = timedelta(minutes=cfg.train.collective_timeout_minutes)
+    handlers = [InitProcessGroupKwargs(backend="nccl" if torch.cuda.is_available() else "gloo", timeout=timeout)]
     plugin = DeepSpeedPlugin(hf_ds_config=plan.ds_config) if plan.ds_config is not None else None
     accelerator = Accelerator(
         mixed_precision=ACCELERATE_PRECISION[plan.precision],
@@ -189,7 +190,7 @@ def setup(cfg: Config, recipe: str) -> Run:
     for line in preflight.warnings(cfg):
         run.log(line)
     accelerator.wait_for_everyone()  # the folder is llmkit's before any rank writes into it
-    run.stop = StopSignal(accelerator)
+    run.stop = StopSignal(accelerator, timeout)
     trackers.start(accelerator, cfg, plan.output_dir, trackers.hyperparameters(
         cfg, world_size=accelerator.num_processes, precision=plan.precision, zero_stage=run.zero_stage))
     return run

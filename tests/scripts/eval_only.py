@@ -3,6 +3,8 @@
 import json
 import sys
 
+import torch
+
 from llmkit import model
 from llmkit.config import load_config
 from llmkit.data import classification, loaders
@@ -26,6 +28,10 @@ def main() -> None:
     if acc.is_main_process:
         rows = {"metrics": metrics, "row": out["row"].tolist(), "pred": out["logits"].argmax(-1).tolist(),
                 "labels": out["labels"].tolist(), "world_size": acc.num_processes}
+        if torch.distributed.is_initialized():  # the timeout every process group got (train.collective_timeout_*)
+            groups = [torch.distributed.group.WORLD] + ([run.stop.group] if run.stop.group is not None else [])
+            rows["timeouts_s"] = [g._get_backend(torch.device("cpu")).options._timeout.total_seconds()
+                                  for g in groups]
         with open(sys.argv[2], "w") as fh:
             json.dump(rows, fh)
 
