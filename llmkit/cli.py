@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from llmkit import fresh
 from llmkit.errors import LlmkitError
 from llmkit.fresh import absolute  # every folder argument: some work on it runs in a fresh process elsewhere
 
@@ -37,10 +38,13 @@ def _tell_launcher(line: str) -> None:
         pass  # the summary then says less; the line itself is already on stderr
 
 
-def guarded(fn: Callable[[], object]) -> None:
-    """Run `fn`; print an LlmkitError as one clear line (no traceback) and exit 2."""
+def guarded(fn: Callable[[], object], end: bool = False) -> None:
+    """Run `fn`; print an LlmkitError as one clear line (no traceback) and exit 2. `end`: this is the whole
+    process (a recipe, the console command), so it ends without the interpreter's slow teardown (fresh.end)."""
     try:
         fn()
+        if end:
+            fresh.end(0)
     except LlmkitError as exc:
         line = f"llmkit: error: {exc}"
         if is_main_rank():
@@ -56,6 +60,8 @@ def guarded(fn: Callable[[], object]) -> None:
                 _tell_launcher(line)
                 print(f"llmkit: error (rank {os.environ.get('RANK')}): {exc}", file=sys.stderr, flush=True)
         _leave_process_group()
+        if end:
+            fresh.end(USER_ERROR)
         sys.exit(USER_ERROR)
 
 
@@ -201,7 +207,8 @@ def _config(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of the `llmkit` console script."""
+    """Entry point of the `llmkit` console script (argv None: the whole process; tests pass their argv)."""
+    whole = argv is None
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["launch"]:  # every further argument is Accelerate's
         launch(argv[1:])
@@ -290,7 +297,7 @@ def main(argv: list[str] | None = None) -> None:
     if rest and args.command != "validate":
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     args.overrides = rest
-    guarded(lambda: args.fn(args))
+    guarded(lambda: args.fn(args), end=whole)
 
 
 if __name__ == "__main__":

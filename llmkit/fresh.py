@@ -18,6 +18,26 @@ def absolute(path: str | Path) -> Path:
     return Path(os.path.abspath(Path(path).expanduser()))
 
 
+def end(code: int = 0) -> None:
+    """Exit now, as the interpreter would, less its teardown: with torch, transformers and DeepSpeed loaded,
+    freeing every module takes ~1.7 s (measured on 2 cores), paid by each rank, fresh process and command. What
+    an exit must still do is done first: wait for non-daemon threads, run the atexit handlers (the run's lock,
+    trackers, logging), flush the standard streams."""
+    import atexit
+    import threading
+
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing more can reach it
+            pass
+    os._exit(code)
+
+
 RANK_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 

@@ -173,3 +173,4 @@ def _write(run_dir: Path, split: str, count: int, seed: int, trust_remote_code: 
 
 if __name__ == "__main__":
     _write(Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "1")
+    fresh.end(0)

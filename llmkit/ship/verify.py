@@ -40,7 +40,7 @@ def check_weights(folder: Path) -> None:
 # The reload scripts run in a fresh interpreter: plain transformers (+ peft), no llmkit import, no DeepSpeed
 # state (under ZeRO-3 an in-process from_pretrained would partition the reloaded model across ranks and wait).
 _PREAMBLE = """
-import inspect, torch
+import inspect, os, torch
 def save_plain(model, folder):  # the model's own parameter names (transformers 5 may map some to legacy ones)
     kwargs = {"save_original_format": False} if "save_original_format" in inspect.signature(
         model.save_pretrained).parameters else {}
@@ -84,7 +84,11 @@ model, info = AutoModelForSequenceClassification.from_pretrained(spec["folder"],
 with torch.no_grad():
     out["logits"] = model.eval()(**encode(tok)).logits.float().tolist()
 out.update(missing=sorted(info["missing_keys"]), unexpected=sorted(info["unexpected_keys"]))
-json.dump(out, open(sys.argv[2], "w"))
+with open(sys.argv[2], "w") as fh:
+    json.dump(out, fh)
+sys.stdout.flush()
+sys.stderr.flush()
+os._exit(0)  # the answer is written: skip the interpreter teardown of torch and transformers (~1.7 s)
 """
 
 
@@ -115,7 +119,11 @@ with torch.no_grad():
     out["model"] = model(input_ids=ids).logits.tolist()
     # the run computed in bf16/fp16: compare with the same arithmetic, so a small weight error cannot hide in noise
     out["in_run_dtype"] = model.to(getattr(torch, spec["dtype"]))(input_ids=ids).logits.float().tolist()
-json.dump(out, open(sys.argv[2], "w"))
+with open(sys.argv[2], "w") as fh:
+    json.dump(out, fh)
+sys.stdout.flush()
+sys.stderr.flush()
+os._exit(0)  # the answer is written: skip the interpreter teardown of torch and transformers (~1.7 s)
 """
 
 
