@@ -187,11 +187,16 @@ def _explain(args: argparse.Namespace) -> None:
         texts += [line for line in Path(args.file).read_text().splitlines() if line.strip()]
     if not texts:
         raise LlmkitError("give the texts to explain: --text \"...\" (repeatable) or --file FILE (one per line)")
-    model, tokenizer = explain.load(args.model_dir, args.trust_remote_code)
-    for row in explain.explain(model, tokenizer, texts, steps=args.steps):
+    subject = explain.load(args.model_dir, args.trust_remote_code, prompt_template=args.prompt_template,
+                           label_words=args.label_words, max_length=args.max_length)
+    pairs = [args.text_pair] * len(texts) if args.text_pair is not None else None
+    for row in explain.explain(subject, texts, pairs, steps=args.steps):
         names = list(row["attributions"])
         probs = ", ".join(f"{n} {p:.3f}" for n, p in zip(names, row["probabilities"]))
-        print(f"\n{row['text']}\n  predicted: {row['prediction']} ({probs})")
+        pair = f"\n  (pair) {row['text_pair']}" if "text_pair" in row else ""
+        print(f"\n{row['text']}{pair}\n  predicted: {row['prediction']} ({probs})")
+        if not row["converged"]:
+            print(f"  the delta is large against what it explains: rerun with more --steps than {args.steps}")
         for name in names:
             words = "  ".join(f"{w} {a:+.3f}" for w, a in zip(row["words"], row["attributions"][name]))
             print(f"  toward {name} (delta {row['delta'][name]:.1e}): {words}")
@@ -280,10 +285,16 @@ def main(argv: list[str] | None = None) -> None:
                      help="the recipe you will run (default: causal_lm for a causal LM or prompt/chat data)")
     val.set_defaults(fn=_validate)  # any further --section.key value arguments override the config
     exp = sub.add_parser("explain", help="each word's attribution toward every label of an exported classifier "
-                         "(integrated gradients)")
-    exp.add_argument("model_dir", type=absolute, help="a run's final/ folder (or any saved sequence classifier)")
+                         "or label-word causal LM (integrated gradients)")
+    exp.add_argument("model_dir", type=absolute,
+                     help="a run's final/ folder (or any saved sequence classifier or causal LM)")
     exp.add_argument("--text", action="append", help="a text to explain (repeatable)")
     exp.add_argument("--file", help="a file of texts, one per line")
+    exp.add_argument("--text-pair", help="the second text of a text-pair classifier, the same for every text")
+    exp.add_argument("--prompt-template", help="a causal LM's prompt with {text} (default: the run's "
+                     "data.prompt_template, from training_config.yaml beside the model)")
+    exp.add_argument("--label-words", nargs="+", help="a causal LM's label words, in label order (default: the run's)")
+    exp.add_argument("--max-length", type=int, help="the longest prompt in tokens (default: the run's data.max_length)")
     exp.add_argument("--steps", type=int, default=16, help="integration steps (more: smaller delta, slower)")
     exp.add_argument("--trust-remote-code", action="store_true", help="run the model folder's own Python code")
     exp.set_defaults(fn=_explain)

@@ -161,7 +161,7 @@ class OutputConfig:
     hub_revision: str | None = None  # a branch; default main
     hub_strategy: str = "end"  # end | every_save (each checkpoint too, uploaded in the background)
     hub_push_merged: bool = False  # LoRA runs: also push the merged model (under merged/)
-    explain_rows: int = 8  # classifiers: report rows explained word by word (confident mistakes first); 0: none
+    explain_rows: int = 8  # classifiers, label-word LMs: report rows explained word by word (mistakes first); 0: none
     hub_license: str | None = None  # model card license; default: the base model's when known, else "other"
 
 

@@ -195,7 +195,8 @@ ONLY_IN = {
     "classification": (),
 }
 # the causal-LM recipe reads these only for generative classification (data.prompt_template)
-LABELS_ONLY = ("data.label_names", "data.clean_text", "data.drop_bad_rows", "train.class_weights")
+LABELS_ONLY = ("data.label_names", "data.clean_text", "data.drop_bad_rows", "train.class_weights",
+               "output.explain_rows")
 
 
 def recipe_of(cfg: Config, config) -> str:

@@ -9,6 +9,7 @@ from llmkit import model
 from llmkit.cli import guarded, recipe_args
 from llmkit.config import load_config
 from llmkit.data import lm, loaders
+from llmkit.evals import explain
 from llmkit.evals import lm as lm_eval
 from llmkit.evals.classification import write_predictions
 from llmkit.report import pages
@@ -63,7 +64,7 @@ def main() -> None:
         results[name] = last["metrics"]
         if labels and acc.is_main_process:
             write_predictions(run.output_dir / f"predictions_{name}.jsonl", ds.rows[name], last["out"],
-                              ds.label_names, cfg.data.text_column)
+                              ds.label_names, cfg.data.text_column, cfg.data.text_pair_column)
     if ds.packing is not None:
         results["packing_efficiency"] = ds.packing.efficiency
     if ds.sources:
@@ -76,6 +77,9 @@ def main() -> None:
         shown = f"accuracy {m['accuracy']:.4f}  f1 {m['f1']:.4f}  " if "accuracy" in m else ""
         run.log(f"{name}: {shown}loss {m['loss']:.4f}  perplexity {m['perplexity']:.2f}")
     run.log(f"export: {final}  (train {result['summary']['train_seconds']} s)")
+    if labels and acc.is_main_process and cfg.output.explain_rows:  # why it said that: the export, on rank 0
+        explain.for_run(run.output_dir, "test" if ds.test is not None else "validation", cfg.output.explain_rows,
+                        cfg.train.seed, trust_remote_code=cfg.model.trust_remote_code, log=run.log)
     pages.write_for_run(run)  # classification numbers for label words; loss, perplexity and the data otherwise
     run.finish(skipped=hub.push_run(run, uploader))
 

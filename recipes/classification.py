@@ -50,7 +50,7 @@ def main() -> None:
         results[name], outputs[name] = evaluate(run, net, acc.prepare_data_loader(loader), num_labels)
         if acc.is_main_process:
             write_predictions(run.output_dir / f"predictions_{name}.jsonl", ds.rows[name], outputs[name],
-                              ds.label_names, cfg.data.text_column)
+                              ds.label_names, cfg.data.text_column, cfg.data.text_pair_column)
 
     # export, verified by reloading with plain transformers
     check = "test" if ds.test is not None else "validation"
@@ -60,11 +60,8 @@ def main() -> None:
         run.log(f"{name}: accuracy {m['accuracy']:.4f}  f1 {m['f1']:.4f}  ({m['samples']} rows)")
     run.log(f"export: {final}  (train {result['summary']['train_seconds']} s)")
     if acc.is_main_process and cfg.output.explain_rows:  # why it said that: the exported model, on rank 0
-        if cfg.data.text_pair_column:
-            run.log("explanations: not computed for text pairs yet (set output.explain_rows: 0 to silence this)")
-        else:
-            explain.for_run(run.output_dir, check, cfg.output.explain_rows, cfg.train.seed,
-                            trust_remote_code=cfg.model.trust_remote_code, log=run.log)
+        explain.for_run(run.output_dir, check, cfg.output.explain_rows, cfg.train.seed,
+                        trust_remote_code=cfg.model.trust_remote_code, log=run.log)
     pages.write_for_run(run)
     run.finish(skipped=hub.push_run(run, uploader))
 

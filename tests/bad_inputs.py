@@ -190,6 +190,8 @@ CASES: list[Case] = [
          "train.sample_prompts"),
     Case("config", "label names for a causal LM without labels", _lm(lambda c, t: c["data"].update(
         label_names=["a", "b"])), "data.label_names"),
+    Case("config", "explained rows for a causal LM without labels", _lm(lambda c, t: c["output"].update(
+        explain_rows=4)), "output.explain_rows"),
     Case("config", "half-precision weights for an fp32 run", validate(None, "--model.dtype", "float16"),
          "model.dtype float16 does not go with precision fp32"),
     Case("config", "flash attention without a GPU", validate(None, "--model.attn_implementation",

@@ -4,13 +4,14 @@ delta), pointed at the word that decides the label, words rather than sub-tokens
 from __future__ import annotations
 
 import random
+from types import SimpleNamespace
 
 import pytest
 import torch
 from helpers import FILLER, build_tiny_bert
 
 from llmkit.errors import LlmkitError
-from llmkit.evals import explain
+from llmkit.evals import attribution, explain
 
 PLANTED = "superb"  # label 1 exactly when a row holds it
 
@@ -30,9 +31,12 @@ def _rows(n: int, seed: int) -> list[tuple[str, int]]:
 def planted(tmp_path_factory):
     """The tiny BERT trained in-process until a planted word decides its label; saved as an export."""
     out = build_tiny_bert(tmp_path_factory.mktemp("planted"))
-    model, tok = explain.load(out)
+    subject = explain.load(out)
+    model, tok = subject.model, subject.tokenizer
     torch.manual_seed(0)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    # it learns the rule but stays unsure (p ~0.63): trained harder, this tiny BERT turns into a switch along the
+    # integration path, and its deltas grow past what they explain (test_sharp_models_are_flagged)
+    opt = torch.optim.AdamW(model.parameters(), lr=7e-4)
     model.train()
     rows = _rows(192, 1)
     for _ in range(4):
@@ -47,9 +51,10 @@ def planted(tmp_path_factory):
 
 
 def test_attributions_add_up_and_find_the_planted_word(planted):
-    model, tok = explain.load(planted)
+    subject = explain.load(planted)
+    model, tok = subject.model, subject.tokenizer
     rows = _rows(12, 7)
-    done = explain.explain(model, tok, [t for t, _ in rows])
+    done = explain.explain(subject, [t for t, _ in rows], steps=64)
     for (text, label), row in zip(rows, done):
         assert row["prediction"] == model.config.id2label[label], text  # it learned the rule
         enc = tok(text, return_tensors="pt")
@@ -63,6 +68,8 @@ def test_attributions_add_up_and_find_the_planted_word(planted):
             total = sum(row["attributions"][name])
             # completeness: what the words get is what the text changes over the baseline, to the integral's delta
             assert abs(total - float(f[c] - f0[c])) <= row["delta"][name] + 1e-5 * len(row["words"]), (text, name)
+            assert row["delta"][name] < 1e-3 and row["converged"]  # and the integral did converge
+            assert row["change"][name] == pytest.approx(float(f[c] - f0[c]), abs=1e-4)
         assert row["words"] == text.split()
         if label:  # the planted word takes the largest share toward the label it decides
             toward = row["attributions"][model.config.id2label[1]]
@@ -75,12 +82,16 @@ def test_word_pieces_are_merged_into_words():
     from llmkit import assets
 
     tok = AutoTokenizer.from_pretrained(assets.resolve("asset:minilm"))
+    labels = SimpleNamespace(config=SimpleNamespace(id2label={0: "neg", 1: "pos"}, num_labels=2))
     text = "Unbelievably charming, isn't it?"
-    enc = tok(text, return_offsets_mapping=True, return_tensors="pt")
-    assert len(enc["input_ids"][0]) > len(text.split()) + 2  # the tokenizer does split it into pieces
-    words, values = explain._words(text, enc, torch.ones(enc["input_ids"].shape[1]))
-    assert "".join(words) == text.replace(" ", "")  # every character once, words as written
-    assert words[:2] == ["Unbelievably", "charming"] and values[0] > 1  # one word from several pieces, summed
+    frame = attribution.Classifier(labels, tok).frame(text)
+    assert frame.ids.shape[1] > len(text.split()) + 2  # the tokenizer does split it into pieces
+    assert "".join(frame.words) == text.replace(" ", "")  # every character once, words as written
+    assert frame.words[:2] == ["Unbelievably", "charming"] and frame.word_of.count(0) > 1  # pieces of one word
+    assert frame.word_of[0] is None and frame.word_of[-1] is None  # [CLS], [SEP]: kept in the baseline
+    assert (frame.baseline[0, 1:-1] == tok.pad_token_id).all() and frame.baseline[0, 0] == frame.ids[0, 0]
+    pair = attribution.Classifier(labels, tok).frame("Fine.", "Really fine")
+    assert pair.words == ["Fine", ".", "Really", "fine"] and pair.pair_from == 2  # the pair's words follow
 
 
 def test_rows_chosen_and_summarised():
@@ -109,9 +120,12 @@ def test_llmkit_explain_prints_and_refuses(planted, tmp_path, capsys):
         main(["explain", str(tmp_path), "--text", "hi"])  # not a model folder
     assert stop.value.code == 2
     assert "holds no exported model" in capsys.readouterr().err
-    with pytest.raises(LlmkitError, match="not a sequence classifier"):
+    with pytest.raises(LlmkitError, match="give --prompt-template and --label-words"):
         (tmp_path / "lm").mkdir()
         (tmp_path / "lm" / "config.json").write_text('{"architectures": ["LlamaForCausalLM"], "model_type": "llama"}')
+        explain.load(tmp_path / "lm")  # a causal LM with no run records: what would it classify by?
+    with pytest.raises(LlmkitError, match="neither a sequence classifier nor a causal LM"):
+        (tmp_path / "lm" / "config.json").write_text('{"architectures": ["BertModel"], "model_type": "bert"}')
         explain.load(tmp_path / "lm")
 
 
@@ -131,3 +145,122 @@ def test_a_near_tie_that_flips_in_fp32_is_marked_not_fatal():
     for text in (page, table):
         assert "neg (mistake) (the run: pos)" in text
         assert text.count("(the run:") == 1  # the row that agrees is not marked
+
+
+LM_TEMPLATE = "is this {text}"
+LM_FILLER = ["you", "are", "helpful", "film", "hi"]  # none of them in the template or the chat frame
+LM_LABELS = ["negative", "positive"]
+
+
+@pytest.fixture(scope="module")
+def label_words(tiny_lm):
+    """The tiny Llama trained in-process to answer positive exactly when the text holds "good"."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmkit.data import lm
+
+    tok = AutoTokenizer.from_pretrained(tiny_lm / "model")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm / "model", dtype=torch.float32)
+    rng = random.Random(3)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(200):  # ~2 s; sure of the rule after ~60 steps
+        batch = []
+        for i in range(16):
+            words = rng.choices(LM_FILLER, k=rng.randint(2, 5))
+            if i % 2:
+                words.insert(rng.randrange(len(words) + 1), "good")
+            batch.append(lm.fit_prompt(tok, LM_TEMPLATE, " ".join(words), LM_LABELS[i % 2], 32))
+        width = max(len(e["input_ids"]) for e in batch)
+        def pad(key, value, batch=batch, width=width):
+            return torch.tensor([e[key] + [value] * (width - len(e[key])) for e in batch])
+
+        model(input_ids=pad("input_ids", 0), attention_mask=pad("attention_mask", 0),
+              labels=pad("labels", lm.IGNORE)).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return model.eval(), tok
+
+
+def _label_score(model, tok, text: str, baseline: bool) -> list[float]:
+    """Each label word's summed log-likelihood after the prompt, computed here from the training examples; the
+    baseline swaps the text's tokens in the prompt for pad."""
+    from llmkit.data import lm
+
+    words = set(tok(text, add_special_tokens=False)["input_ids"])
+    out = []
+    for answer in LM_LABELS:
+        ex = lm.fit_prompt(tok, LM_TEMPLATE, text, answer, 32)
+        ids, labels = torch.tensor([ex["input_ids"]]), torch.tensor(ex["labels"])
+        first = int((labels != lm.IGNORE).nonzero()[0])
+        if baseline:
+            ids[0, :first] = torch.tensor([tok.pad_token_id if t in words else t for t in ex["input_ids"][:first]])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
+        out.append(sum(float(logp[p - 1, labels[p]]) for p in range(first, len(labels)) if labels[p] != lm.IGNORE))
+    return out
+
+
+@pytest.mark.parametrize("chat", [True, False], ids=["chat-template", "plain-prompt"])
+def test_label_word_attributions_add_up_and_find_the_planted_word(label_words, chat):
+    """Label-word classification: the words' attributions split the centred label log-likelihood's change over
+    the baseline, and "good" (which decides the answer) takes the largest share toward positive."""
+    import copy
+
+    model, tok = label_words
+    if not chat:
+        tok = copy.deepcopy(tok)
+        tok.chat_template = None  # the prompt as plain text (plus EOS after the answer)
+    subject = attribution.LabelWords(model, tok, LM_TEMPLATE, LM_LABELS, LM_LABELS, 32)
+    texts = ["you are good", "hi film", "film good hi you", "helpful you are"]
+    # "good" moves the answer by ~12 nats, sharply along the path: 128 steps for a delta of ~1% of that
+    for text, row in zip(texts, explain.explain(subject, texts, steps=128)):
+        assert row["words"] == text.split()
+        f, f0 = _label_score(model, tok, text, False), _label_score(model, tok, text, True)
+        for c, name in enumerate(LM_LABELS):
+            want = (f[c] - sum(f) / 2) - (f0[c] - sum(f0) / 2)
+            assert abs(sum(row["attributions"][name]) - want) <= row["delta"][name] + 1e-4, (text, name, chat)
+            assert row["converged"], (text, row["delta"], want)  # the delta is under 5% of what it explains
+        if chat:  # the model was trained with the chat template: it learned the rule there
+            assert row["prediction"] == ("positive" if "good" in text else "negative"), text
+            if "good" in text:
+                toward = row["attributions"]["positive"]
+                assert row["words"][toward.index(max(toward))] == "good", (text, toward)
+
+
+def test_text_pairs_are_explained_in_both_texts(planted):
+    """A text-pair classifier: both texts' words get attributions (the pair's after pair_from), and they add up to
+    the change over the baseline with both texts replaced."""
+    subject = explain.load(planted)
+    model, tok = subject.model, subject.tokenizer
+    text, pair = f"the {PLANTED} plot", "a quite dull film"  # words of the vocabulary: no [UNK], which the
+    # independent baseline below would keep as a special token
+    row = explain.explain(subject, [text], [pair], steps=64)[0]
+    assert row["words"] == (text + " " + pair).split() and row["pair_from"] == 3 and row["text_pair"] == pair
+    enc = tok(text, pair, return_tensors="pt")
+    empty = enc["input_ids"].clone()
+    special = torch.tensor(tok.get_special_tokens_mask(empty[0].tolist(), already_has_special_tokens=True)).bool()
+    empty[0, ~special] = tok.pad_token_id
+    with torch.no_grad():
+        f = model(**enc).logits[0]
+        f0 = model(input_ids=empty, attention_mask=enc["attention_mask"], token_type_ids=enc["token_type_ids"]).logits[0]
+    f, f0 = f - f.mean(), f0 - f0.mean()
+    for c, name in model.config.id2label.items():
+        assert abs(sum(row["attributions"][name]) - float(f[c] - f0[c])) <= row["delta"][name] + 1e-5
+        assert row["delta"][name] < 1e-3
+    assert any(v != 0 for v in row["attributions"][name][row["pair_from"]:])  # the pair's words count too
+
+
+def test_report_section_marks_pairs_and_changed_predictions():
+    from llmkit.report import explained
+
+    row = {"words": ["good", "film", "bad"], "attributions": {"neg": [-1.0, 0.1, 0.5], "pos": [1.0, -0.1, -0.5]},
+           "delta": {"neg": 1e-4, "pos": 1e-4}, "probabilities": [0.4, 0.6], "prediction": "pos", "label": "pos",
+           "run_prediction": "neg", "text": "good film", "text_pair": "bad", "pair_from": 2, "row": 0}
+    doc = {"split": "test", "rows": [row], "steps": 16, "baseline": "pads", "seconds": 1.0,
+           "summary": {"pos": [["good", 1]]}}
+    page = explained.html_section(doc, ["neg", "pos"])
+    assert page.index("film</span>") < page.index("&#8214;") < page.index(">bad</span>")  # where the pair begins
+    assert "(the run: neg)" in page  # the explaining model's fp32 prediction differs from the run's
+    table = "\n".join(explained.md_section(doc, ["neg", "pos"]))
+    assert "good film // bad" in table and "(the run: neg)" in table

@@ -120,7 +120,7 @@ def test_label_words_under_zero3_score_generate_and_export(tmp_path, tiny_lm):
                   "warmup_ratio": 0.0, "logging_steps": 1, "precision": "fp32", "eval_every_steps": 4,
                   "sample_prompts": ["is this film good", "hi"], "sample_max_new_tokens": 3,
                   "class_weights": [1.0, 2.0]},
-        "output": {"output_dir": str(out)},
+        "output": {"output_dir": str(out), "explain_rows": 4},
     }
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
     proc = launch("recipes/causal_lm.py", ["--config", str(tmp_path / "c.yaml")], "cpu_zero3.yaml")
@@ -168,6 +168,17 @@ def test_label_words_under_zero3_score_generate_and_export(tmp_path, tiny_lm):
         probs = torch.softmax(torch.tensor(scores), 0).tolist()
         assert r["prediction"] == ("positive" if scores[1] > scores[0] else "negative")
         assert r["probabilities"] == pytest.approx(probs, abs=1e-4)
+
+    # why it said that: the label words' attributions over the text's words, computed from the export in a
+    # fresh process (a ZeRO-3 rank would load it partitioned), in the report too
+    doc = json.loads((out / "explanations.json").read_text())
+    assert len(doc["rows"]) == 4 and doc["disagree"] == 0
+    by_row = {r["row"]: r for r in rows}
+    for row in doc["rows"]:
+        assert row["words"] == by_row[row["row"]]["text"].split()
+        assert set(row["attributions"]) == {"negative", "positive"} and row["prediction"] == row["run_prediction"]
+        assert row["probabilities"] == pytest.approx(by_row[row["row"]]["probabilities"], abs=1e-3)
+    assert "Why the model said that" in (out / "report.html").read_text()
 
     # generation from the adapter (with its base) and from the merged model: the same greedy text
     from_adapter = _generate(out / "final" / "adapter", "is this film good")
@@ -218,7 +229,8 @@ def test_smollm2_lora_bounded_run_exports_and_generates(tmp_path):
     out = tmp_path / "run"
     proc = launch("recipes/causal_lm.py", [
         "--config", str(ROOT / "recipes/configs/sentiment_smollm2_lora.yaml"), "--train.max_steps", "3",
-        "--data.max_train_samples", "64", "--data.max_eval_samples", "8", "--output.output_dir", str(out)],
+        "--data.max_train_samples", "64", "--data.max_eval_samples", "8", "--output.explain_rows", "2",
+        "--output.output_dir", str(out)],
         "cpu_zero2.yaml", timeout=900)
     check_ok(proc)
     metrics = json.loads((out / "metrics.json").read_text())
@@ -226,6 +238,9 @@ def test_smollm2_lora_bounded_run_exports_and_generates(tmp_path):
     assert 0 <= metrics["test"]["accuracy"] <= 1 and metrics["validation"]["perplexity"] > 1
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert samples[-1]["step"] == 3 and samples[-1]["samples"][0]["completion"]
+    # two test rows explained through the real chat template and tokenizer: every word of the review attributed
+    explained = json.loads((out / "explanations.json").read_text())["rows"]
+    assert len(explained) == 2 and all(r["words"] == r["text"].split() for r in explained)
     final = out / "final"
     assert (final / "adapter" / "adapter_model.safetensors").is_file()
     assert (final / "merged" / "model.safetensors").is_file()

@@ -106,7 +106,8 @@ def evaluate_export(model_dir: str | Path, source: str, split: str = "test", out
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / MARKER).write_text("written by `llmkit eval`; a later eval may replace these files\n")
     write_predictions(out_dir / f"predictions_{split}.jsonl", rows,
-                             {"logits": logits, "labels": labels, "row": np.arange(len(texts))}, names, text_column)
+                      {"logits": logits, "labels": labels, "row": np.arange(len(texts))}, names, text_column,
+                      text_pair_column)
     (out_dir / "metrics.json").write_text(json.dumps({
         split: metrics, "label_names": names, "model": str(model_dir), "dataset": source,
         "eval_seconds": round(seconds, 2)}, indent=2) + "\n")

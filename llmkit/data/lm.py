@@ -30,10 +30,22 @@ def render_prompt(template: str, text: str, text_pair: str | None = None) -> str
 
 def fit_prompt(tokenizer, template: str, text: str, response: str, max_length: int, text_pair: str | None = None):
     """prompt_response_example for `text` in `template`, with the text cut (never the response) to fit."""
+    return _fit(tokenizer, template, text, response, max_length, text_pair)[1]
+
+
+def fit_text(tokenizer, template: str, text: str, responses: list[str], max_length: int,
+             text_pair: str | None = None) -> tuple[str, list[dict]]:
+    """The text as it lands in the prompt, cut to fit after every response (label_candidates cuts it per
+    response, so a text cut for one label word only gets a shorter prompt there), and one example per response."""
+    cut = min((_fit(tokenizer, template, text, r, max_length, text_pair)[0] for r in responses), key=len)
+    return cut, [_fit(tokenizer, template, cut, r, max_length, text_pair)[1] for r in responses]
+
+
+def _fit(tokenizer, template: str, text: str, response: str, max_length: int, text_pair: str | None):
     example = formats.prompt_response_example(tokenizer, render_prompt(template, text, text_pair), response)
     over = len(example["input_ids"]) - max_length
     if over <= 0:
-        return example
+        return text, example
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     while over > 0:
         keep = len(ids) - over - 1
@@ -42,10 +54,10 @@ def fit_prompt(tokenizer, template: str, text: str, response: str, max_length: i
                               f"response '{response}' alone take {len(example['input_ids']) - len(ids)} tokens. "
                               "Raise data.max_length or shorten data.prompt_template.")
         ids = ids[:keep]
-        example = formats.prompt_response_example(
-            tokenizer, render_prompt(template, tokenizer.decode(ids), text_pair), response)
+        text = tokenizer.decode(ids)
+        example = formats.prompt_response_example(tokenizer, render_prompt(template, text, text_pair), response)
         over = len(example["input_ids"]) - max_length
-    return example
+    return text, example
 
 
 def label_candidates(tokenizer, cfg, words: list[str], text: str, text_pair: str | None = None) -> dict:

@@ -34,8 +34,9 @@ def evaluate(run, model, loader, num_labels: int) -> tuple[dict[str, float], dic
     return metrics, out
 
 
-def write_predictions(path: Path, rows, out: dict[str, np.ndarray], label_names: list[str], text_column: str) -> None:
-    """One JSON line per row: text, gold and predicted label, class probabilities."""
+def write_predictions(path: Path, rows, out: dict[str, np.ndarray], label_names: list[str], text_column: str,
+                      text_pair_column: str | None = None) -> None:
+    """One JSON line per row: text (and text pair), gold and predicted label, class probabilities."""
     probs = torch.softmax(torch.from_numpy(out["logits"]), dim=-1).numpy()
     order = np.argsort(out["row"])
     with open(path, "w") as fh:
@@ -43,6 +44,7 @@ def write_predictions(path: Path, rows, out: dict[str, np.ndarray], label_names:
             row = int(out["row"][i])
             gold, pred = int(out["labels"][i]), int(out["logits"][i].argmax())
             fh.write(json.dumps({
-                "row": row, "text": rows[row][text_column], "label": label_names[gold],
+                "row": row, "text": rows[row][text_column],
+                **({"text_pair": rows[row][text_pair_column]} if text_pair_column else {}), "label": label_names[gold],
                 "prediction": label_names[pred], "probabilities": [round(float(p), 6) for p in probs[i]],
             }, ensure_ascii=False) + "\n")

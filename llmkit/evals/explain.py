@@ -1,13 +1,6 @@
-"""Why the model said that: each word's attribution toward every label of an exported sequence classifier (its
-logit less the mean logit), by
-Captum's layer integrated gradients on the word embeddings, sub-tokens merged into the words of the text.
-
-Baseline: the same sequence with every word token replaced by the pad token; the special tokens ([CLS], [SEP],
-BOS), positions and attention mask are kept. The attributions then split f(text) - f(the same frame with no
-words) among the words. The other usual baseline, a zero embedding, is a vector no token ever had; the pad
-token's embedding is the model's own "nothing here", so the path stays among inputs the model has seen, and
-the kept special tokens get exactly zero. `delta` is Captum's convergence delta: how far the attributions' sum
-is from that difference (the integral's error at this number of steps)."""
+"""Why the model said that: each word's attribution toward every label of an exported classifier, for a run's
+report (for_run: chosen rows of its predictions, in a fresh process) or for any texts (`llmkit explain`). The
+attribution itself (integrated gradients on the embeddings, the baseline and why) is llmkit.evals.attribution."""
 
 from __future__ import annotations
 
@@ -15,23 +8,37 @@ import json
 import random
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
 import torch
+import yaml
 
 from llmkit import fresh
 from llmkit.errors import LlmkitError
+from llmkit.evals import attribution
 
 STEPS = 16  # integration steps (Gauss-Legendre): delta stays below 1e-3 on MiniLM (bench/explain.py)
 FILE = "explanations.json"  # in the run directory, read by the report
 TOP_WORDS = 3  # a row's strongest words toward a label count in the split's summary
+BASELINE = "the text's word tokens replaced by the pad token; special tokens, prompt template and mask kept"
 
 
-def load(model_dir: str | Path, trust_remote_code: bool = False):
-    """The exported classifier of `model_dir` (a run's final/, its merged/ for LoRA runs, or any saved
-    sequence classifier) and its tokenizer, on CPU in fp32."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+def _run_records(path: Path) -> tuple[dict, dict]:
+    """The training config and metrics an export carries (final/ holds both; a run folder too)."""
+    for folder in (path, path.parent, path.parent.parent):
+        if (folder / "training_config.yaml").is_file():
+            metrics = folder / "metrics.json"
+            return (yaml.safe_load((folder / "training_config.yaml").read_text()),
+                    json.loads(metrics.read_text()) if metrics.is_file() else {})
+    return {}, {}
+
+
+def load(model_dir: str | Path, trust_remote_code: bool = False, prompt_template: str | None = None,
+         label_words: list[str] | None = None, max_length: int | None = None):
+    """What to explain in `model_dir` (a run's final/, its merged/ for LoRA runs, or any saved classifier), on CPU
+    in fp32: a sequence classifier, or a causal LM with its label words. The max length and a causal LM's prompt
+    template and label words come from the run's training_config.yaml beside the model unless given."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     path = Path(model_dir)
     if (path / "merged").is_dir():
@@ -39,68 +46,35 @@ def load(model_dir: str | Path, trust_remote_code: bool = False):
     if not (path / "config.json").is_file():
         raise LlmkitError(f"{model_dir} holds no exported model (no config.json); give a run's final/ folder")
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    if not any(a.endswith("ForSequenceClassification") for a in config.architectures or []):
-        raise LlmkitError(f"{model_dir} is not a sequence classifier ({', '.join(config.architectures or [])}): "
-                          "explanations cover exported classifiers (recipes/classification.py)")
-    model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32,
-                                                               trust_remote_code=trust_remote_code).eval()
-    return model, AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    kinds = config.architectures or []
+    cfg, metrics = _run_records(Path(model_dir))
+    data = cfg.get("data", {})
+    max_length = max_length or data.get("max_length") or 512  # the run's: texts cut as its predictions saw them
+    if any(a.endswith("ForSequenceClassification") for a in kinds):
+        model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32,
+                                                                   trust_remote_code=trust_remote_code).eval()
+        return attribution.Classifier(model, AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code),
+                                      max_length)
+    if not any(a.endswith("ForCausalLM") for a in kinds):
+        raise LlmkitError(f"{model_dir} is neither a sequence classifier nor a causal LM ({', '.join(kinds)})")
+    template = prompt_template or data.get("prompt_template")
+    names = metrics.get("label_names")
+    words = label_words or data.get("label_words") or names
+    if not template or not words:
+        raise LlmkitError(f"{model_dir} is a causal LM without the label words it classifies by (no run records "
+                          "with data.prompt_template beside it): give --prompt-template and --label-words")
+    if "{text}" not in template:
+        raise LlmkitError(f"the prompt template {template!r} has no {{text}} slot for the text to explain")
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    return attribution.LabelWords(model.eval(), tokenizer, template, list(words),
+                                  list(names if names and len(names) == len(words) else words),
+                                  max_length)
 
 
-def _words(text: str, enc, token_attr: torch.Tensor) -> tuple[list[str], list[float]]:
-    """Token attributions summed into the words they came from (the tokenizer's word ids and offsets)."""
-    spans: dict[int, list] = {}
-    for pos, word in enumerate(enc.word_ids(0)):
-        if word is None:
-            continue
-        start, end = enc["offset_mapping"][0][pos].tolist()
-        span = spans.setdefault(word, [start, end, 0.0])
-        span[0], span[1] = min(span[0], start), max(span[1], end)
-        span[2] += float(token_attr[pos])
-    ordered = [spans[w] for w in sorted(spans)]
-    return [text[s:e] for s, e, _ in ordered], [a for _, _, a in ordered]
-
-
-def explain(model, tokenizer, texts: list[str], steps: int = STEPS, max_length: int = 512) -> list[dict]:
-    """For each text: its words, each word's attribution toward every label, the convergence delta per label,
-    the probabilities and the prediction."""
-    from captum.attr import LayerIntegratedGradients
-
-    names = [model.config.id2label[i] for i in range(model.config.num_labels)]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad is None:
-        raise LlmkitError("the tokenizer has neither a pad nor an eos token, which the attribution baseline needs")
-    limit = min(max_length, getattr(tokenizer, "model_max_length", max_length) or max_length)
-
-    def score(ids, mask, label):
-        # the label's logit less the mean logit: what moves every label alike cancels (softmax ignores it), and
-        # unlike the log-probability it does not flatten where the model is sure, so nothing saturates to 0
-        logits = model(input_ids=ids, attention_mask=mask).logits.float()
-        return logits[:, label] - logits.mean(-1)
-
-    lig = LayerIntegratedGradients(score, model.get_input_embeddings())
-    out = []
-    for text in texts:  # one text at a time: IG already batches its steps, and lengths differ
-        enc = tokenizer(text, return_offsets_mapping=True, truncation=True, max_length=limit, return_tensors="pt")
-        ids, mask = enc["input_ids"], enc["attention_mask"]
-        special = tokenizer.get_special_tokens_mask(ids[0].tolist(), already_has_special_tokens=True)
-        baseline = ids.clone()
-        baseline[0, [i for i, s in enumerate(special) if not s]] = pad
-        with torch.no_grad():
-            probs = torch.softmax(model(input_ids=ids, attention_mask=mask).logits[0].float(), -1)
-        attributions, deltas = {}, {}
-        # two labels: the first's centred logit is minus the second's, so one pass explains both
-        for label, name in list(enumerate(names))[1 if len(names) == 2 else 0:]:
-            attr, delta = lig.attribute(ids, baselines=baseline, additional_forward_args=(mask, label),
-                                        n_steps=steps, return_convergence_delta=True)
-            words, per_word = _words(text, enc, attr.sum(-1)[0].detach())
-            attributions[name], deltas[name] = [round(a, 6) for a in per_word], float(delta.abs().max())
-        if len(names) == 2:
-            attributions[names[0]], deltas[names[0]] = [-a for a in attributions[names[1]]], deltas[names[1]]
-            attributions = {n: attributions[n] for n in names}
-        out.append({"text": text, "words": words, "attributions": attributions, "delta": deltas,
-                    "probabilities": [round(float(p), 6) for p in probs], "prediction": names[int(probs.argmax())]})
-    return out
+def explain(subject, texts: list[str], pairs: list[str | None] | None = None, steps: int = STEPS) -> list[dict]:
+    """Each text's words and their attributions (attribution.explain)."""
+    return attribution.explain(subject, texts, pairs, steps)
 
 
 def choose(rows: list[dict], count: int, seed: int) -> list[dict]:
@@ -124,16 +98,14 @@ def choose(rows: list[dict], count: int, seed: int) -> list[dict]:
 def summary(explained: list[dict]) -> dict[str, list[list]]:
     """Per label, the words that are most often among a row's strongest pushes toward it (ties: the larger
     attribution in all first)."""
-    counts: dict[str, Counter] = {}
-    totals: dict[str, Counter] = {}
+    tally: dict[str, dict[str, list]] = {}  # label -> word -> [rows, summed attribution]
     for row in explained:
         for label, values in row["attributions"].items():
-            top = sorted((v, w.lower()) for v, w in zip(values, row["words"]) if v > 0)[-TOP_WORDS:]
-            counts.setdefault(label, Counter()).update(w for _, w in top)
-            for v, w in top:
-                totals.setdefault(label, Counter())[w] += v
-    return {label: [[w, n] for w, n in sorted(c.items(), key=lambda t: (-t[1], -totals[label][t[0]]))[:8]]
-            for label, c in counts.items()}
+            for v, w in sorted((v, w.lower()) for v, w in zip(values, row["words"]) if v > 0)[-TOP_WORDS:]:
+                entry = tally.setdefault(label, {}).setdefault(w, [0, 0.0])
+                entry[0], entry[1] = entry[0] + 1, entry[1] + v
+    return {label: [[w, n] for w, (n, _) in sorted(words.items(), key=lambda t: (-t[1][0], -t[1][1]))[:8]]
+            for label, words in tally.items()}
 
 
 def for_run(run_dir: Path, split: str, count: int, seed: int, trust_remote_code: bool = False, log=print) -> dict:
@@ -150,6 +122,9 @@ def for_run(run_dir: Path, split: str, count: int, seed: int, trust_remote_code:
     if doc.get("disagree"):
         log(f"explanations: {doc['disagree']} row(s) come out otherwise in fp32 on the CPU than in the run (near ties "
             "in its precision); the report marks them")
+    if doc.get("unconverged"):
+        log(f"explanations: {doc['unconverged']} rows have a delta over {attribution.CONVERGED:.0%} of what they "
+            "explain (the model switches sharply between baseline and text); `llmkit explain --steps 64` them")
     return doc
 
 
@@ -157,16 +132,16 @@ def _write(run_dir: Path, split: str, count: int, seed: int, trust_remote_code: 
     """What for_run runs in its fresh process."""
     began = time.perf_counter()
     rows = [json.loads(line) for line in (run_dir / f"predictions_{split}.jsonl").read_text().splitlines()]
-    model, tokenizer = load(run_dir / "final", trust_remote_code)
+    subject = load(run_dir / "final", trust_remote_code)
     chosen = choose(rows, count, seed)
-    explained = explain(model, tokenizer, [r["text"] for r in chosen])
+    explained = explain(subject, [r["text"] for r in chosen], [r.get("text_pair") for r in chosen])
     for row, done in zip(chosen, explained):
         # the export reproduces the run's logits (verified), but a bf16/fp16 run's near tie may come out the other
         # way in this fp32 process: kept and marked, not an error
         done.update(row=row["row"], label=row["label"], run_prediction=row["prediction"])
-    doc = {"split": split, "steps": STEPS, "rows": explained, "summary": summary(explained),
-           "baseline": "the text's word tokens replaced by the pad token; special tokens and mask kept",
+    doc = {"split": split, "steps": STEPS, "rows": explained, "summary": summary(explained), "baseline": BASELINE,
            "disagree": sum(r["prediction"] != r["run_prediction"] for r in explained),
+           "unconverged": sum(not r["converged"] for r in explained),
            "seconds": round(time.perf_counter() - began, 2)}
     (run_dir / FILE).write_text(json.dumps(doc, ensure_ascii=False, indent=1))
 

@@ -33,10 +33,12 @@ def _word(word: str, value: float, scale: float) -> str:
 
 
 def _marks(row: dict) -> str:
-    """A mistake; a row the explaining model (fp32, CPU) predicts otherwise than the run did (a near tie)."""
+    """A mistake; a row the explaining model (fp32, CPU) predicts otherwise than the run did (a near tie); a row
+    whose integral did not converge at this number of steps."""
     mark = "" if row["prediction"] == row["label"] else " (mistake)"
     run = row.get("run_prediction", row["prediction"])
-    return mark + ("" if run == row["prediction"] else f" (the run: {run})")
+    mark += "" if run == row["prediction"] else f" (the run: {run})"
+    return mark + ("" if row.get("converged", True) else " (delta large: explain it with more steps)")
 
 
 def html_section(doc: dict, names: list[str]) -> str:
@@ -54,7 +56,10 @@ def html_section(doc: dict, names: list[str]) -> str:
     for row in rows:
         values = contrast(row, names)[0]
         scale = max((abs(v) for v in values), default=0.0)
-        text = " ".join(_word(w, v, scale) for w, v in zip(row["words"], values))
+        spans = [_word(w, v, scale) for w, v in zip(row["words"], values)]
+        if row.get("pair_from") is not None:  # a text pair: where the second text begins
+            spans.insert(row["pair_from"], "<b title='the text pair begins'>&#8214;</b>")
+        text = " ".join(spans)
         mark = _marks(row)
         parts.append(f"<tr><td class='why'>{text}</td><td>{html.escape(row['label'])}</td>"
                      f"<td>{html.escape(row['prediction'] + mark)}</td><td>{max(row['probabilities']):.3f}</td>"
@@ -79,6 +84,7 @@ def md_section(doc: dict, names: list[str]) -> list[str]:
         values = contrast(row, names)[0]
         top = sorted(zip(values, row["words"]), key=lambda t: -abs(t[0]))[:3]
         words = ", ".join(f"{w} ({v:+.2f})" for v, w in top)
-        lines.append(f"| {row['text'].replace('|', '/')} | {row['label']} | {row['prediction']}{_marks(row)} | "
+        text = row["text"] + (f" // {row['text_pair']}" if "text_pair" in row else "")
+        lines.append(f"| {text.replace('|', '/')} | {row['label']} | {row['prediction']}{_marks(row)} | "
                      f"{words.replace('|', '/')} | {max(row['delta'].values()):.1e} |")
     return lines
