@@ -26,9 +26,9 @@ def end(code: int = 0) -> None:
     import atexit
     import threading
 
-    for thread in threading.enumerate():
-        if thread is not threading.main_thread() and not thread.daemon:
-            thread.join()
+    # what the interpreter does first: the thread pools' exit hooks (concurrent.futures' workers, which
+    # torch.compile starts, wait for them), then it joins the non-daemon threads
+    threading._shutdown()
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:

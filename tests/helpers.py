@@ -217,5 +217,11 @@ def assert_same_predictions(predicted: list[str], rows: list[dict], precision: s
         assert label == row["prediction"] or tie, (row, label, precision)
 
 
+def assert_export_agrees(check: dict) -> None:
+    """An export check (metrics.json export_check, or its adapter part): every prediction the reload made is the
+    run's, except near ties in a bf16/fp16 run's rounding (fp32: its tolerance is 1e-3, so none in practice)."""
+    assert check["rows"] > 0 and check["same_predictions"] >= check["rows"] - check["near_ties"], check
+
+
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]

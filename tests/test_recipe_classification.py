@@ -17,7 +17,16 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from helpers import LAUNCH_ENV, ROOT, assert_same_predictions, check_ok, launch, write_config, write_jsonl
+from helpers import (
+    LAUNCH_ENV,
+    ROOT,
+    assert_export_agrees,
+    assert_same_predictions,
+    check_ok,
+    launch,
+    write_config,
+    write_jsonl,
+)
 
 LM_ROWS = [("is this film good", "pos"), ("this film is bad", "neg"), ("you are helpful", "pos"),
            ("is this bad", "neg"), ("this is good", "pos"), ("bad film", "neg")]
@@ -120,7 +129,7 @@ def test_qlora_trains_on_a_4bit_base_and_exports(tmp_path, tiny_lm, recipe, stag
     check_ok(proc)
     check = json.loads((out / "final" / "metrics.json").read_text())["export_check"]
     if recipe == "classification":
-        assert check["adapter"]["same_predictions"] == check["adapter"]["rows"]
+        assert_export_agrees(check["adapter"])  # a GPU bf16/fp16 run reloaded in fp32 on the CPU: near ties may flip
         assert check["merged_from_full_precision_base"] is True
         merged = out / "final"
     else:
@@ -219,6 +228,7 @@ def test_make_demo_runs_from_the_repo_root_and_exports_a_loadable_model(demo_run
     # what the Makefile promises at the end, and the report's explanations (the demo keeps the default 8)
     assert (out / "report.html").is_file() and (out / "final" / "model.safetensors").is_file()
     assert len(json.loads((out / "explanations.json").read_text())["rows"]) == 8
+    assert "Why the model said that (test, 8 rows)" in (out / "report.html").read_text()
     assert not (out / "final.tmp").exists()
 
     # the export loads in plain transformers (a fresh interpreter, no llmkit import) and predicts what the run did

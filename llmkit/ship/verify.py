@@ -186,8 +186,10 @@ def _compare_logits(folder: Path, logits, probe: dict, tol: float | None = None)
         raise LlmkitError(f"the reloaded export disagrees with the run: max logit diff {diff:.3g}, "
                           f"{flips} changed predictions on {len(want)} rows. The export at {folder} is not "
                           "trustworthy.")
+    # near ties: rows whose run margin is within the run's rounding, where a reload may pick the other label
     return {"rows": len(want), "max_abs_logit_diff": diff,
-            "same_predictions": int((got.argmax(-1) == want.argmax(-1)).sum())}
+            "same_predictions": int((got.argmax(-1) == want.argmax(-1)).sum()),
+            "near_ties": int((margin <= 2 * tol).sum())}
 
 
 def check_causal_lm(folder: Path, probe: dict, merged_out: Path | None = None) -> dict:

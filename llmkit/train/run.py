@@ -160,7 +160,10 @@ def setup(cfg: Config, recipe: str) -> Run:
     # without gloo, Accelerate + DeepSpeed on CPU see world size 1 and DeepSpeed rejects the batch sizes; the
     # timeout reaches the default group (DeepSpeed reuses it) and the stop-flag group (guards.StopSignal)
     timeout = timedelta(minutes=cfg.train.collective_timeout_minutes)
-    handlers = [InitProcessGroupKwargs(backend="nccl" if torch.cuda.is_available() else "gloo", timeout=timeout)]
+    handlers = []
+    if "LOCAL_RANK" in os.environ:  # a launcher's ranks; one plain process starts no process group
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        handlers.append(InitProcessGroupKwargs(backend=backend, timeout=timeout))
     plugin = DeepSpeedPlugin(hf_ds_config=plan.ds_config) if plan.ds_config is not None else None
     accelerator = Accelerator(
         mixed_precision=ACCELERATE_PRECISION[plan.precision],
