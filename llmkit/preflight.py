@@ -104,7 +104,12 @@ def check_loading(cfg: Config, precision: str, hw: Hardware, deepspeed: bool) ->
 def check_output_dir_is_safe(cfg: Config) -> Path:
     """The output dir, resolved: never the filesystem root, the home directory, or a folder that contains the
     working directory (a run writes checkpoints/, final/ and replaces them there)."""
-    out = Path(cfg.output.output_dir).expanduser().resolve()
+    given = Path(cfg.output.output_dir).expanduser()
+    for part in (given, *given.parents):  # a dangling link passes resolve() and fails at mkdir, mid-run
+        if part.is_symlink() and not part.exists():
+            raise LlmkitError(f"output.output_dir '{cfg.output.output_dir}': {part} is a symbolic link to "
+                              f"{os.readlink(part)}, which does not exist; create that folder or pick another path")
+    out = given.resolve()
     cwd, home = Path.cwd().resolve(), Path.home().resolve()
     why = None
     if out == Path(out.anchor):

@@ -99,17 +99,34 @@ def drop_previous(out: Path) -> None:
     shutil.rmtree(out / PREVIOUS, ignore_errors=True)
 
 
+def read_jsonl(path: Path) -> tuple[list[dict], int]:
+    """The rows of a run's line file (metrics.jsonl, predictions_*.jsonl, samples.jsonl) and how many torn last
+    lines were skipped (0 or 1): a run killed mid-write, or a power loss, leaves its last line cut. A bad line
+    before the last is damage, not a torn write, and is an error naming the file and line."""
+    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                return rows, 1
+            raise LlmkitError(f"{path} line {i + 1} is not JSON (damaged); restore the file or delete that line") \
+                from None
+    return rows, 0
+
+
 def trim_metrics(out: Path, step: int) -> int:
     """A resumed run logs again from `step` + 1: drop the rows after `step` (the stopped run's, or those of a
     later checkpoint's run). Returns how many rows went."""
     path = out / "metrics.jsonl"
     if not path.is_file():
         return 0
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    keep = [line for line in lines if json.loads(line).get("step", 0) <= step]
-    if len(keep) != len(lines):
-        write_durably(path, "".join(line + "\n" for line in keep))
-    return len(lines) - len(keep)
+    rows, torn = read_jsonl(path)
+    keep = [row for row in rows if row.get("step", 0) <= step]
+    if len(keep) != len(rows) or torn:
+        write_durably(path, "".join(json.dumps(row) + "\n" for row in keep))
+    return len(rows) - len(keep) + torn
 
 
 def write_durably(path: Path, text: str) -> None:

@@ -74,6 +74,14 @@ def _folder(folder: str, rows=None):
     return change
 
 
+def _truncated_copy(model: Path, out: Path) -> None:
+    """The model folder copied with its weights file cut in half, as an interrupted copy leaves it."""
+    out.mkdir(parents=True)
+    for file in model.iterdir():
+        data = file.read_bytes()
+        (out / file.name).write_bytes(data[: len(data) // 2] if file.suffix == ".safetensors" else data)
+
+
 def _mk(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     return path
@@ -247,6 +255,9 @@ CASES: list[Case] = [
          env={"HOME": "/nonexistent-home", "WANDB_MODE": "online", "WANDB_API_KEY": ""}),
     Case("env", "a tracker that is not installed", validate(None, "--train.report_to", "aim"),
          "the aim package is not installed: pip install aim"),
+    Case("config", "an output dir that is a dangling symbolic link", validate(lambda c, t: (
+        os.symlink(t / "gone", t / "link"), c["output"].update(output_dir=str(t / "link" / "run")))),
+        "is a symbolic link to"),
     Case("config", "too many rows to explain", validate(None, "--output.explain_rows", "5000"),
          "output.explain_rows"),
     Case("config", "a tracker name with a typo", validate(None, "--train.report_to", "[wandb, tensorbord]"),
@@ -362,6 +373,17 @@ CASES: list[Case] = [
         "not text"),
     Case("data", "a datasets cache that is a file", validate(), "HF_DATASETS_CACHE", fresh=True,
          env={"HF_DATASETS_CACHE": "/etc/hostname"}),
+    Case("data", "label names with one class in the train split", validate(_files(
+        train=("tr.csv", _csv([(t, "pos") for t, _ in GOOD])), validation=("va.csv", _csv(VALID))),
+        "--data.label_names", "[neg, pos]"), "label(s) ['neg'] have no training row (train split: neg 0, pos"),
+    Case("data", "int labels with a class no train row holds", validate(_files(
+        train=("tr.jsonl", "".join(json.dumps({"text": t, "label": 2 * (lab == "pos")}) + "\n" for t, lab in GOOD)),
+        validation=("va.jsonl", "".join(json.dumps({"text": t, "label": 0}) + "\n" for t, _ in VALID)))),
+        "label(s) ['1'] have no training row"),
+    Case("data", "a data folder with notes.txt and a README beside the splits (works)", validate(
+        lambda c, t: (_folder("with_notes")(c, t), _write(t / "with_notes" / "notes.txt", "my notes\n"),
+                      _write(t / "with_notes" / "README.md", "# data\n"), _write(t / "with_notes" / "LICENSE", "MIT\n"))),
+        None),
     # ---- model and tokenizer folders
     Case("model", "a model path that does not exist", validate(lambda c, t: c["model"].update(
         name_or_path=str(t / "nope"))), "does not exist (neither a local dir nor a Hub id)"),
@@ -370,6 +392,9 @@ CASES: list[Case] = [
     Case("model", "a model folder without weights", validate(lambda c, t: (
         _write(t / "noweights" / "config.json", (Path(c["model"]["name_or_path"]) / "config.json").read_text()),
         c["model"].update(name_or_path=str(t / "noweights")))), "weights"),
+    Case("model", "a weights file cut short (an interrupted copy)", validate(lambda c, t: (
+        _truncated_copy(Path(c["model"]["name_or_path"]), t / "cut"), c["model"].update(name_or_path=str(t / "cut")))),
+        "model.safetensors is cut short"),
     Case("model", "config.json that is not JSON", validate(lambda c, t: (
         _write(t / "badcfg" / "config.json", "{ oops"), c["model"].update(name_or_path=str(t / "badcfg")))),
         "config.json"),

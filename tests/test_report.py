@@ -187,3 +187,18 @@ def test_report_renders_in_headless_chromium(tiny_run, tmp_path):
     assert any(style == "solid" for _, _, style in words) and any(style == "dotted" for _, _, style in words)
     assert any(colour not in ("rgba(0, 0, 0, 0)", "transparent") for _, colour, _ in words)
     assert (tmp_path / "report.png").stat().st_size > 10_000  # a rendered page, not a blank one
+
+
+def test_a_torn_last_line_does_not_stop_the_report(tiny_run, tmp_path):
+    """The run killed while writing its last metrics and predictions lines: `llmkit report` skips each torn
+    last line and lists the files it skipped one in."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    with open(run / "metrics.jsonl", "a") as fh:
+        fh.write('{"step": 99, "train/lo')
+    with open(run / "predictions_test.jsonl", "a") as fh:
+        fh.write('{"row": 99, "text": "cut')
+    paths = pages.build([run])
+    doc = json.loads(paths["json"].read_text())["runs"][0]
+    assert doc["run"]["torn_last_line_skipped"] == ["metrics.jsonl", "predictions_test.jsonl"]
+    assert doc["splits"]["test"]["rows"] == 29

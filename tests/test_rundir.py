@@ -202,3 +202,16 @@ def test_resume_after_each_kind_of_change_is_refused_and_the_same_data_elsewhere
     resumed = launch("recipes/classification.py", resume + ["--data.dataset", str(moved)])
     check_ok(resumed)
     assert "resumed from" in resumed.stdout + resumed.stderr
+
+
+def test_a_torn_last_line_is_skipped_and_counted_a_damaged_one_named(tmp_path):
+    """A run killed mid-write (or a power loss) leaves the last line of metrics.jsonl cut: every reader skips it
+    and says how many it skipped; a bad line before the last is damage, named with its line."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 2, "train/loss": 1.0}\n{"step": 4, "train/loss": 0.9}\n{"step": 6, "train/lo')
+    assert rundir.read_jsonl(path) == ([{"step": 2, "train/loss": 1.0}, {"step": 4, "train/loss": 0.9}], 1)
+    assert rundir.trim_metrics(tmp_path, 2) == 2  # the step-4 row and the torn one
+    assert rundir.read_jsonl(path) == ([{"step": 2, "train/loss": 1.0}], 0)
+    path.write_text('{"step": 2}\n{"ste\n{"step": 6}\n')
+    with pytest.raises(LlmkitError, match="metrics.jsonl line 2 is not JSON"):
+        rundir.read_jsonl(path)

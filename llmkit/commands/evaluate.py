@@ -87,7 +87,7 @@ def evaluate_export(model_dir: str | Path, source: str, split: str = "test", out
     out_dir = Path(output_dir).expanduser() if output_dir else model_dir / f"eval-{split}"
     _check_output(out_dir)
     cfg = data_config(source, split, names, text_column, text_pair_column, label_column, max_length, max_samples)
-    rows = load_labeled(cfg, seed=0, log=lambda m: print(m)).rows["validation"]
+    rows = load_labeled(cfg, seed=0, log=lambda m: print(m), training=False).rows["validation"]
     limit = min(max_length, getattr(tokenizer, "model_max_length", max_length) or max_length)
     texts = list(rows[text_column])
     pairs = list(rows[text_pair_column]) if text_pair_column else None

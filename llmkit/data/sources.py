@@ -74,14 +74,19 @@ def load_raw(cfg: DataConfig, streaming: bool = False) -> DatasetDict:
         if (local / "dataset_dict.json").is_file():
             saved = datasets.load_from_disk(str(local))
             return IterableDatasetDict({k: v.to_iterable_dataset() for k, v in saved.items()}) if streaming else saved
+        # a split file is named after a split the config reads; notes.txt, LICENSE or a Hub folder's README are not
+        splits = {s for s in (cfg.train_split, cfg.eval_split, cfg.test_split) if s}
         files: dict[str, list[str]] = {}
         for p in sorted(local.iterdir()):
-            if p.suffix.lower() in BUILDERS:
-                shard = SHARD.match(p.stem)
-                files.setdefault(shard["split"] if shard else p.stem, []).append(str(p))
+            shard = SHARD.match(p.stem)
+            split = shard["split"] if shard else p.stem
+            if p.suffix.lower() in BUILDERS and split in splits:
+                files.setdefault(split, []).append(str(p))
         if not files:
-            raise LlmkitError(f"data.dataset folder '{local}' holds no {'/'.join(BUILDERS)} files named <split>.<ext> "
-                              "(or shards <split>-00000-of-00004.<ext>)")
+            others = ", ".join(sorted(p.name for p in local.iterdir())[:6]) or "nothing"
+            raise LlmkitError(f"data.dataset folder '{local}' holds no {'/'.join(BUILDERS)} file named after a split "
+                              f"({', '.join(sorted(splits))}: <split>.<ext> or shards <split>-00000-of-00004.<ext>); "
+                              f"it holds {others}")
         return _load_files(files, "data.dataset", streaming)
     if local.is_file():
         raise LlmkitError(f"data.dataset '{source}' is a single file; name one file per split with data.data_files")
@@ -199,8 +204,9 @@ class LabeledSplits:
     dropped_rows: dict[str, int]
 
 
-def load_labeled(cfg: DataConfig, seed: int, log=print) -> LabeledSplits:
-    """Load and check every split the config names: rows with text, cleaned if asked, labels mapped to ids."""
+def load_labeled(cfg: DataConfig, seed: int, log=print, training: bool = True) -> LabeledSplits:
+    """Load and check every split the config names: rows with text, cleaned if asked, labels mapped to ids.
+    `training`: the train split is trained on, so every label needs rows there (not so for `llmkit eval`)."""
     raw = load_raw(cfg)
     wanted = wanted_splits(cfg, raw)
     columns = [c for c in (cfg.text_column, cfg.text_pair_column, cfg.label_column) if c]
@@ -247,6 +253,8 @@ def load_labeled(cfg: DataConfig, seed: int, log=print) -> LabeledSplits:
         raise LlmkitError(f"the train split has only the label(s) {names}; a classifier needs at least 2")
     for role, split in wanted.items():
         ids = _to_ids(labels[role], names, split, kept[role])
+        if role == "train" and training:
+            _check_balance(ids, names, log)
         ds = splits[role].remove_columns(cfg.label_column).add_column("labels", ids)
         limit = cfg.max_train_samples if role == "train" else cfg.max_eval_samples
         if role == "train":
@@ -255,6 +263,26 @@ def load_labeled(cfg: DataConfig, seed: int, log=print) -> LabeledSplits:
             ds = ds.select(range(limit))
         splits[role] = ds
     return LabeledSplits(rows=splits, split_names=wanted, label_names=names, dropped_rows=dropped)
+
+
+RARE = 0.01  # a label under this share of the training rows (or under 8 rows) is named in a warning
+
+
+def _check_balance(ids: list[int], names: list[str], log) -> None:
+    """Every label has training rows: a classifier cannot learn a label it never sees (the label set may come from
+    data.label_names or the dataset's features while the rows hold one class). Rare labels get a warning."""
+    counts = [0] * len(names)
+    for i in ids:
+        counts[i] += 1
+    listed = ", ".join(f"{n} {c}" for n, c in zip(names, counts))
+    missing = [n for n, c in zip(names, counts) if c == 0]
+    if missing:
+        raise LlmkitError(f"label(s) {missing} have no training row (train split: {listed}); a classifier cannot "
+                          "learn a label it never sees: add rows of it, or drop it from data.label_names")
+    rare = [n for n, c in zip(names, counts) if c < max(8, RARE * len(ids))]
+    if rare:
+        log(f"warning: label(s) {rare} are rare in the train split ({listed}); the model may never predict them: "
+            "consider train.class_weights: balanced, or more rows of them")
 
 
 def digest(ds: Dataset) -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from llmkit import fresh
+from llmkit import fresh, rundir
 from llmkit.errors import LlmkitError
 from llmkit.evals import attribution
 
@@ -131,7 +131,7 @@ def for_run(run_dir: Path, split: str, count: int, seed: int, trust_remote_code:
 def _write(run_dir: Path, split: str, count: int, seed: int, trust_remote_code: bool) -> None:
     """What for_run runs in its fresh process."""
     began = time.perf_counter()
-    rows = [json.loads(line) for line in (run_dir / f"predictions_{split}.jsonl").read_text().splitlines()]
+    rows, _ = rundir.read_jsonl(run_dir / f"predictions_{split}.jsonl")
     subject = load(run_dir / "final", trust_remote_code)
     chosen = choose(rows, count, seed)
     explained = explain(subject, [r["text"] for r in chosen], [r.get("text_pair") for r in chosen])

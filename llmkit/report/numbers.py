@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from llmkit import rundir
 from llmkit.errors import LlmkitError
 from llmkit.metrics import classification_metrics
 from llmkit.metrics.counts import per_class_scores
@@ -22,7 +23,7 @@ MISTAKES_SHOWN = 10
 def read_predictions(path: Path, names: list[str] | None = None) -> tuple[list[dict], list[str]]:
     """Rows of a predictions file and the label names in probability order (from metrics.json, else recovered
     from the rows: each prediction is the argmax of its probabilities)."""
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows, _ = rundir.read_jsonl(path)  # a torn last line (a run killed mid-write) is skipped
     if not rows:
         raise LlmkitError(f"{path} holds no predictions")
     if names is None:
@@ -150,10 +151,7 @@ def _scalars(path: Path) -> dict[str, list[list[float]]]:
     series: dict[str, list[list[float]]] = {}
     if not path.is_file():
         return series
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        entry = json.loads(line)
+    for entry in rundir.read_jsonl(path)[0]:  # a torn last line (a run killed mid-write) is skipped
         for key, value in entry.items():
             if key != "step" and isinstance(value, (int, float)):
                 series.setdefault(key, []).append([entry["step"], float(value)])
@@ -211,6 +209,10 @@ def run_report(run_dir: Path) -> dict:
         "versions": info.get("versions"), "git_commit": info.get("git_commit"),
     }
     report["data_mixture"] = metrics.get("data_mixture") or []
+    # the line files whose cut last line (a run killed mid-write) the numbers above skipped
+    torn = [p.name for p in sorted(run_dir.glob("*.jsonl")) if rundir.read_jsonl(p)[1]]
+    if torn:
+        report["run"]["torn_last_line_skipped"] = torn
     explained = run_dir / "explanations.json"  # llmkit.evals.explain.FILE
     report["explanations"] = json.loads(explained.read_text()) if explained.is_file() else None
     scalars = _scalars(run_dir / "metrics.jsonl")
