@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from llmkit.errors import LlmkitError
-from llmkit.model import is_causal_lm, locate, trusts_remote_code
+from llmkit.model import check_export_weights, is_causal_lm, locate, trusts_remote_code
 
 
 def render(tokenizer, prompt: str, chat: bool | None = None) -> list[int]:
@@ -55,6 +55,7 @@ def load(folder: str | Path, base: str | None = None, trust_remote_code: bool = 
     path = Path(folder).expanduser()
     if not path.is_dir():
         raise LlmkitError(f"'{folder}' is not a directory; pass a model folder (e.g. <output_dir>/final)")
+    check_export_weights(path)
     remote = trust_remote_code or trusts_remote_code(path)
     if (path / "merged" / "config.json").is_file():
         path = path / "merged"

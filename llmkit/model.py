@@ -52,6 +52,15 @@ def check_weights_present(cfg: ModelConfig) -> None:
                               "or download?); copy or download it again")
 
 
+def check_export_weights(folder: Path) -> None:
+    """An exported model's safetensors files are whole (llmkit eval, explain, generate, push read exports that
+    a crash or an interrupted copy may have cut): one clear line instead of safetensors' deserialisation error."""
+    for file in sorted(Path(folder).rglob("*.safetensors")):
+        problem = safetensors_problem(file)
+        if problem:
+            raise LlmkitError(f"{file} {problem} (an interrupted copy or write?); export or copy it again")
+
+
 def safetensors_problem(file: Path) -> str | None:
     """What is wrong with a safetensors file by its header alone (microseconds, no weights read), or None. The
     format is an 8-byte little-endian header length, a JSON header of each tensor's byte range, then the bytes;
@@ -99,6 +108,10 @@ def _hub_error(what: str, name: str, exc: Exception) -> LlmkitError:
 def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerFast:
     """Fast tokenizer for the model, with a pad token."""
     name = locate(cfg.tokenizer or cfg.name_or_path, "model.tokenizer" if cfg.tokenizer else "model.name_or_path")
+    if Path(name).is_dir() and not any((Path(name) / f).is_file() for f in TOKENIZER_FILES):
+        # transformers would still build one from the config alone: a few special tokens, every word [UNK]
+        raise LlmkitError(f"'{name}' holds no tokenizer files ({', '.join(TOKENIZER_FILES)}): copy the model's "
+                          "tokenizer in, or name it with model.tokenizer")
     try:
         tok = AutoTokenizer.from_pretrained(name, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as exc:
@@ -112,12 +125,15 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerFast:
         if fallback is None:
             raise LlmkitError(f"the tokenizer of '{name}' has no pad, eos or unk token to pad with")
         tok.pad_token = fallback
-    separate = cfg.tokenizer and not needs_trained_tokenizer(cfg)  # a model's own tokenizer fits it
-    vocab = getattr(read_config(cfg), "vocab_size", None) if separate else None
-    if vocab and len(tok) > vocab:  # ids past the embedding table fail as an IndexError in the first forward
-        raise LlmkitError(f"the tokenizer '{cfg.tokenizer}' has {len(tok)} tokens but the model's vocabulary (its "
+    vocab = getattr(read_config(cfg), "vocab_size", None) if not needs_trained_tokenizer(cfg) else None
+    separate = cfg.tokenizer is not None or not cfg.from_scratch  # from scratch, the table is sized to the tokenizer
+    if vocab and separate and len(tok) > vocab:  # ids past the embedding table fail as an IndexError at step 1
+        raise LlmkitError(f"the tokenizer '{name}' has {len(tok)} tokens but the model's vocabulary (its "
                           f"embeddings) holds {vocab}: they do not belong together. Use the model's own tokenizer "
                           "(leave model.tokenizer unset) or a model trained with this one.")
+    if vocab and not cfg.from_scratch and len(tok) < vocab // 2:  # tables are padded a little, never halved
+        raise LlmkitError(f"the tokenizer '{name}' has {len(tok)} tokens for a model whose embeddings hold {vocab}: "
+                          "it cannot be the tokenizer the model was trained with. Use the model's own tokenizer.")
     return tok
 
 

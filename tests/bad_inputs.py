@@ -82,6 +82,23 @@ def _truncated_copy(model: Path, out: Path) -> None:
         (out / file.name).write_bytes(data[: len(data) // 2] if file.suffix == ".safetensors" else data)
 
 
+def _damaged_run(t: Path, a: dict) -> Path:
+    """A run folder as a crash or an interrupted copy leaves it: the export's weights cut short, a predictions file
+    with a damaged line before its last."""
+    from helpers import fake_run
+
+    run = fake_run(t / "damaged")
+    (run / "final" / "config.json").unlink()
+    _truncated_copy(a["bert"], run / "final" / "model")
+    for file in (run / "final" / "model").iterdir():
+        file.rename(run / "final" / file.name)
+    (run / "final" / "model").rmdir()
+    (run / "metrics.json").write_text(json.dumps({"label_names": ["neg", "pos"]}))
+    row = {"row": 0, "text": "a film", "label": "pos", "prediction": "pos", "probabilities": [0.2, 0.8]}
+    (run / "predictions_test.jsonl").write_text(json.dumps(row) + '\n{"row": 1, "te\n' + json.dumps(row) + "\n")
+    return run
+
+
 def _mk(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     return path
@@ -395,6 +412,10 @@ CASES: list[Case] = [
     Case("model", "a weights file cut short (an interrupted copy)", validate(lambda c, t: (
         _truncated_copy(Path(c["model"]["name_or_path"]), t / "cut"), c["model"].update(name_or_path=str(t / "cut")))),
         "model.safetensors is cut short"),
+    Case("model", "a model folder without tokenizer files", validate(lambda c, t: (
+        _mk(t / "notok"), [(t / "notok" / f.name).write_bytes(f.read_bytes()) for f in Path(c["model"]["name_or_path"])
+                           .iterdir() if f.name in ("config.json", "model.safetensors")],
+        c["model"].update(name_or_path=str(t / "notok")))), "holds no tokenizer files"),
     Case("model", "config.json that is not JSON", validate(lambda c, t: (
         _write(t / "badcfg" / "config.json", "{ oops"), c["model"].update(name_or_path=str(t / "badcfg")))),
         "config.json"),
@@ -442,6 +463,15 @@ CASES: list[Case] = [
          "causal"),
     Case("target", "push of a folder that is not a run", lambda t, a: ["push", str(_mk(t / "empty")), "alice/x",
                                                                        "--dry-run"], "neither a run"),
+    # every command on a damaged run folder: exit 2 and one line, as for training
+    Case("target", "report of a run with a damaged predictions line", lambda t, a: ["report", str(_damaged_run(t, a))],
+         "predictions_test.jsonl line 2 is not JSON"),
+    Case("target", "eval of an export whose weights are cut short", lambda t, a: [
+        "eval", str(_damaged_run(t, a) / "final"), "--data", str(a["data"])], "model.safetensors is cut short"),
+    Case("target", "explain with an export whose weights are cut short", lambda t, a: [
+        "explain", str(_damaged_run(t, a) / "final"), "--text", "a film"], "model.safetensors is cut short"),
+    Case("target", "push of a run whose weights are cut short", lambda t, a: [
+        "push", str(_damaged_run(t, a)), "alice/x", "--dry-run", "--output", str(t / "staged")], "cut short"),
     Case("target", "report of a folder that is not a run", lambda t, a: ["report", str(_mk(t / "empty"))], "empty"),
     Case("target", "push to a branch name with '..'", lambda t, a: ["push", str(_mk(t / "empty")), "alice/x",
                                                                     "--revision", "a..b", "--dry-run"], "--revision"),

@@ -19,7 +19,7 @@ from llmkit.data.sources import load_labeled
 from llmkit.errors import LlmkitError
 from llmkit.evals.classification import write_predictions
 from llmkit.metrics import classification_metrics
-from llmkit.model import read_config, trusts_remote_code
+from llmkit.model import check_export_weights, read_config, trusts_remote_code
 from llmkit.report import pages
 
 
@@ -28,6 +28,7 @@ def _load_classifier(model_dir: Path, trust_remote_code: bool):
 
     if not (model_dir / "config.json").is_file():
         raise LlmkitError(f"'{model_dir}' has no config.json: pass an exported model folder (e.g. <run>/final)")
+    check_export_weights(model_dir)
     config = read_config(ModelConfig(name_or_path=str(model_dir), trust_remote_code=trust_remote_code))
     if not getattr(config, "id2label", None) or len(config.id2label) < 2:
         raise LlmkitError(f"'{model_dir}' is not a classifier with labels (its config has no id2label)")

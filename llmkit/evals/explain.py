@@ -16,6 +16,7 @@ import yaml
 from llmkit import fresh, rundir
 from llmkit.errors import LlmkitError
 from llmkit.evals import attribution
+from llmkit.model import check_export_weights
 
 STEPS = 16  # integration steps (Gauss-Legendre): delta stays below 1e-3 on MiniLM (bench/explain.py)
 FILE = "explanations.json"  # in the run directory, read by the report
@@ -45,6 +46,7 @@ def load(model_dir: str | Path, trust_remote_code: bool = False, prompt_template
         path = path / "merged"
     if not (path / "config.json").is_file():
         raise LlmkitError(f"{model_dir} holds no exported model (no config.json); give a run's final/ folder")
+    check_export_weights(path)
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     kinds = config.architectures or []
     cfg, metrics = _run_records(Path(model_dir))

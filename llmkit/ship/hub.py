@@ -72,6 +72,7 @@ def stage(run_dir: str | Path, out: Path, repo_id: str, push_merged: bool = Fals
     the check's result (final/metrics.json "export_check") is reported instead. `remember` records `out` in the
     run dir as a folder a later dry run may replace (a real push stages into a fresh temporary folder)."""
     run_dir, final = _final_dir(Path(run_dir))
+    model.check_export_weights(final)
     kind = _kind(final)
     probe_path = final / verify.PROBE_FILE
     probe = json.loads(probe_path.read_text()) if probe_path.is_file() else None
