@@ -196,8 +196,10 @@ def load_classifier(cfg: ModelConfig, label_names: list[str], pad_token_id: int 
                                                                        **labels, **common)
     except (OSError, ValueError) as exc:
         raise _hub_error("the model", name, exc) from None
-    if model.config.pad_token_id is None and pad_token_id is not None:
-        model.config.pad_token_id = pad_token_id  # decoder classifiers find the last real token through it
+    if pad_token_id is not None:
+        # decoder classifiers find the last real token through it, and it must be the id the tokenizer pads with
+        # (a config may name another: a tokenizer without a pad token pads with eos)
+        model.config.pad_token_id = pad_token_id
     model = _for_adapters(model, cfg, lora, zero3)
     return apply_lora(model, lora, task_type="SEQ_CLS") if lora is not None else model
 

@@ -170,3 +170,30 @@ def test_a_4bit_base_keeps_one_dtype_under_zero3(tiny_llama):
         assert all(p.grad is not None for n, p in net.named_parameters() if "lora_" in n), zero3
     assert dtypes[False] == {torch.float32}  # peft's preparation (ZeRO-2, one process): norms and all in fp32
     assert dtypes[True] == {torch.bfloat16}
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_a_decoder_classifier_finds_the_last_real_token_with_eos_as_pad(tiny_lm, tmp_path, side):
+    """A decoder LLM as a sequence classifier scores its last real token. With no pad token of its own the
+    tokenizer pads with eos (load_tokenizer), and some tokenizers pad on the left: each row of a padded batch
+    must score exactly as it does alone."""
+    from transformers import AutoTokenizer
+
+    folder = tmp_path / "no_pad"
+    tok = AutoTokenizer.from_pretrained(tiny_lm / "model")
+    tok.pad_token = None
+    tok.save_pretrained(folder)
+    for f in (tiny_lm / "model").iterdir():
+        if not (folder / f.name).exists():
+            (folder / f.name).write_bytes(f.read_bytes())
+    cfg = ModelConfig(name_or_path=str(folder))
+    tok = model.load_tokenizer(cfg)
+    tok.padding_side = side  # as a tokenizer whose config pads on the left
+    assert tok.pad_token == tok.eos_token
+    net = model.load_classifier(cfg, ["neg", "pos"], pad_token_id=tok.pad_token_id).eval()
+    assert net.config.pad_token_id == tok.eos_token_id
+    texts = ["is this film good", "bad", "you are helpful hi"]
+    with torch.no_grad():
+        batch = net(**tok(texts, padding=True, return_tensors="pt")).logits
+        alone = torch.cat([net(**tok([t], return_tensors="pt")).logits for t in texts])
+    assert torch.allclose(batch, alone, atol=1e-5), (side, batch, alone)
