@@ -3,8 +3,9 @@
 LLMKIT_FAULT=<point>@<step>:<rank>: sigterm@5:1 (SIGTERM to rank 1 after step 5), kill@5:1 (SIGKILL between
 forward and backward), kill_in_save@4:1 / oserror_in_save@4:1 (while checkpoint step-4 is written), nan@3:0
 (the loss of step 3 becomes NaN), row@7:0 (reading training row 7 fails), stall_export@0:0 (the export waits
-STALL_SECONDS, for a signal to arrive meanwhile). LLMKIT_FAULT_STAMP names a file that gets the time the fault
-fired. Callers test `ON` first, so a normal run pays one attribute read per check.
+STALL_SECONDS, for a signal to arrive meanwhile), explain@0:0 (the explanations' fresh process fails).
+LLMKIT_FAULT_STAMP names a file that gets the time the fault fired. Callers test `ON` first, so a normal run
+pays one attribute read per check.
 
 LLMKIT_TRACE_ROWS=<folder>: each rank appends, per micro-batch, the optimizer step it belongs to and a checksum of
 each row's real tokens to <folder>/rows_rank<r>.jsonl (the resume tests compare which rows each step trained on)."""

@@ -77,9 +77,11 @@ def main() -> None:
         shown = f"accuracy {m['accuracy']:.4f}  f1 {m['f1']:.4f}  " if "accuracy" in m else ""
         run.log(f"{name}: {shown}loss {m['loss']:.4f}  perplexity {m['perplexity']:.2f}")
     run.log(f"export: {final}  (train {result['summary']['train_seconds']} s)")
-    if labels and acc.is_main_process and cfg.output.explain_rows:  # why it said that: the export, on rank 0
-        explain.for_run(run.output_dir, "test" if ds.test is not None else "validation", cfg.output.explain_rows,
-                        cfg.train.seed, trust_remote_code=cfg.model.trust_remote_code, log=run.log)
+    if labels and cfg.output.explain_rows:  # why it said that: the export, on rank 0 (its failure reaches every rank)
+        split = "test" if ds.test is not None else "validation"
+        run.main_first(lambda: explain.for_run(run.output_dir, split, cfg.output.explain_rows, cfg.train.seed,
+                                               trust_remote_code=cfg.model.trust_remote_code, log=run.log),
+                       others=False)
     pages.write_for_run(run)  # classification numbers for label words; loss, perplexity and the data otherwise
     run.finish(skipped=hub.push_run(run, uploader))
 

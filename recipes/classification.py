@@ -59,9 +59,10 @@ def main() -> None:
         m = results[name]
         run.log(f"{name}: accuracy {m['accuracy']:.4f}  f1 {m['f1']:.4f}  ({m['samples']} rows)")
     run.log(f"export: {final}  (train {result['summary']['train_seconds']} s)")
-    if acc.is_main_process and cfg.output.explain_rows:  # why it said that: the exported model, on rank 0
-        explain.for_run(run.output_dir, check, cfg.output.explain_rows, cfg.train.seed,
-                        trust_remote_code=cfg.model.trust_remote_code, log=run.log)
+    if cfg.output.explain_rows:  # why it said that: the exported model, on rank 0 (its failure reaches every rank)
+        run.main_first(lambda: explain.for_run(run.output_dir, check, cfg.output.explain_rows, cfg.train.seed,
+                                               trust_remote_code=cfg.model.trust_remote_code, log=run.log),
+                       others=False)
     pages.write_for_run(run)
     run.finish(skipped=hub.push_run(run, uploader))
 

@@ -288,3 +288,18 @@ def test_commands_take_a_relative_run_folder_from_another_directory(demo_run, tm
     assert "predicted:" in said and "gorgeous" in said
     llmkit("push", run, "someone/demo", "--dry-run", "--output", "staged")  # re-checks the export in a fresh process
     assert (elsewhere / "staged" / "model.safetensors").is_file() and (elsewhere / "staged" / "README.md").is_file()
+
+
+@pytest.mark.slow
+def test_a_step_after_the_verified_export_that_fails_ends_every_rank_cleanly(tmp_path, tiny_bert, tiny_data):
+    """The explanations fail on rank 0 after the export is verified: every rank ends with the one llmkit line
+    (exit 2), none dies in a barrier with a connection error, and final/ stays as verified."""
+    out = tmp_path / "run"
+    cfg = write_config(tmp_path / "c.yaml", tiny_bert, tiny_data, out, explain_rows=4, max_steps=2)
+    proc = launch("recipes/classification.py", ["--config", str(cfg)], env={"LLMKIT_FAULT": "explain@0:0"})
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("llmkit: error:")]
+    assert len(errors) == 1 and "explaining the report's rows failed" in errors[0], proc.stderr[-3000:]
+    root = proc.stderr.split("Root Cause (first observed failure):")[-1]
+    assert "exitcode  : 2" in root and "Connection closed" not in proc.stderr, proc.stderr[-3000:]
+    assert (out / "final" / "model.safetensors").is_file() and not (out / "final.tmp").exists()

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from llmkit import fresh, rundir
+from llmkit import faults, fresh, rundir
 from llmkit.errors import LlmkitError
 from llmkit.evals import attribution
 from llmkit.model import check_export_weights
@@ -132,6 +132,8 @@ def for_run(run_dir: Path, split: str, count: int, seed: int, trust_remote_code:
 
 def _write(run_dir: Path, split: str, count: int, seed: int, trust_remote_code: bool) -> None:
     """What for_run runs in its fresh process."""
+    if faults.ON and faults.hit("explain", 0, 0):
+        raise RuntimeError("explaining failed (injected)")
     began = time.perf_counter()
     rows, _ = rundir.read_jsonl(run_dir / f"predictions_{split}.jsonl")
     subject = load(run_dir / "final", trust_remote_code)

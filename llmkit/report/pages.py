@@ -242,7 +242,8 @@ def build(run_dirs: list[str | Path], out_dir: str | Path | None = None) -> dict
 
 def write_for_run(run) -> None:
     """The report of a finished run, into its output directory (rank 0; the others wait)."""
-    if run.accelerator.is_main_process:
+    def write() -> None:
         paths = build([run.output_dir])
         run.log(f"report: {paths['html']}  (also {paths['md'].name}, {paths['json'].name})")
-    run.accelerator.wait_for_everyone()
+
+    run.main_first(write, others=False)  # a failure on rank 0 reaches every rank, not a barrier's timeout
