@@ -45,20 +45,18 @@ def check_weights_present(cfg: ModelConfig) -> None:
         raise LlmkitError(f"model.name_or_path '{cfg.name_or_path}' holds a config.json but no weights "
                           "(model.safetensors or pytorch_model.bin); copy them in, or set model.from_scratch: true "
                           "to train from a random init")
-    for file in sorted(path.glob("*.safetensors")):
-        problem = safetensors_problem(file)
-        if problem:
-            raise LlmkitError(f"model.name_or_path '{cfg.name_or_path}': {file.name} {problem} (an interrupted copy "
-                              "or download?); copy or download it again")
+    check_export_weights(path, f"model.name_or_path '{cfg.name_or_path}'")
 
 
-def check_export_weights(folder: Path) -> None:
-    """An exported model's safetensors files are whole (llmkit eval, explain, generate, push read exports that
-    a crash or an interrupted copy may have cut): one clear line instead of safetensors' deserialisation error."""
+def check_export_weights(folder: Path, owner: str | None = None) -> None:
+    """The safetensors files under `folder` are whole (a model to train from, or an export that llmkit eval,
+    explain, generate and push read, which a crash or an interrupted copy may have cut): one clear line instead of
+    safetensors' deserialisation error. `owner` names the folder in the message (default: its path)."""
     for file in sorted(Path(folder).rglob("*.safetensors")):
         problem = safetensors_problem(file)
         if problem:
-            raise LlmkitError(f"{file} {problem} (an interrupted copy or write?); export or copy it again")
+            raise LlmkitError(f"{owner or folder}: {file.relative_to(folder)} {problem} (an interrupted copy or "
+                              "write?); copy or write it again")
 
 
 def safetensors_problem(file: Path) -> str | None:
