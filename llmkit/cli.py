@@ -12,9 +12,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from llmkit import fresh
+from llmkit import fresh  # fresh.absolute: every folder argument, as some work on it runs in a fresh process
 from llmkit.errors import LlmkitError
-from llmkit.fresh import absolute  # every folder argument: some work on it runs in a fresh process elsewhere
 
 USER_ERROR = 2  # the exit code of a mistake the user can fix (argparse's too)
 
@@ -234,7 +233,7 @@ def main(argv: list[str] | None = None) -> None:
     est.add_argument("--trust-remote-code", action="store_true")
     est.set_defaults(fn=_estimate_memory)
     gen = sub.add_parser("generate", help="complete prompts with an exported causal LM (full, merged or adapter)")
-    gen.add_argument("model_dir", type=absolute,
+    gen.add_argument("model_dir", type=fresh.absolute,
                      help="a run's final/ folder, a merged or full model folder, or a LoRA adapter")
     gen.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
     gen.add_argument("--max-new-tokens", type=int, default=64)
@@ -248,16 +247,17 @@ def main(argv: list[str] | None = None) -> None:
     gen.set_defaults(fn=_generate)
     rep = sub.add_parser("report", help="evaluation report (html, md, json) of one or more runs (classifiers or "
                          "language models)")
-    rep.add_argument("run_dirs", nargs="+", type=absolute, help="run output directories (or `llmkit eval` outputs)")
-    rep.add_argument("--output", type=absolute,
+    rep.add_argument("run_dirs", nargs="+", type=fresh.absolute,
+                     help="run output directories (or `llmkit eval` outputs)")
+    rep.add_argument("--output", type=fresh.absolute,
                      help="where the report goes (default: the run directory; required for several)")
     rep.set_defaults(fn=_report)
     ev = sub.add_parser("eval", help="evaluate an exported sequence classifier on a labelled split, with a report")
-    ev.add_argument("model_dir", type=absolute,
+    ev.add_argument("model_dir", type=fresh.absolute,
                     help="a classifier folder, e.g. <run>/final (any transformers classifier)")
     ev.add_argument("--data", required=True, help="Hub id, local folder, asset:<name>, or one csv/json/jsonl file")
     ev.add_argument("--split", default="test")
-    ev.add_argument("--output", type=absolute, help="output folder (default: <model_dir>/eval-<split>)")
+    ev.add_argument("--output", type=fresh.absolute, help="output folder (default: <model_dir>/eval-<split>)")
     ev.add_argument("--text-column", default="text")
     ev.add_argument("--text-pair-column")
     ev.add_argument("--label-column", default="label")
@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> None:
     ev.add_argument("--trust-remote-code", action="store_true", help="run the model folder's own Python code")
     ev.set_defaults(fn=_eval)
     push = sub.add_parser("push", help="push a run's export, report and model card to the Hugging Face Hub")
-    push.add_argument("run_dir", type=absolute, help="a run output directory (with final/) or its final/ folder")
+    push.add_argument("run_dir", type=fresh.absolute, help="a run output directory (with final/) or its final/ folder")
     push.add_argument("repo_id", help="<user or org>/<name>")
     visibility = push.add_mutually_exclusive_group()
     visibility.add_argument("--private", action="store_true", help="a private repo (the default)")
@@ -276,7 +276,8 @@ def main(argv: list[str] | None = None) -> None:
     push.add_argument("--merged", action="store_true", help="LoRA runs: also push the merged model (merged/)")
     push.add_argument("--dry-run", action="store_true",
                       help="write exactly the folder that would be uploaded, list it, touch no network")
-    push.add_argument("--output", type=absolute, help="--dry-run: where the folder goes (default <run_dir>/hub_upload)")
+    push.add_argument("--output", type=fresh.absolute,
+                      help="--dry-run: where the folder goes (default <run_dir>/hub_upload)")
     push.set_defaults(fn=_push)
     val = sub.add_parser("validate", help="run every check of a recipe that needs no training, then stop")
     val.add_argument("config", help="the recipe YAML")
@@ -286,7 +287,7 @@ def main(argv: list[str] | None = None) -> None:
     val.set_defaults(fn=_validate)  # any further --section.key value arguments override the config
     exp = sub.add_parser("explain", help="each word's attribution toward every label of an exported classifier "
                          "or label-word causal LM (integrated gradients)")
-    exp.add_argument("model_dir", type=absolute,
+    exp.add_argument("model_dir", type=fresh.absolute,
                      help="a run's final/ folder (or any saved sequence classifier or causal LM)")
     exp.add_argument("--text", action="append", help="a text to explain (repeatable)")
     exp.add_argument("--file", help="a file of texts, one per line")
