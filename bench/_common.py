@@ -11,10 +11,10 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "configs" / "sentiment_minilm_polarity.yaml"
 
 
-def recipe():
+def recipe(*overrides: str):
     from llmkit.config import load_config
 
-    return load_config(RECIPE)
+    return load_config(RECIPE, list(overrides))
 
 
 def tokenized_train(cfg, tokenizer, pad_to: int | None = None):

@@ -24,10 +24,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=40)
     args = ap.parse_args()
-    cfg = recipe()
-    t = cfg.train
     # the same process set-up as llmkit (threads per rank, gloo on CPU, the filled-in DeepSpeed config)
-    cfg.output.output_dir, cfg.output.overwrite_output_dir = tempfile.mkdtemp(prefix="llmkit-hand-"), True
+    cfg = recipe("--output.output_dir", tempfile.mkdtemp(prefix="llmkit-hand-"),
+                 "--output.overwrite_output_dir", "true")
+    t = cfg.train
     run = setup(cfg, "classification")
     acc: Accelerator = run.accelerator
     name = model.locate(cfg.model.name_or_path, "model")

@@ -19,6 +19,7 @@ of one step wait for: every rank as wide as the step's largest batch. Targets: >
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -53,10 +54,10 @@ def batches(cfg, make_loader) -> dict:
     """Grouped and shuffled, on 1 and 2 ranks (group_by_length is read by loaders.train_loader)."""
     out = {}
     for group in (True, False):
-        cfg.data.group_by_length = group
+        grouped = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, group_by_length=group))
         for ranks in (1, 2):
             out[f"{'grouped' if group else 'shuffled'}, {ranks} rank{'s' if ranks > 1 else ''}"] = \
-                efficiency(epoch(make_loader, cfg, ranks))
+                efficiency(epoch(make_loader, grouped, ranks))
     return out
 
 

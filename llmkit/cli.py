@@ -116,7 +116,7 @@ def _assets(_: argparse.Namespace) -> None:
 def _estimate_memory(args: argparse.Namespace) -> None:
     from llmkit import memory, model
     from llmkit.config import ModelConfig
-    from llmkit.launch import auto_reduce_bucket
+    from llmkit.parallel import auto_reduce_bucket
 
     cfg = ModelConfig(name_or_path=args.model, trust_remote_code=args.trust_remote_code)
     params, largest = model.model_sizes(cfg, causal_lm=args.task == "causal-lm")

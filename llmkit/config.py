@@ -14,7 +14,7 @@ from llmkit.errors import LlmkitError
 from llmkit.typed import build, did_you_mean, hints, read_yaml
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
     name_or_path: str = "asset:minilm"  # Hub id, local dir, or asset:<name> (see `llmkit assets`)
     tokenizer: str | None = None  # defaults to name_or_path
@@ -26,7 +26,7 @@ class ModelConfig:
     attn_implementation: str | None = None  # eager | sdpa | flash_attention_2 (CUDA + flash-attn) | flex_attention
 
 
-@dataclass
+@dataclass(frozen=True)
 class LoraConfig:
     enabled: bool = False  # train peft LoRA adapters (and a classifier head in full) instead of every weight
     r: int = 16  # adapter rank
@@ -36,7 +36,7 @@ class LoraConfig:
     load_in_4bit: bool = False  # QLoRA: the frozen base in 4-bit NF4 (bitsandbytes), the adapters on top
 
 
-@dataclass
+@dataclass(frozen=True)
 class MixtureSource:
     """One source of data.mixture: where its rows are and how to read them; unset keys come from data.*."""
     weight: float  # the share of training examples drawn from this source (weights are normalised)
@@ -52,7 +52,7 @@ class MixtureSource:
     messages_column: str | None = None  # as data.messages_column
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataConfig:
     dataset: str | None = None  # Hub id, local dir or file, or asset:<name>
     dataset_config: str | None = None  # Hub subset, e.g. "sst2" for "glue"
@@ -93,7 +93,7 @@ class DataConfig:
     label_words: list[str] | None = None  # one per label, in label order; default: the label names
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     seed: int = 42  # data order, initialisation and dropout
     epochs: float = 1.0  # passes over the train split (fractions allowed)
@@ -134,13 +134,13 @@ class TrainConfig:
     tracker_project: str = "llmkit"  # W&B project, MLflow experiment, Trackio / Comet / SwanLab project
 
 
-@dataclass
+@dataclass(frozen=True)
 class DeepSpeedConfig:
     config_file: str | None = None  # DeepSpeed JSON; default: the one the Accelerate config names
     zero_stage: int | None = None  # when set, must agree with the JSON
 
 
-@dataclass
+@dataclass(frozen=True)
 class CheckpointConfig:
     save_every_steps: int | None = None  # write checkpoints/step-<n> every N optimizer steps
     save_every_epoch: bool = False  # also write a checkpoint at each epoch end
@@ -151,7 +151,7 @@ class CheckpointConfig:
     new_global_batch: bool = False  # a resume takes this launch's ranks x accumulation, not the checkpoint's
 
 
-@dataclass
+@dataclass(frozen=True)
 class OutputConfig:
     output_dir: str = "outputs/run"  # the run's folder: export, reports, checkpoints, logs
     overwrite_output_dir: bool = False  # replace an earlier llmkit run (kept until the new export is in place)
@@ -161,11 +161,14 @@ class OutputConfig:
     hub_revision: str | None = None  # a branch; default main
     hub_strategy: str = "end"  # end | every_save (each checkpoint too, uploaded in the background)
     hub_push_merged: bool = False  # LoRA runs: also push the merged model (under merged/)
+    # reload final/ in a fresh CPU process and require the run's logits (LoRA runs always do: the merge runs
+    # there); false: only the no-empty-tensor check, for a model too big to load a second time in host memory
+    verify_export: bool = True
     explain_rows: int = 8  # classifiers, label-word LMs: report rows explained word by word (mistakes first); 0: none
     hub_license: str | None = None  # model card license; default: the base model's when known, else "other"
 
 
-@dataclass
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)

@@ -9,6 +9,7 @@ import torch
 
 from llmkit.errors import LlmkitError
 from llmkit.model import check_export_weights, is_causal_lm, locate, trusts_remote_code
+from llmkit.rundir.layout import Export
 
 
 def render(tokenizer, prompt: str, chat: bool | None = None) -> list[int]:
@@ -57,8 +58,8 @@ def load(folder: str | Path, base: str | None = None, trust_remote_code: bool = 
         raise LlmkitError(f"'{folder}' is not a directory; pass a model folder (e.g. <output_dir>/final)")
     check_export_weights(path)
     remote = trust_remote_code or trusts_remote_code(path)
-    if (path / "merged" / "config.json").is_file():
-        path = path / "merged"
+    if (Export(path).merged / "config.json").is_file():
+        path = Export(path).merged
     if (path / "adapter_config.json").is_file():
         from peft import PeftModel
 

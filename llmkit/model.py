@@ -9,6 +9,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 from llmkit import assets, fresh
 from llmkit.config import LoraConfig, ModelConfig
 from llmkit.errors import LlmkitError
+from llmkit.rundir.layout import Export
 
 
 def locate(name_or_path: str, what: str) -> str:
@@ -89,9 +90,8 @@ def trusts_remote_code(export: Path) -> bool:
     reloading it needs the same consent, which the run's config already gave."""
     import yaml
 
-    cfg_path = Path(export) / "training_config.yaml"
     try:
-        cfg = yaml.safe_load(cfg_path.read_text()) if cfg_path.is_file() else None
+        cfg = Export(Path(export)).read_config()
     except yaml.YAMLError:
         return False
     return bool(((cfg or {}).get("model") or {}).get("trust_remote_code")) if isinstance(cfg, dict) else False
@@ -133,10 +133,6 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerFast:
         raise LlmkitError(f"the tokenizer '{name}' has {len(tok)} tokens for a model whose embeddings hold {vocab}: "
                           "it cannot be the tokenizer the model was trained with. Use the model's own tokenizer.")
     return tok
-
-
-DTYPES = ("float32", "bfloat16", "float16")
-ATTENTION = ("eager", "sdpa", "flash_attention_2", "flex_attention")
 
 
 def loading_options(cfg: ModelConfig, lora: LoraConfig | None = None, precision: str = "fp32") -> dict:
@@ -318,7 +314,7 @@ def needs_trained_tokenizer(cfg: ModelConfig) -> bool:
     return path.is_dir() and not any((path / f).is_file() for f in TOKENIZER_FILES)
 
 
-def train_tokenizer(texts, vocab_size: int, folder: Path, max_length: int | None = None) -> PreTrainedTokenizerFast:
+def train_tokenizer(texts, vocab_size: int, folder: Path) -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer trained on `texts` (any byte sequence encodes: no unknown tokens), with
     <|endoftext|> as its BOS / EOS / pad token, saved to `folder`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -334,7 +330,7 @@ def train_tokenizer(texts, vocab_size: int, folder: Path, max_length: int | None
                                   show_progress=False)
     core.train_from_iterator(texts, trainer)
     tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
-                                  pad_token="<|endoftext|>", model_max_length=max_length or 1_000_000)
+                                  pad_token="<|endoftext|>", model_max_length=1_000_000)
     tok.save_pretrained(folder)
     return tok
 

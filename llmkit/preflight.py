@@ -4,18 +4,18 @@ a recipe loads next), and stops. Each check raises LlmkitError naming what is wr
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from llmkit import elastic, fresh, launch, memory, model, rundir, trackers
+from llmkit import fresh, memory, model, parallel, trackers
 from llmkit.config import Config
 from llmkit.data import lm, sources
 from llmkit.errors import LlmkitError
 from llmkit.precision import Hardware, hardware, resolve_precision
+from llmkit.rundir import checkpoints, elastic, life
 
 GIB = 1024**3
 
@@ -27,12 +27,12 @@ class Plan:
     precision_why: str
     world_size: int
     ds_config: dict | None  # resolved: no "auto" left; None without DeepSpeed
-    output_dir: Path
-    intent: str  # what happens to output_dir: "new", "overwrite" or "resume" (llmkit.rundir)
-    model_config: object  # the model's transformers config
+    run_dir: Path  # output.output_dir, resolved
+    intent: str  # what happens to output_dir: "new", "overwrite" or "resume" (llmkit.rundir.life)
     causal_lm: bool
+    accumulation: int  # gradient accumulation this launch trains with (an elastic resume may change it)
     checked: list[str] = field(default_factory=list)  # one line per check passed
-    elastic: elastic.Elastic | None = None  # resuming a checkpoint written by another number of ranks
+    resume: checkpoints.Resume | None = None  # the checkpoint this run continues, verified
 
 
 def warnings(cfg: Config) -> list[str]:
@@ -136,8 +136,8 @@ def check_output_dir(cfg: Config) -> tuple[Path, str]:
     check_output_dir_is_safe(cfg)
     # absolute once, here: the run hands this folder to fresh processes that do not share its working directory
     out = fresh.absolute(cfg.output.output_dir)
-    rundir.check_free(out)  # first: a folder in use is not "another run's" to overwrite or resume
-    return out, rundir.intent(cfg)
+    life.check_free(out)  # first: a folder in use is not "another run's" to overwrite or resume
+    return out, life.intent(cfg)
 
 
 def checkpoint_bytes(params: int, precision: str, lora: bool) -> int:
@@ -239,37 +239,40 @@ def check(cfg: Config, world_size: int, recipe: str | None = None,
 
     plan_lines: list[str] = []
     hw = hw or hardware()
-    check_devices(hw, launch.local_world_size())
+    check_devices(hw, parallel.local_world_size())
     precision, why = resolve_precision(cfg.train.precision, hw)
     passed(f"precision: {precision} ({why})")
-    check_loading(cfg, precision, hw, deepspeed=launch.uses_deepspeed(cfg))
-    launch.check_accelerate_env(cfg, precision)
+    check_loading(cfg, precision, hw, deepspeed=parallel.uses_deepspeed(cfg))
+    parallel.check_accelerate_env(cfg, precision)
     config, line = check_model(cfg)
     passed(line)
     recipe = recipe or recipe_of(cfg, config)
     check_recipe_keys(cfg, recipe)
-    out, how = check_output_dir(cfg)
-    passed(f"output: {out.resolve()} (writable, {how} run, not in use)")
-    plan_elastic, conversion = None, 0
-    if cfg.checkpoint.resume_from:  # found and verified now, not after the model and data are loaded
-        resume = rundir.resolve_checkpoint(out, cfg.checkpoint.resume_from)
-        passed(f"resume: from {resume} (complete, sizes and digests match)")
-        plan_elastic = elastic.decide(cfg, resume, world_size)  # before the DeepSpeed config reads the accumulation
+    out, intent = check_output_dir(cfg)
+    passed(f"output: {out.resolve()} (writable, {intent} run, not in use)")
+    resume, plan_elastic, conversion = None, None, 0
+    if cfg.checkpoint.resume_from:  # found and verified now, once, not after the model and data are loaded
+        resume = checkpoints.resolve(out, cfg.checkpoint.resume_from)
+        passed(f"resume: from {resume.path} (complete, sizes and digests match)")
+        # before the DeepSpeed config reads the accumulation
+        plan_elastic = elastic.decide(cfg, resume.path, resume.recorded, world_size)
         if plan_elastic is not None:
             passed(plan_elastic.describe())
-            conversion = elastic.universal_bytes(resume) if plan_elastic.universal else 0
-    ds = launch.resolve_deepspeed(cfg, precision, world_size, model.hidden_size(config))
-    stage = launch.zero_stage(ds)
+            conversion = elastic.universal_bytes(resume.path) if plan_elastic.universal else 0
+            resume = replace(resume, elastic=plan_elastic)
+    # what this launch trains with: the config's accumulation, or the one an elastic resume keeps the batch with
+    accumulation = plan_elastic.accumulation if plan_elastic else cfg.train.gradient_accumulation_steps
+    ds = parallel.resolve_deepspeed(cfg, precision, world_size, model.hidden_size(config), accumulation)
+    stage = parallel.zero_stage(ds)
     if plan_elastic is not None and plan_elastic.universal:
         if stage != plan_elastic.zero_stage:
             raise LlmkitError(f"the checkpoint was written under ZeRO-{plan_elastic.zero_stage}; this launch uses "
                               f"ZeRO-{stage or 0}: resume with the checkpoint's stage (its accelerate config)")
         ds = elastic.universal_config(ds)
-    if cfg.checkpoint.resume_from:  # the checkpoint's run, as far as the config tells: before any model or data
-        recorded = json.loads((resume / rundir.MANIFEST).read_text())["fingerprint"]
-        want = rundir.fingerprint(cfg, world_size, stage, precision)
+    if resume is not None:  # the checkpoint's run, as far as the config tells: before any model or data
+        want = checkpoints.fingerprint(cfg, world_size, stage, precision, accumulation=accumulation)
         want.pop("data")  # its rows are read later; the resume compares them then
-        rundir.refuse_other_run(resume, recorded, want, elastic=plan_elastic is not None)
+        checkpoints.refuse_other_run(resume.path, resume.recorded, want, elastic=plan_elastic is not None)
         passed("resume: the same run as the checkpoint (model, split of the work, precision, optimizer)")
     passed(f"launch: {world_size} process(es), " + (f"DeepSpeed ZeRO-{stage}, no 'auto' left" if ds else
                                                      "no DeepSpeed"))
@@ -289,7 +292,7 @@ def check(cfg: Config, world_size: int, recipe: str | None = None,
     if cfg.output.push_to_hub:  # no token: say so now, not after hours of training
         hub_token()
         passed(f"hub: a token is set for pushing to {cfg.output.hub_model_id}")
-    return Plan(precision, why, world_size, ds, out, how, config, causal, plan_lines, plan_elastic)
+    return Plan(precision, why, world_size, ds, out, intent, causal, accumulation, plan_lines, resume)
 
 
 def check_inputs(cfg: Config, plan: Plan, say: Callable[[str], None] = lambda line: None) -> None:

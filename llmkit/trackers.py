@@ -14,11 +14,11 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from llmkit.errors import LlmkitError
+from llmkit.rundir.layout import RunDir
 
 # Accelerate's tracker names, with the package each needs
 PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio",
             "comet_ml": "comet_ml", "aim": "aim", "clearml": "clearml", "dvclive": "dvclive", "swanlab": "swanlab"}
-TB_FOLDER = "runs"  # <output_dir>/runs: TensorBoard's events
 
 
 def names(cfg) -> list[str]:
@@ -91,7 +91,8 @@ def log_with(cfg, output_dir: Path) -> list:
     whatever the project is called."""
     from accelerate.tracking import TensorBoardTracker
 
-    return [TensorBoardTracker(TB_FOLDER, output_dir) if n == "tensorboard" else n for n in names(cfg)]
+    folder = RunDir(Path(output_dir)).tensorboard.name  # TensorBoard's events: <output_dir>/<folder>
+    return [TensorBoardTracker(folder, output_dir) if n == "tensorboard" else n for n in names(cfg)]
 
 
 def hyperparameters(cfg, **facts) -> dict:

@@ -502,7 +502,7 @@ def _changed(before: dict, tmp: Path, assets: dict) -> list[str]:
 
 def run(case: Case, tmp: Path, assets: dict) -> Outcome:
     """Build the case's files in `tmp`, run `llmkit <args>` in this process, and report what happened."""
-    from llmkit import cli, launch
+    from llmkit import cli, parallel
 
     args = case.build(tmp, assets)
     before = {name: _snapshot(folder) for name, folder in {"tmp": tmp, **assets}.items()}
@@ -513,7 +513,7 @@ def run(case: Case, tmp: Path, assets: dict) -> Outcome:
         return Outcome(proc.returncode, [ln for ln in proc.stderr.splitlines() if ln.startswith("llmkit: error:")],
                        crash, _changed(before, tmp, assets), proc.stderr)
     err, out, code, crash = io.StringIO(), io.StringIO(), 0, ""
-    with launch.environ({"HF_HUB_OFFLINE": "1", **case.env}), contextlib.redirect_stderr(err), \
+    with parallel.environ({"HF_HUB_OFFLINE": "1", **case.env}), contextlib.redirect_stderr(err), \
             contextlib.redirect_stdout(out):
         try:
             cli.main(args)

@@ -79,7 +79,7 @@ def zero_runs(tmp_path_factory, tiny_bert_no_dropout, tiny_data):
         run_dir = root / name
         cfg = write_config(root / f"{name}.yaml", tiny_bert_no_dropout, tiny_data, run_dir, epochs=2,
                            logging_steps=1, per_device_batch_size=batch, gradient_accumulation_steps=accumulation,
-                           learning_rate=2e-3, warmup_ratio=0.1, explain_rows=8 if name == "zero3" else 0)
+                           learning_rate=2e-3, warmup_ratio=0.1, explain_rows=8 if name == "zero3" else 0, verify_export=True)
         proc = launch("recipes/classification.py", ["--config", str(cfg), "--data.group_by_length", "false",
                                                     "--data.max_train_samples", str(ZERO_RUN_ROWS)], accelerate_config)
         check_ok(proc)

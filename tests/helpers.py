@@ -80,8 +80,10 @@ def write_lm_config(path: Path, tiny_lm: Path, output: Path, lora: bool, **train
     return path
 
 
-def write_config(path: Path, model: Path, data: Path, output: Path, explain_rows: int = 0, **train) -> Path:
-    """A recipe YAML for the tiny model and data; no explanations unless asked (each costs a fresh process)."""
+def write_config(path: Path, model: Path, data: Path, output: Path, explain_rows: int = 0, verify_export: bool = False,
+                 **train) -> Path:
+    """A recipe YAML for the tiny model and data. No explanations and no fresh-process reload of the export unless
+    asked (each costs a fresh process): the tests that check those ask."""
     import yaml
 
     cfg = {
@@ -89,7 +91,7 @@ def write_config(path: Path, model: Path, data: Path, output: Path, explain_rows
         "data": {"dataset": str(data), "max_length": 32},
         "train": {"epochs": 1, "per_device_batch_size": 8, "eval_batch_size": 4, "learning_rate": 1e-3,
                   "warmup_ratio": 0.0, "logging_steps": 2, "precision": "fp32", **train},
-        "output": {"output_dir": str(output), "explain_rows": explain_rows},
+        "output": {"output_dir": str(output), "explain_rows": explain_rows, "verify_export": verify_export},
     }
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -170,12 +172,12 @@ def free_ports(n: int) -> list[int]:
 
 def fake_run(out: Path) -> Path:
     """A folder as an earlier llmkit run leaves it, plus a file of the user's."""
-    from llmkit import rundir
+    from llmkit.rundir.layout import RunDir
 
     (out / "checkpoints" / "step-4").mkdir(parents=True)
     (out / "final").mkdir()
     (out / "final" / "config.json").write_text(json.dumps({"architectures": ["BertForSequenceClassification"]}))
-    for name in (rundir.MARKER, "metrics.jsonl", "predictions_test.jsonl", "training_config.yaml", "run_info.json"):
+    for name in (RunDir(out).marker.name, "metrics.jsonl", "predictions_test.jsonl", "training_config.yaml", "run_info.json"):
         (out / name).write_text("{}\n")
     (out / "notes.txt").write_text("mine")
     return out
@@ -225,3 +227,15 @@ def assert_export_agrees(check: dict) -> None:
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def changed(cfg, values: dict):
+    """A copy of a (frozen) config with {"section.key": value} changed, unchecked: for tests that hand one
+    module a config a YAML could not give it, or give it faster."""
+    import dataclasses
+
+    sections = {}
+    for key, value in values.items():
+        section, leaf = key.split(".", 1)
+        sections.setdefault(section, {})[leaf] = value
+    return dataclasses.replace(cfg, **{s: dataclasses.replace(getattr(cfg, s), **kv) for s, kv in sections.items()})

@@ -66,7 +66,7 @@ def test_llmkit_launch_user_error_is_one_line_and_exit_2(tmp_path, tiny_bert, ti
     assert "Traceback" not in proc.stderr
     if (tmp_path / "out").exists():  # a run stopped before its first step: the same folder is "new" again
         from llmkit.config import load_config
-        from llmkit.rundir import intent
+        from llmkit.rundir.life import intent
 
         assert intent(load_config(cfg)) == "new"
 

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import changed
 
-from llmkit import launch, precision, preflight
+from llmkit import parallel, precision, preflight
 from llmkit.config import Config, DataConfig, load_config
 from llmkit.errors import LlmkitError
 
@@ -132,17 +133,14 @@ def test_fp16_refused_on_cpu():
 
 
 def _cfg(tmp_path, **train) -> Config:
-    cfg = load_config(_yaml(tmp_path, BASE))
-    for key, value in train.items():
-        setattr(cfg.train, key, value)
-    return cfg
+    return changed(load_config(_yaml(tmp_path, BASE)), {f"train.{k}": v for k, v in train.items()})
 
 
 def test_deepspeed_autos_filled_from_llmkit_config(tmp_path, monkeypatch):
     monkeypatch.delenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", raising=False)
     cfg = _cfg(tmp_path, per_device_batch_size=8, gradient_accumulation_steps=4, max_grad_norm=0.5)
-    cfg.deepspeed.config_file = str(ROOT / "ds_configs/zero3.json")
-    ds = launch.resolve_deepspeed(cfg, "bf16", world_size=2, hidden=384)
+    cfg = changed(cfg, {"deepspeed.config_file": str(ROOT / "ds_configs/zero3.json")})
+    ds = parallel.resolve_deepspeed(cfg, "bf16", world_size=2, hidden=384)
     assert ds["train_micro_batch_size_per_gpu"] == 8
     assert ds["gradient_accumulation_steps"] == 4
     assert ds["train_batch_size"] == 8 * 4 * 2
@@ -150,7 +148,7 @@ def test_deepspeed_autos_filled_from_llmkit_config(tmp_path, monkeypatch):
     assert ds["bf16"]["enabled"] is True and ds["fp16"]["enabled"] is False
     zero = ds["zero_optimization"]
     assert zero["reduce_bucket_size"] == 25_000_000  # hidden^2 = 147k would mean a collective per 147k grads
-    assert launch.resolve_deepspeed(cfg, "bf16", 2, hidden=8192)["zero_optimization"]["reduce_bucket_size"] == 8192**2
+    assert parallel.resolve_deepspeed(cfg, "bf16", 2, hidden=8192)["zero_optimization"]["reduce_bucket_size"] == 8192**2
     assert zero["stage3_prefetch_bucket_size"] == int(0.9 * 384 * 384)
     assert zero["stage3_param_persistence_threshold"] == 3840
     assert zero["stage3_gather_16bit_weights_on_model_save"] is True
@@ -161,9 +159,9 @@ def test_deepspeed_value_set_twice_must_agree(tmp_path):
     ds_file = tmp_path / "ds.json"
     ds_file.write_text(json.dumps({"gradient_accumulation_steps": 8, "zero_optimization": {"stage": 2}}))
     cfg = _cfg(tmp_path, gradient_accumulation_steps=4)
-    cfg.deepspeed.config_file = str(ds_file)
+    cfg = changed(cfg, {"deepspeed.config_file": str(ds_file)})
     with pytest.raises(LlmkitError) as err:
-        launch.resolve_deepspeed(cfg, "fp32", world_size=2, hidden=32)
+        parallel.resolve_deepspeed(cfg, "fp32", world_size=2, hidden=32)
     msg = str(err.value)
     assert "'gradient_accumulation_steps' is 8 in the DeepSpeed config" in msg
     assert "4 from train.gradient_accumulation_steps" in msg
@@ -190,20 +188,20 @@ def test_each_conflict_names_both_places(tmp_path, json_values, train, precision
     ds_file = tmp_path / "ds.json"
     ds_file.write_text(json.dumps({**json_values, "zero_optimization": {"stage": 2}}))
     cfg = _cfg(tmp_path, **train)
-    cfg.deepspeed.config_file = str(ds_file)
+    cfg = changed(cfg, {"deepspeed.config_file": str(ds_file)})
     with pytest.raises(LlmkitError) as err:
-        launch.resolve_deepspeed(cfg, precision, world_size=2, hidden=32)
+        parallel.resolve_deepspeed(cfg, precision, world_size=2, hidden=32)
     assert message.replace("ds.json", str(ds_file)) in str(err.value)
     assert "Set it to \"auto\" in the JSON" in str(err.value)
 
 
 def test_zero_stage_in_llmkit_config_must_match_the_json(tmp_path):
     cfg = _cfg(tmp_path)
-    cfg.deepspeed.config_file = str(ROOT / "ds_configs/zero2.json")
-    cfg.deepspeed.zero_stage = 3
+    cfg = changed(cfg, {"deepspeed.config_file": str(ROOT / "ds_configs/zero2.json")})
+    cfg = changed(cfg, {"deepspeed.zero_stage": 3})
     with pytest.raises(LlmkitError, match="'zero_optimization.stage' is 2 in the DeepSpeed config .* but 3 from "
                                           "deepspeed.zero_stage"):
-        launch.resolve_deepspeed(cfg, "fp32", world_size=2, hidden=32)
+        parallel.resolve_deepspeed(cfg, "fp32", world_size=2, hidden=32)
 
 
 @pytest.mark.parametrize(
@@ -218,7 +216,7 @@ def test_zero_stage_in_llmkit_config_must_match_the_json(tmp_path):
 def test_accelerate_yaml_values_must_agree(tmp_path, monkeypatch, env, value, message):
     monkeypatch.setenv(env, value)
     with pytest.raises(LlmkitError) as err:
-        launch.check_accelerate_env(_cfg(tmp_path), "fp32")
+        parallel.check_accelerate_env(_cfg(tmp_path), "fp32")
     assert message in str(err.value) and "Remove" in str(err.value)
 
 
@@ -226,25 +224,25 @@ def test_deepspeed_rejects_unfillable_auto_and_own_optimizer(tmp_path):
     ds_file = tmp_path / "ds.json"
     ds_file.write_text(json.dumps({"zero_optimization": {"stage": 2, "mystery": "auto"}}))
     cfg = _cfg(tmp_path)
-    cfg.deepspeed.config_file = str(ds_file)
+    cfg = changed(cfg, {"deepspeed.config_file": str(ds_file)})
     with pytest.raises(LlmkitError, match="cannot fill: zero_optimization.mystery"):
-        launch.resolve_deepspeed(cfg, "fp32", world_size=1, hidden=32)
+        parallel.resolve_deepspeed(cfg, "fp32", world_size=1, hidden=32)
     ds_file.write_text(json.dumps({"optimizer": {"type": "AdamW"}, "zero_optimization": {"stage": 2}}))
     with pytest.raises(LlmkitError, match="has an 'optimizer' section"):
-        launch.resolve_deepspeed(cfg, "fp32", world_size=1, hidden=32)
+        parallel.resolve_deepspeed(cfg, "fp32", world_size=1, hidden=32)
     ds_file.write_text(json.dumps({"zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": False}}))
     with pytest.raises(LlmkitError, match="stage3_gather_16bit_weights_on_model_save is false"):
-        launch.resolve_deepspeed(cfg, "fp32", world_size=1, hidden=32)
+        parallel.resolve_deepspeed(cfg, "fp32", world_size=1, hidden=32)
 
 
 def test_output_dir_of_another_run_is_refused(tmp_path):
     cfg = _cfg(tmp_path)
-    cfg.output.output_dir = str(tmp_path / "run")
+    cfg = changed(cfg, {"output.output_dir": str(tmp_path / "run")})
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "metrics.json").write_text("{}")
     with pytest.raises(LlmkitError, match="already holds files from another run"):
         preflight.check_output_dir(cfg)
-    cfg.output.overwrite_output_dir = True
+    cfg = changed(cfg, {"output.overwrite_output_dir": True})
     with pytest.raises(LlmkitError, match="holds files llmkit did not write"):
         preflight.check_output_dir(cfg)  # overwrite replaces an llmkit run only
     (tmp_path / "run" / ".llmkit-run").write_text("{}")
@@ -305,3 +303,15 @@ def test_a_starter_config_validates_as_written(tmp_path, recipe, capsys):
     assert capsys.readouterr().out.rstrip().endswith("all checks passed")
     with pytest.raises(LlmkitError, match="already exists: llmkit config --write does not overwrite"):
         config_help.write(str(path), recipe)
+
+
+def test_the_loaded_config_is_frozen(tmp_path):
+    """What a launch decides later (an elastic resume's accumulation, a trained tokenizer) is the run's, recorded
+    beside the config; the config itself is what the user gave."""
+    import dataclasses
+
+    cfg = load_config(_yaml(tmp_path, BASE))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.train.gradient_accumulation_steps = 4
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.model = None

@@ -94,7 +94,7 @@ def test_empty_rows_are_dropped_with_a_count(tmp_path, tok):
     files = _files(tmp_path, train, make_sentences(4, 2))
     logs = []
     out = classification.prepare(DataConfig(data_files=files, test_split=None), tok, seed=0, log=logs.append)
-    assert len(out.train) == 10 and out.dropped_rows["train"] == 2
+    assert len(out.train) == 10
     assert any("dropped 2 rows of split 'train'" in line for line in logs)
     # or, by config, the first bad row is an error that names it
     with pytest.raises(LlmkitError, match="split 'train' row 10 has empty/missing text or no label: .*set "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import re
@@ -339,7 +340,7 @@ def test_packed_data_is_cached_and_reused_by_a_second_run(tok, tmp_path, monkeyp
     assert [f["filename"] for f in second.train.cache_files] == files and not calls
     assert {f: Path(f).stat().st_mtime_ns for f in files} == stamp
     assert second.train["input_ids"] == first.train["input_ids"]
-    cfg.max_length = 6  # another block size: packed anew, into another file
+    cfg = dataclasses.replace(cfg, max_length=6)  # another block size: packed anew, into another file
     monkeypatch.undo()
     third = lm.prepare(cfg, tok, seed=0, log=lambda _: None)
     assert third.train.cache_files[0]["filename"] not in files and len(third.train[0]["input_ids"]) == 6
@@ -378,7 +379,7 @@ def test_a_two_source_mixture_draws_each_source_by_its_weight(tok, tmp_path):
 
     texts = set(training_texts(cfg))  # what a from-scratch tokenizer is trained on: both sources
     assert {"is this film good", "is this good", "positive"} <= texts
-    cfg.mixture[1].format = "alpaca"
+    cfg.mixture[1] = dataclasses.replace(cfg.mixture[1], format="alpaca")
     with pytest.raises(LlmkitError, match=r"data.mixture\[1\] \(.*/b\): split 'train' has no column 'instruction'"):
         prepare(cfg, tok, seed=0, log=lambda _: None)
 

@@ -1,4 +1,4 @@
-"""Elastic resume (llmkit.elastic): the batch decision of a resume on another number of ranks, and real 2-rank runs
+"""Elastic resume (llmkit.rundir.elastic): the batch decision of a resume on another number of ranks, and real 2-rank runs
 that resume on 1 (and 1 on 2) training on the rows a straight run would."""
 
 from __future__ import annotations
@@ -7,12 +7,12 @@ import json
 
 import pytest
 import torch
-from helpers import check_ok, launch, losses_of, write_config
+import yaml
+from helpers import changed, check_ok, launch, losses_of, write_config
 from safetensors.torch import load_file
 
-from llmkit import elastic, rundir
 from llmkit.errors import LlmkitError
-from llmkit.train import checkpoint
+from llmkit.rundir import checkpoints, elastic, manifest
 
 TOTAL, AT = 8, 4  # 6 batches per rank per epoch: step 4 is in the middle of the first epoch
 
@@ -20,33 +20,35 @@ TOTAL, AT = 8, 4  # 6 batches per rank per epoch: step 4 is in the middle of the
 def test_the_batch_decision_of_a_resume(tmp_path):
     """The global batch is kept by the accumulation, refused with the choices, or changed only when asked."""
     ckpt = _saved_by(tmp_path / "a", world=2, accumulation=2)
-    assert elastic.decide(_cfg(accumulation=2), ckpt, 2) is None  # as written
+    saved = checkpoints.resolve(tmp_path, str(ckpt)).recorded  # as the preflight reads it
+    assert elastic.decide(_cfg(accumulation=2), ckpt, saved, 2) is None  # as written
     cfg = _cfg(accumulation=2)
-    plan = elastic.decide(cfg, ckpt, 4)
-    assert cfg.train.gradient_accumulation_steps == 1 and plan.universal and not plan.new_global_batch
+    plan = elastic.decide(cfg, ckpt, saved, 4)
+    assert plan.accumulation == 1 and plan.universal and not plan.new_global_batch
+    assert cfg.train.gradient_accumulation_steps == 2  # the config stays as given: the run carries the decision
     assert "global batch kept at 4 micro-batches per step (gradient accumulation 2 -> 1)" in plan.describe()
     with pytest.raises(LlmkitError, match=r"3 ranks cannot split that evenly.*Resume on 1, 2, 4 rank\(s\), or "
                                           r"continue with a global batch of 48 rows .*new_global_batch true"):
-        elastic.decide(_cfg(accumulation=2), ckpt, 3)
+        elastic.decide(_cfg(accumulation=2), ckpt, saved, 3)
     cfg = _cfg(accumulation=2, new_global_batch=True)
-    plan = elastic.decide(cfg, ckpt, 3)  # asked for: this launch's accumulation, 3 x 2 x 8 rows
+    plan = elastic.decide(cfg, ckpt, saved, 3)  # asked for: this launch's accumulation, 3 x 2 x 8 rows
     assert plan.new_global_batch and plan.record()["global_batch"] == 48 and plan.record()["saved_global_batch"] == 32
     assert "NEW global batch (checkpoint.new_global_batch): 32 -> 48 rows per step" in plan.describe()
     with pytest.raises(LlmkitError, match="train.gradient_accumulation_steps is 3, but checkpoint .* was trained "
                                           "with 2: a resume keeps the global batch"):
-        elastic.decide(_cfg(accumulation=3), ckpt, 2)
-    plan = elastic.decide(_cfg(accumulation=3, new_global_batch=True), ckpt, 2)  # same ranks: nothing to convert
+        elastic.decide(_cfg(accumulation=3), ckpt, saved, 2)
+    plan = elastic.decide(_cfg(accumulation=3, new_global_batch=True), ckpt, saved, 2)  # same ranks: nothing to convert
     assert plan.new_global_batch and not plan.universal and "on the 2 rank(s) that wrote it" in plan.describe()
     with pytest.raises(LlmkitError, match="leave it at the checkpoint's value"):
-        elastic.decide(_cfg(accumulation=4), ckpt, 4)  # neither the saved 2 nor the 1 that keeps the batch
+        elastic.decide(_cfg(accumulation=4), ckpt, saved, 4)  # neither the saved 2 nor the 1 that keeps the batch
     with pytest.raises(LlmkitError, match="per_device_batch_size 8; a resume keeps its batches of rows"):
-        elastic.decide(_cfg(accumulation=2, batch=4, new_global_batch=True), ckpt, 4)
+        elastic.decide(_cfg(accumulation=2, batch=4, new_global_batch=True), ckpt, saved, 4)
     with pytest.raises(LlmkitError, match="a streamed run resumes on 2 ranks only"):
-        elastic.decide(_cfg(accumulation=2, streaming=True, new_global_batch=True), ckpt, 4)
+        elastic.decide(_cfg(accumulation=2, streaming=True, new_global_batch=True), ckpt, saved, 4)
     # the disk the conversion needs: twice the optimizer shards plus the model states, none once it exists
     assert elastic.universal_bytes(ckpt) == 2 * 600 + 100
     (ckpt / elastic.UNIVERSAL).mkdir()
-    (ckpt / elastic.UNIVERSAL / rundir.MANIFEST).write_text("{}")
+    (ckpt / elastic.UNIVERSAL / manifest.MANIFEST).write_text("{}")
     assert elastic.universal_bytes(ckpt) == 0
 
 
@@ -91,12 +93,12 @@ def test_an_elastic_resume_trains_on_the_rows_a_straight_run_would(tmp_path, tin
 
     _, s_out, s_rows = run("straight", saved, "--checkpoint.save_every_steps", str(AT))
     ckpt = s_out / "checkpoints" / f"step-{AT}"
-    assert json.loads((ckpt / checkpoint.STATE).read_text())["batches_in_epoch"] == AT * (2 // saved) % (12 // saved)
+    assert json.loads((ckpt / checkpoints.STATE).read_text())["batches_in_epoch"] == AT * (2 // saved) % (12 // saved)
     proc, r_out, r_rows = run("resumed", ranks, "--checkpoint.resume_from", str(ckpt))
     said = proc.stdout + proc.stderr
     assert f"elastic resume: written by {saved} rank(s), continued on {ranks}" in said
     assert f"gradient accumulation {2 // saved} -> {2 // ranks}" in said
-    assert ("converted" in said and (ckpt / "universal" / rundir.MANIFEST).is_file()) == (stage > 0)
+    assert ("converted" in said and (ckpt / "universal" / manifest.MANIFEST).is_file()) == (stage > 0)
     assert "RNG streams re-seeded" in said
     straight, resumed = _rows_by_step(s_rows), _rows_by_step(r_rows)
     assert sorted(resumed) == list(range(AT + 1, TOTAL + 1))
@@ -108,6 +110,11 @@ def test_an_elastic_resume_trains_on_the_rows_a_straight_run_would(tmp_path, tin
     assert worst <= ELASTIC_RTOL, (a, b)
     summary = json.loads((r_out / "metrics.json").read_text())["train"]
     assert summary["elastic_resume"]["saved_world"] == saved and summary["world_size"] == ranks
+    # the accumulation the resume trained with is the run's decision, recorded beside the config as given
+    info = json.loads((r_out / "run_info.json").read_text())
+    assert info["resolved"]["gradient_accumulation_steps"] == 2 // ranks
+    assert yaml.safe_load((r_out / "training_config.yaml").read_text())["train"]["gradient_accumulation_steps"] \
+        == 2 // saved
     from transformers import AutoModelForSequenceClassification
 
     AutoModelForSequenceClassification.from_pretrained(r_out / "final")  # plain transformers reloads it
@@ -143,15 +150,13 @@ def _saved_by(root, world, accumulation, batch=8, stage=2):
     (engine / "mp_rank_00_model_states.pt").write_bytes(b"m" * 100)
     fingerprint = {"world_size": world, "gradient_accumulation_steps": accumulation, "per_device_batch_size": batch,
                    "zero_stage": stage}
-    (root / rundir.MANIFEST).write_text(json.dumps({"step": 4, "files": {}, "fingerprint": fingerprint}))
+    (root / manifest.MANIFEST).write_text(json.dumps({"step": 4, "files": {}, "fingerprint": fingerprint}))
     return root
 
 
 def _cfg(accumulation=1, batch=8, new_global_batch=False, streaming=False):
     from llmkit.config import Config
 
-    cfg = Config()
-    cfg.train.gradient_accumulation_steps, cfg.train.per_device_batch_size = accumulation, batch
-    cfg.checkpoint.resume_from, cfg.checkpoint.new_global_batch = "latest", new_global_batch
-    cfg.data.streaming = streaming
-    return cfg
+    return changed(Config(), {"train.gradient_accumulation_steps": accumulation, "train.per_device_batch_size": batch,
+                              "checkpoint.resume_from": "latest", "checkpoint.new_global_batch": new_global_batch,
+                              "data.streaming": streaming})

@@ -118,9 +118,9 @@ def test_a_rank_killed_mid_step_ends_the_job_and_keeps_the_checkpoint(tmp_path, 
     assert "rank      : 1 (local_rank: 1)" in root and "Signal 9 (SIGKILL)" in root, proc.stderr[-3000:]
     checkpoints = out / "checkpoints"
     assert (checkpoints / "latest").read_text().strip() == "step-4"
-    from llmkit import rundir
+    from llmkit.rundir import manifest
 
-    assert rundir.verify_checkpoint(checkpoints / "step-4")["step"] == 4
+    assert manifest.verify(checkpoints / "step-4")["step"] == 4
 
 
 STEPS = ZERO_RUN_STEPS
@@ -207,7 +207,7 @@ def test_zero_paths_train_and_export(request, tmp_path, tiny_bert, tiny_data, na
         request.getfixturevalue("cpu_adam")  # pay the op's compile once, outside the launched run's timeout
     out = tmp_path / "run"
     train = {k: v for k, v in extra.items() if k != "gradient_checkpointing"}
-    cfg = write_config(tmp_path / "c.yaml", tiny_bert, tiny_data, out, **train)
+    cfg = write_config(tmp_path / "c.yaml", tiny_bert, tiny_data, out, verify_export=True, **train)
     args = ["--config", str(cfg)]
     if ds_file:
         args += ["--deepspeed.config_file", str(ROOT / ds_file)]

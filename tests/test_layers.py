@@ -16,13 +16,17 @@ PACKAGE = ROOT / "llmkit"
 # lowest first; a module belongs to the first entry that names it or a package above it
 LAYERS = [
     ("ground", ["llmkit", "llmkit.errors", "llmkit.faults", "llmkit.metrics", "llmkit.typed", "llmkit.config_checks",
-                "llmkit.config", "llmkit.assets", "llmkit.fresh"]),
+                "llmkit.config", "llmkit.assets", "llmkit.fresh",
+                # the run folder's map (file names, record readers) is read by the export loaders below the
+                # launch layer too; the rest of llmkit.rundir (a run's life, checkpoints) is launch
+                "llmkit.rundir.layout"]),
     ("build", ["llmkit.model", "llmkit.generate", "llmkit.data"]),
-    ("launch", ["llmkit.precision", "llmkit.launch", "llmkit.memory", "llmkit.rundir", "llmkit.elastic", "llmkit.trackers",
+    ("launch", ["llmkit.precision", "llmkit.parallel", "llmkit.memory", "llmkit.rundir", "llmkit.trackers",
                 "llmkit.preflight"]),
     ("train", ["llmkit.train"]),
     ("evals and ship", ["llmkit.evals", "llmkit.ship"]),
     ("report", ["llmkit.report"]),
+    ("finish", ["llmkit.finish"]),
     ("commands", ["llmkit.cli", "llmkit.commands"]),
 ]
 DEFERRED_OK = {"llmkit.cli"}  # the top: nothing in llmkit imports it, so a deferred import there hides no cycle
@@ -135,7 +139,44 @@ def test_no_module_over_400_lines():
 
 @pytest.mark.parametrize("recipe", sorted((ROOT / "recipes").glob("*.py")), ids=lambda p: p.name)
 def test_recipes_stay_thin(recipe):
-    assert len(recipe.read_text().splitlines()) < 100
+    """A recipe is setup / fit / finish."""
+    assert len(recipe.read_text().splitlines()) <= 60
+
+
+def _function_lines(path: Path, name: str) -> int:
+    node = next(n for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.FunctionDef) and n.name == name)
+    return node.end_lineno - node.lineno + 1
+
+
+def test_the_training_loop_reads_in_one_sitting():
+    assert _function_lines(PACKAGE / "train" / "loop.py", "fit") <= 80
+
+
+def _run_files() -> set[str]:
+    """Every name llmkit.rundir.layout gives a file or folder of a run (and of its final/)."""
+    from llmkit.rundir import layout
+
+    run, export = layout.RunDir(Path("/r")), layout.Export(Path("/r/final"))
+    names = {getattr(run, a).name for a in dir(layout.RunDir) if isinstance(getattr(layout.RunDir, a), property)
+             and isinstance(getattr(run, a), Path)}
+    names |= {getattr(export, a).name for a in dir(layout.Export) if isinstance(getattr(layout.Export, a), property)}
+    return names | {run.report(k).name for k in ("html", "md", "json")} | {layout.PREDICTIONS, "final"}
+
+
+def test_only_the_run_directory_package_names_a_run_s_files():
+    """A run's file names are spelled in llmkit/rundir/ only: every other module asks its layout. (Its folders'
+    plain words, "final" or "tokenizer", are checked by reading; as strings they have other meanings too.)"""
+    names = {n for n in _run_files() if "." in n}
+    assert {"training_config.yaml", "metrics.jsonl", "explanations.json", ".llmkit.lock", "final.tmp"} <= names
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path.parent.name == "rundir":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and (
+                    node.value in names or node.value.startswith("predictions_")):
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno} spells {node.value!r}")
+    assert not found, "\n".join(found)
 
 
 def test_the_checker_sees_a_cycle_and_an_upward_import(tmp_path):

@@ -10,7 +10,7 @@ from helpers import ROOT
 
 from llmkit.config import load_config
 from llmkit.errors import LlmkitError
-from llmkit.launch import accelerate_env
+from llmkit.parallel import accelerate_env
 from llmkit.precision import Hardware, resolve_precision
 from llmkit.preflight import check_devices, check_loading, check_output_dir_is_safe, warnings
 

@@ -162,11 +162,11 @@ def test_a_trust_remote_code_model_trains_exports_and_evaluates(tmp_path, tiny_b
         "AutoModelForSequenceClassification": "modeling_tiny.TinyForSequenceClassification"})
     (remote / "config.json").write_text(json.dumps(config))
     out = tmp_path / "out"
-    cfg = write_config(tmp_path / "c.yaml", remote, tiny_data, out, max_steps=2)
+    cfg = write_config(tmp_path / "c.yaml", remote, tiny_data, out, max_steps=2, verify_export=True)
     proc = launch("recipes/classification.py", ["--config", str(cfg), "--model.trust_remote_code", "true"],
                   "single.yaml")
     check_ok(proc)
-    assert "export_check" in json.loads((out / "final" / "metrics.json").read_text())
+    assert json.loads((out / "final" / "metrics.json").read_text())["export_check"]["rows"] > 0
     # a json.py in the working directory must not be imported by the reload check (`push --dry-run` reloads the
     # export in a fresh interpreter) or by eval (the console script, as a user runs it)
     (tmp_path / "json.py").write_text("raise SystemExit('the wrong json module was imported')\n")

@@ -17,10 +17,11 @@ from pathlib import Path
 import pytest
 from helpers import LAUNCH_ENV, ROOT, check_ok, fake_run, free_ports, launch, launch_command, write_config
 
-from llmkit import rundir
 from llmkit.commands.validate import validate
 from llmkit.config import load_config
 from llmkit.errors import LlmkitError
+from llmkit.rundir import layout, life
+from llmkit.rundir.layout import RunDir
 
 
 def _cfg(out: Path, *extra: str):
@@ -28,35 +29,35 @@ def _cfg(out: Path, *extra: str):
 
 
 def test_intent_new_overwrite_resume_and_refusals(tmp_path):
-    assert rundir.intent(_cfg(tmp_path / "fresh")) == "new"
+    assert life.intent(_cfg(tmp_path / "fresh")) == "new"
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "final").mkdir()
     (foreign / "thesis.tex").write_text("years of work")
     with pytest.raises(LlmkitError, match="holds files llmkit did not write \\(final, thesis.tex\\)"):
-        rundir.intent(_cfg(foreign, "--output.overwrite_output_dir", "true"))
+        life.intent(_cfg(foreign, "--output.overwrite_output_dir", "true"))
     run = fake_run(tmp_path / "run")
     with pytest.raises(LlmkitError, match="already holds files from another run"):
-        rundir.intent(_cfg(run))
-    assert rundir.intent(_cfg(run, "--output.overwrite_output_dir", "true")) == "overwrite"
-    assert rundir.intent(_cfg(run, "--checkpoint.resume_from", "latest")) == "resume"
+        life.intent(_cfg(run))
+    assert life.intent(_cfg(run, "--output.overwrite_output_dir", "true")) == "overwrite"
+    assert life.intent(_cfg(run, "--checkpoint.resume_from", "latest")) == "resume"
 
 
 def test_overwrite_moves_exactly_the_earlier_runs_files_aside(tmp_path):
     run = fake_run(tmp_path / "run")
-    rundir.begin(run, "overwrite", log=lambda m: None)
-    assert sorted(p.name for p in run.iterdir()) == sorted([rundir.MARKER, rundir.PREVIOUS, "notes.txt"])
-    moved = sorted(p.name for p in (run / rundir.PREVIOUS).iterdir())
+    life.begin(run, "overwrite", log=lambda m: None)
+    assert sorted(p.name for p in run.iterdir()) == sorted([RunDir(run).marker.name, RunDir(run).previous.name, "notes.txt"])
+    moved = sorted(p.name for p in RunDir(run).previous.iterdir())
     assert moved == ["checkpoints", "final", "metrics.jsonl", "predictions_test.jsonl", "run_info.json",
                      "training_config.yaml"]
-    rundir.drop_previous(run)
-    assert not (run / rundir.PREVIOUS).exists() and (run / "notes.txt").read_text() == "mine"
+    life.drop_previous(run)
+    assert not RunDir(run).previous.exists() and (run / "notes.txt").read_text() == "mine"
 
 
 def test_a_resumed_run_drops_the_rows_it_logs_again(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "train/loss": 1.0}) + "\n"
                                                     for s in (2, 4, 4, 6)))
-    assert rundir.trim_metrics(tmp_path, 4) == 1
+    assert life.trim_metrics(tmp_path, 4) == 1
     steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert steps == [2, 4, 4]
 
@@ -65,7 +66,7 @@ HOLD = """
 import sys, time
 from pathlib import Path
 from llmkit.errors import LlmkitError
-from llmkit.rundir import Lock
+from llmkit.rundir.life import Lock
 try:
     Lock(Path(sys.argv[1]))
 except LlmkitError as exc:
@@ -87,15 +88,15 @@ def test_one_run_at_a_time_and_a_stale_lock_is_taken_over(tmp_path):
         assert second.returncode == 2
         assert f"is in use by another run (pid {holder.pid} on {socket.gethostname()}" in second.stdout
         with pytest.raises(LlmkitError, match=f"pid {holder.pid}"):
-            rundir.check_free(out)  # what preflight asks, before any process group
+            life.check_free(out)  # what preflight asks, before any process group
     finally:
         holder.kill()
         holder.wait()
     # the holder died without releasing: its lock is stale and the next run takes it over
-    assert json.loads((out / rundir.LOCK).read_text())["pid"] == holder.pid
+    assert json.loads(RunDir(out).lock.read_text())["pid"] == holder.pid
     again = subprocess.run([sys.executable, "-c", HOLD, str(out)], capture_output=True, text=True)
     assert again.returncode == 0 and "locked" in again.stdout, again.stdout + again.stderr
-    assert not (out / rundir.LOCK).exists()  # released at exit
+    assert not RunDir(out).lock.exists()  # released at exit
 
 
 @pytest.mark.slow
@@ -115,7 +116,7 @@ def test_overwrite_over_an_earlier_run_starts_clean_and_resumes_the_new_run(tmp_
     assert max(steps) == 4 and steps == sorted(steps)  # only the new run's rows
     assert not (out / "predictions_test.jsonl").exists()  # the new run has no test split
     assert json.loads((out / "report.json").read_text())["runs"][0]["primary_split"] == "validation"
-    assert not (out / rundir.PREVIOUS).exists() and (out / "notes.txt").read_text() == "mine"
+    assert not RunDir(out).previous.exists() and (out / "notes.txt").read_text() == "mine"
     # what a later --checkpoint.resume_from latest would continue: the new run's step 4, not the old one's
     assert json.loads((checkpoints / "step-4" / "trainer_state.json").read_text())["step"] == 4
     assert json.loads((checkpoints / "step-4" / "manifest.json").read_text())["fingerprint"]["data"]["labels"] == \
@@ -138,7 +139,7 @@ def test_two_launches_on_one_output_dir_one_is_refused(tmp_path, tiny_bert, tiny
     refused = next(text for code, text in results if code != 0)
     assert "llmkit: error:" in refused and "is in use by another run (pid" in refused, refused[-3000:]
     assert json.loads((out / "metrics.json").read_text())["train"]["steps"] == 12
-    assert not (out / rundir.LOCK).exists()
+    assert not RunDir(out).lock.exists()
 
 
 @pytest.mark.slow
@@ -147,7 +148,7 @@ def test_sigterm_to_the_job_after_the_last_step_lets_the_export_finish(tmp_path,
     (torch's launcher passes it on to every rank and waits for them); the export, its check and the report
     complete instead of leaving final.tmp behind."""
     out, stamp = tmp_path / "run", tmp_path / "fault_time"
-    cfg = write_config(tmp_path / "c.yaml", tiny_bert, tiny_data, out)
+    cfg = write_config(tmp_path / "c.yaml", tiny_bert, tiny_data, out, verify_export=True)
     cmd = launch_command("recipes/classification.py", ["--config", str(cfg), "--train.max_steps", "4"])
     env = {**LAUNCH_ENV, "LLMKIT_FAULT": "stall_export@0:0", "LLMKIT_FAULT_STAMP": str(stamp)}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -162,7 +163,7 @@ def test_sigterm_to_the_job_after_the_last_step_lets_the_export_finish(tmp_path,
         (stdout[-3000:], stderr[-3000:])
     assert (out / "final" / "model.safetensors").is_file() and not (out / "final.tmp").exists()
     assert json.loads((out / "final" / "metrics.json").read_text())["export_check"]["rows"] > 0
-    assert (out / "report.html").is_file() and not (out / rundir.LOCK).exists()
+    assert (out / "report.html").is_file() and not RunDir(out).lock.exists()
 
 
 @pytest.mark.slow
@@ -209,9 +210,9 @@ def test_a_torn_last_line_is_skipped_and_counted_a_damaged_one_named(tmp_path):
     and says how many it skipped; a bad line before the last is damage, named with its line."""
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 2, "train/loss": 1.0}\n{"step": 4, "train/loss": 0.9}\n{"step": 6, "train/lo')
-    assert rundir.read_jsonl(path) == ([{"step": 2, "train/loss": 1.0}, {"step": 4, "train/loss": 0.9}], 1)
-    assert rundir.trim_metrics(tmp_path, 2) == 2  # the step-4 row and the torn one
-    assert rundir.read_jsonl(path) == ([{"step": 2, "train/loss": 1.0}], 0)
+    assert layout.read_jsonl(path) == ([{"step": 2, "train/loss": 1.0}, {"step": 4, "train/loss": 0.9}], 1)
+    assert life.trim_metrics(tmp_path, 2) == 2  # the step-4 row and the torn one
+    assert layout.read_jsonl(path) == ([{"step": 2, "train/loss": 1.0}], 0)
     path.write_text('{"step": 2}\n{"ste\n{"step": 6}\n')
     with pytest.raises(LlmkitError, match="metrics.jsonl line 2 is not JSON"):
-        rundir.read_jsonl(path)
+        layout.read_jsonl(path)

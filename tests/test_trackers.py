@@ -8,7 +8,7 @@ import json
 import struct
 
 import pytest
-from helpers import check_ok, launch, write_lm_config
+from helpers import changed, check_ok, launch, write_lm_config
 
 from llmkit import trackers
 from llmkit.config import Config
@@ -117,9 +117,9 @@ def test_trackers_are_checked_before_training(monkeypatch, tmp_path):
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc: no W&B login
     for name in ("WANDB_MODE", "WANDB_API_KEY", "COMET_API_KEY", "COMET_MODE"):
         monkeypatch.delenv(name, raising=False)
-    cfg.train.report_to = "none"
+    cfg = changed(cfg, {"train.report_to": "none"})
     assert trackers.check(cfg) == "trackers: none (train.report_to: none)" and trackers.names(cfg) == []
-    cfg.train.report_to = ["tensorboard", "wandb"]
+    cfg = changed(cfg, {"train.report_to": ["tensorboard", "wandb"]})
     with pytest.raises(LlmkitError, match="has wandb, but no W&B credentials: run `wandb login`, set WANDB_API_KEY"):
         trackers.check(cfg)
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -128,13 +128,13 @@ def test_trackers_are_checked_before_training(monkeypatch, tmp_path):
     (tmp_path / ".netrc").chmod(0o600)
     monkeypatch.delenv("WANDB_MODE")
     assert trackers.check(cfg) == "trackers: tensorboard, wandb"  # `wandb login` wrote the key there
-    cfg.train.report_to = ["tensorbord"]
+    cfg = changed(cfg, {"train.report_to": ["tensorbord"]})
     with pytest.raises(LlmkitError, match="unknown tracker 'tensorbord'; choose from tensorboard, wandb"):
         trackers.check(cfg)
-    cfg.train.report_to = ["aim"]  # not installed here
+    cfg = changed(cfg, {"train.report_to": ["aim"]})  # not installed here
     with pytest.raises(LlmkitError, match="the aim package is not installed: pip install aim"):
         trackers.check(cfg)
-    cfg.train.report_to = ["mlflow", "mlflow"]
+    cfg = changed(cfg, {"train.report_to": ["mlflow", "mlflow"]})
     with pytest.raises(LlmkitError, match="names a tracker twice"):
         trackers.check(cfg)
     flat = trackers.hyperparameters(cfg, world_size=2)

@@ -1,4 +1,4 @@
-"""Checkpoints (llmkit.train.checkpoint): pruning, pointer fallback, manifests, the weights-only gate, RNG round
+"""Checkpoints (llmkit.rundir.checkpoints, llmkit.rundir.manifest): pruning, pointer fallback, manifests, the weights-only gate, RNG round
 trip; with real 2-rank runs, exact resume (straight vs stop + resume), kill -9 and a write error while saving,
 SIGTERM, damaged and foreign checkpoints, a stream resumed at its row."""
 
@@ -14,9 +14,8 @@ import torch
 from helpers import check_ok, faulty_run, launch, losses_of, write_config
 from safetensors.torch import load_file
 
-from llmkit import rundir
 from llmkit.errors import LlmkitError
-from llmkit.train import checkpoint
+from llmkit.rundir import checkpoints, manifest
 
 
 def _fake(root, step, files=None):
@@ -24,7 +23,7 @@ def _fake(root, step, files=None):
     path.mkdir(parents=True)
     (path / "weights.bin").write_bytes(b"x" * step)
     files = files or {"weights.bin": step}
-    (path / rundir.MANIFEST).write_text(json.dumps({"step": step, "files": files, "fingerprint": {}}))
+    (path / manifest.MANIFEST).write_text(json.dumps({"step": step, "files": files, "fingerprint": {}}))
     return path
 
 
@@ -32,14 +31,14 @@ def test_keep_last_and_keep_best(tmp_path):
     root = tmp_path / "checkpoints"
     for step in (2, 4, 6, 8, 10):
         _fake(root, step)
-    state = checkpoint.TrainerState(step=10, history=[
+    state = checkpoints.TrainerState(step=10, history=[
         {"step": 4, "score": 0.91, "checkpoint": "step-4"},
         {"step": 6, "score": 0.80, "checkpoint": "step-6"},
         {"step": 8, "score": 0.85, "checkpoint": "step-8"},
     ])
-    checkpoint._prune(root, keep_last=2, keep_best=1, state=state)
+    checkpoints._prune(root, keep_last=2, keep_best=1, state=state)
     assert sorted(p.name for p in root.glob("step-*")) == ["step-10", "step-4", "step-8"]
-    checkpoint._prune(root, keep_last=1, keep_best=0, state=state)
+    checkpoints._prune(root, keep_last=1, keep_best=0, state=state)
     assert [p.name for p in root.glob("step-*")] == ["step-10"]
 
 
@@ -48,25 +47,25 @@ def test_latest_falls_back_past_incomplete_ones(tmp_path):
     _fake(root, 2)
     (root / "step-4").mkdir()  # no manifest: was being written
     (root / "latest").write_text("step-4\n")
-    assert rundir.resolve_checkpoint(tmp_path, "latest") == root / "step-2"
+    assert checkpoints.resolve(tmp_path, "latest").path == root / "step-2"
     with pytest.raises(LlmkitError, match="step-4 is incomplete"):
-        rundir.resolve_checkpoint(tmp_path, str(root / "step-4"))
+        checkpoints.resolve(tmp_path, str(root / "step-4"))
     with pytest.raises(LlmkitError, match="holds no usable checkpoint"):
-        rundir.resolve_checkpoint(tmp_path / "elsewhere", "latest")
+        checkpoints.resolve(tmp_path / "elsewhere", "latest")
 
 
 def test_missing_file_is_reported(tmp_path):
     path = _fake(tmp_path, 3, files={"weights.bin": 3, "optimizer.pt": 10})
     with pytest.raises(LlmkitError, match="is damaged: optimizer.pt is missing"):
-        rundir.verify_checkpoint(path)
+        manifest.verify(path)
 
 
 def test_rng_round_trip():
     random.seed(1), np.random.seed(2), torch.manual_seed(3)
-    saved = json.loads(json.dumps(checkpoint._rng_state()))  # it must survive JSON
+    saved = json.loads(json.dumps(checkpoints._rng_state()))  # it must survive JSON
     want = (random.random(), np.random.rand(), torch.rand(1).item())
     random.seed(9), np.random.seed(9), torch.manual_seed(9)
-    checkpoint.set_rng_state(saved)
+    checkpoints.set_rng_state(saved)
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == want
 
 
@@ -80,7 +79,7 @@ class _Payload:
 def test_checkpoint_files_must_pass_the_weights_only_gate(tmp_path):
     import torch
 
-    from llmkit.train.checkpoint import check_pickles
+    from llmkit.rundir.checkpoints import check_pickles
 
     torch.save({"w": torch.ones(2), "step": 3}, tmp_path / "fine.pt")
     check_pickles(tmp_path)  # tensors and plain data pass
@@ -96,25 +95,25 @@ def test_a_users_copy_a_torn_manifest_and_same_size_damage(tmp_path):
         _fake(root, step)
     backup = root / "step-2.bak"
     backup.mkdir()  # a user's copy is not a checkpoint: neither resume nor pruning trips over it
-    checkpoint._prune(root, keep_last=1, keep_best=0, state=checkpoint.TrainerState(step=4))
+    checkpoints._prune(root, keep_last=1, keep_best=0, state=checkpoints.TrainerState(step=4))
     assert sorted(p.name for p in root.iterdir()) == ["step-2.bak", "step-4"] and backup.is_dir()
     _fake(root, 6)
-    (root / "step-6" / rundir.MANIFEST).write_text('{"step": 6, "fil')  # torn: the write was cut short
+    (root / "step-6" / manifest.MANIFEST).write_text('{"step": 6, "fil')  # torn: the write was cut short
     (root / "latest").write_text("step-6\n")
     with pytest.raises(LlmkitError, match="step-6 is damaged: its manifest.json does not parse"):
-        rundir.verify_checkpoint(root / "step-6")
-    assert rundir.resolve_checkpoint(tmp_path, "latest") == root / "step-4"  # falls back past it
+        manifest.verify(root / "step-6")
+    assert checkpoints.resolve(tmp_path, "latest").path == root / "step-4"  # falls back past it
     # a small file changed in place, same size: the manifest's sha256 catches it before anything is loaded
     path = root / "step-4"
-    (path / checkpoint.STATE).write_text('{"step": 4}')
-    files = {"weights.bin": 4, checkpoint.STATE: 11}
+    (path / checkpoints.STATE).write_text('{"step": 4}')
+    files = {"weights.bin": 4, checkpoints.STATE: 11}
     digest = __import__("hashlib").sha256(b'{"step": 4}').hexdigest()
-    (path / rundir.MANIFEST).write_text(json.dumps({"step": 4, "files": files, "sha256": {checkpoint.STATE: digest},
+    (path / manifest.MANIFEST).write_text(json.dumps({"step": 4, "files": files, "sha256": {checkpoints.STATE: digest},
                                                         "fingerprint": {}}))
-    rundir.verify_checkpoint(path)
-    (path / checkpoint.STATE).write_text('{"step": 9}')
+    manifest.verify(path)
+    (path / checkpoints.STATE).write_text('{"step": 9}')
     with pytest.raises(LlmkitError, match="trainer_state.json does not match the sha256"):
-        rundir.verify_checkpoint(path)
+        manifest.verify(path)
 
 
 def test_a_corrupted_shard_is_damaged_not_dangerous(tmp_path):
@@ -123,7 +122,7 @@ def test_a_corrupted_shard_is_damaged_not_dangerous(tmp_path):
     data[len(data) // 2:] = b"\0" * (len(data) - len(data) // 2)
     (tmp_path / "optim_states.pt").write_bytes(bytes(data))
     with pytest.raises(LlmkitError, match="is damaged: optim_states.pt cannot be read") as err:
-        checkpoint.check_pickles(tmp_path)
+        checkpoints.check_pickles(tmp_path)
     assert "could run code" not in str(err.value)
 
 
@@ -164,8 +163,8 @@ def test_resume_continues_exactly(tmp_path, tiny_bert, tiny_data, stage, precisi
                               gradient_accumulation_steps=accumulation)
     check_ok(straight)
     ckpt = s_out / "checkpoints" / f"step-{AT}"
-    assert (ckpt / rundir.MANIFEST).is_file()
-    state = json.loads((ckpt / checkpoint.STATE).read_text())
+    assert (ckpt / manifest.MANIFEST).is_file()
+    state = json.loads((ckpt / checkpoints.STATE).read_text())
     assert state["step"] == AT and state["batches_in_epoch"] == AT * accumulation % 6  # mid-epoch position
 
     resumed, r_out, _ = _run(tmp_path, "resumed", tiny_bert, tiny_data, acc_cfg,
@@ -180,6 +179,10 @@ def test_resume_continues_exactly(tmp_path, tiny_bert, tiny_data, stage, precisi
             assert b[step] == a[step], f"step {step}: {b[step]} != {a[step]}"  # bitwise
         else:
             assert abs(b[step] - a[step]) <= 1e-3 * abs(a[step]), step
+    # output.verify_export false (helpers.write_config): no fresh-process reload, the weights checked and published
+    assert json.loads((r_out / "metrics.json").read_text())["export_check"] == {
+        "reloaded": False, "why": "output.verify_export is false"}
+    assert "reloading it with plain transformers" not in resumed.stdout + resumed.stderr
     wa, wb = load_file(s_out / "final/model.safetensors"), load_file(r_out / "final/model.safetensors")
     for key in wa:
         if precision == "fp32":
@@ -196,7 +199,7 @@ def test_kill_9_while_saving_keeps_the_previous_checkpoint(tmp_path, tiny_bert, 
     assert proc.returncode != 0
     root = out / "checkpoints"
     assert (root / "latest").read_text().strip() == "step-2"
-    assert rundir.verify_checkpoint(root / "step-2")["step"] == 2
+    assert manifest.verify(root / "step-2")["step"] == 2
     assert not (root / "step-4").exists() and (root / ".tmp-step-4").exists()  # the partial one is not a checkpoint
     resumed = launch("recipes/classification.py", ["--config", str(cfg), "--checkpoint.resume_from", "latest"])
     check_ok(resumed)
@@ -220,7 +223,7 @@ def test_sigterm_checkpoints_and_resume_continues_the_sequence(tmp_path, tiny_be
     said = proc.stderr.count("llmkit: error: stopped by") - proc.stderr.count("traceback : llmkit: error: stopped by")
     assert said == 1, proc.stderr[-3000:]
     assert "--checkpoint.resume_from latest" in proc.stderr
-    assert rundir.verify_checkpoint(out / "checkpoints" / "step-3")["step"] == 3
+    assert manifest.verify(out / "checkpoints" / "step-3")["step"] == 3
     resumed = launch("recipes/classification.py", ["--config", str(cfg), "--checkpoint.resume_from", "latest"])
     check_ok(resumed)
     a, b = losses_of(s_out), losses_of(out)
@@ -238,9 +241,9 @@ def test_damaged_and_foreign_checkpoints_are_refused(tmp_path, tiny_bert, tiny_d
     shard = max((p for p in bad.rglob("*") if p.is_file() and p.suffix == ".pt"), key=lambda p: p.stat().st_size)
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # truncate the biggest shard
     with pytest.raises(LlmkitError, match=r"is damaged: .* has \d+ bytes, the manifest says \d+ \(truncated"):
-        rundir.verify_checkpoint(bad)
+        manifest.verify(bad)
     # `latest` points at the damaged one; resume falls back to the newest good one
-    assert rundir.resolve_checkpoint(out, "latest") == good
+    assert checkpoints.resolve(out, "latest").path == good
 
     other = tmp_path / "other_model"
     shutil.copytree(tiny_bert, other)

@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from helpers import check_ok, launch, write_config
+from helpers import changed, check_ok, launch, write_config
 from transformers import BertConfig, BertForSequenceClassification
 
 from llmkit.config import Config
@@ -36,7 +36,7 @@ def test_adamw_kernels_take_the_same_steps():
     for impl in ("fused", "foreach", "loop"):
         model = copy.deepcopy(base)
         cfg = Config()
-        cfg.train.adamw_impl = impl
+        cfg = changed(cfg, {"train.adamw_impl": impl})
         opt = optim.build_optimizer(cfg, model)
         group = opt.param_groups[0]
         assert (bool(group["fused"]), bool(group["foreach"])) == {"fused": (True, False), "foreach": (False, True),
@@ -94,7 +94,7 @@ def test_torch_compile_switch_compiles_the_blocks_and_computes_the_same(tmp_path
     for name, compile_ in (("eager", "false"), ("compiled", "true")):
         out = tmp_path / name
         cfg = write_config(tmp_path / f"{name}.yaml", tiny_bert_no_dropout, tiny_data, out, max_steps=4,
-                           logging_steps=1)
+                           logging_steps=1, verify_export=name == "compiled")
         proc = launch("recipes/classification.py", ["--config", str(cfg), "--train.torch_compile", compile_,
                                                     "--data.max_eval_samples", "8", "--data.test_split", "null"],
                       accelerate_config=None, num_processes=1)

@@ -13,7 +13,6 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from llmkit import rundir
 from llmkit.config import DataConfig, ModelConfig
 from llmkit.data.sources import load_labeled
 from llmkit.errors import LlmkitError
@@ -21,6 +20,8 @@ from llmkit.evals.classification import write_predictions
 from llmkit.metrics import classification_metrics
 from llmkit.model import check_export_weights, read_config, trusts_remote_code
 from llmkit.report import pages
+from llmkit.rundir import life
+from llmkit.rundir.layout import RunDir
 
 
 def _load_classifier(model_dir: Path, trust_remote_code: bool):
@@ -47,15 +48,12 @@ def _load_classifier(model_dir: Path, trust_remote_code: bool):
     return model, tokenizer
 
 
-MARKER = ".llmkit-eval"  # an `llmkit eval` output folder, which a later eval may write over
-
-
 def _check_output(out: Path) -> None:
     """Write only into a new or empty folder, or an earlier `llmkit eval` output; never over a training run."""
-    if rundir.is_run(out):
+    if life.is_run(out):
         raise LlmkitError(f"--output {out} is a training run's folder: its metrics.json and report would be "
                           "overwritten. Pick another --output.")
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MARKER).is_file())):
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not RunDir(out).eval_marker.is_file())):
         raise LlmkitError(f"--output {out} already holds files `llmkit eval` did not write; pick a new or empty "
                           "folder")
 
@@ -105,15 +103,16 @@ def evaluate_export(model_dir: str | Path, source: str, split: str = "test", out
     metrics = classification_metrics(logits.argmax(-1).tolist(), labels.tolist(), len(names))
     metrics["samples"] = len(texts)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / MARKER).write_text("written by `llmkit eval`; a later eval may replace these files\n")
-    write_predictions(out_dir / f"predictions_{split}.jsonl", rows,
+    files = RunDir(out_dir)
+    files.eval_marker.write_text("written by `llmkit eval`; a later eval may replace these files\n")
+    write_predictions(files.predictions(split), rows,
                       {"logits": logits, "labels": labels, "row": np.arange(len(texts))}, names, text_column,
                       text_pair_column)
-    (out_dir / "metrics.json").write_text(json.dumps({
+    files.metrics.write_text(json.dumps({
         split: metrics, "label_names": names, "model": str(model_dir), "dataset": source,
         "eval_seconds": round(seconds, 2)}, indent=2) + "\n")
     info = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "world_size": 1, "precision": "fp32",
             "device": f"CPU {platform.machine()}, {os.cpu_count()} cores", "zero_stage": None}
-    (out_dir / "run_info.json").write_text(json.dumps(info, indent=2) + "\n")
+    files.run_info.write_text(json.dumps(info, indent=2) + "\n")
     paths = pages.build([out_dir])
     return {"metrics": metrics, "report": paths["html"], "output_dir": out_dir}

@@ -3,7 +3,7 @@ with, then its tokenizer and data; nothing is written."""
 
 from __future__ import annotations
 
-from llmkit import launch, preflight
+from llmkit import parallel, preflight
 from llmkit.config import load_config
 
 
@@ -19,8 +19,8 @@ def validate(config_path: str, overrides: list[str], accelerate_config: str | No
     def passed(line: str) -> None:
         log(f"ok  {line}")
 
-    env = launch.accelerate_env(accelerate_config) if accelerate_config else {}
-    with launch.environ(env):
-        plan = preflight.check(cfg, launch.world_size(), recipe, say=passed)
+    env = parallel.accelerate_env(accelerate_config) if accelerate_config else {}
+    with parallel.environ(env):
+        plan = preflight.check(cfg, parallel.world_size(), recipe, say=passed)
     preflight.check_inputs(cfg, plan, say=passed)
     log("all checks passed")

@@ -19,7 +19,6 @@ class ClassificationData:
     rows: dict[str, Dataset]  # validation / test: cleaned text + label ids, for prediction files
     label_names: list[str]
     train_lengths: list[int]
-    dropped_rows: dict[str, int]
 
 
 def prepare(cfg: DataConfig, tokenizer, seed: int, log=print) -> ClassificationData:
@@ -52,5 +51,4 @@ def prepare(cfg: DataConfig, tokenizer, seed: int, log=print) -> ClassificationD
         rows={role: rows for role, rows in labeled.rows.items() if role != "train"},
         label_names=labeled.label_names,
         train_lengths=list(lengths),
-        dropped_rows=labeled.dropped_rows,
     )

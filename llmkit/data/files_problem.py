@@ -84,7 +84,7 @@ def _bad_parquet(path: Path) -> str | None:
     return None
 
 
-def explain(kind: str, files: dict[str, str], exc: BaseException) -> str:
+def diagnose(kind: str, files: dict[str, str], exc: BaseException) -> str:
     """One message for a failed load of `files` (split -> path) with the `kind` builder."""
     for split, name in files.items():
         path = Path(name).expanduser()

@@ -85,6 +85,12 @@ class LMData:
         return isinstance(self.train, streaming.Stream)
 
     @property
+    def facts(self) -> dict:
+        """What metrics.json keeps of the data: how full the packed blocks are, what each mixed source gave."""
+        return {**({"packing_efficiency": self.packing.efficiency} if self.packing is not None else {}),
+                **({"data_mixture": self.sources} if self.sources else {})}
+
+    @property
     def probe(self) -> Dataset:
         """Rows the export check runs the model on: the train split's first, or validation's for a stream."""
         return self.validation if self.streamed else self.train

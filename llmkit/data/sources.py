@@ -60,7 +60,7 @@ def _load_files(files: dict[str, str | list[str]], key: str, streaming: bool = F
     except Exception as exc:  # the readers (pandas, pyarrow, json) raise many types, wrapped by datasets
         named = {split if len(paths) == 1 else f"{split} ({Path(p).name})": p
                  for split, paths in lists.items() for p in paths}
-        raise LlmkitError(files_problem.explain(kind, named, exc)) from None
+        raise LlmkitError(files_problem.diagnose(kind, named, exc)) from None
 
 
 def load_raw(cfg: DataConfig, streaming: bool = False) -> DatasetDict:
@@ -199,7 +199,6 @@ def require_columns(ds: Dataset, split: str, columns: list[str]) -> None:
 @dataclass
 class LabeledSplits:
     rows: dict[str, Dataset]  # role (train / validation / test) -> cleaned text columns + "labels" ids
-    split_names: dict[str, str]  # role -> split name in the dataset
     label_names: list[str]
     dropped_rows: dict[str, int]
 
@@ -262,7 +261,7 @@ def load_labeled(cfg: DataConfig, seed: int, log=print, training: bool = True) -
         if limit is not None and limit < len(ds):
             ds = ds.select(range(limit))
         splits[role] = ds
-    return LabeledSplits(rows=splits, split_names=wanted, label_names=names, dropped_rows=dropped)
+    return LabeledSplits(rows=splits, label_names=names, dropped_rows=dropped)
 
 
 RARE = 0.01  # a label under this share of the training rows (or under 8 rows) is named in a warning

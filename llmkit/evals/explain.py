@@ -11,15 +11,14 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 
-from llmkit import faults, fresh, rundir
+from llmkit import faults, fresh
 from llmkit.errors import LlmkitError
 from llmkit.evals import attribution
 from llmkit.model import check_export_weights
+from llmkit.rundir import layout
 
 STEPS = 16  # integration steps (Gauss-Legendre): delta stays below 1e-3 on MiniLM (bench/explain.py)
-FILE = "explanations.json"  # in the run directory, read by the report
 TOP_WORDS = 3  # a row's strongest words toward a label count in the split's summary
 BASELINE = "the text's word tokens replaced by the pad token; special tokens, prompt template and mask kept"
 
@@ -27,10 +26,9 @@ BASELINE = "the text's word tokens replaced by the pad token; special tokens, pr
 def _run_records(path: Path) -> tuple[dict, dict]:
     """The training config and metrics an export carries (final/ holds both; a run folder too)."""
     for folder in (path, path.parent, path.parent.parent):
-        if (folder / "training_config.yaml").is_file():
-            metrics = folder / "metrics.json"
-            return (yaml.safe_load((folder / "training_config.yaml").read_text()),
-                    json.loads(metrics.read_text()) if metrics.is_file() else {})
+        records = layout.Export(folder)  # final/ and its run folder name their config and metrics alike
+        if records.config.is_file():
+            return records.read_config(), records.read_metrics()
     return {}, {}
 
 
@@ -42,8 +40,8 @@ def load(model_dir: str | Path, trust_remote_code: bool = False, prompt_template
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     path = Path(model_dir)
-    if (path / "merged").is_dir():
-        path = path / "merged"
+    if layout.Export(path).merged.is_dir():
+        path = layout.Export(path).merged
     if not (path / "config.json").is_file():
         raise LlmkitError(f"{model_dir} holds no exported model (no config.json); give a run's final/ folder")
     check_export_weights(path)
@@ -119,8 +117,9 @@ def for_run(run_dir: Path, split: str, count: int, seed: int, trust_remote_code:
     if proc.returncode != 0:
         raise LlmkitError(f"explaining the report's rows failed (the export and predictions are in place; rerun "
                           f"with output.explain_rows: 0 to skip it):\n{proc.stderr[-2000:]}")
-    doc = json.loads((Path(run_dir) / FILE).read_text())
-    log(f"explanations: {len(doc['rows'])} rows of {split} in {doc['seconds']} s ({Path(run_dir) / FILE})")
+    where = layout.RunDir(Path(run_dir)).explanations
+    doc = json.loads(where.read_text())
+    log(f"explanations: {len(doc['rows'])} rows of {split} in {doc['seconds']} s ({where})")
     if doc.get("disagree"):
         log(f"explanations: {doc['disagree']} row(s) come out otherwise in fp32 on the CPU than in the run (near ties "
             "in its precision); the report marks them")
@@ -135,8 +134,9 @@ def _write(run_dir: Path, split: str, count: int, seed: int, trust_remote_code: 
     if faults.ON and faults.hit("explain", 0, 0):
         raise RuntimeError("explaining failed (injected)")
     began = time.perf_counter()
-    rows, _ = rundir.read_jsonl(run_dir / f"predictions_{split}.jsonl")
-    subject = load(run_dir / "final", trust_remote_code)
+    files = layout.RunDir(run_dir)
+    rows, _ = layout.read_jsonl(files.predictions(split))
+    subject = load(files.final.root, trust_remote_code)
     chosen = choose(rows, count, seed)
     explained = explain(subject, [r["text"] for r in chosen], [r.get("text_pair") for r in chosen])
     for row, done in zip(chosen, explained):
@@ -147,7 +147,7 @@ def _write(run_dir: Path, split: str, count: int, seed: int, trust_remote_code: 
            "disagree": sum(r["prediction"] != r["run_prediction"] for r in explained),
            "unconverged": sum(not r["converged"] for r in explained),
            "seconds": round(time.perf_counter() - began, 2)}
-    (run_dir / FILE).write_text(json.dumps(doc, ensure_ascii=False, indent=1))
+    files.explanations.write_text(json.dumps(doc, ensure_ascii=False, indent=1))
 
 
 if __name__ == "__main__":

@@ -72,6 +72,6 @@ def log_samples(run, model, tokenizer, step: int) -> None:
     for i, (prompt, text) in enumerate(zip(t.sample_prompts, texts)):
         run.log(f"sample {i} @ step {step}: {prompt!r} -> {text!r}")
         trackers.log_text(acc, f"samples/{i}", f"**prompt:** {prompt}\n\n**completion:** {text}", step)
-    with open(run.output_dir / "samples.jsonl", "a") as fh:
+    with open(run.dir.samples, "a") as fh:
         fh.write(json.dumps({"step": step, "samples": [{"prompt": p, "completion": c}
                                                         for p, c in zip(t.sample_prompts, texts)]}) + "\n")

@@ -4,16 +4,14 @@ and run_info.json."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
-import yaml
 
-from llmkit import rundir
 from llmkit.errors import LlmkitError
 from llmkit.metrics import classification_metrics
 from llmkit.metrics.counts import per_class_scores
+from llmkit.rundir import layout
 
 BOOTSTRAP_SAMPLES = 1000
 CALIBRATION_BINS = 10
@@ -23,7 +21,7 @@ MISTAKES_SHOWN = 10
 def read_predictions(path: Path, names: list[str] | None = None) -> tuple[list[dict], list[str]]:
     """Rows of a predictions file and the label names in probability order (from metrics.json, else recovered
     from the rows: each prediction is the argmax of its probabilities)."""
-    rows, _ = rundir.read_jsonl(path)  # a torn last line (a run killed mid-write) is skipped
+    rows, _ = layout.read_jsonl(path)  # a torn last line (a run killed mid-write) is skipped
     if not rows:
         raise LlmkitError(f"{path} holds no predictions")
     if names is None:
@@ -151,7 +149,7 @@ def _scalars(path: Path) -> dict[str, list[list[float]]]:
     series: dict[str, list[list[float]]] = {}
     if not path.is_file():
         return series
-    for entry in rundir.read_jsonl(path)[0]:  # a torn last line (a run killed mid-write) is skipped
+    for entry in layout.read_jsonl(path)[0]:  # a torn last line (a run killed mid-write) is skipped
         for key, value in entry.items():
             if key != "step" and isinstance(value, (int, float)):
                 series.setdefault(key, []).append([entry["step"], float(value)])
@@ -166,21 +164,20 @@ def run_report(run_dir: Path) -> dict:
     """The report of one run directory (or one `llmkit eval` output directory): kind "classification" (from its
     predictions) or, for a causal-LM run that writes none, kind "lm" (loss and perplexity per split)."""
     run_dir = Path(run_dir)
-    found = sorted(p.name[len("predictions_"):-len(".jsonl")] for p in run_dir.glob("predictions_*.jsonl"))
+    files = layout.RunDir(run_dir)
+    found = files.prediction_splits()
     splits = [s for s in ("test", "validation") if s in found] + [s for s in found if s not in ("test", "validation")]
-    metrics = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").is_file() else {}
+    metrics = files.read_metrics()
     scores = {k: {"loss": v["loss"], "perplexity": v["perplexity"]} for k, v in metrics.items()
               if isinstance(v, dict) and "perplexity" in v}
     if not splits and not scores:
         raise LlmkitError(f"{run_dir} has neither predictions_<split>.jsonl nor language-model scores in "
                           "metrics.json: not a run directory or eval output")
-    info = json.loads((run_dir / "run_info.json").read_text()) if (run_dir / "run_info.json").is_file() else {}
-    config = yaml.safe_load((run_dir / "training_config.yaml").read_text()) \
-        if (run_dir / "training_config.yaml").is_file() else {}
+    info, config = files.read_run_info(), files.read_config()
     report = {"name": run_dir.name, "path": str(run_dir.resolve()), "kind": "classification" if splits else "lm",
               "splits": {}, "primary_split": splits[0] if splits else next(iter(scores)), "scores": scores}
     for split in splits:
-        rows, names = read_predictions(run_dir / f"predictions_{split}.jsonl", metrics.get("label_names"))
+        rows, names = read_predictions(files.predictions(split), metrics.get("label_names"))
         report["splits"][split] = split_report(rows, names)
         report["label_names"] = names
     train = metrics.get("train", {})
@@ -210,12 +207,11 @@ def run_report(run_dir: Path) -> dict:
     }
     report["data_mixture"] = metrics.get("data_mixture") or []
     # the line files whose cut last line (a run killed mid-write) the numbers above skipped
-    torn = [p.name for p in sorted(run_dir.glob("*.jsonl")) if rundir.read_jsonl(p)[1]]
+    torn = [p.name for p in sorted(run_dir.glob("*.jsonl")) if layout.read_jsonl(p)[1]]
     if torn:
         report["run"]["torn_last_line_skipped"] = torn
-    explained = run_dir / "explanations.json"  # llmkit.evals.explain.FILE
-    report["explanations"] = json.loads(explained.read_text()) if explained.is_file() else None
-    scalars = _scalars(run_dir / "metrics.jsonl")
+    report["explanations"] = layout.read_json(files.explanations) or None
+    scalars = _scalars(files.scalars)
     report["curves"] = {"train_loss": scalars.get("train/loss", []), "eval_loss": scalars.get("eval/loss", []),
                         "learning_rate": scalars.get("train/lr", []), "eval_f1": scalars.get("eval/f1", [])}
     return report

@@ -11,6 +11,7 @@ from llmkit.errors import LlmkitError
 from llmkit.report import explained
 from llmkit.report.numbers import run_report
 from llmkit.report.plots import draw
+from llmkit.rundir.layout import RunDir
 
 
 def _public(split: dict) -> dict:
@@ -233,7 +234,7 @@ def build(run_dirs: list[str | Path], out_dir: str | Path | None = None) -> dict
     plots = draw(runs)
     doc = {"kind": kinds[0], "runs": [{**r, "splits": {k: _public(v) for k, v in r["splits"].items()}} for r in runs],
            "comparison": _comparison(runs)}
-    paths = {"json": out / "report.json", "md": out / "report.md", "html": out / "report.html"}
+    paths = {kind: RunDir(out).report(kind) for kind in ("json", "md", "html")}
     paths["json"].write_text(json.dumps(doc, indent=2) + "\n")
     paths["md"].write_text(_markdown(doc) + "\n")
     paths["html"].write_text(_html(doc, plots))
@@ -243,7 +244,7 @@ def build(run_dirs: list[str | Path], out_dir: str | Path | None = None) -> dict
 def write_for_run(run) -> None:
     """The report of a finished run, into its output directory (rank 0; the others wait)."""
     def write() -> None:
-        paths = build([run.output_dir])
+        paths = build([run.run_dir])
         run.log(f"report: {paths['html']}  (also {paths['md'].name}, {paths['json'].name})")
 
     run.main_first(write, others=False)  # a failure on rank 0 reaches every rank, not a barrier's timeout

@@ -6,19 +6,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import yaml
-
 from llmkit import assets
 from llmkit.metrics import NAMES
+from llmkit.rundir.layout import Export, RunDir
 
 LICENSES = {"sentence-transformers/all-MiniLM-L6-v2": "apache-2.0",
             "HuggingFaceTB/SmolLM2-135M-Instruct": "apache-2.0"}
 DATASET_NAMES = {"asset:polarity": "sentence-polarity (movie review snippets of Hutto & Gilbert 2014)"}
 METRICS = (*NAMES, "perplexity")  # the results table: the shipped scores, and perplexity for causal LMs
-
-
-def _read(path: Path, loader=json.loads) -> dict:
-    return loader(path.read_text()) if path.is_file() else {}
 
 
 def eval_results(metrics: dict, task: str, dataset_id: str, dataset_name: str) -> list:
@@ -70,10 +65,10 @@ def build(run_dir: Path, final: Path, kind: str, repo_id: str, push_merged: bool
     """README.md text for the pushed folder."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    cfg = _read(run_dir / "training_config.yaml", yaml.safe_load) or _read(final / "training_config.yaml",
-                                                                            yaml.safe_load)
-    metrics = _read(final / "metrics.json") or _read(run_dir / "metrics.json")
-    info = _read(run_dir / "run_info.json")
+    run, export = RunDir(run_dir), Export(final)
+    cfg = run.read_config() or export.read_config()
+    metrics = export.read_metrics() or run.read_metrics()
+    info = run.read_run_info()
     model_cfg, data, train, lora = (cfg.get(k) or {} for k in ("model", "data", "train", "lora"))
     base_ref = model_cfg.get("name_or_path")
     base = None if model_cfg.get("from_scratch") else assets.hub_id(base_ref)
@@ -121,7 +116,8 @@ def build(run_dir: Path, final: Path, kind: str, repo_id: str, push_merged: bool
                                                       for k in METRICS) + f" | {m.get('samples', '-')} |")
     world = summary.get("world_size", info.get("world_size"))
     per_device = train.get("per_device_batch_size")
-    accumulation = train.get("gradient_accumulation_steps", 1)
+    accumulation = (info.get("resolved") or {}).get("gradient_accumulation_steps") \
+        or train.get("gradient_accumulation_steps", 1)
     hyper = [("learning rate", train.get("learning_rate")), ("scheduler", train.get("lr_scheduler")),
              ("warmup ratio", train.get("warmup_ratio")), ("weight decay", train.get("weight_decay")),
              ("optimizer steps", summary.get("steps")), ("epochs", summary.get("epochs")),
@@ -158,7 +154,8 @@ This is {what}, fine-tuned from {base_text} on {data_text} with llmkit
 
 Hardware: {info.get("device", "not recorded")}; wall time of training {summary.get("train_seconds", "-")} s,
 {summary.get("samples_per_second", "-")} samples/s. Libraries: {versions or "not recorded"}.
-The full resolved config is `training_config.yaml`; the evaluation report is `report.html` / `report.md`.
+The full resolved config is `{export.config.name}`; the evaluation report is `{run.report("html").name}` /
+`{run.report("md").name}`.
 
 ## Limitations
 

@@ -13,8 +13,6 @@ from pathlib import Path
 from llmkit import assets
 from llmkit.ship import export, hub, verify
 
-SNAPSHOTS = ".hub-snapshots"  # in the run dir, removed once the uploads are done
-
 
 class WeightsUploader:
     """The training loop's after-save callback, on every rank (under ZeRO-3 the weights are gathered
@@ -24,7 +22,7 @@ class WeightsUploader:
         o = run.cfg.output
         self.run, self.tokenizer = run, tokenizer
         self.repo_id, self.private, self.revision = o.hub_model_id, o.hub_private, o.hub_revision
-        self.root = run.output_dir / SNAPSHOTS
+        self.root = run.dir.hub_snapshots  # removed once the uploads are done
         self.main = run.accelerator.is_main_process
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hub-upload") if self.main else None
         self.pending: list[tuple[str, Future]] = []
@@ -65,7 +63,7 @@ class WeightsUploader:
                 config["base_model_name_or_path"] = base
                 adapter.write_text(json.dumps(config, indent=2) + "\n")
         verify.check_weights(out)
-        hub.scrub_local_paths(out, hub.local_paths(self.run.output_dir, self.run.cfg.to_dict(), None))
+        hub.scrub_local_paths(out, hub.local_paths(self.run.run_dir, self.run.cfg.to_dict(), None))
 
     def wait(self) -> list[str]:
         """Block until every upload finished; return the error messages (uploads do not stop training)."""

@@ -11,9 +11,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llmkit import faults, rundir
+from llmkit import faults
 from llmkit.errors import LlmkitError
-from llmkit.model import locate
+from llmkit.model import check_export_weights, locate
+from llmkit.rundir import life
+from llmkit.rundir.layout import Export
 from llmkit.ship import verify
 from llmkit.train.run import Run
 
@@ -47,23 +49,24 @@ def _gather_for_export(run: Run, model) -> tuple[dict | None, object]:
 
 def _publish(run: Run, tmp: Path, results: dict) -> None:
     """Add the resolved configs and metrics to a verified export, then swap it in for `final` (rank 0)."""
-    run.cfg.save(tmp / "training_config.yaml")
+    staged = Export(tmp)
+    run.cfg.save(staged.config)
     if run.ds_config:
-        (tmp / "ds_config.json").write_text(json.dumps(run.ds_config, indent=2) + "\n")
-    (tmp / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
-    (run.output_dir / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
+        staged.ds_config.write_text(json.dumps(run.ds_config, indent=2) + "\n")
+    staged.metrics.write_text(json.dumps(results, indent=2) + "\n")
+    run.dir.metrics.write_text(json.dumps(results, indent=2) + "\n")
     # the old export is replaced only now that the new one is complete and verified
-    final, old = run.output_dir / "final", run.output_dir / "final.old"
+    final, old = run.dir.final.root, run.dir.final_old
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():
         final.rename(old)
     tmp.rename(final)
     shutil.rmtree(old, ignore_errors=True)
-    rundir.drop_previous(run.output_dir)  # an overwritten run is gone only now
+    life.drop_previous(run.run_dir)  # an overwritten run is gone only now
 
 
 def _fresh_tmp(run: Run) -> Path:
-    tmp = run.output_dir / "final.tmp"
+    tmp = run.dir.final_tmp
     shutil.rmtree(tmp, ignore_errors=True)
     return tmp
 
@@ -75,7 +78,7 @@ def save_classifier(run: Run, model, tokenizer, results: dict, rows, predictions
     reproduce those logits (verify.check_classifier)."""
     acc = run.accelerator
     state_dict, unwrapped = _gather_for_export(run, model)
-    final = run.output_dir / "final"
+    final = run.dir.final.root
     if acc.is_main_process:
         missing = set(unwrapped.state_dict()) - set(state_dict)
         if missing:
@@ -84,7 +87,7 @@ def save_classifier(run: Run, model, tokenizer, results: dict, rows, predictions
         probe = verify.classifier_probe(rows, run.cfg.data, predictions, run.precision,
                                          run.cfg.model.trust_remote_code)
         if hasattr(unwrapped, "peft_config"):  # LoRA: the adapter with its head; the merged model is built from it
-            _save_adapter(unwrapped, state_dict, tokenizer, tmp / "adapter")
+            _save_adapter(unwrapped, state_dict, tokenizer, Export(tmp).adapter)
             config = unwrapped.config
             head = {"num_labels": config.num_labels, "id2label": config.id2label, "label2id": config.label2id,
                     "pad_token_id": config.pad_token_id}
@@ -93,16 +96,30 @@ def save_classifier(run: Run, model, tokenizer, results: dict, rows, predictions
         else:
             unwrapped.save_pretrained(tmp, state_dict=state_dict, **canonical_names(unwrapped))
             tokenizer.save_pretrained(tmp)
-        run.log("export: reloading it with plain transformers in a fresh CPU process to check it"
-                + (" (and merging the adapter)" if probe.get("lora") else "") + "; the other ranks wait")
-        try:  # for LoRA this writes the merged classifier into tmp first
-            checked = verify.check_classifier(tmp, probe)
-        except LlmkitError as exc:
-            raise LlmkitError(f"{exc}; it stays in {tmp} for inspection") from None
-        (tmp / verify.PROBE_FILE).write_text(json.dumps(probe) + "\n")
+        if probe.get("lora") or run.cfg.output.verify_export:
+            run.log("export: reloading it with plain transformers in a fresh CPU process to check it"
+                    + (" (and merging the adapter)" if probe.get("lora") else "") + "; the other ranks wait")
+            try:  # for LoRA this writes the merged classifier into tmp first
+                checked = verify.check_classifier(tmp, probe)
+            except LlmkitError as exc:
+                raise LlmkitError(f"{exc}; it stays in {tmp} for inspection") from None
+        else:
+            checked = _weights_only(tmp)
+        Export(tmp).probe.write_text(json.dumps(probe) + "\n")
         _publish(run, tmp, {**results, "export_check": checked})
     acc.wait_for_everyone()
     return final
+
+
+def _weights_only(tmp: Path) -> dict:
+    """output.verify_export false: the written files are checked for empty tensors, not reloaded (the probe is
+    still kept, so `llmkit push` reloads and compares before anything is uploaded)."""
+    try:
+        check_export_weights(tmp, "the export")
+        verify.check_weights(tmp, action="export")
+    except LlmkitError as exc:
+        raise LlmkitError(f"{exc}; it stays in {tmp} for inspection") from None
+    return {"reloaded": False, "why": "output.verify_export is false"}
 
 
 def _quantized(run: Run) -> str | None:
@@ -144,13 +161,13 @@ def save_causal_lm(run: Run, model, tokenizer, results: dict, train_rows) -> Pat
     acc = run.accelerator
     ids, logits = probe_logits(run, model, train_rows)
     state_dict, unwrapped = _gather_for_export(run, model)
-    final = run.output_dir / "final"
+    final = run.dir.final.root
     if acc.is_main_process:
         tmp = _fresh_tmp(run)
         tmp.mkdir(parents=True)
         lora = hasattr(unwrapped, "peft_config")
         if lora:
-            _save_adapter(unwrapped, state_dict, tokenizer, tmp / "adapter")
+            _save_adapter(unwrapped, state_dict, tokenizer, Export(tmp).adapter)
         else:
             unwrapped.save_pretrained(tmp, state_dict=state_dict, **canonical_names(unwrapped))
             tokenizer.save_pretrained(tmp)
@@ -158,13 +175,17 @@ def save_causal_lm(run: Run, model, tokenizer, results: dict, train_rows) -> Pat
         probe = {"kind": "causal_lm", "precision": run.precision, "lora": lora, "base": base, "ids": ids,
                  "trust_remote_code": run.cfg.model.trust_remote_code, "quantized": _quantized(run),
                  "logits": np.asarray(logits, dtype=np.float64).tolist()}
-        run.log("export: reloading it with plain transformers in a fresh CPU process to check it"
-                + (" (and merging the adapter)" if lora else "") + "; the other ranks wait")
-        try:  # for LoRA this also writes merged/
-            checks = verify.check_causal_lm(tmp / "adapter" if lora else tmp, probe, merged_out=tmp / "merged")
-        except LlmkitError as exc:
-            raise LlmkitError(f"{exc}; it stays in {tmp} for inspection") from None
-        (tmp / verify.PROBE_FILE).write_text(json.dumps(probe) + "\n")
+        if lora or run.cfg.output.verify_export:
+            run.log("export: reloading it with plain transformers in a fresh CPU process to check it"
+                    + (" (and merging the adapter)" if lora else "") + "; the other ranks wait")
+            try:  # for LoRA this also writes merged/
+                checks = verify.check_causal_lm(Export(tmp).adapter if lora else tmp, probe,
+                                                merged_out=Export(tmp).merged)
+            except LlmkitError as exc:
+                raise LlmkitError(f"{exc}; it stays in {tmp} for inspection") from None
+        else:
+            checks = _weights_only(tmp)
+        Export(tmp).probe.write_text(json.dumps(probe) + "\n")
         _publish(run, tmp, {**results, "export_check": checks})
     acc.wait_for_everyone()
     return final

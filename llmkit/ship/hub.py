@@ -9,18 +9,16 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
-
 from llmkit import assets, model
 from llmkit.config_checks import check_repo_id, check_revision
 from llmkit.errors import LlmkitError
 from llmkit.preflight import hub_token as token
+from llmkit.rundir.layout import PROBE, Export, RunDir, read_json
 from llmkit.ship import card, verify
 
-REPORT_FILES = ("report.html", "report.md", "report.json")
 RETRIES = 4  # after the first try; waits 1, 2, 4, 8 s
-INTERNAL = {verify.PROBE_FILE}  # kept locally, not uploaded
-STAGED = ".llmkit-dry-runs.json"  # in the run dir: the dry-run folders `stage` made, which a later one may replace
+INTERNAL = {PROBE}  # kept locally, not uploaded
+REPORT_KINDS = ("html", "md", "json")  # the run's report files, uploaded beside the model
 TEXT = (".json", ".yaml", ".yml", ".md", ".html", ".txt", ".jinja")  # staged files scrubbed of local paths
 
 
@@ -30,9 +28,9 @@ TEXT = (".json", ".yaml", ".yml", ".md", ".html", ".txt", ".jinja")  # staged fi
 def _final_dir(path: Path) -> tuple[Path, Path]:
     """(run dir, export dir) from either a run's output dir or its final/ folder."""
     path = Path(path).expanduser()
-    if (path / "final").is_dir():
-        return path, path / "final"
-    if (path / "config.json").is_file() or (path / "adapter").is_dir():
+    if RunDir(path).final.root.is_dir():
+        return path, RunDir(path).final.root
+    if (path / "config.json").is_file() or Export(path).adapter.is_dir():
         return path.parent, path
     raise LlmkitError(f"'{path}' is neither a run directory with final/ nor an exported model folder")
 
@@ -40,7 +38,7 @@ def _final_dir(path: Path) -> tuple[Path, Path]:
 def _kind(final: Path) -> str:
     """classification (a LoRA classifier: the merged model, with its adapter in adapter/), causal_lm, or lora (a
     causal LM's adapter, with merged/)."""
-    if not (final / "config.json").is_file() and (final / "adapter" / "adapter_config.json").is_file():
+    if not (final / "config.json").is_file() and (Export(final).adapter / "adapter_config.json").is_file():
         return "lora"
     config = json.loads((final / "config.json").read_text())
     return "causal_lm" if model.is_causal_lm(config.get("architectures")) else "classification"
@@ -73,32 +71,31 @@ def stage(run_dir: str | Path, out: Path, repo_id: str, push_merged: bool = Fals
     run dir as a folder a later dry run may replace (a real push stages into a fresh temporary folder)."""
     run_dir, final = _final_dir(Path(run_dir))
     model.check_export_weights(final)
-    kind = _kind(final)
-    probe_path = final / verify.PROBE_FILE
-    probe = json.loads(probe_path.read_text()) if probe_path.is_file() else None
+    kind, export = _kind(final), Export(final)
+    probe = read_json(export.probe) or None
     _refuse_links(run_dir, final)
     _claim_staging(Path(out), run_dir, final, remember)
     if kind == "lora":
         # the adapter at the repo root (so PeftModel / AutoPeftModel load the repo), its base named by Hub id
-        _copy_files(final / "adapter", out)
+        _copy_files(export.adapter, out)
         _copy_files(final, out)
         if push_merged:
-            _copy_files(final / "merged", out / "merged")
+            _copy_files(export.merged, out / export.merged.name)
         _name_base_by_hub_id(out, probe)
     else:
         _copy_files(final, out)
-        if (final / "adapter").is_dir():  # a LoRA classifier: the merged model at the root, its adapter beside
-            _copy_files(final / "adapter", out / "adapter")
-            _name_base_by_hub_id(out / "adapter", probe)
-    for name in REPORT_FILES:
-        if (run_dir / name).is_file():
-            shutil.copy2(run_dir / name, out / name)
+        if export.adapter.is_dir():  # a LoRA classifier: the merged model at the root, its adapter beside
+            _copy_files(export.adapter, out / export.adapter.name)
+            _name_base_by_hub_id(out / export.adapter.name, probe)
+    for report in (RunDir(run_dir).report(k) for k in REPORT_KINDS):
+        if report.is_file():
+            shutil.copy2(report, out / report.name)
     verify.check_weights(out)
     if probe is None:
-        raise LlmkitError(f"{final} has no {verify.PROBE_FILE} (exported by an older llmkit?): it cannot be checked "
+        raise LlmkitError(f"{final} has no {PROBE} (exported by an older llmkit?): it cannot be checked "
                           "against the run; export it again")
     if not reload:
-        checked = {"export": json.loads((final / "metrics.json").read_text()).get("export_check")}
+        checked = {"export": export.read_metrics().get("export_check")}
     elif kind == "classification":
         checked = {"model": verify.check_classifier(out, probe)}
     elif kind == "causal_lm":
@@ -106,10 +103,9 @@ def stage(run_dir: str | Path, out: Path, repo_id: str, push_merged: bool = Fals
     else:  # the adapter on its (local) base, and the merged copy when it goes up too
         checked = {"adapter": verify.check_causal_lm(out, probe)}
         if push_merged:
-            checked["merged"] = verify.check_causal_lm(out / "merged", {**probe, "lora": False})
+            checked["merged"] = verify.check_causal_lm(out / export.merged.name, {**probe, "lora": False})
     (out / "README.md").write_text(card.build(run_dir, final, kind, repo_id, push_merged))
-    cfg_path = final / "training_config.yaml"
-    cfg = (yaml.safe_load(cfg_path.read_text()) if cfg_path.is_file() else None) or {}
+    cfg = export.read_config()
     scrub_local_paths(out, local_paths(run_dir, cfg, probe))
     return {"kind": kind, "checked": checked, "files": listing(out)}
 
@@ -117,7 +113,7 @@ def stage(run_dir: str | Path, out: Path, repo_id: str, push_merged: bool = Fals
 def _refuse_links(run_dir: Path, final: Path) -> None:
     """Nothing uploaded is a symbolic link: a link can point at any file (a key, a secret) and would be followed."""
     links = [p for p in sorted(final.rglob("*")) if p.is_symlink()]
-    links += [run_dir / name for name in REPORT_FILES if (run_dir / name).is_symlink()]
+    links += [p for p in (RunDir(run_dir).report(kind) for kind in REPORT_KINDS) if p.is_symlink()]
     if links:
         raise LlmkitError(f"{links[0]} is a symbolic link; llmkit pushes no links (one can point at any file, a "
                           "secret say, and its target would go up). Replace it with a copy of the file, or remove it.")
@@ -160,8 +156,8 @@ def _claim_staging(out: Path, run_dir: Path, final: Path, remember: bool) -> Non
     where, run, export = out.resolve(), run_dir.resolve(), final.resolve()
     if where in (run, export) or export in where.parents or where in run.parents:
         raise LlmkitError(f"the staging folder {out} is the run, holds it or lies inside its export; pick a folder "
-                          f"outside {export} (the default is {run_dir / 'hub_upload'})")
-    record = run_dir / STAGED
+                          f"outside {export} (the default is {RunDir(run_dir).hub_upload})")
+    record = RunDir(run_dir).hub_staged
     made = json.loads(record.read_text()) if record.is_file() else []
     if out.exists():
         if not out.is_dir() or (any(out.iterdir()) and str(where) not in made):
@@ -268,12 +264,12 @@ def push(run_dir: str | Path, repo_id: str, private: bool = True, revision: str 
     check_revision(revision, "--revision")
     run_path, _ = _final_dir(Path(run_dir))
     if dry_run:
-        out = Path(staging) if staging else run_path / "hub_upload"
+        out = Path(staging) if staging else RunDir(run_path).hub_upload
         facts = stage(run_path, out, repo_id, push_merged, reload)
         log(f"dry run: {out} is exactly what would be uploaded to {repo_id}:\n{show(facts['files'])}")
         return {**facts, "folder": str(out)}
     token()  # fail before any work when there is no token
-    with tempfile.TemporaryDirectory(dir=run_path, prefix=".hub-") as tmp:
+    with tempfile.TemporaryDirectory(dir=run_path, prefix=RunDir.HUB_STAGING_PREFIX) as tmp:
         facts = stage(run_path, Path(tmp) / "upload", repo_id, push_merged, reload, remember=False)
         url = upload(Path(tmp) / "upload", repo_id, private, revision, f"llmkit: {facts['kind']} model", log=log)
     log(f"pushed {len(facts['files'])} files to {repo_id}: {url}")
@@ -290,12 +286,12 @@ def push_run(run, uploader=None) -> str | None:
     signal = run.stopped()
     if signal:
         run.log(f"hub: {signal} arrived after the last training step; the push is skipped")
-        return f"the push was skipped: push it with `llmkit push {run.output_dir} {o.hub_model_id}`"
+        return f"the push was skipped: push it with `llmkit push {run.run_dir} {o.hub_model_id}`"
     if run.accelerator.is_main_process:
         if uploader is not None:
             for err in uploader.wait():
                 run.log(f"hub: an every_save upload failed: {err}")
-        push(run.output_dir, o.hub_model_id, o.hub_private, o.hub_revision, o.hub_push_merged, log=run.log,
+        push(run.run_dir, o.hub_model_id, o.hub_private, o.hub_revision, o.hub_push_merged, log=run.log,
              reload=False)
     run.accelerator.wait_for_everyone()
     return None

@@ -11,8 +11,8 @@ import numpy as np
 
 from llmkit import fresh
 from llmkit.errors import LlmkitError
+from llmkit.rundir.layout import Export
 
-PROBE_FILE = "llmkit_probe.json"  # in final/: inputs and the run's own logits, to re-verify the export later
 VERIFY_ROWS = 64
 
 
@@ -24,17 +24,17 @@ def no_empty_tensors(shapes: dict[str, tuple], where: str, action: str = "export
         raise LlmkitError(f"{where} has {what}; refusing to {action} a partial model")
 
 
-def check_weights(folder: Path) -> None:
+def check_weights(folder: Path, action: str = "push") -> None:
     """Every safetensors file under `folder` holds tensors, none of size 0."""
     from safetensors import safe_open
 
     files = sorted(folder.rglob("*.safetensors"))
     if not files:
-        raise LlmkitError(f"{folder} holds no .safetensors weights; nothing to push")
+        raise LlmkitError(f"{folder} holds no .safetensors weights; nothing to {action}")
     for path in files:
         with safe_open(str(path), framework="pt") as fh:
             shapes = {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
-        no_empty_tensors(shapes, str(path.relative_to(folder)), action="push")
+        no_empty_tensors(shapes, str(path.relative_to(folder)), action=action)
 
 
 # The reload scripts run in a fresh interpreter: plain transformers (+ peft), no llmkit import, no DeepSpeed
@@ -161,7 +161,7 @@ def check_classifier(folder: Path, probe: dict) -> dict:
     folder = fresh.absolute(folder)  # the fresh process runs elsewhere
     spec = {**probe, "folder": str(folder)}
     if probe.get("lora"):
-        spec.update(adapter=str(folder / "adapter"), merge=not (folder / "config.json").is_file())
+        spec.update(adapter=str(Export(folder).adapter), merge=not (folder / "config.json").is_file())
     reloaded = _run_fresh(_RELOAD_CLASSIFIER, spec, folder)
     if reloaded["missing"] or reloaded["unexpected"]:
         raise LlmkitError(f"the export at {folder} reloads with missing {reloaded['missing']} / unexpected "
@@ -169,7 +169,7 @@ def check_classifier(folder: Path, probe: dict) -> dict:
     quantized = bool(probe.get("quantized"))
     result = _compare_logits(folder, reloaded["logits"], probe, tol=QUANTIZED_MERGE_TOL if quantized else None)
     if probe.get("lora"):
-        result["adapter"] = _compare_logits(folder / "adapter", reloaded["adapter_logits"], probe)
+        result["adapter"] = _compare_logits(Export(folder).adapter, reloaded["adapter_logits"], probe)
     if quantized:
         result["merged_from_full_precision_base"] = True
     return result

@@ -11,7 +11,8 @@ import torch
 
 from llmkit.data.lm import ROWS_KEY
 from llmkit.errors import LlmkitError
-from llmkit.train.checkpoint import resolve_latest
+from llmkit.rundir.checkpoints import latest_name
+from llmkit.rundir.layout import RunDir
 
 
 class Meter:
@@ -71,7 +72,7 @@ class Meter:
         """Stop (all ranks agree) when any rank saw a NaN/inf loss since the start, naming the first such step."""
         step = int(self.acc.gather(self.nonfinite_at.view(1)).max().item())
         if step:
-            latest = resolve_latest(output_dir / "checkpoints")
+            latest = latest_name(RunDir(output_dir).checkpoints)
             raise LlmkitError(f"the training loss became NaN/inf at step {step}: training diverged. "
                               f"{'The last good checkpoint is ' + latest if latest else 'No checkpoint was written'}; "
                               "nothing after step " + str(step - 1) + " was saved. Lower train.learning_rate, keep "

@@ -16,7 +16,7 @@ def profiler(run):
     writes its op table (by self time), a Chrome trace and the step's phases to <output_dir>/profile."""
     if not run.cfg.train.profile_steps:
         return None
-    folder = run.output_dir / "profile"
+    folder = run.dir.profile
     rank = run.accelerator.process_index
     gpu = torch.cuda.is_available()
 

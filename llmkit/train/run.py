@@ -6,13 +6,12 @@ stage needs: the config, the Accelerator, the precision and DeepSpeed config tha
 from __future__ import annotations
 
 import importlib.metadata
-import json
 import os
 import platform
 import subprocess
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import TypeVar
@@ -22,12 +21,13 @@ from accelerate import Accelerator, DeepSpeedPlugin, InitProcessGroupKwargs
 from accelerate.utils import broadcast_object_list, set_seed
 from tqdm.auto import tqdm
 
-from llmkit import elastic, launch, model, preflight, rundir, trackers
+from llmkit import model, parallel, preflight, trackers
 from llmkit.config import Config
 from llmkit.data import lm, sources
 from llmkit.data.streaming import Stream
 from llmkit.errors import LlmkitError
 from llmkit.precision import ACCELERATE_PRECISION
+from llmkit.rundir import checkpoints, elastic, layout, life
 from llmkit.train.guards import StopSignal
 
 T = TypeVar("T")
@@ -40,15 +40,32 @@ class Run:
     accelerator: Accelerator
     precision: str
     ds_config: dict | None
-    output_dir: Path
-    intent: str = "new"  # "new", "overwrite" or "resume": what the run does with output_dir (llmkit.rundir)
+    run_dir: Path  # output.output_dir, resolved
+    intent: str = "new"  # "new", "overwrite" or "resume": what the run does with output_dir (llmkit.rundir.life)
     data_identity: dict | None = None  # the training rows' digest and the labels: a resume must match them
     stop: StopSignal | None = None  # SIGTERM / SIGINT, caught for the whole run (setup to finish)
-    elastic: elastic.Elastic | None = None  # resuming a checkpoint written by another number of ranks
+    resume: checkpoints.Resume | None = None  # the checkpoint this run continues (resolved by the preflight)
+    tokenizer_from: str | None = None  # a tokenizer trained from the data (load_tokenizer) instead of the config's
+
+    @property
+    def dir(self) -> layout.RunDir:
+        """The run's folder: where each of its files goes."""
+        return layout.RunDir(self.run_dir)
+
+    @property
+    def accumulation(self) -> int:
+        """The gradient accumulation this run trains with: the config's, or the one an elastic resume keeps the
+        global batch with (the config itself is never changed)."""
+        return self.elastic.accumulation if self.elastic is not None else self.cfg.train.gradient_accumulation_steps
+
+    @property
+    def elastic(self) -> elastic.Elastic | None:
+        """How a resume on another number of ranks (or with a new global batch) continues; None otherwise."""
+        return self.resume.elastic if self.resume is not None else None
 
     @property
     def zero_stage(self) -> int | None:
-        return launch.zero_stage(self.ds_config)
+        return parallel.zero_stage(self.ds_config)
 
     def log(self, msg: str) -> None:
         if self.accelerator.is_main_process:
@@ -72,7 +89,7 @@ class Run:
             torch.distributed.destroy_process_group()
         if signal and skipped:
             raise LlmkitError(f"stopped by {signal} after the last training step: final/ and the report in "
-                              f"{self.output_dir} are complete and verified; {skipped}")
+                              f"{self.run_dir} are complete and verified; {skipped}")
         if signal:
             self.log(f"{signal} arrived after the last training step; the run finished its export and report")
 
@@ -109,14 +126,13 @@ class Run:
         run logs again from the checkpoint's step, so the rows after it leave metrics.jsonl."""
         if not self.accelerator.is_main_process:
             return
-        out = self.output_dir
-        rundir.write_durably(out / "training_config.yaml", self.cfg.dump())
-        rundir.write_durably(out / "run_info.json",
-                             json.dumps(run_info(self.accelerator, self.precision, self.ds_config), indent=2) + "\n")
-        if self.ds_config:
-            rundir.write_durably(out / "ds_config.json", json.dumps(self.ds_config, indent=2) + "\n")
+        info = run_info(self.accelerator, self.precision, self.ds_config)
+        # what this launch decided beside the config as given: the accumulation an elastic resume trains with,
+        # a tokenizer trained from the data
+        info["resolved"] = {"gradient_accumulation_steps": self.accumulation, "tokenizer": self.tokenizer_from}
+        self.dir.write_records(self.cfg.dump(), info, self.ds_config)
         if resumed_at is not None:
-            dropped = rundir.trim_metrics(out, resumed_at)
+            dropped = life.trim_metrics(self.run_dir, resumed_at)
             if dropped:
                 self.log(f"metrics.jsonl: {dropped} rows after step {resumed_at} dropped (they are logged again)")
 
@@ -124,8 +140,7 @@ class Run:
         """To the trackers (train.report_to) and to <output_dir>/metrics.jsonl (one JSON object per call)."""
         self.accelerator.log(scalars, step=step)
         if self.accelerator.is_main_process:
-            with open(self.output_dir / "metrics.jsonl", "a") as fh:
-                fh.write(json.dumps({"step": step, **scalars}) + "\n")
+            self.dir.append_scalars({"step": step, **scalars})
 
 
 def run_info(accelerator: Accelerator, precision: str, ds_config: dict | None) -> dict:
@@ -145,7 +160,7 @@ def run_info(accelerator: Accelerator, precision: str, ds_config: dict | None) -
     device = f"{torch.cuda.device_count()} x {torch.cuda.get_device_name()}" if torch.cuda.is_available() else cpu
     return {
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "world_size": accelerator.num_processes,
-        "device": device, "precision": precision, "zero_stage": launch.zero_stage(ds_config),
+        "device": device, "precision": precision, "zero_stage": parallel.zero_stage(ds_config),
         "versions": versions, "git_commit": commit, "python": platform.python_version(),
     }
 
@@ -153,7 +168,7 @@ def run_info(accelerator: Accelerator, precision: str, ds_config: dict | None) -
 def setup(cfg: Config, recipe: str) -> Run:
     """The pre-training checks of `recipe` (`llmkit validate`'s), then the Accelerator, the seed and the run's
     files."""
-    plan = preflight.check(cfg, launch.world_size(), recipe)
+    plan = preflight.check(cfg, parallel.world_size(), recipe)
     if not torch.cuda.is_available():
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         torch.set_num_threads(cfg.train.num_threads or max(1, (os.cpu_count() or 1) // local))
@@ -168,11 +183,11 @@ def setup(cfg: Config, recipe: str) -> Run:
     accelerator = Accelerator(
         mixed_precision=ACCELERATE_PRECISION[plan.precision],
         deepspeed_plugin=plugin,
-        gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
+        gradient_accumulation_steps=plan.accumulation,
         step_scheduler_with_optimizer=False,  # the loop steps it once per optimizer step
         kwargs_handlers=handlers,
-        log_with=trackers.log_with(cfg, plan.output_dir),
-        project_dir=str(plan.output_dir),
+        log_with=trackers.log_with(cfg, plan.run_dir),
+        project_dir=str(plan.run_dir),
     )
     set_seed(cfg.train.seed)
     if not accelerator.is_local_main_process:  # progress bars (tokenization, loading) on rank 0 only
@@ -182,10 +197,10 @@ def setup(cfg: Config, recipe: str) -> Run:
         datasets.disable_progress_bars()
         transformers.utils.logging.disable_progress_bar()
     accelerator.wait_for_everyone()  # every rank has checked output_dir before rank 0 writes into it
-    run = Run(cfg, accelerator, plan.precision, plan.ds_config, plan.output_dir, plan.intent, elastic=plan.elastic)
+    run = Run(cfg, accelerator, plan.precision, plan.ds_config, plan.run_dir, plan.intent, resume=plan.resume)
     if accelerator.is_main_process:  # a second run on this folder is refused from now on
-        rundir.Lock(plan.output_dir)
-        rundir.begin(plan.output_dir, plan.intent, log=run.log)
+        life.Lock(plan.run_dir)
+        life.begin(plan.run_dir, plan.intent, log=run.log)
     run.log(f"llmkit: {accelerator.num_processes} process(es), {accelerator.device}, precision {plan.precision} "
             f"({plan.precision_why}), " + (f"DeepSpeed ZeRO-{run.zero_stage}" if plan.ds_config else "no DeepSpeed"))
     for line in plan.checked:
@@ -194,17 +209,18 @@ def setup(cfg: Config, recipe: str) -> Run:
         run.log(line)
     accelerator.wait_for_everyone()  # the folder is llmkit's before any rank writes into it
     run.stop = StopSignal(accelerator, timeout)
-    trackers.start(accelerator, cfg, plan.output_dir, trackers.hyperparameters(
+    trackers.start(accelerator, cfg, plan.run_dir, trackers.hyperparameters(
         cfg, world_size=accelerator.num_processes, precision=plan.precision, zero_stage=run.zero_stage))
     return run
 
 
-def load_tokenizer(run: Run):
-    """The run's tokenizer. From-scratch runs without one: rank 0 first trains a byte-level BPE tokenizer on the
-    train split into <output_dir>/tokenizer (vocab size from the model config), which every rank then loads."""
+def run_tokenizer(run: Run):
+    """The run's tokenizer: the model's (or model.tokenizer). From-scratch runs without one: rank 0 first trains a
+    byte-level BPE tokenizer on the train split into <run_dir>/tokenizer (vocab size from the model config), which
+    every rank then loads."""
     cfg = run.cfg
     if model.needs_trained_tokenizer(cfg.model):
-        folder = run.output_dir / "tokenizer"
+        folder = run.dir.tokenizer
         def train() -> None:
             size = int(model.read_config(cfg.model).vocab_size)
             tok = model.train_tokenizer(lm.training_texts(cfg.data), size, folder)
@@ -212,5 +228,6 @@ def load_tokenizer(run: Run):
                     f"train split into {folder}")
 
         run.main_first(train, others=False)
-        cfg.model.tokenizer = str(folder)
+        run.tokenizer_from = str(folder)
+        return model.load_tokenizer(replace(cfg.model, tokenizer=run.tokenizer_from))
     return model.load_tokenizer(cfg.model)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import shutil
 import time
 from dataclasses import dataclass
@@ -28,7 +27,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from llmkit.errors import LlmkitError
-from llmkit.rundir import MANIFEST, fsync_dir, verify_checkpoint, write_manifest
+from llmkit.rundir import manifest
+from llmkit.rundir.layout import fsync_dir
 
 UNIVERSAL = "universal"  # the converted copy, beside the checkpoint's own files
 DS_TAG = "pytorch_model"  # the folder Accelerate's save_state gives the DeepSpeed engine
@@ -89,11 +89,11 @@ class Elastic:
                 "per-rank RNG streams re-seeded")
 
 
-def decide(cfg, checkpoint: Path, world: int) -> Elastic | None:
-    """None when `checkpoint` continues as it was written (same ranks, same accumulation); else the plan, after
-    setting cfg.train.gradient_accumulation_steps so the global batch stays what it was (unless
-    checkpoint.new_global_batch says to take this launch's)."""
-    saved = json.loads((checkpoint / MANIFEST).read_text())["fingerprint"]
+def decide(cfg, checkpoint: Path, saved: dict, world: int) -> Elastic | None:
+    """None when `checkpoint` continues as it was written (same ranks, same accumulation); else the plan, whose
+    accumulation keeps the global batch what it was (unless checkpoint.new_global_batch says to take this
+    launch's): the run trains with it, the config stays as given. `saved`: the fingerprint its manifest
+    recorded."""
     if saved.get("world_size") is None:  # an older manifest: checkpoint.load names what it lacks
         return None
     t, new_batch = cfg.train, cfg.checkpoint.new_global_batch
@@ -132,7 +132,6 @@ def decide(cfg, checkpoint: Path, world: int) -> Elastic | None:
                               f"checkpoint {checkpoint} ({saved_world} ranks x {saved_acc}) on {world} rank(s) keeps "
                               f"the global batch with {accumulation}: leave it at the checkpoint's value (llmkit "
                               "adjusts it), " + opt_in)
-    t.gradient_accumulation_steps = accumulation
     return Elastic(saved_world, world, saved_acc, accumulation, saved.get("zero_stage"), rows)
 
 
@@ -140,8 +139,8 @@ def universal_of(checkpoint: Path, log) -> Path:
     """`<checkpoint>/universal/`: converted now (one process; the others must wait), or the verified copy a
     previous resume made. It holds DeepSpeed's universal folder and Accelerate's own extra states."""
     out = checkpoint / UNIVERSAL
-    if (out / MANIFEST).is_file():
-        verify_checkpoint(out)
+    if (out / manifest.MANIFEST).is_file():
+        manifest.verify(out)
         log(f"resume: reusing the universal checkpoint {out}")
         return out
     from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
@@ -167,7 +166,7 @@ def universal_of(checkpoint: Path, log) -> Path:
     for extra in checkpoint.iterdir():
         if extra.is_file() and extra.name.endswith((".pkl", ".bin")) and not extra.name.startswith("random_states"):
             shutil.copy2(extra, tmp / extra.name)
-    write_manifest(tmp, converted_from=checkpoint.name)
+    manifest.write(tmp, converted_from=checkpoint.name)
     tmp.rename(out)
     fsync_dir(checkpoint)
     log(f"resume: converted {checkpoint} to DeepSpeed's universal format in {time.perf_counter() - began:.1f} s "
@@ -179,7 +178,7 @@ def universal_bytes(checkpoint: Path) -> int:
     """Disk the universal copy will take (0 once it exists): every parameter's fp32 weight and Adam moments in
     files of their own, plus the engine's model states copied. It came to 1.5x the optimizer shards for SmolLM2
     under ZeRO-3 (bench/elastic.py); counted at 2x to leave room."""
-    if (checkpoint / UNIVERSAL / MANIFEST).is_file():
+    if (checkpoint / UNIVERSAL / manifest.MANIFEST).is_file():
         return 0
     engine = checkpoint / DS_TAG
     shards = sum(p.stat().st_size for p in engine.glob("*optim_states.pt"))

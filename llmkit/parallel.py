@@ -112,8 +112,10 @@ def _check_json_shape(ds, path: str) -> dict:
     return ds
 
 
-def resolve_deepspeed(cfg: Config, precision: str, world_size: int, hidden: int | None) -> dict | None:
-    """Fill each "auto" of the DeepSpeed config from the llmkit config; a value set in both must agree."""
+def resolve_deepspeed(cfg: Config, precision: str, world_size: int, hidden: int | None,
+                      accumulation: int | None = None) -> dict | None:
+    """Fill each "auto" of the DeepSpeed config from the llmkit config; a value set in both must agree.
+    `accumulation`: the one this launch trains with, when an elastic resume changed it (default: the config's)."""
     found = _deepspeed_source(cfg)
     if found is None:
         return None
@@ -121,6 +123,7 @@ def resolve_deepspeed(cfg: Config, precision: str, world_size: int, hidden: int 
     ds = {k: copy.deepcopy(v) for k, v in found[0].items() if not k.startswith("_")}
     source = found[1]
     t = cfg.train
+    accumulation = accumulation or t.gradient_accumulation_steps
     for section in ("optimizer", "scheduler"):
         if section in ds:
             raise LlmkitError(f"the DeepSpeed config ({source}) has an '{section}' section; llmkit builds the "
@@ -128,8 +131,8 @@ def resolve_deepspeed(cfg: Config, precision: str, world_size: int, hidden: int 
     zero = ds.setdefault("zero_optimization", {})
     wanted = {
         ("train_micro_batch_size_per_gpu",): (t.per_device_batch_size, "train.per_device_batch_size"),
-        ("gradient_accumulation_steps",): (t.gradient_accumulation_steps, "train.gradient_accumulation_steps"),
-        ("train_batch_size",): (t.per_device_batch_size * t.gradient_accumulation_steps * world_size,
+        ("gradient_accumulation_steps",): (accumulation, "train.gradient_accumulation_steps"),
+        ("train_batch_size",): (t.per_device_batch_size * accumulation * world_size,
                                 "train.per_device_batch_size x gradient_accumulation_steps x world size"),
         ("gradient_clipping",): (t.max_grad_norm, "train.max_grad_norm"),
         ("bf16", "enabled"): (precision == "bf16", "train.precision"),

@@ -1,0 +1,191 @@
+"""The map of a run's folder: the name of every file and folder a run leaves, and how its records are read and
+written. No other module spells these names; they ask a `RunDir` (the output dir) or an `Export` (its final/).
+
+Records are written durably (a temporary file, fsync, rename: a crash leaves the old file or the new one). The
+line files (metrics.jsonl, predictions_<split>.jsonl, samples.jsonl) are appended to; their reader skips a torn
+last line, which a run killed mid-write leaves, and names a damaged line before it."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from llmkit.errors import LlmkitError
+
+CONFIG = "training_config.yaml"  # the resolved config (in the run dir and in final/)
+METRICS = "metrics.json"  # the final results (in the run dir and in final/)
+DS_CONFIG = "ds_config.json"  # the DeepSpeed config the run used (in the run dir and in final/)
+PROBE = "llmkit_probe.json"  # in final/: inputs and the run's own logits, to check the export again later
+REPORTS = ("report.html", "report.md", "report.json")
+PREDICTIONS = "predictions_{split}.jsonl"
+
+
+@dataclass(frozen=True)
+class Export:
+    """A run's export folder (final/): the model as transformers / peft save it, plus llmkit's records."""
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / CONFIG
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / METRICS
+
+    @property
+    def ds_config(self) -> Path:
+        return self.root / DS_CONFIG
+
+    @property
+    def probe(self) -> Path:
+        return self.root / PROBE
+
+    @property
+    def adapter(self) -> Path:  # LoRA runs: the adapter (with a classifier's head)
+        return self.root / "adapter"
+
+    @property
+    def merged(self) -> Path:  # LoRA causal LMs: the adapter merged into its base
+        return self.root / "merged"
+
+    def read_config(self) -> dict:
+        return read_yaml(self.config)
+
+    def read_metrics(self) -> dict:
+        return read_json(self.metrics)
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """A run's output dir. What it holds, by who writes it:
+
+    - the run's life (llmkit.rundir.life): the marker, the lock, .previous/ of an overwritten run;
+    - the records written when training starts: the resolved config, run_info.json, the DeepSpeed config;
+    - training: metrics.jsonl (scalars), samples.jsonl (causal LM completions), checkpoints/, the trackers'
+      folders, profile/, tokenizer/ (one trained from the data);
+    - after training: predictions_<split>.jsonl, metrics.json, final/ (written as final.tmp, the old one kept
+      as final.old until the swap), explanations.json, report.{html,md,json};
+    - `llmkit push`: hub_upload/ (a dry run's folder), the list of dry runs, .hub-* staging folders."""
+    root: Path
+
+    marker = property(lambda self: self.root / ".llmkit-run")
+    lock = property(lambda self: self.root / ".llmkit.lock")
+    previous = property(lambda self: self.root / ".previous")
+    config = property(lambda self: self.root / CONFIG)
+    run_info = property(lambda self: self.root / "run_info.json")
+    ds_config = property(lambda self: self.root / DS_CONFIG)
+    scalars = property(lambda self: self.root / "metrics.jsonl")
+    samples = property(lambda self: self.root / "samples.jsonl")
+    checkpoints = property(lambda self: self.root / "checkpoints")
+    tensorboard = property(lambda self: self.root / "runs")
+    wandb = property(lambda self: self.root / "wandb")
+    profile = property(lambda self: self.root / "profile")
+    tokenizer = property(lambda self: self.root / "tokenizer")
+    metrics = property(lambda self: self.root / METRICS)
+    final_tmp = property(lambda self: self.root / "final.tmp")
+    final_old = property(lambda self: self.root / "final.old")
+    explanations = property(lambda self: self.root / "explanations.json")
+    eval_marker = property(lambda self: self.root / ".llmkit-eval")  # `llmkit eval`'s output folder, not a run
+    hub_upload = property(lambda self: self.root / "hub_upload")
+    hub_snapshots = property(lambda self: self.root / ".hub-snapshots")  # every_save uploads' snapshots
+    hub_staged = property(lambda self: self.root / ".llmkit-dry-runs.json")  # the dry-run folders made
+    HUB_STAGING_PREFIX = ".hub-"  # a push's temporary staging folders
+
+    @property
+    def final(self) -> Export:
+        return Export(self.root / "final")
+
+    def report(self, kind: str) -> Path:
+        """report.html, report.md or report.json."""
+        return self.root / f"report.{kind}"
+
+    def predictions(self, split: str) -> Path:
+        return self.root / PREDICTIONS.format(split=split)
+
+    def prediction_splits(self) -> list[str]:
+        """The splits with a predictions file, sorted."""
+        head, tail = PREDICTIONS.split("{split}")
+        return sorted(p.name[len(head):-len(tail)] for p in self.root.glob(PREDICTIONS.format(split="*")))
+
+    def owned(self) -> list[Path]:
+        """The entries of the folder that an llmkit run writes (an overwrite moves exactly these aside)."""
+        named = [self.checkpoints, self.final.root, self.final_tmp, self.final_old, self.tensorboard, self.wandb,
+                 self.profile, self.tokenizer, self.hub_upload, self.hub_snapshots, self.hub_staged, self.metrics,
+                 self.scalars, self.samples, self.config, self.run_info, self.ds_config, self.explanations,
+                 *(self.report(kind) for kind in ("html", "md", "json"))]
+        found = {p for p in named if p.exists() or p.is_symlink()}
+        found.update(self.root.glob(PREDICTIONS.format(split="*")))
+        found.update(self.root.glob(self.HUB_STAGING_PREFIX + "*"))
+        return sorted(found)
+
+    # ----------------------------------------------------------------------------------------- records
+
+    def read_config(self) -> dict:
+        return read_yaml(self.config)
+
+    def read_metrics(self) -> dict:
+        return read_json(self.metrics)
+
+    def read_run_info(self) -> dict:
+        return read_json(self.run_info)
+
+    def write_records(self, config_yaml: str, run_info: dict, ds_config: dict | None) -> None:
+        write_durably(self.config, config_yaml)
+        write_durably(self.run_info, json.dumps(run_info, indent=2) + "\n")
+        if ds_config:
+            write_durably(self.ds_config, json.dumps(ds_config, indent=2) + "\n")
+
+    def append_scalars(self, row: dict) -> None:
+        with open(self.scalars, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+
+def read_json(path: Path) -> dict:
+    """A JSON record, or {} when the file is not there."""
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def read_yaml(path: Path) -> dict:
+    """A YAML record, or {} when the file is not there."""
+    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+
+
+def read_jsonl(path: Path) -> tuple[list[dict], int]:
+    """The rows of a run's line file and how many torn last lines were skipped (0 or 1). A bad line before the
+    last is damage, not a torn write: an error naming the file and line."""
+    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                return rows, 1
+            raise LlmkitError(f"{path} line {i + 1} is not JSON (damaged); restore the file or delete that line") \
+                from None
+    return rows, 0
+
+
+def write_durably(path: Path, text: str) -> None:
+    """Write `text` to `path` so that it counts only once it is on disk: a temporary file, fsync, rename, and an
+    fsync of the folder (a crash leaves the old file or the new one, never a torn one)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
