@@ -202,12 +202,12 @@ def _explain(args: argparse.Namespace) -> None:
 
 
 def _config(args: argparse.Namespace) -> None:
-    from llmkit.commands import config_help
+    from llmkit.config import docs
 
     if args.write:
-        config_help.write(args.write, args.recipe)
+        docs.write(args.write, args.recipe)
     else:
-        print(config_help.listing(), end="")
+        print(docs.listing(), end="")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -11,9 +11,9 @@ import os
 from pathlib import Path
 
 from llmkit.config import Config
+from llmkit.config.typed import read_yaml
 from llmkit.errors import LlmkitError
 from llmkit.precision import ACCELERATE_PRECISION
-from llmkit.typed import read_yaml
 
 REDUCE_BUCKET_MIN = 25_000_000  # elements; the floor of DeepSpeed's reduce_bucket_size "auto"
 

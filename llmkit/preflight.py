@@ -4,6 +4,7 @@ a recipe loads next), and stops. Each check raises LlmkitError naming what is wr
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 from collections.abc import Callable
@@ -11,7 +12,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from llmkit import fresh, memory, model, parallel, trackers
-from llmkit.config import Config
+from llmkit.config import Config, schema
 from llmkit.data import lm, sources
 from llmkit.errors import LlmkitError
 from llmkit.precision import Hardware, hardware, resolve_precision
@@ -191,19 +192,6 @@ def hub_token() -> str:
     return found
 
 
-RECIPES = ("classification", "causal_lm")
-# config keys only one recipe reads: set in a run of the other, they would be silently ignored
-ONLY_IN = {
-    "causal_lm": ("data.format", "data.prompt_column", "data.response_column", "data.messages_column",
-                  "data.prompt_template", "data.label_words", "data.mixture", "data.streaming", "data.packing",
-                  "train.sample_prompts", "train.sample_max_new_tokens"),
-    "classification": (),
-}
-# the causal-LM recipe reads these only for generative classification (data.prompt_template)
-LABELS_ONLY = ("data.label_names", "data.clean_text", "data.drop_bad_rows", "train.class_weights",
-               "output.explain_rows")
-
-
 def recipe_of(cfg: Config, config) -> str:
     """The recipe a config is for, when none is named (`llmkit validate`): causal_lm for a causal-LM model or
     prompt / chat / label-word data, else classification."""
@@ -213,20 +201,19 @@ def recipe_of(cfg: Config, config) -> str:
 
 
 def check_recipe_keys(cfg: Config, recipe: str) -> None:
-    """Refuse a key set away from its default that `recipe` would not read, naming the recipe that does."""
-    defaults = Config()
-    other = next(r for r in RECIPES if r != recipe)
-    ignored = list(ONLY_IN[other])
-    if recipe == "causal_lm" and cfg.data.prompt_template is None:
-        ignored += [k for k in LABELS_ONLY if k != "data.drop_bad_rows"]
-    for key in ignored:
-        section, leaf = key.split(".")
-        value = getattr(getattr(cfg, section), leaf)
-        if value != getattr(getattr(defaults, section), leaf):
-            reader = f"recipes/{other}.py" if key in ONLY_IN[other] else \
-                "recipes/classification.py, or recipes/causal_lm.py with data.prompt_template,"
-            raise LlmkitError(f"{key} is set, but recipes/{recipe}.py does not read it (only {reader} does); "
-                              f"remove it from this run's config, or run that recipe")
+    """Refuse a key set away from its default that this run would not read (the schema says who reads each),
+    naming the recipe that does: set and silently ignored, it would mislead."""
+    this, defaults = schema.reader_of(recipe, cfg), Config()
+    for section, cls in schema.sections():
+        for f in dataclasses.fields(cls):
+            readers = f.metadata["readers"]
+            if this in readers or getattr(getattr(cfg, section), f.name) == getattr(getattr(defaults, section), f.name):
+                continue
+            where = schema.READER_NAMES[this] if this == "label_words" else f"recipes/{recipe}.py" + (
+                " without data.prompt_template" if recipe == "causal_lm" else "")
+            raise LlmkitError(f"{section}.{f.name} is set, but {where} does not read it (only "
+                              f"{schema.who_reads(readers)} does); remove it from this run's config, or run that "
+                              "recipe")
 
 
 def check(cfg: Config, world_size: int, recipe: str | None = None,

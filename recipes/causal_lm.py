@@ -43,8 +43,8 @@ def main() -> None:
         return lm_eval.evaluate_lm(run, m, loader), None
 
     uploader = every_save.uploader(run, tokenizer)
-    loss_fn, weighted = losses.for_run(run.log, cfg.train.class_weights, ds.train[losses.CLASS_KEY] if labels else [],
-                                       ds.label_names, tokens=True)
+    loss_fn, weighted = losses.for_run(run.log, cfg.train.class_weights if labels else None,
+                                       ds.train[losses.CLASS_KEY] if labels else [], ds.label_names, tokens=True)
     fitted = fit(run, net, optimizer, train_loader, eval_loaders["validation"], score, after_save=uploader,
                  loss_fn=loss_fn)
     fitted["summary"].update(weighted)

@@ -366,6 +366,10 @@ CASES: list[Case] = [
     Case("config", "an unknown data.format", _lm(None, "--data.format", "jsonl"), "data.format"),
     Case("config", "data.format in the classification recipe", validate(lambda c, t: c["data"].update(
         format="alpaca")), "recipes/classification.py does not read it"),
+    Case("config", "explanations asked of a causal LM that classifies nothing", _lm(None, "--output.explain_rows", "4"),
+         "output.explain_rows is set, but recipes/causal_lm.py without data.prompt_template does not read it"),
+    Case("config", "a label column in a causal-LM run without label words", _lm(
+        lambda c, t: c["data"].update(label_column="sentiment")), "data.label_column is set, but"),
     Case("data", "an alpaca row without output", _lm(_sft_rows([{"instruction": "hi", "output": "hi"},
                                                                 {"instruction": "hi", "output": None}])),
          "split 'train' row 1 (alpaca): alpaca 'output' must be a string"),

@@ -106,7 +106,7 @@ def test_shipped_recipe_configs_are_valid():
         ({"data": {}}, [], "config key 'data.dataset' is missing"),
         ({"data": {"data_files": {"train": "a.csv", "validation": "b.csv"}}}, [],
          "config key 'data.test_split' names split 'test' but data.data_files only has ['train', 'validation']"),
-        (BASE, ["--deepspeed.zero_stage", "4"], "config key 'deepspeed.zero_stage' must be 0, 1, 2 or 3, got 4"),
+        (BASE, ["--deepspeed.zero_stage", "4"], "config key 'deepspeed.zero_stage' must be one of 0, 1, 2, 3, got 4"),
         (BASE, ["--learning_rat", "1"], "unknown config key 'learning_rat' (did you mean 'train.learning_rate'?)"),
         (BASE, ["--train.epochs"], "override '--train.epochs' has no value"),
         (BASE, ["stray"], "unexpected argument 'stray'"),
@@ -265,44 +265,44 @@ def test_llmkit_config_lists_every_key_of_the_schema():
     """`llmkit config` against the dataclasses themselves: every field once, its type and default, a meaning."""
     import dataclasses
 
-    from llmkit import config as schema
-    from llmkit.commands import config_help
+    from llmkit.config import docs, schema
 
     want = {}
-    for section in dataclasses.fields(schema.Config):
-        want.update(_fields(getattr(schema, section.type), section.name))
+    for section, cls in schema.sections():
+        want.update(_fields(cls, section))
     want.update(_fields(schema.MixtureSource, "data.mixture[]"))
-    listed = {k.name: k for k in config_help.keys()}
+    listed = {k.name: k for k in docs.keys()}
     assert list(listed) == list(want) and len(listed) > 90
     for name, f in want.items():
         key = listed[name]
-        assert key.type == f.type, name
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         assert key.default == default, name
-        assert len(key.meaning) > 8, f"{name} has no comment in llmkit/config.py"
-    text = config_help.listing()
+        assert len(key.meaning) > 8 and key.meaning == f.metadata["help"], f"{name} has no meaning in the schema"
+        assert key.readers and set(key.readers) <= set(schema.READERS), name
+    text = docs.listing()
     assert "  train.report_to: list[str] | str = [tensorboard]\n      experiment trackers" in text
     assert "  data.mixture[].weight: float = (required)\n      the share of training examples" in text
-    # a comment above a field speaks for it and for the uncommented fields right after it, not further
-    assert listed["data.response_column"].meaning == listed["data.prompt_column"].meaning != ""
-    assert listed["data.mixture"].meaning.startswith("several sources")
-    assert listed["data.label_words"].meaning.startswith("one per label")
+    # the allowed values come from the schema's Literal types, and who reads a key is said
+    assert "  train.precision: one of auto, fp32, bf16, fp16 = auto\n" in text
+    assert "  deepspeed.zero_stage: one of 0, 1, 2, 3 | None = null\n" in text
+    assert ("  output.explain_rows: int = 8\n      report rows explained word by word (mistakes first); 0: none\n"
+            "      read only by recipes/classification.py or recipes/causal_lm.py with data.prompt_template\n") in text
 
 
 @pytest.mark.parametrize("recipe", ["classification", "causal_lm"])
 def test_a_starter_config_validates_as_written(tmp_path, recipe, capsys):
-    from llmkit.commands import config_help
     from llmkit.commands.validate import validate
+    from llmkit.config import docs
 
     path = tmp_path / "starter.yaml"
-    config_help.write(str(path), recipe)
+    docs.write(str(path), recipe)
     text = path.read_text()
     assert "  # peak AdamW learning rate\n  learning_rate: 5.0e-05\n" in text
     assert ("sample_prompts" in text) == (recipe == "causal_lm")  # only the keys the recipe reads
     validate(str(path), [f"--output.output_dir={tmp_path / 'out'}"], None, recipe)
     assert capsys.readouterr().out.rstrip().endswith("all checks passed")
     with pytest.raises(LlmkitError, match="already exists: llmkit config --write does not overwrite"):
-        config_help.write(str(path), recipe)
+        docs.write(str(path), recipe)
 
 
 def test_the_loaded_config_is_frozen(tmp_path):

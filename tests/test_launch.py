@@ -256,7 +256,7 @@ def test_json_and_llmkit_config_disagree_under_launch(tmp_path, tiny_bert, tiny_
 def test_two_nodes_simulated_on_loopback_zero3(tmp_path, tiny_bert, tiny_data):
     """Two `accelerate launch` processes as two machines (one rank each) on 127.0.0.1, multi-node ZeRO-3 template."""
     out = tmp_path / "run"
-    cfg = write_config(tmp_path / "c.yaml", tiny_bert, tiny_data, out, num_threads=1)
+    cfg = write_config(tmp_path / "c.yaml", tiny_bert, tiny_data, out, num_threads=1, verify_export=True)
     port = str(free_ports(1)[0])
     procs = []
     for rank in (0, 1):
@@ -276,7 +276,7 @@ def test_two_nodes_simulated_on_loopback_zero3(tmp_path, tiny_bert, tiny_data):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 with dynamic loss scaling needs a GPU")
 def test_fp16_trains_on_gpu_with_dynamic_loss_scaling(tmp_path, tiny_bert, tiny_data):
     out = tmp_path / "run"
-    cfg = write_config(tmp_path / "c.yaml", tiny_bert, tiny_data, out, precision="fp16")
+    cfg = write_config(tmp_path / "c.yaml", tiny_bert, tiny_data, out, precision="fp16", verify_export=True)
     proc = launch("recipes/classification.py", ["--config", str(cfg)], "zero2.yaml", num_processes=1)
     check_ok(proc)
     ds = json.loads((out / "ds_config.json").read_text())

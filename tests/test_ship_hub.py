@@ -17,7 +17,7 @@ import yaml
 from fake_hub import FakeHub
 from helpers import LAUNCH_ENV, check_ok, fake_run, launch, write_config, write_lm_config
 
-from llmkit.config_checks import check_repo_id
+from llmkit.config.checks import check_repo_id
 from llmkit.errors import LlmkitError
 from llmkit.ship import hub, verify
 

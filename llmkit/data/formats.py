@@ -22,7 +22,7 @@ SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "a
 
 @dataclass
 class Choice:
-    format: str  # one of config_checks.DATA_FORMATS but auto, or "labels" (generative classification)
+    format: str  # one of config.schema.RowFormat but auto, or "labels" (generative classification)
     columns: list[str]  # the columns its rows are read from
     why: str  # for the log
 

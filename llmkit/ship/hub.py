@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from llmkit import assets, model
-from llmkit.config_checks import check_repo_id, check_revision
+from llmkit.config.checks import check_repo_id, check_revision
 from llmkit.errors import LlmkitError
 from llmkit.preflight import hub_token as token
 from llmkit.rundir.layout import PROBE, Export, RunDir, read_json

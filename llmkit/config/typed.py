@@ -1,6 +1,6 @@
 """A nested dataclass from plain YAML data: each section and key checked against its annotation, unknown names
 answered with the closest known one; YAML files read with a key given twice refused. Knows nothing of llmkit's
-own schema (llmkit.config)."""
+own schema (llmkit.config.schema)."""
 
 from __future__ import annotations
 
@@ -32,6 +32,11 @@ def did_you_mean(name: str, options: list[str]) -> str:
 def _coerce(key: str, value: Any, tp: Any) -> Any:
     """Check `value` against the annotation `tp`; return it (floats may come as YAML strings like 5e-5)."""
     origin = typing.get_origin(tp)
+    if origin is typing.Literal:  # the allowed values, listed by the schema
+        allowed = typing.get_args(tp)
+        if value in allowed and type(value) in {type(a) for a in allowed}:  # True is not the 1 of a zero stage
+            return value
+        raise LlmkitError(f"config key '{key}' must be one of {', '.join(map(str, allowed))}, got {value!r}")
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:

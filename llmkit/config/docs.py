@@ -1,22 +1,20 @@
-"""`llmkit config`: every config key with its type, default and meaning, read from llmkit/config.py itself (the
-dataclasses for names, types and defaults; each field's comment for its meaning), so the list cannot drift from
-the schema; `--write FILE --recipe R` writes a starter YAML of every key R reads, at its default, commented."""
+"""`llmkit config`: every config key with its type, allowed values, default and meaning, read from the schema
+(llmkit.config.schema), so the list cannot drift from it; `--write FILE --recipe R` writes a starter YAML of
+every key R reads, at its default, commented."""
 
 from __future__ import annotations
 
-import ast
 import dataclasses
-import io
-import tokenize
+import types
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from llmkit import config as schema
+from llmkit.config import schema
 from llmkit.errors import LlmkitError
-from llmkit.preflight import ONLY_IN, RECIPES
 
 # what a starter needs beyond the defaults to run offline as is (the assets `llmkit assets` installs)
 STARTS = {
@@ -35,42 +33,7 @@ class Key:
     type: str
     default: Any  # dataclasses.MISSING: required
     meaning: str
-
-
-def _comments() -> dict[tuple[str, str], str]:
-    """(class, field) -> its comment in llmkit/config.py: the one on its line, else the comment lines right above
-    it, which also speak for the uncommented fields that follow directly."""
-    source = Path(schema.__file__).read_text()
-    lines = source.splitlines()
-    own, above = {}, {}
-    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
-        if tok.type == tokenize.COMMENT:
-            row = tok.start[0]
-            text = tok.string.lstrip("#").strip()
-            if lines[row - 1].strip().startswith("#"):
-                above[row] = text
-            else:
-                own[row] = text
-    found = {}
-    for node in ast.parse(source).body:
-        if not isinstance(node, ast.ClassDef):
-            continue
-        inherited, last_row = "", None
-        for item in node.body:
-            if not (isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name)):
-                continue
-            row, block = item.lineno, []
-            while row - 1 - len(block) in above:
-                block.insert(0, above[row - 1 - len(block)])
-            if block:
-                inherited = " ".join(block)
-            elif last_row != row - 1 or item.end_lineno is None:
-                inherited = ""
-            found[(node.name, item.target.id)] = own.get(row) or inherited
-            if own.get(row):
-                inherited = ""
-            last_row = item.end_lineno
-    return found
+    readers: tuple[str, ...]  # schema.READERS that read it
 
 
 def _default(f: dataclasses.Field) -> Any:
@@ -81,15 +44,28 @@ def _default(f: dataclasses.Field) -> Any:
     return dataclasses.MISSING
 
 
+def _type(tp: Any) -> str:
+    """An annotation as a reader wants it: `one of a, b, c` for a Literal."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(map(str, args))
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type(a) for a in args)
+    if tp is type(None):
+        return "None"
+    if args:  # list[str], dict[str, str], list[MixtureSource]
+        return f"{origin.__name__}[{', '.join(_type(a) for a in args)}]"
+    return tp.__name__
+
+
 def keys() -> list[Key]:
     """Every key of the config, section by section (a mixture source's after data's)."""
-    notes = _comments()
     out = []
-    sections = [(f.name, f.type) for f in dataclasses.fields(schema.Config)]
-    for section, cls_name in [*sections, (MIXTURE, "MixtureSource")]:
-        cls = getattr(schema, cls_name)
+    for section, cls in [*schema.sections(), (MIXTURE, schema.MixtureSource)]:
+        hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
-            out.append(Key(f"{section}.{f.name}", str(f.type), _default(f), notes.get((cls_name, f.name), "")))
+            out.append(Key(f"{section}.{f.name}", _type(hints[f.name]), _default(f), f.metadata["help"],
+                           f.metadata["readers"]))
     return out
 
 
@@ -110,16 +86,17 @@ def listing() -> str:
             out.append(f"\n{section}:" if out else f"{section}:")
         out.append(f"  {key.name}: {key.type} = {_yaml(key.default)}")
         out.append(f"      {key.meaning}")
+        if set(key.readers) != set(schema.READERS):
+            out.append(f"      read only by {schema.who_reads(key.readers)}")
     return "\n".join(out) + "\n"
 
 
 def starter(recipe: str) -> str:
     """A YAML of every key `recipe` reads, at its default (the offline assets to start from), each under its
     meaning as a comment. It loads and validates as is."""
-    if recipe not in RECIPES:
-        raise LlmkitError(f"--recipe must be one of {', '.join(RECIPES)}, got {recipe!r}")
-    other = next(r for r in RECIPES if r != recipe)
-    skip = set(ONLY_IN[other])
+    if recipe not in schema.RECIPES:
+        raise LlmkitError(f"--recipe must be one of {', '.join(schema.RECIPES)}, got {recipe!r}")
+    skip = {k.name for k in keys() if recipe not in k.readers}
     out = [f"# llmkit starter config for recipes/{recipe}.py: every key it reads, at its default (`llmkit config` "
            "lists them all).", f"# Run: llmkit launch --config_file accelerate_configs/cpu_zero2.yaml "
            f"recipes/{recipe}.py --config <this file>"]

@@ -1,0 +1,69 @@
+"""A config from a YAML file and `--section.key value` overrides: each value checked against the schema's type
+(llmkit.config.typed), then its value rules (llmkit.config.checks). The result is frozen."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from llmkit.config.checks import check_values
+from llmkit.config.schema import Config
+from llmkit.config.typed import build, did_you_mean, hints, read_yaml
+from llmkit.errors import LlmkitError
+
+
+def _split_overrides(args: list[str]) -> list[tuple[str, str]]:
+    pairs, i = [], 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise LlmkitError(f"unexpected argument '{arg}': overrides look like --section.key value")
+        if "=" in arg:
+            key, value = arg[2:].split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(args):
+                raise LlmkitError(f"override '{arg}' has no value: write {arg} VALUE")
+            key, value = arg[2:], args[i + 1]
+            i += 2
+        pairs.append((key, value))
+    return pairs
+
+
+def _full_key(key: str) -> tuple[str, str]:
+    """'train.learning_rate' -> (train, learning_rate); a bare leaf name works when it is unique."""
+    sections = hints(Config)
+    if "." in key:
+        section, leaf = key.split(".", 1)
+        return section, leaf
+    owners = [s for s, cls in sections.items() if key in hints(cls)]
+    if len(owners) == 1:
+        return owners[0], key
+    if len(owners) > 1:
+        raise LlmkitError(f"override '--{key}' is ambiguous: write one of " + ", ".join(f"--{s}.{key}" for s in owners))
+    leaves = [f"{s}.{k}" for s, cls in sections.items() for k in hints(cls)]
+    raise LlmkitError(f"unknown config key '{key}'{did_you_mean(key, leaves)}")
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config, apply `--section.key value` overrides, validate, return the typed config."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        raw = read_yaml(path, "config file")
+        if not isinstance(raw, dict):
+            raise LlmkitError(f"config file '{path}' must hold a mapping of sections, got {type(raw).__name__}")
+    for key, text in _split_overrides(overrides or []):
+        section, leaf = _full_key(key)
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            value = text
+        current = raw.setdefault(section, {})
+        if not isinstance(current, dict):
+            raise LlmkitError(f"config section '{section}' must be a mapping")
+        current[leaf] = value
+    config = build(raw, Config)
+    check_values(config)
+    return config
