@@ -153,9 +153,9 @@ def _report(args: argparse.Namespace) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from llmkit.commands.evaluate import evaluate_export
+    from llmkit.commands.eval_model import eval_export
 
-    got = evaluate_export(args.model_dir, args.data, args.split, args.output, args.text_column, args.text_pair_column,
+    got = eval_export(args.model_dir, args.data, args.split, args.output, args.text_column, args.text_pair_column,
                           args.label_column, args.max_length, args.batch_size, args.max_samples,
                           args.trust_remote_code)
     m = got["metrics"]

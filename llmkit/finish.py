@@ -19,7 +19,7 @@ from llmkit.train.run import Run
 @dataclass
 class Task:
     """What differs between the recipes after training."""
-    evaluate: EvalFn  # the one fit scored validation with: (model, loader, step) -> (metrics, outputs or None)
+    score: EvalFn  # the one fit scored validation with: (model, loader, step) -> (metrics, outputs or None)
     export: Callable[[object, dict, dict], Path]  # (model, results, outputs by split) -> final/, verified
     label_names: list[str] | None = None  # a classifier or label words: prediction files and explanations
     rows: dict = field(default_factory=dict)  # split -> its rows (text, label), for the prediction files
@@ -38,7 +38,7 @@ def finish(run: Run, fitted: dict, eval_loaders: dict, task: Task, uploader=None
         if name == "validation" and last.get("step") == summary["steps"]:
             results[name], outputs[name] = last["metrics"], last["outputs"]
         else:
-            results[name], outputs[name] = task.evaluate(net, acc.prepare_data_loader(loader), None)
+            results[name], outputs[name] = task.score(net, acc.prepare_data_loader(loader), None)
         if task.label_names and acc.is_main_process:
             write_predictions(run.dir.predictions(name), task.rows[name], outputs[name], task.label_names,
                               cfg.data.text_column, cfg.data.text_pair_column)

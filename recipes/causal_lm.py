@@ -40,7 +40,7 @@ def main() -> None:
             lm_eval.log_samples(run, m, tokenizer, step)
         if labels:  # generative classification: each label word's likelihood, classifier metrics
             return lm_eval.score_labels(run, m, loader, len(ds.label_names))
-        return lm_eval.evaluate_lm(run, m, loader), None
+        return lm_eval.score_text(run, m, loader), None
 
     uploader = every_save.uploader(run, tokenizer)
     loss_fn, weighted = losses.for_run(run.log, cfg.train.class_weights if labels else None,

@@ -8,7 +8,7 @@ from llmkit import model
 from llmkit.cli import guarded, recipe_args
 from llmkit.config import load_config
 from llmkit.data import classification, loaders
-from llmkit.evals.classification import evaluate
+from llmkit.evals.classification import score_split
 from llmkit.finish import Task, finish
 from llmkit.ship import every_save, export
 from llmkit.train import losses, optim
@@ -35,7 +35,7 @@ def main() -> None:
 
     # fit
     def score(m, loader, step):
-        return evaluate(run, m, loader, len(ds.label_names))
+        return score_split(run, m, loader, len(ds.label_names))
 
     uploader = every_save.uploader(run, tokenizer)
     loss_fn, weighted = losses.for_run(run.log, cfg.train.class_weights, ds.train["labels"], ds.label_names)

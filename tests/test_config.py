@@ -102,7 +102,7 @@ def test_shipped_recipe_configs_are_valid():
         (BASE, ["--train.per_device_batch_size", "0"], "config key 'train.per_device_batch_size' must be >= 1"),
         (BASE, ["--train.precision", "fp8"], "config key 'train.precision' must be one of auto, fp32, bf16, fp16"),
         (BASE, ["--train.lr_scheduler", "step"], "config key 'train.lr_scheduler' must be one of linear, cosine"),
-        (BASE, ["--data.eval_split", "''"], "config key 'data.eval_split' must name the evaluation split"),
+        (BASE, ["--data.validation_split", "''"], "config key 'data.validation_split' must name the evaluation split"),
         ({"data": {}}, [], "config key 'data.dataset' is missing"),
         ({"data": {"data_files": {"train": "a.csv", "validation": "b.csv"}}}, [],
          "config key 'data.test_split' names split 'test' but data.data_files only has ['train', 'validation']"),
@@ -251,7 +251,7 @@ def test_output_dir_of_another_run_is_refused(tmp_path):
 
 def test_data_config_defaults_are_sane():
     d = DataConfig()
-    assert d.eval_split == "validation" and d.max_length == 128 and d.clean_text is False
+    assert d.validation_split == "validation" and d.max_length == 128 and d.clean_text is False
 
 
 def _fields(cls, prefix):
@@ -315,3 +315,17 @@ def test_the_loaded_config_is_frozen(tmp_path):
         cfg.train.gradient_accumulation_steps = 4
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.model = None
+
+
+def test_a_key_renamed_since_an_earlier_llmkit_names_its_new_name(tmp_path):
+    """data.eval_split is data.validation_split now (the split's role everywhere else): in the YAML, in an
+    override and in a mixture source, one line names the new key."""
+    path = _yaml(tmp_path, {**BASE, "data": {**BASE["data"], "eval_split": "dev"}})
+    with pytest.raises(LlmkitError, match=r"^config key 'data.eval_split' is now 'data.validation_split'; rename"):
+        load_config(path)
+    with pytest.raises(LlmkitError, match=r"'data.eval_split' is now 'data.validation_split'"):
+        load_config(_yaml(tmp_path, BASE), ["--data.eval_split", "dev"])
+    mixture = {"mixture": [{"weight": 1, "dataset": "a", "eval_split": "dev"}, {"weight": 1, "dataset": "b"}]}
+    with pytest.raises(LlmkitError, match=r"'data.mixture\[0\].eval_split' is now 'data.mixture\[0\].validation_split'"):
+        load_config(_yaml(tmp_path, {**BASE, "data": mixture}))
+    assert load_config(_yaml(tmp_path, BASE), ["--data.validation_split", "dev"]).data.validation_split == "dev"

@@ -138,10 +138,10 @@ def test_report_and_eval_errors_are_clear(tmp_path, tiny_run):
         pages.build([tmp_path / "nope"])
     with pytest.raises(LlmkitError, match="with several runs, say where the report goes"):
         pages.build([tiny_run, tiny_run])
-    from llmkit.commands.evaluate import evaluate_export
+    from llmkit.commands.eval_model import eval_export
 
     with pytest.raises(LlmkitError, match="has no config.json"):
-        evaluate_export(tmp_path, "x.jsonl")
+        eval_export(tmp_path, "x.jsonl")
 
 
 def _chromium() -> tuple[str | None, str | None]:

@@ -98,9 +98,9 @@ def _data(cfg) -> None:
     need(d.dataset is None or d.data_files is None, "data.data_files",
          "cannot be used together with data.dataset: pick one")
     need(bool(d.train_split), "data.train_split", "must name the training split")
-    need(bool(d.eval_split), "data.eval_split", "must name the evaluation split (e.g. validation)")
+    need(bool(d.validation_split), "data.validation_split", "must name the evaluation split (e.g. validation)")
     if d.data_files is not None:
-        for key, split in (("data.train_split", d.train_split), ("data.eval_split", d.eval_split),
+        for key, split in (("data.train_split", d.train_split), ("data.validation_split", d.validation_split),
                            ("data.test_split", d.test_split)):
             need(split is None or split in d.data_files, key,
                  f"names split '{split}' but data.data_files only has {sorted(d.data_files)}")

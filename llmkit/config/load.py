@@ -9,7 +9,7 @@ from typing import Any
 import yaml
 
 from llmkit.config.checks import check_values
-from llmkit.config.schema import Config
+from llmkit.config.schema import RENAMED, Config
 from llmkit.config.typed import build, did_you_mean, hints, read_yaml
 from llmkit.errors import LlmkitError
 
@@ -47,6 +47,19 @@ def _full_key(key: str) -> tuple[str, str]:
     raise LlmkitError(f"unknown config key '{key}'{did_you_mean(key, leaves)}")
 
 
+def _refuse_renamed(raw: dict) -> None:
+    """A key an earlier llmkit called otherwise, in a section or in a data.mixture source: the one line that names
+    the new key (the typed build would only say the old one is unknown)."""
+    places = [(s, v) for s, v in raw.items() if isinstance(v, dict)]
+    mixture = (raw.get("data") or {}).get("mixture") if isinstance(raw.get("data"), dict) else None
+    places += [(f"data.mixture[{i}]", m) for i, m in enumerate(mixture or []) if isinstance(m, dict)]
+    for where, values in places:
+        for old, new in RENAMED.items():
+            if old in values:
+                raise LlmkitError(f"config key '{where}.{old}' is now '{where}.{new}'; rename it in the config "
+                                  "(or the override)")
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
     """Read a YAML config, apply `--section.key value` overrides, validate, return the typed config."""
     raw: dict[str, Any] = {}
@@ -64,6 +77,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not isinstance(current, dict):
             raise LlmkitError(f"config section '{section}' must be a mapping")
         current[leaf] = value
+    _refuse_renamed(raw)
     config = build(raw, Config)
     check_values(config)
     return config

@@ -20,6 +20,9 @@ READERS = ("classification", "causal_lm", "label_words")
 CLASSIFIERS = ("classification", "label_words")  # a key only what classifies reads
 CAUSAL = ("causal_lm", "label_words")  # a key only the causal-LM recipe reads
 
+# keys renamed since an earlier llmkit: a config that still uses the old name is told the new one
+RENAMED = {"eval_split": "validation_split"}  # the split's role is "validation" everywhere else
+
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 RowFormat = Literal["auto", "text", "prompt_response", "messages", "alpaca", "sharegpt"]  # llmkit.data.formats
 
@@ -63,7 +66,8 @@ class MixtureSource:
     dataset_config: str | None = key(None, "as data.dataset_config")
     data_files: dict[str, str] | None = key(None, "as data.data_files")
     train_split: str | None = key(None, "as data.train_split")
-    eval_split: str | None = key(None, "its validation rows join the run's validation split when it has this split")
+    validation_split: str | None = key(None, "its validation rows join the run's validation split when it has this "
+                                       "split")
     format: RowFormat | None = key(None, "as data.format")
     text_column: str | None = key(None, "as data.text_column")
     prompt_column: str | None = key(None, "as data.prompt_column")
@@ -77,7 +81,7 @@ class DataConfig:
     dataset_config: str | None = key(None, 'Hub subset, e.g. "sst2" for "glue"')
     data_files: dict[str, str] | None = key(None, "split -> local csv/json/jsonl/parquet file")
     train_split: str = key("train", "the split trained on")
-    eval_split: str = key("validation", "the split evaluated during training and for the best checkpoint")
+    validation_split: str = key("validation", "the split evaluated during training and for the best checkpoint")
     test_split: str | None = key("test", "evaluated once at the end; null for none")
     text_column: str = key("text", "the input text (classifiers, label words, plain-text causal LM rows)")
     text_pair_column: str | None = key(None, "a second text (pairs: NLI, paraphrase)", readers=CLASSIFIERS)

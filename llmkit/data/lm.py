@@ -148,8 +148,8 @@ def _prepare_source(cfg: DataConfig, tokenizer, seed: int, log, need_validation:
     if need_validation:
         wanted = sources.wanted_splits(dataclasses.replace(cfg, test_split=None), raw)
     else:  # a mixture source: its validation split when it has one
-        wanted = sources.wanted_splits(dataclasses.replace(cfg, eval_split=None, test_split=None), raw)
-        wanted.update({"validation": cfg.eval_split} if cfg.eval_split in raw else {})
+        wanted = sources.wanted_splits(dataclasses.replace(cfg, validation_split=None, test_split=None), raw)
+        wanted.update({"validation": cfg.validation_split} if cfg.validation_split in raw else {})
     first = raw[wanted["train"]]
     choice = formats.choose(cfg, set(first.column_names), first[0] if len(first) else None)
     log(f"data: format {choice.format} ({choice.why})" + (f" for {cfg.dataset or 'data_files'}" if
@@ -262,8 +262,8 @@ def _prepare_mixture(cfg: DataConfig, tokenizer, seed: int, log) -> LMData:
     val = mixture.validation([mixture.as_rows(p.validation, i, cfg.max_length) if p.validation is not None
                               else None for i, p in enumerate(parts)])
     if val is None:
-        raise LlmkitError(f"no source of data.mixture has a '{cfg.eval_split}' split to validate on: give one "
-                          "source that split, or set data.mixture[i].eval_split to a split it has")
+        raise LlmkitError(f"no source of data.mixture has a '{cfg.validation_split}' split to validate on: give one "
+                          "source that split, or set data.mixture[i].validation_split to a split it has")
     for c in counts:
         log(f"data: mixture source {c['source']}: weight {c['weight']:g} ({c['weight_share']:.1%}), drew "
             f"{c['examples']} of {c['available']} examples ({c['drawn_share']:.1%}), {c['tokens']} tokens")
@@ -353,7 +353,7 @@ def training_texts(cfg: DataConfig):
             yield from training_texts(mixture.source_config(cfg, src))
         return
     raw = sources.load_raw(cfg)
-    split = sources.wanted_splits(dataclasses.replace(cfg, eval_split=None, test_split=None), raw)["train"]
+    split = sources.wanted_splits(dataclasses.replace(cfg, validation_split=None, test_split=None), raw)["train"]
     ds = raw[split]
     choice = formats.choose(cfg, set(ds.column_names), ds[0] if len(ds) else None)
     sources.require_columns(ds, split, choice.columns)

@@ -1,5 +1,5 @@
 """Data sources: a Hub or local dataset, or an asset, read into splits; columns checked, rows cleaned, labels mapped
-to ids. The split roles are train, validation (config key data.eval_split) and test."""
+to ids. The split roles are train, validation (config key data.validation_split) and test."""
 
 from __future__ import annotations
 
@@ -75,7 +75,7 @@ def load_raw(cfg: DataConfig, streaming: bool = False) -> DatasetDict:
             saved = datasets.load_from_disk(str(local))
             return IterableDatasetDict({k: v.to_iterable_dataset() for k, v in saved.items()}) if streaming else saved
         # a split file is named after a split the config reads; notes.txt, LICENSE or a Hub folder's README are not
-        splits = {s for s in (cfg.train_split, cfg.eval_split, cfg.test_split) if s}
+        splits = {s for s in (cfg.train_split, cfg.validation_split, cfg.test_split) if s}
         files: dict[str, list[str]] = {}
         for p in sorted(local.iterdir()):
             shard = SHARD.match(p.stem)
@@ -175,10 +175,10 @@ def _to_ids(labels: list, names: list[str], split: str, rows: list[int]) -> list
 
 def wanted_splits(cfg: DataConfig, raw: DatasetDict) -> dict[str, str]:
     """role (train / validation / test) -> split name, each checked to exist."""
-    wanted = {"train": cfg.train_split, "validation": cfg.eval_split, "test": cfg.test_split}
+    wanted = {"train": cfg.train_split, "validation": cfg.validation_split, "test": cfg.test_split}
     for role, split in wanted.items():
         if split is not None and split not in raw:
-            key = {"train": "data.train_split", "validation": "data.eval_split", "test": "data.test_split"}[role]
+            key = {"train": "data.train_split", "validation": "data.validation_split", "test": "data.test_split"}[role]
             hint = " (set it to null to skip testing)" if role == "test" else ""
             raise LlmkitError(f"{key} names split '{split}', but the dataset only has {sorted(raw)}{hint}")
     return {role: split for role, split in wanted.items() if split is not None}

@@ -24,7 +24,7 @@ def predict(accelerator, model, loader) -> dict[str, np.ndarray]:
     return gather_split(accelerator, model, loader, score)
 
 
-def evaluate(run, model, loader, num_labels: int) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+def score_split(run, model, loader, num_labels: int) -> tuple[dict[str, float], dict[str, np.ndarray]]:
     """Metrics of one split through the shipped `evaluate` modules; 1 rank and N ranks agree exactly."""
     out = predict(run.accelerator, model, loader)
     preds = out["logits"].argmax(-1)

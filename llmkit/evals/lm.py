@@ -23,7 +23,7 @@ def _token_logprobs(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
     return -(token_loss.view(targets.shape) * mask).sum(1), mask.sum(1)
 
 
-def evaluate_lm(run, model, loader) -> dict[str, float]:
+def score_text(run, model, loader) -> dict[str, float]:
     """Token-level loss and perplexity over a split, exact across ranks (per-row sums gathered without duplicates)."""
     def score(batch: dict) -> dict:
         logp, count = _token_logprobs(model, {**batch, "targets": batch["labels"]})

@@ -8,7 +8,7 @@ import torch
 from llmkit import model
 from llmkit.config import load_config
 from llmkit.data import classification, loaders
-from llmkit.evals.classification import evaluate
+from llmkit.evals.classification import score_split
 from llmkit.train.optim import build_optimizer
 from llmkit.train.run import setup
 
@@ -24,7 +24,7 @@ def main() -> None:
     _, eval_loaders = loaders.classification_loaders(cfg, ds, tokenizer, acc.process_index, acc.num_processes)
     # ZeRO-2 wants an optimizer to build its engine; it is never stepped here
     net, _, loader = acc.prepare(net, build_optimizer(cfg, net), eval_loaders["validation"])
-    metrics, out = evaluate(run, net, loader, len(ds.label_names))
+    metrics, out = score_split(run, net, loader, len(ds.label_names))
     if acc.is_main_process:
         rows = {"metrics": metrics, "row": out["row"].tolist(), "pred": out["logits"].argmax(-1).tolist(),
                 "labels": out["labels"].tolist(), "world_size": acc.num_processes}

@@ -63,14 +63,14 @@ def data_config(source: str, split: str, label_names: list[str], text_column: st
     """A DataConfig reading one split from a Hub id / folder / asset, or from a single file."""
     path = Path(source).expanduser()
     files = {split: str(path)} if path.is_file() else None
-    return DataConfig(dataset=None if files else source, data_files=files, train_split=split, eval_split=split,
+    return DataConfig(dataset=None if files else source, data_files=files, train_split=split, validation_split=split,
                       test_split=None, text_column=text_column, text_pair_column=text_pair_column,
                       label_column=label_column, label_names=label_names, max_length=max_length,
                       max_eval_samples=max_samples)
 
 
 @torch.no_grad()
-def evaluate_export(model_dir: str | Path, source: str, split: str = "test", output_dir: str | Path | None = None,
+def eval_export(model_dir: str | Path, source: str, split: str = "test", output_dir: str | Path | None = None,
                     text_column: str = "text", text_pair_column: str | None = None, label_column: str = "label",
                     max_length: int = 512, batch_size: int = 64, max_samples: int | None = None,
                     trust_remote_code: bool = False) -> dict:

@@ -1,4 +1,4 @@
-"""`llmkit eval` (llmkit.commands.evaluate): any exported classifier scored on a labelled split, with a report;
+"""`llmkit eval` (llmkit.commands.eval_model): any exported classifier scored on a labelled split, with a report;
 what it refuses."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from llmkit.report import pages
 def test_eval_refuses_a_base_model_and_a_runs_folder(tmp_path, tiny_bert, tiny_data):
     from transformers import AutoConfig, BertModel
 
-    from llmkit.commands.evaluate import evaluate_export
+    from llmkit.commands.eval_model import eval_export
 
     base = tmp_path / "base"
     BertModel(AutoConfig.from_pretrained(tiny_bert)).save_pretrained(base)  # an encoder without a trained head
@@ -26,18 +26,18 @@ def test_eval_refuses_a_base_model_and_a_runs_folder(tmp_path, tiny_bert, tiny_d
         if f.name not in ("config.json", "model.safetensors"):
             (base / f.name).write_bytes(f.read_bytes())  # the tokenizer
     with pytest.raises(LlmkitError, match="is not a fine-tuned classifier: .* would be random"):
-        evaluate_export(base, str(tiny_data), "test", max_length=32)
+        eval_export(base, str(tiny_data), "test", max_length=32)
     assert not (base / "eval-test").exists()  # nothing written
     run = fake_run(tmp_path / "run")
     before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
     with pytest.raises(LlmkitError, match="is a training run's folder"):
-        evaluate_export(tiny_bert, str(tiny_data), "test", run, max_length=32)
+        eval_export(tiny_bert, str(tiny_data), "test", run, max_length=32)
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
     data = tmp_path / "ids.jsonl"  # integer labels, as the tiny BERT's LABEL_0 / LABEL_1 expect
     data.write_text("".join(json.dumps({"text": f"good film {i}", "label": i % 2}) + "\n" for i in range(8)))
     out = tmp_path / "ev"
-    evaluate_export(tiny_bert, str(data), "test", out, max_length=32)
-    evaluate_export(tiny_bert, str(data), "test", out, max_length=32)  # an earlier eval's folder: fine
+    eval_export(tiny_bert, str(data), "test", out, max_length=32)
+    eval_export(tiny_bert, str(data), "test", out, max_length=32)  # an earlier eval's folder: fine
 
 
 @pytest.mark.slow
@@ -61,9 +61,9 @@ def test_llmkit_eval_scores_any_exported_classifier(tiny_run, tiny_bert, tiny_da
     data.mkdir()
     rows = [{"text": r["text"], "label": int(r["label"] == "pos")} for r in read_jsonl(tiny_data / "test.jsonl")]
     write_jsonl(data / "test.jsonl", rows)
-    from llmkit.commands.evaluate import evaluate_export
+    from llmkit.commands.eval_model import eval_export
 
-    res = evaluate_export(tiny_bert, str(data), "test", tmp_path / "foreign", max_length=32)
+    res = eval_export(tiny_bert, str(data), "test", tmp_path / "foreign", max_length=32)
     doc = json.loads((tmp_path / "foreign" / "report.json").read_text())
     assert doc["runs"][0]["label_names"] == ["LABEL_0", "LABEL_1"]
     assert doc["runs"][0]["splits"]["test"]["accuracy"] == pytest.approx(res["metrics"]["accuracy"])
