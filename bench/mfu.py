@@ -83,7 +83,7 @@ def flops_per_token(run_dir: Path) -> tuple[float, dict]:
     name = locate(cfg["model"]["name_or_path"], "model.name_or_path")
     config = AutoConfig.from_pretrained(name)
     causal = bool(cfg["data"].get("prompt_column") or cfg["data"].get("prompt_template"))
-    params = model_sizes(ModelConfig(name_or_path=name), causal_lm=causal)[0]
+    params = model_sizes(ModelConfig(name_or_path=name), causal_lm=causal).params
     embed = config.vocab_size * config.hidden_size + getattr(config, "max_position_embeddings", 0) * \
         config.hidden_size * (config.model_type in ("bert", "distilbert", "roberta", "gpt2"))
     summary = json.loads((run_dir / "metrics.json").read_text())["train"]

@@ -115,18 +115,24 @@ def _assets(_: argparse.Namespace) -> None:
 
 def _estimate_memory(args: argparse.Namespace) -> None:
     from llmkit import memory, model
-    from llmkit.config import ModelConfig
+    from llmkit.config import LoraConfig, ModelConfig
     from llmkit.parallel import auto_reduce_bucket
 
     cfg = ModelConfig(name_or_path=args.model, trust_remote_code=args.trust_remote_code)
-    params, largest = model.model_sizes(cfg, causal_lm=args.task == "causal-lm")
+    lora = LoraConfig(enabled=True, r=args.lora_r, load_in_4bit=args.qlora) if args.lora_r else None
+    if args.lora_r < 0:
+        raise LlmkitError(f"--lora-r must be >= 1 (or 0: no LoRA), got {args.lora_r}")
+    if args.qlora and not args.lora_r:
+        raise LlmkitError("--qlora trains LoRA adapters on the 4-bit base: give --lora-r too")
+    sizes = model.model_sizes(cfg, causal_lm=args.task == "causal-lm", lora=lora)
     offload = {"none": (False, False), "optimizer": (True, False), "params": (False, True), "both": (True, True)}
     opt, par = offload[args.offload]
     # the reduce bucket as llmkit fills "auto" in the shipped ds_configs (contiguous gradients, no overlap)
     hidden = model.hidden_size(model.read_config(cfg))
     zero = {"stage": args.zero_stage, "reduce_bucket_size": auto_reduce_bucket(hidden)}
-    print(memory.estimate(params, args.zero_stage, args.num_gpus, args.precision, opt, par, largest,
-                          bucket_bytes=memory.bucket_bytes(zero, args.precision)).table())
+    print(memory.estimate(sizes.params, args.zero_stage, args.num_gpus, args.precision, opt, par,
+                          sizes.largest_trainable, bucket_bytes=memory.bucket_bytes(zero, args.precision),
+                          trainable=sizes.trainable, frozen_bytes=0.5 if args.qlora else None).table())
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -231,6 +237,9 @@ def main(argv: list[str] | None = None) -> None:
     est.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default="bf16")
     est.add_argument("--task", choices=["classification", "causal-lm"], default="classification")
     est.add_argument("--trust-remote-code", action="store_true")
+    est.add_argument("--lora-r", type=int, default=0, help="LoRA adapters of this rank on every projection (peft's "
+                     "defaults for the architecture): only they, and a classifier's head, are trained")
+    est.add_argument("--qlora", action="store_true", help="with --lora-r: the frozen base in 4-bit NF4")
     est.set_defaults(fn=_estimate_memory)
     gen = sub.add_parser("generate", help="complete prompts with an exported causal LM (full, merged or adapter)")
     gen.add_argument("model_dir", type=fresh.absolute,

@@ -21,7 +21,10 @@ Backward also holds DeepSpeed's reduce bucket(s) (contiguous_gradients): reduce_
 grad dtype each, two with overlap_comm at ZeRO-1/2 (`bucket_bytes`); ZeRO-3 keeps its bucket through the step.
 Known gap: ZeRO-1/2 size each rank's grad buffer by whole params, so one large tensor straddling the partition
 boundary (MiniLM's embedding on 2 ranks) makes one rank's buffer up to a whole tensor bigger than 2P/N.
-Activations, buffers and framework overhead are not counted.
+Only trained parameters have gradients and optimizer states: under LoRA the frozen base keeps just its weights,
+in the run's 16-bit dtype under mixed precision (fp32 otherwise) or 4-bit NF4 under QLoRA (half a byte each),
+sharded under ZeRO-3 like every parameter; the adapters and the heads peft trains in full (modules_to_save) carry
+the formulas above. Activations, buffers and framework overhead are not counted.
 """
 
 from __future__ import annotations
@@ -46,8 +49,9 @@ class MemoryEstimate:
     # gradients as DeepSpeed really holds them (module docstring): the most at once in backward and in the step
     grad_backward_bytes: float = 0.0
     grad_step_bytes: float = 0.0
-    largest_param: int = 0  # elements of the largest single parameter, 0 = not known
+    largest_param: int = 0  # elements of the largest single trained parameter, 0 = not known
     deepspeed: bool = True  # False: plain data parallel (torch autocast, no DeepSpeed optimizer wrapper)
+    trainable: int | None = None  # parameters with gradients and optimizer states (None: all of them)
 
     @property
     def device_bytes(self) -> float:
@@ -69,8 +73,10 @@ class MemoryEstimate:
         rows = [("parameters", self.param_bytes), ("gradients", self.grad_bytes),
                 ("optimizer states", self.optimizer_bytes), ("total per device", self.device_bytes),
                 ("gradients at peak", self.grad_peak_bytes), ("total at peak", self.peak_device_bytes)]
+        trained = self.params if self.trainable is None else self.trainable
         head = (f"ZeRO-{self.zero_stage}, {self.num_devices} device(s), {self.precision}, "
                 f"{self.params / 1e6:,.1f}M parameters"
+                + (f" ({trained / 1e6:,.2f}M trained, the rest frozen)" if trained != self.params else "")
                 + (", optimizer offloaded" if self.offload_optimizer else "")
                 + (", parameters offloaded" if self.offload_params else ""))
         lines = [head] + [f"  {name:<17} {value / gib:10.3f} GiB" for name, value in rows]
@@ -78,7 +84,7 @@ class MemoryEstimate:
         copies = ("fp32, no copies" if not mixed else
                   "fp32 copies on the CPU" if self.offload_optimizer else "with the fp32 copies")
         largest = ("" if self.zero_stage < 2 else
-                   f", largest param {self.largest_param / 1e6:,.1f}M" if self.largest_param else
+                   f", largest param {_count(self.largest_param)}" if self.largest_param else
                    ", largest param not known")
         lines[-2] += (f"  (DeepSpeed: backward {self.grad_backward_bytes / gib:.3f}{largest}; "
                       f"step {self.grad_step_bytes / gib:.3f} {copies})" if self.deepspeed else
@@ -88,13 +94,20 @@ class MemoryEstimate:
         return "\n".join(lines)
 
 
+def _count(n: int) -> str:
+    return f"{n / 1e6:,.1f}M" if n >= 1e6 else f"{n / 1e3:,.1f}K"
+
+
 def estimate(params: int, zero_stage: int, num_devices: int, precision: str = "bf16",
              offload_optimizer: bool = False, offload_params: bool = False,
-             largest_param: int = 0, deepspeed: bool = True, bucket_bytes: float = 0.0) -> MemoryEstimate:
+             largest_param: int = 0, deepspeed: bool = True, bucket_bytes: float = 0.0,
+             trainable: int | None = None, frozen_bytes: float | None = None) -> MemoryEstimate:
     """Bytes per device for parameters, gradients and optimizer states (paper), and the gradients at their peak
-    as DeepSpeed runs them; `largest_param` (elements of the largest single tensor, 0 = not known) adds its
-    transient full grad to ZeRO-2/3's backward. `deepspeed=False` (stage 0 only): plain data parallel, where
-    autocast keeps fp32 weights and grads and makes no grad copies, so the peak is the paper's 16P total."""
+    as DeepSpeed runs them; `largest_param` (elements of the largest single trained tensor, 0 = not known) adds
+    its transient full grad to ZeRO-2/3's backward. `deepspeed=False` (stage 0 only): plain data parallel, where
+    autocast keeps fp32 weights and grads and makes no grad copies, so the peak is the paper's 16P total.
+    `trainable` (default: all `params`) have gradients and optimizer states; the rest are frozen weights of
+    `frozen_bytes` each (default: the run's parameter width; 0.5 for a 4-bit QLoRA base)."""
     if zero_stage not in (0, 1, 2, 3):
         raise LlmkitError(f"--zero-stage must be 0, 1, 2 or 3, got {zero_stage}")
     if num_devices < 1:
@@ -105,17 +118,22 @@ def estimate(params: int, zero_stage: int, num_devices: int, precision: str = "b
         raise LlmkitError("optimizer offload needs ZeRO-1, 2 or 3")
     if not deepspeed and (zero_stage or offload_optimizer):
         raise LlmkitError("ZeRO and offload need DeepSpeed")
-    if not 0 <= largest_param <= params:
-        raise LlmkitError(f"the largest parameter ({largest_param:,}) must be between 0 and all {params:,}")
+    trained = params if trainable is None else trainable
+    if not 0 <= trained <= params:
+        raise LlmkitError(f"the trained parameters ({trained:,}) must be between 0 and all {params:,}")
+    if not 0 <= largest_param <= trained:
+        raise LlmkitError(f"the largest parameter ({largest_param:,}) must be between 0 and all {trained:,} trained")
     mixed = precision in ("bf16", "fp16")
     p_b, g_b, o_b = (2, 2, 12) if mixed else (4, 4, 8)
+    f_b = p_b if frozen_bytes is None else frozen_bytes
     n = num_devices
-    param = p_b * params / (n if zero_stage >= 3 else 1)
-    grad = g_b * params / (n if zero_stage >= 2 else 1)
-    optim = o_b * params / (n if zero_stage >= 1 else 1)
+    # the frozen weights are held, never differentiated or stepped: only the trained ones have grads and states
+    param = (p_b * trained + f_b * (params - trained)) / (n if zero_stage >= 3 else 1)
+    grad = g_b * trained / (n if zero_stage >= 2 else 1)
+    optim = o_b * trained / (n if zero_stage >= 1 else 1)
     # DeepSpeed's real gradient memory (module docstring)
     backward = grad + (g_b * largest_param if zero_stage >= 2 else 0)
-    owned = params / (n if zero_stage >= 1 else 1)  # ZeRO-1 too reduces into its partition after backward
+    owned = trained / (n if zero_stage >= 1 else 1)  # ZeRO-1 too reduces into its partition after backward
     step = g_b * owned + (4 * owned if mixed and not offload_optimizer else 0.0)  # + the fp32 copies
     backward += bucket_bytes
     step += bucket_bytes if zero_stage == 3 else 0.0  # ZeRO-1/2 have reduced and let go of it by then
@@ -129,7 +147,7 @@ def estimate(params: int, zero_stage: int, num_devices: int, precision: str = "b
         host += param
         param = 0.0
     return MemoryEstimate(params, zero_stage, n, precision, offload_optimizer, offload_params,
-                          param, grad, optim, host, backward, step, largest_param, deepspeed)
+                          param, grad, optim, host, backward, step, largest_param, deepspeed, trainable)
 
 
 def parameters_of(model) -> int:
@@ -154,7 +172,8 @@ def bucket_bytes(zero: dict, precision: str) -> float:
 
 
 def for_run(ds_config: dict | None, params: int, num_devices: int, precision: str,
-            largest_param: int = 0) -> MemoryEstimate:
+            largest_param: int = 0, trainable: int | None = None, frozen_bytes: float | None = None
+            ) -> MemoryEstimate:
     """The estimate for a run's resolved DeepSpeed config (no DeepSpeed = plain data parallel)."""
     zero = (ds_config or {}).get("zero_optimization", {})
 
@@ -164,4 +183,4 @@ def for_run(ds_config: dict | None, params: int, num_devices: int, precision: st
     return estimate(params, zero.get("stage", 0), num_devices, precision,
                     offload_optimizer=offloaded("offload_optimizer"), offload_params=offloaded("offload_param"),
                     largest_param=largest_param, deepspeed=ds_config is not None,
-                    bucket_bytes=bucket_bytes(zero, precision))
+                    bucket_bytes=bucket_bytes(zero, precision), trainable=trainable, frozen_bytes=frozen_bytes)

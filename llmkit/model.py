@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerFast
@@ -258,9 +259,18 @@ def is_causal_lm(architectures: list[str] | None) -> bool:
     return any(a.endswith("ForCausalLM") for a in architectures or [])
 
 
-def model_sizes(cfg: ModelConfig, causal_lm: bool = False) -> tuple[int, int]:
-    """(parameters, elements of the largest single parameter) of the model, built from its config on the meta
-    device (no weights are read)."""
+@dataclass(frozen=True)
+class Sizes:
+    """Parameter counts of a model as it trains (with its LoRA adapters, when on)."""
+    params: int  # every parameter (tied weights once)
+    largest: int  # elements of the largest single parameter
+    trainable: int  # those that get gradients and optimizer states (LoRA: adapters and modules_to_save heads)
+    largest_trainable: int
+
+
+def model_sizes(cfg: ModelConfig, causal_lm: bool = False, lora: LoraConfig | None = None) -> Sizes:
+    """The model's parameter counts, built from its config on the meta device (no weights are read), with the
+    LoRA adapters `lora` adds (peft on the meta device, as the run applies it)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -268,8 +278,12 @@ def model_sizes(cfg: ModelConfig, causal_lm: bool = False) -> tuple[int, int]:
     auto = AutoModelForCausalLM if causal_lm else AutoModelForSequenceClassification
     with torch.device("meta"):
         model = auto.from_config(config, trust_remote_code=cfg.trust_remote_code)
-    sizes = [p.numel() for p in model.parameters()]  # tied weights are yielded once
-    return sum(sizes), max(sizes, default=0)
+        if lora is not None and lora.enabled:
+            model = apply_lora(model, lora, "CAUSAL_LM" if causal_lm else "SEQ_CLS")
+    sizes = [(p.numel(), p.requires_grad) for p in model.parameters()]  # tied weights are yielded once
+    trained = [n for n, grad in sizes if grad]
+    return Sizes(sum(n for n, _ in sizes), max((n for n, _ in sizes), default=0), sum(trained),
+                 max(trained, default=0))
 
 
 # LoRA targets per architecture: every projection of attention and MLP, the usual strong default

@@ -141,16 +141,15 @@ def check_output_dir(cfg: Config) -> tuple[Path, str]:
     return out, life.intent(cfg)
 
 
-def checkpoint_bytes(params: int, precision: str, lora: bool) -> int:
-    """Rough size of one checkpoint on disk: the weights plus, for trained parameters, fp32 master weights and
-    two Adam moments (LoRA: the adapters are small, counted as 2% of the model)."""
+def checkpoint_bytes(params: int, precision: str, trainable: int) -> int:
+    """Rough size of one checkpoint on disk: the weights plus, for the trained parameters, fp32 master weights
+    and two Adam moments."""
     weight = 4 if precision == "fp32" else 2
-    trained = params * (0.02 if lora else 1.0)
     optimizer = 8 if precision == "fp32" else 12
-    return int(params * weight + trained * optimizer)
+    return int(params * weight + trainable * optimizer)
 
 
-def check_disk(cfg: Config, params: int, precision: str, conversion: int = 0) -> str:
+def check_disk(cfg: Config, sizes: model.Sizes, precision: str, conversion: int = 0) -> str:
     """Enough free disk under output_dir for the checkpoints kept plus the export (and `conversion` bytes: the
     universal copy an elastic resume writes beside its checkpoint)."""
     out = Path(cfg.output.output_dir).expanduser().resolve()
@@ -158,7 +157,8 @@ def check_disk(cfg: Config, params: int, precision: str, conversion: int = 0) ->
     while not probe.exists():
         probe = probe.parent
     free = shutil.disk_usage(probe).free
-    one = checkpoint_bytes(params, precision, cfg.lora.enabled)
+    params = sizes.params
+    one = checkpoint_bytes(params, precision, sizes.trainable)
     keep = cfg.checkpoint.keep_last or 1
     saving = cfg.checkpoint.save_every_steps or cfg.checkpoint.save_every_epoch or cfg.checkpoint.resume_from
     # one extra checkpoint exists while the next is written; the export holds fp32 weights (and a merged copy)
@@ -265,14 +265,15 @@ def check(cfg: Config, world_size: int, recipe: str | None = None,
                                                      "no DeepSpeed"))
     causal = recipe == "causal_lm"
     try:
-        params, largest = model.model_sizes(cfg.model, causal_lm=causal)
+        sizes = model.model_sizes(cfg.model, causal_lm=causal, lora=cfg.lora)
     except LlmkitError:
         raise
     except Exception as exc:  # an architecture that cannot be built on the meta device: no size estimates
         passed(f"disk and memory: not estimated ({exc.__class__.__name__})")
     else:
-        passed(check_disk(cfg, params, precision, conversion))
-        table = memory.for_run(ds, params, world_size, precision, largest_param=largest).table()
+        passed(check_disk(cfg, sizes, precision, conversion))
+        table = memory.for_run(ds, sizes.params, world_size, precision, largest_param=sizes.largest_trainable,
+                               trainable=sizes.trainable, frozen_bytes=0.5 if cfg.lora.load_in_4bit else None).table()
         passed("memory (ZeRO formulas and DeepSpeed's peak, activations excluded):\n"
                + "\n".join("      " + r for r in table.splitlines()))
     passed(trackers.check(cfg))

@@ -89,7 +89,15 @@ def test_installed_smollm2_is_a_plain_causal_lm_with_the_gguf_perplexity(tmp_pat
     assert info["perplexity_converted"] == info["perplexity_gguf"]  # checked at conversion time
     tok = AutoTokenizer.from_pretrained(root)
     assert tok.is_fast and tok.chat_template and len(tok) == 49152
-    assert models.model_sizes(ModelConfig(name_or_path=root), causal_lm=True)[0] == 134_515_008
+    assert models.model_sizes(ModelConfig(name_or_path=root), causal_lm=True).params == 134_515_008
+    # its LoRA recipe trains the adapters only: Adam's states for ~4.9M parameters, not all 134.5M (issue 24)
+    from llmkit import memory
+    from llmkit.config import LoraConfig
+
+    sizes = models.model_sizes(ModelConfig(name_or_path=root), causal_lm=True, lora=LoraConfig(enabled=True, r=16))
+    assert 4e6 < sizes.trainable < 6e6
+    states = memory.estimate(sizes.params, 2, 2, "bf16", trainable=sizes.trainable).optimizer_bytes
+    assert states == 12 * sizes.trainable / 2 and states / 2**30 < 0.03  # was 0.779 GiB counting every weight
     model = AutoModelForCausalLM.from_pretrained(root, dtype=torch.float32).eval()
     assert type(model).__name__ == "LlamaForCausalLM"
     ppl = assets.perplexity(model, tok, assets.PERPLEXITY_TEXT)

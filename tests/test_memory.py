@@ -113,10 +113,40 @@ def test_count_parameters_matches_the_model(tiny_bert):
 
     model = AutoModelForSequenceClassification.from_pretrained(tiny_bert)
     want = sum(p.numel() for p in model.parameters())
-    assert model_sizes(ModelConfig(name_or_path=str(tiny_bert)))[0] == want
     largest = max(p.numel() for p in model.parameters())
-    assert model_sizes(ModelConfig(name_or_path=str(tiny_bert))) == (want, largest)
+    sizes = model_sizes(ModelConfig(name_or_path=str(tiny_bert)))
+    assert (sizes.params, sizes.largest, sizes.trainable, sizes.largest_trainable) == (want, largest, want, largest)
     assert (memory.parameters_of(model), memory.largest_of(model)) == (want, largest)
+
+
+def test_lora_sizes_count_what_peft_trains(tiny_bert):
+    """On the meta device with the run's LoRA: the same trained parameters as the real model peft wraps (the
+    adapters and the classifier head it trains in full), and the frozen rest."""
+    from transformers import AutoModelForSequenceClassification
+
+    from llmkit.config import LoraConfig
+    from llmkit.model import apply_lora
+
+    lora = LoraConfig(enabled=True, r=4)
+    real = apply_lora(AutoModelForSequenceClassification.from_pretrained(tiny_bert), lora, "SEQ_CLS")
+    trained = [p.numel() for p in real.parameters() if p.requires_grad]
+    sizes = model_sizes(ModelConfig(name_or_path=str(tiny_bert)), lora=lora)
+    assert sizes.params == sum(p.numel() for p in real.parameters())
+    assert (sizes.trainable, sizes.largest_trainable) == (sum(trained), max(trained)) and sizes.trainable < sizes.params / 5
+
+
+def test_frozen_weights_have_no_gradients_or_optimizer_states():
+    """A hand computation: 1,000 parameters of which 100 train, ZeRO-2 on 2 ranks, bf16."""
+    est = memory.estimate(1000, 2, 2, "bf16", trainable=100)
+    assert (est.param_bytes, est.grad_bytes, est.optimizer_bytes) == (2 * 1000, 2 * 100 / 2, 12 * 100 / 2)
+    assert est.grad_step_bytes == 2 * 50 + 4 * 50  # the owned 16-bit grads and their fp32 copies
+    qlora = memory.estimate(1000, 3, 2, "bf16", trainable=100, frozen_bytes=0.5)  # a 4-bit base, ZeRO-3
+    assert qlora.param_bytes == (2 * 100 + 0.5 * 900) / 2
+    assert "1,000 parameters" not in est.table() and "(0.00M trained, the rest frozen)" in est.table()
+    full = memory.estimate(1000, 2, 2, "bf16")
+    assert (full.grad_bytes, full.optimizer_bytes) == (2 * 1000 / 2, 12 * 1000 / 2)
+    with pytest.raises(LlmkitError, match="trained parameters"):
+        memory.estimate(1000, 2, 2, trainable=1001)
 
 
 @pytest.mark.slow
@@ -124,17 +154,23 @@ def test_estimate_memory_command(tiny_bert):
     out = subprocess.run([sys.executable, "-m", "llmkit.cli", "estimate-memory", "--model", str(tiny_bert),
                           "--zero-stage", "2", "--num-gpus", "4"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    params = model_sizes(ModelConfig(name_or_path=str(tiny_bert)))[0]
+    params = model_sizes(ModelConfig(name_or_path=str(tiny_bert))).params
     assert f"ZeRO-2, 4 device(s), bf16, {params / 1e6:,.1f}M parameters" in out.stdout
     total = (2 + 14 / 4) * params / 1024**3
     line = next(x for x in out.stdout.splitlines() if "total per device" in x)
     assert line.split()[-2] == f"{total:.3f}"
-    _, largest = model_sizes(ModelConfig(name_or_path=str(tiny_bert)))
+    largest = model_sizes(ModelConfig(name_or_path=str(tiny_bert))).largest
     bucket = 2 * 25_000_000  # llmkit's "auto" reduce bucket for a small model: 25M bf16 elements
     peak = memory.estimate(params, 2, 4, largest_param=largest, bucket_bytes=bucket).peak_device_bytes / 1024**3
     line = next(x for x in out.stdout.splitlines() if "total at peak" in x)
     assert line.split()[-2] == f"{peak:.3f}"
-    assert f"largest param {largest / 1e6:,.1f}M" in out.stdout
+    assert f"largest param {largest / 1e3:,.1f}K" in out.stdout and largest < 1e6  # a tiny model: in thousands
+    lora = subprocess.run([sys.executable, "-m", "llmkit.cli", "estimate-memory", "--model", str(tiny_bert),
+                           "--zero-stage", "2", "--lora-r", "4"], capture_output=True, text=True, timeout=120)
+    from llmkit.config import LoraConfig
+
+    trained = model_sizes(ModelConfig(name_or_path=str(tiny_bert)), lora=LoraConfig(enabled=True, r=4)).trainable
+    assert lora.returncode == 0 and f"({trained / 1e6:,.2f}M trained, the rest frozen)" in lora.stdout, lora.stderr
     bad = subprocess.run([sys.executable, "-m", "llmkit.cli", "estimate-memory", "--model", str(tiny_bert),
                           "--zero-stage", "1", "--offload", "params"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "llmkit: error: parameter offload needs ZeRO-3" in bad.stderr
