@@ -70,14 +70,16 @@ def label_candidates(tokenizer, cfg, words: list[str], text: str, text_pair: str
 class LMData:
     train: Dataset | streaming.Stream  # input_ids, attention_mask, labels (a Stream: data.streaming)
     validation: Dataset  # the same for "packed" / "prompt_response" / "chat"; label candidates for "labels"
-    mode: str  # "packed" | "prompt_response" | "chat" | "labels" (formats.MODE of the row format)
+    # two things, two names: `format` is how the rows are written (text, alpaca, sharegpt...), `mode` the kind of
+    # training example they become (formats.MODE: several formats make one mode)
+    mode: str  # "packed" | "prompt_response" | "chat" | "labels" | "mixed" (a mixture of modes)
     packing: PackStats | None
     train_lengths: np.ndarray | None = None  # rows' token counts, from a column (None for packed blocks: all equal)
     test: Dataset | None = None  # "labels" only: candidates of the test split
     rows: dict[str, Dataset] | None = None  # "labels" only: validation / test rows (text + label ids)
     label_names: list[str] | None = None
     label_words: list[str] | None = None
-    format: str = "labels"  # the row format (formats.choose), or "mixture"
+    format: str = "labels"  # the rows' format (formats.choose), "labels" for label words, or "mixture"
     sources: list[dict] | None = None  # a mixture: per source, examples and tokens drawn (mixture.mix)
 
     @property
