@@ -24,7 +24,12 @@ boundary (MiniLM's embedding on 2 ranks) makes one rank's buffer up to a whole t
 Only trained parameters have gradients and optimizer states: under LoRA the frozen base keeps just its weights,
 in the run's 16-bit dtype under mixed precision (fp32 otherwise) or 4-bit NF4 under QLoRA (half a byte each),
 sharded under ZeRO-3 like every parameter; the adapters and the heads peft trains in full (modules_to_save) carry
-the formulas above. Activations, buffers and framework overhead are not counted.
+the formulas above.
+
+Beside the model states, each its own line: a causal LM's logits and loss over the vocabulary (`logits_bytes`),
+and the runtime itself (`runtime_bytes`: the process's resident memory before the model loads, measured; on a GPU
+it is host memory, not the device's). Not counted yet: the activations of each layer, DeepSpeed's ZeRO-3
+prefetch, and host memory at load.
 """
 
 from __future__ import annotations
@@ -52,6 +57,8 @@ class MemoryEstimate:
     largest_param: int = 0  # elements of the largest single trained parameter, 0 = not known
     deepspeed: bool = True  # False: plain data parallel (torch autocast, no DeepSpeed optimizer wrapper)
     trainable: int | None = None  # parameters with gradients and optimizer states (None: all of them)
+    logits_bytes: float = 0.0  # a causal LM's logits, their fp32 copy, log-softmax and gradient (logits_bytes())
+    runtime_bytes: float = 0.0  # the process before the model loads (CPU ranks: on the device, host memory)
 
     @property
     def device_bytes(self) -> float:
@@ -64,8 +71,15 @@ class MemoryEstimate:
 
     @property
     def peak_device_bytes(self) -> float:
-        """Params + gradients at their peak + optimizer states (all held during the optimizer step)."""
-        return self.param_bytes + self.grad_peak_bytes + self.optimizer_bytes
+        """Params + gradients at their peak + optimizer states (all held during the optimizer step), plus the
+        logits and loss and the runtime where they are known."""
+        return self.param_bytes + self.grad_peak_bytes + self.optimizer_bytes + self.logits_bytes + self.runtime_bytes
+
+    def terms(self) -> dict[str, float]:
+        """Each term of the peak, by the name the table and a refusal give it."""
+        return {"parameters": self.param_bytes, "gradients at peak": self.grad_peak_bytes,
+                "optimizer states": self.optimizer_bytes, "logits and loss": self.logits_bytes,
+                "runtime": self.runtime_bytes}
 
     def table(self) -> str:
         """A small human-readable table in GiB."""
@@ -79,6 +93,9 @@ class MemoryEstimate:
                 + (f" ({trained / 1e6:,.2f}M trained, the rest frozen)" if trained != self.params else "")
                 + (", optimizer offloaded" if self.offload_optimizer else "")
                 + (", parameters offloaded" if self.offload_params else ""))
+        extra = [(name, value) for name, value in (("logits and loss", self.logits_bytes),
+                                                    ("runtime", self.runtime_bytes)) if value]
+        rows[-1:-1] = extra  # before "total at peak", which includes them
         lines = [head] + [f"  {name:<17} {value / gib:10.3f} GiB" for name, value in rows]
         mixed = self.precision in ("bf16", "fp16")
         copies = ("fp32, no copies" if not mixed else
@@ -86,12 +103,38 @@ class MemoryEstimate:
         largest = ("" if self.zero_stage < 2 else
                    f", largest param {_count(self.largest_param)}" if self.largest_param else
                    ", largest param not known")
-        lines[-2] += (f"  (DeepSpeed: backward {self.grad_backward_bytes / gib:.3f}{largest}; "
+        lines[-2 - len(extra)] += (f"  (DeepSpeed: backward {self.grad_backward_bytes / gib:.3f}{largest}; "
                       f"step {self.grad_step_bytes / gib:.3f} {copies})" if self.deepspeed else
                       "  (no DeepSpeed" + (": autocast keeps fp32 weights + grads, same 16P)" if mixed else ")"))
         if self.host_bytes:
             lines.append(f"  {'CPU (offload)':<17} {self.host_bytes / gib:10.3f} GiB per rank")
         return "\n".join(lines)
+
+
+def logits_bytes(tokens: int, vocab: int, precision: str) -> float:
+    """A causal LM's loss over the vocabulary for `tokens` tokens of one micro-batch: the logits in the compute
+    dtype, transformers' fp32 copy of them for the loss (mixed precision only), the fp32 log-softmax cross-entropy
+    keeps for backward and the fp32 gradient of the logits: tokens x vocab x (2 + 4 + 4 + 4) bytes in bf16/fp16,
+    x (4 + 4 + 4) in fp32."""
+    return float(tokens) * vocab * (14 if precision in ("bf16", "fp16") else 12)
+
+
+def check_fits(est: MemoryEstimate, budget: float, where: str) -> None:
+    """Refuse a run whose estimated peak exceeds `budget` bytes (`where`: what that memory is), naming the largest
+    term and the switch that shrinks it."""
+    if est.peak_device_bytes <= budget:
+        return
+    name, value = max(est.terms().items(), key=lambda kv: kv[1])
+    switch = {"parameters": "ZeRO-3 (deepspeed.zero_stage 3 / a zero3 accelerate config), parameter offload, or "
+                            "LoRA", "gradients at peak": "ZeRO-2 or 3, or LoRA",
+              "optimizer states": "ZeRO-1/2/3, optimizer offload, or LoRA",
+              "logits and loss": "a smaller train.per_device_batch_size or data.max_length (with more "
+                                 "train.gradient_accumulation_steps)",
+              "runtime": "fewer ranks per machine"}[name]
+    gib = 1024**3
+    raise LlmkitError(f"this run needs at least {est.peak_device_bytes / gib:.2f} GiB per device at its peak "
+                      f"(activations not counted), {where} has {budget / gib:.2f} GiB; the largest term is {name} "
+                      f"({value / gib:.2f} GiB): shrink it with {switch}")
 
 
 def _count(n: int) -> str:
@@ -172,15 +215,18 @@ def bucket_bytes(zero: dict, precision: str) -> float:
 
 
 def for_run(ds_config: dict | None, params: int, num_devices: int, precision: str,
-            largest_param: int = 0, trainable: int | None = None, frozen_bytes: float | None = None
-            ) -> MemoryEstimate:
-    """The estimate for a run's resolved DeepSpeed config (no DeepSpeed = plain data parallel)."""
+            largest_param: int = 0, trainable: int | None = None, frozen_bytes: float | None = None,
+            logits: float = 0.0, runtime: float = 0.0) -> MemoryEstimate:
+    """The estimate for a run's resolved DeepSpeed config (no DeepSpeed = plain data parallel), with its logits
+    and runtime terms (bytes)."""
     zero = (ds_config or {}).get("zero_optimization", {})
 
     def offloaded(key: str) -> bool:
         return (zero.get(key) or {}).get("device", "none") in ("cpu", "nvme")
 
-    return estimate(params, zero.get("stage", 0), num_devices, precision,
-                    offload_optimizer=offloaded("offload_optimizer"), offload_params=offloaded("offload_param"),
-                    largest_param=largest_param, deepspeed=ds_config is not None,
-                    bucket_bytes=bucket_bytes(zero, precision), trainable=trainable, frozen_bytes=frozen_bytes)
+    est = estimate(params, zero.get("stage", 0), num_devices, precision,
+                   offload_optimizer=offloaded("offload_optimizer"), offload_params=offloaded("offload_param"),
+                   largest_param=largest_param, deepspeed=ds_config is not None,
+                   bucket_bytes=bucket_bytes(zero, precision), trainable=trainable, frozen_bytes=frozen_bytes)
+    est.logits_bytes, est.runtime_bytes = logits, runtime
+    return est

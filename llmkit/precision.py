@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,7 @@ class Hardware:
     gpu_name: str | None = None
     capability: tuple[int, int] | None = None  # compute capability of device 0
     cpu_bf16: bool = False  # AVX512-BF16 or AMX
+    memory_bytes: int | None = None  # one GPU's memory, or (no GPU) the host's; None: not known, not checked
 
     @property
     def gpu_bf16(self) -> bool:
@@ -47,7 +49,15 @@ def hardware() -> Hardware:
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     return Hardware(gpus=gpus, gpu_name=torch.cuda.get_device_name(0) if gpus else None,
                     capability=tuple(torch.cuda.get_device_capability(0)) if gpus else None,
-                    cpu_bf16=cpu_has_native_bf16())
+                    cpu_bf16=cpu_has_native_bf16(),
+                    memory_bytes=torch.cuda.get_device_properties(0).total_memory if gpus else _host_memory())
+
+
+def _host_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not a POSIX system that says
+        return None
 
 
 def resolve_precision(requested: str, hw: Hardware | None = None) -> tuple[str, str]:

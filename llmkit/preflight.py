@@ -171,6 +171,31 @@ def check_disk(cfg: Config, sizes: model.Sizes, precision: str, conversion: int 
     return f"disk: ~{need / GIB:.2f} GiB needed, {free / GIB:.1f} GiB free under {probe}"
 
 
+def _resident_bytes() -> float:
+    """This process's resident memory now (Linux), else 0: not known."""
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def check_memory(cfg: Config, ds: dict | None, sizes: model.Sizes, precision: str, world_size: int, hw: Hardware,
+                 vocab: int) -> str:
+    """The memory estimate of this run (its table), refused when its peak cannot fit one device: a GPU, or on
+    CPU this host's memory shared by the ranks it runs."""
+    tokens = cfg.train.per_device_batch_size * cfg.data.max_length  # the longest micro-batch a rank can get
+    est = memory.for_run(ds, sizes.params, world_size, precision, largest_param=sizes.largest_trainable,
+                         trainable=sizes.trainable, frozen_bytes=0.5 if cfg.lora.load_in_4bit else None,
+                         logits=memory.logits_bytes(tokens, vocab, precision) if vocab else 0.0,
+                         runtime=0.0 if hw.gpus else _resident_bytes())  # on a GPU the runtime is host memory
+    if hw.memory_bytes:
+        local = max(parallel.local_world_size(), 1)
+        budget, where = (hw.memory_bytes, f"one {hw.describe_gpu()}") if hw.gpus else \
+            (hw.memory_bytes / local, f"this host's memory shared by {local} rank(s)")
+        memory.check_fits(est, budget, where)
+    return est.table()
+
+
 def check_model(cfg: Config):
     """The model config loads (local dir, asset or Hub id) and data.max_length fits its positions."""
     config = model.read_config(cfg.model)
@@ -272,8 +297,8 @@ def check(cfg: Config, world_size: int, recipe: str | None = None,
         passed(f"disk and memory: not estimated ({exc.__class__.__name__})")
     else:
         passed(check_disk(cfg, sizes, precision, conversion))
-        table = memory.for_run(ds, sizes.params, world_size, precision, largest_param=sizes.largest_trainable,
-                               trainable=sizes.trainable, frozen_bytes=0.5 if cfg.lora.load_in_4bit else None).table()
+        vocab = getattr(config, "vocab_size", 0) if causal else 0
+        table = check_memory(cfg, ds, sizes, precision, world_size, hw, vocab)
         passed("memory (ZeRO formulas and DeepSpeed's peak, activations excluded):\n"
                + "\n".join("      " + r for r in table.splitlines()))
     passed(trackers.check(cfg))

@@ -192,3 +192,40 @@ def test_reduce_bucket_bytes_follow_deepspeed_allocation():
     assert one.grad_peak_bytes == one.grad_backward_bytes == 2 * P + bucket  # 91.0 MiB measured
     three = memory.estimate(P, 3, 2, "bf16", largest_param=11_720_448, bucket_bytes=bucket)
     assert three.grad_step_bytes == 6 * P / 2 + bucket  # 112.7 MiB measured
+
+
+def test_logits_and_runtime_terms_and_the_refusal_of_a_run_that_cannot_fit():
+    """A hand computation of the loss over the vocabulary, the terms in the table and in the peak, and the one
+    line that names the largest term and its switch."""
+    assert memory.logits_bytes(4 * 256, 49_152, "bf16") == 4 * 256 * 49_152 * (2 + 4 + 4 + 4)
+    assert memory.logits_bytes(1000, 100, "fp32") == 1000 * 100 * 12
+    est = memory.for_run(None, 1000, 1, "fp32", logits=5000.0, runtime=9000.0)
+    assert est.peak_device_bytes == 16 * 1000 + 5000 + 9000
+    names = [line[2:19].strip() for line in est.table().splitlines()[1:]]
+    assert names[-3:] == ["logits and loss", "runtime", "total at peak"]
+    memory.check_fits(est, est.peak_device_bytes, "one test device")  # exactly enough passes
+    with pytest.raises(LlmkitError, match=r"at least .* GiB per device at its peak \(activations not counted\), "
+                                          r"one test device has .* largest term is runtime .*fewer ranks per"):
+        memory.check_fits(est, est.peak_device_bytes - 1, "one test device")
+    big = memory.for_run({"zero_optimization": {"stage": 2}}, 10**9, 2, "bf16", logits=1e8)
+    with pytest.raises(LlmkitError, match="largest term is optimizer states .*ZeRO-1/2/3, optimizer offload"):
+        memory.check_fits(big, 2**30, "one GPU")
+
+
+def test_validate_refuses_a_run_bigger_than_the_device(tmp_path, tiny_lm):
+    """The preflight compares the estimate with the memory of one device (on CPU the host's, shared by its ranks;
+    here a made-up host of 1 MiB) and refuses before any model loads; with enough memory it passes."""
+    from helpers import write_lm_config
+
+    from llmkit.config import load_config
+    from llmkit.precision import Hardware
+    from llmkit.preflight import check
+
+    cfg = load_config(write_lm_config(tmp_path / "c.yaml", tiny_lm, tmp_path / "out", lora=False))
+    with pytest.raises(LlmkitError, match=r"needs at least .* GiB per device .*this host's memory shared by 1 "
+                                          r"rank\(s\) has 0\.00 GiB; the largest term is runtime"):
+        check(cfg, 1, "causal_lm", hw=Hardware(memory_bytes=2**20))
+    plan = check(cfg, 1, "causal_lm", hw=Hardware(memory_bytes=64 * 2**30))
+    table = next(line for line in plan.checked if line.startswith("memory"))
+    assert "logits and loss" in table and "runtime" in table
+    assert not (tmp_path / "out").exists()
