@@ -227,12 +227,13 @@ def recipe_of(cfg: Config, config) -> str:
 
 def check_recipe_keys(cfg: Config, recipe: str) -> None:
     """Refuse a key set away from its default that this run would not read (the schema says who reads each),
-    naming the recipe that does: set and silently ignored, it would mislead."""
+    naming the recipe that does: set and silently ignored, it would mislead. A value that turns a key off (0,
+    false, null: `output.explain_rows: 0` in a shared launch script) asks nothing of the run and passes."""
     this, defaults = schema.reader_of(recipe, cfg), Config()
     for section, cls in schema.sections():
         for f in dataclasses.fields(cls):
-            readers = f.metadata["readers"]
-            if this in readers or getattr(getattr(cfg, section), f.name) == getattr(getattr(defaults, section), f.name):
+            readers, value = f.metadata["readers"], getattr(getattr(cfg, section), f.name)
+            if this in readers or not value or value == getattr(getattr(defaults, section), f.name):
                 continue
             where = schema.READER_NAMES[this] if this == "label_words" else f"recipes/{recipe}.py" + (
                 " without data.prompt_template" if recipe == "causal_lm" else "")

@@ -57,7 +57,8 @@ def test_every_key_set_for_a_run_that_does_not_read_it_is_refused(reader):
         name = f"{section}.{f.name}"
         if name == "data.prompt_template":  # the key that decides the reader (set: label words)
             continue
-        cfg = changed(base, {name: _other_value(tp, getattr(getattr(base, section), f.name))})
+        value = _other_value(tp, getattr(getattr(base, section), f.name))
+        cfg = changed(base, {name: value})
         try:
             check_recipe_keys(cfg, RUNS[reader])
         except LlmkitError as exc:
@@ -65,7 +66,11 @@ def test_every_key_set_for_a_run_that_does_not_read_it_is_refused(reader):
             assert schema.who_reads(f.metadata["readers"]) in str(exc)
             refused.append(name)
         else:
-            assert reader in f.metadata["readers"], f"{name} is set in a {reader} run, which does not read it"
+            assert reader in f.metadata["readers"] or not value, f"{name} is set in a {reader} run, which does not read it"
+        if reader not in f.metadata["readers"]:  # the same key turned off (0, false, null) asks nothing: passes
+            default = getattr(getattr(base, section), f.name)
+            off = False if isinstance(default, bool) else 0 if isinstance(default, (int, float)) else None
+            check_recipe_keys(changed(base, {name: off}), RUNS[reader])
     expected = {f"{s}.{f.name}" for s, f, _ in _keys() if reader not in f.metadata["readers"]}
     assert set(refused) == expected - {"data.prompt_template"}
     # the classes the issue named: classifier keys in a causal-LM run without label words
