@@ -57,7 +57,9 @@ class MemoryEstimate:
     largest_param: int = 0  # elements of the largest single trained parameter, 0 = not known
     deepspeed: bool = True  # False: plain data parallel (torch autocast, no DeepSpeed optimizer wrapper)
     trainable: int | None = None  # parameters with gradients and optimizer states (None: all of them)
-    logits_bytes: float = 0.0  # a causal LM's logits, their fp32 copy, log-softmax and gradient (logits_bytes())
+    # a causal LM's loss over the vocabulary at its largest: a training micro-batch's (logits_bytes()) or an
+    # evaluation batch's, label-word candidates included (eval_logits_bytes()), whichever is more
+    logits_bytes: float = 0.0
     runtime_bytes: float = 0.0  # the process before the model loads (CPU ranks: on the device, host memory)
 
     @property
@@ -116,6 +118,14 @@ def logits_bytes(tokens: int, vocab: int, precision: str) -> float:
     dtype, transformers' fp32 copy of them for the loss (mixed precision only), the fp32 log-softmax cross-entropy
     keeps for backward and the fp32 gradient of the logits: tokens x vocab x (2 + 4 + 4 + 4) bytes in bf16/fp16,
     x (4 + 4 + 4) in fp32."""
+    return float(tokens) * vocab * (14 if precision in ("bf16", "fp16") else 12)
+
+
+def eval_logits_bytes(tokens: int, vocab: int, precision: str) -> float:
+    """An evaluation batch of `tokens` tokens scored over the vocabulary (llmkit.evals.lm): the logits in the
+    compute dtype, their fp32 copy, the fp32 copy the shifted slice makes, and cross-entropy's fp32 log-softmax:
+    tokens x vocab x (2 + 4 + 4 + 4) bytes in bf16/fp16, x (4 + 4 + 4) in fp32. No gradient, but the model
+    states stay held, so it counts against the same peak as training."""
     return float(tokens) * vocab * (14 if precision in ("bf16", "fp16") else 12)
 
 

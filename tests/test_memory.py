@@ -199,6 +199,7 @@ def test_logits_and_runtime_terms_and_the_refusal_of_a_run_that_cannot_fit():
     line that names the largest term and its switch."""
     assert memory.logits_bytes(4 * 256, 49_152, "bf16") == 4 * 256 * 49_152 * (2 + 4 + 4 + 4)
     assert memory.logits_bytes(1000, 100, "fp32") == 1000 * 100 * 12
+    assert memory.eval_logits_bytes(16 * 2 * 160, 49_152, "bf16") == 16 * 2 * 160 * 49_152 * 14  # label words
     est = memory.for_run(None, 1000, 1, "fp32", logits=5000.0, runtime=9000.0)
     assert est.peak_device_bytes == 16 * 1000 + 5000 + 9000
     names = [line[2:19].strip() for line in est.table().splitlines()[1:]]
