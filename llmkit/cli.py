@@ -170,6 +170,35 @@ def _eval(args: argparse.Namespace) -> None:
     print(f"report: {got['report']}")
 
 
+def _scored_rows(parser: argparse.ArgumentParser) -> None:
+    """The options of `llmkit eval` and `compare` that say which rows are scored and how they are read."""
+    parser.add_argument("--data", required=True, help="Hub id, local folder, asset:<name>, or one csv/json/jsonl file")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--text-column", default="text")
+    parser.add_argument("--text-pair-column")
+    parser.add_argument("--label-column", default="label")
+    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--max-samples", type=int)
+
+
+def _compare(args: argparse.Namespace) -> None:
+    from llmkit.commands.compare import compare
+
+    eval_args = ["--text-column", args.text_column, "--label-column", args.label_column, "--max-length",
+                 str(args.max_length), "--batch-size", str(args.batch_size)]
+    eval_args += ["--text-pair-column", args.text_pair_column] if args.text_pair_column else []
+    eval_args += ["--max-samples", str(args.max_samples)] if args.max_samples else []
+    doc = compare(args.models, args.data, args.split, args.output, eval_args, args.resamples, args.seed)
+    for m in doc["models"]:
+        print(f"{m['name']}: accuracy {m['accuracy']:.4f}  f1_macro {m['f1_macro']:.4f}  ({m['model']})")
+    for p in doc["pairs"]:
+        lo, hi = p["accuracy_difference_ci95"]
+        print(f"{p['a']} - {p['b']}: accuracy {p['accuracy_difference']:+.4f} (95% CI {lo:+.4f} to {hi:+.4f}), "
+              f"McNemar exact p {p['mcnemar_exact_p']:.4g}, agreement {p['agreement']:.4f}")
+    print(f"comparison: {args.output / 'compare.md'} (and compare.json)")
+
+
 def _push(args: argparse.Namespace) -> None:
     from llmkit.ship import hub
 
@@ -261,18 +290,19 @@ def main(argv: list[str] | None = None) -> None:
     rep.add_argument("--output", type=fresh.absolute,
                      help="where the report goes (default: the run directory; required for several)")
     rep.set_defaults(fn=_report)
+    cmp = sub.add_parser("compare", help="score exported classifiers on the same rows; per pair the differences with "
+                         "bootstrap confidence intervals and McNemar's exact test")
+    cmp.add_argument("models", nargs="+", type=fresh.absolute, help="two or more classifier folders (e.g. <run>/final)")
+    cmp.add_argument("--output", type=fresh.absolute, required=True, help="the comparison's folder")
+    _scored_rows(cmp)
+    cmp.add_argument("--resamples", type=int, default=2000, help="paired-bootstrap resamples")
+    cmp.add_argument("--seed", type=int, default=0, help="the bootstrap's seed")
+    cmp.set_defaults(fn=_compare)
     ev = sub.add_parser("eval", help="evaluate an exported sequence classifier on a labelled split, with a report")
     ev.add_argument("model_dir", type=fresh.absolute,
                     help="a classifier folder, e.g. <run>/final (any transformers classifier)")
-    ev.add_argument("--data", required=True, help="Hub id, local folder, asset:<name>, or one csv/json/jsonl file")
-    ev.add_argument("--split", default="test")
     ev.add_argument("--output", type=fresh.absolute, help="output folder (default: <model_dir>/eval-<split>)")
-    ev.add_argument("--text-column", default="text")
-    ev.add_argument("--text-pair-column")
-    ev.add_argument("--label-column", default="label")
-    ev.add_argument("--max-length", type=int, default=512)
-    ev.add_argument("--batch-size", type=int, default=64)
-    ev.add_argument("--max-samples", type=int)
+    _scored_rows(ev)
     ev.add_argument("--trust-remote-code", action="store_true", help="run the model folder's own Python code")
     ev.set_defaults(fn=_eval)
     push = sub.add_parser("push", help="push a run's export, report and model card to the Hugging Face Hub")

@@ -1,0 +1,77 @@
+"""`llmkit compare` (llmkit.commands.compare): the pairwise statistics against scipy and a hand count, and the
+command on a real run's export against a copy whose head is flipped."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from scipy.stats import binomtest
+
+from llmkit.commands.compare import pair
+
+
+def test_the_pairwise_statistics():
+    gold = np.array([0, 1] * 50)
+    a = gold.copy()
+    b = gold.copy()
+    b[:20] = 1 - b[:20]  # B gets 20 rows wrong that A gets right
+    a[90:93] = 1 - a[90:93]  # and A gets 3 wrong that B gets right
+    got = pair(gold, a, b, 2, resamples=500, seed=1)
+    assert (got["only_a_right"], got["only_b_right"]) == (20, 3)
+    assert got["mcnemar_exact_p"] == pytest.approx(binomtest(3, 23, 0.5).pvalue) and got["mcnemar_exact_p"] < 0.01
+    assert got["accuracy_difference"] == pytest.approx(0.97 - 0.80)
+    lo, hi = got["accuracy_difference_ci95"]
+    assert 0 < lo < got["accuracy_difference"] < hi  # the gain is real on these rows
+    assert got["agreement"] == pytest.approx(77 / 100)
+    assert pair(gold, a, b, 2, resamples=500, seed=1) == got  # the seed fixes the resamples
+    same = pair(gold, a, a, 2, resamples=200)
+    assert same["accuracy_difference_ci95"] == [0.0, 0.0] and same["mcnemar_exact_p"] == 1.0
+    assert same["agreement"] == 1.0
+
+
+@pytest.mark.slow
+def test_compare_two_exports_and_refuse_different_labels(tmp_path, tiny_run, tiny_data):
+    """The run's export against a copy with the classifier's output rows swapped (it predicts the other label
+    wherever the export is sure): the disagreements and the McNemar counts are those of the prediction files,
+    and a model with other labels is refused in one line."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    flipped = tmp_path / "flipped"
+    shutil.copytree(tiny_run / "final", flipped)
+    weights = load_file(flipped / "model.safetensors")
+    for key in ("classifier.weight", "classifier.bias"):
+        weights[key] = torch.flip(weights[key], dims=[0]).contiguous()
+    save_file(weights, flipped / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "cmp"
+    got = subprocess.run([sys.executable, "-m", "llmkit.cli", "compare", str(tiny_run / "final"), str(flipped),
+                          "--data", str(tiny_data), "--split", "test", "--output", str(out), "--resamples", "300"],
+                         capture_output=True, text=True, timeout=600)
+    assert got.returncode == 0, got.stderr[-3000:]
+    doc = json.loads((out / "compare.json").read_text())
+    (p,) = doc["pairs"]
+    rows = {name: [json.loads(line) for line in (out / name / "predictions_test.jsonl").read_text().splitlines()]
+            for name in ("model-1", "model-2")}
+    right = {k: np.array([r["prediction"] == r["label"] for r in v]) for k, v in rows.items()}
+    assert p["rows"] == 29 and (p["only_a_right"], p["only_b_right"]) == (
+        int((right["model-1"] & ~right["model-2"]).sum()), int((~right["model-1"] & right["model-2"]).sum()))
+    assert p["agreement"] < 0.5  # the swapped head disagrees on most rows
+    assert "| model-1 vs model-2 |" in (out / "compare.md").read_text() and "McNemar exact p" in got.stdout
+    # the same labels in another order: its predictions cannot be set against the others' row by row
+    other = tmp_path / "other"
+    shutil.copytree(tiny_run / "final", other)
+    config = json.loads((other / "config.json").read_text())
+    names = [config["id2label"][str(i)] for i in range(2)]
+    config["id2label"], config["label2id"] = {"0": names[1], "1": names[0]}, {names[1]: 0, names[0]: 1}
+    (other / "config.json").write_text(json.dumps(config))
+    bad = subprocess.run([sys.executable, "-m", "llmkit.cli", "compare", str(tiny_run / "final"), str(other),
+                          "--data", str(tiny_data), "--output", str(tmp_path / "cmp2")], capture_output=True,
+                         text=True, timeout=600)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr[-3000:]
+    assert bad.stderr.strip().splitlines()[-1].startswith("llmkit: error: the models classify into different "
+                                                          "labels"), bad.stderr[-2000:]
