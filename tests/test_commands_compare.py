@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from scipy.stats import binomtest
 
-from llmkit.commands.compare import pair
+from llmkit.commands.compare import ece, pair
 
 
 def test_the_pairwise_statistics():
@@ -32,6 +32,14 @@ def test_the_pairwise_statistics():
     same = pair(gold, a, a, 2, resamples=200)
     assert same["accuracy_difference_ci95"] == [0.0, 0.0] and same["mcnemar_exact_p"] == 1.0
     assert same["agreement"] == 1.0
+
+
+def test_expected_calibration_error_by_hand():
+    # bin 9 (0.9-1.0): confidence 0.95 twice, one right -> |0.95 - 0.5| x 2/4; bin 6: 0.6 twice, both right ->
+    # |0.6 - 1.0| x 2/4
+    got = ece(np.array([0.95, 0.95, 0.6, 0.6]), np.array([True, False, True, True]))
+    assert got == pytest.approx(0.45 * 0.5 + 0.4 * 0.5)
+    assert ece(np.array([1.0, 1.0]), np.array([True, True])) == 0.0  # confidence 1.0 falls in the last bin
 
 
 @pytest.mark.slow
@@ -62,6 +70,15 @@ def test_compare_two_exports_and_refuse_different_labels(tmp_path, tiny_run, tin
         int((right["model-1"] & ~right["model-2"]).sum()), int((~right["model-1"] & right["model-2"]).sum()))
     assert p["agreement"] < 0.5  # the swapped head disagrees on most rows
     assert "| model-1 vs model-2 |" in (out / "compare.md").read_text() and "McNemar exact p" in got.stdout
+    # slices: each true label, and four length quartiles that cover every row once
+    labels = [s for s in doc["slices"] if s.startswith("label = ")]
+    quartiles = [s for s in doc["slices"] if s.startswith("length Q")]
+    assert len(labels) == 2 and sum(doc["slices"][s]["rows"] for s in labels) == 29
+    assert sum(doc["slices"][s]["rows"] for s in quartiles) == 29
+    gold_neg = [r["label"] == labels[0].removeprefix("label = ") for r in rows["model-1"]]
+    want = np.mean([r["prediction"] == r["label"] for r, g in zip(rows["model-1"], gold_neg) if g])
+    assert doc["slices"][labels[0]]["accuracy"]["model-1"] == pytest.approx(want)
+    assert all(0 <= m["ece"] <= 1 for m in doc["models"])
     # the same labels in another order: its predictions cannot be set against the others' row by row
     other = tmp_path / "other"
     shutil.copytree(tiny_run / "final", other)

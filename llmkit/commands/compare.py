@@ -43,7 +43,29 @@ def _score(model: Path, out: Path, source: str, split: str, eval_args: list[str]
     return {"model": str(model), "labels": names, "metrics": metrics[split],
             "seconds_per_row": metrics["eval_seconds"] / max(metrics[split]["samples"], 1),
             "gold": np.array([index[r["label"]] for r in rows]), "predicted": np.array([index[r["prediction"]]
-                                                                                       for r in rows])}
+                                                                                       for r in rows]),
+            "confidence": np.array([max(r["probabilities"]) for r in rows]),
+            "length": np.array([len(r["text"]) + len(r.get("text_pair") or "") for r in rows])}
+
+
+def ece(confidence: np.ndarray, right: np.ndarray, bins: int = 10) -> float:
+    """Expected calibration error: the row-weighted gap between confidence and accuracy over equal-width bins of
+    the predicted label's probability."""
+    which = np.minimum((confidence * bins).astype(int), bins - 1)
+    return float(sum(abs(confidence[which == k].mean() - right[which == k].mean()) * (which == k).mean()
+                     for k in range(bins) if (which == k).any()))
+
+
+def _slices(first: dict) -> dict[str, np.ndarray]:
+    """Row masks by true label and by text length (quartiles of characters)."""
+    masks = {f"label = {name}": first["gold"] == i for i, name in enumerate(first["labels"])}
+    edges = np.quantile(first["length"], [0.25, 0.5, 0.75])
+    which = np.searchsorted(edges, first["length"], side="right")
+    for q in range(4):
+        if (which == q).any():
+            lo, hi = int(first["length"][which == q].min()), int(first["length"][which == q].max())
+            masks[f"length Q{q + 1} ({lo}-{hi} chars)"] = which == q
+    return masks
 
 
 def pair(gold: np.ndarray, a: np.ndarray, b: np.ndarray, classes: int, resamples: int = 2000, seed: int = 0) -> dict:
@@ -92,10 +114,21 @@ def compare(models: list[str | Path], source: str, split: str, output_dir: str |
         if s["labels"] != first["labels"]:
             raise LlmkitError(f"the models classify into different labels: {first['model']} has {first['labels']}, "
                               f"{s['model']} has {s['labels']}; compare models of the same task and label order")
+    names = [f"model-{i + 1}" for i in range(len(scored))]
+    slices = {name: {"rows": int(mask.sum()),
+                     "accuracy": {m: float((s["predicted"][mask] == s["gold"][mask]).mean())
+                                  for m, s in zip(names, scored)},
+                     "pairs": [{"a": names[i], "b": names[j],
+                                **pair(first["gold"][mask], scored[i]["predicted"][mask],
+                                       scored[j]["predicted"][mask], len(first["labels"]), max(resamples // 4, 100),
+                                       seed)} for i, j in combinations(range(len(scored)), 2)]}
+              for name, mask in _slices(first).items()}
     doc = {"split": split, "data": source, "labels": first["labels"],
-           "models": [{"name": f"model-{i + 1}", "model": s["model"], **{k: s["metrics"][k] for k in
-                       ("accuracy", "f1_macro", "samples")}, "seconds_per_row": s["seconds_per_row"]}
+           "models": [{"name": names[i], "model": s["model"], **{k: s["metrics"][k] for k in
+                       ("accuracy", "f1_macro", "samples")}, "seconds_per_row": s["seconds_per_row"],
+                       "ece": ece(s["confidence"], s["predicted"] == s["gold"])}
                       for i, s in enumerate(scored)],
+           "slices": slices,
            "pairs": [{"a": f"model-{i + 1}", "b": f"model-{j + 1}",
                       **pair(first["gold"], scored[i]["predicted"], scored[j]["predicted"], len(first["labels"]),
                              resamples, seed)}
@@ -107,8 +140,8 @@ def compare(models: list[str | Path], source: str, split: str, output_dir: str |
 
 def _markdown(doc: dict) -> str:
     lines = [f"# Comparison on {doc['split']} of {doc['data']} ({doc['models'][0]['samples']} rows)", "",
-             "| model | folder | accuracy | macro-F1 | ms per row |", "|---|---|---|---|---|"]
-    lines += [f"| {m['name']} | {m['model']} | {m['accuracy']:.4f} | {m['f1_macro']:.4f} | "
+             "| model | folder | accuracy | macro-F1 | ECE | ms per row |", "|---|---|---|---|---|---|"]
+    lines += [f"| {m['name']} | {m['model']} | {m['accuracy']:.4f} | {m['f1_macro']:.4f} | {m['ece']:.4f} | "
               f"{1000 * m['seconds_per_row']:.2f} |" for m in doc["models"]]
     lines += ["", "| A vs B | accuracy A - B (95% CI) | macro-F1 A - B (95% CI) | only A right / only B right | "
               "McNemar exact p | agreement |", "|---|---|---|---|---|---|"]
@@ -118,6 +151,15 @@ def _markdown(doc: dict) -> str:
         lines.append(f"| {p['a']} vs {p['b']} | {p['accuracy_difference']:+.4f} ({acc_lo:+.4f}, {acc_hi:+.4f}) | "
                      f"{p['f1_macro_difference']:+.4f} ({f1_lo:+.4f}, {f1_hi:+.4f}) | {p['only_a_right']} / "
                      f"{p['only_b_right']} | {p['mcnemar_exact_p']:.4g} | {p['agreement']:.4f} |")
+    names = [m["name"] for m in doc["models"]]
+    lines += ["", "## Slices", "", "| slice | rows | " + " | ".join(f"{n} accuracy" for n in names)
+              + " | A vs B: accuracy A - B (95% CI), McNemar p |", "|---|---|" + "---|" * len(names) + "---|"]
+    for name, s in doc["slices"].items():
+        diffs = "; ".join(f"{p['a']} vs {p['b']} {p['accuracy_difference']:+.3f} "
+                          f"({p['accuracy_difference_ci95'][0]:+.3f}, {p['accuracy_difference_ci95'][1]:+.3f}), "
+                          f"p {p['mcnemar_exact_p']:.3g}" for p in s["pairs"])
+        lines.append(f"| {name} | {s['rows']} | " + " | ".join(f"{s['accuracy'][n]:.3f}" for n in names)
+                     + f" | {diffs} |")
     lines += ["", "A difference whose interval holds 0, or a McNemar p above your threshold, is not shown to be "
-              "real on these rows."]
+              "real on these rows. ECE: expected calibration error of the predicted label's probability (10 bins)."]
     return "\n".join(lines) + "\n"
