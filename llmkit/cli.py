@@ -162,8 +162,7 @@ def _eval(args: argparse.Namespace) -> None:
     from llmkit.commands.eval_model import eval_export
 
     got = eval_export(args.model_dir, args.data, args.split, args.output, args.text_column, args.text_pair_column,
-                          args.label_column, args.max_length, args.batch_size, args.max_samples,
-                          args.trust_remote_code)
+                      args.label_column, args.max_length, args.batch_size, args.max_samples, args.trust_remote_code)
     m = got["metrics"]
     print(f"{args.split}: accuracy {m['accuracy']:.4f}  f1 {m['f1']:.4f}  f1_macro {m['f1_macro']:.4f}  "
           f"({m['samples']} rows)")

@@ -71,9 +71,9 @@ def data_config(source: str, split: str, label_names: list[str], text_column: st
 
 @torch.no_grad()
 def eval_export(model_dir: str | Path, source: str, split: str = "test", output_dir: str | Path | None = None,
-                    text_column: str = "text", text_pair_column: str | None = None, label_column: str = "label",
-                    max_length: int = 512, batch_size: int = 64, max_samples: int | None = None,
-                    trust_remote_code: bool = False) -> dict:
+                text_column: str = "text", text_pair_column: str | None = None, label_column: str = "label",
+                max_length: int = 512, batch_size: int = 64, max_samples: int | None = None,
+                trust_remote_code: bool = False) -> dict:
     """Predict `split` of `source` with the classifier in `model_dir`; write predictions_<split>.jsonl,
     metrics.json, run_info.json and report.{json,md,html} into `output_dir` (default <model_dir>/eval-<split>).
     `trust_remote_code` (or an llmkit export trained with it) runs the model folder's own Python code."""
