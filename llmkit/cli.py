@@ -289,7 +289,8 @@ def main(argv: list[str] | None = None) -> None:
     rep.add_argument("--output", type=fresh.absolute,
                      help="where the report goes (default: the run directory; required for several)")
     rep.set_defaults(fn=_report)
-    cmp = sub.add_parser("compare", help="score exported classifiers on the same rows; per pair the differences with "
+    cmp = sub.add_parser("compare", help="score exported classifiers (and llmkit label-word LMs) on the same rows; per "
+                         "pair the differences with "
                          "bootstrap confidence intervals and McNemar's exact test")
     cmp.add_argument("models", nargs="+", type=fresh.absolute, help="two or more classifier folders (e.g. <run>/final)")
     cmp.add_argument("--output", type=fresh.absolute, required=True, help="the comparison's folder")
@@ -297,7 +298,8 @@ def main(argv: list[str] | None = None) -> None:
     cmp.add_argument("--resamples", type=int, default=2000, help="paired-bootstrap resamples")
     cmp.add_argument("--seed", type=int, default=0, help="the bootstrap's seed")
     cmp.set_defaults(fn=_compare)
-    ev = sub.add_parser("eval", help="evaluate an exported sequence classifier on a labelled split, with a report")
+    ev = sub.add_parser("eval", help="evaluate an exported sequence classifier (or an llmkit label-word causal LM) "
+                        "on a labelled split, with a report")
     ev.add_argument("model_dir", type=fresh.absolute,
                     help="a classifier folder, e.g. <run>/final (any transformers classifier)")
     ev.add_argument("--output", type=fresh.absolute, help="output folder (default: <model_dir>/eval-<split>)")

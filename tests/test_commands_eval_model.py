@@ -15,6 +15,15 @@ from llmkit.errors import LlmkitError
 from llmkit.report import pages
 
 
+def test_eval_refuses_a_causal_lm_without_its_label_words(tmp_path, tiny_lm, tiny_data):
+    """A causal LM scores labels only through the prompt template and label words its run recorded beside it."""
+    from llmkit.commands.eval_model import eval_export
+
+    with pytest.raises(LlmkitError, match="is a causal LM without the run records that name its prompt template"):
+        eval_export(tiny_lm / "model", str(tiny_data), "test", tmp_path / "ev")
+    assert not (tmp_path / "ev").exists()
+
+
 def test_eval_refuses_a_base_model_and_a_runs_folder(tmp_path, tiny_bert, tiny_data):
     from transformers import AutoConfig, BertModel
 

@@ -169,6 +169,16 @@ def test_label_words_under_zero3_score_generate_and_export(tmp_path, tiny_lm):
         assert r["prediction"] == ("positive" if scores[1] > scores[0] else "negative")
         assert r["probabilities"] == pytest.approx(probs, abs=1e-4)
 
+    # `llmkit eval` scores the export by its label words (the run's records beside it): the run's own predictions
+    got = subprocess.run([sys.executable, "-m", "llmkit.cli", "eval", str(out / "final"), "--data", str(tmp_path),
+                          "--split", "test", "--output", str(tmp_path / "ev")], capture_output=True, text=True,
+                         timeout=300)
+    assert got.returncode == 0, got.stderr[-3000:]
+    scored = [json.loads(line) for line in (tmp_path / "ev" / "predictions_test.jsonl").read_text().splitlines()]
+    assert [r["prediction"] for r in scored] == [r["prediction"] for r in rows]
+    assert sum((scored_r["probabilities"] for scored_r in scored), []) == pytest.approx(
+        sum((r["probabilities"] for r in rows), []), abs=1e-4)
+
     # why it said that: the label words' attributions over the text's words, computed from the export in a
     # fresh process (a ZeRO-3 rank would load it partitioned), in the report too
     doc = json.loads((out / "explanations.json").read_text())

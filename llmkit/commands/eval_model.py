@@ -1,5 +1,5 @@
-"""`llmkit eval`: score any exported sequence classifier (llmkit's or not) on a labelled split and write the
-predictions, metrics and the evaluation report."""
+"""`llmkit eval`: score any exported sequence classifier (llmkit's or not), or a label-word causal LM llmkit
+exported, on a labelled split and write the predictions, metrics and the evaluation report."""
 
 from __future__ import annotations
 
@@ -16,12 +16,13 @@ from tqdm.auto import tqdm
 from llmkit.config import DataConfig, ModelConfig
 from llmkit.data.sources import load_labeled
 from llmkit.errors import LlmkitError
+from llmkit.evals import explain
 from llmkit.evals.classification import write_predictions
 from llmkit.metrics import classification_metrics
 from llmkit.model import check_export_weights, read_config, trusts_remote_code
 from llmkit.report import pages
 from llmkit.rundir import life
-from llmkit.rundir.layout import RunDir
+from llmkit.rundir.layout import Export, RunDir, read_json
 
 
 def _load_classifier(model_dir: Path, trust_remote_code: bool):
@@ -69,6 +70,33 @@ def data_config(source: str, split: str, label_names: list[str], text_column: st
                       max_eval_samples=max_samples)
 
 
+def _label_words(model_dir: Path, trust_remote_code: bool):
+    """An llmkit label-word causal LM (its run's prompt template and label words beside it) as an
+    attribution.LabelWords that scores each label; None for anything else (scored as a sequence classifier)."""
+    folder = Export(model_dir).merged if Export(model_dir).merged.is_dir() else model_dir
+    config = read_json(folder / "config.json")
+    if not any(a.endswith("ForCausalLM") for a in config.get("architectures") or []):
+        return None
+    if not explain.run_records(model_dir)[0].get("data", {}).get("prompt_template"):
+        raise LlmkitError(f"'{model_dir}' is a causal LM without the run records that name its prompt template and "
+                          "label words (training_config.yaml beside it): `llmkit eval` scores sequence classifiers "
+                          "and the label-word exports of llmkit runs")
+    return explain.load(model_dir, trust_remote_code)
+
+
+def _classifier_logits(model, tokenizer, texts: list[str], pairs: list[str] | None, max_length: int,
+                       batch_size: int) -> np.ndarray:
+    limit = min(max_length, getattr(tokenizer, "model_max_length", max_length) or max_length)
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths per batch: little padding
+    logits = np.zeros((len(texts), model.config.num_labels), dtype=np.float32)
+    for b in tqdm(range(0, len(order), batch_size), desc="eval"):
+        idx = order[b:b + batch_size]
+        enc = tokenizer([texts[i] for i in idx], [pairs[i] for i in idx] if pairs else None, padding=True,
+                        truncation=True, max_length=limit, return_tensors="pt")
+        logits[idx] = model(**enc).logits.float().numpy()
+    return logits
+
+
 @torch.no_grad()
 def eval_export(model_dir: str | Path, source: str, split: str = "test", output_dir: str | Path | None = None,
                 text_column: str = "text", text_pair_column: str | None = None, label_column: str = "label",
@@ -81,23 +109,26 @@ def eval_export(model_dir: str | Path, source: str, split: str = "test", output_
         raise LlmkitError(f"--batch-size must be >= 1, --max-length >= 2 and --max-samples >= 1; got {batch_size}, "
                           f"{max_length}, {max_samples}")
     model_dir = Path(model_dir).expanduser()
-    model, tokenizer = _load_classifier(model_dir, trust_remote_code or trusts_remote_code(model_dir))
-    names = [model.config.id2label[i] for i in range(len(model.config.id2label))]
+    remote = trust_remote_code or trusts_remote_code(model_dir)
+    words = _label_words(model_dir, remote)
+    if words is None:
+        model, tokenizer = _load_classifier(model_dir, remote)
+        names = [model.config.id2label[i] for i in range(len(model.config.id2label))]
+    else:
+        names = words.names
     out_dir = Path(output_dir).expanduser() if output_dir else model_dir / f"eval-{split}"
     _check_output(out_dir)
     cfg = data_config(source, split, names, text_column, text_pair_column, label_column, max_length, max_samples)
     rows = load_labeled(cfg, seed=0, log=lambda m: print(m), training=False).rows["validation"]
-    limit = min(max_length, getattr(tokenizer, "model_max_length", max_length) or max_length)
     texts = list(rows[text_column])
     pairs = list(rows[text_pair_column]) if text_pair_column else None
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths per batch: little padding
-    logits = np.zeros((len(texts), len(names)), dtype=np.float32)
     start = time.perf_counter()
-    for b in tqdm(range(0, len(order), batch_size), desc="eval"):
-        idx = order[b:b + batch_size]
-        enc = tokenizer([texts[i] for i in idx], [pairs[i] for i in idx] if pairs else None, padding=True,
-                        truncation=True, max_length=limit, return_tensors="pt")
-        logits[idx] = model(**enc).logits.float().numpy()
+    if words is None:
+        logits = _classifier_logits(model, tokenizer, texts, pairs, max_length, batch_size)
+    else:  # each label word's log-likelihood after the run's prompt, as the run's own evaluation ranks them
+        logits = np.array([words.scores(words.model.get_input_embeddings()(f.ids), f)[0].numpy()
+                           for f in (words.frame(t, pairs[i] if pairs else None)
+                                     for i, t in enumerate(tqdm(texts, desc="eval")))], dtype=np.float32)
     seconds = time.perf_counter() - start
     labels = np.asarray(rows["labels"])
     metrics = classification_metrics(logits.argmax(-1).tolist(), labels.tolist(), len(names))

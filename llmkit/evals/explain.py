@@ -23,7 +23,7 @@ TOP_WORDS = 3  # a row's strongest words toward a label count in the split's sum
 BASELINE = "the text's word tokens replaced by the pad token; special tokens, prompt template and mask kept"
 
 
-def _run_records(path: Path) -> tuple[dict, dict]:
+def run_records(path: Path) -> tuple[dict, dict]:
     """The training config and metrics an export carries (final/ holds both; a run folder too)."""
     for folder in (path, path.parent, path.parent.parent):
         records = layout.Export(folder)  # final/ and its run folder name their config and metrics alike
@@ -47,7 +47,7 @@ def load(model_dir: str | Path, trust_remote_code: bool = False, prompt_template
     check_export_weights(path)
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     kinds = config.architectures or []
-    cfg, metrics = _run_records(Path(model_dir))
+    cfg, metrics = run_records(Path(model_dir))
     data = cfg.get("data", {})
     max_length = max_length or data.get("max_length") or 512  # the run's: texts cut as its predictions saw them
     if any(a.endswith("ForSequenceClassification") for a in kinds):
