@@ -161,8 +161,12 @@ def _report(args: argparse.Namespace) -> None:
 def _eval(args: argparse.Namespace) -> None:
     from llmkit.commands.eval_model import eval_export
 
+    if bool(args.zero_shot) != bool(args.prompt_template and args.label_words):
+        raise LlmkitError("--zero-shot goes with --prompt-template and --label-words (and they only with it)")
+    zero_shot = (args.prompt_template, args.label_words) if args.zero_shot else None
     got = eval_export(args.model_dir, args.data, args.split, args.output, args.text_column, args.text_pair_column,
-                      args.label_column, args.max_length, args.batch_size, args.max_samples, args.trust_remote_code)
+                      args.label_column, args.max_length, args.batch_size, args.max_samples, args.trust_remote_code,
+                      zero_shot)
     m = got["metrics"]
     print(f"{args.split}: accuracy {m['accuracy']:.4f}  f1 {m['f1']:.4f}  f1_macro {m['f1_macro']:.4f}  "
           f"({m['samples']} rows)")
@@ -181,6 +185,24 @@ def _scored_rows(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-samples", type=int)
 
 
+def _zero_shot_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--prompt-template", help="zero-shot: the prompt, with {text} (and {text_pair})")
+    parser.add_argument("--label-words", nargs="+", help="zero-shot: one word per label, in label order (the "
+                        "data's label names)")
+
+
+def _model_or_asset(text: str) -> str:
+    """A model folder (made absolute: another process reads it) or an asset:<name>, kept as it is."""
+    return text if text.startswith("asset:") else str(fresh.absolute(text))
+
+
+def _model_spec(text: str) -> str:
+    """A model to compare: a folder, or zero-shot:<folder or asset:name>."""
+    if text.startswith("zero-shot:"):
+        return "zero-shot:" + _model_or_asset(text.removeprefix("zero-shot:"))
+    return _model_or_asset(text)
+
+
 def _compare(args: argparse.Namespace) -> None:
     from llmkit.commands.compare import compare
 
@@ -188,7 +210,11 @@ def _compare(args: argparse.Namespace) -> None:
                  str(args.max_length), "--batch-size", str(args.batch_size)]
     eval_args += ["--text-pair-column", args.text_pair_column] if args.text_pair_column else []
     eval_args += ["--max-samples", str(args.max_samples)] if args.max_samples else []
-    doc = compare(args.models, args.data, args.split, args.output, eval_args, args.resamples, args.seed)
+    zero_shot = ["--zero-shot", "--prompt-template", args.prompt_template, "--label-words", *args.label_words] \
+        if args.prompt_template and args.label_words else None
+    if any(m.startswith("zero-shot:") for m in args.models) and zero_shot is None:
+        raise LlmkitError("a zero-shot: model needs --prompt-template and --label-words")
+    doc = compare(args.models, args.data, args.split, args.output, eval_args, args.resamples, args.seed, zero_shot)
     for m in doc["models"]:
         print(f"{m['name']}: accuracy {m['accuracy']:.4f}  f1_macro {m['f1_macro']:.4f}  ({m['model']})")
     for p in doc["pairs"]:
@@ -292,19 +318,24 @@ def main(argv: list[str] | None = None) -> None:
     cmp = sub.add_parser("compare", help="score exported classifiers (and llmkit label-word LMs) on the same rows; per "
                          "pair the differences with "
                          "bootstrap confidence intervals and McNemar's exact test")
-    cmp.add_argument("models", nargs="+", type=fresh.absolute, help="two or more classifier folders (e.g. <run>/final)")
+    cmp.add_argument("models", nargs="+", type=_model_spec, help="two or more classifier folders (e.g. <run>/final), "
+                     "or zero-shot:<causal LM folder or asset:name>")
     cmp.add_argument("--output", type=fresh.absolute, required=True, help="the comparison's folder")
     _scored_rows(cmp)
     cmp.add_argument("--resamples", type=int, default=2000, help="paired-bootstrap resamples")
     cmp.add_argument("--seed", type=int, default=0, help="the bootstrap's seed")
+    _zero_shot_args(cmp)
     cmp.set_defaults(fn=_compare)
     ev = sub.add_parser("eval", help="evaluate an exported sequence classifier (or an llmkit label-word causal LM) "
                         "on a labelled split, with a report")
-    ev.add_argument("model_dir", type=fresh.absolute,
+    ev.add_argument("model_dir", type=_model_or_asset,
                     help="a classifier folder, e.g. <run>/final (any transformers classifier)")
     ev.add_argument("--output", type=fresh.absolute, help="output folder (default: <model_dir>/eval-<split>)")
     _scored_rows(ev)
     ev.add_argument("--trust-remote-code", action="store_true", help="run the model folder's own Python code")
+    ev.add_argument("--zero-shot", action="store_true", help="model_dir is any causal LM (a folder or asset:<name>) "
+                    "scoring --label-words after --prompt-template, untrained for the task")
+    _zero_shot_args(ev)
     ev.set_defaults(fn=_eval)
     push = sub.add_parser("push", help="push a run's export, report and model card to the Hugging Face Hub")
     push.add_argument("run_dir", type=fresh.absolute, help="a run output directory (with final/) or its final/ folder")

@@ -92,3 +92,30 @@ def test_compare_two_exports_and_refuse_different_labels(tmp_path, tiny_run, tin
     assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr[-3000:]
     assert bad.stderr.strip().splitlines()[-1].startswith("llmkit: error: the models classify into different "
                                                           "labels"), bad.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_zero_shot_causal_lm_is_scored_and_compared(tmp_path, tiny_lm):
+    """`llmkit eval --zero-shot` and `zero-shot:` in compare: any causal LM scores the label words after the
+    template, untrained for the task; each row gets one of the words."""
+    rows = [{"text": t, "label": lab} for t, lab in (("film good", "positive"), ("film bad", "negative"))] * 5
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    model = str(tiny_lm / "model")
+    ev = subprocess.run([sys.executable, "-m", "llmkit.cli", "eval", model, "--data", str(data), "--output",
+                         str(tmp_path / "ev"), "--zero-shot", "--prompt-template", "is this {text}", "--label-words",
+                         "negative", "positive"], capture_output=True, text=True, timeout=300)
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    scored = [json.loads(line) for line in (tmp_path / "ev" / "predictions_test.jsonl").read_text().splitlines()]
+    assert len(scored) == 10 and {r["prediction"] for r in scored} <= {"negative", "positive"}
+    assert all(sum(r["probabilities"]) == pytest.approx(1.0, abs=1e-5) for r in scored)
+    cmp = subprocess.run([sys.executable, "-m", "llmkit.cli", "compare", f"zero-shot:{model}", f"zero-shot:{model}",
+                          "--data", str(data), "--output", str(tmp_path / "cmp"), "--resamples", "200",
+                          "--prompt-template", "is this {text}", "--label-words", "negative", "positive"],
+                         capture_output=True, text=True, timeout=300)
+    assert cmp.returncode == 0, cmp.stderr[-3000:]
+    (p,) = json.loads((tmp_path / "cmp" / "compare.json").read_text())["pairs"]
+    assert p["agreement"] == 1.0 and p["mcnemar_exact_p"] == 1.0  # the same model, the same template
+    bad = subprocess.run([sys.executable, "-m", "llmkit.cli", "eval", model, "--data", str(data), "--zero-shot"],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "--zero-shot goes with --prompt-template and --label-words" in bad.stderr

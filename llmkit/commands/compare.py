@@ -25,7 +25,7 @@ def _check_output(out: Path) -> None:
                           "folder")
 
 
-def _score(model: Path, out: Path, source: str, split: str, eval_args: list[str]) -> dict:
+def _score(model: str, out: Path, source: str, split: str, eval_args: list[str]) -> dict:
     """`llmkit eval` of one model into `out`, in a fresh process: its labels, and per row the gold and predicted
     label ids, in row order."""
     proc = fresh.run_python(["-m", "llmkit.cli", "eval", str(model), "--data", source, "--split", split,
@@ -94,9 +94,10 @@ def pair(gold: np.ndarray, a: np.ndarray, b: np.ndarray, classes: int, resamples
 
 
 def compare(models: list[str | Path], source: str, split: str, output_dir: str | Path, eval_args: list[str],
-            resamples: int = 2000, seed: int = 0) -> dict:
+            resamples: int = 2000, seed: int = 0, zero_shot: list[str] | None = None) -> dict:
     """Score each model on `split` of `source` and compare every pair; write compare.json and compare.md into
-    `output_dir`. `eval_args`: more `llmkit eval` options (columns, max length, batch size, max samples)."""
+    `output_dir`. `eval_args`: more `llmkit eval` options (columns, max length, batch size, max samples);
+    `zero_shot`: the eval options of the models named zero-shot:<model> (template, label words)."""
     if len(models) < 2:
         raise LlmkitError("llmkit compare needs at least two models")
     if resamples < 100:
@@ -108,7 +109,11 @@ def compare(models: list[str | Path], source: str, split: str, output_dir: str |
     scored = []
     for i, model in enumerate(models):
         print(f"compare: scoring {model} ({i + 1} of {len(models)})", file=sys.stderr, flush=True)
-        scored.append(_score(Path(model), out / f"model-{i + 1}", source, split, eval_args))
+        name = str(model)
+        extra = zero_shot if name.startswith("zero-shot:") and zero_shot else []
+        scored.append(_score(name.removeprefix("zero-shot:"), out / f"model-{i + 1}", source, split,
+                             eval_args + extra))
+        scored[-1]["model"] = name
     first = scored[0]
     for s in scored[1:]:
         if s["labels"] != first["labels"]:

@@ -19,7 +19,7 @@ from llmkit.errors import LlmkitError
 from llmkit.evals import explain
 from llmkit.evals.classification import write_predictions
 from llmkit.metrics import classification_metrics
-from llmkit.model import check_export_weights, read_config, trusts_remote_code
+from llmkit.model import check_export_weights, locate, read_config, trusts_remote_code
 from llmkit.report import pages
 from llmkit.rundir import life
 from llmkit.rundir.layout import Export, RunDir, read_json
@@ -84,6 +84,16 @@ def _label_words(model_dir: Path, trust_remote_code: bool):
     return explain.load(model_dir, trust_remote_code)
 
 
+def _zero_shot(model_dir: Path, trust_remote_code: bool, template: str, label_words: list[str]):
+    """A causal LM scoring `label_words` after `template` (with {text}): no run records needed."""
+    config = read_json(model_dir / "config.json")
+    if not any(a.endswith("ForCausalLM") for a in config.get("architectures") or []):
+        raise LlmkitError(f"zero-shot scoring needs a causal LM; '{model_dir}' is {config.get('architectures')}")
+    if len(set(label_words)) != len(label_words) or len(label_words) < 2:
+        raise LlmkitError(f"--label-words must list at least 2 distinct words, got {label_words}")
+    return explain.load(model_dir, trust_remote_code, prompt_template=template, label_words=label_words)
+
+
 def _classifier_logits(model, tokenizer, texts: list[str], pairs: list[str] | None, max_length: int,
                        batch_size: int) -> np.ndarray:
     limit = min(max_length, getattr(tokenizer, "model_max_length", max_length) or max_length)
@@ -101,16 +111,22 @@ def _classifier_logits(model, tokenizer, texts: list[str], pairs: list[str] | No
 def eval_export(model_dir: str | Path, source: str, split: str = "test", output_dir: str | Path | None = None,
                 text_column: str = "text", text_pair_column: str | None = None, label_column: str = "label",
                 max_length: int = 512, batch_size: int = 64, max_samples: int | None = None,
-                trust_remote_code: bool = False) -> dict:
+                trust_remote_code: bool = False, zero_shot: tuple[str, list[str]] | None = None) -> dict:
     """Predict `split` of `source` with the classifier in `model_dir`; write predictions_<split>.jsonl,
     metrics.json, run_info.json and report.{json,md,html} into `output_dir` (default <model_dir>/eval-<split>).
-    `trust_remote_code` (or an llmkit export trained with it) runs the model folder's own Python code."""
+    `trust_remote_code` (or an llmkit export trained with it) runs the model folder's own Python code.
+    `zero_shot` (prompt template, label words): `model_dir` is any causal LM (a folder or asset:<name>), untrained
+    for the task, scoring each label word after the template; the words are the data's label names, in order."""
     if batch_size < 1 or max_length < 2 or (max_samples is not None and max_samples < 1):
         raise LlmkitError(f"--batch-size must be >= 1, --max-length >= 2 and --max-samples >= 1; got {batch_size}, "
                           f"{max_length}, {max_samples}")
+    if zero_shot is not None:
+        if output_dir is None:
+            raise LlmkitError("a zero-shot eval needs --output (it writes nothing beside the model)")
+        model_dir = Path(locate(str(model_dir), "the zero-shot model"))
     model_dir = Path(model_dir).expanduser()
     remote = trust_remote_code or trusts_remote_code(model_dir)
-    words = _label_words(model_dir, remote)
+    words = _zero_shot(model_dir, remote, *zero_shot) if zero_shot else _label_words(model_dir, remote)
     if words is None:
         model, tokenizer = _load_classifier(model_dir, remote)
         names = [model.config.id2label[i] for i in range(len(model.config.id2label))]
