@@ -92,6 +92,7 @@ def test_compare_two_exports_and_refuse_different_labels(tmp_path, tiny_run, tin
     assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr[-3000:]
     assert bad.stderr.strip().splitlines()[-1].startswith("llmkit: error: the models classify into different "
                                                           "labels"), bad.stderr[-2000:]
+    assert not (tmp_path / "cmp2").exists()  # refused from the models' files, before anything was scored
 
 
 @pytest.mark.slow

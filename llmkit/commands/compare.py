@@ -68,6 +68,18 @@ def _slices(first: dict) -> dict[str, np.ndarray]:
     return masks
 
 
+def _labels_of(model: str, zero_shot: list[str] | None) -> list[str] | None:
+    """A model's labels in order, read from its files before anything is scored (None where they do not say):
+    a classifier's id2label, a label-word export's run records, the label words given for zero-shot."""
+    if model.startswith("zero-shot:"):
+        return zero_shot[zero_shot.index("--label-words") + 1:] if zero_shot else None
+    folder = Path(model)
+    config = read_json(folder / "config.json")
+    if config.get("id2label"):
+        return [config["id2label"][str(i)] for i in range(len(config["id2label"]))]
+    return read_json(folder / "metrics.json").get("label_names") or None
+
+
 def pair(gold: np.ndarray, a: np.ndarray, b: np.ndarray, classes: int, resamples: int = 2000, seed: int = 0) -> dict:
     """A against B on the same rows: accuracy and macro-F1 differences (A - B) with 95% paired-bootstrap
     intervals (the rows resampled together for both), McNemar's exact test (a two-sided binomial test on the rows
@@ -102,6 +114,13 @@ def compare(models: list[str | Path], source: str, split: str, output_dir: str |
         raise LlmkitError("llmkit compare needs at least two models")
     if resamples < 100:
         raise LlmkitError(f"--resamples must be >= 100 for a 95% interval to mean anything, got {resamples}")
+    labels = {str(m): _labels_of(str(m), zero_shot) for m in models}
+    known = {m: names for m, names in labels.items() if names is not None}
+    if len({tuple(names) for names in known.values()}) > 1:  # refused before any model is scored
+        (a, first), (b, other) = next(iter(known.items())), next((m, n) for m, n in known.items()
+                                                                if n != next(iter(known.values())))
+        raise LlmkitError(f"the models classify into different labels: {a} has {first}, {b} has {other}; compare "
+                          "models of the same task and label order")
     out = Path(output_dir).expanduser()
     _check_output(out)
     out.mkdir(parents=True, exist_ok=True)
