@@ -14,7 +14,7 @@ import numpy as np
 
 from llmkit import fresh
 from llmkit.errors import LlmkitError
-from llmkit.rundir.layout import RunDir, read_json, read_jsonl
+from llmkit.rundir.layout import Export, RunDir, read_json, read_jsonl
 
 MARKER = ".llmkit-compare"  # a `llmkit compare` output folder, which a later compare may write over
 
@@ -77,7 +77,7 @@ def _labels_of(model: str, zero_shot: list[str] | None) -> list[str] | None:
     config = read_json(folder / "config.json")
     if config.get("id2label"):
         return [config["id2label"][str(i)] for i in range(len(config["id2label"]))]
-    return read_json(folder / "metrics.json").get("label_names") or None
+    return Export(folder).read_metrics().get("label_names") or None
 
 
 def pair(gold: np.ndarray, a: np.ndarray, b: np.ndarray, classes: int, resamples: int = 2000, seed: int = 0) -> dict:
