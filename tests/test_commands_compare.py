@@ -103,18 +103,16 @@ def test_zero_shot_causal_lm_is_scored_and_compared(tmp_path, tiny_lm):
     data = tmp_path / "rows.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     model = str(tiny_lm / "model")
-    ev = subprocess.run([sys.executable, "-m", "llmkit.cli", "eval", model, "--data", str(data), "--output",
-                         str(tmp_path / "ev"), "--zero-shot", "--prompt-template", "is this {text}", "--label-words",
-                         "negative", "positive"], capture_output=True, text=True, timeout=300)
-    assert ev.returncode == 0, ev.stderr[-3000:]
-    scored = [json.loads(line) for line in (tmp_path / "ev" / "predictions_test.jsonl").read_text().splitlines()]
-    assert len(scored) == 10 and {r["prediction"] for r in scored} <= {"negative", "positive"}
-    assert all(sum(r["probabilities"]) == pytest.approx(1.0, abs=1e-5) for r in scored)
     cmp = subprocess.run([sys.executable, "-m", "llmkit.cli", "compare", f"zero-shot:{model}", f"zero-shot:{model}",
                           "--data", str(data), "--output", str(tmp_path / "cmp"), "--resamples", "200",
                           "--prompt-template", "is this {text}", "--label-words", "negative", "positive"],
                          capture_output=True, text=True, timeout=300)
     assert cmp.returncode == 0, cmp.stderr[-3000:]
+    # each model was scored by `llmkit eval --zero-shot` (compare runs it): one of the words per row
+    scored = [json.loads(line) for line in (tmp_path / "cmp" / "model-1" / "predictions_test.jsonl").read_text()
+              .splitlines()]
+    assert len(scored) == 10 and {r["prediction"] for r in scored} <= {"negative", "positive"}
+    assert all(sum(r["probabilities"]) == pytest.approx(1.0, abs=1e-5) for r in scored)
     (p,) = json.loads((tmp_path / "cmp" / "compare.json").read_text())["pairs"]
     assert p["agreement"] == 1.0 and p["mcnemar_exact_p"] == 1.0  # the same model, the same template
     bad = subprocess.run([sys.executable, "-m", "llmkit.cli", "eval", model, "--data", str(data), "--zero-shot"],
