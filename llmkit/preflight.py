@@ -183,16 +183,17 @@ def check_memory(cfg: Config, ds: dict | None, sizes: model.Sizes, precision: st
                  vocab: int) -> str:
     """The memory estimate of this run (its table), refused when its peak cannot fit one device: a GPU, or on
     CPU this host's memory shared by the ranks it runs."""
-    d, t = cfg.data, cfg.train
-    tokens = t.per_device_batch_size * d.max_length  # the longest micro-batch a rank can get
-    # label words score every label's candidate row (at least 2 labels when the config does not list them)
-    labels = d.label_words or d.label_names
-    candidates = (len(labels) if labels else 2) if d.prompt_template else 1
-    logits = max(memory.logits_bytes(tokens, vocab, precision),
-                 memory.eval_logits_bytes(t.eval_batch_size * candidates * d.max_length, vocab, precision))
+    d, t, logits = cfg.data, cfg.train, 0.0
+    if vocab:  # a causal LM's loss over the vocabulary: a training micro-batch, or an evaluation batch
+        candidates = 1
+        if d.prompt_template:  # label words score every label's candidate row (at least 2 labels)
+            labels = d.label_words or d.label_names
+            candidates = len(labels) if labels else 2
+        logits = max(memory.logits_bytes(t.per_device_batch_size * d.max_length, vocab, precision),
+                     memory.eval_logits_bytes(t.eval_batch_size * candidates * d.max_length, vocab, precision))
     est = memory.for_run(ds, sizes.params, world_size, precision, largest_param=sizes.largest_trainable,
                          trainable=sizes.trainable, frozen_bytes=0.5 if cfg.lora.load_in_4bit else None,
-                         logits=logits if vocab else 0.0,
+                         logits=logits,
                          runtime=0.0 if hw.gpus else _resident_bytes())  # on a GPU the runtime is host memory
     if hw.memory_bytes:
         local = max(parallel.local_world_size(), 1)
