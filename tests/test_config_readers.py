@@ -106,8 +106,8 @@ def test_a_run_reads_only_the_keys_the_schema_gives_its_recipe(tmp_path, monkeyp
     """A whole run in this process (one rank, no launcher; the export check and explanations in their fresh
     processes): every key it reads is one the schema says it reads, so a key refused there is truly unread."""
     if reader == "classification":
-        cfg = write_config(tmp_path / "c.yaml", tiny_bert, tiny_data, tmp_path / "out", max_steps=2,
-                           explain_rows=2, verify_export=True)
+        cfg = write_config(tmp_path / "c.yaml", tiny_bert, tiny_data, tmp_path / "out", max_steps=1,
+                           explain_rows=1, verify_export=True)
         overrides = []
     else:
         lm = build_tiny_lm(tmp_path / "lm")
@@ -115,12 +115,12 @@ def test_a_run_reads_only_the_keys_the_schema_gives_its_recipe(tmp_path, monkeyp
             rows = [{"text": t, "label": lab} for t, lab in (("film good", "positive"), ("film bad", "negative"))]
             for split in ("train", "validation"):
                 (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows * 4))
-            cfg = write_config(tmp_path / "c.yaml", lm / "model", tmp_path, tmp_path / "out", max_steps=2,
-                               explain_rows=2, per_device_batch_size=4)
+            cfg = write_config(tmp_path / "c.yaml", lm / "model", tmp_path, tmp_path / "out", max_steps=1,
+                               explain_rows=1, per_device_batch_size=4)
             overrides = ["--data.prompt_template", "is this {text}", "--data.test_split", "null",
                          "--train.sample_prompts", "[is this]", "--train.sample_max_new_tokens", "2"]
         else:  # prompt/response rows, the keys it reads only: no output.explain_rows
-            cfg = write_lm_config(tmp_path / "c.yaml", lm, tmp_path / "out", lora=False, max_steps=2)
+            cfg = write_lm_config(tmp_path / "c.yaml", lm, tmp_path / "out", lora=False, max_steps=1)
             overrides = ["--data.prompt_column", "prompt", "--data.response_column", "response",
                          "--train.sample_prompts", "[is this]", "--output.verify_export", "true"]
     seen: set[str] = set()
