@@ -29,29 +29,12 @@ class Export:
     """A run's export folder (final/): the model as transformers / peft save it, plus llmkit's records."""
     root: Path
 
-    @property
-    def config(self) -> Path:
-        return self.root / CONFIG
-
-    @property
-    def metrics(self) -> Path:
-        return self.root / METRICS
-
-    @property
-    def ds_config(self) -> Path:
-        return self.root / DS_CONFIG
-
-    @property
-    def probe(self) -> Path:
-        return self.root / PROBE
-
-    @property
-    def adapter(self) -> Path:  # LoRA runs: the adapter (with a classifier's head)
-        return self.root / "adapter"
-
-    @property
-    def merged(self) -> Path:  # LoRA causal LMs: the adapter merged into its base
-        return self.root / "merged"
+    config = property(lambda self: self.root / CONFIG)
+    metrics = property(lambda self: self.root / METRICS)
+    ds_config = property(lambda self: self.root / DS_CONFIG)
+    probe = property(lambda self: self.root / PROBE)
+    adapter = property(lambda self: self.root / "adapter")  # LoRA runs: the adapter (with a classifier's head)
+    merged = property(lambda self: self.root / "merged")  # LoRA causal LMs: the adapter merged into its base
 
     def read_config(self) -> dict:
         return read_yaml(self.config)
