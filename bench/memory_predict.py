@@ -65,11 +65,14 @@ def measure(name: str, steps: int) -> dict:
         terms = {k: v for k, v in re.findall(r"^\s+([a-z][a-z ]+?)\s+(\d+\.\d+) GiB", said, re.M)}
         train = json.loads((Path(tmp) / "run" / "metrics.json").read_text())["train"]
     measured = [b / GIB for b in train["per_rank"]["peak_memory_bytes"]]
+    phases = {f"measured_{phase}_gib_per_rank": [round(b / GIB, 3) for b in train["per_rank"][key]]
+              for phase, key in (("load", "load_host_peak_bytes"), ("train", "train_peak_bytes"))
+              if key in train["per_rank"]}
     predicted = float(terms["total at peak"])
     return {"row": name, "host": _host(), "steps": steps, "precision": train["precision"],
             "zero_stage": train["zero_stage"], "predicted_gib": predicted,
             "terms_gib": {k: float(v) for k, v in terms.items()},
-            "measured_gib_per_rank": [round(m, 3) for m in measured],
+            "measured_gib_per_rank": [round(m, 3) for m in measured], **phases,
             "ratio_measured_to_predicted": round(max(measured) / predicted, 3)}
 
 

@@ -26,10 +26,14 @@ in the run's 16-bit dtype under mixed precision (fp32 otherwise) or 4-bit NF4 un
 sharded under ZeRO-3 like every parameter; the adapters and the heads peft trains in full (modules_to_save) carry
 the formulas above.
 
-Beside the model states, each its own line: a causal LM's logits and loss over the vocabulary (`logits_bytes`),
-and the runtime itself (`runtime_bytes`: the process's resident memory before the model loads, measured; on a GPU
-it is host memory, not the device's). Not counted yet: the activations of each layer, DeepSpeed's ZeRO-3
-prefetch, and host memory at load.
+Beside the model states, each its own line: the activations of a training micro-batch (llmkit.activations), a
+causal LM's logits and loss over the vocabulary (`logits_bytes`), the evaluation batch (`eval_logits_bytes`: no
+activations kept, but every label-word candidate scored at once), and the runtime itself (`runtime_bytes`: the
+process's resident memory before the model loads, measured; on a GPU it is host memory, not the device's).
+Training and evaluation never overlap, so the peak holds the larger of the two:
+  total at peak = params + gradients at peak + optimizer states + runtime
+                  + max(activations + logits and loss, evaluation batch)
+Not counted yet: DeepSpeed's ZeRO-3 prefetch and live parameters, and host memory at load.
 """
 
 from __future__ import annotations
@@ -61,6 +65,8 @@ class MemoryEstimate:
     # evaluation batch's, label-word candidates included (eval_logits_bytes()), whichever is more
     logits_bytes: float = 0.0
     runtime_bytes: float = 0.0  # the process before the model loads (CPU ranks: on the device, host memory)
+    activation_bytes: float = 0.0  # what autograd keeps of a training micro-batch (llmkit.activations)
+    eval_bytes: float = 0.0  # an evaluation batch's loss over the vocabulary (no activations kept)
 
     @property
     def device_bytes(self) -> float:
@@ -73,14 +79,16 @@ class MemoryEstimate:
 
     @property
     def peak_device_bytes(self) -> float:
-        """Params + gradients at their peak + optimizer states (all held during the optimizer step), plus the
-        logits and loss and the runtime where they are known."""
-        return self.param_bytes + self.grad_peak_bytes + self.optimizer_bytes + self.logits_bytes + self.runtime_bytes
+        """Params + gradients at their peak + optimizer states (all held during the optimizer step) + the runtime,
+        plus the larger of a training micro-batch (activations, logits and loss) and an evaluation batch."""
+        return self.param_bytes + self.grad_peak_bytes + self.optimizer_bytes + self.runtime_bytes + \
+            max(self.activation_bytes + self.logits_bytes, self.eval_bytes)
 
     def terms(self) -> dict[str, float]:
         """Each term of the peak, by the name the table and a refusal give it."""
         return {"parameters": self.param_bytes, "gradients at peak": self.grad_peak_bytes,
-                "optimizer states": self.optimizer_bytes, "logits and loss": self.logits_bytes,
+                "optimizer states": self.optimizer_bytes, "activations": self.activation_bytes,
+                "logits and loss": self.logits_bytes, "evaluation batch": self.eval_bytes,
                 "runtime": self.runtime_bytes}
 
     def table(self) -> str:
@@ -95,7 +103,9 @@ class MemoryEstimate:
                 + (f" ({trained / 1e6:,.2f}M trained, the rest frozen)" if trained != self.params else "")
                 + (", optimizer offloaded" if self.offload_optimizer else "")
                 + (", parameters offloaded" if self.offload_params else ""))
-        extra = [(name, value) for name, value in (("logits and loss", self.logits_bytes),
+        extra = [(name, value) for name, value in (("activations", self.activation_bytes),
+                                                    ("logits and loss", self.logits_bytes),
+                                                    ("evaluation batch", self.eval_bytes),
                                                     ("runtime", self.runtime_bytes)) if value]
         rows[-1:-1] = extra  # before "total at peak", which includes them
         lines = [head] + [f"  {name:<17} {value / gib:10.3f} GiB" for name, value in rows]
@@ -108,6 +118,9 @@ class MemoryEstimate:
         lines[-2 - len(extra)] += (f"  (DeepSpeed: backward {self.grad_backward_bytes / gib:.3f}{largest}; "
                       f"step {self.grad_step_bytes / gib:.3f} {copies})" if self.deepspeed else
                       "  (no DeepSpeed" + (": autocast keeps fp32 weights + grads, same 16P)" if mixed else ")"))
+        if self.eval_bytes:  # the evaluation batch replaces the training one at the peak, it does not add to it
+            at = next(k for k, line in enumerate(lines) if line.startswith("  evaluation batch"))
+            lines[at] += "  (in place of activations + logits: the larger counts)"
         if self.host_bytes:
             lines.append(f"  {'CPU (offload)':<17} {self.host_bytes / gib:10.3f} GiB per rank")
         return "\n".join(lines)
@@ -138,12 +151,15 @@ def check_fits(est: MemoryEstimate, budget: float, where: str) -> None:
     switch = {"parameters": "ZeRO-3 (deepspeed.zero_stage 3 / a zero3 accelerate config), parameter offload, or "
                             "LoRA", "gradients at peak": "ZeRO-2 or 3, or LoRA",
               "optimizer states": "ZeRO-1/2/3, optimizer offload, or LoRA",
+              "activations": "model.gradient_checkpointing true, or a smaller train.per_device_batch_size or "
+                             "data.max_length (with more train.gradient_accumulation_steps)",
               "logits and loss": "a smaller train.per_device_batch_size or data.max_length (with more "
                                  "train.gradient_accumulation_steps)",
+              "evaluation batch": "a smaller train.eval_batch_size",
               "runtime": "fewer ranks per machine"}[name]
     gib = 1024**3
-    raise LlmkitError(f"this run needs at least {est.peak_device_bytes / gib:.2f} GiB per device at its peak "
-                      f"(activations not counted), {where} has {budget / gib:.2f} GiB; the largest term is {name} "
+    raise LlmkitError(f"this run needs at least {est.peak_device_bytes / gib:.2f} GiB per device at its peak, "
+                      f"{where} has {budget / gib:.2f} GiB; the largest term is {name} "
                       f"({value / gib:.2f} GiB): shrink it with {switch}")
 
 
@@ -226,9 +242,10 @@ def bucket_bytes(zero: dict, precision: str) -> float:
 
 def for_run(ds_config: dict | None, params: int, num_devices: int, precision: str,
             largest_param: int = 0, trainable: int | None = None, frozen_bytes: float | None = None,
-            logits: float = 0.0, runtime: float = 0.0) -> MemoryEstimate:
-    """The estimate for a run's resolved DeepSpeed config (no DeepSpeed = plain data parallel), with its logits
-    and runtime terms (bytes)."""
+            logits: float = 0.0, runtime: float = 0.0, activations: float = 0.0,
+            evaluation: float = 0.0) -> MemoryEstimate:
+    """The estimate for a run's resolved DeepSpeed config (no DeepSpeed = plain data parallel), with its
+    activations, logits, evaluation and runtime terms (bytes)."""
     zero = (ds_config or {}).get("zero_optimization", {})
 
     def offloaded(key: str) -> bool:
@@ -238,5 +255,5 @@ def for_run(ds_config: dict | None, params: int, num_devices: int, precision: st
                    offload_optimizer=offloaded("offload_optimizer"), offload_params=offloaded("offload_param"),
                    largest_param=largest_param, deepspeed=ds_config is not None,
                    bucket_bytes=bucket_bytes(zero, precision), trainable=trainable, frozen_bytes=frozen_bytes)
-    est.logits_bytes, est.runtime_bytes = logits, runtime
+    est.logits_bytes, est.runtime_bytes, est.activation_bytes, est.eval_bytes = logits, runtime, activations, evaluation
     return est

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from llmkit import fresh, memory, model, parallel, trackers
+from llmkit import activations, fresh, memory, model, parallel, trackers
 from llmkit.config import Config, schema
 from llmkit.data import lm, sources
 from llmkit.errors import LlmkitError
@@ -179,21 +179,47 @@ def _resident_bytes() -> float:
         return 0.0
 
 
+def _activations(cfg: Config, config, precision: str, hw: Hardware, causal: bool) -> float:
+    """What autograd keeps of one training micro-batch at data.max_length (llmkit.activations); 0 when the
+    architecture does not name its sizes."""
+    shape = activations.shape_of(config)
+    if shape is None:
+        return 0.0
+    d, lora = cfg.data, cfg.lora
+    adapters = None
+    if lora.enabled:
+        targets = lora.target_modules or model.LORA_TARGETS.get(config.model_type) or "all-linear"
+        names = {n for group in (*activations.DECODER_INPUTS.values(), *activations.ENCODER_INPUTS.values())
+                 for n in group}
+        adapters = activations.Adapters(lora.r, lora.dropout, frozenset(names if targets == "all-linear"
+                                                                        else targets))
+    # plain text is packed into blocks: no padding mask (prompt/response and chat rows are, unless data.packing)
+    packed = causal and (d.packing or (not d.prompt_template and d.format in ("auto", "text")
+                                       and not (d.prompt_column or d.messages_column)))
+    width = 2 if precision in ("bf16", "fp16") else 4
+    return activations.activation_bytes(shape, cfg.train.per_device_batch_size, d.max_length, width, adapters,
+                                        checkpointing=cfg.model.gradient_checkpointing, padded=not packed,
+                                        device="cuda" if hw.gpus else "cpu",
+                                        attention=cfg.model.attn_implementation or "sdpa")
+
+
 def check_memory(cfg: Config, ds: dict | None, sizes: model.Sizes, precision: str, world_size: int, hw: Hardware,
-                 vocab: int) -> str:
+                 config, causal: bool) -> str:
     """The memory estimate of this run (its table), refused when its peak cannot fit one device: a GPU, or on
     CPU this host's memory shared by the ranks it runs."""
-    d, t, logits = cfg.data, cfg.train, 0.0
-    if vocab:  # a causal LM's loss over the vocabulary: a training micro-batch, or an evaluation batch
+    d, t, logits, evaluation = cfg.data, cfg.train, 0.0, 0.0
+    vocab = getattr(config, "vocab_size", 0) if causal else 0
+    if vocab:  # a causal LM's loss over the vocabulary: a training micro-batch, and an evaluation batch
         candidates = 1
         if d.prompt_template:  # label words score every label's candidate row (at least 2 labels)
             labels = d.label_words or d.label_names
             candidates = len(labels) if labels else 2
-        logits = max(memory.logits_bytes(t.per_device_batch_size * d.max_length, vocab, precision),
-                     memory.eval_logits_bytes(t.eval_batch_size * candidates * d.max_length, vocab, precision))
+        logits = memory.logits_bytes(t.per_device_batch_size * d.max_length, vocab, precision)
+        evaluation = memory.eval_logits_bytes(t.eval_batch_size * candidates * d.max_length, vocab, precision)
     est = memory.for_run(ds, sizes.params, world_size, precision, largest_param=sizes.largest_trainable,
                          trainable=sizes.trainable, frozen_bytes=0.5 if cfg.lora.load_in_4bit else None,
-                         logits=logits,
+                         logits=logits, evaluation=evaluation,
+                         activations=_activations(cfg, config, precision, hw, causal),
                          runtime=0.0 if hw.gpus else _resident_bytes())  # on a GPU the runtime is host memory
     if hw.memory_bytes:
         local = max(parallel.local_world_size(), 1)
@@ -305,9 +331,8 @@ def check(cfg: Config, world_size: int, recipe: str | None = None,
         passed(f"disk and memory: not estimated ({exc.__class__.__name__})")
     else:
         passed(check_disk(cfg, sizes, precision, conversion))
-        vocab = getattr(config, "vocab_size", 0) if causal else 0
-        table = check_memory(cfg, ds, sizes, precision, world_size, hw, vocab)
-        passed("memory (ZeRO formulas and DeepSpeed's peak, activations excluded):\n"
+        table = check_memory(cfg, ds, sizes, precision, world_size, hw, config, causal)
+        passed("memory (ZeRO formulas, DeepSpeed's peak, activations at data.max_length):\n"
                + "\n".join("      " + r for r in table.splitlines()))
     passed(trackers.check(cfg))
     if cfg.output.push_to_hub:  # no token: say so now, not after hours of training

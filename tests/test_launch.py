@@ -74,6 +74,10 @@ def test_zero_run_exports_a_model_plain_transformers_reloads(zero_runs, tiny_ber
     # every rank's peak memory, and the largest as the run's (what to provision), also in the report
     peaks = metrics["train"]["per_rank"]["peak_memory_bytes"]
     assert len(peaks) == 2 and min(peaks) > 0 and metrics["train"]["peak_memory_bytes"] == max(peaks)
+    # ... and by phase: loading (imports, data, model, DeepSpeed) and training, the whole run's peak the larger
+    phases = [metrics["train"]["per_rank"][k] for k in ("load_host_peak_bytes", "train_peak_bytes")]
+    for rank, (load, train) in enumerate(zip(*phases)):
+        assert 0 < load <= peaks[rank] and 0 < train <= peaks[rank] and max(load, train) >= 0.95 * peaks[rank]
     facts = json.loads((out / "report.json").read_text())["runs"][0]["run"]
     assert facts["peak_memory_gib_per_rank"] == [round(b / 2**30, 3) for b in peaks]
     assert facts["peak_memory_gib"] == max(facts["peak_memory_gib_per_rank"])

@@ -21,7 +21,7 @@ LAYERS = [
                 # launch layer too; the rest of llmkit.rundir (a run's life, checkpoints) is launch
                 "llmkit.rundir.layout"]),
     ("build", ["llmkit.model", "llmkit.generate", "llmkit.data"]),
-    ("launch", ["llmkit.precision", "llmkit.parallel", "llmkit.memory", "llmkit.rundir", "llmkit.trackers",
+    ("launch", ["llmkit.precision", "llmkit.parallel", "llmkit.memory", "llmkit.activations", "llmkit.rundir", "llmkit.trackers",
                 "llmkit.preflight"]),
     ("train", ["llmkit.train"]),
     ("evals and ship", ["llmkit.evals", "llmkit.ship"]),

@@ -205,12 +205,30 @@ def test_logits_and_runtime_terms_and_the_refusal_of_a_run_that_cannot_fit():
     names = [line[2:19].strip() for line in est.table().splitlines()[1:]]
     assert names[-3:] == ["logits and loss", "runtime", "total at peak"]
     memory.check_fits(est, est.peak_device_bytes, "one test device")  # exactly enough passes
-    with pytest.raises(LlmkitError, match=r"at least .* GiB per device at its peak \(activations not counted\), "
+    with pytest.raises(LlmkitError, match=r"at least .* GiB per device at its peak, "
                                           r"one test device has .* largest term is runtime .*fewer ranks per"):
         memory.check_fits(est, est.peak_device_bytes - 1, "one test device")
     big = memory.for_run({"zero_optimization": {"stage": 2}}, 10**9, 2, "bf16", logits=1e8)
     with pytest.raises(LlmkitError, match="largest term is optimizer states .*ZeRO-1/2/3, optimizer offload"):
         memory.check_fits(big, 2**30, "one GPU")
+
+
+def test_training_and_evaluation_batches_take_turns_at_the_peak():
+    """Activations and the training loss are held together; an evaluation batch comes in their place, so the
+    peak counts the larger of the two, and a refusal names activations with gradient checkpointing."""
+    states = 16 * 1000 + 9000  # fp32, no DeepSpeed: 16P, and the runtime
+    train = memory.for_run(None, 1000, 1, "fp32", logits=5000.0, runtime=9000.0, activations=7000.0,
+                           evaluation=10_000.0)
+    assert train.peak_device_bytes == states + 5000 + 7000  # 12,000 of training over 10,000 of evaluation
+    evaluation = memory.for_run(None, 1000, 1, "fp32", logits=5000.0, runtime=9000.0, activations=7000.0,
+                                evaluation=20_000.0)
+    assert evaluation.peak_device_bytes == states + 20_000
+    names = [line[2:19].strip() for line in evaluation.table().splitlines()[1:]]
+    assert names[-5:] == ["activations", "logits and loss", "evaluation batch", "runtime", "total at peak"]
+    assert "in place of activations + logits" in evaluation.table()
+    deep = memory.for_run(None, 1000, 1, "fp32", activations=1e9)
+    with pytest.raises(LlmkitError, match="largest term is activations .*model.gradient_checkpointing true"):
+        memory.check_fits(deep, 2**29, "one GPU")
 
 
 def test_validate_refuses_a_run_bigger_than_the_device(tmp_path, tiny_lm):
@@ -228,5 +246,5 @@ def test_validate_refuses_a_run_bigger_than_the_device(tmp_path, tiny_lm):
         check(cfg, 1, "causal_lm", hw=Hardware(memory_bytes=2**20))
     plan = check(cfg, 1, "causal_lm", hw=Hardware(memory_bytes=64 * 2**30))
     table = next(line for line in plan.checked if line.startswith("memory"))
-    assert "logits and loss" in table and "runtime" in table
+    assert all(term in table for term in ("activations", "logits and loss", "evaluation batch", "runtime"))
     assert not (tmp_path / "out").exists()

@@ -90,7 +90,7 @@ def fit(run: Run, model, optimizer, train_loader, eval_loader, eval_fn: EvalFn,
     hooks.close()
 
     # summary
-    ranks = per_rank(acc, model, optimizer)
+    ranks = per_rank(acc, model, optimizer, meter.peaks)
     summary = {"steps": state.step, "epochs": round(state.step / steps_per_epoch, 3), **meter.summary(),
                "world_size": acc.num_processes, "precision": run.precision, "zero_stage": run.zero_stage,
                "peak_memory_bytes": max(ranks["peak_memory_bytes"]),  # the largest rank's: what to provision

@@ -29,6 +29,7 @@ class Meter:
         self.nonfinite_at = torch.zeros((), dtype=torch.long, device=device)
         self.start = time.perf_counter()
         self.paused = 0.0  # seconds spent evaluating and checkpointing
+        self.peaks = PhasePeaks()  # everything before this point is the load phase
 
     def watch(self, loss: torch.Tensor, step: int) -> None:
         """Remember `step` if this batch's loss is NaN/inf (the first such step only)."""
@@ -90,11 +91,51 @@ class Meter:
                 "samples_per_second": round(self.seen_rows * world / step_seconds, 2)}
 
 
-def peak_memory() -> int:
-    """This rank's peak: allocated GPU memory, or on CPU the process's maximum resident set."""
-    if torch.cuda.is_available():
-        return int(torch.cuda.max_memory_allocated())
+def _host_peak() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # Linux reports KiB
+
+
+def _resident_high_water() -> int | None:
+    """VmHWM: the peak resident set since the process started or since it was last reset (Linux), else None."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+class PhasePeaks:
+    """Peak memory by phase, so the estimate's two columns can be checked apart: the load phase (imports, data,
+    model load, DeepSpeed's setup: host memory) and training (the device: a GPU's allocated peak, or on CPU the
+    resident set's high-water mark, reset once loading is over; Linux resets it when "5" is written to
+    /proc/self/clear_refs)."""
+
+    def __init__(self):
+        self.load_host = self.load_device = _host_peak()
+        self.split = True
+        if torch.cuda.is_available():
+            self.load_device = int(torch.cuda.max_memory_allocated())
+            torch.cuda.reset_peak_memory_stats()
+            return
+        try:
+            with open("/proc/self/clear_refs", "w") as fh:
+                fh.write("5")
+        except OSError:  # not Linux, or not allowed: training's peak is not told apart from the load's
+            self.split = False
+
+    def train(self) -> int:
+        if torch.cuda.is_available():
+            return int(torch.cuda.max_memory_allocated())
+        hwm = _resident_high_water() if self.split else None
+        return _host_peak() if hwm is None else hwm
+
+    def whole_run(self) -> int:
+        """The run's peak on the device: allocated GPU memory, or on CPU the process's maximum resident set."""
+        if torch.cuda.is_available():
+            return max(self.load_device, self.train())
+        return max(_host_peak(), self.train())  # the kernel's two counters can differ by a few pages
 
 
 def _innermost_optimizer(optimizer):
@@ -104,12 +145,15 @@ def _innermost_optimizer(optimizer):
     return optimizer
 
 
-def per_rank(acc, model, optimizer) -> dict[str, list[int]]:
+def per_rank(acc, model, optimizer, peaks: PhasePeaks) -> dict[str, list[int]]:
     """What each rank really holds, read from the engine (not assumed): parameter and optimizer-state elements,
-    and its peak memory so far (ranks differ: rank 0 also evaluates and gathers)."""
+    its peak memory so far (ranks differ: rank 0 also evaluates and gathers), and that peak by phase: host memory
+    while loading, and the device (on CPU: host memory again) while training."""
     params = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in model.parameters())
     state = _innermost_optimizer(optimizer).state
     states = sum(v.numel() for s in state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0)
-    counts = acc.gather(torch.tensor([[params, states, peak_memory()]], device=acc.device)).tolist()
+    row = [params, states, peaks.whole_run(), peaks.load_host, peaks.train()]
+    counts = acc.gather(torch.tensor([row], device=acc.device)).tolist()
     return {"parameter_elements": [c[0] for c in counts], "optimizer_state_elements": [c[1] for c in counts],
-            "peak_memory_bytes": [c[2] for c in counts]}
+            "peak_memory_bytes": [c[2] for c in counts], "load_host_peak_bytes": [c[3] for c in counts],
+            "train_peak_bytes": [c[4] for c in counts]}
