@@ -2,11 +2,19 @@
 the peak resident memory each rank reports in metrics.json (train.per_rank.peak_memory_bytes: RSS on CPU,
 torch.cuda.max_memory_allocated on a GPU), for short real runs of the shipped recipes on 2 ranks: the MiniLM
 classifier, SmolLM2 with LoRA (label words) and SmolLM2 full (packed text), ZeRO-2 and ZeRO-3, with and without
-gradient checkpointing. Activations are not in the estimate yet: the gap is what they (and allocator caching)
-take. Appends one JSON line per row to bench/results/memory_predict.jsonl and skips rows already measured on
-this host.
+gradient checkpointing. Appends one JSON line per row to bench/results/memory_predict.jsonl and skips rows already
+measured on this host with this allocator.
 
-    .venv/bin/python bench/memory_predict.py [--rows minilm_zero2 ...] [--steps 6]
+The estimate is at data.max_length, so the rows are made to reach it: each row of the bench's data is 8
+consecutive polarity sentences joined (the first one's label), longer than every recipe's max_length.
+
+Allocator: a GPU's max_memory_allocated counts live tensors, not what PyTorch's caching allocator keeps in
+reserve. On a CPU, glibc's malloc keeps freed blocks of up to 32 MiB in its heap once it has freed one that size
+(its dynamic mmap threshold), so RSS after the first step holds ~1 GiB no tensor uses. `--allocator live` (the
+default) fixes the threshold (MALLOC_MMAP_THRESHOLD_=65536) so freed tensors go back to the system and RSS
+follows live memory; `--allocator glibc` measures glibc's default, what a CPU run provisions unless it sets it.
+
+    .venv/bin/python bench/memory_predict.py [--rows minilm_zero2 ...] [--steps 6] [--allocator live|glibc]
 """
 
 from __future__ import annotations
@@ -38,6 +46,22 @@ ROWS = {
                            ["--model.gradient_checkpointing", "false"]),
 }
 GIB = 2**30
+ALLOCATORS = {"live": {"MALLOC_MMAP_THRESHOLD_": "65536"}, "glibc": {}}
+
+
+def long_rows(out: Path, join: int = 8) -> Path:
+    """The polarity asset's train and validation splits with `join` consecutive sentences per row."""
+    from llmkit.model import locate
+
+    src = Path(locate("asset:polarity", "data.dataset"))
+    out.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "validation"):
+        rows = [json.loads(line) for line in (src / f"{split}.jsonl").read_text().splitlines()]
+        with open(out / f"{split}.jsonl", "w") as fh:
+            for k in range(0, len(rows) - join + 1, join):
+                text = " ".join(r["text"] for r in rows[k:k + join])
+                fh.write(json.dumps({"text": text, "label": rows[k]["label"]}) + "\n")
+    return out
 
 
 def _host() -> str:
@@ -46,19 +70,21 @@ def _host() -> str:
     return f"{socket.gethostname()} ({cpu}, {os.cpu_count()} cores)"
 
 
-def measure(name: str, steps: int) -> dict:
+def measure(name: str, steps: int, allocator: str) -> dict:
     recipe, config, accelerate, extra = ROWS[name]
     with tempfile.TemporaryDirectory(prefix="llmkit-mem-") as tmp:
+        data = long_rows(Path(tmp) / "data")
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                str(ROOT / "accelerate_configs" / accelerate), "--main_process_port", "29641",
                str(ROOT / "recipes" / f"{recipe}.py"), "--config", str(ROOT / "recipes" / "configs" / config),
                "--output.output_dir", f"{tmp}/run", "--train.max_steps", str(steps), "--train.logging_steps", "1",
                "--train.eval_every_steps", str(steps), "--data.max_train_samples", "256",
                "--data.max_eval_samples", "32", "--data.test_split", "null", "--output.explain_rows", "0",
-               "--output.verify_export", "false", *extra]
+               "--output.verify_export", "false", "--data.dataset", str(data), *extra]
         if recipe == "causal_lm":
             cmd += ["--train.sample_prompts", "null"]
-        proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=1800)
+        proc = subprocess.run(cmd, cwd=ROOT, env={**ENV, **ALLOCATORS[allocator]}, capture_output=True, text=True,
+                              timeout=1800)
         if proc.returncode != 0:
             raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
         said = proc.stdout + proc.stderr
@@ -69,7 +95,7 @@ def measure(name: str, steps: int) -> dict:
               for phase, key in (("load", "load_host_peak_bytes"), ("train", "train_peak_bytes"))
               if key in train["per_rank"]}
     predicted = float(terms["total at peak"])
-    return {"row": name, "host": _host(), "steps": steps, "precision": train["precision"],
+    return {"row": name, "host": _host(), "allocator": allocator, "data": "8 polarity sentences a row", "steps": steps, "precision": train["precision"],
             "zero_stage": train["zero_stage"], "predicted_gib": predicted,
             "terms_gib": {k: float(v) for k, v in terms.items()},
             "measured_gib_per_rank": [round(m, 3) for m in measured], **phases,
@@ -82,16 +108,17 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--again", action="store_true", help="measure rows already measured on this host (the estimate "
                     "changed); the newest row of a name is the one that counts")
+    ap.add_argument("--allocator", choices=list(ALLOCATORS), default="live")
     args = ap.parse_args()
     done = set()
     if OUT.is_file() and not args.again:
-        done = {(r["row"], r["host"]) for r in map(json.loads, OUT.read_text().splitlines())}
+        done = {(r["row"], r["host"], r.get("allocator")) for r in map(json.loads, OUT.read_text().splitlines())}
     OUT.parent.mkdir(parents=True, exist_ok=True)
     for name in args.rows:
-        if (name, _host()) in done:
+        if (name, _host(), args.allocator) in done:
             print(f"{name}: already measured on this host")
             continue
-        row = measure(name, args.steps)
+        row = measure(name, args.steps, args.allocator)
         with open(OUT, "a") as fh:
             fh.write(json.dumps(row) + "\n")
         print(f"{name}: predicted {row['predicted_gib']:.2f} GiB, measured {max(row['measured_gib_per_rank']):.2f} "
