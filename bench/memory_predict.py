@@ -88,14 +88,15 @@ def measure(name: str, steps: int, allocator: str) -> dict:
         if proc.returncode != 0:
             raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
         said = proc.stdout + proc.stderr
-        terms = {k: v for k, v in re.findall(r"^\s+([a-z][a-z ]+?)\s+(\d+\.\d+) GiB", said, re.M)}
+        terms = {k: v for k, v in re.findall(r"^\s+([a-z][a-zA-Z0-9 ()-]+?)\s+(\d+\.\d+) GiB", said, re.M)}
         train = json.loads((Path(tmp) / "run" / "metrics.json").read_text())["train"]
     measured = [b / GIB for b in train["per_rank"]["peak_memory_bytes"]]
     phases = {f"measured_{phase}_gib_per_rank": [round(b / GIB, 3) for b in train["per_rank"][key]]
               for phase, key in (("load", "load_host_peak_bytes"), ("train", "train_peak_bytes"))
               if key in train["per_rank"]}
     predicted = float(terms["total at peak"])
-    return {"row": name, "host": _host(), "allocator": allocator, "data": "8 polarity sentences a row", "steps": steps, "precision": train["precision"],
+    return {"row": name, "host": _host(), "allocator": allocator, "data": "8 polarity sentences a row",
+            "steps": steps, "precision": train["precision"],
             "zero_stage": train["zero_stage"], "predicted_gib": predicted,
             "terms_gib": {k: float(v) for k, v in terms.items()},
             "measured_gib_per_rank": [round(m, 3) for m in measured], **phases,

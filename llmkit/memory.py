@@ -33,7 +33,12 @@ process's resident memory before the model loads, measured; on a GPU it is host 
 Training and evaluation never overlap, so the peak holds the larger of the two:
   total at peak = params + gradients at peak + optimizer states + runtime
                   + max(activations + logits and loss, evaluation batch)
-Not counted yet: DeepSpeed's ZeRO-3 prefetch and live parameters, and host memory at load.
+ZeRO-3 also holds the parameters it gathers for compute ("gathered (ZeRO-3)", `gathered_bytes`): it frees one
+only when it will not be reused within stage3_max_reuse_distance elements and keeps up to
+stage3_max_live_parameters live, plus the next stage3_prefetch_bucket_size prefetched, so with DeepSpeed's
+defaults (1e9 each) every model under a billion parameters stays whole on each rank while it computes:
+  gathered = width x min(P, max_live_parameters + prefetch_bucket_size)
+Not counted yet: host memory at load.
 """
 
 from __future__ import annotations
@@ -67,6 +72,7 @@ class MemoryEstimate:
     runtime_bytes: float = 0.0  # the process before the model loads (CPU ranks: on the device, host memory)
     activation_bytes: float = 0.0  # what autograd keeps of a training micro-batch (llmkit.activations)
     eval_bytes: float = 0.0  # an evaluation batch's loss over the vocabulary (no activations kept)
+    gathered_bytes: float = 0.0  # ZeRO-3's parameters gathered whole for compute (module docstring)
 
     @property
     def device_bytes(self) -> float:
@@ -81,12 +87,13 @@ class MemoryEstimate:
     def peak_device_bytes(self) -> float:
         """Params + gradients at their peak + optimizer states (all held during the optimizer step) + the runtime,
         plus the larger of a training micro-batch (activations, logits and loss) and an evaluation batch."""
-        return self.param_bytes + self.grad_peak_bytes + self.optimizer_bytes + self.runtime_bytes + \
-            max(self.activation_bytes + self.logits_bytes, self.eval_bytes)
+        return self.param_bytes + self.gathered_bytes + self.grad_peak_bytes + self.optimizer_bytes + \
+            self.runtime_bytes + max(self.activation_bytes + self.logits_bytes, self.eval_bytes)
 
     def terms(self) -> dict[str, float]:
         """Each term of the peak, by the name the table and a refusal give it."""
-        return {"parameters": self.param_bytes, "gradients at peak": self.grad_peak_bytes,
+        return {"parameters": self.param_bytes, "gathered (ZeRO-3)": self.gathered_bytes,
+                "gradients at peak": self.grad_peak_bytes,
                 "optimizer states": self.optimizer_bytes, "activations": self.activation_bytes,
                 "logits and loss": self.logits_bytes, "evaluation batch": self.eval_bytes,
                 "runtime": self.runtime_bytes}
@@ -103,7 +110,8 @@ class MemoryEstimate:
                 + (f" ({trained / 1e6:,.2f}M trained, the rest frozen)" if trained != self.params else "")
                 + (", optimizer offloaded" if self.offload_optimizer else "")
                 + (", parameters offloaded" if self.offload_params else ""))
-        extra = [(name, value) for name, value in (("activations", self.activation_bytes),
+        extra = [(name, value) for name, value in (("gathered (ZeRO-3)", self.gathered_bytes),
+                                                    ("activations", self.activation_bytes),
                                                     ("logits and loss", self.logits_bytes),
                                                     ("evaluation batch", self.eval_bytes),
                                                     ("runtime", self.runtime_bytes)) if value]
@@ -150,6 +158,8 @@ def check_fits(est: MemoryEstimate, budget: float, where: str) -> None:
     name, value = max(est.terms().items(), key=lambda kv: kv[1])
     switch = {"parameters": "ZeRO-3 (deepspeed.zero_stage 3 / a zero3 accelerate config), parameter offload, or "
                             "LoRA", "gradients at peak": "ZeRO-2 or 3, or LoRA",
+              "gathered (ZeRO-3)": "a smaller stage3_max_live_parameters and stage3_max_reuse_distance in the "
+                                   "DeepSpeed config (e.g. 1e8)",
               "optimizer states": "ZeRO-1/2/3, optimizer offload, or LoRA",
               "activations": "model.gradient_checkpointing true, or a smaller train.per_device_batch_size or "
                              "data.max_length (with more train.gradient_accumulation_steps)",
@@ -256,4 +266,19 @@ def for_run(ds_config: dict | None, params: int, num_devices: int, precision: st
                    largest_param=largest_param, deepspeed=ds_config is not None,
                    bucket_bytes=bucket_bytes(zero, precision), trainable=trainable, frozen_bytes=frozen_bytes)
     est.logits_bytes, est.runtime_bytes, est.activation_bytes, est.eval_bytes = logits, runtime, activations, evaluation
+    est.gathered_bytes = gathered_bytes(zero, params, precision, trainable, frozen_bytes)
     return est
+
+
+def gathered_bytes(zero: dict, params: int, precision: str, trainable: int | None = None,
+                   frozen_bytes: float | None = None) -> float:
+    """ZeRO-3's parameters gathered whole for compute (module docstring), 0 below stage 3."""
+    if zero.get("stage", 0) != 3:
+        return 0.0
+    live = min(float(params), float(zero.get("stage3_max_live_parameters", 1e9))
+               + float(zero.get("stage3_prefetch_bucket_size", 5e7)))
+    width = 2 if precision in ("bf16", "fp16") else 4
+    trained = params if trainable is None else trainable
+    frozen = width if frozen_bytes is None else frozen_bytes
+    per_element = (width * trained + frozen * (params - trained)) / max(params, 1)  # a 4-bit base gathers packed
+    return live * per_element

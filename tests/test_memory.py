@@ -248,3 +248,23 @@ def test_validate_refuses_a_run_bigger_than_the_device(tmp_path, tiny_lm):
     table = next(line for line in plan.checked if line.startswith("memory"))
     assert all(term in table for term in ("activations", "logits and loss", "evaluation batch", "runtime"))
     assert not (tmp_path / "out").exists()
+
+
+def test_zero3_holds_the_parameters_it_gathers():
+    """ZeRO-3 keeps up to stage3_max_live_parameters + the prefetch bucket gathered whole (all of a model under
+    DeepSpeed's 1e9 defaults), in the 16-bit width, a 4-bit frozen base at its packed size; nothing below stage 3."""
+    zero = {"stage": 3, "stage3_max_live_parameters": 10**6, "stage3_prefetch_bucket_size": 5 * 10**5}
+    assert memory.gathered_bytes(zero, 10**7, "bf16") == 2 * 1.5e6
+    assert memory.gathered_bytes({"stage": 3}, 10**7, "bf16") == 2 * 10**7  # the defaults: the whole model
+    assert memory.gathered_bytes({"stage": 3}, 10**7, "fp32") == 4 * 10**7
+    # QLoRA: 1e6 adapters in bf16, 9e6 frozen weights at half a byte
+    assert memory.gathered_bytes({"stage": 3}, 10**7, "bf16", trainable=10**6, frozen_bytes=0.5) == \
+        2 * 10**6 + 0.5 * 9 * 10**6
+    assert memory.gathered_bytes({"stage": 2}, 10**7, "bf16") == 0.0
+    est = memory.for_run({"zero_optimization": {"stage": 3, "reduce_bucket_size": 1}}, 10**9, 8, "bf16",
+                         trainable=10**6)
+    assert est.gathered_bytes == 2 * 10**9 and "gathered (ZeRO-3)" in est.table()
+    assert est.peak_device_bytes == pytest.approx(est.param_bytes + est.gathered_bytes + est.grad_peak_bytes
+                                                  + est.optimizer_bytes)
+    with pytest.raises(LlmkitError, match=r"largest term is gathered \(ZeRO-3\) .*stage3_max_live_parameters"):
+        memory.check_fits(est, 2**30, "one GPU")
