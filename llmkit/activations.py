@@ -45,6 +45,7 @@ DECODER_INPUTS = {"norm1": ("q_proj", "k_proj", "v_proj"), "attn_out": ("o_proj"
                   "act": ("down_proj",)}
 ENCODER_INPUTS = {"layer_in": ("query", "key", "value"), "attn_out": ("dense",), "ln1": ("dense",),
                   "act": ("dense",)}
+ALL_LINEAR = frozenset(n for group in (*DECODER_INPUTS.values(), *ENCODER_INPUTS.values()) for n in group)
 
 
 @dataclass(frozen=True)

@@ -150,6 +150,11 @@ def eval_logits_bytes(tokens: int, vocab: int, precision: str) -> float:
     return float(tokens) * vocab * (14 if precision in ("bf16", "fp16") else 12)
 
 
+def width(precision: str) -> int:
+    """Bytes of one element in the run's compute dtype: 2 in bf16/fp16, 4 in fp32."""
+    return 2 if precision in ("bf16", "fp16") else 4
+
+
 def check_fits(est: MemoryEstimate, budget: float, where: str) -> None:
     """Refuse a run whose estimated peak exceeds `budget` bytes (`where`: what that memory is), naming the largest
     term and the switch that shrinks it."""
@@ -246,8 +251,7 @@ def bucket_bytes(zero: dict, precision: str) -> float:
     if stage == 0 or not zero.get("contiguous_gradients", True):
         return 0.0
     elements = float(zero.get("reduce_bucket_size", 5e8))
-    width = 2 if precision in ("bf16", "fp16") else 4
-    return elements * width * (2 if stage in (1, 2) and zero.get("overlap_comm") else 1)
+    return elements * width(precision) * (2 if stage in (1, 2) and zero.get("overlap_comm") else 1)
 
 
 def for_run(ds_config: dict | None, params: int, num_devices: int, precision: str,
@@ -277,8 +281,8 @@ def gathered_bytes(zero: dict, params: int, precision: str, trainable: int | Non
         return 0.0
     live = min(float(params), float(zero.get("stage3_max_live_parameters", 1e9))
                + float(zero.get("stage3_prefetch_bucket_size", 5e7)))
-    width = 2 if precision in ("bf16", "fp16") else 4
+    w = width(precision)
     trained = params if trainable is None else trainable
-    frozen = width if frozen_bytes is None else frozen_bytes
-    per_element = (width * trained + frozen * (params - trained)) / max(params, 1)  # a 4-bit base gathers packed
+    frozen = w if frozen_bytes is None else frozen_bytes
+    per_element = (w * trained + frozen * (params - trained)) / max(params, 1)  # a 4-bit base gathers packed
     return live * per_element

@@ -298,6 +298,11 @@ LORA_TARGETS = {
 }
 
 
+def lora_targets(lora: LoraConfig, model_type: str) -> list[str] | str:
+    """The linears LoRA adapts: lora.target_modules, else this architecture's default, else peft's "all-linear"."""
+    return lora.target_modules or LORA_TARGETS.get(model_type, "all-linear")
+
+
 def apply_lora(model, lora: LoraConfig, task_type: str):
     """Wrap `model` with peft LoRA adapters (base weights frozen); a no-op when LoRA is off."""
     if not lora.enabled:
@@ -305,7 +310,7 @@ def apply_lora(model, lora: LoraConfig, task_type: str):
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
-    targets = lora.target_modules or LORA_TARGETS.get(model.config.model_type, "all-linear")
+    targets = lora_targets(lora, model.config.model_type)
     names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     if isinstance(targets, list):
         missing = [t for t in targets if t not in names]

@@ -188,16 +188,14 @@ def _activations(cfg: Config, config, precision: str, hw: Hardware, causal: bool
     d, lora = cfg.data, cfg.lora
     adapters = None
     if lora.enabled:
-        targets = lora.target_modules or model.LORA_TARGETS.get(config.model_type) or "all-linear"
-        names = {n for group in (*activations.DECODER_INPUTS.values(), *activations.ENCODER_INPUTS.values())
-                 for n in group}
-        adapters = activations.Adapters(lora.r, lora.dropout, frozenset(names if targets == "all-linear"
-                                                                        else targets))
+        targets = model.lora_targets(lora, config.model_type)
+        adapters = activations.Adapters(lora.r, lora.dropout, activations.ALL_LINEAR if targets == "all-linear"
+                                        else frozenset(targets))
     # plain text is packed into blocks: no padding mask (prompt/response and chat rows are, unless data.packing)
     packed = causal and (d.packing or (not d.prompt_template and d.format in ("auto", "text")
                                        and not (d.prompt_column or d.messages_column)))
-    width = 2 if precision in ("bf16", "fp16") else 4
-    return activations.activation_bytes(shape, cfg.train.per_device_batch_size, d.max_length, width, adapters,
+    return activations.activation_bytes(shape, cfg.train.per_device_batch_size, d.max_length,
+                                        memory.width(precision), adapters,
                                         checkpointing=cfg.model.gradient_checkpointing, padded=not packed,
                                         device="cuda" if hw.gpus else "cpu",
                                         attention=cfg.model.attn_implementation or "sdpa")
