@@ -2,8 +2,9 @@
 the peak resident memory each rank reports in metrics.json (train.per_rank.peak_memory_bytes: RSS on CPU,
 torch.cuda.max_memory_allocated on a GPU), for short real runs of the shipped recipes on 2 ranks: the MiniLM
 classifier, SmolLM2 with LoRA (label words) and SmolLM2 full (packed text), ZeRO-2 and ZeRO-3, with and without
-gradient checkpointing. Appends one JSON line per row to bench/results/memory_predict.jsonl and skips rows already
-measured on this host with this allocator.
+gradient checkpointing; and host memory at load (the table's "host at load") against each rank's peak before
+the first step (train.per_rank.load_host_peak_bytes). Appends one JSON line per row to
+bench/results/memory_predict.jsonl and skips rows already measured on this host with this allocator.
 
 The estimate is at data.max_length, so the rows are made to reach it: each row of the bench's data is 8
 consecutive polarity sentences joined (the first one's label), longer than every recipe's max_length.
@@ -100,7 +101,11 @@ def measure(name: str, steps: int, allocator: str) -> dict:
             "zero_stage": train["zero_stage"], "predicted_gib": predicted,
             "terms_gib": {k: float(v) for k, v in terms.items()},
             "measured_gib_per_rank": [round(m, 3) for m in measured], **phases,
-            "ratio_measured_to_predicted": round(max(measured) / predicted, 3)}
+            "ratio_measured_to_predicted": round(max(measured) / predicted, 3),
+            **({"predicted_load_gib": float(terms["host at load"]),
+                "ratio_load_measured_to_predicted": round(max(phases["measured_load_gib_per_rank"])
+                                                          / float(terms["host at load"]), 3)}
+               if "host at load" in terms and phases else {})}
 
 
 def main() -> None:
@@ -123,7 +128,8 @@ def main() -> None:
         with open(OUT, "a") as fh:
             fh.write(json.dumps(row) + "\n")
         print(f"{name}: predicted {row['predicted_gib']:.2f} GiB, measured {max(row['measured_gib_per_rank']):.2f} "
-              f"GiB per rank (x{row['ratio_measured_to_predicted']})", flush=True)
+              f"GiB per rank (x{row['ratio_measured_to_predicted']}); at load "
+              f"x{row.get('ratio_load_measured_to_predicted')}", flush=True)
 
 
 if __name__ == "__main__":

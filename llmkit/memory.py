@@ -38,7 +38,18 @@ only when it will not be reused within stage3_max_reuse_distance elements and ke
 stage3_max_live_parameters live, plus the next stage3_prefetch_bucket_size prefetched, so with DeepSpeed's
 defaults (1e9 each) every model under a billion parameters stays whole on each rank while it computes:
   gathered = width x min(P, max_live_parameters + prefetch_bucket_size)
-Not counted yet: host memory at load.
+
+Host memory at load ("host at load", `load_bytes`), per rank, its own column: on a GPU it is the host's, on a CPU
+the same memory as the peak (the larger counts). transformers maps the checkpoint's safetensors and reads every
+page of it once the weights are converted or copied, while the run's own copy is made; then DeepSpeed sets up.
+With f the checkpoint's width (4 from scratch: the fp32 initialisation plays the file), w the run's, T trained:
+  host at load = runtime + max(reading, setup)
+  reading      = P f + P w              every rank reads the whole checkpoint and makes its copy
+               = P f + P w / N + L w    ZeRO-3 under zero.Init: rank 0 reads, each rank keeps its partition and
+                                        gathers one tensor (L elements) at a time
+  setup        = the copy + w T (ZeRO-1/2 flatten the trained 16-bit weights into one buffer) + 4T / N (the fp32
+                 master partition, mixed precision)
+Plain data parallel in the checkpoint's own dtype makes no copy: the parameters are the mapped pages.
 """
 
 from __future__ import annotations
@@ -73,6 +84,7 @@ class MemoryEstimate:
     activation_bytes: float = 0.0  # what autograd keeps of a training micro-batch (llmkit.activations)
     eval_bytes: float = 0.0  # an evaluation batch's loss over the vocabulary (no activations kept)
     gathered_bytes: float = 0.0  # ZeRO-3's parameters gathered whole for compute (module docstring)
+    load_bytes: float = 0.0  # host memory while the model loads and DeepSpeed sets up (module docstring)
 
     @property
     def device_bytes(self) -> float:
@@ -126,6 +138,9 @@ class MemoryEstimate:
         lines[-2 - len(extra)] += (f"  (DeepSpeed: backward {self.grad_backward_bytes / gib:.3f}{largest}; "
                       f"step {self.grad_step_bytes / gib:.3f} {copies})" if self.deepspeed else
                       "  (no DeepSpeed" + (": autocast keeps fp32 weights + grads, same 16P)" if mixed else ")"))
+        if self.load_bytes:
+            lines.append(f"  {'host at load':<17} {self.load_bytes / gib:10.3f} GiB  (the checkpoint read and "
+                         "copied, DeepSpeed's setup, the runtime)")
         if self.eval_bytes:  # the evaluation batch replaces the training one at the peak, it does not add to it
             at = next(k for k, line in enumerate(lines) if line.startswith("  evaluation batch"))
             lines[at] += "  (in place of activations + logits: the larger counts)"
@@ -155,11 +170,17 @@ def width(precision: str) -> int:
     return 2 if precision in ("bf16", "fp16") else 4
 
 
-def check_fits(est: MemoryEstimate, budget: float, where: str) -> None:
+def check_fits(est: MemoryEstimate, budget: float, where: str, with_load: bool = False) -> None:
     """Refuse a run whose estimated peak exceeds `budget` bytes (`where`: what that memory is), naming the largest
-    term and the switch that shrinks it."""
-    if est.peak_device_bytes <= budget:
+    term and the switch that shrinks it. `with_load`: the budget is the host's too (CPU ranks), so the load
+    phase must fit it as well."""
+    if est.peak_device_bytes <= budget and not (with_load and est.load_bytes > budget):
         return
+    if with_load and est.load_bytes > est.peak_device_bytes:
+        gib = 1024**3
+        raise LlmkitError(f"loading this model needs about {est.load_bytes / gib:.2f} GiB per rank (the checkpoint "
+                          f"read and copied), {where} has {budget / gib:.2f} GiB: use ZeRO-3 with zero3_init_flag: "
+                          "true in the accelerate config (each rank keeps its share), or fewer ranks per machine")
     name, value = max(est.terms().items(), key=lambda kv: kv[1])
     switch = {"parameters": "ZeRO-3 (deepspeed.zero_stage 3 / a zero3 accelerate config), parameter offload, or "
                             "LoRA", "gradients at peak": "ZeRO-2 or 3, or LoRA",
@@ -257,9 +278,11 @@ def bucket_bytes(zero: dict, precision: str) -> float:
 def for_run(ds_config: dict | None, params: int, num_devices: int, precision: str,
             largest_param: int = 0, trainable: int | None = None, frozen_bytes: float | None = None,
             logits: float = 0.0, runtime: float = 0.0, activations: float = 0.0,
-            evaluation: float = 0.0) -> MemoryEstimate:
+            evaluation: float = 0.0, file_width: float = 0.0, zero_init: bool = False, largest: int = 0,
+            host_runtime: float = 0.0) -> MemoryEstimate:
     """The estimate for a run's resolved DeepSpeed config (no DeepSpeed = plain data parallel), with its
-    activations, logits, evaluation and runtime terms (bytes)."""
+    activations, logits, evaluation and runtime terms (bytes); with `file_width` (bytes per weight in the
+    checkpoint) also host memory at load, `host_runtime` included."""
     zero = (ds_config or {}).get("zero_optimization", {})
 
     def offloaded(key: str) -> bool:
@@ -271,7 +294,28 @@ def for_run(ds_config: dict | None, params: int, num_devices: int, precision: st
                    bucket_bytes=bucket_bytes(zero, precision), trainable=trainable, frozen_bytes=frozen_bytes)
     est.logits_bytes, est.runtime_bytes, est.activation_bytes, est.eval_bytes = logits, runtime, activations, evaluation
     est.gathered_bytes = gathered_bytes(zero, params, precision, trainable, frozen_bytes)
+    if file_width:
+        est.load_bytes = host_runtime + load_bytes(params, file_width, precision, zero.get("stage", 0), num_devices,
+                                                   trainable, zero_init, largest, ds_config is not None)
     return est
+
+
+def load_bytes(params: int, file_width: float, precision: str, zero_stage: int, num_devices: int,
+               trainable: int | None = None, zero_init: bool = False, largest: int = 0,
+               deepspeed: bool = True) -> float:
+    """Host memory per rank while the model loads and DeepSpeed sets up, the runtime not included (module
+    docstring); `largest`: elements of the largest tensor of the model."""
+    w, n = width(precision), num_devices
+    trained = params if trainable is None else trainable
+    sharded = zero_stage == 3 and zero_init
+    if not deepspeed and file_width == w:
+        copy = 0.0  # the parameters are the checkpoint's pages
+    else:
+        copy = w * params / n + w * largest if sharded else w * params
+    reading = file_width * params + copy
+    setup = copy + (w * trained if zero_stage in (1, 2) else 0.0) \
+        + (4 * trained / n if deepspeed and precision in ("bf16", "fp16") else 0.0)
+    return max(reading, setup)
 
 
 def gathered_bytes(zero: dict, params: int, precision: str, trainable: int | None = None,

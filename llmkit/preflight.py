@@ -201,6 +201,15 @@ def _activations(cfg: Config, config, precision: str, hw: Hardware, causal: bool
                                         attention=cfg.model.attn_implementation or "sdpa")
 
 
+def _file_width(cfg: Config, config) -> float:
+    """Bytes per weight of what the model loads from: the checkpoint's dtype (what transformers maps and reads;
+    a 4-bit base is quantized from it), fp32 for a model initialised from scratch."""
+    if cfg.model.from_scratch:
+        return 4.0
+    dtype = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32")
+    return 2.0 if dtype.endswith(("bfloat16", "float16")) else 4.0
+
+
 def check_memory(cfg: Config, ds: dict | None, sizes: model.Sizes, precision: str, world_size: int, hw: Hardware,
                  config, causal: bool) -> str:
     """The memory estimate of this run (its table), refused when its peak cannot fit one device: a GPU, or on
@@ -214,16 +223,19 @@ def check_memory(cfg: Config, ds: dict | None, sizes: model.Sizes, precision: st
             candidates = len(labels) if labels else 2
         logits = memory.logits_bytes(t.per_device_batch_size * d.max_length, vocab, precision)
         evaluation = memory.eval_logits_bytes(t.eval_batch_size * candidates * d.max_length, vocab, precision)
+    runtime = _resident_bytes()
     est = memory.for_run(ds, sizes.params, world_size, precision, largest_param=sizes.largest_trainable,
                          trainable=sizes.trainable, frozen_bytes=0.5 if cfg.lora.load_in_4bit else None,
                          logits=logits, evaluation=evaluation,
                          activations=_activations(cfg, config, precision, hw, causal),
-                         runtime=0.0 if hw.gpus else _resident_bytes())  # on a GPU the runtime is host memory
+                         runtime=0.0 if hw.gpus else runtime,  # on a GPU the runtime is host memory
+                         file_width=_file_width(cfg, config), largest=sizes.largest, host_runtime=runtime,
+                         zero_init=os.environ.get("ACCELERATE_DEEPSPEED_ZERO3_INIT", "").lower() == "true")
     if hw.memory_bytes:
         local = max(parallel.local_world_size(), 1)
         budget, where = (hw.memory_bytes, f"one {hw.describe_gpu()}") if hw.gpus else \
             (hw.memory_bytes / local, f"this host's memory shared by {local} rank(s)")
-        memory.check_fits(est, budget, where)
+        memory.check_fits(est, budget, where, with_load=not hw.gpus)
     return est.table()
 
 

@@ -246,7 +246,8 @@ def test_validate_refuses_a_run_bigger_than_the_device(tmp_path, tiny_lm):
         check(cfg, 1, "causal_lm", hw=Hardware(memory_bytes=2**20))
     plan = check(cfg, 1, "causal_lm", hw=Hardware(memory_bytes=64 * 2**30))
     table = next(line for line in plan.checked if line.startswith("memory"))
-    assert all(term in table for term in ("activations", "logits and loss", "evaluation batch", "runtime"))
+    assert all(term in table for term in ("activations", "logits and loss", "evaluation batch", "runtime",
+                                          "host at load"))
     assert not (tmp_path / "out").exists()
 
 
@@ -268,3 +269,27 @@ def test_zero3_holds_the_parameters_it_gathers():
                                                   + est.optimizer_bytes)
     with pytest.raises(LlmkitError, match=r"largest term is gathered \(ZeRO-3\) .*stage3_max_live_parameters"):
         memory.check_fits(est, 2**30, "one GPU")
+
+
+def test_host_memory_at_load_by_hand_and_the_refusal_of_a_load_that_cannot_fit():
+    """Reading the checkpoint (f bytes a weight) while the run's copy is made, or DeepSpeed's setup, whichever is
+    more; ZeRO-3 under zero.Init keeps a partition and gathers one tensor at a time."""
+    P, T, L, N = 10**8, 10**6, 10**7, 2
+    # ZeRO-2 from an fp32 checkpoint, LoRA: reading 4P + the bf16 copy 2P; setup 2P + 2T + 4T/N is less
+    assert memory.load_bytes(P, 4, "bf16", 2, N, trainable=T) == 4 * P + 2 * P
+    # full fine-tuning from a bf16 checkpoint: setup (copy 2P + flat 2P + master 4P/N) passes reading (2P + 2P)
+    assert memory.load_bytes(P, 2, "bf16", 2, N) == 2 * P + 2 * P + 4 * P / N
+    # ZeRO-3: every rank reads and copies the whole model, unless zero.Init partitions it as it loads
+    assert memory.load_bytes(P, 4, "bf16", 3, N, trainable=T, largest=L) == 4 * P + 2 * P
+    assert memory.load_bytes(P, 4, "bf16", 3, N, trainable=T, zero_init=True, largest=L) == \
+        4 * P + 2 * P / N + 2 * L
+    # plain data parallel in the checkpoint's own dtype: the parameters are the mapped pages, no copy
+    assert memory.load_bytes(P, 4, "fp32", 0, 1, deepspeed=False) == 4 * P
+    est = memory.for_run({"zero_optimization": {"stage": 2, "reduce_bucket_size": 1}}, P, N, "bf16", trainable=T,
+                         file_width=4, host_runtime=5e8)
+    assert est.load_bytes == 5e8 + 6 * P and "host at load" in est.table()
+    assert est.peak_device_bytes < est.load_bytes  # LoRA: the states are small, loading is the peak
+    memory.check_fits(est, est.peak_device_bytes, "one GPU")  # a GPU's budget is not the host's
+    with pytest.raises(LlmkitError, match=r"loading this model needs about 1\.02 GiB per rank .*has 0\.93 GiB: "
+                                          r"use ZeRO-3 with zero3_init_flag: true"):
+        memory.check_fits(est, 10**9, "this host's memory shared by 2 rank(s)", with_load=True)
