@@ -30,6 +30,21 @@ def tokenized_train(cfg, tokenizer, pad_to: int | None = None):
     return enc
 
 
+def cpu() -> dict:
+    """This machine's CPU: its model and the flags that decide the precision and the matmul kernels."""
+    model, flags = "unknown", set()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+    return {"model": model, "cores": os.cpu_count(), "flags": [f for f in wanted if f in flags]}
+
+
 def report(result: dict) -> None:
     """Runners print one JSON line on rank 0; the driver reads the last one."""
     if os.environ.get("RANK", "0") == "0":

@@ -1,6 +1,7 @@
 """The floor for framework overhead: a minimal hand-written Accelerate loop over the same length-grouped batches
 as llmkit (same sampler, model, optimizer, scheduler and gradient clipping), nothing else. Run directly
-(1 process) or under `accelerate launch` (DeepSpeed from the Accelerate config). Prints a RESULT line."""
+(1 process) or under `accelerate launch` (DeepSpeed from the Accelerate config), one epoch over the first
+`--rows` rows llmkit trains on. Prints a RESULT line."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import argparse
 import tempfile
 import time
 
-import torch
 from _common import recipe, report, tokenized_train
 from accelerate import Accelerator
 from torch.utils.data import DataLoader
@@ -22,11 +22,11 @@ from llmkit.train.run import setup
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--rows", type=int, required=True)
     args = ap.parse_args()
     # the same process set-up as llmkit (threads per rank, gloo on CPU, the filled-in DeepSpeed config)
     cfg = recipe("--output.output_dir", tempfile.mkdtemp(prefix="llmkit-hand-"),
-                 "--output.overwrite_output_dir", "true")
+                 "--output.overwrite_output_dir", "true", "--data.max_train_samples", str(args.rows))
     t = cfg.train
     run = setup(cfg, "classification")
     acc: Accelerator = run.accelerator
@@ -40,13 +40,12 @@ def main() -> None:
     net = AutoModelForSequenceClassification.from_pretrained(name, num_labels=2)
     optimizer = build_optimizer(cfg, net)  # the same AdamW (kernel, groups) as llmkit
     net, optimizer, loader = acc.prepare(net, optimizer, loader)
-    scheduler = get_scheduler(t.lr_scheduler, optimizer, int(t.warmup_ratio * args.steps), args.steps)
+    steps = len(loader)
+    scheduler = get_scheduler(t.lr_scheduler, optimizer, int(t.warmup_ratio * steps), steps)
     net.train()
-    rows, real = 0, torch.zeros((), dtype=torch.long)
+    rows = 0
     start = time.perf_counter()
-    for step, batch in enumerate(loader):
-        if step == args.steps:
-            break
+    for batch in loader:  # one epoch
         out = net(**batch)
         acc.backward(out.loss)
         if t.max_grad_norm > 0 and acc.distributed_type.value != "DEEPSPEED":  # DeepSpeed clips in its step
@@ -55,11 +54,8 @@ def main() -> None:
         scheduler.step()
         optimizer.zero_grad()
         rows += batch["input_ids"].shape[0]
-        real += batch["attention_mask"].sum()
     seconds = time.perf_counter() - start
-    report({"samples_per_second": rows * acc.num_processes / seconds,
-            "real_tokens_per_second": int(real) * acc.num_processes / seconds, "seconds": seconds,
-            "precision": run.precision})
+    report({"seconds": seconds, "rows": rows * acc.num_processes, "precision": run.precision})
 
 
 if __name__ == "__main__":

@@ -45,6 +45,11 @@ ROWS = {
     "smollm2_full_zero2_ckpt": ("causal_lm", "smollm2_full_polarity_text.yaml", "cpu_zero2.yaml", []),
     "smollm2_full_zero2": ("causal_lm", "smollm2_full_polarity_text.yaml", "cpu_zero2.yaml",
                            ["--model.gradient_checkpointing", "false"]),
+    # the issue's case: a random ~0.3B Llama saved in bf16, ZeRO-3 from the checkpoint on disk, batch 4 x 256,
+    # checkpointing; with zero.Init (the accelerate config's zero3_init_flag) and without
+    "llama03b_zero3_ckpt": ("causal_lm", "smollm2_full_polarity_text.yaml", "cpu_zero3.yaml", ["LLAMA03B"]),
+    "llama03b_zero3_noinit_ckpt": ("causal_lm", "smollm2_full_polarity_text.yaml",
+                                   "cpu_zero3.yaml --zero3_init_flag false", ["LLAMA03B"]),
 }
 GIB = 2**30
 ALLOCATORS = {"live": {"MALLOC_MMAP_THRESHOLD_": "65536"}, "glibc": {}}
@@ -71,12 +76,40 @@ def _host() -> str:
     return f"{socket.gethostname()} ({cpu}, {os.cpu_count()} cores)"
 
 
+def llama_03b() -> Path:
+    """A random-init Llama of ~0.3B parameters (hidden 1024, 16 layers, SmolLM2's 49k vocabulary and tokenizer),
+    saved in bf16 once under ~/.cache/llmkit/bench."""
+    import shutil
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from llmkit.model import locate
+
+    out = Path.home() / ".cache" / "llmkit" / "bench" / "llama03b"
+    if (out / "config.json").is_file():
+        return out
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=1024, intermediate_size=3584, num_hidden_layers=16, num_attention_heads=16,
+                         num_key_value_heads=16, vocab_size=49152, max_position_embeddings=2048,
+                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(out)
+    tokenizer = Path(locate("asset:smollm2", "model.name_or_path"))
+    for f in tokenizer.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges")):
+            shutil.copy(f, out / f.name)
+    return out
+
+
 def measure(name: str, steps: int, allocator: str) -> dict:
     recipe, config, accelerate, extra = ROWS[name]
+    if "LLAMA03B" in extra:
+        extra = ["--model.name_or_path", str(llama_03b())]
+    accelerate, *launch_flags = accelerate.split()
     with tempfile.TemporaryDirectory(prefix="llmkit-mem-") as tmp:
         data = long_rows(Path(tmp) / "data")
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               str(ROOT / "accelerate_configs" / accelerate), "--main_process_port", "29641",
+               str(ROOT / "accelerate_configs" / accelerate), *launch_flags, "--main_process_port", "29641",
                str(ROOT / "recipes" / f"{recipe}.py"), "--config", str(ROOT / "recipes" / "configs" / config),
                "--output.output_dir", f"{tmp}/run", "--train.max_steps", str(steps), "--train.logging_steps", "1",
                "--train.eval_every_steps", str(steps), "--data.max_train_samples", "256",

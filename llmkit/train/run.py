@@ -46,6 +46,7 @@ class Run:
     stop: StopSignal | None = None  # SIGTERM / SIGINT, caught for the whole run (setup to finish)
     resume: checkpoints.Resume | None = None  # the checkpoint this run continues (resolved by the preflight)
     tokenizer_from: str | None = None  # a tokenizer trained from the data (load_tokenizer) instead of the config's
+    recipe: str = ""  # "classification" or "causal_lm": the recipe that set this run up
 
     @property
     def dir(self) -> layout.RunDir:
@@ -130,6 +131,7 @@ class Run:
         # what this launch decided beside the config as given: the accumulation an elastic resume trains with,
         # a tokenizer trained from the data
         info["resolved"] = {"gradient_accumulation_steps": self.accumulation, "tokenizer": self.tokenizer_from}
+        info["recipe"] = self.recipe
         self.dir.write_records(self.cfg.dump(), info, self.ds_config)
         if resumed_at is not None:
             dropped = life.trim_metrics(self.run_dir, resumed_at)
@@ -197,7 +199,8 @@ def setup(cfg: Config, recipe: str) -> Run:
         datasets.disable_progress_bars()
         transformers.utils.logging.disable_progress_bar()
     accelerator.wait_for_everyone()  # every rank has checked output_dir before rank 0 writes into it
-    run = Run(cfg, accelerator, plan.precision, plan.ds_config, plan.run_dir, plan.intent, resume=plan.resume)
+    run = Run(cfg, accelerator, plan.precision, plan.ds_config, plan.run_dir, plan.intent, resume=plan.resume,
+              recipe=recipe)
     if accelerator.is_main_process:  # a second run on this folder is refused from now on
         life.Lock(plan.run_dir)
         life.begin(plan.run_dir, plan.intent, log=run.log)
