@@ -49,6 +49,9 @@ With f the checkpoint's width (4 from scratch: the fp32 initialisation plays the
                                         gathers one tensor (L elements) at a time
   setup        = the copy + w T (ZeRO-1/2 flatten the trained 16-bit weights into one buffer) + 4T / N (the fp32
                  master partition, mixed precision)
+               = w P / N + w T / N + 4T / N + 4T / N   ZeRO-3, whose copy is partitioned by now: the partitions, the
+                 flat trained partition, the fp32 master and the gradient partition buffer (fp32 in mixed precision:
+                 DeepSpeed 0.19's stage3 allocates it when the optimizer is built)
 Plain data parallel in the checkpoint's own dtype makes no copy: the parameters are the mapped pages.
 """
 
@@ -313,8 +316,11 @@ def load_bytes(params: int, file_width: float, precision: str, zero_stage: int, 
     else:
         copy = w * params / n + w * largest if sharded else w * params
     reading = file_width * params + copy
-    setup = copy + (w * trained if zero_stage in (1, 2) else 0.0) \
-        + (4 * trained / n if deepspeed and precision in ("bf16", "fp16") else 0.0)
+    master = 4 * trained / n if deepspeed and precision in ("bf16", "fp16") else 0.0
+    if zero_stage == 3:
+        setup = w * params / n + w * trained / n + master + max(w, 4) * trained / n
+    else:
+        setup = copy + (w * trained if zero_stage in (1, 2) else 0.0) + master
     return max(reading, setup)
 
 

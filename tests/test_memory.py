@@ -283,6 +283,9 @@ def test_host_memory_at_load_by_hand_and_the_refusal_of_a_load_that_cannot_fit()
     assert memory.load_bytes(P, 4, "bf16", 3, N, trainable=T, largest=L) == 4 * P + 2 * P
     assert memory.load_bytes(P, 4, "bf16", 3, N, trainable=T, zero_init=True, largest=L) == \
         4 * P + 2 * P / N + 2 * L
+    # ... then sets up: partitions, the flat trained partition, fp32 master and gradient partitions (full FT of a
+    # bf16 checkpoint: more than reading it)
+    assert memory.load_bytes(P, 2, "bf16", 3, N, zero_init=True, largest=L) == (2 + 2 + 4 + 4) * P / N
     # plain data parallel in the checkpoint's own dtype: the parameters are the mapped pages, no copy
     assert memory.load_bytes(P, 4, "fp32", 0, 1, deepspeed=False) == 4 * P
     est = memory.for_run({"zero_optimization": {"stage": 2, "reduce_bucket_size": 1}}, P, N, "bf16", trainable=T,
