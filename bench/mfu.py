@@ -113,7 +113,8 @@ def flops_per_token(run_dir: Path) -> tuple[float, dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("runs", nargs="*", type=Path, help="finished llmkit run directories")
+    ap.add_argument("runs", nargs="*", help="finished llmkit run directories; RUN:PROFILED_RUN reads the step "
+                    "breakdown from another run of the same settings made with --train.profile_steps")
     ap.add_argument("--out", type=Path, help="default: bench/results/mfu.json")
     ap.add_argument("--peak-seconds", type=float, default=3.0, help="how long each GEMM peak is timed")
     args = ap.parse_args()
@@ -128,7 +129,9 @@ def main() -> None:
     for label, p in peaks.items():
         print(f"  {label}: {p['all_cores'] / 1e9:8.1f} GFLOP/s all cores, {p['one_core'] / 1e9:8.1f} GFLOP/s one core")
     result = {"cores": cores, "gemm_peak_flops": peaks, "runs": []}
-    for run in args.runs:
+    for spec in args.runs:
+        run, _, profiled = spec.partition(":")
+        run, profiled = Path(run), Path(profiled or run)
         summary = RunDir(run).read_metrics()["train"]
         per_token, facts = flops_per_token(run)
         achieved = summary["real_tokens_per_second"] * per_token
@@ -148,7 +151,7 @@ def main() -> None:
         dtype = dict(kinds)[summary["precision"] if summary["precision"] in peaks else "fp32"]
         ceiling = gemm_at_shapes(config, tokens, dtype, max(1, cores // world),
                                  config.vocab_size if facts["causal_lm"] else 0) * world
-        phases = run / "profile" / "rank0_phases.json"  # written by the profiler (llmkit.train.profile)
+        phases = profiled / "profile" / "rank0_phases.json"  # written by the profiler (--train.profile_steps)
         result["runs"].append({"run": str(run), "precision": summary["precision"], "world_size": world,
                                "real_tokens_per_second": summary["real_tokens_per_second"],
                                "flops_per_token": per_token, "achieved_flops": achieved, "peak_flops": peak,
