@@ -14,15 +14,18 @@ export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 common=(--model.gradient_checkpointing false --train.logging_steps 10 --data.max_eval_samples 16
         --data.test_split null --train.sample_prompts null --output.explain_rows 0 --output.verify_export false
         --output.overwrite_output_dir true)
-declare -A configs=([full]=smollm2_full_polarity_text.yaml [lora]=sentiment_smollm2_lora.yaml)
-for kind in full lora; do
+declare -A configs=([full]=smollm2_full_polarity_text.yaml [lora]=sentiment_smollm2_lora.yaml
+                   [lora_nodropout]=sentiment_smollm2_lora.yaml)
+declare -A extra=([full]="" [lora]="" [lora_nodropout]="--lora.dropout 0")  # without LoRA's dropout masks
+for kind in full lora lora_nodropout; do
     for phase in "" _profile; do
         out="outputs/bench_mfu_smollm2_${kind}${phase}"
         [ -f "$out/metrics.json" ] && { echo "done: $out"; continue; }
         steps=(--train.max_steps 20)
         [ -n "$phase" ] && steps=(--train.max_steps 8 --train.profile_steps 3)
+        # shellcheck disable=SC2086
         .venv/bin/python recipes/causal_lm.py --config "recipes/configs/${configs[$kind]}" "${common[@]}" \
-            "${steps[@]}" --output.output_dir "$out" > "$out.log" 2>&1 || { echo "failed: $out.log"; exit 1; }
+            "${steps[@]}" ${extra[$kind]} --output.output_dir "$out" > "$out.log" 2>&1 || { echo "failed: $out.log"; exit 1; }
         echo "$out: $(python3 -c "import json;t=json.load(open('$out/metrics.json'))['train'];print(t['real_tokens_per_second'],'real tok/s',t['precision'])")"
     done
 done
