@@ -66,16 +66,16 @@ def gemm_at_shapes(config, tokens: int, dtype: torch.dtype, threads: int, vocab:
         x, w, dy = (torch.randn(*shape, dtype=dtype, device=device) for shape in ((tokens, k), (k, n), (tokens, n)))
         products = ((x, w), (dy, w.t()), (x.t(), dy))  # forward, grad of the input, grad of the weight
         for a, b in products:
-            for _ in range(2):
+            for _ in range(3):
                 a @ b
             times = []
-            for _ in range(7):
+            for _ in range(21):  # the median of 21: single products of a few ms are noisy on a shared CPU
                 sync()
                 start = time.perf_counter()
                 a @ b
                 sync()
                 times.append(time.perf_counter() - start)
-            seconds += sorted(times)[3] * count
+            seconds += sorted(times)[10] * count
             flops += 2 * a.shape[0] * a.shape[1] * b.shape[1] * count
     return flops / seconds
 
