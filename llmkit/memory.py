@@ -57,6 +57,7 @@ Plain data parallel in the checkpoint's own dtype makes no copy: the parameters 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from llmkit.errors import LlmkitError
@@ -88,6 +89,7 @@ class MemoryEstimate:
     eval_bytes: float = 0.0  # an evaluation batch's loss over the vocabulary (no activations kept)
     gathered_bytes: float = 0.0  # ZeRO-3's parameters gathered whole for compute (module docstring)
     load_bytes: float = 0.0  # host memory while the model loads and DeepSpeed sets up (module docstring)
+    host_runtime_bytes: float = 0.0  # the runtime inside load_bytes (measured by the caller)
 
     @property
     def device_bytes(self) -> float:
@@ -104,6 +106,13 @@ class MemoryEstimate:
         plus the larger of a training micro-batch (activations, logits and loss) and an evaluation batch."""
         return self.param_bytes + self.gathered_bytes + self.grad_peak_bytes + self.optimizer_bytes + \
             self.runtime_bytes + max(self.activation_bytes + self.logits_bytes, self.eval_bytes)
+
+    def rebased(self, runtime: float) -> MemoryEstimate:
+        """The same estimate with the runtime measured again (`runtime` bytes: the process once its process group
+        and DeepSpeed are up, which the preflight runs before)."""
+        return dataclasses.replace(
+            self, runtime_bytes=runtime if self.runtime_bytes else 0.0, host_runtime_bytes=runtime,
+            load_bytes=self.load_bytes - self.host_runtime_bytes + runtime if self.load_bytes else 0.0)
 
     def terms(self) -> dict[str, float]:
         """Each term of the peak, by the name the table and a refusal give it."""
@@ -298,6 +307,7 @@ def for_run(ds_config: dict | None, params: int, num_devices: int, precision: st
     est.logits_bytes, est.runtime_bytes, est.activation_bytes, est.eval_bytes = logits, runtime, activations, evaluation
     est.gathered_bytes = gathered_bytes(zero, params, precision, trainable, frozen_bytes)
     if file_width:
+        est.host_runtime_bytes = host_runtime
         est.load_bytes = host_runtime + load_bytes(params, file_width, precision, zero.get("stage", 0), num_devices,
                                                    trainable, zero_init, largest, ds_config is not None)
     return est

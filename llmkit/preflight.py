@@ -34,6 +34,8 @@ class Plan:
     accumulation: int  # gradient accumulation this launch trains with (an elastic resume may change it)
     checked: list[str] = field(default_factory=list)  # one line per check passed
     resume: checkpoints.Resume | None = None  # the checkpoint this run continues, verified
+    estimate: memory.MemoryEstimate | None = None  # the memory checked (None: the model could not be sized)
+    hardware: Hardware | None = None  # what it was checked against
 
 
 def warnings(cfg: Config) -> list[str]:
@@ -211,9 +213,9 @@ def _file_width(cfg: Config, config) -> float:
 
 
 def check_memory(cfg: Config, ds: dict | None, sizes: model.Sizes, precision: str, world_size: int, hw: Hardware,
-                 config, causal: bool) -> str:
-    """The memory estimate of this run (its table), refused when its peak cannot fit one device: a GPU, or on
-    CPU this host's memory shared by the ranks it runs."""
+                 config, causal: bool) -> memory.MemoryEstimate:
+    """The memory estimate of this run, refused when its peak cannot fit one device: a GPU, or on CPU this host's
+    memory shared by the ranks it runs (and there the load, too)."""
     d, t, logits, evaluation = cfg.data, cfg.train, 0.0, 0.0
     vocab = getattr(config, "vocab_size", 0) if causal else 0
     if vocab:  # a causal LM's loss over the vocabulary: a training micro-batch, and an evaluation batch
@@ -231,12 +233,31 @@ def check_memory(cfg: Config, ds: dict | None, sizes: model.Sizes, precision: st
                          runtime=0.0 if hw.gpus else runtime,  # on a GPU the runtime is host memory
                          file_width=_file_width(cfg, config), largest=sizes.largest, host_runtime=runtime,
                          zero_init=os.environ.get("ACCELERATE_DEEPSPEED_ZERO3_INIT", "").lower() == "true")
+    _check_fits(est, hw)
+    return est
+
+
+def _check_fits(est: memory.MemoryEstimate, hw: Hardware) -> None:
     if hw.memory_bytes:
         local = max(parallel.local_world_size(), 1)
         budget, where = (hw.memory_bytes, f"one {hw.describe_gpu()}") if hw.gpus else \
             (hw.memory_bytes / local, f"this host's memory shared by {local} rank(s)")
         memory.check_fits(est, budget, where, with_load=not hw.gpus)
-    return est.table()
+
+
+def recheck_memory(plan: Plan) -> str | None:
+    """The estimate again with the runtime measured now, once the process group and DeepSpeed are up (they add
+    ~0.1 GiB the preflight cannot see: it runs before them), refused as before if it no longer fits; the lines
+    for the log, or None when there was no estimate."""
+    if plan.estimate is None or plan.hardware is None:
+        return None
+    now = _resident_bytes()
+    est = plan.estimate.rebased(now)
+    _check_fits(est, plan.hardware)
+    gib = 1024**3
+    return (f"memory, the runtime measured again after set-up ({now / gib:.3f} GiB):\n"
+            f"  {'total at peak':<17} {est.peak_device_bytes / gib:10.3f} GiB\n"
+            f"  {'host at load':<17} {est.load_bytes / gib:10.3f} GiB")
 
 
 def check_model(cfg: Config):
@@ -332,7 +353,7 @@ def check(cfg: Config, world_size: int, recipe: str | None = None,
         passed("resume: the same run as the checkpoint (model, split of the work, precision, optimizer)")
     passed(f"launch: {world_size} process(es), " + (f"DeepSpeed ZeRO-{stage}, no 'auto' left" if ds else
                                                      "no DeepSpeed"))
-    causal = recipe == "causal_lm"
+    causal, estimate = recipe == "causal_lm", None
     try:
         sizes = model.model_sizes(cfg.model, causal_lm=causal, lora=cfg.lora)
     except LlmkitError:
@@ -341,14 +362,14 @@ def check(cfg: Config, world_size: int, recipe: str | None = None,
         passed(f"disk and memory: not estimated ({exc.__class__.__name__})")
     else:
         passed(check_disk(cfg, sizes, precision, conversion))
-        table = check_memory(cfg, ds, sizes, precision, world_size, hw, config, causal)
+        estimate = check_memory(cfg, ds, sizes, precision, world_size, hw, config, causal)
         passed("memory (ZeRO formulas, DeepSpeed's peak, activations at data.max_length):\n"
-               + "\n".join("      " + r for r in table.splitlines()))
+               + "\n".join("      " + r for r in estimate.table().splitlines()))
     passed(trackers.check(cfg))
     if cfg.output.push_to_hub:  # no token: say so now, not after hours of training
         hub_token()
         passed(f"hub: a token is set for pushing to {cfg.output.hub_model_id}")
-    return Plan(precision, why, world_size, ds, out, intent, causal, accumulation, plan_lines, resume)
+    return Plan(precision, why, world_size, ds, out, intent, causal, accumulation, plan_lines, resume, estimate, hw)
 
 
 def check_inputs(cfg: Config, plan: Plan, say: Callable[[str], None] = lambda line: None) -> None:

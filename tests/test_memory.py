@@ -296,3 +296,30 @@ def test_host_memory_at_load_by_hand_and_the_refusal_of_a_load_that_cannot_fit()
     with pytest.raises(LlmkitError, match=r"loading this model needs about 1\.02 GiB per rank .*has 0\.93 GiB: "
                                           r"use ZeRO-3 with zero3_init_flag: true"):
         memory.check_fits(est, 10**9, "this host's memory shared by 2 rank(s)", with_load=True)
+
+
+def test_the_runtime_measured_again_after_set_up_moves_the_peak_and_the_load(tmp_path, tiny_lm, monkeypatch):
+    """The preflight runs before the process group and DeepSpeed; once they are up the recipe measures the runtime
+    again: on a CPU it moves both the peak and the load, on a GPU only the (host) load; a run that no longer fits
+    is refused then, before the model loads."""
+    from helpers import write_lm_config
+
+    from llmkit import preflight
+    from llmkit.config import load_config
+    from llmkit.precision import Hardware
+
+    zero = {"zero_optimization": {"stage": 2, "reduce_bucket_size": 1}}
+    cpu = memory.for_run(zero, 10**8, 2, "bf16", runtime=5e8, file_width=4, host_runtime=5e8)
+    again = cpu.rebased(6e8)
+    assert again.peak_device_bytes == cpu.peak_device_bytes + 1e8 and again.load_bytes == cpu.load_bytes + 1e8
+    gpu = memory.for_run(zero, 10**8, 2, "bf16", runtime=0.0, file_width=4, host_runtime=5e8)
+    assert gpu.rebased(6e8).peak_device_bytes == gpu.peak_device_bytes
+    assert gpu.rebased(6e8).load_bytes == gpu.load_bytes + 1e8
+
+    cfg = load_config(write_lm_config(tmp_path / "c.yaml", tiny_lm, tmp_path / "out", lora=False))
+    plan = preflight.check(cfg, 1, "causal_lm", hw=Hardware(memory_bytes=4 * 2**30))
+    lines = preflight.recheck_memory(plan)
+    assert lines.startswith("memory, the runtime measured again") and "total at peak" in lines
+    monkeypatch.setattr(preflight, "_resident_bytes", lambda: 5 * 2**30)  # the process grew past the host
+    with pytest.raises(LlmkitError, match="per device at its peak|loading this model needs"):
+        preflight.recheck_memory(plan)

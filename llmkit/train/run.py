@@ -212,6 +212,9 @@ def setup(cfg: Config, recipe: str) -> Run:
         run.log(line)
     accelerator.wait_for_everyone()  # the folder is llmkit's before any rank writes into it
     run.stop = StopSignal(accelerator, timeout)
+    memory_now = preflight.recheck_memory(plan)  # the process group and DeepSpeed are up: their memory is known
+    if memory_now:
+        run.log(memory_now)
     trackers.start(accelerator, cfg, plan.run_dir, trackers.hyperparameters(
         cfg, world_size=accelerator.num_processes, precision=plan.precision, zero_stage=run.zero_stage))
     return run
