@@ -38,6 +38,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from llmkit.model import lora_targets
+
 DECODERS = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "olmo2")
 ENCODERS = ("bert", "roberta", "xlm-roberta", "electra")
 # which linear reads which input, per family: trained linears that share an input save it once
@@ -149,3 +151,17 @@ def activation_bytes(shape: Shape, batch: int, seq: int, w: int, adapters: Adapt
     layer = per_token_layer(shape, w, adapters, padded, seq, device, attention)
     layers = shape.layers * w * shape.hidden + layer if checkpointing else shape.layers * layer
     return float(tokens) * (layers + outside_layers(shape, w, adapters))
+
+
+def of_run(config, lora, batch: int, seq: int, w: int, checkpointing: bool = False, padded: bool = True,
+           device: str = "cpu", attention: str = "sdpa") -> float:
+    """activation_bytes for a transformers config and llmkit's lora settings (a LoraConfig, or None / disabled:
+    full fine-tuning); 0 when the config does not name its sizes."""
+    shape = shape_of(config)
+    if shape is None:
+        return 0.0
+    adapters = None
+    if lora is not None and lora.enabled:
+        targets = lora_targets(lora, config.model_type)
+        adapters = Adapters(lora.r, lora.dropout, ALL_LINEAR if targets == "all-linear" else frozenset(targets))
+    return activation_bytes(shape, batch, seq, w, adapters, checkpointing, padded, device, attention)

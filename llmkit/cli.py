@@ -114,7 +114,7 @@ def _assets(_: argparse.Namespace) -> None:
 
 
 def _estimate_memory(args: argparse.Namespace) -> None:
-    from llmkit import memory, model
+    from llmkit import activations, memory, model
     from llmkit.config import LoraConfig, ModelConfig
     from llmkit.parallel import auto_reduce_bucket
 
@@ -124,15 +124,23 @@ def _estimate_memory(args: argparse.Namespace) -> None:
         raise LlmkitError(f"--lora-r must be >= 1 (or 0: no LoRA), got {args.lora_r}")
     if args.qlora and not args.lora_r:
         raise LlmkitError("--qlora trains LoRA adapters on the 4-bit base: give --lora-r too")
+    if (args.batch_size or args.seq_len) and not (args.batch_size > 0 and args.seq_len > 0):
+        raise LlmkitError("--batch-size and --seq-len go together, both >= 1 (tokens of one micro-batch)")
     sizes = model.model_sizes(cfg, causal_lm=args.task == "causal-lm", lora=lora)
     offload = {"none": (False, False), "optimizer": (True, False), "params": (False, True), "both": (True, True)}
     opt, par = offload[args.offload]
     # the reduce bucket as llmkit fills "auto" in the shipped ds_configs (contiguous gradients, no overlap)
-    hidden = model.hidden_size(model.read_config(cfg))
-    zero = {"stage": args.zero_stage, "reduce_bucket_size": auto_reduce_bucket(hidden)}
-    print(memory.estimate(sizes.params, args.zero_stage, args.num_gpus, args.precision, opt, par,
+    config = model.read_config(cfg)
+    zero = {"stage": args.zero_stage, "reduce_bucket_size": auto_reduce_bucket(model.hidden_size(config))}
+    est = memory.estimate(sizes.params, args.zero_stage, args.num_gpus, args.precision, opt, par,
                           sizes.largest_trainable, bucket_bytes=memory.bucket_bytes(zero, args.precision),
-                          trainable=sizes.trainable, frozen_bytes=0.5 if args.qlora else None).table())
+                          trainable=sizes.trainable, frozen_bytes=0.5 if args.qlora else None)
+    if args.batch_size:  # a training micro-batch: its activations (and a causal LM's loss)
+        est.activation_bytes = activations.of_run(config, lora, args.batch_size, args.seq_len,
+                                                  memory.width(args.precision), args.gradient_checkpointing)
+        if args.task == "causal-lm":
+            est.logits_bytes = memory.logits_bytes(args.batch_size * args.seq_len, config.vocab_size, args.precision)
+    print(est.table())
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -294,6 +302,11 @@ def main(argv: list[str] | None = None) -> None:
     est.add_argument("--lora-r", type=int, default=0, help="LoRA adapters of this rank on every projection (peft's "
                      "defaults for the architecture): only they, and a classifier's head, are trained")
     est.add_argument("--qlora", action="store_true", help="with --lora-r: the frozen base in 4-bit NF4")
+    est.add_argument("--batch-size", type=int, default=0, help="with --seq-len: rows per micro-batch on each device, "
+                     "to add the activations (padded rows: an upper bound) and a causal LM's loss over the vocabulary")
+    est.add_argument("--seq-len", type=int, default=0, help="with --batch-size: tokens per row (data.max_length)")
+    est.add_argument("--gradient-checkpointing", action="store_true", help="activations as under "
+                     "model.gradient_checkpointing: each layer's input and one layer recomputed")
     est.set_defaults(fn=_estimate_memory)
     gen = sub.add_parser("generate", help="complete prompts with an exported causal LM (full, merged or adapter)")
     gen.add_argument("model_dir", type=fresh.absolute,

@@ -182,25 +182,14 @@ def _resident_bytes() -> float:
 
 
 def _activations(cfg: Config, config, precision: str, hw: Hardware, causal: bool) -> float:
-    """What autograd keeps of one training micro-batch at data.max_length (llmkit.activations); 0 when the
-    architecture does not name its sizes."""
-    shape = activations.shape_of(config)
-    if shape is None:
-        return 0.0
-    d, lora = cfg.data, cfg.lora
-    adapters = None
-    if lora.enabled:
-        targets = model.lora_targets(lora, config.model_type)
-        adapters = activations.Adapters(lora.r, lora.dropout, activations.ALL_LINEAR if targets == "all-linear"
-                                        else frozenset(targets))
+    """What autograd keeps of one training micro-batch at data.max_length (llmkit.activations)."""
+    d = cfg.data
     # plain text is packed into blocks: no padding mask (prompt/response and chat rows are, unless data.packing)
     packed = causal and (d.packing or (not d.prompt_template and d.format in ("auto", "text")
                                        and not (d.prompt_column or d.messages_column)))
-    return activations.activation_bytes(shape, cfg.train.per_device_batch_size, d.max_length,
-                                        memory.width(precision), adapters,
-                                        checkpointing=cfg.model.gradient_checkpointing, padded=not packed,
-                                        device="cuda" if hw.gpus else "cpu",
-                                        attention=cfg.model.attn_implementation or "sdpa")
+    return activations.of_run(config, cfg.lora, cfg.train.per_device_batch_size, d.max_length,
+                              memory.width(precision), cfg.model.gradient_checkpointing, padded=not packed,
+                              device="cuda" if hw.gpus else "cpu", attention=cfg.model.attn_implementation or "sdpa")
 
 
 def _file_width(cfg: Config, config) -> float:

@@ -171,6 +171,22 @@ def test_estimate_memory_command(tiny_bert):
 
     trained = model_sizes(ModelConfig(name_or_path=str(tiny_bert)), lora=LoraConfig(enabled=True, r=4)).trainable
     assert lora.returncode == 0 and f"({trained / 1e6:,.2f}M trained, the rest frozen)" in lora.stdout, lora.stderr
+    # with a micro-batch: its activations (the same formula the run logs), less under gradient checkpointing
+    from llmkit import activations
+    from llmkit.model import read_config
+
+    shape = activations.shape_of(read_config(ModelConfig(name_or_path=str(tiny_bert))))
+    acts = {}
+    for ckpt in (False, True):
+        got = subprocess.run([sys.executable, "-m", "llmkit.cli", "estimate-memory", "--model", str(tiny_bert),
+                              "--zero-stage", "2", "--batch-size", "512", "--seq-len", "128",
+                              *(["--gradient-checkpointing"] if ckpt else [])],
+                             capture_output=True, text=True, timeout=120)
+        assert got.returncode == 0, got.stderr
+        acts[ckpt] = float(next(x for x in got.stdout.splitlines() if "activations" in x).split()[-2])
+        want = activations.activation_bytes(shape, 512, 128, 2, checkpointing=ckpt) / 1024**3
+        assert want > 0.01 and acts[ckpt] == pytest.approx(want, rel=0.05)
+    assert acts[True] < acts[False]
     bad = subprocess.run([sys.executable, "-m", "llmkit.cli", "estimate-memory", "--model", str(tiny_bert),
                           "--zero-stage", "1", "--offload", "params"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "llmkit: error: parameter offload needs ZeRO-3" in bad.stderr
