@@ -174,17 +174,16 @@ def _eval(args: argparse.Namespace) -> None:
     zero_shot = (args.prompt_template, args.label_words) if args.zero_shot else None
     got = eval_export(args.model_dir, args.data, args.split, args.output, args.text_column, args.text_pair_column,
                       args.label_column, args.max_length, args.batch_size, args.max_samples, args.trust_remote_code,
-                      zero_shot)
-    m = got["metrics"]
-    print(f"{args.split}: accuracy {m['accuracy']:.4f}  f1 {m['f1']:.4f}  f1_macro {m['f1_macro']:.4f}  "
-          f"({m['samples']} rows)")
+                      zero_shot, tuple(args.keep_columns))
+    for split, m in got["splits"].items():
+        print(f"{split}: accuracy {m['accuracy']:.4f}  f1 {m['f1']:.4f}  f1_macro {m['f1_macro']:.4f}  "
+              f"({m['samples']} rows)")
     print(f"report: {got['report']}")
 
 
 def _scored_rows(parser: argparse.ArgumentParser) -> None:
     """The options of `llmkit eval` and `compare` that say which rows are scored and how they are read."""
     parser.add_argument("--data", required=True, help="Hub id, local folder, asset:<name>, or one csv/json/jsonl file")
-    parser.add_argument("--split", default="test")
     parser.add_argument("--text-column", default="text")
     parser.add_argument("--text-pair-column")
     parser.add_argument("--label-column", default="label")
@@ -212,24 +211,9 @@ def _model_spec(text: str) -> str:
 
 
 def _compare(args: argparse.Namespace) -> None:
-    from llmkit.commands.compare import compare
+    from llmkit.commands.compare import main as compare
 
-    eval_args = ["--text-column", args.text_column, "--label-column", args.label_column, "--max-length",
-                 str(args.max_length), "--batch-size", str(args.batch_size)]
-    eval_args += ["--text-pair-column", args.text_pair_column] if args.text_pair_column else []
-    eval_args += ["--max-samples", str(args.max_samples)] if args.max_samples else []
-    zero_shot = ["--zero-shot", "--prompt-template", args.prompt_template, "--label-words", *args.label_words] \
-        if args.prompt_template and args.label_words else None
-    if any(m.startswith("zero-shot:") for m in args.models) and zero_shot is None:
-        raise LlmkitError("a zero-shot: model needs --prompt-template and --label-words")
-    doc = compare(args.models, args.data, args.split, args.output, eval_args, args.resamples, args.seed, zero_shot)
-    for m in doc["models"]:
-        print(f"{m['name']}: accuracy {m['accuracy']:.4f}  f1_macro {m['f1_macro']:.4f}  ({m['model']})")
-    for p in doc["pairs"]:
-        lo, hi = p["accuracy_difference_ci95"]
-        print(f"{p['a']} - {p['b']}: accuracy {p['accuracy_difference']:+.4f} (95% CI {lo:+.4f} to {hi:+.4f}), "
-              f"McNemar exact p {p['mcnemar_exact_p']:.4g}, agreement {p['agreement']:.4f}")
-    print(f"comparison: {args.output / 'compare.md'} (and compare.json)")
+    compare(args)
 
 
 def _push(args: argparse.Namespace) -> None:
@@ -335,6 +319,12 @@ def main(argv: list[str] | None = None) -> None:
                      "or zero-shot:<causal LM folder or asset:name>")
     cmp.add_argument("--output", type=fresh.absolute, required=True, help="the comparison's folder")
     _scored_rows(cmp)
+    cmp.add_argument("--split", default="test", help="the rows every model scores")
+    cmp.add_argument("--calibration-split", help="the split each model's temperature is fitted on (default: "
+                     "validation where the data has it; none: no temperature)")
+    cmp.add_argument("--slice-by", nargs="+", help="data columns whose values cut the rows into more slices")
+    cmp.add_argument("--explain-rows", type=int, default=3, help="per pair, the most confident disagreements "
+                     "explained word by word (0: none)")
     cmp.add_argument("--resamples", type=int, default=2000, help="paired-bootstrap resamples")
     cmp.add_argument("--seed", type=int, default=0, help="the bootstrap's seed")
     _zero_shot_args(cmp)
@@ -345,6 +335,9 @@ def main(argv: list[str] | None = None) -> None:
                     help="a classifier folder, e.g. <run>/final (any transformers classifier)")
     ev.add_argument("--output", type=fresh.absolute, help="output folder (default: <model_dir>/eval-<split>)")
     _scored_rows(ev)
+    ev.add_argument("--split", nargs="+", default=["test"], help="the split(s) to score, each its own predictions file")
+    ev.add_argument("--keep-columns", nargs="+", default=[], help="more columns of the first --split copied into "
+                    "its prediction rows")
     ev.add_argument("--trust-remote-code", action="store_true", help="run the model folder's own Python code")
     ev.add_argument("--zero-shot", action="store_true", help="model_dir is any causal LM (a folder or asset:<name>) "
                     "scoring --label-words after --prompt-template, untrained for the task")

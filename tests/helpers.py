@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -239,3 +241,38 @@ def changed(cfg, values: dict):
         section, leaf = key.split(".", 1)
         sections.setdefault(section, {})[leaf] = value
     return dataclasses.replace(cfg, **{s: dataclasses.replace(getattr(cfg, s), **kv) for s, kv in sections.items()})
+
+
+# each explained word of a page: laid out, its background colour and underline style
+HIGHLIGHTS = ("return Array.from(document.querySelectorAll('td.why span')).map(s => {const r = "
+              "s.getBoundingClientRect(); const c = getComputedStyle(s); return [r.width > 0 && r.height > 0, "
+              "c.backgroundColor, c.borderBottomStyle];});")
+
+
+@contextmanager
+def chromium(tmp_path: Path):
+    """A headless Chromium page (selenium) that keeps the browser console's log; skipped where Chromium is not
+    installed, except under CI, which must run it (`make browser` installs it)."""
+    import pytest
+
+    browser = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)),
+                   None)
+    if not (browser and shutil.which("chromedriver")):
+        if os.environ.get("CI"):
+            pytest.fail("CI must run the browser test: install the Debian packages chromium and chromium-driver")
+        pytest.skip("no chromium / chromedriver here (Debian: apt-get install chromium chromium-driver)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    options = Options()
+    options.binary_location = browser
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1200,900",
+                f"--user-data-dir={tmp_path / 'profile'}"):
+        options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    page = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
+    try:
+        yield page
+    finally:
+        page.quit()

@@ -4,13 +4,12 @@ HTML page that headless Chromium renders without console errors, TensorBoard sca
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 
 import numpy as np
 import pytest
-from helpers import read_jsonl
+from helpers import HIGHLIGHTS, chromium, read_jsonl
 from sklearn import metrics as sk
 
 from llmkit.errors import LlmkitError
@@ -144,42 +143,15 @@ def test_report_and_eval_errors_are_clear(tmp_path, tiny_run):
         eval_export(tmp_path, "x.jsonl")
 
 
-def _chromium() -> tuple[str | None, str | None]:
-    browser = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)),
-                   None)
-    return browser, shutil.which("chromedriver")
-
-
 def test_report_renders_in_headless_chromium(tiny_run, tmp_path):
-    browser, driver = _chromium()
-    if not (browser and driver):
-        if os.environ.get("CI"):
-            pytest.fail("CI must run the browser test: install the Debian packages chromium and chromium-driver")
-        pytest.skip("no chromium / chromedriver here (Debian: apt-get install chromium chromium-driver)")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.options import Options
-    from selenium.webdriver.chrome.service import Service
-
-    options = Options()
-    options.binary_location = browser
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1200,900",
-                f"--user-data-dir={tmp_path / 'profile'}"):
-        options.add_argument(arg)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    page = webdriver.Chrome(service=Service(driver), options=options)
-    try:
+    with chromium(tmp_path) as page:
         page.get((tiny_run / "report.html").resolve().as_uri())
         loaded = page.execute_script(
             "return Array.from(document.images).map(i => [i.dataset.plot, i.complete && i.naturalWidth > 0]);")
         # the explained rows' words: laid out, with the highlight drawn (a background or an underline)
-        words = page.execute_script(
-            "return Array.from(document.querySelectorAll('td.why span')).map(s => {const r = s.getBoundingClientRect();"
-            " const c = getComputedStyle(s); return [r.width > 0 && r.height > 0, c.backgroundColor,"
-            " c.borderBottomStyle];});")
+        words = page.execute_script(HIGHLIGHTS)
         page.save_screenshot(str(tmp_path / "report.png"))
         errors = [e for e in page.get_log("browser") if e["level"] in ("SEVERE", "ERROR")]
-    finally:
-        page.quit()
     assert errors == [], errors
     assert {name for name, ok in loaded if ok} == PLOTS | {"confusion_run"}, loaded
     assert all(ok for _, ok in loaded)

@@ -1,11 +1,13 @@
-"""`llmkit compare A B [C ...]`: exported classifiers scored on the same rows, each by `llmkit eval` in a fresh
-process, then for every pair what a reviewer asks before believing that one is better: the differences in
-accuracy and macro-F1 with paired-bootstrap confidence intervals, McNemar's exact test on the rows where they
-disagree, and how often they agree. Written as compare.json and compare.md."""
+"""`llmkit compare A B [C ...]`: classifiers scored on the same rows, each by `llmkit eval` in a fresh process,
+then for every pair what a reviewer asks before believing that one is better: the differences in accuracy and
+macro-F1 with paired-bootstrap intervals, McNemar's exact test, how often they agree and the rows where they
+disagree most confidently (explained word by word); per model the per-class scores and the calibration before
+and after a temperature fitted on another split; every number again per slice (true label, text length, any
+column named). Written as compare.json, compare.md and compare.html (llmkit.report.compared)."""
 
 from __future__ import annotations
 
-import json
+import argparse
 import sys
 from itertools import combinations
 from pathlib import Path
@@ -13,8 +15,14 @@ from pathlib import Path
 import numpy as np
 
 from llmkit import fresh
+from llmkit.commands.eval_model import check_splits, data_config, export_of
+from llmkit.data.sources import load_raw
 from llmkit.errors import LlmkitError
-from llmkit.rundir.layout import Export, RunDir, read_json, read_jsonl
+from llmkit.evals import explain
+from llmkit.model import locate
+from llmkit.report import compared, paired
+from llmkit.report.numbers import calibration, read_predictions, split_report
+from llmkit.rundir.layout import Export, RunDir, read_json
 
 MARKER = ".llmkit-compare"  # a `llmkit compare` output folder, which a later compare may write over
 
@@ -25,11 +33,65 @@ def _check_output(out: Path) -> None:
                           "folder")
 
 
-def _score(model: str, out: Path, source: str, split: str, eval_args: list[str]) -> dict:
-    """`llmkit eval` of one model into `out`, in a fresh process: its labels, and per row the gold and predicted
-    label ids, in row order."""
-    proc = fresh.run_python(["-m", "llmkit.cli", "eval", str(model), "--data", source, "--split", split,
-                             "--output", str(out), *eval_args], cwd=out.parent)
+def _folder(model: str) -> Path:
+    """The export a model names: a folder, a run directory's final/, or (zero-shot) an asset."""
+    path = Path(locate(model.removeprefix("zero-shot:"), "the zero-shot model")) if model.startswith("zero-shot:") \
+        else Path(model)
+    return export_of(path)
+
+
+def _label(model: str) -> str:
+    """A short name for tables: the run's folder for a final/ export, else the folder's own name."""
+    path = _folder(model)
+    name = path.parent.name if path.name == "final" else path.name
+    return f"zero-shot {name}" if model.startswith("zero-shot:") else name
+
+
+def _labels_of(model: str, zero_shot: list[str] | None) -> list[str] | None:
+    """A model's labels in order, read from its files before anything is scored (None where a zero-shot model's
+    words are not given yet): a classifier's id2label, a label-word export's run records, the zero-shot words."""
+    if model.startswith("zero-shot:"):
+        return zero_shot[zero_shot.index("--label-words") + 1:] if zero_shot else None
+    folder = _folder(model)
+    config = read_json((Export(folder).merged if Export(folder).merged.is_dir() else folder) / "config.json")
+    if not config:
+        raise LlmkitError(f"{model} holds no exported model (no config.json): give a classifier folder, a run "
+                          "directory with final/, or zero-shot:<causal LM>")
+    names = [config["id2label"][str(i)] for i in range(len(config["id2label"]))] if config.get("id2label") else None
+    causal = any(a.endswith("ForCausalLM") for a in config.get("architectures") or [])
+    if causal:
+        names = Export(folder).read_metrics().get("label_names")
+    if not names or (causal and not explain.run_records(folder)[0].get("data", {}).get("prompt_template")):
+        raise LlmkitError(f"{model} is not a classifier: neither a sequence classifier with labels nor an llmkit "
+                          "label-word causal LM (score an untrained causal LM as zero-shot:<folder>)")
+    return names
+
+
+def _calibration_split(source: str, split: str, asked: str | None) -> tuple[str | None, str | None]:
+    """The split the temperature is fitted on, or None with the reason. `asked` None: the data's validation split
+    where it has one; "none": no temperature."""
+    single = Path(source).expanduser().is_file()
+    if asked == "none":
+        return None, "not asked (--calibration-split none)"
+    if asked is not None:
+        if single or asked == split:
+            raise LlmkitError(f"--calibration-split {asked}: the temperature must be fitted on other rows than the "
+                              f"compared {split} rows; give --data as a folder or Hub dataset with that split")
+        check_splits(source, [asked])
+        return asked, None
+    if single:
+        return None, "--data is one file: no other split to fit a temperature on (--calibration-split)"
+    try:
+        check_splits(source, ["validation"])
+    except LlmkitError:
+        return None, "the data has no validation split (name one with --calibration-split)"
+    return ("validation", None) if split != "validation" else (None, "the compared split is the validation split")
+
+
+def _score(model: str, out: Path, source: str, splits: list[str], eval_args: list[str], keep: list[str]) -> dict:
+    """`llmkit eval` of one model on `splits` into `out`, in a fresh process; per split the prediction rows."""
+    proc = fresh.run_python(["-m", "llmkit.cli", "eval", model, "--data", source, "--split", *splits, "--output",
+                             str(out), *eval_args, *(["--keep-columns", *keep] if keep else [])], cwd=out.parent)
     if proc.returncode != 0:
         said = [line for line in proc.stderr.splitlines() if line.startswith("llmkit: error:")]
         raise LlmkitError(f"scoring {model} failed: " + (said[-1].removeprefix("llmkit: error: ") if said else
@@ -37,153 +99,154 @@ def _score(model: str, out: Path, source: str, split: str, eval_args: list[str])
     files = RunDir(out)
     metrics = read_json(files.metrics)
     names = metrics["label_names"]
-    rows, _ = read_jsonl(files.predictions(split))
-    rows.sort(key=lambda r: r["row"])
     index = {name: i for i, name in enumerate(names)}
-    return {"model": str(model), "labels": names, "metrics": metrics[split],
-            "seconds_per_row": metrics["eval_seconds"] / max(metrics[split]["samples"], 1),
-            "gold": np.array([index[r["label"]] for r in rows]), "predicted": np.array([index[r["prediction"]]
-                                                                                       for r in rows]),
-            "confidence": np.array([max(r["probabilities"]) for r in rows]),
-            "length": np.array([len(r["text"]) + len(r.get("text_pair") or "") for r in rows])}
+    got = {"labels": names, "metrics": metrics, "seconds_per_row": metrics[splits[0]]["seconds"]
+           / max(metrics[splits[0]]["samples"], 1)}
+    for split in splits:
+        rows = sorted(read_predictions(files.predictions(split), names)[0], key=lambda r: r["row"])
+        got[split] = {"rows": rows, "gold": np.array([index[r["label"]] for r in rows]),
+                      "predicted": np.array([index[r["prediction"]] for r in rows]),
+                      "probs": np.array([r["probabilities"] for r in rows], dtype=float)}
+    return got
 
 
-def ece(confidence: np.ndarray, right: np.ndarray, bins: int = 10) -> float:
-    """Expected calibration error: the row-weighted gap between confidence and accuracy over equal-width bins of
-    the predicted label's probability."""
-    which = np.minimum((confidence * bins).astype(int), bins - 1)
-    return float(sum(abs(confidence[which == k].mean() - right[which == k].mean()) * (which == k).mean()
-                     for k in range(bins) if (which == k).any()))
+def _model_numbers(s: dict, split: str, fit_on: str | None) -> dict:
+    """One model's scores on the compared rows, and its calibration before and after temperature scaling."""
+    rep = split_report(s[split]["rows"], s["labels"])
+    out = {k: rep[k] for k in ("accuracy", "f1_macro", "rows", "per_class", "ece")}
+    out["seconds_per_row"] = s["seconds_per_row"]
+    if fit_on is not None:
+        fit = paired.fit_temperature(s[fit_on]["probs"], s[fit_on]["gold"])
+        probs = paired.tempered(s[split]["probs"], fit["temperature"])
+        right = (probs.argmax(1) == s[split]["gold"]).astype(float)
+        out["temperature"] = {**fit, "fitted_on": fit_on, "ece_after": calibration(probs.max(1), right)["ece"]}
+    return out
 
 
-def _slices(first: dict) -> dict[str, np.ndarray]:
-    """Row masks by true label and by text length (quartiles of characters)."""
-    masks = {f"label = {name}": first["gold"] == i for i, name in enumerate(first["labels"])}
-    edges = np.quantile(first["length"], [0.25, 0.5, 0.75])
-    which = np.searchsorted(edges, first["length"], side="right")
-    for q in range(4):
-        if (which == q).any():
-            lo, hi = int(first["length"][which == q].min()), int(first["length"][which == q].max())
-            masks[f"length Q{q + 1} ({lo}-{hi} chars)"] = which == q
+def _slices(first: dict, split: str, slice_by: list[str]) -> dict[str, np.ndarray]:
+    """Row masks by true label, by text length (quartiles of characters) and by each --slice-by column."""
+    rows = first[split]["rows"]
+    masks = {f"label = {name}": first[split]["gold"] == i for i, name in enumerate(first["labels"])}
+    masks.update(paired.length_quartiles(np.array([len(r["text"]) + len(r.get("text_pair") or "") for r in rows])))
+    for column in slice_by:
+        masks.update(paired.by_value(column, [r["columns"][column] for r in rows]))
     return masks
 
 
-def _labels_of(model: str, zero_shot: list[str] | None) -> list[str] | None:
-    """A model's labels in order, read from its files before anything is scored (None where they do not say):
-    a classifier's id2label, a label-word export's run records, the label words given for zero-shot."""
-    if model.startswith("zero-shot:"):
-        return zero_shot[zero_shot.index("--label-words") + 1:] if zero_shot else None
-    folder = Path(model)
-    config = read_json(folder / "config.json")
-    if config.get("id2label"):
-        return [config["id2label"][str(i)] for i in range(len(config["id2label"]))]
-    return Export(folder).read_metrics().get("label_names") or None
+def _explained_disagreements(scored: list[dict], models: list[str], split: str, count: int, work: Path,
+                             zero_shot: list[str] | None) -> list[dict]:
+    """Per pair the `count` rows where both models are surest while disagreeing; each model explains its rows
+    (one fresh process per model) where `count` > 0."""
+    found = []
+    for i, j in combinations(range(len(scored)), 2):
+        a, b = scored[i][split], scored[j][split]
+        for row in paired.disagreements(a["predicted"], b["predicted"], a["probs"].max(1), b["probs"].max(1), count):
+            found.append({"a": f"model-{i + 1}", "b": f"model-{j + 1}", "row": row, "text": a["rows"][row]["text"],
+                          "label": a["rows"][row]["label"], "predictions": {
+                              f"model-{k + 1}": {"prediction": scored[k][split]["rows"][row]["prediction"],
+                                                 "probability": float(scored[k][split]["probs"][row].max())}
+                              for k in (i, j)}})
+    for k, model in enumerate(models):
+        name = f"model-{k + 1}"
+        mine = sorted({d["row"] for d in found if name in (d["a"], d["b"])})
+        if not mine:
+            continue
+        rows = scored[k][split]["rows"]
+        words = zero_shot[zero_shot.index("--label-words") + 1:] if model.startswith("zero-shot:") else None
+        template = zero_shot[zero_shot.index("--prompt-template") + 1] if words else None
+        print(f"compare: explaining {len(mine)} disagreeing rows with {model}", file=sys.stderr, flush=True)
+        try:
+            done = dict(zip(mine, explain.for_texts(
+                _folder(model), [rows[r]["text"] for r in mine],
+                [rows[r].get("text_pair") for r in mine] if "text_pair" in rows[0] else None,
+                work / f"explain-{name}.json", template, words)))
+        except LlmkitError as exc:  # the scores stand without the words; the report says why they are missing
+            print(f"compare: {exc}", file=sys.stderr, flush=True)
+            done = {r: {"error": str(exc).splitlines()[0]} for r in mine}
+        for d in found:
+            if name in (d["a"], d["b"]):
+                d["predictions"][name]["explanation"] = done[d["row"]]
+    return found
 
 
-def pair(gold: np.ndarray, a: np.ndarray, b: np.ndarray, classes: int, resamples: int = 2000, seed: int = 0) -> dict:
-    """A against B on the same rows: accuracy and macro-F1 differences (A - B) with 95% paired-bootstrap
-    intervals (the rows resampled together for both), McNemar's exact test (a two-sided binomial test on the rows
-    exactly one of them gets right), and the agreement rate."""
-    from scipy.stats import binomtest
-    from sklearn.metrics import f1_score
-
-    def macro_f1(y, p):
-        return f1_score(y, p, labels=list(range(classes)), average="macro", zero_division=0)
-
-    n = len(gold)
-    right_a, right_b = a == gold, b == gold
-    draws = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
-    acc = right_a[draws].mean(1) - right_b[draws].mean(1)
-    f1 = np.array([macro_f1(gold[d], a[d]) - macro_f1(gold[d], b[d]) for d in draws])
-    only_a, only_b = int((right_a & ~right_b).sum()), int((~right_a & right_b).sum())
-    p = binomtest(min(only_a, only_b), only_a + only_b, 0.5).pvalue if only_a + only_b else 1.0
-    return {"rows": n, "accuracy_difference": float(right_a.mean() - right_b.mean()),
-            "accuracy_difference_ci95": [float(np.percentile(acc, 2.5)), float(np.percentile(acc, 97.5))],
-            "f1_macro_difference": float(macro_f1(gold, a) - macro_f1(gold, b)),
-            "f1_macro_difference_ci95": [float(np.percentile(f1, 2.5)), float(np.percentile(f1, 97.5))],
-            "only_a_right": only_a, "only_b_right": only_b, "mcnemar_exact_p": float(p),
-            "agreement": float((a == b).mean()), "bootstrap_resamples": resamples, "seed": seed}
-
-
-def compare(models: list[str | Path], source: str, split: str, output_dir: str | Path, eval_args: list[str],
-            resamples: int = 2000, seed: int = 0, zero_shot: list[str] | None = None) -> dict:
-    """Score each model on `split` of `source` and compare every pair; write compare.json and compare.md into
-    `output_dir`. `eval_args`: more `llmkit eval` options (columns, max length, batch size, max samples);
-    `zero_shot`: the eval options of the models named zero-shot:<model> (template, label words)."""
+def compare(models: list[str], source: str, split: str, output_dir: str | Path, eval_args: list[str],
+            resamples: int = 2000, seed: int = 0, zero_shot: list[str] | None = None,
+            calibration_split: str | None = None, slice_by: list[str] = (), explain_rows: int = 3) -> dict:
+    """Score each model on `split` of `source` (and on the calibration split) and compare every pair; write
+    compare.json, compare.md and compare.html into `output_dir`. `eval_args`: more `llmkit eval` options
+    (columns, max length, batch size, max samples); `zero_shot`: the eval options of the models named
+    zero-shot:<model> (template, label words); `slice_by`: more data columns to cut the rows by."""
+    models, slice_by = [str(m) for m in models], list(slice_by)
     if len(models) < 2:
         raise LlmkitError("llmkit compare needs at least two models")
-    if resamples < 100:
-        raise LlmkitError(f"--resamples must be >= 100 for a 95% interval to mean anything, got {resamples}")
-    labels = {str(m): _labels_of(str(m), zero_shot) for m in models}
-    known = {m: names for m, names in labels.items() if names is not None}
+    if resamples < 100 or explain_rows < 0:
+        raise LlmkitError(f"--resamples must be >= 100 for a 95% interval to mean anything and --explain-rows >= 0; "
+                          f"got {resamples}, {explain_rows}")
+    known = {m: names for m in models if (names := _labels_of(m, zero_shot)) is not None}
     if len({tuple(names) for names in known.values()}) > 1:  # refused before any model is scored
         (a, first), (b, other) = next(iter(known.items())), next((m, n) for m, n in known.items()
                                                                 if n != next(iter(known.values())))
         raise LlmkitError(f"the models classify into different labels: {a} has {first}, {b} has {other}; compare "
                           "models of the same task and label order")
+    check_splits(source, [split])
+    fit_on, why_not = _calibration_split(source, split, calibration_split)
+    if slice_by:
+        have = load_raw(data_config(source, split, [], "text", None, "label", 2, None))[split].column_names
+        if missing := [c for c in slice_by if c not in have]:
+            raise LlmkitError(f"--slice-by {missing[0]}: split '{split}' of {source} has no such column "
+                              f"(columns: {have})")
     out = Path(output_dir).expanduser()
     _check_output(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / MARKER).write_text("written by `llmkit compare`; a later compare may replace these files\n")
+    splits = [split] + ([fit_on] if fit_on else [])
     scored = []
     for i, model in enumerate(models):
         print(f"compare: scoring {model} ({i + 1} of {len(models)})", file=sys.stderr, flush=True)
-        name = str(model)
-        extra = zero_shot if name.startswith("zero-shot:") and zero_shot else []
-        scored.append(_score(name.removeprefix("zero-shot:"), out / f"model-{i + 1}", source, split,
-                             eval_args + extra))
-        scored[-1]["model"] = name
-    first = scored[0]
-    for s in scored[1:]:
-        if s["labels"] != first["labels"]:
-            raise LlmkitError(f"the models classify into different labels: {first['model']} has {first['labels']}, "
-                              f"{s['model']} has {s['labels']}; compare models of the same task and label order")
-    names = [f"model-{i + 1}" for i in range(len(scored))]
+        extra = zero_shot if model.startswith("zero-shot:") and zero_shot else []
+        scored.append(_score(model.removeprefix("zero-shot:"), out / f"model-{i + 1}", source, splits,
+                             eval_args + extra, slice_by))
+        if scored[-1]["labels"] != scored[0]["labels"]:
+            raise LlmkitError(f"the models classify into different labels: {models[0]} has {scored[0]['labels']}, "
+                              f"{model} has {scored[-1]['labels']}; compare models of the same task and label order")
+    first, names, classes = scored[0], [f"model-{i + 1}" for i in range(len(scored))], len(scored[0]["labels"])
+
+    def pairs(mask: np.ndarray | None, n: int) -> list[dict]:
+        pick = (lambda v: v) if mask is None else (lambda v: v[mask])
+        return [{"a": names[i], "b": names[j], **paired.pair(pick(first[split]["gold"]),
+                                                             pick(scored[i][split]["predicted"]),
+                                                             pick(scored[j][split]["predicted"]), classes, n, seed)}
+                for i, j in combinations(range(len(scored)), 2)]
+
     slices = {name: {"rows": int(mask.sum()),
-                     "accuracy": {m: float((s["predicted"][mask] == s["gold"][mask]).mean())
+                     "accuracy": {m: float((s[split]["predicted"][mask] == s[split]["gold"][mask]).mean())
                                   for m, s in zip(names, scored)},
-                     "pairs": [{"a": names[i], "b": names[j],
-                                **pair(first["gold"][mask], scored[i]["predicted"][mask],
-                                       scored[j]["predicted"][mask], len(first["labels"]), max(resamples // 4, 100),
-                                       seed)} for i, j in combinations(range(len(scored)), 2)]}
-              for name, mask in _slices(first).items()}
-    doc = {"split": split, "data": source, "labels": first["labels"],
-           "models": [{"name": names[i], "model": s["model"], **{k: s["metrics"][k] for k in
-                       ("accuracy", "f1_macro", "samples")}, "seconds_per_row": s["seconds_per_row"],
-                       "ece": ece(s["confidence"], s["predicted"] == s["gold"])}
-                      for i, s in enumerate(scored)],
-           "slices": slices,
-           "pairs": [{"a": f"model-{i + 1}", "b": f"model-{j + 1}",
-                      **pair(first["gold"], scored[i]["predicted"], scored[j]["predicted"], len(first["labels"]),
-                             resamples, seed)}
-                     for i, j in combinations(range(len(scored)), 2)]}
-    (out / "compare.json").write_text(json.dumps(doc, indent=2) + "\n")
-    (out / "compare.md").write_text(_markdown(doc))
+                     "pairs": pairs(mask, max(resamples // 4, 100))}
+              for name, mask in _slices(first, split, slice_by).items()}
+    doc = {"split": split, "data": source, "labels": first["labels"], "calibration_split": fit_on,
+           "calibration_note": why_not, "slice_by": slice_by,
+           "models": [{"name": names[i], "model": m, "label": _label(m), **_model_numbers(s, split, fit_on)}
+                      for i, (m, s) in enumerate(zip(models, scored))],
+           "pairs": pairs(None, resamples), "slices": slices,
+           "disagreements": _explained_disagreements(scored, models, split, explain_rows, out, zero_shot)
+           if explain_rows else []}
+    compared.write(doc, out)
     return doc
 
 
-def _markdown(doc: dict) -> str:
-    lines = [f"# Comparison on {doc['split']} of {doc['data']} ({doc['models'][0]['samples']} rows)", "",
-             "| model | folder | accuracy | macro-F1 | ECE | ms per row |", "|---|---|---|---|---|---|"]
-    lines += [f"| {m['name']} | {m['model']} | {m['accuracy']:.4f} | {m['f1_macro']:.4f} | {m['ece']:.4f} | "
-              f"{1000 * m['seconds_per_row']:.2f} |" for m in doc["models"]]
-    lines += ["", "| A vs B | accuracy A - B (95% CI) | macro-F1 A - B (95% CI) | only A right / only B right | "
-              "McNemar exact p | agreement |", "|---|---|---|---|---|---|"]
-    for p in doc["pairs"]:
-        acc_lo, acc_hi = p["accuracy_difference_ci95"]
-        f1_lo, f1_hi = p["f1_macro_difference_ci95"]
-        lines.append(f"| {p['a']} vs {p['b']} | {p['accuracy_difference']:+.4f} ({acc_lo:+.4f}, {acc_hi:+.4f}) | "
-                     f"{p['f1_macro_difference']:+.4f} ({f1_lo:+.4f}, {f1_hi:+.4f}) | {p['only_a_right']} / "
-                     f"{p['only_b_right']} | {p['mcnemar_exact_p']:.4g} | {p['agreement']:.4f} |")
-    names = [m["name"] for m in doc["models"]]
-    lines += ["", "## Slices", "", "| slice | rows | " + " | ".join(f"{n} accuracy" for n in names)
-              + " | A vs B: accuracy A - B (95% CI), McNemar p |", "|---|---|" + "---|" * len(names) + "---|"]
-    for name, s in doc["slices"].items():
-        diffs = "; ".join(f"{p['a']} vs {p['b']} {p['accuracy_difference']:+.3f} "
-                          f"({p['accuracy_difference_ci95'][0]:+.3f}, {p['accuracy_difference_ci95'][1]:+.3f}), "
-                          f"p {p['mcnemar_exact_p']:.3g}" for p in s["pairs"])
-        lines.append(f"| {name} | {s['rows']} | " + " | ".join(f"{s['accuracy'][n]:.3f}" for n in names)
-                     + f" | {diffs} |")
-    lines += ["", "A difference whose interval holds 0, or a McNemar p above your threshold, is not shown to be "
-              "real on these rows. ECE: expected calibration error of the predicted label's probability (10 bins)."]
-    return "\n".join(lines) + "\n"
+def main(args: argparse.Namespace) -> None:
+    """`llmkit compare`, from its parsed options: each model scored by `llmkit eval` with the same row options."""
+    eval_args = ["--text-column", args.text_column, "--label-column", args.label_column, "--max-length",
+                 str(args.max_length), "--batch-size", str(args.batch_size)]
+    eval_args += ["--text-pair-column", args.text_pair_column] if args.text_pair_column else []
+    eval_args += ["--max-samples", str(args.max_samples)] if args.max_samples else []
+    zero_shot = ["--zero-shot", "--prompt-template", args.prompt_template, "--label-words", *args.label_words] \
+        if args.prompt_template and args.label_words else None
+    if any(m.startswith("zero-shot:") for m in args.models) and zero_shot is None:
+        raise LlmkitError("a zero-shot: model needs --prompt-template and --label-words")
+    doc = compare(args.models, args.data, args.split, args.output, eval_args, args.resamples, args.seed, zero_shot,
+                  args.calibration_split, args.slice_by or [], args.explain_rows)
+    for m in doc["models"]:
+        print(f"{m['name']}: accuracy {m['accuracy']:.4f}  f1_macro {m['f1_macro']:.4f}  ({m['model']})")
+    print("\n".join(compared.verdict(doc)) + f"\ncomparison: {Path(args.output) / 'compare.html'} (and compare.md, "
+          "compare.json)")

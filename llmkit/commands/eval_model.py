@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from llmkit.config import DataConfig, ModelConfig
-from llmkit.data.sources import load_labeled
+from llmkit.data.sources import load_labeled, load_raw
 from llmkit.errors import LlmkitError
 from llmkit.evals import explain
 from llmkit.evals.classification import write_predictions
@@ -107,24 +107,48 @@ def _classifier_logits(model, tokenizer, texts: list[str], pairs: list[str] | No
     return logits
 
 
+def check_splits(source: str, splits: list[str]) -> None:
+    """Every split asked for is in the data, said before any model is loaded (a single file is whatever split it
+    is named)."""
+    if Path(source).expanduser().is_file():
+        return
+    for split in splits:
+        try:
+            have = sorted(load_raw(data_config(source, split, [], "text", None, "label", 2, None)))
+        except LlmkitError as exc:
+            raise LlmkitError(f"--split {split}: {exc}") from None
+        if split not in have:
+            raise LlmkitError(f"--split {split}: the data {source} has only the splits {have}")
+
+
+def export_of(model_dir: Path) -> Path:
+    """A run directory stands for its export (final/); anything else is the model folder itself."""
+    final = RunDir(model_dir).final.root
+    return final if not (model_dir / "config.json").is_file() and final.is_dir() else model_dir
+
+
 @torch.no_grad()
-def eval_export(model_dir: str | Path, source: str, split: str = "test", output_dir: str | Path | None = None,
-                text_column: str = "text", text_pair_column: str | None = None, label_column: str = "label",
-                max_length: int = 512, batch_size: int = 64, max_samples: int | None = None,
-                trust_remote_code: bool = False, zero_shot: tuple[str, list[str]] | None = None) -> dict:
-    """Predict `split` of `source` with the classifier in `model_dir`; write predictions_<split>.jsonl,
-    metrics.json, run_info.json and report.{json,md,html} into `output_dir` (default <model_dir>/eval-<split>).
+def eval_export(model_dir: str | Path, source: str, split: str | list[str] = "test",
+                output_dir: str | Path | None = None, text_column: str = "text", text_pair_column: str | None = None,
+                label_column: str = "label", max_length: int = 512, batch_size: int = 64,
+                max_samples: int | None = None, trust_remote_code: bool = False,
+                zero_shot: tuple[str, list[str]] | None = None, keep_columns: tuple[str, ...] = ()) -> dict:
+    """Predict each split in `split` (one name or several) of `source` with the classifier in `model_dir` (or a
+    run directory's final/); write predictions_<split>.jsonl, metrics.json, run_info.json and
+    report.{json,md,html} into `output_dir` (default <model_dir>/eval-<first split>).
     `trust_remote_code` (or an llmkit export trained with it) runs the model folder's own Python code.
     `zero_shot` (prompt template, label words): `model_dir` is any causal LM (a folder or asset:<name>), untrained
-    for the task, scoring each label word after the template; the words are the data's label names, in order."""
-    if batch_size < 1 or max_length < 2 or (max_samples is not None and max_samples < 1):
-        raise LlmkitError(f"--batch-size must be >= 1, --max-length >= 2 and --max-samples >= 1; got {batch_size}, "
-                          f"{max_length}, {max_samples}")
+    for the task, scoring each label word after the template; the words are the data's label names, in order.
+    `keep_columns`: more columns of the first split copied into its prediction rows (under "columns")."""
+    splits = [split] if isinstance(split, str) else list(dict.fromkeys(split))
+    if batch_size < 1 or max_length < 2 or (max_samples is not None and max_samples < 1) or not splits:
+        raise LlmkitError(f"--batch-size must be >= 1, --max-length >= 2, --max-samples >= 1 and a --split named; "
+                          f"got {batch_size}, {max_length}, {max_samples}, {splits}")
     if zero_shot is not None:
         if output_dir is None:
             raise LlmkitError("a zero-shot eval needs --output (it writes nothing beside the model)")
         model_dir = Path(locate(str(model_dir), "the zero-shot model"))
-    model_dir = Path(model_dir).expanduser()
+    model_dir = export_of(Path(model_dir).expanduser())
     remote = trust_remote_code or trusts_remote_code(model_dir)
     words = _zero_shot(model_dir, remote, *zero_shot) if zero_shot else _label_words(model_dir, remote)
     if words is None:
@@ -132,34 +156,41 @@ def eval_export(model_dir: str | Path, source: str, split: str = "test", output_
         names = [model.config.id2label[i] for i in range(len(model.config.id2label))]
     else:
         names = words.names
-    out_dir = Path(output_dir).expanduser() if output_dir else model_dir / f"eval-{split}"
+    out_dir = Path(output_dir).expanduser() if output_dir else model_dir / f"eval-{splits[0]}"
     _check_output(out_dir)
-    cfg = data_config(source, split, names, text_column, text_pair_column, label_column, max_length, max_samples)
-    rows = load_labeled(cfg, seed=0, log=lambda m: print(m), training=False).rows["validation"]
-    texts = list(rows[text_column])
-    pairs = list(rows[text_pair_column]) if text_pair_column else None
-    start = time.perf_counter()
-    if words is None:
-        logits = _classifier_logits(model, tokenizer, texts, pairs, max_length, batch_size)
-    else:  # each label word's log-likelihood after the run's prompt, as the run's own evaluation ranks them
-        logits = np.array([words.scores(words.model.get_input_embeddings()(f.ids), f)[0].numpy()
-                           for f in (words.frame(t, pairs[i] if pairs else None)
-                                     for i, t in enumerate(tqdm(texts, desc="eval")))], dtype=np.float32)
-    seconds = time.perf_counter() - start
-    labels = np.asarray(rows["labels"])
-    metrics = classification_metrics(logits.argmax(-1).tolist(), labels.tolist(), len(names))
-    metrics["samples"] = len(texts)
+    check_splits(source, splits)
+    scored, seconds = {}, {}
+    for name in splits:
+        cfg = data_config(source, name, names, text_column, text_pair_column, label_column, max_length, max_samples)
+        keep = tuple(keep_columns) if name == splits[0] else ()
+        rows = load_labeled(cfg, seed=0, log=lambda m: print(m), training=False, keep=keep).rows["validation"]
+        texts = list(rows[text_column])
+        pairs = list(rows[text_pair_column]) if text_pair_column else None
+        start = time.perf_counter()
+        if words is None:
+            logits = _classifier_logits(model, tokenizer, texts, pairs, max_length, batch_size)
+        else:  # each label word's log-likelihood after the run's prompt, as the run's own evaluation ranks them
+            logits = np.array([words.scores(words.model.get_input_embeddings()(f.ids), f)[0].numpy()
+                               for f in (words.frame(t, pairs[i] if pairs else None)
+                                         for i, t in enumerate(tqdm(texts, desc=f"eval {name}")))], dtype=np.float32)
+        seconds[name] = time.perf_counter() - start
+        labels = np.asarray(rows["labels"])
+        metrics = classification_metrics(logits.argmax(-1).tolist(), labels.tolist(), len(names))
+        scored[name] = (rows, logits, labels, keep,
+                        {**metrics, "samples": len(texts), "seconds": round(seconds[name], 3)})
     out_dir.mkdir(parents=True, exist_ok=True)
     files = RunDir(out_dir)
     files.eval_marker.write_text("written by `llmkit eval`; a later eval may replace these files\n")
-    write_predictions(files.predictions(split), rows,
-                      {"logits": logits, "labels": labels, "row": np.arange(len(texts))}, names, text_column,
-                      text_pair_column)
+    for name, (rows, logits, labels, keep, _) in scored.items():
+        write_predictions(files.predictions(name), rows,
+                          {"logits": logits, "labels": labels, "row": np.arange(len(rows))}, names, text_column,
+                          text_pair_column, keep)
     files.metrics.write_text(json.dumps({
-        split: metrics, "label_names": names, "model": str(model_dir), "dataset": source,
-        "eval_seconds": round(seconds, 2)}, indent=2) + "\n")
+        **{name: got[4] for name, got in scored.items()}, "label_names": names, "model": str(model_dir),
+        "dataset": source, "eval_seconds": round(sum(seconds.values()), 2)}, indent=2) + "\n")
     info = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "world_size": 1, "precision": "fp32",
             "device": f"CPU {platform.machine()}, {os.cpu_count()} cores", "zero_stage": None}
     files.run_info.write_text(json.dumps(info, indent=2) + "\n")
     paths = pages.build([out_dir])
-    return {"metrics": metrics, "report": paths["html"], "output_dir": out_dir}
+    return {"metrics": scored[splits[0]][4], "splits": {n: got[4] for n, got in scored.items()},
+            "report": paths["html"], "output_dir": out_dir}

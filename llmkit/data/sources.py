@@ -203,12 +203,14 @@ class LabeledSplits:
     dropped_rows: dict[str, int]
 
 
-def load_labeled(cfg: DataConfig, seed: int, log=print, training: bool = True) -> LabeledSplits:
+def load_labeled(cfg: DataConfig, seed: int, log=print, training: bool = True,
+                 keep: tuple[str, ...] = ()) -> LabeledSplits:
     """Load and check every split the config names: rows with text, cleaned if asked, labels mapped to ids.
-    `training`: the train split is trained on, so every label needs rows there (not so for `llmkit eval`)."""
+    `training`: the train split is trained on, so every label needs rows there (not so for `llmkit eval`).
+    `keep`: more columns carried along untouched (`llmkit compare --slice-by`)."""
     raw = load_raw(cfg)
     wanted = wanted_splits(cfg, raw)
-    columns = [c for c in (cfg.text_column, cfg.text_pair_column, cfg.label_column) if c]
+    columns = list(dict.fromkeys(c for c in (cfg.text_column, cfg.text_pair_column, cfg.label_column, *keep) if c))
     texts = [c for c in (cfg.text_column, cfg.text_pair_column) if c]
     splits: dict[str, Dataset] = {}
     labels: dict[str, list] = {}

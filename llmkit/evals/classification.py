@@ -35,8 +35,9 @@ def score_split(run, model, loader, num_labels: int) -> tuple[dict[str, float], 
 
 
 def write_predictions(path: Path, rows, out: dict[str, np.ndarray], label_names: list[str], text_column: str,
-                      text_pair_column: str | None = None) -> None:
-    """One JSON line per row: text (and text pair), gold and predicted label, class probabilities."""
+                      text_pair_column: str | None = None, keep: tuple[str, ...] = ()) -> None:
+    """One JSON line per row: text (and text pair), gold and predicted label, class probabilities (and the
+    `keep` columns of the data, under "columns")."""
     probs = torch.softmax(torch.from_numpy(out["logits"]), dim=-1).numpy()
     order = np.argsort(out["row"])
     with open(path, "w") as fh:
@@ -47,4 +48,5 @@ def write_predictions(path: Path, rows, out: dict[str, np.ndarray], label_names:
                 "row": row, "text": rows[row][text_column],
                 **({"text_pair": rows[row][text_pair_column]} if text_pair_column else {}), "label": label_names[gold],
                 "prediction": label_names[pred], "probabilities": [round(float(p), 6) for p in probs[i]],
-            }, ensure_ascii=False) + "\n")
+                **({"columns": {c: rows[row][c] for c in keep}} if keep else {}),
+            }, ensure_ascii=False, default=str) + "\n")

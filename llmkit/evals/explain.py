@@ -150,6 +150,29 @@ def _write(run_dir: Path, split: str, count: int, seed: int, trust_remote_code: 
     files.explanations.write_text(json.dumps(doc, ensure_ascii=False, indent=1))
 
 
+def for_texts(model_dir: str | Path, texts: list[str], pairs: list[str | None] | None, where: Path,
+              prompt_template: str | None = None, label_words: list[str] | None = None) -> list[dict]:
+    """Explain `texts` with the model in `model_dir` in a fresh CPU process (`llmkit compare`: one model at a time,
+    none held in memory beside another); the request and the explained rows pass through `where` (a JSON file,
+    replaced by the answer)."""
+    where.write_text(json.dumps({"model": str(model_dir), "texts": texts, "pairs": pairs,
+                                 "prompt_template": prompt_template, "label_words": label_words}))
+    proc = fresh.run_python(["-m", "llmkit.evals.explain", "texts", str(fresh.absolute(where))])
+    if proc.returncode != 0:
+        raise LlmkitError(f"explaining rows with {model_dir} failed:\n{proc.stderr[-2000:]}")
+    return json.loads(where.read_text())["rows"]
+
+
+def _write_texts(where: Path) -> None:
+    """What for_texts runs in its fresh process."""
+    ask = json.loads(where.read_text())
+    subject = load(ask["model"], prompt_template=ask["prompt_template"], label_words=ask["label_words"])
+    where.write_text(json.dumps({"rows": explain(subject, ask["texts"], ask["pairs"])}, ensure_ascii=False))
+
+
 if __name__ == "__main__":
-    _write(Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "1")
+    if sys.argv[1] == "texts":
+        _write_texts(Path(sys.argv[2]))
+    else:
+        _write(Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "1")
     fresh.end(0)

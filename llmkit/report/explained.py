@@ -32,6 +32,22 @@ def _word(word: str, value: float, scale: float) -> str:
     return (f"<span class='{kind}' style='background:{colour}' title='{value:+.4f}'>{html.escape(word)}</span>")
 
 
+def words_html(row: dict, names: list[str]) -> str:
+    """An explained row's words as highlighted spans (the colours of `contrast`)."""
+    values = contrast(row, names)[0]
+    scale = max((abs(v) for v in values), default=0.0)
+    spans = [_word(w, v, scale) for w, v in zip(row["words"], values)]
+    if row.get("pair_from") is not None:  # a text pair: where the second text begins
+        spans.insert(row["pair_from"], "<b title='the text pair begins'>&#8214;</b>")
+    return " ".join(spans)
+
+
+def top_words(row: dict, names: list[str], count: int = 3) -> str:
+    """The row's `count` strongest words with their values (the Markdown pages' stand-in for the colours)."""
+    values = contrast(row, names)[0]
+    return ", ".join(f"{w} ({v:+.2f})" for v, w in sorted(zip(values, row["words"]), key=lambda t: -abs(t[0]))[:count])
+
+
 def _marks(row: dict) -> str:
     """A mistake; a row the explaining model (fp32, CPU) predicts otherwise than the run did (a near tie); a row
     whose integral did not converge at this number of steps."""
@@ -54,12 +70,7 @@ def html_section(doc: dict, names: list[str]) -> str:
              f"{html.escape(red)}</span> (stronger colour: larger attribution; hover a word for its value)</p>",
              "<table><tr><th>text, by attribution</th><th>gold</th><th>predicted</th><th>p</th><th>delta</th></tr>"]
     for row in rows:
-        values = contrast(row, names)[0]
-        scale = max((abs(v) for v in values), default=0.0)
-        spans = [_word(w, v, scale) for w, v in zip(row["words"], values)]
-        if row.get("pair_from") is not None:  # a text pair: where the second text begins
-            spans.insert(row["pair_from"], "<b title='the text pair begins'>&#8214;</b>")
-        text = " ".join(spans)
+        text = words_html(row, names)
         mark = _marks(row)
         parts.append(f"<tr><td class='why'>{text}</td><td>{html.escape(row['label'])}</td>"
                      f"<td>{html.escape(row['prediction'] + mark)}</td><td>{max(row['probabilities']):.3f}</td>"
@@ -81,9 +92,7 @@ def md_section(doc: dict, names: list[str]) -> list[str]:
              f"Top words toward {green} (+) and {red} (-), integrated gradients ({doc['steps']} steps).", "",
              "| text | gold | predicted | strongest words | delta |", "|---|---|---|---|---|"]
     for row in rows:
-        values = contrast(row, names)[0]
-        top = sorted(zip(values, row["words"]), key=lambda t: -abs(t[0]))[:3]
-        words = ", ".join(f"{w} ({v:+.2f})" for v, w in top)
+        words = top_words(row, names)
         text = row["text"] + (f" // {row['text_pair']}" if "text_pair" in row else "")
         lines.append(f"| {text.replace('|', '/')} | {row['label']} | {row['prediction']}{_marks(row)} | "
                      f"{words.replace('|', '/')} | {max(row['delta'].values()):.1e} |")

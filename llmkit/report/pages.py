@@ -59,7 +59,7 @@ def _comparison(runs: list[dict]) -> list[dict]:
     return table
 
 
-def _md_table(header: list[str], rows: list[list]) -> list[str]:
+def md_table(header: list[str], rows: list[list]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + \
         ["| " + " | ".join(_fmt(v).replace("|", "/") for v in row) + " |" for row in rows] + [""]
 
@@ -67,14 +67,14 @@ def _md_table(header: list[str], rows: list[list]) -> list[str]:
 def _markdown_lm(doc: dict) -> str:
     lines = ["# Evaluation report", ""]
     if len(doc["runs"]) > 1:
-        lines += ["## Comparison", ""] + _md_table(["run", "model", "split", "loss", "perplexity", "train s"], [
+        lines += ["## Comparison", ""] + md_table(["run", "model", "split", "loss", "perplexity", "train s"], [
             [c["run"], c["model"], c["split"], c["loss"], c["perplexity"], _seconds(c["train_seconds"])]
             for c in doc["comparison"]])
     for r in doc["runs"]:
-        lines += [f"## {r['name']}", ""] + _md_table(LM_HEADER, _lm_rows(r))
+        lines += [f"## {r['name']}", ""] + md_table(LM_HEADER, _lm_rows(r))
         if r["data_mixture"]:
-            lines += ["### Training data (mixture)", ""] + _md_table(MIXTURE_HEADER, _mixture_rows(r))
-        lines += ["### What was run", ""] + _md_table(["", ""], [
+            lines += ["### Training data (mixture)", ""] + md_table(MIXTURE_HEADER, _mixture_rows(r))
+        lines += ["### What was run", ""] + md_table(["", ""], [
             [k, json.dumps(v) if isinstance(v, dict) else v] for k, v in r["run"].items()])
     return "\n".join(lines)
 
@@ -115,20 +115,20 @@ def _markdown(doc: dict) -> str:
         if r.get("explanations"):
             lines += [""] + explained.md_section(r["explanations"], r["label_names"])
         if r["data_mixture"]:
-            lines += ["", "### Training data (mixture)", ""] + _md_table(MIXTURE_HEADER, _mixture_rows(r))[:-1]
+            lines += ["", "### Training data (mixture)", ""] + md_table(MIXTURE_HEADER, _mixture_rows(r))[:-1]
         lines += ["", "### What was run", "", "| | |", "|---|---|"]
         lines += [f"| {k} | {_fmt(json.dumps(v) if isinstance(v, dict) else v)} |" for k, v in r["run"].items()]
         lines.append("")
     return "\n".join(lines)
 
 
-_CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}
+CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}
 table{border-collapse:collapse;margin:.6em 0}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left}
 th{background:#f3f3f3}img{max-width:100%;margin:.4em 0}.plots{display:flex;flex-wrap:wrap;gap:1em}
 code{background:#f3f3f3;padding:0 .2em}""" + explained.CSS
 
 
-def _table(header: list[str], rows: list[list]) -> str:
+def table(header: list[str], rows: list[list]) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in row) + "</tr>" for row in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
@@ -141,25 +141,25 @@ def _img(plots: dict[str, str], name: str, alt: str) -> str:
 
 def _head() -> list[str]:
     return ["<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>llmkit evaluation report</title>",
-            f"<style>{_CSS}</style></head><body><h1>Evaluation report</h1>"]
+            f"<style>{CSS}</style></head><body><h1>Evaluation report</h1>"]
 
 
 def _html_run_facts(r: dict) -> str:
     """A run's training data (when a mixture) and what was run."""
-    mix = ("<h3>Training data (mixture)</h3>" + _table(MIXTURE_HEADER, _mixture_rows(r))) if r["data_mixture"] \
+    mix = ("<h3>Training data (mixture)</h3>" + table(MIXTURE_HEADER, _mixture_rows(r))) if r["data_mixture"] \
         else ""
-    return mix + "<h3>What was run</h3>" + _table(
+    return mix + "<h3>What was run</h3>" + table(
         ["", ""], [[k, json.dumps(v) if isinstance(v, dict) else v] for k, v in r["run"].items()])
 
 
 def _html_lm(doc: dict, plots: dict[str, str]) -> str:
     parts = _head()
     if len(doc["runs"]) > 1:
-        parts.append("<h2>Comparison</h2>" + _table(["run", "model", "split", "loss", "perplexity", "train s"], [
+        parts.append("<h2>Comparison</h2>" + table(["run", "model", "split", "loss", "perplexity", "train s"], [
             [c["run"], c["model"], c["split"], c["loss"], c["perplexity"], _seconds(c["train_seconds"])]
             for c in doc["comparison"]]))
     for r in doc["runs"]:
-        parts.append(f"<h2>{html.escape(r['name'])}</h2>" + _table(LM_HEADER, _lm_rows(r)) + _html_run_facts(r))
+        parts.append(f"<h2>{html.escape(r['name'])}</h2>" + table(LM_HEADER, _lm_rows(r)) + _html_run_facts(r))
     if "training" in plots:
         parts.append("<h2>Curves</h2>" + _img(plots, "training", "loss and learning rate"))
     parts.append("</body></html>")
@@ -171,7 +171,7 @@ def _html(doc: dict, plots: dict[str, str]) -> str:
         return _html_lm(doc, plots)
     parts = _head()
     if len(doc["runs"]) > 1:
-        parts.append("<h2>Comparison</h2>" + _table(
+        parts.append("<h2>Comparison</h2>" + table(
             ["run", "model", "split", "rows", "accuracy", "accuracy 95% CI", "F1", "F1 95% CI", "macro F1", "ROC AUC",
              "ECE", "train s"],
             [[c["run"], c["model"], c["split"], c["rows"], c["accuracy"],
@@ -181,14 +181,14 @@ def _html(doc: dict, plots: dict[str, str]) -> str:
     for r in doc["runs"]:
         parts.append(f"<h2>{html.escape(r['name'])}</h2>")
         for split, s in r["splits"].items():
-            parts.append(f"<h3>{html.escape(split)} ({s['rows']} rows)</h3>" + _table(
+            parts.append(f"<h3>{html.escape(split)} ({s['rows']} rows)</h3>" + table(
                 ["metric", "value", "95% CI"],
                 [["accuracy", s["accuracy"], f"{s['ci95']['accuracy'][0]:.4f}-{s['ci95']['accuracy'][1]:.4f}"],
                  ["F1", s["f1"], f"{s['ci95']['f1'][0]:.4f}-{s['ci95']['f1'][1]:.4f}"],
                  ["macro F1", s["f1_macro"], ""], ["precision", s["precision"], ""], ["recall", s["recall"], ""],
                  ["ROC AUC", s["roc_auc"], ""], ["average precision", s["average_precision"], ""],
                  ["ECE", s["ece"], ""]]))
-            parts.append(_table(["class", "precision", "recall", "F1", "support"],
+            parts.append(table(["class", "precision", "recall", "F1", "support"],
                                 [[c["label"], c["precision"], c["recall"], c["f1"], c["support"]]
                                  for c in s["per_class"]]))
         parts.append(_img(plots, f"confusion_{r['name']}", f"confusion matrix of {r['name']}"))
@@ -198,7 +198,7 @@ def _html(doc: dict, plots: dict[str, str]) -> str:
     for r in doc["runs"]:
         s = r["splits"][r["primary_split"]]
         parts.append(f"<h2>{html.escape(r['name'])}: details</h2>")
-        parts.append(f"<h3>Most confident mistakes ({html.escape(r['primary_split'])})</h3>" + _table(
+        parts.append(f"<h3>Most confident mistakes ({html.escape(r['primary_split'])})</h3>" + table(
             ["text", "gold", "predicted", "probability"],
             [[m["text"], m["label"], m["prediction"], m["probability"]] for m in s["confident_mistakes"]]))
         if r.get("explanations"):
