@@ -192,9 +192,9 @@ def test_zero_shot_causal_lm_is_scored_and_compared(tmp_path, tiny_lm):
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     model = str(tiny_lm / "model")
     cmp = subprocess.run([sys.executable, "-m", "llmkit.cli", "compare", f"zero-shot:{model}", f"zero-shot:{model}",
-                          "--data", str(data), "--output", str(tmp_path / "cmp"), "--resamples", "200",
+                          "--data", data.name, "--output", "cmp", "--resamples", "200",  # relative to the cwd
                           "--prompt-template", "is this {text}", "--label-words", "negative", "positive"],
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert cmp.returncode == 0, cmp.stderr[-3000:]
     # each model was scored by `llmkit eval --zero-shot` (compare runs it): one of the words per row
     scored = [json.loads(line) for line in (tmp_path / "cmp" / "model-1" / "predictions_test.jsonl").read_text()

@@ -114,6 +114,7 @@ def _model_numbers(s: dict, split: str, fit_on: str | None) -> dict:
     """One model's scores on the compared rows, and its calibration before and after temperature scaling."""
     rep = split_report(s[split]["rows"], s["labels"])
     out = {k: rep[k] for k in ("accuracy", "f1_macro", "rows", "per_class", "ece")}
+    out["accuracy_ci95"] = rep["ci95"]["accuracy"]  # the rows resampled (report.numbers.bootstrap)
     out["seconds_per_row"] = s["seconds_per_row"]
     if fit_on is not None:
         fit = paired.fit_temperature(s[fit_on]["probs"], s[fit_on]["gold"])
@@ -177,6 +178,8 @@ def compare(models: list[str], source: str, split: str, output_dir: str | Path, 
     (columns, max length, batch size, max samples); `zero_shot`: the eval options of the models named
     zero-shot:<model> (template, label words); `slice_by`: more data columns to cut the rows by."""
     models, slice_by = [str(m) for m in models], list(slice_by)
+    if Path(source).expanduser().exists():  # a local path, read by each model's eval in another folder
+        source = str(fresh.absolute(source))
     if len(models) < 2:
         raise LlmkitError("llmkit compare needs at least two models")
     if resamples < 100 or explain_rows < 0:

@@ -21,8 +21,10 @@ def _ci(value: float, ci: list[float], scale: float = 100.0) -> str:
 
 
 def _models(doc: dict) -> tuple[list[str], list[list]]:
-    header = ["model", "name", "folder", "accuracy", "macro-F1", "ECE", "temperature", "ECE after T", "ms per row"]
-    rows = [[m["name"], m["label"], m["model"], m["accuracy"], m["f1_macro"], m["ece"],
+    header = ["model", "name", "folder", "accuracy (95% CI)", "macro-F1", "ECE", "temperature", "ECE after T",
+              "ms per row"]
+    rows = [[m["name"], m["label"], m["model"], f"{m['accuracy']:.4f} ({m['accuracy_ci95'][0]:.4f}-"
+             f"{m['accuracy_ci95'][1]:.4f})", m["f1_macro"], m["ece"],
              (f"{t['temperature']:.3f}" + (" (the search's bound)" if t["at_bound"] else "")) if (t := m.get(
                  "temperature")) else None,
              m["temperature"]["ece_after"] if m.get("temperature") else None, f"{1000 * m['seconds_per_row']:.2f}"]
