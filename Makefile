@@ -21,7 +21,7 @@ browser:
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	if ! nvidia-smi -L >/dev/null 2>&1; then $(BIN)/pip install $(TORCH_CPU); fi
-	$(BIN)/pip install -e '.[test]'
+	$(BIN)/pip install -e '.[test,compress]'
 	touch $@
 
 setup: $(BIN)/.installed

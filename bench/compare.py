@@ -5,7 +5,7 @@ answering zero-shot with c's prompt template and label words. One `llmkit compar
 Goal: under 5 minutes on two cores.
 
     .venv/bin/python bench/classifiers.py --only a b c        # once: the three runs (about 16 minutes)
-    .venv/bin/python bench/compare.py [--max-samples N] [--explain-rows 3]
+    .venv/bin/python bench/compare.py [--max-samples N] [--explain-rows 2] [--precision auto]
 
 Writes bench/results/compare/ (compare.html, .md, .json) and bench/results/compare.json (the wall time, the CPU and
 the comparison's table), and prints the table for bench/README.md.
@@ -57,7 +57,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=Path, default=RUNS, help="bench/classifiers.py's runs (a, b, c) and data/")
     ap.add_argument("--max-samples", type=int, help="fewer test rows, for a quick try")
-    ap.add_argument("--explain-rows", type=int, default=3)
+    ap.add_argument("--explain-rows", type=int, default=2)
+    ap.add_argument("--precision", default="auto", help="each model's scoring: auto = bf16 where the CPU has it")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "compare")
     args = ap.parse_args()
     models = [args.runs / name for name in ("a", "b", "c")]
@@ -68,7 +69,7 @@ def main() -> None:
     cmd = [str(ROOT / ".venv" / "bin" / "llmkit"), "compare", *map(str, models), "zero-shot:asset:smollm2",
            "--data", str(args.runs / "data" / "balanced"), "--split", "test", "--output", str(args.out),
            "--prompt-template", TEMPLATE, "--label-words", "negative", "positive", "--explain-rows",
-           str(args.explain_rows), "--max-length", "160"]
+           str(args.explain_rows), "--max-length", "160", "--precision", args.precision]
     cmd += ["--max-samples", str(args.max_samples)] if args.max_samples else []
     if args.out.exists():  # the previous comparison: compare writes over its own folder
         print(f"replacing {args.out}", flush=True)

@@ -10,7 +10,6 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 from llmkit import fresh  # fresh.absolute: every folder argument, as some work on it runs in a fresh process
 from llmkit.errors import LlmkitError
@@ -174,22 +173,28 @@ def _eval(args: argparse.Namespace) -> None:
     zero_shot = (args.prompt_template, args.label_words) if args.zero_shot else None
     got = eval_export(args.model_dir, args.data, args.split, args.output, args.text_column, args.text_pair_column,
                       args.label_column, args.max_length, args.batch_size, args.max_samples, args.trust_remote_code,
-                      zero_shot, tuple(args.keep_columns))
+                      zero_shot, tuple(args.keep_columns), args.precision)
     for split, m in got["splits"].items():
         print(f"{split}: accuracy {m['accuracy']:.4f}  f1 {m['f1']:.4f}  f1_macro {m['f1_macro']:.4f}  "
               f"({m['samples']} rows)")
     print(f"report: {got['report']}")
 
 
-def _scored_rows(parser: argparse.ArgumentParser) -> None:
-    """The options of `llmkit eval` and `compare` that say which rows are scored and how they are read."""
-    parser.add_argument("--data", required=True, help="Hub id, local folder, asset:<name>, or one csv/json/jsonl file")
+def _scored_rows(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    """The options of `llmkit eval`, `compare` and `quantize` that say which rows are scored and how they are read."""
+    parser.add_argument("--data", required=required, help="Hub id, local folder, asset:<name>, or one csv/json/jsonl "
+                        "file" + ("" if required else " (default: the run's evaluation split)"))
     parser.add_argument("--text-column", default="text")
     parser.add_argument("--text-pair-column")
     parser.add_argument("--label-column", default="label")
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--max-samples", type=int)
+
+
+def _precision(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--precision", choices=["fp32", "bf16", "auto"], default="fp32", help="fp32 (the reference); "
+                        "bf16 or auto (bf16 where the CPU has native bf16) score ~3x faster there")
 
 
 def _zero_shot_args(parser: argparse.ArgumentParser) -> None:
@@ -230,27 +235,20 @@ def _validate(args: argparse.Namespace) -> None:
 
 
 def _explain(args: argparse.Namespace) -> None:
-    from llmkit.errors import LlmkitError
-    from llmkit.evals import explain
+    from llmkit.commands.explain_texts import main as explain
 
-    texts = list(args.text or [])
-    if args.file:
-        texts += [line for line in Path(args.file).read_text().splitlines() if line.strip()]
-    if not texts:
-        raise LlmkitError("give the texts to explain: --text \"...\" (repeatable) or --file FILE (one per line)")
-    subject = explain.load(args.model_dir, args.trust_remote_code, prompt_template=args.prompt_template,
-                           label_words=args.label_words, max_length=args.max_length)
-    pairs = [args.text_pair] * len(texts) if args.text_pair is not None else None
-    for row in explain.explain(subject, texts, pairs, steps=args.steps):
-        names = list(row["attributions"])
-        probs = ", ".join(f"{n} {p:.3f}" for n, p in zip(names, row["probabilities"]))
-        pair = f"\n  (pair) {row['text_pair']}" if "text_pair" in row else ""
-        print(f"\n{row['text']}{pair}\n  predicted: {row['prediction']} ({probs})")
-        if not row["converged"]:
-            print(f"  the delta is large against what it explains: rerun with more --steps than {args.steps}")
-        for name in names:
-            words = "  ".join(f"{w} {a:+.3f}" for w, a in zip(row["words"], row["attributions"][name]))
-            print(f"  toward {name} (delta {row['delta'][name]:.1e}): {words}")
+    explain(args)
+
+
+def _quantize(args: argparse.Namespace) -> None:
+    from llmkit.ship import quantize
+
+    rows = None if args.data is None else {
+        "source": args.data, "split": args.split, "text_column": args.text_column,
+        "text_pair_column": args.text_pair_column, "label_column": args.label_column, "max_length": args.max_length}
+    quantize.check(args.model_dir, args.to)  # every format refused or accepted before the first is written
+    for name in args.to:
+        quantize.quantize(args.model_dir, name, rows, args.max_samples)
 
 
 def _config(args: argparse.Namespace) -> None:
@@ -319,11 +317,12 @@ def main(argv: list[str] | None = None) -> None:
                      "or zero-shot:<causal LM folder or asset:name>")
     cmp.add_argument("--output", type=fresh.absolute, required=True, help="the comparison's folder")
     _scored_rows(cmp)
+    _precision(cmp)
     cmp.add_argument("--split", default="test", help="the rows every model scores")
     cmp.add_argument("--calibration-split", help="the split each model's temperature is fitted on (default: "
                      "validation where the data has it; none: no temperature)")
     cmp.add_argument("--slice-by", nargs="+", help="data columns whose values cut the rows into more slices")
-    cmp.add_argument("--explain-rows", type=int, default=3, help="per pair, the most confident disagreements "
+    cmp.add_argument("--explain-rows", type=int, default=2, help="per pair, the most confident disagreements "
                      "explained word by word (0: none)")
     cmp.add_argument("--resamples", type=int, default=2000, help="paired-bootstrap resamples")
     cmp.add_argument("--seed", type=int, default=0, help="the bootstrap's seed")
@@ -335,6 +334,7 @@ def main(argv: list[str] | None = None) -> None:
                     help="a classifier folder, e.g. <run>/final (any transformers classifier)")
     ev.add_argument("--output", type=fresh.absolute, help="output folder (default: <model_dir>/eval-<split>)")
     _scored_rows(ev)
+    _precision(ev)
     ev.add_argument("--split", nargs="+", default=["test"], help="the split(s) to score, each its own predictions file")
     ev.add_argument("--keep-columns", nargs="+", default=[], help="more columns of the first --split copied into "
                     "its prediction rows")
@@ -376,6 +376,13 @@ def main(argv: list[str] | None = None) -> None:
     exp.add_argument("--steps", type=int, default=16, help="integration steps (more: smaller delta, slower)")
     exp.add_argument("--trust-remote-code", action="store_true", help="run the model folder's own Python code")
     exp.set_defaults(fn=_explain)
+    qnt = sub.add_parser("quantize", help="quantized copies of an export beside it (e.g. final-onnx-int8/), each "
+                         "scored against the full model by the runtime that serves it")
+    qnt.add_argument("model_dir", type=fresh.absolute, help="an exported model folder, e.g. <run>/final")
+    qnt.add_argument("--to", nargs="+", required=True, help="the formats to write: onnx-int8 (sequence classifiers)")
+    _scored_rows(qnt, required=False)
+    qnt.add_argument("--split", default="test", help="with --data: the split the copies are scored on")
+    qnt.set_defaults(fn=_quantize)
     conf = sub.add_parser("config", help="every config key with its type, default and meaning; or write a starter "
                           "YAML (--write)")
     conf.add_argument("--write", metavar="FILE", help="write a commented starter YAML of every key the recipe reads")

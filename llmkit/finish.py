@@ -1,6 +1,6 @@
 """What follows training, one pipeline for both recipes (a recipe is setup / fit / finish): the final model scored
 on every split (with prediction files where it classifies), the export and its check, the explanations, the
-report and the push to the Hub."""
+quantized copies, the report and the push to the Hub."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 from llmkit.evals import explain
 from llmkit.evals.classification import write_predictions
 from llmkit.report import pages
-from llmkit.ship import hub
+from llmkit.ship import hub, quantize
 from llmkit.train.loop import EvalFn
 from llmkit.train.run import Run
 
@@ -54,6 +54,11 @@ def finish(run: Run, fitted: dict, eval_loaders: dict, task: Task, uploader=None
         split = "test" if "test" in eval_loaders else "validation"
         run.main_first(lambda: explain.for_run(run.run_dir, split, cfg.output.explain_rows, cfg.train.seed,
                                                trust_remote_code=cfg.model.trust_remote_code, log=run.log),
+                       others=False)
+
+    # quantized copies beside the export, each scored against it by its runtime (rank 0, fresh processes)
+    if cfg.output.quantize:
+        run.main_first(lambda: [quantize.quantize(final, name, log=run.log) for name in cfg.output.quantize],
                        others=False)
 
     # the report, then the push

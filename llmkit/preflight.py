@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from llmkit import activations, fresh, memory, model, parallel, trackers
+from llmkit import activations, fresh, memory, model, parallel, quantized, trackers
 from llmkit.config import Config, schema
 from llmkit.data import lm, sources
 from llmkit.errors import LlmkitError
@@ -314,6 +314,8 @@ def check(cfg: Config, world_size: int, recipe: str | None = None,
     passed(line)
     recipe = recipe or recipe_of(cfg, config)
     check_recipe_keys(cfg, recipe)
+    quantized.check(cfg.output.quantize, "classifier" if recipe == "classification" else "causal_lm",
+                    f"this {recipe} run's model")  # written after training: refused now, not then
     out, intent = check_output_dir(cfg)
     passed(f"output: {out.resolve()} (writable, {intent} run, not in use)")
     resume, plan_elastic, conversion = None, None, 0

@@ -368,6 +368,10 @@ CASES: list[Case] = [
         format="alpaca")), "recipes/classification.py does not read it"),
     Case("config", "explanations asked of a causal LM that classifies nothing", _lm(None, "--output.explain_rows", "4"),
          "output.explain_rows is set, but recipes/causal_lm.py without data.prompt_template does not read it"),
+    Case("config", "an int8 ONNX copy asked of a causal LM", _lm(None, "--output.quantize", "[onnx-int8]"),
+         "onnx-int8 is for classifiers and this causal_lm run's model is a causal lm"),
+    Case("config", "a quantized format llmkit does not write", validate(None, "--output.quantize", "[int3]"),
+         "config key 'output.quantize' lists 'int3'; llmkit writes onnx-int8"),
     Case("config", "a label column in a causal-LM run without label words", _lm(
         lambda c, t: c["data"].update(label_column="sentiment")), "data.label_column is set, but"),
     Case("data", "an alpaca row without output", _lm(_sft_rows([{"instruction": "hi", "output": "hi"},

@@ -106,11 +106,12 @@ def _fast_tests_start_no_process(request, monkeypatch):
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, tiny_bert, tiny_data):
-    """A real 2-rank ZeRO-2 classification run; the recipe writes its report (with 8 explained rows) at the end:
-    read by the report and `llmkit eval` tests."""
+    """A real 2-rank ZeRO-2 classification run; the recipe writes its report (with 8 explained rows) and an int8
+    ONNX copy (output.quantize) at the end: read by the report, `llmkit eval` and quantize tests."""
     root = tmp_path_factory.mktemp("report_run")
     out = root / "run"
-    cfg = write_config(root / "c.yaml", tiny_bert, tiny_data, out, explain_rows=8, epochs=3, eval_every_steps=3)
+    cfg = write_config(root / "c.yaml", tiny_bert, tiny_data, out, explain_rows=8, epochs=3, eval_every_steps=3,
+                       quantize=("onnx-int8",))
     proc = launch("recipes/classification.py", ["--config", str(cfg)], "cpu_zero2.yaml")
     check_ok(proc)
     assert f"report: {out / 'report.html'}" in proc.stdout + proc.stderr

@@ -83,7 +83,7 @@ def write_lm_config(path: Path, tiny_lm: Path, output: Path, lora: bool, **train
 
 
 def write_config(path: Path, model: Path, data: Path, output: Path, explain_rows: int = 0, verify_export: bool = False,
-                 **train) -> Path:
+                 quantize: tuple[str, ...] = (), **train) -> Path:
     """A recipe YAML for the tiny model and data. No explanations and no fresh-process reload of the export unless
     asked (each costs a fresh process): the tests that check those ask."""
     import yaml
@@ -93,7 +93,8 @@ def write_config(path: Path, model: Path, data: Path, output: Path, explain_rows
         "data": {"dataset": str(data), "max_length": 32},
         "train": {"epochs": 1, "per_device_batch_size": 8, "eval_batch_size": 4, "learning_rate": 1e-3,
                   "warmup_ratio": 0.0, "logging_steps": 2, "precision": "fp32", **train},
-        "output": {"output_dir": str(output), "explain_rows": explain_rows, "verify_export": verify_export},
+        "output": {"output_dir": str(output), "explain_rows": explain_rows, "verify_export": verify_export,
+                   "quantize": list(quantize)},
     }
     path.write_text(yaml.safe_dump(cfg))
     return path

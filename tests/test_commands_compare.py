@@ -14,7 +14,7 @@ from helpers import HIGHLIGHTS, chromium
 from scipy.stats import binomtest
 
 from llmkit.report.numbers import calibration
-from llmkit.report.paired import by_value, disagreements, fit_temperature, length_quartiles, pair, tempered
+from llmkit.report.paired import by_value, disagreements, fit_temperature, length_quartiles, macro_f1, pair, tempered
 
 
 def test_the_pairwise_statistics():
@@ -34,6 +34,17 @@ def test_the_pairwise_statistics():
     same = pair(gold, a, a, 2, resamples=200)
     assert same["accuracy_difference_ci95"] == [0.0, 0.0] and same["mcnemar_exact_p"] == 1.0
     assert same["agreement"] == 1.0
+
+
+def test_vectorised_macro_f1_is_scikit_learns():
+    from sklearn.metrics import f1_score
+
+    rng = np.random.default_rng(0)
+    gold, pred = rng.integers(0, 3, size=(50, 40)), rng.integers(0, 3, size=(50, 40))
+    pred[:10][pred[:10] == 2] = 0  # class 2 never predicted in some rows
+    gold[:5][gold[:5] == 1] = 0  # ... and absent from the gold labels in some
+    want = [f1_score(g, p, labels=[0, 1, 2], average="macro", zero_division=0) for g, p in zip(gold, pred)]
+    assert macro_f1(gold, pred, 3) == pytest.approx(want)
 
 
 def test_temperature_scaling_by_hand():

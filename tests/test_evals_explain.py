@@ -228,6 +228,27 @@ def test_label_word_attributions_add_up_and_find_the_planted_word(label_words, c
                 assert row["words"][toward.index(max(toward))] == "good", (text, toward)
 
 
+@pytest.mark.parametrize("chat", [True, False], ids=["chat-template", "plain-prompt"])
+def test_label_words_scored_in_batches_as_one_by_one(label_words, chat):
+    """`llmkit eval` scores label words many texts per forward (left-padded, only the last logits): the same
+    numbers as the one-text scores the explanations integrate, and as the training examples give."""
+    import copy
+
+    model, tok = label_words
+    if not chat:
+        tok = copy.deepcopy(tok)
+        tok.chat_template = None
+    subject = attribution.LabelWords(model, tok, LM_TEMPLATE, LM_LABELS, LM_LABELS, 32)
+    texts = ["you are good", "hi", "film good hi you are helpful film", "helpful you are", "good"]
+    batched = subject.batch_scores(texts, rows=3)  # batches of 3 texts: padding inside and across batches
+    for text, got in zip(texts, batched):
+        frame = subject.frame(text)
+        with torch.no_grad():
+            one = subject.scores(model.get_input_embeddings()(frame.ids), frame)[0]
+        assert torch.allclose(got, one, atol=1e-4), (text, got, one)
+        assert got.tolist() == pytest.approx(_label_score(model, tok, text, False), abs=1e-4)
+
+
 def test_text_pairs_are_explained_in_both_texts(planted):
     """A text-pair classifier: both texts' words get attributions (the pair's after pair_from), and they add up to
     the change over the baseline with both texts replaced."""

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from llmkit import fresh
-from llmkit.commands.eval_model import check_splits, data_config, export_of
-from llmkit.data.sources import load_raw
+from llmkit.commands.eval_model import export_of
+from llmkit.data.sources import check_splits, load_raw, one_split
 from llmkit.errors import LlmkitError
 from llmkit.evals import explain
 from llmkit.model import locate
@@ -172,7 +172,7 @@ def _explained_disagreements(scored: list[dict], models: list[str], split: str, 
 
 def compare(models: list[str], source: str, split: str, output_dir: str | Path, eval_args: list[str],
             resamples: int = 2000, seed: int = 0, zero_shot: list[str] | None = None,
-            calibration_split: str | None = None, slice_by: list[str] = (), explain_rows: int = 3) -> dict:
+            calibration_split: str | None = None, slice_by: list[str] = (), explain_rows: int = 2) -> dict:
     """Score each model on `split` of `source` (and on the calibration split) and compare every pair; write
     compare.json, compare.md and compare.html into `output_dir`. `eval_args`: more `llmkit eval` options
     (columns, max length, batch size, max samples); `zero_shot`: the eval options of the models named
@@ -194,7 +194,7 @@ def compare(models: list[str], source: str, split: str, output_dir: str | Path, 
     check_splits(source, [split])
     fit_on, why_not = _calibration_split(source, split, calibration_split)
     if slice_by:
-        have = load_raw(data_config(source, split, [], "text", None, "label", 2, None))[split].column_names
+        have = load_raw(one_split(source, split, [], "text", None, "label", 2, None))[split].column_names
         if missing := [c for c in slice_by if c not in have]:
             raise LlmkitError(f"--slice-by {missing[0]}: split '{split}' of {source} has no such column "
                               f"(columns: {have})")
@@ -240,7 +240,7 @@ def compare(models: list[str], source: str, split: str, output_dir: str | Path, 
 def main(args: argparse.Namespace) -> None:
     """`llmkit compare`, from its parsed options: each model scored by `llmkit eval` with the same row options."""
     eval_args = ["--text-column", args.text_column, "--label-column", args.label_column, "--max-length",
-                 str(args.max_length), "--batch-size", str(args.batch_size)]
+                 str(args.max_length), "--batch-size", str(args.batch_size), "--precision", args.precision]
     eval_args += ["--text-pair-column", args.text_pair_column] if args.text_pair_column else []
     eval_args += ["--max-samples", str(args.max_samples)] if args.max_samples else []
     zero_shot = ["--zero-shot", "--prompt-template", args.prompt_template, "--label-words", *args.label_words] \

@@ -13,13 +13,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from llmkit.config import DataConfig, ModelConfig
-from llmkit.data.sources import load_labeled, load_raw
+from llmkit.config import ModelConfig
+from llmkit.data.sources import check_splits, load_labeled, one_split
 from llmkit.errors import LlmkitError
 from llmkit.evals import explain
 from llmkit.evals.classification import write_predictions
 from llmkit.metrics import classification_metrics
 from llmkit.model import check_export_weights, locate, read_config, trusts_remote_code
+from llmkit.precision import cpu_has_native_bf16
 from llmkit.report import pages
 from llmkit.rundir import life
 from llmkit.rundir.layout import Export, RunDir, read_json
@@ -59,17 +60,6 @@ def _check_output(out: Path) -> None:
                           "folder")
 
 
-def data_config(source: str, split: str, label_names: list[str], text_column: str, text_pair_column: str | None,
-                label_column: str, max_length: int, max_samples: int | None) -> DataConfig:
-    """A DataConfig reading one split from a Hub id / folder / asset, or from a single file."""
-    path = Path(source).expanduser()
-    files = {split: str(path)} if path.is_file() else None
-    return DataConfig(dataset=None if files else source, data_files=files, train_split=split, validation_split=split,
-                      test_split=None, text_column=text_column, text_pair_column=text_pair_column,
-                      label_column=label_column, label_names=label_names, max_length=max_length,
-                      max_eval_samples=max_samples)
-
-
 def _label_words(model_dir: Path, trust_remote_code: bool):
     """An llmkit label-word causal LM (its run's prompt template and label words beside it) as an
     attribution.LabelWords that scores each label; None for anything else (scored as a sequence classifier)."""
@@ -107,20 +97,6 @@ def _classifier_logits(model, tokenizer, texts: list[str], pairs: list[str] | No
     return logits
 
 
-def check_splits(source: str, splits: list[str]) -> None:
-    """Every split asked for is in the data, said before any model is loaded (a single file is whatever split it
-    is named)."""
-    if Path(source).expanduser().is_file():
-        return
-    for split in splits:
-        try:
-            have = sorted(load_raw(data_config(source, split, [], "text", None, "label", 2, None)))
-        except LlmkitError as exc:
-            raise LlmkitError(f"--split {split}: {exc}") from None
-        if split not in have:
-            raise LlmkitError(f"--split {split}: the data {source} has only the splits {have}")
-
-
 def export_of(model_dir: Path) -> Path:
     """A run directory stands for its export (final/); anything else is the model folder itself."""
     final = RunDir(model_dir).final.root
@@ -132,14 +108,16 @@ def eval_export(model_dir: str | Path, source: str, split: str | list[str] = "te
                 output_dir: str | Path | None = None, text_column: str = "text", text_pair_column: str | None = None,
                 label_column: str = "label", max_length: int = 512, batch_size: int = 64,
                 max_samples: int | None = None, trust_remote_code: bool = False,
-                zero_shot: tuple[str, list[str]] | None = None, keep_columns: tuple[str, ...] = ()) -> dict:
+                zero_shot: tuple[str, list[str]] | None = None, keep_columns: tuple[str, ...] = (),
+                precision: str = "fp32") -> dict:
     """Predict each split in `split` (one name or several) of `source` with the classifier in `model_dir` (or a
     run directory's final/); write predictions_<split>.jsonl, metrics.json, run_info.json and
     report.{json,md,html} into `output_dir` (default <model_dir>/eval-<first split>).
     `trust_remote_code` (or an llmkit export trained with it) runs the model folder's own Python code.
     `zero_shot` (prompt template, label words): `model_dir` is any causal LM (a folder or asset:<name>), untrained
     for the task, scoring each label word after the template; the words are the data's label names, in order.
-    `keep_columns`: more columns of the first split copied into its prediction rows (under "columns")."""
+    `keep_columns`: more columns of the first split copied into its prediction rows (under "columns").
+    `precision`: fp32 (the reference), bf16, or auto (bf16 where the CPU has native bf16: ~3x faster there)."""
     splits = [split] if isinstance(split, str) else list(dict.fromkeys(split))
     if batch_size < 1 or max_length < 2 or (max_samples is not None and max_samples < 1) or not splits:
         raise LlmkitError(f"--batch-size must be >= 1, --max-length >= 2, --max-samples >= 1 and a --split named; "
@@ -150,18 +128,23 @@ def eval_export(model_dir: str | Path, source: str, split: str | list[str] = "te
         model_dir = Path(locate(str(model_dir), "the zero-shot model"))
     model_dir = export_of(Path(model_dir).expanduser())
     remote = trust_remote_code or trusts_remote_code(model_dir)
+    if precision not in ("fp32", "bf16", "auto"):
+        raise LlmkitError(f"--precision must be fp32, bf16 or auto, got {precision!r}")
+    dtype = torch.bfloat16 if precision == "bf16" or (precision == "auto" and cpu_has_native_bf16()) else None
     words = _zero_shot(model_dir, remote, *zero_shot) if zero_shot else _label_words(model_dir, remote)
     if words is None:
         model, tokenizer = _load_classifier(model_dir, remote)
         names = [model.config.id2label[i] for i in range(len(model.config.id2label))]
     else:
-        names = words.names
+        model, names = words.model, words.names
+    if dtype is not None:
+        model.to(dtype)
     out_dir = Path(output_dir).expanduser() if output_dir else model_dir / f"eval-{splits[0]}"
     _check_output(out_dir)
     check_splits(source, splits)
     scored, seconds = {}, {}
     for name in splits:
-        cfg = data_config(source, name, names, text_column, text_pair_column, label_column, max_length, max_samples)
+        cfg = one_split(source, name, names, text_column, text_pair_column, label_column, max_length, max_samples)
         keep = tuple(keep_columns) if name == splits[0] else ()
         rows = load_labeled(cfg, seed=0, log=lambda m: print(m), training=False, keep=keep).rows["validation"]
         texts = list(rows[text_column])
@@ -170,9 +153,7 @@ def eval_export(model_dir: str | Path, source: str, split: str | list[str] = "te
         if words is None:
             logits = _classifier_logits(model, tokenizer, texts, pairs, max_length, batch_size)
         else:  # each label word's log-likelihood after the run's prompt, as the run's own evaluation ranks them
-            logits = np.array([words.scores(words.model.get_input_embeddings()(f.ids), f)[0].numpy()
-                               for f in (words.frame(t, pairs[i] if pairs else None)
-                                         for i, t in enumerate(tqdm(texts, desc=f"eval {name}")))], dtype=np.float32)
+            logits = words.batch_scores(texts, pairs, max(1, batch_size // len(names))).numpy().astype(np.float32)
         seconds[name] = time.perf_counter() - start
         labels = np.asarray(rows["labels"])
         metrics = classification_metrics(logits.argmax(-1).tolist(), labels.tolist(), len(names))
@@ -188,7 +169,8 @@ def eval_export(model_dir: str | Path, source: str, split: str | list[str] = "te
     files.metrics.write_text(json.dumps({
         **{name: got[4] for name, got in scored.items()}, "label_names": names, "model": str(model_dir),
         "dataset": source, "eval_seconds": round(sum(seconds.values()), 2)}, indent=2) + "\n")
-    info = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "world_size": 1, "precision": "fp32",
+    info = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "world_size": 1,
+            "precision": "bf16" if dtype is not None else "fp32",
             "device": f"CPU {platform.machine()}, {os.cpu_count()} cores", "zero_stage": None}
     files.run_info.write_text(json.dumps(info, indent=2) + "\n")
     paths = pages.build([out_dir])

@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 from llmkit.errors import LlmkitError
+from llmkit.quantized import FORMATS
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -154,6 +155,9 @@ def _output_and_checkpoint(cfg) -> None:
     need(bool(o.output_dir), "output.output_dir", "must name a directory")
     need(0 <= o.explain_rows <= 200, "output.explain_rows", f"must be in [0, 200] (each row costs an integrated-"
          f"gradients pass per label), got {o.explain_rows}")
+    for name in o.quantize:
+        need(name in FORMATS, "output.quantize", f"lists {name!r}; llmkit writes {', '.join(FORMATS)}")
+    need(len(set(o.quantize)) == len(o.quantize), "output.quantize", f"names a format twice: {o.quantize}")
     if o.push_to_hub:
         check_repo_id(o.hub_model_id)
     check_revision(o.hub_revision)

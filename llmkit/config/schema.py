@@ -196,6 +196,10 @@ class OutputConfig:
                               "checks, for a model too big to load a second time in host memory")
     explain_rows: int = key(8, "report rows explained word by word (mistakes first); 0: none", readers=CLASSIFIERS)
     hub_license: str | None = key(None, 'model card license; default: the base model\'s when known, else "other"')
+    quantize: list[str] = key(help="quantized copies written beside final/ after the verified export "
+                              "(final-<format>/), each scored against the full model by the runtime that serves it: "
+                              "onnx-int8 (sequence classifiers); `llmkit quantize` makes them for any export",
+                              factory=list)
 
 
 @dataclass(frozen=True)

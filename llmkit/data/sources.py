@@ -196,6 +196,31 @@ def require_columns(ds: Dataset, split: str, columns: list[str]) -> None:
                           f"the data.*_column keys to the right names{hint}")
 
 
+def one_split(source: str, split: str, label_names: list[str], text_column: str, text_pair_column: str | None,
+                label_column: str, max_length: int, max_samples: int | None) -> DataConfig:
+    """A DataConfig reading one split from a Hub id / folder / asset, or from a single file."""
+    path = Path(source).expanduser()
+    files = {split: str(path)} if path.is_file() else None
+    return DataConfig(dataset=None if files else source, data_files=files, train_split=split, validation_split=split,
+                      test_split=None, text_column=text_column, text_pair_column=text_pair_column,
+                      label_column=label_column, label_names=label_names, max_length=max_length,
+                      max_eval_samples=max_samples)
+
+
+def check_splits(source: str, splits: list[str]) -> None:
+    """Every split asked for is in the data, said before any model is loaded (a single file is whatever split it
+    is named)."""
+    if Path(source).expanduser().is_file():
+        return
+    for split in splits:
+        try:
+            have = sorted(load_raw(one_split(source, split, [], "text", None, "label", 2, None)))
+        except LlmkitError as exc:
+            raise LlmkitError(f"--split {split}: {exc}") from None
+        if split not in have:
+            raise LlmkitError(f"--split {split}: the data {source} has only the splits {have}")
+
+
 @dataclass
 class LabeledSplits:
     rows: dict[str, Dataset]  # role (train / validation / test) -> cleaned text columns + "labels" ids

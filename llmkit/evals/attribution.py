@@ -13,6 +13,7 @@ the attributions' sum is from that difference (the integral's error at this numb
 
 from __future__ import annotations
 
+import inspect
 import re
 from dataclasses import dataclass, field
 
@@ -147,6 +148,48 @@ class LabelWords:
         suffixes = [(torch.tensor(e["input_ids"][first:]), torch.tensor(e["labels"][first:])) for e in examples]
         return _frame(prefix, word_of, [k[1] for k in keys], self.pad, pair_from=pair_from,
                       extra={"suffixes": suffixes})
+
+    @torch.no_grad()
+    def batch_scores(self, texts: list[str], pairs: list[str | None] | None = None, rows: int = 16) -> torch.Tensor:
+        """The numbers of `scores` for many texts, `rows` texts per forward. The prompt is run once per text
+        (left-padded, so the prompts end together) and each label word's tokens continue from its cache: a label
+        word costs a few tokens, not another pass over the prompt."""
+        found = []  # per text: the prompt's ids, and per label word its tokens and their targets
+        for i, text in enumerate(texts):
+            examples = lm.fit_text(self.tokenizer, self.template, text, self.label_words, self.max_length,
+                                   pairs[i] if pairs else None)[1]
+            first = next(j for j, t in enumerate(examples[0]["labels"]) if t != lm.IGNORE)
+            if any(e["input_ids"][:first] != examples[0]["input_ids"][:first] for e in examples):
+                raise LlmkitError("the label words change the prompt's tokens, so they cannot be scored after one "
+                                  "prompt")
+            found.append((examples[0]["input_ids"][:first], [(e["input_ids"][first:], e["labels"][first:])
+                                                              for e in examples]))
+        out = torch.zeros(len(texts), len(self.label_words))
+        cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        order = sorted(range(len(texts)), key=lambda j: len(found[j][0]))  # similar lengths together: little padding
+        for lo in range(0, len(order), rows):
+            idx = order[lo:lo + rows]
+            width = max(len(found[j][0]) for j in idx)
+            mask = torch.tensor([[0] * (width - len(found[j][0])) + [1] * len(found[j][0]) for j in idx])
+            ids = torch.tensor([[self.pad] * (width - len(found[j][0])) + found[j][0] for j in idx])
+            head = self.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
+                              use_cache=True, logits_to_keep=1)
+            cache = head["cache"] if "cache" in head else head["past_key_values"]  # renamed in transformers 5.2x
+            first_logp = torch.log_softmax(head.logits[:, -1].float(), -1)
+            for c in range(len(self.label_words)):
+                size = max(len(found[j][1][c][0]) for j in idx)
+                tail = torch.tensor([found[j][1][c][0] + [self.pad] * (size - len(found[j][1][c][0])) for j in idx])
+                targets = torch.tensor([found[j][1][c][1] + [lm.IGNORE] * (size - len(found[j][1][c][1]))
+                                        for j in idx])
+                both = torch.cat([mask, (targets != lm.IGNORE) | (tail != self.pad)], 1).long()
+                logits = self.model(input_ids=tail, attention_mask=both, use_cache=True, **{cache_arg: cache},
+                                    position_ids=mask.sum(1, keepdim=True) + torch.arange(size)).logits.float()
+                cache.crop(-size)  # back to the prompts alone for the next label word
+                # the label word's first token is predicted at the prompt's end, each next one by the token before
+                logp = torch.cat([first_logp[:, None], torch.log_softmax(logits[:, :-1], -1)], 1)
+                picked = logp.gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+                out[idx, c] = (picked * (targets != lm.IGNORE)).sum(-1)
+        return out
 
     def scores(self, embeds: torch.Tensor, frame: Frame) -> torch.Tensor:
         n, length = embeds.shape[0], embeds.shape[1]

@@ -22,6 +22,7 @@ DS_CONFIG = "ds_config.json"  # the DeepSpeed config the run used (in the run di
 PROBE = "llmkit_probe.json"  # in final/: inputs and the run's own logits, to check the export again later
 REPORTS = ("report.html", "report.md", "report.json")
 PREDICTIONS = "predictions_{split}.jsonl"
+QUANTIZED = "quantized.json"  # in each quantized copy's folder: what the copy costs on the task
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,11 @@ class Export:
 
     def read_metrics(self) -> dict:
         return read_json(self.metrics)
+
+    def quantized(self, fmt: str) -> Path:
+        """The folder of a quantized copy, beside the export (final/ -> final-onnx-int8/); written as <it>.tmp,
+        the previous copy kept as <it>.old until the swap."""
+        return self.root.parent / f"{self.root.name}-{fmt}"
 
 
 @dataclass(frozen=True)

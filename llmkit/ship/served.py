@@ -1,0 +1,117 @@
+"""A quantized copy reloaded by the runtime that serves it, in a fresh CPU process (llmkit.ship.quantize starts
+it), and scored against the full model on the same rows: accuracy, macro-F1, agreement, size on disk, and the
+time per row at batch 1 and batch 32, each model with the same number of threads."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from llmkit import fresh
+from llmkit.data.sources import load_labeled, one_split
+from llmkit.errors import LlmkitError
+from llmkit.metrics import classification_metrics
+
+LATENCY_ROWS = 128  # rows timed one at a time (batch 1); batch 32 is timed over up to 8 batches
+BATCH = 32
+
+
+def _size(folder: Path, suffixes: tuple[str, ...]) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and p.name.endswith(suffixes))
+
+
+def _onnx_predictor(folder: Path, threads: int):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    session = ort.InferenceSession(str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    return lambda enc: session.run(["logits"], {k: enc[k].astype(np.int64) for k in names})[0]
+
+
+def _torch_predictor(folder: Path, threads: int):
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    torch.set_num_threads(threads)
+    model = AutoModelForSequenceClassification.from_pretrained(folder, dtype=torch.float32).eval()
+
+    def predict(enc):
+        with torch.inference_mode():
+            return model(**{k: torch.from_numpy(v) for k, v in enc.items()}).logits.float().numpy()
+    return predict
+
+
+def _run(predict, tokenizer, texts: list[str], pairs: list[str] | None, max_length: int) -> tuple[np.ndarray, dict]:
+    """Logits of every row (in batches of 32, data order), and seconds per row at batch 1 and 32 after a warm-up."""
+    def encode(lo: int, hi: int) -> dict:
+        return dict(tokenizer(texts[lo:hi], pairs[lo:hi] if pairs else None, padding=True, truncation=True,
+                              max_length=max_length, return_tensors="np"))
+
+    predict(encode(0, min(BATCH, len(texts))))  # warm-up: first-call allocations are not a row's cost
+    logits, timed = [], None
+    start = time.perf_counter()
+    for lo in range(0, len(texts), BATCH):
+        logits.append(predict(encode(lo, lo + BATCH)))
+        if lo + BATCH == 8 * BATCH:  # the time per row at batch 32: the first 8 full batches
+            timed = (time.perf_counter() - start) / (8 * BATCH)
+    timed = timed or (time.perf_counter() - start) / len(texts)
+    ones = min(LATENCY_ROWS, len(texts))
+    start = time.perf_counter()
+    for i in range(ones):
+        predict(encode(i, i + 1))
+    return np.concatenate(logits), {"batch_1": (time.perf_counter() - start) / ones, "batch_32": timed}
+
+
+def score(ask: dict) -> dict:
+    from transformers import AutoConfig, AutoTokenizer
+
+    rows, full, copy = ask["rows"], Path(ask["full"]), Path(ask["copy"])
+    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    reference = _torch_predictor(full, threads)
+    config = AutoConfig.from_pretrained(full)
+    names = [config.id2label[i] for i in range(len(config.id2label))]
+    cfg = one_split(rows["source"], rows["split"], names, rows["text_column"], rows.get("text_pair_column"),
+                    rows["label_column"], rows["max_length"], ask.get("max_samples"))
+    data = load_labeled(cfg, seed=0, log=lambda m: None, training=False).rows["validation"]
+    texts = list(data[rows["text_column"]])
+    pairs = list(data[rows["text_pair_column"]]) if rows.get("text_pair_column") else None
+    gold = np.asarray(data["labels"])
+    tokenizer = AutoTokenizer.from_pretrained(copy)
+    served = {"onnx-int8": _onnx_predictor}[ask["format"]](copy, threads)
+    out = {"format": ask["format"], "split": rows["split"], "source": rows["source"], "rows": len(texts),
+           "threads": threads}
+    preds = {}
+    for side, predict in (("full", reference), ("copy", served)):
+        logits, seconds = _run(predict, tokenizer, texts, pairs, rows["max_length"])
+        preds[side] = logits.argmax(-1)
+        m = classification_metrics(preds[side].tolist(), gold.tolist(), len(names))
+        out[side] = {"accuracy": m["accuracy"], "f1_macro": m["f1_macro"],
+                     "ms_per_row_batch_1": 1000 * seconds["batch_1"], "ms_per_row_batch_32": 1000 * seconds["batch_32"]}
+    out["full"]["bytes"] = _size(full, (".safetensors", ".bin"))
+    out["copy"]["bytes"] = _size(copy, (".onnx", ".onnx.data", ".data"))
+    if not out["copy"]["bytes"]:
+        raise LlmkitError(f"the {ask['format']} copy in {copy} holds no weights")
+    out["agreement"] = float((preds["full"] == preds["copy"]).mean())
+    out["accuracy_change"] = out["copy"]["accuracy"] - out["full"]["accuracy"]
+    out["f1_macro_change"] = out["copy"]["f1_macro"] - out["full"]["f1_macro"]
+    out["size_ratio"] = out["full"]["bytes"] / out["copy"]["bytes"]
+    out["speedup_batch_1"] = out["full"]["ms_per_row_batch_1"] / out["copy"]["ms_per_row_batch_1"]
+    out["speedup_batch_32"] = out["full"]["ms_per_row_batch_32"] / out["copy"]["ms_per_row_batch_32"]
+    return out
+
+
+if __name__ == "__main__":
+    where = Path(sys.argv[1])
+    try:
+        where.write_text(json.dumps(score(json.loads(where.read_text()))))
+    except LlmkitError as exc:
+        print(f"llmkit: error: {exc}", file=sys.stderr, flush=True)
+        fresh.end(2)
+    fresh.end(0)
