@@ -295,6 +295,21 @@ def check_recipe_keys(cfg: Config, recipe: str) -> None:
                               "recipe")
 
 
+def check_quantize(cfg: Config, recipe: str, config) -> None:
+    """output.quantize: each format for this run's kind of model and architecture, its packages installed, and a
+    GGUF's tokenizer one the writer maps (where the tokenizer is a local folder or asset). Written after
+    training: refused now, not then."""
+    quantized.check(cfg.output.quantize, "classifier" if recipe == "classification" else "causal_lm",
+                    f"this {recipe} run's model", (config.architectures or [None])[0])
+    if not any(n.startswith("gguf-") for n in cfg.output.quantize):
+        return
+    source = Path(model.locate(cfg.model.tokenizer or cfg.model.name_or_path, "model.tokenizer")).expanduser()
+    if source.is_dir():  # a Hub id: checked by `llmkit quantize` before it writes
+        problem = quantized.gguf_tokenizer_problem(source / "tokenizer.json")
+        if problem:
+            raise LlmkitError(f"output.quantize asks for {', '.join(cfg.output.quantize)}, but {problem}")
+
+
 def check(cfg: Config, world_size: int, recipe: str | None = None,
           say: Callable[[str], None] = lambda line: None, hw: Hardware | None = None) -> Plan:
     """Every check before training, in order, for `recipe` (classification / causal_lm; None: the one the config
@@ -314,8 +329,7 @@ def check(cfg: Config, world_size: int, recipe: str | None = None,
     passed(line)
     recipe = recipe or recipe_of(cfg, config)
     check_recipe_keys(cfg, recipe)
-    quantized.check(cfg.output.quantize, "classifier" if recipe == "classification" else "causal_lm",
-                    f"this {recipe} run's model")  # written after training: refused now, not then
+    check_quantize(cfg, recipe, config)
     out, intent = check_output_dir(cfg)
     passed(f"output: {out.resolve()} (writable, {intent} run, not in use)")
     resume, plan_elastic, conversion = None, None, 0

@@ -5,7 +5,9 @@ writes and checks the copies."""
 from __future__ import annotations
 
 import importlib.util
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 from llmkit.errors import LlmkitError
 
@@ -18,18 +20,25 @@ class Format:
     runtime: str  # what serves the copy, and reloads it for its check
     packages: tuple[str, ...]  # import names the writer and the runtime need
     what: str  # one line for the model card
+    architectures: tuple[str, ...] = ()  # the only ones its writer maps (empty: any of its kind)
 
 
 FORMATS = {
     "onnx-int8": Format("classifier", "onnxruntime", ("onnx", "onnxruntime"),
                         "ONNX with int8 weights and per-batch int8 activations (onnxruntime dynamic quantization), "
                         "for onnxruntime on CPU"),
+    "gguf-f16": Format("causal_lm", "llama.cpp-family runtimes (checked with transformers' GGUF reader)", ("gguf",),
+                       "GGUF, f16 matrices, for llama.cpp, Ollama, LM Studio and other GGUF runtimes",
+                       ("LlamaForCausalLM",)),
+    "gguf-q8_0": Format("causal_lm", "llama.cpp-family runtimes (checked with transformers' GGUF reader)", ("gguf",),
+                        "GGUF, Q8_0 matrices (8-bit blocks of 32 with one scale), for llama.cpp, Ollama, LM Studio "
+                        "and other GGUF runtimes", ("LlamaForCausalLM",)),
 }
 
 
-def check(names: list[str], kind: str, what: str) -> None:
-    """Refuse a format llmkit does not write, one for another kind of model (`kind` of `what`), or one whose
-    packages are not installed."""
+def check(names: list[str], kind: str, what: str, architecture: str | None = None) -> None:
+    """Refuse a format llmkit does not write, one for another kind of model (`kind` of `what`) or another
+    architecture than its writer maps, or one whose packages are not installed."""
     for name in names:
         if name not in FORMATS:
             raise LlmkitError(f"unknown quantized format {name!r}: llmkit writes {', '.join(FORMATS)}")
@@ -38,6 +47,21 @@ def check(names: list[str], kind: str, what: str) -> None:
             fits = [n for n, f in FORMATS.items() if f.kind == kind]
             raise LlmkitError(f"{name} is for {fmt.kind.replace('_', ' ')}s and {what} is a "
                               f"{kind.replace('_', ' ')}: use {', '.join(fits) or 'none yet'}")
+        if fmt.architectures and architecture and architecture not in fmt.architectures:
+            raise LlmkitError(f"{name}: {what} is a {architecture}; llmkit's {name} writer maps "
+                              f"{', '.join(fmt.architectures)} only")
         missing = [p for p in fmt.packages if importlib.util.find_spec(p) is None]
         if missing:
             raise LlmkitError(f"{name} needs {', '.join(missing)}, which is not installed: {INSTALL}")
+
+
+def gguf_tokenizer_problem(tokenizer_json: Path) -> str | None:
+    """Why this tokenizer cannot go into llmkit's GGUF (whose gpt2 vocabulary is a byte-level BPE splitting text
+    the GPT-2 way), or None when it can."""
+    spec = json.loads(tokenizer_json.read_text()) if tokenizer_json.is_file() else {}
+    pre = spec.get("pre_tokenizer") or {}
+    if (spec.get("model", {}).get("type") != "BPE" or (spec.get("decoder") or {}).get("type") != "ByteLevel"
+            or pre.get("type") != "ByteLevel" or not pre.get("use_regex", True)):
+        return (f"the tokenizer ({tokenizer_json}) is not a byte-level BPE that splits text the GPT-2 way, the one "
+                "vocabulary llmkit's GGUF writer maps")
+    return None

@@ -370,6 +370,9 @@ CASES: list[Case] = [
          "output.explain_rows is set, but recipes/causal_lm.py without data.prompt_template does not read it"),
     Case("config", "an int8 ONNX copy asked of a causal LM", _lm(None, "--output.quantize", "[onnx-int8]"),
          "onnx-int8 is for classifiers and this causal_lm run's model is a causal lm"),
+    Case("config", "a GGUF copy of a model whose tokenizer GGUF cannot hold", _lm(None, "--output.quantize",
+                                                                               "[gguf-q8_0]"),
+         "output.quantize asks for gguf-q8_0, but the tokenizer"),
     Case("config", "a quantized format llmkit does not write", validate(None, "--output.quantize", "[int3]"),
          "config key 'output.quantize' lists 'int3'; llmkit writes onnx-int8"),
     Case("config", "a label column in a causal-LM run without label words", _lm(

@@ -90,3 +90,85 @@ def test_onnx_int8_copy_of_a_run_classifier(tiny_run, tmp_path):
                          cwd=tmp_path)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("llmkit: error: --split nosuch")
     assert (copy / "model.onnx").is_file() and not (tmp_path / "final-onnx-int8.tmp").exists()
+
+
+def _tiny_bpe_llama(root, tied: bool):
+    """A tiny random Llama (grouped-query attention) with a byte-level BPE tokenizer trained here, saved as an
+    llmkit label-word export would be: the model, and its run records naming the data, template and words."""
+    import torch
+    import yaml
+    from helpers import make_sentences, write_jsonl
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    rows = make_sentences(40, seed=5)
+    data = root / "data"
+    data.mkdir()
+    write_jsonl(data / "test.jsonl", rows)
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator([r["text"] for r in rows] * 3, vocab_size=300, special_tokens=["<|endoftext|>"])
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>",
+                                  bos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         tie_word_embeddings=tied, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    final = root / "final"
+    LlamaForCausalLM(config).save_pretrained(final)
+    tok.save_pretrained(final)
+    names = sorted({r["label"] for r in rows})
+    (final / "training_config.yaml").write_text(yaml.safe_dump({"data": {
+        "dataset": str(data), "test_split": "test", "validation_split": "test", "text_column": "text",
+        "label_column": "label", "max_length": 64, "prompt_template": "review: {text}\nanswer:",
+        "label_words": ["bad", "good"]}}))
+    (final / "metrics.json").write_text(json.dumps({"label_names": names}))
+    return final, tok
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt,tied", [("gguf-f16", True), ("gguf-q8_0", False)])
+def test_gguf_copy_of_a_label_word_llama(tmp_path, fmt, tied):
+    """`llmkit quantize final --to gguf-*` on a Llama label-word export: model.gguf beside it that transformers'
+    GGUF reader loads (model and tokenizer from the file alone), with the full model's tokens and nearly its
+    logits; the label words classify the run's rows as the full model does."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    final, tok = _tiny_bpe_llama(tmp_path, tied)
+    got = subprocess.run([sys.executable, "-m", "llmkit.cli", "quantize", str(final), "--to", fmt],
+                         capture_output=True, text=True, timeout=600)
+    assert got.returncode == 0, got.stderr[-3000:]
+    copy = tmp_path / f"final-{fmt}"
+    assert sorted(p.name for p in copy.iterdir()) == ["model.gguf", "quantized.json"]
+    numbers = json.loads((copy / "quantized.json").read_text())
+    assert numbers["rows"] == 40 and numbers["agreement"] >= (1.0 if fmt == "gguf-f16" else 0.9), numbers
+    assert abs(numbers["perplexity_change"]) < (0.01 if fmt == "gguf-f16" else 0.05), numbers
+    served = AutoModelForCausalLM.from_pretrained(copy, gguf_file="model.gguf", dtype=torch.float32).eval()
+    served_tok = AutoTokenizer.from_pretrained(copy, gguf_file="model.gguf")
+    text = "the film was very good and charming"
+    assert served_tok(text)["input_ids"] == tok(text)["input_ids"]
+    full = AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32).eval()
+    ids = torch.tensor([tok(text)["input_ids"]])
+    with torch.no_grad():
+        a, b = served(ids).logits, full(ids).logits
+    assert served.config.tie_word_embeddings == tied
+    assert (a - b).abs().max() < (1e-2 if fmt == "gguf-f16" else 0.1) * max(b.abs().max().item(), 1.0)
+
+
+def test_gguf_refusals(tmp_path, tiny_lm):
+    """A tokenizer GGUF's gpt2 vocabulary cannot hold (the word-level tiny LM) and an architecture the writer does
+    not map: one line each, nothing written."""
+    with pytest.raises(LlmkitError, match="not a byte-level BPE that splits text the GPT-2 way"):
+        quantize.check(tiny_lm / "model", ["gguf-q8_0"])
+    qwen = tmp_path / "qwen"
+    qwen.mkdir()
+    (qwen / "config.json").write_text(json.dumps({"architectures": ["Qwen2ForCausalLM"]}))
+    with pytest.raises(LlmkitError, match="gguf-f16: .* is a Qwen2ForCausalLM; llmkit's gguf-f16 writer maps "
+                                          "LlamaForCausalLM only"):
+        quantize.check(qwen, ["gguf-f16"])
+    with pytest.raises(LlmkitError, match="gguf-q8_0 is for causal lms and .* is a classifier: use onnx-int8"):
+        cls = tmp_path / "cls"
+        cls.mkdir()
+        (cls / "config.json").write_text(json.dumps({"architectures": ["BertForSequenceClassification"]}))
+        quantize.check(cls, ["gguf-q8_0"])
+    assert not list(tmp_path.glob("*-gguf*")) and not list(tiny_lm.glob("*-gguf*"))

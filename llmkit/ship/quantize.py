@@ -22,31 +22,34 @@ from llmkit.errors import LlmkitError
 from llmkit.evals import explain
 from llmkit.model import check_export_weights
 from llmkit.rundir.layout import QUANTIZED, Export, read_json
+from llmkit.ship import to_gguf
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "merges.txt",
                    "vocab.json", "sentencepiece.bpe.model", "spiece.model", "tokenizer.model", "added_tokens.json")
 
 
-def model_kind(model_dir: Path) -> str:
-    """"classifier" or "causal_lm", from the export's config (a LoRA causal LM: its merged model)."""
-    folder = Export(model_dir).merged if Export(model_dir).merged.is_dir() else model_dir
+def model_folder(model_dir: Path) -> Path:
+    """Where the model's own files are: a LoRA causal LM's merged/, else the export itself."""
+    return Export(model_dir).merged if Export(model_dir).merged.is_dir() else model_dir
+
+
+def check(model_dir: Path, names: list[str]) -> str:
+    """Refuse, before anything is written, a format llmkit does not write, one for another kind of model or
+    architecture, or one whose runtime is not installed (llmkit.quantized); a GGUF whose model or tokenizer its
+    writer does not map (llmkit.ship.to_gguf). Returns the model's kind: "classifier" or "causal_lm"."""
+    folder = model_folder(model_dir)
     config = read_json(folder / "config.json")
     if not config:
         raise LlmkitError(f"{model_dir} holds no exported model (no config.json): give a run's final/ folder")
     kinds = config.get("architectures") or []
-    if any(a.endswith("ForSequenceClassification") for a in kinds):
-        return "classifier"
-    if any(a.endswith("ForCausalLM") for a in kinds):
-        return "causal_lm"
-    raise LlmkitError(f"{model_dir} is a {', '.join(kinds) or 'model of no stated architecture'}: llmkit quantizes "
-                      "sequence classifiers and causal LMs")
-
-
-def check(model_dir: Path, names: list[str]) -> str:
-    """Refuse, before anything is written, a format llmkit does not write, one for another kind of model, or one
-    whose runtime is not installed (llmkit.quantized). Returns the model's kind."""
-    kind = model_kind(model_dir)
-    quantized.check(names, kind, str(model_dir))
+    kind = "classifier" if any(a.endswith("ForSequenceClassification") for a in kinds) else \
+        "causal_lm" if any(a.endswith("ForCausalLM") for a in kinds) else None
+    if kind is None:
+        raise LlmkitError(f"{model_dir} is a {', '.join(kinds) or 'model of no stated architecture'}: llmkit "
+                          "quantizes sequence classifiers and causal LMs")
+    quantized.check(names, kind, str(model_dir), kinds[0])
+    if any(name.startswith("gguf-") for name in names):
+        to_gguf.check(folder)
     return kind
 
 
@@ -63,7 +66,8 @@ def rows_of_run(model_dir: Path) -> dict:
         raise LlmkitError(f"{model_dir} has no run records naming its evaluation data: give --data and --split")
     return {"source": str(source), "split": split, "text_column": data.get("text_column", "text"),
             "text_pair_column": data.get("text_pair_column"), "label_column": data.get("label_column", "label"),
-            "max_length": data.get("max_length") or 512, "label_names": metrics.get("label_names")}
+            "max_length": data.get("max_length") or 512, "label_names": metrics.get("label_names"),
+            "prompt_template": data.get("prompt_template"), "label_words": data.get("label_words")}
 
 
 def _write_onnx_int8(model_dir: Path, out: Path) -> None:
@@ -97,7 +101,14 @@ def _write_onnx_int8(model_dir: Path, out: Path) -> None:
             shutil.copy2(model_dir / name, out / name)
 
 
-WRITERS = {"onnx-int8": _write_onnx_int8}
+def _write_gguf(qtype: str):
+    def write(model_dir: Path, out: Path) -> None:
+        out.mkdir(parents=True)
+        to_gguf.write(model_folder(model_dir), out, qtype)
+    return write
+
+
+WRITERS = {"onnx-int8": _write_onnx_int8, "gguf-f16": _write_gguf("f16"), "gguf-q8_0": _write_gguf("q8_0")}
 
 
 def quantize(model_dir: str | Path, name: str, rows: dict | None = None, max_samples: int | None = None,
@@ -144,6 +155,11 @@ def quantize(model_dir: str | Path, name: str, rows: dict | None = None, max_sam
 def summary(n: dict) -> str:
     """One line of what the copy costs, for logs and the command's output."""
     f, q = n["full"], n["copy"]
-    return (f"accuracy {q['accuracy']:.4f} vs {f['accuracy']:.4f}, agreement {n['agreement']:.4f}, "
-            f"{n['size_ratio']:.2f}x smaller, {n['speedup_batch_1']:.2f}x / {n['speedup_batch_32']:.2f}x faster per "
-            f"row at batch 1 / 32, {n['rows']} rows of {n['split']}")
+    said = [f"accuracy {q['accuracy']:.4f} vs {f['accuracy']:.4f}, agreement {n['agreement']:.4f}"] \
+        if "accuracy" in q else []
+    if "perplexity" in q:
+        said.append(f"perplexity {q['perplexity']:.3f} vs {f['perplexity']:.3f} ({100 * n['perplexity_change']:+.2f}%)")
+    said.append(f"{n['size_ratio']:.2f}x smaller")
+    if "speedup_batch_1" in n:
+        said.append(f"{n['speedup_batch_1']:.2f}x / {n['speedup_batch_32']:.2f}x faster per row at batch 1 / 32")
+    return ", ".join(said) + f"; {n['rows']} rows of {n['split']}"

@@ -12,13 +12,21 @@ from pathlib import Path
 
 import numpy as np
 
-from llmkit import fresh
-from llmkit.data.sources import load_labeled, one_split
+from llmkit import fresh, quantized
+from llmkit.data import lm
+from llmkit.data.sources import load_labeled, load_raw, one_split
 from llmkit.errors import LlmkitError
+from llmkit.evals.attribution import LabelWords
 from llmkit.metrics import classification_metrics
+from llmkit.rundir.layout import Export
+from llmkit.ship.to_gguf import GGUF_FILE
 
 LATENCY_ROWS = 128  # rows timed one at a time (batch 1); batch 32 is timed over up to 8 batches
 BATCH = 32
+
+
+def _threads() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
 def _size(folder: Path, suffixes: tuple[str, ...]) -> int:
@@ -70,10 +78,14 @@ def _run(predict, tokenizer, texts: list[str], pairs: list[str] | None, max_leng
 
 
 def score(ask: dict) -> dict:
+    return (score_classifier if quantized.FORMATS[ask["format"]].kind == "classifier" else score_causal_lm)(ask)
+
+
+def score_classifier(ask: dict) -> dict:
     from transformers import AutoConfig, AutoTokenizer
 
     rows, full, copy = ask["rows"], Path(ask["full"]), Path(ask["copy"])
-    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    threads = _threads()
     reference = _torch_predictor(full, threads)
     config = AutoConfig.from_pretrained(full)
     names = [config.id2label[i] for i in range(len(config.id2label))]
@@ -104,6 +116,79 @@ def score(ask: dict) -> dict:
     out["size_ratio"] = out["full"]["bytes"] / out["copy"]["bytes"]
     out["speedup_batch_1"] = out["full"]["ms_per_row_batch_1"] / out["copy"]["ms_per_row_batch_1"]
     out["speedup_batch_32"] = out["full"]["ms_per_row_batch_32"] / out["copy"]["ms_per_row_batch_32"]
+    return out
+
+
+def _text_nll(model, tokenizer, texts: list[str], max_length: int) -> tuple[float, int]:
+    """Summed next-token negative log-likelihood of the texts (each cut to max_length tokens), and the tokens."""
+    import torch
+
+    total, count = 0.0, 0
+    for lo in range(0, len(texts), 8):
+        enc = tokenizer(texts[lo:lo + 8], truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+        with torch.inference_mode():
+            logits = model(**enc).logits[:, :-1].float()
+        targets = enc["input_ids"][:, 1:].masked_fill(enc["attention_mask"][:, 1:] == 0, -100)
+        total += float(torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100,
+                                                         reduction="sum"))
+        count += int((targets != -100).sum())
+    return total, count
+
+
+def score_causal_lm(ask: dict) -> dict:
+    """A GGUF copy read back by transformers' GGUF reader (its tokenizer too, from the file) against the full
+    model: a label-word run's accuracy, macro-F1, agreement and the perplexity of its gold label words; any other
+    run's perplexity on the split's text."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    rows, copy = ask["rows"], Path(ask["copy"])
+    full = Export(Path(ask["full"])).merged if Export(Path(ask["full"])).merged.is_dir() else Path(ask["full"])
+    torch.set_num_threads(_threads())
+    sides = {"full": (AutoModelForCausalLM.from_pretrained(full, dtype=torch.float32).eval(),
+                      AutoTokenizer.from_pretrained(full)),
+             "copy": (AutoModelForCausalLM.from_pretrained(copy, gguf_file=GGUF_FILE, dtype=torch.float32).eval(),
+                      AutoTokenizer.from_pretrained(copy, gguf_file=GGUF_FILE))}
+    out = {"format": ask["format"], "split": rows["split"], "source": rows["source"], "threads": _threads()}
+    if rows.get("prompt_template"):  # label words: classify, and the gold words' perplexity
+        names = rows["label_names"]
+        words = rows.get("label_words") or names
+        cfg = one_split(rows["source"], rows["split"], names, rows["text_column"], rows.get("text_pair_column"),
+                        rows["label_column"], rows["max_length"], ask.get("max_samples"))
+        data = load_labeled(cfg, seed=0, log=lambda m: None, training=False).rows["validation"]
+        texts, gold = list(data[rows["text_column"]]), np.asarray(data["labels"])
+        pairs = list(data[rows["text_pair_column"]]) if rows.get("text_pair_column") else None
+        preds = {}
+        for side, (model, tok) in sides.items():
+            subject = LabelWords(model, tok, rows["prompt_template"], list(words), names, rows["max_length"])
+            start = time.perf_counter()
+            scores = subject.batch_scores(texts, pairs, 16).numpy()
+            seconds = time.perf_counter() - start
+            examples = lm.fit_text(tok, rows["prompt_template"], texts[0], list(words), rows["max_length"])[1]
+            tokens = np.array([sum(t != lm.IGNORE for t in e["labels"]) for e in examples])[gold]
+            preds[side] = scores.argmax(-1)
+            m = classification_metrics(preds[side].tolist(), gold.tolist(), len(names))
+            nll = -scores[np.arange(len(gold)), gold].sum() / tokens.sum()
+            out[side] = {"accuracy": m["accuracy"], "f1_macro": m["f1_macro"], "perplexity": float(np.exp(nll)),
+                         "ms_per_row": 1000 * seconds / len(texts)}
+        out["agreement"] = float((preds["full"] == preds["copy"]).mean())
+        out["accuracy_change"] = out["copy"]["accuracy"] - out["full"]["accuracy"]
+        out["f1_macro_change"] = out["copy"]["f1_macro"] - out["full"]["f1_macro"]
+        out["rows"] = len(texts)
+    else:
+        raw = load_raw(one_split(rows["source"], rows["split"], [], rows["text_column"], None, "label", 2, None))
+        texts = [t for t in raw[rows["split"]][rows["text_column"]] if isinstance(t, str) and t.strip()]
+        texts = texts[:ask.get("max_samples") or len(texts)]
+        for side, (model, tok) in sides.items():
+            start = time.perf_counter()
+            total, count = _text_nll(model, tok, texts, rows["max_length"])
+            out[side] = {"perplexity": float(np.exp(total / max(count, 1))), "tokens": count,
+                         "ms_per_row": 1000 * (time.perf_counter() - start) / len(texts)}
+        out["rows"] = len(texts)
+    out["perplexity_change"] = out["copy"]["perplexity"] / out["full"]["perplexity"] - 1
+    out["full"]["bytes"] = _size(full, (".safetensors", ".bin"))
+    out["copy"]["bytes"] = _size(copy, (".gguf",))
+    out["size_ratio"] = out["full"]["bytes"] / out["copy"]["bytes"]
     return out
 
 
