@@ -29,6 +29,17 @@ def _threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
+def _full_size(folder: Path) -> dict:
+    """The full model's weight files on disk (as the run saved them: bf16 or fp32) and its parameter count."""
+    from safetensors import safe_open
+
+    count = 0
+    for shard in folder.glob("*.safetensors"):
+        with safe_open(str(shard), "np") as f:
+            count += sum(int(np.prod(f.get_slice(k).get_shape())) for k in f.keys())
+    return {"bytes": _size(folder, (".safetensors", ".bin")), "parameters": count}
+
+
 def _size(folder: Path, suffixes: tuple[str, ...]) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and p.name.endswith(suffixes))
 
@@ -106,7 +117,7 @@ def score_classifier(ask: dict) -> dict:
         m = classification_metrics(preds[side].tolist(), gold.tolist(), len(names))
         out[side] = {"accuracy": m["accuracy"], "f1_macro": m["f1_macro"],
                      "ms_per_row_batch_1": 1000 * seconds["batch_1"], "ms_per_row_batch_32": 1000 * seconds["batch_32"]}
-    out["full"]["bytes"] = _size(full, (".safetensors", ".bin"))
+    out["full"].update(_full_size(full))
     out["copy"]["bytes"] = _size(copy, (".onnx", ".onnx.data", ".data"))
     if not out["copy"]["bytes"]:
         raise LlmkitError(f"the {ask['format']} copy in {copy} holds no weights")
@@ -114,6 +125,7 @@ def score_classifier(ask: dict) -> dict:
     out["accuracy_change"] = out["copy"]["accuracy"] - out["full"]["accuracy"]
     out["f1_macro_change"] = out["copy"]["f1_macro"] - out["full"]["f1_macro"]
     out["size_ratio"] = out["full"]["bytes"] / out["copy"]["bytes"]
+    out["size_ratio_to_fp32"] = 4 * out["full"]["parameters"] / out["copy"]["bytes"]
     out["speedup_batch_1"] = out["full"]["ms_per_row_batch_1"] / out["copy"]["ms_per_row_batch_1"]
     out["speedup_batch_32"] = out["full"]["ms_per_row_batch_32"] / out["copy"]["ms_per_row_batch_32"]
     return out
@@ -186,9 +198,10 @@ def score_causal_lm(ask: dict) -> dict:
                          "ms_per_row": 1000 * (time.perf_counter() - start) / len(texts)}
         out["rows"] = len(texts)
     out["perplexity_change"] = out["copy"]["perplexity"] / out["full"]["perplexity"] - 1
-    out["full"]["bytes"] = _size(full, (".safetensors", ".bin"))
+    out["full"].update(_full_size(full))
     out["copy"]["bytes"] = _size(copy, (".gguf",))
     out["size_ratio"] = out["full"]["bytes"] / out["copy"]["bytes"]
+    out["size_ratio_to_fp32"] = 4 * out["full"]["parameters"] / out["copy"]["bytes"]
     return out
 
 
