@@ -241,14 +241,9 @@ def _explain(args: argparse.Namespace) -> None:
 
 
 def _quantize(args: argparse.Namespace) -> None:
-    from llmkit.ship import quantize
+    from llmkit.commands.quantize_export import main as quantize
 
-    rows = None if args.data is None else {
-        "source": args.data, "split": args.split, "text_column": args.text_column,
-        "text_pair_column": args.text_pair_column, "label_column": args.label_column, "max_length": args.max_length}
-    quantize.check(args.model_dir, args.to)  # every format refused or accepted before the first is written
-    for name in args.to:
-        quantize.quantize(args.model_dir, name, rows, args.max_samples)
+    quantize(args)
 
 
 def _config(args: argparse.Namespace) -> None:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llmkit.errors import LlmkitError
+from llmkit.rundir.layout import QUANTIZED, Export, read_json
 
 INSTALL = "pip install 'llmkit[compress]'"
 
@@ -65,3 +66,15 @@ def gguf_tokenizer_problem(tokenizer_json: Path) -> str | None:
         return (f"the tokenizer ({tokenizer_json}) is not a byte-level BPE that splits text the GPT-2 way, the one "
                 "vocabulary llmkit's GGUF writer maps")
     return None
+
+
+def copies(final: Path) -> list[dict]:
+    """The scored quantized copies beside an export (its final-<format>/ folders), each as its format, the
+    folder, what it is, and its numbers (layout.QUANTIZED); the formats in FORMATS order."""
+    found = []
+    for name, fmt in FORMATS.items():
+        folder = Export(final).quantized(name)
+        numbers = read_json(folder / QUANTIZED)
+        if numbers:
+            found.append({"format": name, "folder": folder, "what": fmt.what, "numbers": numbers})
+    return found

@@ -13,7 +13,7 @@ import pytest
 
 from llmkit import quantized
 from llmkit.errors import LlmkitError
-from llmkit.ship import quantize
+from llmkit.ship import card, hub, quantize
 
 
 def test_refusals_before_anything_is_written(tmp_path, monkeypatch):
@@ -49,14 +49,23 @@ def test_onnx_int8_copy_of_a_run_classifier(tiny_run, tmp_path):
 
     made = json.loads((tiny_run / "final-onnx-int8" / "quantized.json").read_text())  # by the run (output.quantize)
     assert made["rows"] == 29 and made["agreement"] >= 0.9 and (tiny_run / "final-onnx-int8" / "model.onnx").is_file()
-    final = tmp_path / "final"
-    shutil.copytree(tiny_run / "final", final)
-    cmd = [sys.executable, "-m", "llmkit.cli", "quantize", "final", "--to", "onnx-int8"]
+    # ... and in the run's report and its model card
+    (shown,) = json.loads((tiny_run / "report.json").read_text())["runs"][0]["compression"]
+    assert shown["format"] == "onnx-int8" and shown["agreement"] == made["agreement"]
+    assert "### What compression costs" in (tiny_run / "report.md").read_text()
+    assert "<h3>What compression costs</h3>" in (tiny_run / "report.html").read_text()
+    text = card.build(tiny_run, tiny_run / "final", "classification", "me/tiny")
+    assert "## Quantized copies" in text and "- `onnx-int8/`: ONNX with int8 weights" in text
+    run = tmp_path / "run"  # a copy of the run, without its copy and its report
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("final-*", "report.*"))
+    final = run / "final"
+    cmd = [sys.executable, "-m", "llmkit.cli", "quantize", "run/final", "--to", "onnx-int8"]
     got = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)  # a relative folder
     assert got.returncode == 0, got.stderr[-3000:]
-    copy = tmp_path / "final-onnx-int8"
+    assert json.loads((run / "report.json").read_text())["runs"][0]["compression"][0]["format"] == "onnx-int8"
+    copy = run / "final-onnx-int8"
     assert {p.name for p in copy.iterdir()} >= {"model.onnx", "config.json", "tokenizer.json", "quantized.json"}
-    assert not (tmp_path / "final-onnx-int8.tmp").exists() and not list(tmp_path.glob(".*request.json"))
+    assert not (run / "final-onnx-int8.tmp").exists() and not list(run.glob(".*request.json"))
     numbers = json.loads((copy / "quantized.json").read_text())
     assert numbers["split"] == "test" and numbers["rows"] == 29  # the run's records name its test split
     assert numbers["agreement"] >= 0.9, numbers
@@ -84,12 +93,12 @@ def test_onnx_int8_copy_of_a_run_classifier(tiny_run, tmp_path):
     # again: replaced whole; then a split the data lacks, refused before the old copy is touched
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert (copy / "quantized.json").is_file() and not (tmp_path / "final-onnx-int8.old").exists()
+    assert (copy / "quantized.json").is_file() and not (run / "final-onnx-int8.old").exists()
     data = json.loads((copy / "quantized.json").read_text())["source"]
     bad = subprocess.run(cmd + ["--data", data, "--split", "nosuch"], capture_output=True, text=True, timeout=600,
                          cwd=tmp_path)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("llmkit: error: --split nosuch")
-    assert (copy / "model.onnx").is_file() and not (tmp_path / "final-onnx-int8.tmp").exists()
+    assert (copy / "model.onnx").is_file() and not (run / "final-onnx-int8.tmp").exists()
 
 
 def _tiny_bpe_llama(root, tied: bool):

@@ -39,6 +39,32 @@ def _mixture_rows(r: dict) -> list[list]:
              f"{m['drawn_share']:.1%}", m["tokens"]] for m in r["data_mixture"]]
 
 
+COMPRESSION_HEADER = ["copy", "size on disk (x smaller; x smaller than fp32)", "accuracy: full -> copy",
+                      "macro-F1 change", "agreement", "perplexity: full -> copy", "speed-up per row, batch 1 / 32"]
+
+
+def _compression_rows(r: dict) -> list[list]:
+    """What each quantized copy costs on the task (quantized.json), one row a copy."""
+    rows = []
+    for c in r.get("compression") or []:
+        f, q = c["full"], c["copy"]
+        rows.append([c["format"], f"{q['bytes'] / 2**20:.1f} MiB ({c['size_ratio']:.2f}x; "
+                     f"{c['size_ratio_to_fp32']:.2f}x)",
+                     f"{f['accuracy']:.4f} -> {q['accuracy']:.4f}" if "accuracy" in q else "-",
+                     f"{100 * c['f1_macro_change']:+.2f} points" if "f1_macro_change" in c else "-",
+                     c.get("agreement"),
+                     f"{f['perplexity']:.4f} -> {q['perplexity']:.4f} ({100 * c['perplexity_change']:+.2f}%)"
+                     if "perplexity" in q else "-",
+                     f"{c['speedup_batch_1']:.2f}x / {c['speedup_batch_32']:.2f}x" if "speedup_batch_1" in c else "-"])
+    return rows
+
+
+def _compression_note(r: dict) -> str:
+    rows = r.get("compression") or []
+    return (f"Each copy scored against the full model on {rows[0]['rows']} rows of {rows[0]['split']} in a fresh "
+            "process, read back by the runtime that serves it.") if rows else ""
+
+
 def _lm_rows(r: dict) -> list[list]:
     return [[split, s["loss"], s["perplexity"]] for split, s in r["scores"].items()]
 
@@ -72,6 +98,9 @@ def _markdown_lm(doc: dict) -> str:
             for c in doc["comparison"]])
     for r in doc["runs"]:
         lines += [f"## {r['name']}", ""] + md_table(LM_HEADER, _lm_rows(r))
+        if r.get("compression"):
+            lines += ["### What compression costs", "", _compression_note(r), ""] + md_table(
+                COMPRESSION_HEADER, _compression_rows(r))
         if r["data_mixture"]:
             lines += ["### Training data (mixture)", ""] + md_table(MIXTURE_HEADER, _mixture_rows(r))
         lines += ["### What was run", ""] + md_table(["", ""], [
@@ -114,6 +143,9 @@ def _markdown(doc: dict) -> str:
                   for m in s["confident_mistakes"]]
         if r.get("explanations"):
             lines += [""] + explained.md_section(r["explanations"], r["label_names"])
+        if r.get("compression"):
+            lines += ["", "### What compression costs", "", _compression_note(r), ""] + md_table(
+                COMPRESSION_HEADER, _compression_rows(r))[:-1]
         if r["data_mixture"]:
             lines += ["", "### Training data (mixture)", ""] + md_table(MIXTURE_HEADER, _mixture_rows(r))[:-1]
         lines += ["", "### What was run", "", "| | |", "|---|---|"]
@@ -145,8 +177,10 @@ def _head() -> list[str]:
 
 
 def _html_run_facts(r: dict) -> str:
-    """A run's training data (when a mixture) and what was run."""
-    mix = ("<h3>Training data (mixture)</h3>" + table(MIXTURE_HEADER, _mixture_rows(r))) if r["data_mixture"] \
+    """What compression costs (when copies were made), a run's training data (when a mixture), what was run."""
+    mix = ("<h3>What compression costs</h3>" + f"<p>{html.escape(_compression_note(r))}</p>"
+           + table(COMPRESSION_HEADER, _compression_rows(r))) if r.get("compression") else ""
+    mix += ("<h3>Training data (mixture)</h3>" + table(MIXTURE_HEADER, _mixture_rows(r))) if r["data_mixture"] \
         else ""
     return mix + "<h3>What was run</h3>" + table(
         ["", ""], [[k, json.dumps(v) if isinstance(v, dict) else v] for k, v in r["run"].items()])

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from llmkit import assets
+from llmkit import assets, quantized
 from llmkit.metrics import NAMES
 from llmkit.rundir.layout import Export, RunDir
 
@@ -142,7 +142,7 @@ This is {what}, fine-tuned from {base_text} on {data_text} with llmkit
 |---|{"---|" * len(METRICS)}---|
 {chr(10).join(rows) if rows else "| - | (no evaluation recorded) |"}
 
-## How to use
+{_copies(final)}## How to use
 
 {_usage(kind, repo_id, cfg, push_merged)}
 
@@ -166,6 +166,23 @@ The full resolved config is `{export.config.name}`; the evaluation report is `{r
 - {"Base-model limitations apply: see " + base_text + "." if base else "It was not built on a published base model."}
 """
     return str(ModelCard(f"---\n{card_data.to_yaml()}\n---\n{body}"))
+
+
+def _copies(final: Path) -> str:
+    """The quantized copies uploaded beside the model (one folder each), one line each with what it costs."""
+    lines = []
+    for c in quantized.copies(final):
+        n, f, q = c["numbers"], c["numbers"]["full"], c["numbers"]["copy"]
+        cost = [f"accuracy {q['accuracy']:.4f} (full model {f['accuracy']:.4f}), agreement {n['agreement']:.4f}"] \
+            if "accuracy" in q else []
+        if "perplexity" in q:
+            cost.append(f"perplexity {q['perplexity']:.4f} (full model {f['perplexity']:.4f})")
+        lines.append(f"- `{c['format']}/`: {c['what']}. {n['size_ratio']:.2f}x smaller on disk; "
+                     f"{'; '.join(cost)}; {n['rows']} rows of {n['split']}.")
+    if not lines:
+        return ""
+    return "## Quantized copies\n\nEach scored against the full model by the runtime that serves it:\n\n" + \
+        "\n".join(lines) + "\n\n"
 
 
 def _mixture_table(sources: list[dict]) -> str:

@@ -9,7 +9,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from llmkit import assets, model
+from llmkit import assets, model, quantized
 from llmkit.config.checks import check_repo_id, check_revision
 from llmkit.errors import LlmkitError
 from llmkit.preflight import hub_token as token
@@ -87,6 +87,8 @@ def stage(run_dir: str | Path, out: Path, repo_id: str, push_merged: bool = Fals
         if export.adapter.is_dir():  # a LoRA classifier: the merged model at the root, its adapter beside
             _copy_files(export.adapter, out / export.adapter.name)
             _name_base_by_hub_id(out / export.adapter.name, probe)
+    for copy in quantized.copies(final):  # each quantized copy in a folder named by its format
+        _copy_files(copy["folder"], out / copy["format"])
     for report in (RunDir(run_dir).report(k) for k in REPORT_KINDS):
         if report.is_file():
             shutil.copy2(report, out / report.name)
