@@ -1,7 +1,8 @@
 """What quantization costs on the task (issue 38): `llmkit quantize` of the MiniLM demo export (onnx-int8) and
-the SmolLM2 label-word LoRA export (gguf-q8_0, gguf-f16), each scored against the full model on the polarity test
-split by the fresh process `llmkit quantize` starts. Goals: the int8 classifier at least 2x smaller and 1.5x
-faster per row on CPU, losing at most 0.5 accuracy points; GGUF Q8_0 perplexity within 1% of the full model's.
+the SmolLM2 label-word LoRA export (gguf-q8_0, gguf-f16, torchao-int8), each scored against the full model on the
+polarity test split by the fresh process `llmkit quantize` starts. Goals: the int8 classifier at least 2x
+smaller and 1.5x faster per row on CPU, losing at most 0.5 accuracy points; GGUF Q8_0 perplexity within 1% of
+the full model's.
 
     .venv/bin/python bench/classifiers.py --only a c       # once: the two runs
     .venv/bin/python bench/compression.py [--again]
@@ -25,8 +26,9 @@ from _common import cpu  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = ROOT / "bench" / "results" / "classifiers"
 OUT = ROOT / "bench" / "results" / "compression.jsonl"
-COPIES = [("a", "MiniLM demo (full fine-tune)", "onnx-int8"), ("c", "SmolLM2 label words, LoRA (merged)", "gguf-q8_0"),
-          ("c", "SmolLM2 label words, LoRA (merged)", "gguf-f16")]
+LABEL_WORDS = "SmolLM2 label words, LoRA (merged)"
+COPIES = [("a", "MiniLM demo (full fine-tune)", "onnx-int8"), ("c", LABEL_WORDS, "gguf-q8_0"),
+          ("c", LABEL_WORDS, "gguf-f16"), ("c", LABEL_WORDS, "torchao-int8")]
 
 
 def _done() -> dict:

@@ -374,7 +374,8 @@ def main(argv: list[str] | None = None) -> None:
     qnt = sub.add_parser("quantize", help="quantized copies of an export beside it (e.g. final-onnx-int8/), each "
                          "scored against the full model by the runtime that serves it")
     qnt.add_argument("model_dir", type=fresh.absolute, help="an exported model folder, e.g. <run>/final")
-    qnt.add_argument("--to", nargs="+", required=True, help="onnx-int8 (classifiers), gguf-f16, gguf-q8_0 (Llama LMs)")
+    qnt.add_argument("--to", nargs="+", required=True, help="onnx-int8 (classifiers), gguf-f16, gguf-q8_0 (Llama LMs), "
+                     "torchao-int8 (causal LMs)")
     _scored_rows(qnt, required=False)
     qnt.add_argument("--split", default="test", help="with --data: the split the copies are scored on")
     qnt.set_defaults(fn=_quantize)

@@ -34,6 +34,9 @@ FORMATS = {
     "gguf-q8_0": Format("causal_lm", "llama.cpp-family runtimes (checked with transformers' GGUF reader)", ("gguf",),
                         "GGUF, Q8_0 matrices (8-bit blocks of 32 with one scale), for llama.cpp, Ollama, LM Studio "
                         "and other GGUF runtimes", ("LlamaForCausalLM",)),
+    "torchao-int8": Format("causal_lm", "transformers with torchao", ("torchao",),
+                           "int8 weights (torchao's Int8WeightOnlyConfig) in Hugging Face format, which plain "
+                           "`from_pretrained` reloads where torchao is installed"),
 }
 
 

@@ -181,3 +181,28 @@ def test_gguf_refusals(tmp_path, tiny_lm):
         (cls / "config.json").write_text(json.dumps({"architectures": ["BertForSequenceClassification"]}))
         quantize.check(cls, ["gguf-q8_0"])
     assert not list(tmp_path.glob("*-gguf*")) and not list(tiny_lm.glob("*-gguf*"))
+
+
+@pytest.mark.slow
+def test_torchao_int8_copy_reloads_with_plain_transformers(tmp_path):
+    """`--to torchao-int8`: the linear layers' weights stored in int8 in Hugging Face format, which plain
+    from_pretrained reloads (torchao installed) with the full model's predictions on the run's rows."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    final, tok = _tiny_bpe_llama(tmp_path, tied=False)
+    got = subprocess.run([sys.executable, "-m", "llmkit.cli", "quantize", str(final), "--to", "torchao-int8"],
+                         capture_output=True, text=True, timeout=600)
+    assert got.returncode == 0, got.stderr[-3000:]
+    copy = tmp_path / "final-torchao-int8"
+    config = json.loads((copy / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "torchao"
+    numbers = json.loads((copy / "quantized.json").read_text())
+    assert numbers["rows"] == 40 and numbers["agreement"] >= 0.9 and abs(numbers["perplexity_change"]) < 0.05
+    served = AutoModelForCausalLM.from_pretrained(copy).eval()
+    assert "Int8" in type(served.model.layers[0].mlp.up_proj.weight).__name__  # stored and served in int8
+    full = AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32).eval()
+    ids = torch.tensor([tok("the film was very good")["input_ids"]])
+    with torch.no_grad():
+        a, b = served(ids).logits, full(ids).logits
+    assert (a - b).abs().max() < 0.1 * max(b.abs().max().item(), 1.0)

@@ -198,7 +198,8 @@ class OutputConfig:
     hub_license: str | None = key(None, 'model card license; default: the base model\'s when known, else "other"')
     quantize: list[str] = key(help="quantized copies written beside final/ after the verified export "
                               "(final-<format>/), each scored against the full model by the runtime that serves it: "
-                              "onnx-int8 (sequence classifiers), gguf-f16, gguf-q8_0 (Llama-family causal LMs); "
+                              "onnx-int8 (sequence classifiers), gguf-f16, gguf-q8_0 (Llama-family causal LMs), "
+                              "torchao-int8 (causal LMs); "
                               "`llmkit quantize` makes them for any export",
                               factory=list)
 

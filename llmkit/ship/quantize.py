@@ -109,7 +109,22 @@ def _write_gguf(qtype: str):
     return write
 
 
-WRITERS = {"onnx-int8": _write_onnx_int8, "gguf-f16": _write_gguf("f16"), "gguf-q8_0": _write_gguf("q8_0")}
+def _write_torchao_int8(model_dir: Path, out: Path) -> None:
+    """Every linear layer's weights in int8 with a scale per output row (torchao); the embeddings stay as they
+    are. Saved by transformers in its own format, with the tokenizer."""
+    import torch
+    from torchao.quantization import Int8WeightOnlyConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TorchAoConfig
+
+    folder = model_folder(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
+                                                 quantization_config=TorchAoConfig(Int8WeightOnlyConfig()))
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(folder).save_pretrained(out)
+
+
+WRITERS = {"onnx-int8": _write_onnx_int8, "gguf-f16": _write_gguf("f16"), "gguf-q8_0": _write_gguf("q8_0"),
+           "torchao-int8": _write_torchao_int8}
 
 
 def quantize(model_dir: str | Path, name: str, rows: dict | None = None, max_samples: int | None = None,

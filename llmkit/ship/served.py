@@ -148,19 +148,21 @@ def _text_nll(model, tokenizer, texts: list[str], max_length: int) -> tuple[floa
 
 
 def score_causal_lm(ask: dict) -> dict:
-    """A GGUF copy read back by transformers' GGUF reader (its tokenizer too, from the file) against the full
-    model: a label-word run's accuracy, macro-F1, agreement and the perplexity of its gold label words; any other
-    run's perplexity on the split's text."""
+    """A causal LM's copy read back (a GGUF by transformers' GGUF reader, its tokenizer too, from the file; a
+    torchao copy by plain from_pretrained) against the full model: a label-word run's accuracy, macro-F1,
+    agreement and the perplexity of its gold label words; any other run's perplexity on the split's text."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     rows, copy = ask["rows"], Path(ask["copy"])
     full = Export(Path(ask["full"])).merged if Export(Path(ask["full"])).merged.is_dir() else Path(ask["full"])
     torch.set_num_threads(_threads())
+    # a GGUF is read (and dequantized) by transformers' GGUF reader; a torchao copy loads as saved
+    gguf = {"gguf_file": GGUF_FILE, "dtype": torch.float32} if ask["format"].startswith("gguf-") else {}
     sides = {"full": (AutoModelForCausalLM.from_pretrained(full, dtype=torch.float32).eval(),
                       AutoTokenizer.from_pretrained(full)),
-             "copy": (AutoModelForCausalLM.from_pretrained(copy, gguf_file=GGUF_FILE, dtype=torch.float32).eval(),
-                      AutoTokenizer.from_pretrained(copy, gguf_file=GGUF_FILE))}
+             "copy": (AutoModelForCausalLM.from_pretrained(copy, **gguf).eval(),
+                      AutoTokenizer.from_pretrained(copy, **gguf))}
     out = {"format": ask["format"], "split": rows["split"], "source": rows["source"], "threads": _threads()}
     if rows.get("prompt_template"):  # label words: classify, and the gold words' perplexity
         names = rows["label_names"]
@@ -199,7 +201,7 @@ def score_causal_lm(ask: dict) -> dict:
         out["rows"] = len(texts)
     out["perplexity_change"] = out["copy"]["perplexity"] / out["full"]["perplexity"] - 1
     out["full"].update(_full_size(full))
-    out["copy"]["bytes"] = _size(copy, (".gguf",))
+    out["copy"]["bytes"] = _size(copy, (".gguf", ".safetensors"))
     out["size_ratio"] = out["full"]["bytes"] / out["copy"]["bytes"]
     out["size_ratio_to_fp32"] = 4 * out["full"]["parameters"] / out["copy"]["bytes"]
     return out
