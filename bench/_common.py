@@ -11,10 +11,28 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "configs" / "sentiment_minilm_polarity.yaml"
 
 
+def model_overrides() -> list[str]:
+    """BENCH_MODEL=<folder with config.json and the tokenizer>: every runner starts from random weights of that
+    shape (a GPU machine has no network and the MiniLM weights are too large to carry along)."""
+    folder = os.environ.get("BENCH_MODEL")
+    return ["--model.name_or_path", folder, "--model.from_scratch", "true"] if folder else []
+
+
 def recipe(*overrides: str):
     from llmkit.config import load_config
 
-    return load_config(RECIPE, list(overrides))
+    return load_config(RECIPE, [*model_overrides(), *overrides])
+
+
+def classifier(cfg, name: str):
+    """The recipe's model with a 2-label head: its weights, or (model.from_scratch) random weights of its shape."""
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    if cfg.model.from_scratch:
+        torch.manual_seed(cfg.train.seed)
+        return AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(name, num_labels=2))
+    return AutoModelForSequenceClassification.from_pretrained(name, num_labels=2)
 
 
 def tokenized_train(cfg, tokenizer, pad_to: int | None = None):

@@ -9,10 +9,10 @@ import argparse
 import tempfile
 import time
 
-from _common import recipe, report, tokenized_train
+from _common import classifier, recipe, report, tokenized_train
 from accelerate import Accelerator
 from torch.utils.data import DataLoader
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, get_scheduler
+from transformers import AutoTokenizer, DataCollatorWithPadding, get_scheduler
 
 from llmkit import model
 from llmkit.data.loaders import LengthGroupedBatchSampler
@@ -37,7 +37,7 @@ def main() -> None:
     sampler = LengthGroupedBatchSampler(lengths, t.per_device_batch_size,
                                         acc.num_processes * t.gradient_accumulation_steps, seed=t.seed)
     loader = DataLoader(train, batch_sampler=sampler, collate_fn=DataCollatorWithPadding(tok))
-    net = AutoModelForSequenceClassification.from_pretrained(name, num_labels=2)
+    net = classifier(cfg, name)
     optimizer = build_optimizer(cfg, net)  # the same AdamW (kernel, groups) as llmkit
     net, optimizer, loader = acc.prepare(net, optimizer, loader)
     steps = len(loader)

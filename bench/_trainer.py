@@ -10,9 +10,8 @@ import math
 import os
 
 import torch
-from _common import recipe, report, tokenized_train
+from _common import classifier, recipe, report, tokenized_train
 from transformers import (
-    AutoModelForSequenceClassification,
     AutoTokenizer,
     DataCollatorWithPadding,
     Trainer,
@@ -36,7 +35,7 @@ def main() -> None:
     name = model.locate(cfg.model.name_or_path, "model")
     tok = AutoTokenizer.from_pretrained(name)
     train = tokenized_train(cfg, tok, pad_to=128 if args.mode == "glue" else None).rename_column("labels", "label")
-    net = AutoModelForSequenceClassification.from_pretrained(name, num_labels=2)
+    net = classifier(cfg, name)
     seen = {"rows": 0}
     base = DataCollatorWithPadding(tok)
 

@@ -32,7 +32,7 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
-from _common import RECIPE, ROOT, cpu, recipe, tokenized_train  # noqa: E402
+from _common import RECIPE, ROOT, cpu, model_overrides, recipe, tokenized_train  # noqa: E402
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(BENCH)}
 
@@ -68,7 +68,8 @@ def run_once(name: str, rows: int, ranks: int, overrides: list[str]) -> dict:
                            "--data.max_train_samples", str(rows), "--train.epochs", "1", "--train.max_steps", "null",
                            "--train.logging_steps", "1000", "--data.max_eval_samples", "16",
                            "--data.test_split", "null", "--output.explain_rows", "0",
-                           "--output.verify_export", "false", "--output.output_dir", f"{tmp}/run", *overrides],
+                           "--output.verify_export", "false", "--output.output_dir", f"{tmp}/run",
+                           *model_overrides(), *overrides],
                           ranks)
         elif name == "hand_loop":
             cmd = _launch([str(BENCH / "_hand_loop.py"), "--rows", str(rows)], ranks)

@@ -2,8 +2,10 @@
 
 LLMKIT_FAULT=<point>@<step>:<rank>: sigterm@5:1 (SIGTERM to rank 1 after step 5), kill@5:1 (SIGKILL between
 forward and backward), kill_in_save@4:1 / oserror_in_save@4:1 (while checkpoint step-4 is written), nan@3:0
-(the loss of step 3 becomes NaN), row@7:0 (reading training row 7 fails), stall_export@0:0 (the export waits
-STALL_SECONDS, for a signal to arrive meanwhile), explain@0:0 (the explanations' fresh process fails).
+(the loss of step 3 becomes NaN), overflow@5:0 (from step 5 on, the loss times 1e30: finite in fp32, every fp16
+gradient overflows; the loss-scale watchdog's test on a GPU), row@7:0 (reading training row 7 fails),
+stall_export@0:0 (the export waits STALL_SECONDS, for a signal to arrive meanwhile), explain@0:0 (the
+explanations' fresh process fails).
 LLMKIT_FAULT_STAMP names a file that gets the time the fault fired. Callers test `ON` first, so a normal run
 pays one attribute read per check.
 
@@ -48,3 +50,11 @@ def hit(point: str, step: int, rank: int) -> bool:
     if point == "stall_export":
         time.sleep(STALL_SECONDS)
     return True
+
+
+def from_step(point: str, step: int, rank: int) -> bool:
+    """True at every step from the one `point` names on, on its rank (a fault that lasts, like overflow)."""
+    if POINT != point:
+        return False
+    at, _, on = SPEC.split("@", 1)[1].partition(":")
+    return step >= int(at) and rank == int(on or 0)

@@ -1,5 +1,6 @@
-"""The benchmark scripts at their smallest, so they cannot rot: the equal-work throughput comparison on a
-32-row epoch, one rep, llmkit against Trainer and the hand-written loop (1 process each)."""
+"""The benchmark scripts at their smallest, so they cannot rot: the GPU script's dry path on a CPU (a tiny Llama,
+then the equal-work throughput comparison on a 32-row epoch, one rep, llmkit against Trainer and the hand-written
+loop), and the MFU script."""
 
 import json
 import subprocess
@@ -12,20 +13,29 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-def test_throughput_at_equal_work_runs_every_runner_on_the_same_rows(tmp_path):
-    out = tmp_path / "throughput.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "throughput.py"), "--rows", "32", "--reps", "1",
-                           "--only", "llmkit", "trainer_best", "hand_loop", "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(out.read_text())
-    assert set(result["table"]) == {"llmkit", "trainer_best", "hand_loop"} and result["tokens"] > 32
+def test_gpu_bench_dry_path_and_throughput_at_equal_work(tmp_path):
+    """bench/gpu.py --dry, the GPU script's path on a CPU: a tiny Llama with SDPA and with eager attention (tokens/s,
+    MFU, peak memory in its table; fp16 said to need a GPU), and bench/throughput.py on a 32-row epoch: llmkit,
+    Trainer and the hand-written loop each train exactly those rows."""
+    out = tmp_path / "gpu"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu.py"), "--dry", "--out", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-2000:]
+    doc = json.loads((out / "gpu.json").read_text())
+    precision = next(iter(doc["runs"].values()))["precision"]
+    assert set(doc["runs"]) == {f"llama_{precision}_sdpa", f"llama_{precision}_eager"} and doc["dry"]
+    for name, run in doc["runs"].items():
+        assert run["tokens_per_second"] > 0 and 0 < run["mfu"] < 1 and run["peak_memory_gib"] > 0, name
+        assert run["loss_scale"] == [] and f"| {name} |" in proc.stdout  # no fp16 on a CPU: no loss scale
+    assert "fp16 and its watchdog: not run (fp16 needs a GPU)" in proc.stdout
+    result = json.loads((out / "throughput.json").read_text())
+    assert set(result["table"]) == {"llmkit", "trainer_best", "hand_loop"} == set(doc["classifier"])
     for name, row in result["table"].items():
         assert row["rows_trained"] == [32], name  # the same work: each runner one epoch of the 32 rows
         assert row["seconds_median"] > 0
         assert row["real_tokens_per_second"] == pytest.approx(result["tokens"] / row["seconds_median"])
-    assert result["table"]["llmkit"]["llmkit_speedup"] == 1.0
-    assert result["cpu"]["model"] and "| llmkit |" in proc.stdout
+        assert f"| {name} | {row['samples_per_second']:.1f} |" in proc.stdout
+    assert result["table"]["llmkit"]["llmkit_speedup"] == 1.0 and result["cpu"]["model"]
 
 
 @pytest.mark.slow

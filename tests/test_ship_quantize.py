@@ -56,6 +56,10 @@ def test_onnx_int8_copy_of_a_run_classifier(tiny_run, tmp_path):
     assert "<h3>What compression costs</h3>" in (tiny_run / "report.html").read_text()
     text = card.build(tiny_run, tiny_run / "final", "classification", "me/tiny")
     assert "## Quantized copies" in text and "- `onnx-int8/`: ONNX with int8 weights" in text
+    staged = hub.stage(tiny_run, tmp_path / "upload", "me/tiny", reload=False, remember=False)  # what a push uploads
+    names = {name for name, _ in staged["files"]}
+    assert {"onnx-int8/model.onnx", "onnx-int8/quantized.json", "model.safetensors"} <= names, names
+    assert "## Quantized copies" in (tmp_path / "upload" / "README.md").read_text()
     run = tmp_path / "run"  # a copy of the run, without its copy and its report
     shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("final-*", "report.*"))
     final = run / "final"

@@ -28,6 +28,16 @@ def test_loss_scale_watchdog():
         sampled.update(1, 50, steps=10)
 
 
+def test_a_lasting_fault_fires_from_its_step_on(monkeypatch):
+    """overflow@5:0 (bench/gpu.py's watchdog run) holds from step 5 on, on rank 0 only."""
+    from llmkit import faults
+
+    monkeypatch.setattr(faults, "SPEC", "overflow@5:0")
+    monkeypatch.setattr(faults, "POINT", "overflow")
+    assert [faults.from_step("overflow", s, 0) for s in (4, 5, 9)] == [False, True, True]
+    assert not faults.from_step("overflow", 9, 1) and not faults.from_step("nan", 9, 0)
+
+
 @pytest.mark.slow
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, tiny_bert, tiny_data):
     out, _, proc = faulty_run(tmp_path, tiny_bert, tiny_data, 2, "nan@3:1", logging_steps=10)

@@ -101,7 +101,7 @@ def test_torch_compile_switch_compiles_the_blocks_and_computes_the_same(tmp_path
         check_ok(proc)
         runs[name] = (out, proc.stdout + proc.stderr)
     assert "torch.compile: 2 transformer blocks" in runs["compiled"][1]
-    assert "torch.compile" not in runs["eager"][1]
+    assert "torch.compile:" not in runs["eager"][1]  # llmkit's line, not a library's warning naming torch.compile
     _close(_loss_list(runs["compiled"][0]), _loss_list(runs["eager"][0]), rel=1e-4)
     # parameter names are untouched by compiling in place: the export reloads with plain transformers
     reloaded = BertForSequenceClassification.from_pretrained(runs["compiled"][0] / "final")

@@ -31,6 +31,8 @@ class Hooks:
         if faults.ON:
             if faults.hit("nan", step, self.rank):
                 loss = loss * float("nan")
+            if faults.from_step("overflow", step, self.rank):
+                loss = loss * 1e30
             faults.hit("kill", step, self.rank)
         return loss
 

@@ -19,7 +19,7 @@ from llmkit.errors import LlmkitError
 from llmkit.metrics import LOWER_IS_BETTER
 from llmkit.rundir import checkpoints
 from llmkit.train import optim
-from llmkit.train.guards import StopSignal
+from llmkit.train.guards import StopSignal, loss_scale
 from llmkit.train.hooks import Hooks
 from llmkit.train.meter import Meter, per_rank
 from llmkit.train.position import DataPosition
@@ -133,6 +133,10 @@ def _log(run: Run, model, meter: Meter, scheduler, hooks: Hooks, grad_norm, epoc
                **rates}
     if grad_norm is not None:
         scalars["train/grad_norm"] = float(grad_norm)
+    if run.precision == "fp16":  # the dynamic loss scale's trajectory (the watchdog reads it every step)
+        scale = loss_scale(run.accelerator, model)
+        if scale is not None:
+            scalars["train/loss_scale"] = scale
     run.log_scalars(scalars, step)
     hooks.logged(scalars)
 
