@@ -74,14 +74,15 @@ def _label_words(model_dir: Path, trust_remote_code: bool):
     return explain.load(model_dir, trust_remote_code)
 
 
-def _zero_shot(model_dir: Path, trust_remote_code: bool, template: str, label_words: list[str]):
+def _zero_shot(model_dir: Path, trust_remote_code: bool, template: str, label_words: list[str], max_length: int):
     """A causal LM scoring `label_words` after `template` (with {text}): no run records needed."""
     config = read_json(model_dir / "config.json")
     if not any(a.endswith("ForCausalLM") for a in config.get("architectures") or []):
         raise LlmkitError(f"zero-shot scoring needs a causal LM; '{model_dir}' is {config.get('architectures')}")
     if len(set(label_words)) != len(label_words) or len(label_words) < 2:
         raise LlmkitError(f"--label-words must list at least 2 distinct words, got {label_words}")
-    return explain.load(model_dir, trust_remote_code, prompt_template=template, label_words=label_words)
+    return explain.load(model_dir, trust_remote_code, prompt_template=template, label_words=label_words,
+                        max_length=max_length)  # no run records to name one: --max-length
 
 
 def _classifier_logits(model, tokenizer, texts: list[str], pairs: list[str] | None, max_length: int,
@@ -131,7 +132,7 @@ def eval_export(model_dir: str | Path, source: str, split: str | list[str] = "te
     if precision not in ("fp32", "bf16", "auto"):
         raise LlmkitError(f"--precision must be fp32, bf16 or auto, got {precision!r}")
     dtype = torch.bfloat16 if precision == "bf16" or (precision == "auto" and cpu_has_native_bf16()) else None
-    words = _zero_shot(model_dir, remote, *zero_shot) if zero_shot else _label_words(model_dir, remote)
+    words = _zero_shot(model_dir, remote, *zero_shot, max_length) if zero_shot else _label_words(model_dir, remote)
     if words is None:
         model, tokenizer = _load_classifier(model_dir, remote)
         names = [model.config.id2label[i] for i in range(len(model.config.id2label))]
