@@ -210,3 +210,23 @@ def test_torchao_int8_copy_reloads_with_plain_transformers(tmp_path):
     with torch.no_grad():
         a, b = served(ids).logits, full(ids).logits
     assert (a - b).abs().max() < 0.1 * max(b.abs().max().item(), 1.0)
+
+
+@pytest.mark.slow
+def test_gguf_copy_of_a_text_llama_gives_the_text_perplexity(tmp_path):
+    """A causal LM whose run classifies nothing (no prompt template): its copy is scored by the perplexity of the
+    split's text, the same sum the run's evaluation makes."""
+    import yaml
+
+    final, _ = _tiny_bpe_llama(tmp_path, tied=True)
+    records = yaml.safe_load((final / "training_config.yaml").read_text())
+    for key in ("prompt_template", "label_words", "label_column"):
+        records["data"].pop(key)
+    (final / "training_config.yaml").write_text(yaml.safe_dump(records))
+    got = subprocess.run([sys.executable, "-m", "llmkit.cli", "quantize", str(final), "--to", "gguf-f16"],
+                         capture_output=True, text=True, timeout=600)
+    assert got.returncode == 0, got.stderr[-3000:]
+    numbers = json.loads((tmp_path / "final-gguf-f16" / "quantized.json").read_text())
+    assert numbers["rows"] == 40 and "accuracy" not in numbers["copy"] and "agreement" not in numbers
+    assert numbers["full"]["tokens"] == numbers["copy"]["tokens"] > 40  # the same tokenizer, from the file
+    assert numbers["full"]["perplexity"] > 1 and abs(numbers["perplexity_change"]) < 0.01, numbers

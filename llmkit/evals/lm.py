@@ -13,7 +13,7 @@ from llmkit.evals.gather import gather_split
 from llmkit.metrics import classification_metrics
 
 
-def _token_logprobs(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+def token_logprobs(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sequence sums of target-token log-likelihoods, and target-token counts (targets -100 are skipped)."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
     targets = batch["targets"][:, 1:]
@@ -26,7 +26,7 @@ def _token_logprobs(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
 def score_text(run, model, loader) -> dict[str, float]:
     """Token-level loss and perplexity over a split, exact across ranks (per-row sums gathered without duplicates)."""
     def score(batch: dict) -> dict:
-        logp, count = _token_logprobs(model, {**batch, "targets": batch["labels"]})
+        logp, count = token_logprobs(model, {**batch, "targets": batch["labels"]})
         return {"logp": logp, "count": count}
 
     out = gather_split(run.accelerator, model, loader, score)
@@ -43,7 +43,7 @@ def score_labels(run, model, loader, num_labels: int) -> tuple[dict[str, float],
     Returns the metrics and, per row, the label-word log-likelihoods as "logits" (softmax = the probability
     among the label words), "labels" and "row", in the classifier's prediction-file format."""
     def score(batch: dict) -> dict:
-        logp, count = _token_logprobs(model, batch)
+        logp, count = token_logprobs(model, batch)
         scores, count = logp.view(-1, num_labels), count.view(-1, num_labels)
         gold = batch["labels"]
         picked = torch.arange(len(gold), device=gold.device)

@@ -17,8 +17,9 @@ from llmkit.data import lm
 from llmkit.data.sources import load_labeled, load_raw, one_split
 from llmkit.errors import LlmkitError
 from llmkit.evals.attribution import LabelWords
+from llmkit.evals.lm import token_logprobs
 from llmkit.metrics import classification_metrics
-from llmkit.rundir.layout import Export
+from llmkit.ship.quantize import model_folder
 from llmkit.ship.to_gguf import GGUF_FILE
 
 LATENCY_ROWS = 128  # rows timed one at a time (batch 1); batch 32 is timed over up to 8 batches
@@ -42,6 +43,29 @@ def _full_size(folder: Path) -> dict:
 
 def _size(folder: Path, suffixes: tuple[str, ...]) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and p.name.endswith(suffixes))
+
+
+def _labeled(rows: dict, names: list[str], max_samples: int | None) -> tuple[list[str], list[str] | None, np.ndarray]:
+    """The split's texts (and text pairs) and gold label ids, as `llmkit eval` reads them."""
+    cfg = one_split(rows["source"], rows["split"], names, rows["text_column"], rows.get("text_pair_column"),
+                    rows["label_column"], rows["max_length"], max_samples)
+    data = load_labeled(cfg, seed=0, log=lambda m: None, training=False).rows["validation"]
+    pairs = list(data[rows["text_pair_column"]]) if rows.get("text_pair_column") else None
+    return list(data[rows["text_column"]]), pairs, np.asarray(data["labels"])
+
+
+def _against(out: dict, preds: dict | None, full: Path, copy: Path, suffixes: tuple[str, ...]) -> None:
+    """The copy set against the full model: agreement and score changes (where both classified), sizes."""
+    if preds is not None:
+        out["agreement"] = float((preds["full"] == preds["copy"]).mean())
+        out["accuracy_change"] = out["copy"]["accuracy"] - out["full"]["accuracy"]
+        out["f1_macro_change"] = out["copy"]["f1_macro"] - out["full"]["f1_macro"]
+    out["full"].update(_full_size(full))
+    out["copy"]["bytes"] = _size(copy, suffixes)
+    if not out["copy"]["bytes"]:
+        raise LlmkitError(f"the {out['format']} copy in {copy} holds no weights")
+    out["size_ratio"] = out["full"]["bytes"] / out["copy"]["bytes"]
+    out["size_ratio_to_fp32"] = 4 * out["full"]["parameters"] / out["copy"]["bytes"]
 
 
 def _onnx_predictor(folder: Path, threads: int):
@@ -100,12 +124,7 @@ def score_classifier(ask: dict) -> dict:
     reference = _torch_predictor(full, threads)
     config = AutoConfig.from_pretrained(full)
     names = [config.id2label[i] for i in range(len(config.id2label))]
-    cfg = one_split(rows["source"], rows["split"], names, rows["text_column"], rows.get("text_pair_column"),
-                    rows["label_column"], rows["max_length"], ask.get("max_samples"))
-    data = load_labeled(cfg, seed=0, log=lambda m: None, training=False).rows["validation"]
-    texts = list(data[rows["text_column"]])
-    pairs = list(data[rows["text_pair_column"]]) if rows.get("text_pair_column") else None
-    gold = np.asarray(data["labels"])
+    texts, pairs, gold = _labeled(rows, names, ask.get("max_samples"))
     tokenizer = AutoTokenizer.from_pretrained(copy)
     served = {"onnx-int8": _onnx_predictor}[ask["format"]](copy, threads)
     out = {"format": ask["format"], "split": rows["split"], "source": rows["source"], "rows": len(texts),
@@ -117,33 +136,24 @@ def score_classifier(ask: dict) -> dict:
         m = classification_metrics(preds[side].tolist(), gold.tolist(), len(names))
         out[side] = {"accuracy": m["accuracy"], "f1_macro": m["f1_macro"],
                      "ms_per_row_batch_1": 1000 * seconds["batch_1"], "ms_per_row_batch_32": 1000 * seconds["batch_32"]}
-    out["full"].update(_full_size(full))
-    out["copy"]["bytes"] = _size(copy, (".onnx", ".onnx.data", ".data"))
-    if not out["copy"]["bytes"]:
-        raise LlmkitError(f"the {ask['format']} copy in {copy} holds no weights")
-    out["agreement"] = float((preds["full"] == preds["copy"]).mean())
-    out["accuracy_change"] = out["copy"]["accuracy"] - out["full"]["accuracy"]
-    out["f1_macro_change"] = out["copy"]["f1_macro"] - out["full"]["f1_macro"]
-    out["size_ratio"] = out["full"]["bytes"] / out["copy"]["bytes"]
-    out["size_ratio_to_fp32"] = 4 * out["full"]["parameters"] / out["copy"]["bytes"]
+    _against(out, preds, full, copy, (".onnx", ".onnx.data", ".data"))
     out["speedup_batch_1"] = out["full"]["ms_per_row_batch_1"] / out["copy"]["ms_per_row_batch_1"]
     out["speedup_batch_32"] = out["full"]["ms_per_row_batch_32"] / out["copy"]["ms_per_row_batch_32"]
     return out
 
 
 def _text_nll(model, tokenizer, texts: list[str], max_length: int) -> tuple[float, int]:
-    """Summed next-token negative log-likelihood of the texts (each cut to max_length tokens), and the tokens."""
+    """Summed next-token negative log-likelihood of the texts (each cut to max_length tokens), and the tokens, as
+    the run's own evaluation sums them (evals.lm.token_logprobs)."""
     import torch
 
     total, count = 0.0, 0
     for lo in range(0, len(texts), 8):
         enc = tokenizer(texts[lo:lo + 8], truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+        targets = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, lm.IGNORE)
         with torch.inference_mode():
-            logits = model(**enc).logits[:, :-1].float()
-        targets = enc["input_ids"][:, 1:].masked_fill(enc["attention_mask"][:, 1:] == 0, -100)
-        total += float(torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100,
-                                                         reduction="sum"))
-        count += int((targets != -100).sum())
+            logp, tokens = token_logprobs(model, {**enc, "targets": targets})
+        total, count = total - float(logp.sum()), count + int(tokens.sum())
     return total, count
 
 
@@ -155,7 +165,7 @@ def score_causal_lm(ask: dict) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     rows, copy = ask["rows"], Path(ask["copy"])
-    full = Export(Path(ask["full"])).merged if Export(Path(ask["full"])).merged.is_dir() else Path(ask["full"])
+    full = model_folder(Path(ask["full"]))
     torch.set_num_threads(_threads())
     # a GGUF is read (and dequantized) by transformers' GGUF reader; a torchao copy loads as saved
     gguf = {"gguf_file": GGUF_FILE, "dtype": torch.float32} if ask["format"].startswith("gguf-") else {}
@@ -167,11 +177,7 @@ def score_causal_lm(ask: dict) -> dict:
     if rows.get("prompt_template"):  # label words: classify, and the gold words' perplexity
         names = rows["label_names"]
         words = rows.get("label_words") or names
-        cfg = one_split(rows["source"], rows["split"], names, rows["text_column"], rows.get("text_pair_column"),
-                        rows["label_column"], rows["max_length"], ask.get("max_samples"))
-        data = load_labeled(cfg, seed=0, log=lambda m: None, training=False).rows["validation"]
-        texts, gold = list(data[rows["text_column"]]), np.asarray(data["labels"])
-        pairs = list(data[rows["text_pair_column"]]) if rows.get("text_pair_column") else None
+        texts, pairs, gold = _labeled(rows, names, ask.get("max_samples"))
         preds = {}
         for side, (model, tok) in sides.items():
             subject = LabelWords(model, tok, rows["prompt_template"], list(words), names, rows["max_length"])
@@ -185,11 +191,9 @@ def score_causal_lm(ask: dict) -> dict:
             nll = -scores[np.arange(len(gold)), gold].sum() / tokens.sum()
             out[side] = {"accuracy": m["accuracy"], "f1_macro": m["f1_macro"], "perplexity": float(np.exp(nll)),
                          "ms_per_row": 1000 * seconds / len(texts)}
-        out["agreement"] = float((preds["full"] == preds["copy"]).mean())
-        out["accuracy_change"] = out["copy"]["accuracy"] - out["full"]["accuracy"]
-        out["f1_macro_change"] = out["copy"]["f1_macro"] - out["full"]["f1_macro"]
         out["rows"] = len(texts)
     else:
+        preds = None
         raw = load_raw(one_split(rows["source"], rows["split"], [], rows["text_column"], None, "label", 2, None))
         texts = [t for t in raw[rows["split"]][rows["text_column"]] if isinstance(t, str) and t.strip()]
         texts = texts[:ask.get("max_samples") or len(texts)]
@@ -200,10 +204,7 @@ def score_causal_lm(ask: dict) -> dict:
                          "ms_per_row": 1000 * (time.perf_counter() - start) / len(texts)}
         out["rows"] = len(texts)
     out["perplexity_change"] = out["copy"]["perplexity"] / out["full"]["perplexity"] - 1
-    out["full"].update(_full_size(full))
-    out["copy"]["bytes"] = _size(copy, (".gguf", ".safetensors"))
-    out["size_ratio"] = out["full"]["bytes"] / out["copy"]["bytes"]
-    out["size_ratio_to_fp32"] = 4 * out["full"]["parameters"] / out["copy"]["bytes"]
+    _against(out, preds, full, copy, (".gguf", ".safetensors"))
     return out
 
 
