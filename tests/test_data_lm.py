@@ -193,6 +193,28 @@ def test_label_words_cut_the_text_never_the_word(tok, tmp_path):
         fit_prompt(tok, "is this {text}", long_text, "positive", max_length=8)
 
 
+def test_label_words_of_different_lengths_are_scored_after_one_prompt(tok, tmp_path):
+    """The run's evaluation and every command render a label-word prompt through one function: a long text is cut
+    once, so that it fits after the longest word, and every word is scored after the same prompt tokens (cutting
+    per word gave the 1-token word a longer prompt than the 4-token one)."""
+    from types import SimpleNamespace
+
+    from llmkit.data.lm import fit_text, label_candidates
+
+    words = ["bad", "this film is good"]
+    cfg = SimpleNamespace(prompt_template="is this {text}", max_length=24)
+    long_text = " ".join(["good"] * 40)
+    got = label_candidates(tok, cfg, words, long_text)
+    prompts = []
+    for cand, target in zip(got["candidates"], got["targets"]):
+        first = next(i for i, t in enumerate(target) if t != IGNORE)
+        prompts.append(cand[:first])
+        assert len(cand) <= 24
+    assert prompts[0] == prompts[1]
+    # the commands' scorer (evals.attribution.LabelWords) renders through the same function
+    assert [e["input_ids"] for e in fit_text(tok, cfg.prompt_template, long_text, words, 24)[1]] == got["candidates"]
+
+
 def test_label_words_errors(tok, tmp_path):
     from llmkit.data.lm import prepare
 

@@ -143,17 +143,20 @@ def _tiny_bpe_llama(root, tied: bool):
 def test_gguf_copy_of_a_label_word_llama(tmp_path, fmt, tied):
     """`llmkit quantize final --to gguf-*` on a Llama label-word export: model.gguf beside it that transformers'
     GGUF reader loads (model and tokenizer from the file alone), with the full model's tokens and nearly its
-    logits; the label words classify the run's rows as the full model does."""
+    logits; the label words classify the run's rows as the full model does. With --data (the f16 case) the rows
+    are the user's, still scored by the run's label words (was: the text's perplexity, silently)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     final, tok = _tiny_bpe_llama(tmp_path, tied)
-    got = subprocess.run([sys.executable, "-m", "llmkit.cli", "quantize", str(final), "--to", fmt],
-                         capture_output=True, text=True, timeout=600)
+    rows = ["--data", "data", "--split", "test"] if fmt == "gguf-f16" else []  # relative, from the user's folder
+    got = subprocess.run([sys.executable, "-m", "llmkit.cli", "quantize", str(final), "--to", fmt, *rows],
+                         capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert got.returncode == 0, got.stderr[-3000:]
     copy = tmp_path / f"final-{fmt}"
     assert sorted(p.name for p in copy.iterdir()) == ["model.gguf", "quantized.json"]
     numbers = json.loads((copy / "quantized.json").read_text())
+    assert "accuracy" in numbers["copy"] and "f1_macro" in numbers["full"], numbers
     assert numbers["rows"] == 40 and numbers["agreement"] >= (1.0 if fmt == "gguf-f16" else 0.9), numbers
     assert abs(numbers["perplexity_change"]) < (0.01 if fmt == "gguf-f16" else 0.05), numbers
     served = AutoModelForCausalLM.from_pretrained(copy, gguf_file="model.gguf", dtype=torch.float32).eval()

@@ -35,8 +35,9 @@ def fit_prompt(tokenizer, template: str, text: str, response: str, max_length: i
 
 def fit_text(tokenizer, template: str, text: str, responses: list[str], max_length: int,
              text_pair: str | None = None) -> tuple[str, list[dict]]:
-    """The text as it lands in the prompt, cut to fit after every response (label_candidates cuts it per
-    response, so a text cut for one label word only gets a shorter prompt there), and one example per response."""
+    """The one rendering of a label-word prompt (the run's evaluation and every command score through it): the
+    text as it lands in the prompt, cut once so that it fits after every response, and one example per response.
+    Cutting per response would score label words of different token lengths after different prompts."""
     cut = min((_fit(tokenizer, template, text, r, max_length, text_pair)[0] for r in responses), key=len)
     return cut, [_fit(tokenizer, template, cut, r, max_length, text_pair)[1] for r in responses]
 
@@ -62,7 +63,7 @@ def _fit(tokenizer, template: str, text: str, response: str, max_length: int, te
 
 def label_candidates(tokenizer, cfg, words: list[str], text: str, text_pair: str | None = None) -> dict:
     """One rendered sequence per label word for the same prompt, and the response-token targets of each."""
-    examples = [fit_prompt(tokenizer, cfg.prompt_template, text, w, cfg.max_length, text_pair) for w in words]
+    examples = fit_text(tokenizer, cfg.prompt_template, text, words, cfg.max_length, text_pair)[1]
     return {"candidates": [e["input_ids"] for e in examples], "targets": [e["labels"] for e in examples]}
 
 

@@ -70,6 +70,21 @@ def rows_of_run(model_dir: Path) -> dict:
             "prompt_template": data.get("prompt_template"), "label_words": data.get("label_words")}
 
 
+def rows_given(model_dir: Path, given: dict) -> dict:
+    """Rows named by the command's flags, read as the run read its own: a label-word run's prompt template, label
+    words and label names go with them, so its copy is scored by label-word accuracy and agreement, as the run
+    was, never silently by the text's perplexity instead."""
+    cfg, metrics = explain.run_records(model_dir)
+    data = cfg.get("data") or {}
+    if not data.get("prompt_template"):
+        return dict(given)
+    if not metrics.get("label_names"):
+        raise LlmkitError(f"{model_dir} is a label-word run's export without the label names its metrics.json "
+                          "records: score it without --data (the run's own split), or re-export the run")
+    return {**given, "label_names": metrics["label_names"], "prompt_template": data["prompt_template"],
+            "label_words": data.get("label_words")}
+
+
 def _write_onnx_int8(model_dir: Path, out: Path) -> None:
     import torch
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -134,7 +149,7 @@ def quantize(model_dir: str | Path, name: str, rows: dict | None = None, max_sam
     model_dir = fresh.absolute(model_dir)
     check(model_dir, [name])
     check_export_weights(model_dir)
-    rows = dict(rows or rows_of_run(model_dir))
+    rows = rows_given(model_dir, rows) if rows else rows_of_run(model_dir)
     if Path(rows["source"]).expanduser().exists():  # a local path, read by the scoring process in another folder
         rows["source"] = str(fresh.absolute(rows["source"]))
     check_splits(rows["source"], [rows["split"]])
