@@ -1,9 +1,10 @@
-"""Predicted vs measured peak memory per rank (issue 24): the "total at peak" the preflight logs for a run against
-the peak resident memory each rank reports in metrics.json (train.per_rank.peak_memory_bytes: RSS on CPU,
-torch.cuda.max_memory_allocated on a GPU), for short real runs of the shipped recipes on 2 ranks: the MiniLM
-classifier, SmolLM2 with LoRA (label words) and SmolLM2 full (packed text), ZeRO-2 and ZeRO-3, with and without
-gradient checkpointing; and host memory at load (the table's "host at load") against each rank's peak before
-the first step (train.per_rank.load_host_peak_bytes). Appends one JSON line per row to
+"""Predicted vs measured peak memory per rank (issue 24): the "live at peak" the preflight logs for a run (named
+"total at peak" before issue 46) against the peak each rank reports in metrics.json (train.per_rank.
+peak_memory_bytes, held: RSS on CPU, reserved on a GPU; and since issue 46 live_peak_bytes, the live peak the
+estimate predicts, recorded as measured_live_gib_per_rank), for short real runs of the shipped recipes on 2
+ranks: the MiniLM classifier, SmolLM2 with LoRA (label words) and SmolLM2 full (packed text), ZeRO-2 and
+ZeRO-3, with and without gradient checkpointing; and host memory at load (the table's "host at load") against
+each rank's peak before the first step (train.per_rank.load_host_peak_bytes). Appends one JSON line per row to
 bench/results/memory_predict.jsonl and skips rows already measured on this host with this allocator.
 
 The estimate is at data.max_length, so the rows are made to reach it: each row of the bench's data is 8
@@ -128,7 +129,10 @@ def measure(name: str, steps: int, allocator: str) -> dict:
     phases = {f"measured_{phase}_gib_per_rank": [round(b / GIB, 3) for b in train["per_rank"][key]]
               for phase, key in (("load", "load_host_peak_bytes"), ("train", "train_peak_bytes"))
               if key in train["per_rank"]}
-    predicted = float(terms["total at peak"])
+    predicted = float(terms.get("live at peak") or terms["total at peak"])
+    if any(b is not None for b in train["per_rank"].get("live_peak_bytes", [])):
+        phases["measured_live_gib_per_rank"] = [None if b is None else round(b / GIB, 3)
+                                                for b in train["per_rank"]["live_peak_bytes"]]
     return {"row": name, "host": _host(), "allocator": allocator, "data": "8 polarity sentences a row",
             "steps": steps, "precision": train["precision"],
             "zero_stage": train["zero_stage"], "predicted_gib": predicted,

@@ -153,15 +153,9 @@ def activation_bytes(shape: Shape, batch: int, seq: int, w: int, adapters: Adapt
     return float(tokens) * (layers + outside_layers(shape, w, adapters))
 
 
-def of_run(config, lora, batch: int, seq: int, w: int, checkpointing: bool = False, padded: bool = True,
-           device: str = "cpu", attention: str = "sdpa") -> float:
-    """activation_bytes for a transformers config and llmkit's lora settings (a LoraConfig, or None / disabled:
-    full fine-tuning); 0 when the config does not name its sizes."""
-    shape = shape_of(config)
-    if shape is None:
-        return 0.0
-    adapters = None
-    if lora is not None and lora.enabled:
-        targets = lora_targets(lora, config.model_type)
-        adapters = Adapters(lora.r, lora.dropout, ALL_LINEAR if targets == "all-linear" else frozenset(targets))
-    return activation_bytes(shape, batch, seq, w, adapters, checkpointing, padded, device, attention)
+def adapters_of(lora, model_type: str) -> Adapters | None:
+    """The Adapters of llmkit's lora settings (a LoraConfig) for a model type; None when LoRA is off."""
+    if lora is None or not lora.enabled:
+        return None
+    targets = lora_targets(lora, model_type)
+    return Adapters(lora.r, lora.dropout, ALL_LINEAR if targets == "all-linear" else frozenset(targets))

@@ -12,9 +12,7 @@ import time
 from collections.abc import Callable
 
 from llmkit import fresh  # fresh.absolute: every folder argument, as some work on it runs in a fresh process
-from llmkit.errors import LlmkitError
-
-USER_ERROR = 2  # the exit code of a mistake the user can fix (argparse's too)
+from llmkit.errors import USER_ERROR, LlmkitError
 
 
 def is_main_rank() -> bool:
@@ -71,33 +69,6 @@ def _leave_process_group() -> None:
         dist.destroy_process_group()
 
 
-def launch(argv: list[str]) -> None:
-    """`llmkit launch ARGS`: `accelerate launch ARGS` (the same arguments, Accelerate's own launcher), except that a
-    run stopped by a user error exits 2 after its one `llmkit: error:` line, without the launcher's traceback.
-    Accelerate's launcher re-raises every child failure (ChildFailedError, exit 1) and has no option to do
-    otherwise; a failure that is not a user error (a bug, a crash, a signal) is re-raised here unchanged."""
-    import subprocess
-
-    from accelerate.commands.launch import launch_command, launch_command_parser
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-
-    args = launch_command_parser().parse_args(argv)
-    try:
-        launch_command(args)
-    except ChildFailedError as exc:
-        # a user error: some rank exited 2 with its llmkit line; every other failed rank exited 2 too (the same
-        # error, reported once) or was stopped by the launcher's SIGTERM (a negative exit code is a signal)
-        failures = exc.failures.values()
-        said = any(f.exitcode == USER_ERROR and str(f.message).startswith("llmkit: error") for f in failures)
-        if not said or any(f.exitcode not in (USER_ERROR, -signal.SIGTERM) for f in failures):
-            raise
-        sys.exit(USER_ERROR)
-    except subprocess.CalledProcessError as exc:  # one process: the child printed its line already
-        if exc.returncode != USER_ERROR:
-            raise
-        sys.exit(USER_ERROR)
-
-
 def recipe_args(argv: list[str] | None = None) -> tuple[str | None, list[str]]:
     """`--config FILE` plus `--section.key value` overrides, as the recipes take them."""
     parser = argparse.ArgumentParser(description="llmkit recipe: --config FILE [--section.key VALUE ...]")
@@ -113,33 +84,9 @@ def _assets(_: argparse.Namespace) -> None:
 
 
 def _estimate_memory(args: argparse.Namespace) -> None:
-    from llmkit import activations, memory, model
-    from llmkit.config import LoraConfig, ModelConfig
-    from llmkit.parallel import auto_reduce_bucket
+    from llmkit.commands.estimate_memory import main
 
-    cfg = ModelConfig(name_or_path=args.model, trust_remote_code=args.trust_remote_code)
-    lora = LoraConfig(enabled=True, r=args.lora_r, load_in_4bit=args.qlora) if args.lora_r else None
-    if args.lora_r < 0:
-        raise LlmkitError(f"--lora-r must be >= 1 (or 0: no LoRA), got {args.lora_r}")
-    if args.qlora and not args.lora_r:
-        raise LlmkitError("--qlora trains LoRA adapters on the 4-bit base: give --lora-r too")
-    if (args.batch_size or args.seq_len) and not (args.batch_size > 0 and args.seq_len > 0):
-        raise LlmkitError("--batch-size and --seq-len go together, both >= 1 (tokens of one micro-batch)")
-    sizes = model.model_sizes(cfg, causal_lm=args.task == "causal-lm", lora=lora)
-    offload = {"none": (False, False), "optimizer": (True, False), "params": (False, True), "both": (True, True)}
-    opt, par = offload[args.offload]
-    # the reduce bucket as llmkit fills "auto" in the shipped ds_configs (contiguous gradients, no overlap)
-    config = model.read_config(cfg)
-    zero = {"stage": args.zero_stage, "reduce_bucket_size": auto_reduce_bucket(model.hidden_size(config))}
-    est = memory.estimate(sizes.params, args.zero_stage, args.num_gpus, args.precision, opt, par,
-                          sizes.largest_trainable, bucket_bytes=memory.bucket_bytes(zero, args.precision),
-                          trainable=sizes.trainable, frozen_bytes=0.5 if args.qlora else None)
-    if args.batch_size:  # a training micro-batch: its activations (and a causal LM's loss)
-        est.activation_bytes = activations.of_run(config, lora, args.batch_size, args.seq_len,
-                                                  memory.width(args.precision), args.gradient_checkpointing)
-        if args.task == "causal-lm":
-            est.logits_bytes = memory.logits_bytes(args.batch_size * args.seq_len, config.vocab_size, args.precision)
-    print(est.table())
+    main(args)
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -167,16 +114,17 @@ def _report(args: argparse.Namespace) -> None:
 
 def _eval(args: argparse.Namespace) -> None:
     from llmkit.commands.eval_model import eval_export
+    from llmkit.data.scored import parse_label_map
+    from llmkit.metrics import scores_line
 
     if bool(args.zero_shot) != bool(args.prompt_template and args.label_words):
         raise LlmkitError("--zero-shot goes with --prompt-template and --label-words (and they only with it)")
     zero_shot = (args.prompt_template, args.label_words) if args.zero_shot else None
     got = eval_export(args.model_dir, args.data, args.split, args.output, args.text_column, args.text_pair_column,
                       args.label_column, args.max_length, args.batch_size, args.max_samples, args.trust_remote_code,
-                      zero_shot, tuple(args.keep_columns), args.precision)
+                      zero_shot, tuple(args.keep_columns), args.precision, parse_label_map(args.label_map))
     for split, m in got["splits"].items():
-        print(f"{split}: accuracy {m['accuracy']:.4f}  f1 {m['f1']:.4f}  f1_macro {m['f1_macro']:.4f}  "
-              f"({m['samples']} rows)")
+        print(f"{split}: {scores_line(m, got['label_names'])}")
     print(f"report: {got['report']}")
 
 
@@ -184,12 +132,16 @@ def _scored_rows(parser: argparse.ArgumentParser, required: bool = True) -> None
     """The options of `llmkit eval`, `compare` and `quantize` that say which rows are scored and how they are read."""
     parser.add_argument("--data", required=required, help="Hub id, local folder, asset:<name>, or one csv/json/jsonl "
                         "file" + ("" if required else " (default: the run's evaluation split)"))
-    parser.add_argument("--text-column", default="text")
-    parser.add_argument("--text-pair-column")
-    parser.add_argument("--label-column", default="label")
-    parser.add_argument("--max-length", type=int, default=512)
+    run = " (default: the run's data setting, else %s)"
+    parser.add_argument("--text-column", help="the text column" + run % "text")
+    parser.add_argument("--text-pair-column", help="the second text of a pair" + run % "none")
+    parser.add_argument("--label-column", help="the label column" + run % "label")
+    parser.add_argument("--max-length", type=int, help="texts are cut at this many tokens" + run % "512")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--max-samples", type=int)
+    parser.add_argument("--label-map", nargs="+", metavar="DATA=MODEL", help="which model label each of the data's "
+                        "labels is, e.g. 0=negative 1=positive (needed where the data's ids or names are not the "
+                        "model's)")
 
 
 def _precision(parser: argparse.ArgumentParser) -> None:
@@ -255,23 +207,43 @@ def _config(args: argparse.Namespace) -> None:
         print(docs.listing(), end="")
 
 
+def _train(args: argparse.Namespace) -> None:
+    from llmkit.commands.launcher import train
+
+    train(args)
+
+
+def _recipes(_: argparse.Namespace) -> None:
+    from llmkit.commands.launcher import listing
+
+    print(listing(), end="")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `llmkit` console script (argv None: the whole process; tests pass their argv)."""
     whole = argv is None
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["launch"]:  # every further argument is Accelerate's
-        launch(argv[1:])
+        from llmkit.commands.launcher import launch
+
+        guarded(lambda: launch(argv[1:]))
         return
     parser = argparse.ArgumentParser(prog="llmkit", description="llmkit command line")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("launch", help="accelerate launch with the same arguments; a user error exits 2 with its one "
                    "line, without the launcher's traceback")
     sub.add_parser("assets", help="install the offline model and data assets (idempotent)").set_defaults(fn=_assets)
-    est = sub.add_parser("estimate-memory", help="per-device bytes of params, grads and Adam states under ZeRO "
-                         "(paper formulas and DeepSpeed's gradient peak)")
+    est = sub.add_parser("estimate-memory", help="per-device memory of a run at these settings: the estimate its "
+                         "preflight makes and checks (ZeRO formulas, DeepSpeed's peak, activations)")
     est.add_argument("--model", required=True, help="Hub id, local dir or asset:<name> (only its config is read)")
     est.add_argument("--zero-stage", type=int, required=True, choices=[0, 1, 2, 3])
     est.add_argument("--num-gpus", type=int, default=1, help="data-parallel devices in all")
+    est.add_argument("--device", choices=["gpu", "cpu"], default="gpu", help="what the ranks run on: the activations' "
+                     "kernels, and on a CPU the runtime and offloaded states count in the same memory")
+    est.add_argument("--no-deepspeed", action="store_true", help="plain data parallel (torch DDP), with --zero-stage 0")
+    est.add_argument("--deepspeed-config", help="the run's DeepSpeed JSON (default: ds_configs/zero<stage>.json)")
+    est.add_argument("--no-zero3-init", action="store_true", help="ZeRO-3 loads whole on every rank "
+                     "(zero3_init_flag false): the host-at-load line")
     est.add_argument("--offload", choices=["none", "optimizer", "params", "both"], default="none")
     est.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default="bf16")
     est.add_argument("--task", choices=["classification", "causal-lm"], default="classification")
@@ -280,8 +252,12 @@ def main(argv: list[str] | None = None) -> None:
                      "defaults for the architecture): only they, and a classifier's head, are trained")
     est.add_argument("--qlora", action="store_true", help="with --lora-r: the frozen base in 4-bit NF4")
     est.add_argument("--batch-size", type=int, default=0, help="with --seq-len: rows per micro-batch on each device, "
-                     "to add the activations (padded rows: an upper bound) and a causal LM's loss over the vocabulary")
+                     "to add the activations, a causal LM's loss over the vocabulary and its evaluation batch")
     est.add_argument("--seq-len", type=int, default=0, help="with --batch-size: tokens per row (data.max_length)")
+    est.add_argument("--eval-batch-size", type=int, default=0, help="rows per evaluation batch (train.eval_batch_size; "
+                     "default: its config default): a causal LM scores them over the vocabulary")
+    est.add_argument("--padded", action="store_true", help="causal-lm: prompt/response rows padded with a mask "
+                     "(default: text packed into blocks)")
     est.add_argument("--gradient-checkpointing", action="store_true", help="activations as under "
                      "model.gradient_checkpointing: each layer's input and one layer recomputed")
     est.set_defaults(fn=_estimate_memory)
@@ -368,11 +344,14 @@ def main(argv: list[str] | None = None) -> None:
                      "data.prompt_template, from training_config.yaml beside the model)")
     exp.add_argument("--label-words", nargs="+", help="a causal LM's label words, in label order (default: the run's)")
     exp.add_argument("--max-length", type=int, help="the longest prompt in tokens (default: the run's data.max_length)")
-    exp.add_argument("--steps", type=int, default=16, help="integration steps (more: smaller delta, slower)")
+    exp.add_argument("--steps", type=int, default=16, help="integration steps to start at (more: smaller delta, "
+                     "slower); a text whose delta is over 5%% of what it explains is redone with twice as many")
+    exp.add_argument("--max-steps", type=int, default=256, help="the most steps a text is raised to; a text still "
+                     "over 5%% there is flagged (--max-steps equal to --steps: never raised)")
     exp.add_argument("--trust-remote-code", action="store_true", help="run the model folder's own Python code")
     exp.set_defaults(fn=_explain)
     qnt = sub.add_parser("quantize", help="quantized copies of an export beside it (e.g. final-onnx-int8/), each "
-                         "scored against the full model by the runtime that serves it")
+                         "scored against the full model (a GGUF by transformers' GGUF reader, not llama.cpp)")
     qnt.add_argument("model_dir", type=fresh.absolute, help="an exported model folder, e.g. <run>/final")
     qnt.add_argument("--to", nargs="+", required=True, help="onnx-int8 (classifiers), gguf-f16, gguf-q8_0 (Llama LMs), "
                      "torchao-int8 (causal LMs)")
@@ -385,8 +364,18 @@ def main(argv: list[str] | None = None) -> None:
     conf.add_argument("--recipe", choices=["classification", "causal_lm"], default="classification",
                       help="the recipe the starter is for (default: classification)")
     conf.set_defaults(fn=_config)
+    run = sub.add_parser("train", help="run a recipe under accelerate launch from any folder, each file a path or a "
+                         "name llmkit ships; any further --section.key value overrides the config")
+    run.add_argument("recipe", help="classification, causal_lm, or a recipe script")
+    run.add_argument("--config", help="the recipe config: a YAML file or a shipped config's name")
+    run.add_argument("--accelerate-config", help="a file or a shipped name, e.g. cpu_zero2 (default: Accelerate's own)")
+    run.add_argument("--num-processes", type=int, help="processes in all (default: the Accelerate config's)")
+    run.add_argument("--main-process-port", type=int, help="rank 0's port (default: the Accelerate config's)")
+    run.set_defaults(fn=_train)
+    sub.add_parser("recipes", help="the recipes, recipe configs, Accelerate and DeepSpeed configs llmkit ships, by "
+                   "name").set_defaults(fn=_recipes)
     args, rest = parser.parse_known_args(argv)
-    if rest and args.command != "validate":
+    if rest and args.command not in ("validate", "train"):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     args.overrides = rest
     guarded(lambda: args.fn(args), end=whole)

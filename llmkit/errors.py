@@ -1,5 +1,7 @@
 """The one error type for mistakes a user can fix (config, data, paths, hardware)."""
 
+USER_ERROR = 2  # the exit code of a mistake the user can fix (argparse's too)
+
 
 class LlmkitError(Exception):
     """A problem with the user's input; the message names what is wrong and how to fix it. `on_every_rank`: every

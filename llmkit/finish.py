@@ -10,6 +10,7 @@ from pathlib import Path
 
 from llmkit.evals import explain
 from llmkit.evals.classification import write_predictions
+from llmkit.metrics import averaging, scores_line
 from llmkit.report import pages
 from llmkit.ship import hub, quantize
 from llmkit.train.loop import EvalFn
@@ -31,7 +32,7 @@ def finish(run: Run, fitted: dict, eval_loaders: dict, task: Task, uploader=None
     acc, cfg, net, summary = run.accelerator, run.cfg, fitted["model"], fitted["summary"]
 
     # evaluate the final model on every split; the eval fit made at its last step scored this very model
-    labels = {"label_names": task.label_names} if task.label_names else {}
+    labels = {"label_names": task.label_names, **averaging(task.label_names)} if task.label_names else {}
     results, outputs = {"train": summary, **labels, **task.results}, {}
     last = fitted.get("last_eval") or {}
     for name, loader in eval_loaders.items():
@@ -46,14 +47,15 @@ def finish(run: Run, fitted: dict, eval_loaders: dict, task: Task, uploader=None
     # export, verified by a reload with plain transformers / peft
     final = task.export(net, results, outputs)
     for name in eval_loaders:
-        run.log(f"{name}: " + _scores(results[name]))
+        run.log(f"{name}: " + scores_line(results[name], task.label_names))
     run.log(f"export: {final}  (train {summary['train_seconds']} s)")
 
     # why it said that: the export, on rank 0 (a failure there reaches every rank)
     if task.label_names and cfg.output.explain_rows:
         split = "test" if "test" in eval_loaders else "validation"
         run.main_first(lambda: explain.for_run(run.run_dir, split, cfg.output.explain_rows, cfg.train.seed,
-                                               trust_remote_code=cfg.model.trust_remote_code, log=run.log),
+                                               trust_remote_code=cfg.model.trust_remote_code, log=run.log,
+                                               max_steps=cfg.output.explain_max_steps),
                        others=False)
 
     # quantized copies beside the export, each scored against it by its runtime (rank 0, fresh processes)
@@ -64,12 +66,3 @@ def finish(run: Run, fitted: dict, eval_loaders: dict, task: Task, uploader=None
     # the report, then the push
     pages.write_for_run(run)
     run.finish(skipped=hub.push_run(run, uploader))
-
-
-def _scores(m: dict) -> str:
-    shown = [f"accuracy {m['accuracy']:.4f}  f1 {m['f1']:.4f}"] if "accuracy" in m else []
-    if "perplexity" in m:
-        shown.append(f"loss {m['loss']:.4f}  perplexity {m['perplexity']:.2f}")
-    if "samples" in m:
-        shown.append(f"({m['samples']} rows)")
-    return "  ".join(shown)

@@ -266,6 +266,7 @@ class Sizes:
     largest: int  # elements of the largest single parameter
     trainable: int  # those that get gradients and optimizer states (LoRA: adapters and modules_to_save heads)
     largest_trainable: int
+    quantized: int = 0  # elements QLoRA stores in 4 bits: the nn.Linear weights transformers hands bitsandbytes
 
 
 def model_sizes(cfg: ModelConfig, causal_lm: bool = False, lora: LoraConfig | None = None) -> Sizes:
@@ -278,12 +279,26 @@ def model_sizes(cfg: ModelConfig, causal_lm: bool = False, lora: LoraConfig | No
     auto = AutoModelForCausalLM if causal_lm else AutoModelForSequenceClassification
     with torch.device("meta"):
         model = auto.from_config(config, trust_remote_code=cfg.trust_remote_code)
+        quantized = _quantized_elements(model)
         if lora is not None and lora.enabled:
             model = apply_lora(model, lora, "CAUSAL_LM" if causal_lm else "SEQ_CLS")
     sizes = [(p.numel(), p.requires_grad) for p in model.parameters()]  # tied weights are yielded once
     trained = [n for n, grad in sizes if grad]
     return Sizes(sum(n for n, _ in sizes), max((n for n, _ in sizes), default=0), sum(trained),
-                 max(trained, default=0))
+                 max(trained, default=0), quantized)
+
+
+def _quantized_elements(model) -> int:
+    """Weight elements transformers' bitsandbytes quantizer makes 4-bit: each nn.Linear (and Conv1D) but those it
+    keeps in the compute dtype (get_keys_to_not_convert: output embeddings, tied weights, the last module)."""
+    import torch
+    from transformers.pytorch_utils import Conv1D
+    from transformers.quantizers.base import get_keys_to_not_convert
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    skip = get_keys_to_not_convert(model) + list(getattr(model, "_keep_in_fp32_modules", None) or [])
+    return sum(module.weight.numel() for name, module in model.named_modules()
+               if (type(module) is torch.nn.Linear or isinstance(module, Conv1D)) and should_convert_module(name, skip))
 
 
 # LoRA targets per architecture: every projection of attention and MLP, the usual strong default

@@ -10,8 +10,9 @@ import math
 import os
 from pathlib import Path
 
+from llmkit import shipped
 from llmkit.config import Config
-from llmkit.config.typed import read_yaml
+from llmkit.config.typed import flatten, read_yaml
 from llmkit.errors import LlmkitError
 from llmkit.precision import ACCELERATE_PRECISION
 
@@ -54,10 +55,30 @@ def uses_deepspeed(cfg: Config) -> bool:
     return _deepspeed_source(cfg) is not None
 
 
+# where a launcher's DeepSpeed path comes from, and what to do when it is not found
+LAUNCHED = ("deepspeed_config_file of the Accelerate config given to `accelerate launch`, which hands it on as "
+            "written (ACCELERATE_DEEPSPEED_CONFIG_FILE), so it is read against the current folder")
+LAUNCHED_FIX = ("Launch with `llmkit launch` (the same arguments) or `llmkit train`, which read it against the "
+                "Accelerate config that names it; or write it there as an absolute path or a shipped name ({names})")
+
+
+def _deepspeed_file(cfg: Config) -> str | None:
+    """The DeepSpeed JSON of the run as a path that exists (the config's, else the launcher's), or None."""
+    if cfg.deepspeed.config_file:
+        if cfg.deepspeed.config_file == "none":
+            return None
+        return str(shipped.find(cfg.deepspeed.config_file, "deepspeed", named_by="deepspeed.config_file"))
+    raw = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
+    if raw in ("", "none"):
+        return None
+    fix = LAUNCHED_FIX.format(names=", ".join(shipped.names("deepspeed")))
+    return str(shipped.find(raw, "deepspeed", named_by=LAUNCHED, fix=fix))
+
+
 def _deepspeed_source(cfg: Config) -> tuple[dict, str] | None:
     """The DeepSpeed JSON (and where it came from), or None when the run does not use DeepSpeed."""
-    path = cfg.deepspeed.config_file or os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
-    if path and path != "none":
+    path = _deepspeed_file(cfg)
+    if path:
         try:
             return _check_json_shape(json.loads(Path(path).read_text()), path), path
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -113,10 +134,11 @@ def _check_json_shape(ds, path: str) -> dict:
 
 
 def resolve_deepspeed(cfg: Config, precision: str, world_size: int, hidden: int | None,
-                      accumulation: int | None = None) -> dict | None:
+                      accumulation: int | None = None, source: tuple[dict, str] | None = None) -> dict | None:
     """Fill each "auto" of the DeepSpeed config from the llmkit config; a value set in both must agree.
-    `accumulation`: the one this launch trains with, when an elastic resume changed it (default: the config's)."""
-    found = _deepspeed_source(cfg)
+    `accumulation`: the one this launch trains with, when an elastic resume changed it (default: the config's);
+    `source`: a DeepSpeed JSON and where it came from, in place of the run's (`llmkit estimate-memory`)."""
+    found = source or _deepspeed_source(cfg)
     if found is None:
         return None
     # keys starting with "_" are notes for people (JSON has no comments), not DeepSpeed settings
@@ -168,22 +190,12 @@ def resolve_deepspeed(cfg: Config, precision: str, world_size: int, hidden: int 
             raise LlmkitError(f"zero_optimization.{key} is false in the DeepSpeed config ({source}); llmkit needs it "
                               "to gather full ZeRO-3 weights for the export. Set it to true or \"auto\".")
         zero[key] = True
-    left = [k for k, v in _flatten(ds).items() if v == "auto"]
+    left = [k for k, v in flatten(ds).items() if v == "auto"]
     if left:
         raise LlmkitError(f"the DeepSpeed config ({source}) has \"auto\" values llmkit cannot fill: {', '.join(left)}. "
                           "Give them explicit values.")
     ds["steps_per_print"] = 10**9  # llmkit logs; keep DeepSpeed's per-step prints quiet
     return ds
-
-
-def _flatten(node: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in node.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def check_accelerate_env(cfg: Config, precision: str) -> None:
@@ -221,7 +233,9 @@ def zero_stage(ds_config: dict | None) -> int | None:
 
 
 def accelerate_env(path: str | Path) -> dict[str, str]:
-    """The environment `accelerate launch --config_file path` gives its processes (the parts llmkit reads)."""
+    """The environment `accelerate launch --config_file path` gives its processes (the parts llmkit reads); `path`
+    may be a shipped name, and the DeepSpeed JSON it names is read against it (as `llmkit launch` hands it on)."""
+    path = shipped.find(path, "accelerate")
     acc = read_yaml(path, "Accelerate config")
     if not isinstance(acc, dict):
         raise LlmkitError(f"Accelerate config '{path}' must be a mapping of settings (as `accelerate config` writes), "
@@ -256,8 +270,9 @@ def accelerate_env(path: str | Path) -> dict[str, str]:
                           f"deepspeed_config_file, ...), got {ds!r}")
     if acc.get("distributed_type") == "DEEPSPEED":
         env["ACCELERATE_USE_DEEPSPEED"] = "true"
-        if ds.get("deepspeed_config_file"):
-            env["ACCELERATE_DEEPSPEED_CONFIG_FILE"] = str(ds["deepspeed_config_file"])
+        named = shipped.accelerate_deepspeed_file(acc, path)  # read against the Accelerate config
+        if named is not None:
+            env["ACCELERATE_DEEPSPEED_CONFIG_FILE"] = str(named)
         for key, var in (("zero_stage", "ZERO_STAGE"), ("offload_optimizer_device", "OFFLOAD_OPTIMIZER_DEVICE"),
                          ("offload_param_device", "OFFLOAD_PARAM_DEVICE")):
             if key in ds:

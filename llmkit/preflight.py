@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from llmkit import activations, fresh, memory, model, parallel, quantized, trackers
+from llmkit import fresh, memory, model, parallel, quantized, trackers
 from llmkit.config import Config, schema
 from llmkit.data import lm, sources
 from llmkit.errors import LlmkitError
@@ -143,14 +143,6 @@ def check_output_dir(cfg: Config) -> tuple[Path, str]:
     return out, life.intent(cfg)
 
 
-def checkpoint_bytes(params: int, precision: str, trainable: int) -> int:
-    """Rough size of one checkpoint on disk: the weights plus, for the trained parameters, fp32 master weights
-    and two Adam moments."""
-    weight = 4 if precision == "fp32" else 2
-    optimizer = 8 if precision == "fp32" else 12
-    return int(params * weight + trainable * optimizer)
-
-
 def check_disk(cfg: Config, sizes: model.Sizes, precision: str, conversion: int = 0) -> str:
     """Enough free disk under output_dir for the checkpoints kept plus the export (and `conversion` bytes: the
     universal copy an elastic resume writes beside its checkpoint)."""
@@ -159,12 +151,8 @@ def check_disk(cfg: Config, sizes: model.Sizes, precision: str, conversion: int 
     while not probe.exists():
         probe = probe.parent
     free = shutil.disk_usage(probe).free
-    params = sizes.params
-    one = checkpoint_bytes(params, precision, sizes.trainable)
+    one, need = memory.disk_bytes(cfg, sizes, precision, conversion)
     keep = cfg.checkpoint.keep_last or 1
-    saving = cfg.checkpoint.save_every_steps or cfg.checkpoint.save_every_epoch or cfg.checkpoint.resume_from
-    # one extra checkpoint exists while the next is written; the export holds fp32 weights (and a merged copy)
-    need = (keep + 1) * one * bool(saving) + params * 4 * (2 if cfg.lora.enabled else 1) + conversion
     if need > free:
         copy = f", the universal copy of the resumed checkpoint (~{conversion / GIB:.2f} GiB)" if conversion else ""
         raise LlmkitError(f"not enough disk under {probe}: checkpoints (about {one / GIB:.2f} GiB each, {keep} kept "
@@ -173,55 +161,19 @@ def check_disk(cfg: Config, sizes: model.Sizes, precision: str, conversion: int 
     return f"disk: ~{need / GIB:.2f} GiB needed, {free / GIB:.1f} GiB free under {probe}"
 
 
-def _resident_bytes() -> float:
-    """This process's resident memory now (Linux), else 0: not known."""
-    try:
-        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0.0
-
-
-def _activations(cfg: Config, config, precision: str, hw: Hardware, causal: bool) -> float:
-    """What autograd keeps of one training micro-batch at data.max_length (llmkit.activations)."""
-    d = cfg.data
-    # plain text is packed into blocks: no padding mask (prompt/response and chat rows are, unless data.packing)
-    packed = causal and (d.packing or (not d.prompt_template and d.format in ("auto", "text")
-                                       and not (d.prompt_column or d.messages_column)))
-    return activations.of_run(config, cfg.lora, cfg.train.per_device_batch_size, d.max_length,
-                              memory.width(precision), cfg.model.gradient_checkpointing, padded=not packed,
-                              device="cuda" if hw.gpus else "cpu", attention=cfg.model.attn_implementation or "sdpa")
-
-
-def _file_width(cfg: Config, config) -> float:
-    """Bytes per weight of what the model loads from: the checkpoint's dtype (what transformers maps and reads;
-    a 4-bit base is quantized from it), fp32 for a model initialised from scratch."""
-    if cfg.model.from_scratch:
-        return 4.0
-    dtype = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32")
-    return 2.0 if dtype.endswith(("bfloat16", "float16")) else 4.0
+def zero_init() -> bool:
+    """ZeRO-3 partitions the model as it loads: the accelerate config's zero3_init_flag, as the launcher set it."""
+    return os.environ.get("ACCELERATE_DEEPSPEED_ZERO3_INIT", "").lower() == "true"
 
 
 def check_memory(cfg: Config, ds: dict | None, sizes: model.Sizes, precision: str, world_size: int, hw: Hardware,
                  config, causal: bool) -> memory.MemoryEstimate:
-    """The memory estimate of this run, refused when its peak cannot fit one device: a GPU, or on CPU this host's
-    memory shared by the ranks it runs (and there the load, too)."""
-    d, t, logits, evaluation = cfg.data, cfg.train, 0.0, 0.0
-    vocab = getattr(config, "vocab_size", 0) if causal else 0
-    if vocab:  # a causal LM's loss over the vocabulary: a training micro-batch, and an evaluation batch
-        candidates = 1
-        if d.prompt_template:  # label words score every label's candidate row (at least 2 labels)
-            labels = d.label_words or d.label_names
-            candidates = len(labels) if labels else 2
-        logits = memory.logits_bytes(t.per_device_batch_size * d.max_length, vocab, precision)
-        evaluation = memory.eval_logits_bytes(t.eval_batch_size * candidates * d.max_length, vocab, precision)
-    runtime = _resident_bytes()
-    est = memory.for_run(ds, sizes.params, world_size, precision, largest_param=sizes.largest_trainable,
-                         trainable=sizes.trainable, frozen_bytes=0.5 if cfg.lora.load_in_4bit else None,
-                         logits=logits, evaluation=evaluation,
-                         activations=_activations(cfg, config, precision, hw, causal),
-                         runtime=0.0 if hw.gpus else runtime,  # on a GPU the runtime is host memory
-                         file_width=_file_width(cfg, config), largest=sizes.largest, host_runtime=runtime,
-                         zero_init=os.environ.get("ACCELERATE_DEEPSPEED_ZERO3_INIT", "").lower() == "true")
+    """The memory estimate of this run (the one `llmkit estimate-memory` prints for the same settings), refused
+    when its peak cannot fit one device: a GPU, or on CPU this host's memory shared by the ranks it runs (and
+    there the load, too)."""
+    settings = memory.settings_of(cfg, ds, sizes, precision, world_size, "gpu" if hw.gpus else "cpu", config,
+                                  causal, runtime=memory.resident_bytes(), zero_init=zero_init())
+    est = memory.for_settings(settings)
     _check_fits(est, hw)
     return est
 
@@ -236,17 +188,17 @@ def _check_fits(est: memory.MemoryEstimate, hw: Hardware) -> None:
 
 def recheck_memory(plan: Plan) -> str | None:
     """The estimate again with the runtime measured now, once the process group and DeepSpeed are up (they add
-    ~0.1 GiB the preflight cannot see: it runs before them), refused as before if it no longer fits; the lines
-    for the log, or None when there was no estimate."""
+    ~0.1 GiB the preflight cannot see: it runs before them), refused as before if it no longer fits; it replaces
+    the plan's estimate. The lines for the log, or None when there was no estimate."""
     if plan.estimate is None or plan.hardware is None:
         return None
-    now = _resident_bytes()
+    now = memory.resident_bytes()
     est = plan.estimate.rebased(now)
     _check_fits(est, plan.hardware)
-    gib = 1024**3
-    return (f"memory, the runtime measured again after set-up ({now / gib:.3f} GiB):\n"
-            f"  {'total at peak':<17} {est.peak_device_bytes / gib:10.3f} GiB\n"
-            f"  {'host at load':<17} {est.load_bytes / gib:10.3f} GiB")
+    plan.estimate = est
+    return (f"memory, the runtime measured again after set-up ({now / GIB:.3f} GiB):\n"
+            f"  {memory.LIVE:<17} {est.peak_device_bytes / GIB:10.3f} GiB\n"
+            f"  {'host at load':<17} {est.load_bytes / GIB:10.3f} GiB")
 
 
 def check_model(cfg: Config):
@@ -390,9 +342,18 @@ def check_inputs(cfg: Config, plan: Plan, say: Callable[[str], None] = lambda li
         ds = lm.prepare(cfg.data, tokenizer, seed=cfg.train.seed, log=quiet)
         say(f"data: {ds.mode}, train {len(ds.train)}, validation {len(ds.validation)} examples"
             + (f", labels {ds.label_names}" if ds.label_names else ""))
+        if ds.label_names:
+            _say_weights(cfg, ds.train[lm.CLASS_KEY], ds.label_names, say)
         return
     labeled = sources.load_labeled(cfg.data, seed=cfg.train.seed, log=quiet)
     sizes = ", ".join(f"{role} {len(rows)}" for role, rows in labeled.rows.items())
     dropped = sum(labeled.dropped_rows.values())
     say(f"data: {sizes} rows, labels {labeled.label_names}" + (f", {dropped} empty rows dropped" if dropped
                                                                  else ""))
+    _say_weights(cfg, labeled.rows["train"]["labels"], labeled.label_names, say)
+
+
+def _say_weights(cfg: Config, train_labels: list[int], names: list[str], say: Callable[[str], None]) -> None:
+    """train.class_weights against the data's labels (the run checks them again before its model loads)."""
+    if weights := sources.class_weights(cfg.train.class_weights, train_labels, names):
+        say("class weights: " + ", ".join(f"{n} {w:.3f}" for n, w in zip(names, weights)))

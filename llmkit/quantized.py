@@ -18,25 +18,35 @@ INSTALL = "pip install 'llmkit[compress]'"
 @dataclass(frozen=True)
 class Format:
     kind: str  # the models it is for: "classifier" (a sequence classifier) or "causal_lm"
-    runtime: str  # what serves the copy, and reloads it for its check
+    runtime: str  # what reads the copy back to score it (not always what would serve it)
     packages: tuple[str, ...]  # import names the writer and the runtime need
     what: str  # one line for the model card
+    scored: str  # what was run to score it, for the report and the card
     architectures: tuple[str, ...] = ()  # the only ones its writer maps (empty: any of its kind)
 
 
 FORMATS = {
     "onnx-int8": Format("classifier", "onnxruntime", ("onnx", "onnxruntime"),
                         "ONNX with int8 weights and per-batch int8 activations (onnxruntime dynamic quantization), "
-                        "for onnxruntime on CPU"),
-    "gguf-f16": Format("causal_lm", "llama.cpp-family runtimes (checked with transformers' GGUF reader)", ("gguf",),
+                        "for onnxruntime on CPU",
+                        "run by onnxruntime on CPU; its speed-up is against the full model in PyTorch fp32 eager, "
+                        "so it includes the change of runtime, not only int8"),
+    "gguf-f16": Format("causal_lm", "transformers' GGUF reader (dequantized; llama.cpp not run)", ("gguf",),
                        "GGUF, f16 matrices, for llama.cpp, Ollama, LM Studio and other GGUF runtimes",
+                       "read by transformers' GGUF reader into fp32 and run in PyTorch: the file's weights and "
+                       "tokenizer are checked, llama.cpp is not run and no speed-up is measured",
                        ("LlamaForCausalLM",)),
-    "gguf-q8_0": Format("causal_lm", "llama.cpp-family runtimes (checked with transformers' GGUF reader)", ("gguf",),
+    "gguf-q8_0": Format("causal_lm", "transformers' GGUF reader (dequantized; llama.cpp not run)", ("gguf",),
                         "GGUF, Q8_0 matrices (8-bit blocks of 32 with one scale), for llama.cpp, Ollama, LM Studio "
-                        "and other GGUF runtimes", ("LlamaForCausalLM",)),
-    "torchao-int8": Format("causal_lm", "transformers with torchao", ("torchao",),
+                        "and other GGUF runtimes",
+                        "read by transformers' GGUF reader, dequantized to fp32 and run in PyTorch: the file's "
+                        "8-bit weights are checked, llama.cpp (with its 8-bit activations) is not run and no speed-up "
+                        "is measured", ("LlamaForCausalLM",)),
+    "torchao-int8": Format("causal_lm", "PyTorch with torchao (transformers)", ("torchao",),
                            "int8 weights (torchao's Int8WeightOnlyConfig) in Hugging Face format, which plain "
-                           "`from_pretrained` reloads where torchao is installed"),
+                           "`from_pretrained` reloads where torchao is installed",
+                           "run by PyTorch with torchao's int8 weight-only linear layers (reloaded by transformers' "
+                           "from_pretrained); no speed-up measured"),
 }
 
 
@@ -79,5 +89,6 @@ def copies(final: Path) -> list[dict]:
         folder = Export(final).quantized(name)
         numbers = read_json(folder / QUANTIZED)
         if numbers:
-            found.append({"format": name, "folder": folder, "what": fmt.what, "numbers": numbers})
+            found.append({"format": name, "folder": folder, "what": fmt.what, "scored": fmt.scored,
+                          "numbers": numbers})
     return found

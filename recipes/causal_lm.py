@@ -29,10 +29,13 @@ def main() -> None:
             f"{len(ds.validation)} examples"
             + (f"; label words {ds.label_words}" if ds.label_words else "")
             + ("; rows packed padding-free" if cfg.data.packing and ds.mode != "packed" else ""))
+    labels = ds.mode == "labels"
+    # checked against the labels before the model loads; rank 0's error is every rank's, said once
+    loss_fn, weighted = run.main_first(lambda: losses.for_run(run.log, cfg.train.class_weights if labels else None,
+                                       ds.train[losses.CLASS_KEY] if labels else [], ds.label_names, tokens=True))
     net = model.load_causal_lm(cfg.model, cfg.lora, tokenizer, precision=run.precision, zero3=run.zero_stage == 3)
     optimizer = optim.build_optimizer(cfg, net)
     train_loader, eval_loaders = loaders.lm_loaders(cfg, ds, tokenizer, acc.process_index, acc.num_processes)
-    labels = ds.mode == "labels"
 
     # fit
     def score(m, loader, step):  # an eval during training also logs sample completions
@@ -43,8 +46,6 @@ def main() -> None:
         return lm_eval.score_text(run, m, loader), None
 
     uploader = every_save.uploader(run, tokenizer)
-    loss_fn, weighted = losses.for_run(run.log, cfg.train.class_weights if labels else None,
-                                       ds.train[losses.CLASS_KEY] if labels else [], ds.label_names, tokens=True)
     fitted = fit(run, net, optimizer, train_loader, eval_loaders["validation"], score, after_save=uploader,
                  loss_fn=loss_fn)
     fitted["summary"].update(weighted)

@@ -27,6 +27,9 @@ def main() -> None:
     run.identify_data(ds.train, ds.label_names)
     run.log(f"data: train {len(ds.train)}, validation {len(ds.validation)}, test {len(ds.test) if ds.test else 0} "
             f"rows; labels {ds.label_names}")
+    # checked against the labels before the model loads; rank 0's error is every rank's, said once
+    loss_fn, weighted = run.main_first(lambda: losses.for_run(run.log, cfg.train.class_weights, ds.train["labels"],
+                                                              ds.label_names))
     net = model.load_classifier(cfg.model, ds.label_names, pad_token_id=tokenizer.pad_token_id, lora=cfg.lora,
                                 precision=run.precision, zero3=run.zero_stage == 3)
     optimizer = optim.build_optimizer(cfg, net)
@@ -38,7 +41,6 @@ def main() -> None:
         return score_split(run, m, loader, len(ds.label_names))
 
     uploader = every_save.uploader(run, tokenizer)
-    loss_fn, weighted = losses.for_run(run.log, cfg.train.class_weights, ds.train["labels"], ds.label_names)
     fitted = fit(run, net, optimizer, train_loader, eval_loaders["validation"], score, after_save=uploader,
                  loss_fn=loss_fn)
     fitted["summary"].update(weighted)

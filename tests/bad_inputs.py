@@ -166,6 +166,9 @@ def _one_long_prompt(raw, tmp):
 
 CASES: list[Case] = [
     # ---- the llmkit config: types, ranges, numbers that overflow later
+    # the data holds 2 labels: a check that needs only the config and the data runs before the launch
+    Case("data", "class weights for more labels than the data has",
+         validate(None, "--train.class_weights", "[1.0, 2.0, 3.0]"), "train.class_weights lists 3 weights"),
     Case("config", "negative seed", validate(None, "--train.seed=-1"), "train.seed"),
     Case("config", "seed over 2**32", validate(None, "--train.seed", str(2**40)), "train.seed"),
     Case("config", "infinite epochs", validate(None, "--train.max_steps", "null", "--train.epochs", "inf"),

@@ -36,15 +36,17 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def build_tiny_bert(out: Path) -> Path:
-    """A 2-layer BERT with a 40-word vocabulary and its fast tokenizer, saved as a model folder in `out`."""
+def build_tiny_bert(out: Path, labels: list[str] | None = None) -> Path:
+    """A 2-layer BERT with a 40-word vocabulary and its fast tokenizer, saved as a model folder in `out` (two
+    labels, LABEL_0 and LABEL_1, unless `labels` names them)."""
     import torch
     from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
 
     vocab = SPECIAL + FILLER + POSITIVE + NEGATIVE
     tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(vocab)})
+    names = {"id2label": dict(enumerate(labels)), "label2id": {n: i for i, n in enumerate(labels)}} if labels else {}
     config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=64, num_labels=2)
+                        intermediate_size=64, max_position_embeddings=64, num_labels=len(labels or "ab"), **names)
     torch.manual_seed(0)
     BertForSequenceClassification(config).save_pretrained(out)
     tokenizer.save_pretrained(out)
@@ -56,6 +58,57 @@ def build_tiny_data(out: Path) -> Path:
     for split, n, seed in (("train", 96, 1), ("validation", 37, 2), ("test", 29, 3)):
         write_jsonl(out / f"{split}.jsonl", make_sentences(n, seed))
     return out
+
+
+THREE_CLASSES = ["negative", "neutral", "positive"]
+
+
+def build_three_class_run(root: Path, explain_rows: int = 6, max_steps: int = 256) -> Path:
+    """A 3-label run folder made in this process (no launch, no fresh process): the tiny BERT trained for a few
+    seconds to say negative / positive for rows with such words and neutral for filler alone, saved as final/, its
+    predictions on 24 test rows, metrics.json, and explanations.json written by the report's own code
+    (llmkit.evals.explain, as its fresh process would)."""
+    import torch
+
+    from llmkit.evals import explain
+
+    def sample(n: int, seed: int) -> list[dict]:
+        rng = random.Random(seed)
+        rows = []
+        for i in range(n):
+            label = i % 3
+            words = rng.choices(FILLER, k=rng.randint(2, 8)) + rng.choices([NEGATIVE, FILLER, POSITIVE][label], k=2)
+            rng.shuffle(words)
+            rows.append({"text": " ".join(words), "label": THREE_CLASSES[label]})
+        return rows
+
+    final = build_tiny_bert(root / "final", THREE_CLASSES)
+    subject = explain.load(final)
+    model, tok = subject.model, subject.tokenizer
+    torch.manual_seed(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    model.train()
+    train = sample(192, 1)
+    for _ in range(3):
+        for i in range(0, len(train), 16):
+            batch = train[i:i + 16]
+            enc = tok([r["text"] for r in batch], padding=True, return_tensors="pt")
+            labels = torch.tensor([THREE_CLASSES.index(r["label"]) for r in batch])
+            model(**enc, labels=labels).loss.backward()
+            opt.step()
+            opt.zero_grad()
+    model.eval().save_pretrained(final)
+    test = sample(24, 3)
+    with torch.no_grad():
+        probs = model(**tok([r["text"] for r in test], padding=True, return_tensors="pt")).logits.softmax(-1)
+    predictions = [{"row": i, **r, "prediction": THREE_CLASSES[int(p.argmax())],
+                    "probabilities": [round(float(x), 6) for x in p]} for i, (r, p) in enumerate(zip(test, probs))]
+    write_jsonl(root / "predictions_test.jsonl", predictions)
+    right = sum(r["prediction"] == r["label"] for r in predictions)
+    metrics = {"label_names": THREE_CLASSES, "test": {"accuracy": right / len(test), "samples": len(test)}}
+    (root / "metrics.json").write_text(json.dumps(metrics))
+    explain._write(root, "test", explain_rows, 0, False, max_steps)
+    return root
 
 
 # a word-level tokenizer with a ChatML template, for tiny causal LMs

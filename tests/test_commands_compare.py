@@ -13,8 +13,12 @@ import pytest
 from helpers import HIGHLIGHTS, chromium
 from scipy.stats import binomtest
 
+from llmkit.commands.compare import document
+from llmkit.report import paired
+from llmkit.report.compared import verdict, write
 from llmkit.report.numbers import calibration
 from llmkit.report.paired import by_value, disagreements, fit_temperature, length_quartiles, macro_f1, pair, tempered
+from llmkit.report.undefined import not_defined
 
 
 def test_the_pairwise_statistics():
@@ -31,9 +35,12 @@ def test_the_pairwise_statistics():
     assert 0 < lo < got["accuracy_difference"] < hi  # the gain is real on these rows
     assert got["agreement"] == pytest.approx(77 / 100)
     assert pair(gold, a, b, 2, resamples=500, seed=1) == got  # the seed fixes the resamples
-    same = pair(gold, a, a, 2, resamples=200)
-    assert same["accuracy_difference_ci95"] == [0.0, 0.0] and same["mcnemar_exact_p"] == 1.0
-    assert same["agreement"] == 1.0
+    same = pair(gold, a, a, 2, resamples=200)  # no discordant row: no test, and no interval (every resample is 0)
+    assert same["mcnemar_exact_p"] == {"defined": False, "why": "no discordant row: the models are right and wrong "
+                                       "on the same rows", "discordant": 0}
+    assert same["accuracy_difference_ci95"] == {"defined": False, "why": "every resample gives the same value",
+                                                "value": 0.0, "rows": 100}
+    assert same["accuracy_difference"] == 0.0 and same["agreement"] == 1.0
 
 
 def test_vectorised_macro_f1_is_scikit_learns():
@@ -72,6 +79,150 @@ def test_slices_and_disagreements_by_hand():
     sure_a, sure_b = np.array([0.9, 0.99, 0.6, 0.9, 0.95]), np.array([0.8, 0.99, 0.99, 0.9, 0.7])
     # they disagree on rows 0, 2, 4; the less sure of the two: 0.8, 0.6, 0.7
     assert disagreements(a, b, sure_a, sure_b, 2) == [0, 4]
+
+
+def test_a_pair_on_too_few_rows_says_so():
+    """0 rows: nothing is defined (scipy's bootstrap raised here); 1 row: the differences are that row's, but no
+    interval (a resample of one row is that row again)."""
+    empty = np.array([], dtype=int)
+    got = pair(empty, empty, empty, 3, resamples=200)
+    for key in ("accuracy_difference", "accuracy_difference_ci95", "f1_macro_difference", "mcnemar_exact_p",
+                "agreement"):
+        assert got[key] == {"defined": False, "why": "no rows", "rows": 0}, key
+    one = pair(np.array([2]), np.array([2]), np.array([0]), 3, resamples=200)
+    assert one["accuracy_difference"] == 1.0 and (one["only_a_right"], one["only_b_right"]) == (1, 0)
+    assert one["accuracy_difference_ci95"] == {"defined": False, "why": "too few rows for an interval", "rows": 1}
+    assert one["f1_macro_difference_ci95"] == one["accuracy_difference_ci95"]
+    assert one["mcnemar_exact_p"] == 1.0  # one discordant row: a test, which cannot reject
+
+
+def test_temperature_scaling_where_no_temperature_is_best():
+    """Every row right: the likelihood keeps growing as T shrinks (the optimiser used to stop near T = 0.04 and
+    report it); under two rows: too few to fit."""
+    probs = np.tile([0.2, 0.7, 0.1], (30, 1))
+    right = fit_temperature(probs, np.ones(30, dtype=int))
+    assert right["defined"] is False and right["why"].startswith("the model is right on every row")
+    assert (right["rows"], right["right"]) == (30, 30) and "temperature" not in right
+    assert fit_temperature(probs[:1], np.array([0])) == {"defined": False, "why": "too few rows to fit a temperature",
+                                                         "rows": 1, "right": 0}
+    assert fit_temperature(probs[:0], np.array([], dtype=int))["rows"] == 0
+    # one wrong row among 30 gives a minimum, inside the range
+    gold = np.ones(30, dtype=int)
+    gold[0] = 0
+    fit = fit_temperature(probs, gold)
+    assert fit["right"] == 29 and paired.T_RANGE[0] < fit["temperature"] < 1 and not fit["at_bound"]
+
+
+def _tested(p: float | dict, ci=(-0.1, 0.1), only=(5, 5)) -> dict:
+    return {"a": "model-1", "b": "model-2", "mcnemar_exact_p": p, "accuracy_difference_ci95": list(ci),
+            "only_a_right": only[0], "only_b_right": only[1]}
+
+
+def test_holm_over_the_pairs_by_hand():
+    """Raw p 0.01, 0.04, 0.03 (and a pair with no test): sorted, 0.01 x 3 = 0.03, 0.03 x 2 = 0.06, 0.04 x 1 = 0.04
+    raised to the 0.06 before it. Only the first pair stays significant; 0.03 and 0.04 alone would have been."""
+    pairs = [_tested(0.01), _tested(0.04), _tested(0.03), _tested(not_defined("no discordant row", discordant=0))]
+    said = paired.holm(pairs)
+    assert said["correction"] == "Holm" and said["family"] == 3
+    assert [p["mcnemar_p_holm"] for p in pairs[:3]] == pytest.approx([0.03, 0.06, 0.06])
+    assert [p["significant"] for p in pairs] == [True, False, False, False]
+    assert pairs[3]["mcnemar_p_holm"] == pairs[3]["mcnemar_exact_p"] and "interval_vs_test" not in pairs[3]
+
+
+def test_an_interval_that_excludes_0_is_not_a_verdict_on_its_own():
+    """The issue's case: 4 discordant rows, all one way. The percentile interval excludes 0, McNemar's p is 0.125
+    (and no 4 rows could give less): the verdict is the test's and the page says the interval disagrees."""
+    gold = np.array([0, 1] * 20)
+    a, b = gold.copy(), gold.copy()
+    b[:4] = 1 - b[:4]
+    p = {"a": "model-1", "b": "model-2", **pair(gold, a, b, 2)}
+    assert p["accuracy_difference_ci95"][0] > 0 and p["mcnemar_exact_p"] == pytest.approx(0.125)
+    assert paired.holm([p])["family"] == 1 and p["significant"] is False
+    assert "4 discordant rows, which can give no p below 0.125" in p["interval_vs_test"]
+    doc = {"models": [{"name": "model-1", "label": "a"}, {"name": "model-2", "label": "b"}], "pairs": [p],
+           "multiple_testing": {"family": 1}}
+    (line,) = verdict(doc)
+    assert "not significant at the 5% level" in line and "Note: the accuracy interval excludes 0" in line
+
+
+def _scored(gold: list[int], predicted: list[int], names: list[str], sources: list[str]) -> dict:
+    """A model as compare's scoring leaves it (llmkit.commands.compare._score), without scoring anything: the
+    same rows serve as the compared and the calibration split."""
+    k, gold, predicted = len(names), np.array(gold), np.array(predicted)
+    probs = np.full((len(gold), k), 0.2 / (k - 1))
+    probs[np.arange(len(gold)), predicted] = 0.8
+    rows = [{"row": i, "text": "w " * (1 + i % 4), "label": names[g], "prediction": names[p],
+             "probabilities": probs[i].tolist(), "columns": {"source": sources[i]}}
+            for i, (g, p) in enumerate(zip(gold, predicted))]
+    split = {"rows": rows, "gold": gold, "predicted": predicted, "probs": probs}
+    return {"labels": names, "seconds_per_row": 0.001, "test": split, "validation": split}
+
+
+NAMES = ["neg", "neutral", "pos"]
+GOLD = [0, 2] * 6  # no row of neutral
+SOURCES = ["web"] * 11 + ["rare"]  # a value one row has
+
+
+def test_the_document_of_a_split_without_a_label(tmp_path):
+    """A 3-class comparison on rows without `neutral` and a --slice-by value one row has: each number the rows
+    cannot give says why with its counts, in compare.json and on the pages; nothing raises."""
+    first = _scored(GOLD, GOLD, NAMES, SOURCES)  # right on every row: no temperature is best
+    second = _scored(GOLD, [0, 1, 2, 0] * 3, NAMES, SOURCES)
+    doc = document([first, second], ["a", "b"], ["a", "b"], "test", "data", "validation", None, ["source"], 400)
+    assert doc["errors"] == [] and doc["slice_resamples"] == 100 and doc["bootstrap_resamples"] == 400
+    empty = doc["slices"]["label = neutral"]
+    assert empty["rows"] == 0 and empty["accuracy"]["model-1"] == {"defined": False, "why": "no rows", "rows": 0}
+    assert empty["pairs"][0]["mcnemar_exact_p"]["why"] == "no rows"
+    rare = doc["slices"]["source = rare"]
+    assert rare["rows"] == 1 and rare["pairs"][0]["accuracy_difference_ci95"] == {
+        "defined": False, "why": "too few rows for an interval", "rows": 1}
+    m1, m2 = doc["models"]
+    assert m1["temperature"]["defined"] is False and (m1["temperature"]["rows"], m1["temperature"]["right"]) == (12, 12)
+    assert m1["temperature"]["fitted_on"] == "validation" and m2["temperature"]["temperature"] > 0
+    assert m1["accuracy_ci95"]["why"] == "every resample gives the same value" and m1["accuracy_ci95"]["value"] == 1.0
+    assert m1["accuracy_ci95_resamples"] == 1000
+    neutral = m1["per_class"][1]
+    assert neutral["support"] == 0 and neutral["recall"]["why"] == "no row of this class"
+    assert neutral["precision"]["why"] == "never predicted" and m2["per_class"][1]["precision"] == 0.0
+    (p,) = doc["pairs"]
+    assert doc["multiple_testing"]["family"] == 1 and p["mcnemar_p_holm"] == p["mcnemar_exact_p"]
+    write(doc, tmp_path)
+    assert json.loads((tmp_path / "compare.json").read_text())["slices"]["label = neutral"]["rows"] == 0
+    for page in ("compare.md", "compare.html"):
+        text = (tmp_path / page).read_text()
+        assert "model-1 vs model-2 no rows" in text and "not defined: too few rows for an interval (rows 1)" in text
+        assert "not defined: the model is right on every row" in text and "(uncorrected, exploratory)" in text
+        assert "accuracy (95% CI, 1000 resamples)" in text and "95% CI, 100 resamples" in text
+
+
+def test_a_statistic_that_fails_loses_only_its_own_entry(tmp_path, monkeypatch, capsys):
+    """An unexpected exception in one slice's pair and in one model's calibration: each is recorded where its
+    number would be and said in one line; the other numbers, compare.json and the pages are written."""
+    real = paired.pair
+
+    def breaks_on_one_row(gold, *args):
+        if len(gold) == 1:
+            raise ValueError("boom\nsecond line")
+        return real(gold, *args)
+
+    def breaks(*args):
+        raise RuntimeError("no fit")
+
+    monkeypatch.setattr(paired, "pair", breaks_on_one_row)
+    monkeypatch.setattr(paired, "fit_temperature", breaks)
+    scored = [_scored(GOLD, GOLD, NAMES, SOURCES), _scored(GOLD, [0, 1, 2, 0] * 3, NAMES, SOURCES)]
+    doc = document(scored, ["a", "b"], ["a", "b"], "test", "data", "validation", None, ["source"], 200)
+    assert doc["slices"]["source = rare"]["pairs"][0] == {"a": "model-1", "b": "model-2", "error": "ValueError: boom"}
+    assert doc["models"][0] == {"name": "model-1", "model": "a", "label": "a", "error": "RuntimeError: no fit"}
+    assert len(doc["errors"]) == 3 and doc["errors"][0] == "model-1 vs model-2 in slice source = rare: ValueError: boom"
+    assert doc["pairs"][0]["rows"] == 12 and doc["slices"]["source = web"]["pairs"][0]["rows"] == 11
+    said = capsys.readouterr().err.splitlines()
+    assert said[0] == ("compare: model-1 vs model-2 in slice source = rare failed (ValueError: boom); compare.json "
+                       "records it and keeps the rest") and len(said) == 3
+    write(doc, tmp_path)
+    assert json.loads((tmp_path / "compare.json").read_text())["errors"] == doc["errors"]
+    md = (tmp_path / "compare.md").read_text()
+    assert "model-1 vs model-2 failed: ValueError: boom" in md and "failed: RuntimeError: no fit" in md
 
 
 @pytest.fixture(scope="module")
@@ -213,7 +364,70 @@ def test_zero_shot_causal_lm_is_scored_and_compared(tmp_path, tiny_lm):
     assert len(scored) == 10 and {r["prediction"] for r in scored} <= {"negative", "positive"}
     assert all(sum(r["probabilities"]) == pytest.approx(1.0, abs=1e-5) for r in scored)
     (p,) = json.loads((tmp_path / "cmp" / "compare.json").read_text())["pairs"]
-    assert p["agreement"] == 1.0 and p["mcnemar_exact_p"] == 1.0  # the same model, the same template
+    assert p["agreement"] == 1.0 and p["mcnemar_exact_p"]["defined"] is False  # the same model, the same template
     bad = subprocess.run([sys.executable, "-m", "llmkit.cli", "eval", model, "--data", str(data), "--zero-shot"],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "--zero-shot goes with --prompt-template and --label-words" in bad.stderr
+
+
+def _three_labels(tiny_bert, out, seed: int):
+    """The tiny BERT with random weights and a 3-label head (neg, neutral, pos), saved with its tokenizer: a classifier
+    that `llmkit eval` scores as it is, no training launch. Drawn wide (initializer_range 0.5), so that two seeds
+    predict differently (seeds 0 and 1: 6 of the 29 test rows right for one of them only)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    names = {0: "neg", 1: "neutral", 2: "pos"}
+    config = AutoConfig.from_pretrained(tiny_bert, num_labels=3, id2label=names,
+                                        label2id={v: k for k, v in names.items()}, initializer_range=0.5)
+    torch.manual_seed(seed)
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(out)
+    for path in tiny_bert.iterdir():
+        if path.name not in ("config.json", "model.safetensors"):
+            (out / path.name).write_bytes(path.read_bytes())  # the tokenizer files
+    return out
+
+
+@pytest.mark.slow
+def test_compare_3_class_models_on_a_split_without_neutral(tmp_path, tiny_bert, tiny_data):
+    """The issue's case through `llmkit compare` itself: two 3-class models on test rows with no `neutral` (and a
+    --slice-by value one row has). It used to score both models and die in scipy before compare.json; now the
+    empty slice and the 1-row slice say why they hold no interval or test, and everything else is there."""
+    models = [str(_three_labels(tiny_bert, tmp_path / f"m{seed}", seed)) for seed in (0, 1)]
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    rows = [json.loads(line) for line in (data / "test.jsonl").read_text().splitlines()]
+    (data / "test.jsonl").write_text("".join(json.dumps({**r, "source": "rare" if i == 0 else "web"}) + "\n"
+                                             for i, r in enumerate(rows)))
+    out = tmp_path / "cmp"
+    got = subprocess.run([sys.executable, "-m", "llmkit.cli", "compare", *models, "--data", str(data), "--output",
+                          str(out), "--resamples", "400", "--slice-by", "source", "--explain-rows", "0"],
+                         capture_output=True, text=True, timeout=600)
+    assert got.returncode == 0 and "Traceback" not in got.stderr, got.stderr[-3000:]
+    doc = json.loads((out / "compare.json").read_text())
+    assert doc["labels"] == ["neg", "neutral", "pos"] and doc["rows"] == 29 and doc["errors"] == []
+    empty = doc["slices"]["label = neutral"]
+    assert empty["rows"] == 0 and empty["accuracy"]["model-2"] == {"defined": False, "why": "no rows", "rows": 0}
+    assert empty["pairs"][0]["accuracy_difference_ci95"]["why"] == "no rows"
+    rare = doc["slices"]["source = rare"]
+    assert rare["rows"] == 1 and rare["pairs"][0]["accuracy_difference_ci95"] == {
+        "defined": False, "why": "too few rows for an interval", "rows": 1}
+    assert sum(s["rows"] for name, s in doc["slices"].items() if name.startswith("label = ")) == 29
+    for m in doc["models"]:
+        (neutral,) = [c for c in m["per_class"] if c["label"] == "neutral"]
+        assert neutral["support"] == 0 and neutral["recall"] == {"defined": False, "why": "no row of this class",
+                                                                 "support": 0}
+        t = m["temperature"]
+        assert t["fitted_on"] == "validation" and t["rows"] == 37 and ("temperature" in t) == (t.get("defined", True))
+    (p,) = doc["pairs"]
+    assert p["only_a_right"] + p["only_b_right"] == 6 and isinstance(p["mcnemar_exact_p"], float)
+    assert doc["multiple_testing"]["correction"] == "Holm" and doc["multiple_testing"]["family"] == 1
+    assert p["mcnemar_p_holm"] == p["mcnemar_exact_p"] and p["significant"] == (p["mcnemar_p_holm"] < 0.05)
+    assert doc["slice_resamples"] == 100 and doc["bootstrap_resamples"] == 400
+    md = (out / "compare.md").read_text()
+    assert "model-1 vs model-2 no rows" in md and "not defined: too few rows for an interval (rows 1)" in md
+    assert "not defined: no row of this class (support 0)" in md and "(uncorrected, exploratory)" in md
+    assert "at the 5% level" in got.stdout
+    # each model's own eval report (llmkit eval writes one) says why its one-vs-rest ROC AUC has no value
+    report = json.loads((out / "model-1" / "report.json").read_text())["runs"][0]["splits"]["test"]
+    assert report["roc_auc"]["why"].startswith("no row of neutral") and report["roc_auc"]["support"]["neutral"] == 0

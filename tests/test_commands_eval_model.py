@@ -85,3 +85,79 @@ def test_llmkit_eval_scores_any_exported_classifier(tiny_run, tiny_bert, tiny_da
     assert "## Comparison" in paths["md"].read_text()
     page = paths["html"].read_text()
     assert {"confusion_run", "confusion_eval"} <= set(re.findall(r'data-plot="([^"]+)"', page))
+
+
+def _three_class(root, tiny_bert):
+    """The tiny BERT with a 3-label head, exported with run records that name its columns (review / sentiment)."""
+    import yaml
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    names = ["negative", "neutral", "positive"]
+    config = AutoConfig.from_pretrained(tiny_bert, num_labels=3, id2label=dict(enumerate(names)),
+                                        label2id={n: i for i, n in enumerate(names)})
+    final = root / "final"
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(final)
+    for f in tiny_bert.iterdir():
+        if f.name not in ("config.json", "model.safetensors"):
+            (final / f.name).write_bytes(f.read_bytes())  # the tokenizer
+    (final / "training_config.yaml").write_text(yaml.safe_dump({"data": {
+        "text_column": "review", "label_column": "sentiment", "max_length": 32}}))
+    return final
+
+
+def test_eval_matches_the_datas_labels_to_the_models_by_name(tmp_path, tiny_bert):
+    """Class ids are the model's ids only when they are exactly its ids: 0/1 on a 3-label model is refused (it
+    scored gold 1 as `neutral`), or mapped by --label-map; names the model does not know are refused; a subset of
+    its names is scored and said. Columns not given are the run's (review / sentiment), and a missing one is named
+    by the command's flag."""
+    from llmkit.commands.eval_model import eval_export
+
+    final = _three_class(tmp_path, tiny_bert)
+    ids = tmp_path / "ids.jsonl"
+    write_jsonl(ids, [{"review": f"good film {i}", "sentiment": i % 2} for i in range(8)])
+    with pytest.raises(LlmkitError, match=r"holds the class ids \[0, 1\], but the model has 3 labels .*--label-map "
+                                          r"0=<label> 1=<label>"):
+        eval_export(final, str(ids), "test", tmp_path / "a")
+    assert not (tmp_path / "a").exists()
+    words = tmp_path / "words.jsonl"
+    write_jsonl(words, [{"review": "good film", "sentiment": "great"}, {"review": "bad film", "sentiment": "negative"}])
+    with pytest.raises(LlmkitError, match="has the label 'great', which the model does not know"):
+        eval_export(final, str(words), "test", tmp_path / "b")
+    with pytest.raises(LlmkitError, match="--label-map maps to 'good', which is not one of the model's labels"):
+        eval_export(final, str(ids), "test", tmp_path / "c", label_map={"0": "negative", "1": "good"})
+    with pytest.raises(LlmkitError, match="no column 'text' .* --text-column"):
+        eval_export(final, str(ids), "test", tmp_path / "d", text_column="text")
+
+    got = eval_export(final, str(ids), "test", tmp_path / "e", label_map={"0": "negative", "1": "positive"})
+    assert got["metrics"]["labels_in_data"] == {"negative": 4, "neutral": 0, "positive": 4}
+    gold = [r["label"] for r in read_jsonl(tmp_path / "e" / "predictions_test.jsonl")]
+    assert sorted(set(gold)) == ["negative", "positive"]
+    write_jsonl(words, [{"review": "good film", "sentiment": "positive"}, {"review": "bad film", "sentiment": "negative"}])
+    got = eval_export(final, str(words), "test", tmp_path / "f")
+    assert got["metrics"]["labels_in_data"] == {"negative": 1, "neutral": 0, "positive": 1}
+
+
+def test_a_rescore_that_moves_from_the_runs_number_says_why(tmp_path):
+    """The export's own run scored these rows (same data, split, row count): its number and the rows the two
+    scorings predict differently are recorded, and a difference is explained (near ties under another
+    precision); rows the run did not score are not set against it."""
+    import numpy as np
+    import yaml
+
+    from llmkit.commands.eval_model import _against_run
+
+    run, names = tmp_path / "run", ["negative", "positive"]
+    (run / "final").mkdir(parents=True)
+    data = tmp_path / "data"
+    data.mkdir()
+    (run / "training_config.yaml").write_text(yaml.safe_dump({"data": {"dataset": str(data), "test_split": "test"}}))
+    (run / "metrics.json").write_text(json.dumps({"label_names": names, "test": {"accuracy": 0.75, "samples": 4}}))
+    (run / "run_info.json").write_text(json.dumps({"precision": "bf16"}))
+    write_jsonl(run / "predictions_test.jsonl", [{"row": i, "prediction": names[p]} for i, p in enumerate([0, 1, 1, 0])])
+    got = _against_run(run / "final", str(data), "test", np.array([0, 1, 0, 0]), names, "fp32")
+    assert got["accuracy"] == 0.75 and got["rows_predicted_differently"] == 1
+    assert got["why"] == "the run scored in bf16 during training, this eval in fp32: 1 near-tie row(s) fall the other way"
+    assert _against_run(run / "final", str(data), "test", np.array([0, 1, 1, 0]), names, "fp32")["why"] is None
+    assert _against_run(run / "final", str(data), "validation", np.array([0, 1, 1, 0]), names, "fp32") is None
+    assert _against_run(run / "final", str(tmp_path), "test", np.array([0, 1, 1, 0]), names, "fp32") is None
+    assert _against_run(run / "final", str(data), "test", np.array([0, 1, 1]), names, "fp32") is None

@@ -99,6 +99,7 @@ def test_shipped_recipe_configs_are_valid():
         ({**BASE, "data": {"dataset": "x", "group_by_length": "yes"}}, [], "config key 'data.group_by_length' must be of type bool"),
         (BASE, ["--train.learning_rate", "-1e-4"], "config key 'train.learning_rate' must be > 0, got -0.0001"),
         (BASE, ["--train.warmup_ratio", "1.5"], "config key 'train.warmup_ratio' must be in [0, 1)"),
+        (BASE, ["--output.explain_max_steps", "0"], "config key 'output.explain_max_steps' must be in [1, 4096]"),
         (BASE, ["--train.per_device_batch_size", "0"], "config key 'train.per_device_batch_size' must be >= 1"),
         (BASE, ["--train.precision", "fp8"], "config key 'train.precision' must be one of auto, fp32, bf16, fp16"),
         (BASE, ["--train.lr_scheduler", "step"], "config key 'train.lr_scheduler' must be one of linear, cosine"),

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import FILLER, build_tiny_bert
+from helpers import FILLER, THREE_CLASSES, build_three_class_run, build_tiny_bert
 
 from llmkit.errors import LlmkitError
 from llmkit.evals import attribution, explain
@@ -74,6 +74,105 @@ def test_attributions_add_up_and_find_the_planted_word(planted):
         if label:  # the planted word takes the largest share toward the label it decides
             toward = row["attributions"][model.config.id2label[1]]
             assert row["words"][toward.index(max(toward))] == PLANTED, (text, toward)
+
+
+def test_a_row_over_the_tolerance_is_integrated_again_with_more_steps(planted, monkeypatch, capsys):
+    """Issue 47: a row whose delta is over 5% of what it explains at the start steps is integrated again with
+    twice the steps until it passes or reaches the bound; only those rows are, and each row records its steps."""
+    subject = explain.load(planted)
+    texts = [t for t, _ in _rows(6, 7)]
+    steps = []  # the steps of every integral computed, in order
+    real = attribution._integrate
+    monkeypatch.setattr(attribution, "_integrate", lambda *a: steps.append(a[5]) or real(*a))
+    start = attribution.explain(subject, texts, steps=2, max_steps=2)  # 2 steps, never raised
+    flagged = [i for i, r in enumerate(start) if not r["converged"]]
+    assert flagged and len(flagged) < len(texts) and all(r["steps"] == 2 for r in start)
+    steps.clear()
+    done = attribution.explain(subject, texts, steps=2, max_steps=64)
+    for i, row in enumerate(done):
+        assert row["converged"] and all(attribution.converged(row["delta"][n], row["change"][n]) for n in row["delta"])
+        assert (row["steps"] > 2) == (i in flagged), (i, row["steps"])  # only the rows that failed were redone
+        if i in flagged:
+            assert max(row["delta"].values()) < max(start[i]["delta"].values())
+    # one integral per pass (two labels: one explains both), each pass twice the last one's steps
+    assert steps == [s for row in done for s in (2 ** k for k in range(1, row["steps"].bit_length()))]
+    raised = sum(r["steps"] > 2 for r in done)
+    assert explain.steps_note(done, 2, 64) == (
+        f"2 steps, raised (doubled, up to {max(r['steps'] for r in done)}) for the {raised} of 6 rows whose delta "
+        "at 2 was over 5% of what they explain")
+    # a bound too low for some rows: they stay flagged, with the steps they got, and the note says so
+    bounded = attribution.explain(subject, texts, steps=2, max_steps=4)
+    left = [r for r in bounded if not r["converged"]]
+    assert left and all(r["steps"] == 4 for r in left)
+    assert explain.steps_note(bounded, 2, 4).endswith(f"; {len(left)} row{'s' if len(left) > 1 else ''} still over "
+                                                      "5% at the bound of 4 steps, flagged")
+    from llmkit.report import explained  # and the report marks them, and each raised row's steps
+
+    doc = {"split": "test", "steps": 2, "seconds": 1.0, "baseline": "pads", "summary": {},
+           "rows": [{**r, "label": r["prediction"]} for r in bounded], "steps_note": explain.steps_note(bounded, 2, 4)}
+    md = "\n".join(explained.md_section(doc, ["LABEL_0", "LABEL_1"]))
+    assert md.count(" (delta over 5% even at 4 steps, the bound) |") == len(left)
+    assert md.count(" (4 steps) |") == sum(r["steps"] == 4 for r in bounded) and "still over 5% at the bound" in md
+    from llmkit.cli import main  # `llmkit explain` says what it raised
+
+    main(["explain", str(planted), "--text", texts[flagged[0]], "--steps", "2", "--max-steps", "64"])
+    out = capsys.readouterr().out
+    assert f"integration steps: {done[flagged[0]]['steps']} (raised from 2: the delta was over 5%" in out
+    assert "integrated gradients at 2 steps, raised (doubled, up to" in out
+
+
+@pytest.fixture(scope="module")
+def three_classes(tmp_path_factory):
+    """A 3-label run folder with explained rows (helpers.build_three_class_run: in-process, no launch)."""
+    return build_three_class_run(tmp_path_factory.mktemp("three") / "run")
+
+
+def _cells(page: str, kind: str) -> list[str]:
+    """The text of every <td class='kind'> cell of a page, tags dropped."""
+    import re
+
+    return [re.sub(r"<[^>]+>", " ", c) for c in re.findall(rf"<td class='{kind}'>(.*?)</td>", page)]
+
+
+def test_a_three_class_legend_names_each_rows_prediction(three_classes):
+    """Issue 47: with more than two labels the colours are about each row's own prediction, so each row's key
+    names its class ("toward neutral (the prediction)", "away from neutral"); no "toward against" anywhere, in the
+    run report and on the compare page."""
+    import json
+    import re
+    from html import unescape
+
+    from llmkit.report import compared, explained
+
+    doc = json.loads((three_classes / "explanations.json").read_text())
+    rows = doc["rows"]
+    assert len({r["prediction"] for r in rows}) == 3  # the rows' predictions differ: one legend could not fit all
+    page = explained.html_section(doc, THREE_CLASSES)
+    keys = _cells(page, "key")
+    predicted = re.findall(r"</td><td>[^<]*</td><td>([a-z]+)[^<]*</td><td>[0-9.]+</td>", page)
+    assert len(keys) == len(rows) and predicted == [r["prediction"] for r in rows]
+    for key, row in zip(keys, rows):
+        assert f"toward {row['prediction']} (the prediction)" in key and f"away from {row['prediction']}" in key
+    assert "pushes toward the row's predicted class" in unescape(page) and "pushes away from it" in page
+    md = "\n".join(explained.md_section(doc, THREE_CLASSES))
+    assert "Top words toward the row's predicted class (+) and away from it (-)" in md
+    assert all(f"| toward {r['prediction']}: " in md for r in rows)
+    assert doc["raised"] == sum(r["steps"] > doc["steps"] for r in rows)
+    for text in (page, md):
+        assert ("raised (doubled, up to" in text) == bool(doc["raised"]) and "toward against" not in text
+    # the compare page: each model's row names that model's own prediction
+    both = {"labels": THREE_CLASSES, "disagreements": [
+        {"a": "model-1", "b": "model-2", "label": rows[0]["label"], "text": rows[0]["text"],
+         "predictions": {f"model-{k + 1}": {"prediction": r["prediction"], "probability": max(r["probabilities"]),
+                                            "explanation": r} for k, r in enumerate(rows[:2])}}]}
+    shown = compared._disagreements_html(both)
+    assert [k.split()[:2] for k in _cells(shown, "key")] == [["toward", r["prediction"]] for r in rows[:2]]
+    assert "toward against" not in shown and "toward the row's predicted class" in unescape(shown)
+    binary = {**both, "labels": ["neg", "pos"]}  # two labels: one legend, the labels by name
+    for r in rows[:2]:
+        r["attributions"] = {"neg": r["attributions"]["negative"], "pos": r["attributions"]["positive"]}
+    shown = compared._disagreements_html(binary)
+    assert "toward pos</span>" in shown and "toward neg</span>" in shown and "class='key'" not in shown
 
 
 def test_word_pieces_are_merged_into_words():
@@ -142,6 +241,7 @@ def test_a_near_tie_that_flips_in_fp32_is_marked_not_fatal():
            "baseline": "pad tokens"}
     page = explained.html_section(doc, ["neg", "pos"])
     table = "\n".join(explained.md_section(doc, ["neg", "pos"]))
+    assert "pushes toward pos</span>" in page and "pushes toward neg</span>" in page and "class='key'" not in page
     for text in (page, table):
         assert "neg (mistake) (the run: pos)" in text
         assert text.count("(the run:") == 1  # the row that agrees is not marked

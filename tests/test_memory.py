@@ -30,7 +30,9 @@ def test_paper_example_numbers():
 def test_offload_and_fp32():
     est = memory.estimate(1000, 3, 2, "bf16", offload_optimizer=True, offload_params=True)
     assert (est.param_bytes, est.optimizer_bytes, est.grad_bytes) == (0, 0, 1000)
-    assert est.host_bytes == 1000 + 6000
+    # the bf16 partitions (1000) and DeepSpeed's host side of the optimizer: fp32 master, m, v and the fp32 grad
+    # partition (16 x 500), plus ZeRO-3's grad_partitions_flat_buffer on the CPU (2 x 500); was 1000 + 12 x 500
+    assert est.host_bytes == 1000 + 16 * 500 + 2 * 500
     fp32 = memory.estimate(1000, 0, 1, "fp32")
     assert (fp32.param_bytes, fp32.grad_bytes, fp32.optimizer_bytes) == (4000, 4000, 8000)
     with pytest.raises(LlmkitError, match="parameter offload needs ZeRO-3"):
@@ -84,8 +86,10 @@ def test_grad_peak_fp32_offload_and_no_deepspeed():
         assert est.grad_step_bytes == (4 * P / 2 if stage else 4 * P)
         assert est.grad_peak_bytes == grads + (4 * L if stage >= 2 else 0)
     off = memory.estimate(P, 2, 2, "bf16", offload_optimizer=True, largest_param=L)
-    assert off.grad_step_bytes == 2 * P / 2  # the fp32 copies are made on the CPU
-    assert off.peak_device_bytes == off.param_bytes + 2 * P / 2 + 2 * L
+    # the gradient partition and its fp32 copies are on the CPU (was 2P/N on the device): the device keeps the
+    # param's full grad in backward and DeepSpeed's staging buffer of the largest param for the whole run
+    assert (off.grad_backward_bytes, off.grad_step_bytes) == (2 * L + 2 * L, 2 * L)
+    assert off.peak_device_bytes == off.param_bytes + 4 * L
     plain = memory.for_run(None, P, 2, "bf16", largest_param=L)  # autocast: fp32 grads, no copies, same 16P
     assert plain.grad_peak_bytes == plain.grad_bytes and plain.peak_device_bytes == plain.device_bytes == 16 * P
     assert "no DeepSpeed" in plain.table()
@@ -101,11 +105,11 @@ def test_table_shows_paper_and_peak():
     est = memory.estimate(SMOL, 2, 2, largest_param=SMOL_L)
     rows = {line[2:19].strip(): line for line in est.table().splitlines()[1:]}
     assert list(rows) == ["parameters", "gradients", "optimizer states", "total per device", "gradients at peak",
-                          "total at peak"]
+                          "live at peak"]
     assert rows["gradients"].split()[1] == f"{2 * SMOL / 2 / gib:.3f}"
     assert rows["gradients at peak"].split()[3] == f"{6 * SMOL / 2 / gib:.3f}"
     assert "largest param 28.3M" in rows["gradients at peak"] and "fp32 copies" in rows["gradients at peak"]
-    assert rows["total at peak"].split()[-2] == f"{est.peak_device_bytes / gib:.3f}"
+    assert rows["live at peak"].split()[-2] == f"{est.peak_device_bytes / gib:.3f}"
 
 
 def test_count_parameters_matches_the_model(tiny_bert):
@@ -162,7 +166,7 @@ def test_estimate_memory_command(tiny_bert):
     largest = model_sizes(ModelConfig(name_or_path=str(tiny_bert))).largest
     bucket = 2 * 25_000_000  # llmkit's "auto" reduce bucket for a small model: 25M bf16 elements
     peak = memory.estimate(params, 2, 4, largest_param=largest, bucket_bytes=bucket).peak_device_bytes / 1024**3
-    line = next(x for x in out.stdout.splitlines() if "total at peak" in x)
+    line = next(x for x in out.stdout.splitlines() if "live at peak" in x)
     assert line.split()[-2] == f"{peak:.3f}"
     assert f"largest param {largest / 1e3:,.1f}K" in out.stdout and largest < 1e6  # a tiny model: in thousands
     lora = subprocess.run([sys.executable, "-m", "llmkit.cli", "estimate-memory", "--model", str(tiny_bert),
@@ -183,8 +187,10 @@ def test_estimate_memory_command(tiny_bert):
                               *(["--gradient-checkpointing"] if ckpt else [])],
                              capture_output=True, text=True, timeout=120)
         assert got.returncode == 0, got.stderr
-        acts[ckpt] = float(next(x for x in got.stdout.splitlines() if "activations" in x).split()[-2])
-        want = activations.activation_bytes(shape, 512, 128, 2, checkpointing=ckpt) / 1024**3
+        acts[ckpt] = float(next(x for x in got.stdout.splitlines() if x.startswith("  activations")).split()[-2])
+        # the command's default device is a GPU, and it says so (it counted a CPU's kernels without saying)
+        assert "activations as on a GPU" in got.stdout
+        want = activations.activation_bytes(shape, 512, 128, 2, checkpointing=ckpt, device="cuda") / 1024**3
         assert want > 0.01 and acts[ckpt] == pytest.approx(want, rel=0.05)
     assert acts[True] < acts[False]
     bad = subprocess.run([sys.executable, "-m", "llmkit.cli", "estimate-memory", "--model", str(tiny_bert),
@@ -219,7 +225,7 @@ def test_logits_and_runtime_terms_and_the_refusal_of_a_run_that_cannot_fit():
     est = memory.for_run(None, 1000, 1, "fp32", logits=5000.0, runtime=9000.0)
     assert est.peak_device_bytes == 16 * 1000 + 5000 + 9000
     names = [line[2:19].strip() for line in est.table().splitlines()[1:]]
-    assert names[-3:] == ["logits and loss", "runtime", "total at peak"]
+    assert names[-3:] == ["logits and loss", "runtime", "live at peak"]
     memory.check_fits(est, est.peak_device_bytes, "one test device")  # exactly enough passes
     with pytest.raises(LlmkitError, match=r"at least .* GiB per device at its peak, "
                                           r"one test device has .* largest term is runtime .*fewer ranks per"):
@@ -240,7 +246,7 @@ def test_training_and_evaluation_batches_take_turns_at_the_peak():
                                 evaluation=20_000.0)
     assert evaluation.peak_device_bytes == states + 20_000
     names = [line[2:19].strip() for line in evaluation.table().splitlines()[1:]]
-    assert names[-5:] == ["activations", "logits and loss", "evaluation batch", "runtime", "total at peak"]
+    assert names[-5:] == ["activations", "logits and loss", "evaluation batch", "runtime", "live at peak"]
     assert "in place of activations + logits" in evaluation.table()
     deep = memory.for_run(None, 1000, 1, "fp32", activations=1e9)
     with pytest.raises(LlmkitError, match="largest term is activations .*model.gradient_checkpointing true"):
@@ -335,7 +341,7 @@ def test_the_runtime_measured_again_after_set_up_moves_the_peak_and_the_load(tmp
     cfg = load_config(write_lm_config(tmp_path / "c.yaml", tiny_lm, tmp_path / "out", lora=False))
     plan = preflight.check(cfg, 1, "causal_lm", hw=Hardware(memory_bytes=4 * 2**30))
     lines = preflight.recheck_memory(plan)
-    assert lines.startswith("memory, the runtime measured again") and "total at peak" in lines
-    monkeypatch.setattr(preflight, "_resident_bytes", lambda: 5 * 2**30)  # the process grew past the host
+    assert lines.startswith("memory, the runtime measured again") and "live at peak" in lines
+    monkeypatch.setattr(memory, "resident_bytes", lambda: 5 * 2**30)  # the process grew past the host
     with pytest.raises(LlmkitError, match="per device at its peak|loading this model needs"):
         preflight.recheck_memory(plan)

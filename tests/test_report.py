@@ -3,17 +3,19 @@ HTML page that headless Chromium renders without console errors, TensorBoard sca
 
 from __future__ import annotations
 
+import html
 import json
 import re
 import shutil
 
 import numpy as np
 import pytest
-from helpers import HIGHLIGHTS, chromium, read_jsonl
+from helpers import HIGHLIGHTS, build_three_class_run, chromium, read_jsonl
 from sklearn import metrics as sk
 
 from llmkit.errors import LlmkitError
 from llmkit.report import pages
+from llmkit.report.undefined import interval
 
 pytestmark = pytest.mark.slow
 
@@ -51,7 +53,10 @@ def test_report_numbers_match_scikit_learn(tiny_run):
         p, r, f, support = sk.precision_recall_fscore_support(y, pred, labels=[0, 1], zero_division=0)
         for c, row in enumerate(s["per_class"]):
             assert row["label"] == names[c]
-            assert (row["precision"], row["recall"], row["f1"]) == pytest.approx((p[c], r[c], f[c]))
+            # a class never predicted has no precision (scikit-learn's 0.0 there is its zero_division stand-in)
+            never = {"defined": False, "why": "never predicted", "predicted": 0}
+            assert row["precision"] == (pytest.approx(p[c]) if (pred == c).any() else never)
+            assert (row["recall"], row["f1"]) == pytest.approx((r[c], f[c]))  # every class has rows here
             assert row["support"] == support[c]
         assert s["confusion_matrix"] == sk.confusion_matrix(y, pred).tolist()
         assert s["roc_auc"] == pytest.approx(sk.roc_auc_score(y, prob[:, 1]))
@@ -65,8 +70,13 @@ def test_report_numbers_match_scikit_learn(tiny_run):
             idx = rng.integers(0, len(y), len(y))
             accs.append(sk.accuracy_score(y[idx], pred[idx]))
             f1s.append(sk.f1_score(y[idx], pred[idx], zero_division=0))
-        assert s["ci95"]["accuracy"] == pytest.approx([np.percentile(accs, 2.5), np.percentile(accs, 97.5)])
-        assert s["ci95"]["f1"] == pytest.approx([np.percentile(f1s, 2.5), np.percentile(f1s, 97.5)])
+        for key, values in (("accuracy", accs), ("f1", f1s)):
+            if np.ptp(values) == 0:  # e.g. class 1 never predicted: F1 0 in every resample, which is no interval
+                assert s["ci95"][key] == {"defined": False, "why": "every resample gives the same value",
+                                          "value": values[0], "rows": len(y)}, key
+            else:
+                assert s["ci95"][key] == pytest.approx([np.percentile(values, 2.5), np.percentile(values, 97.5)])
+        assert s["ci95"]["resamples"] == 1000
         assert s["ci95"]["accuracy"][0] <= s["accuracy"] <= s["ci95"]["accuracy"][1]
         # the most confident mistakes: wrong rows only, by decreasing probability
         wrong = sorted((conf[i] for i in range(len(rows)) if pred[i] != y[i]), reverse=True)
@@ -98,8 +108,7 @@ def test_html_is_self_contained_and_markdown_shows_the_same_numbers(tiny_run):
         for key in ("accuracy", "f1", "f1_macro", "precision", "recall", "roc_auc", "ece"):
             assert f"{s[key]:.4f}" in md, (split, key)
             assert f"{s[key]:.4f}" in page, (split, key)
-        lo, hi = s["ci95"]["f1"]
-        assert f"{lo:.4f}-{hi:.4f}" in md
+        assert interval(s["ci95"]["f1"]) in md and interval(s["ci95"]["f1"]) in html.unescape(page)
     # the explained rows (output.explain_rows, default 8): the test split's most confident mistakes first
     why = doc["runs"][0]["explanations"]
     assert why["split"] == "test" and len(why["rows"]) == 8 and why["seconds"] > 0
@@ -161,6 +170,38 @@ def test_report_renders_in_headless_chromium(tiny_run, tmp_path):
     assert (tmp_path / "report.png").stat().st_size > 10_000  # a rendered page, not a blank one
 
 
+# per explained row of the report: its words' cell shown, what it was predicted, and its key's two lines with how
+# each is drawn (text, underline style, background)
+ROW_KEYS = ("return Array.from(document.querySelectorAll('tr')).filter(r => r.querySelector('td.why')).map(r => {"
+            "const c = r.querySelectorAll('td'); const w = r.querySelector('td.why').getBoundingClientRect(); "
+            "return [w.width > 0 && w.height > 0, c[3].textContent, Array.from(r.querySelectorAll('td.key span'))"
+            ".map(s => {const st = getComputedStyle(s); return [s.innerText, st.borderBottomStyle, "
+            "st.backgroundColor];})];});")
+
+
+def test_a_three_class_report_names_each_rows_class_in_headless_chromium(tmp_path):
+    """Issue 47: the report of a 3-class run (built in this process, no launch) shows, beside each explained row,
+    a key naming that row's own predicted class: green toward it, red away from it; no "toward against"."""
+    run = build_three_class_run(tmp_path / "run")
+    paths = pages.build([run])
+    why = json.loads(paths["json"].read_text())["runs"][0]["explanations"]
+    with chromium(tmp_path) as page:
+        page.get(paths["html"].resolve().as_uri())
+        rows = page.execute_script(ROW_KEYS)
+        legend = page.execute_script("return Array.from(document.querySelectorAll('p.legend')).map(p => p.innerText);")
+        errors = [e for e in page.get_log("browser") if e["level"] in ("SEVERE", "ERROR")]
+    assert errors == [], errors
+    assert len(rows) == len(why["rows"]) == 6 and len({r["prediction"] for r in why["rows"]}) == 3
+    for (shown, predicted, key), row in zip(rows, why["rows"]):
+        assert shown and predicted.split()[0] == row["prediction"]
+        (green, up, up_colour), (red, down, _) = key
+        assert (green, red) == (f"toward {row['prediction']} (the prediction)", f"away from {row['prediction']}")
+        assert (up, down) == ("solid", "dotted") and up_colour not in ("rgba(0, 0, 0, 0)", "transparent")
+    (text,) = legend
+    assert "pushes toward the row's predicted class" in text and "against" not in text
+    assert ("raised (doubled, up to" in text) == any(r["steps"] > why["steps"] for r in why["rows"])
+
+
 def test_a_torn_last_line_does_not_stop_the_report(tiny_run, tmp_path):
     """The run killed while writing its last metrics and predictions lines: `llmkit report` skips each torn
     last line and lists the files it skipped one in."""
@@ -174,3 +215,57 @@ def test_a_torn_last_line_does_not_stop_the_report(tiny_run, tmp_path):
     doc = json.loads(paths["json"].read_text())["runs"][0]
     assert doc["run"]["torn_last_line_skipped"] == ["metrics.jsonl", "predictions_test.jsonl"]
     assert doc["splits"]["test"]["rows"] == 29
+
+
+def test_report_statistics_where_the_rows_cannot_give_them(tmp_path):
+    """Each number of the run's report that its rows cannot give says why, with counts, in report.json and on the
+    pages: an interval of 1 row or of rows all right (every resample the same), ROC AUC of one class, one-vs-rest
+    of a split without a label, per-class scores of a class without rows or never predicted, ECE of no rows."""
+    from llmkit.report.numbers import bootstrap, calibration, per_class, ranking
+
+    one = bootstrap(np.array([1]), np.array([1]), 2)
+    assert one == {"accuracy": {"defined": False, "why": "too few rows for an interval", "rows": 1},
+                   "f1": {"defined": False, "why": "too few rows for an interval", "rows": 1}, "resamples": 1000}
+    right = bootstrap(np.array([0, 1] * 5), np.array([0, 1] * 5), 2)
+    assert right["accuracy"] == {"defined": False, "why": "every resample gives the same value", "value": 1.0,
+                                 "rows": 10}
+    half = bootstrap(np.array([0, 1] * 5), np.array([0, 1] * 4 + [1, 0]), 2)
+    assert half["accuracy"][0] < 0.8 < half["accuracy"][1]  # rows that differ: an interval as before
+
+    probs = np.tile([0.3, 0.7], (6, 1))
+    negatives = ranking(np.zeros(6, dtype=int), probs, ["neg", "pos"])
+    assert negatives["roc_auc"] == negatives["average_precision"] == {"defined": False, "why": "no row of pos",
+                                                                      "rows": 6}
+    assert negatives["_curves"] == {"roc": [], "pr": []}
+    positives = ranking(np.ones(6, dtype=int), probs, ["neg", "pos"])
+    assert positives["roc_auc"] == {"defined": False, "why": "every row is pos", "rows": 6}
+    assert positives["average_precision"] == pytest.approx(sk.average_precision_score(np.ones(6), probs[:, 1]))
+
+    y = np.array([0, 2, 0, 2, 2, 0])
+    three = np.array([[0.6, 0.1, 0.3], [0.2, 0.2, 0.6], [0.5, 0.3, 0.2], [0.1, 0.5, 0.4], [0.3, 0.3, 0.4],
+                      [0.2, 0.2, 0.6]])
+    got = ranking(y, three, ["neg", "neutral", "pos"])
+    assert got["roc_auc"] == {"defined": False, "why": "no row of neutral: one-vs-rest needs rows in and out of "
+                              "every class", "support": {"neg": 3, "neutral": 0, "pos": 3}}
+    assert [c[0] for c in got["_curves"]["roc"]] == ["neg", "pos"]  # the classes that have a curve are still drawn
+    assert got["_curves"]["roc"][0][3] == pytest.approx(sk.roc_auc_score(y == 0, three[:, 0]))
+
+    (neg, neutral, pos) = per_class(y, three.argmax(1), ["neg", "neutral", "pos"])  # neutral predicted once
+    assert neutral["support"] == 0 and neutral["precision"] == 0.0
+    assert neutral["recall"] == {"defined": False, "why": "no row of this class", "support": 0}
+    assert neutral["f1"] == 0.0  # predicted and never right: 0, as scikit-learn counts it
+    assert per_class(y, np.zeros(6, dtype=int), ["neg", "neutral", "pos"])[2]["precision"] == {
+        "defined": False, "why": "never predicted", "predicted": 0}
+    assert calibration(np.array([]), np.array([]))["ece"] == {"defined": False, "why": "no rows", "rows": 0}
+
+    # an eval output of one row: its report says why each interval and the ROC AUC have no value
+    (tmp_path / "predictions_test.jsonl").write_text(json.dumps(
+        {"row": 0, "text": "good film", "label": "pos", "prediction": "pos", "probabilities": [0.1, 0.9]}) + "\n")
+    (tmp_path / "metrics.json").write_text(json.dumps({"label_names": ["neg", "pos"]}))
+    paths = pages.build([tmp_path])
+    split = json.loads(paths["json"].read_text())["runs"][0]["splits"]["test"]
+    assert split["ci95"]["accuracy"]["why"] == "too few rows for an interval" and split["roc_auc"]["rows"] == 1
+    for page in ("md", "html"):
+        text = paths[page].read_text()
+        assert "not defined: too few rows for an interval (rows 1)" in text, page
+        assert "not defined: every row is pos (rows 1)" in text and "not defined: never predicted (predicted 0)" in text

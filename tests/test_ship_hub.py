@@ -141,9 +141,10 @@ def test_card_model_index_equals_metrics(pushed_classifier, fake_hub, tmp_path):
     assert {"llmkit", "deepspeed", "zero-3"} <= set(data.tags)
     assert data.license and data.model_name == "tiny-sentiment"
     metrics = json.loads((out / "metrics.json").read_text())
-    got = {(r.dataset_split, r.metric_type): r.metric_value for r in data.eval_results}
-    want = {(split, name): metrics[split][name] for split in ("test", "validation")
-            for name in ("accuracy", "f1", "precision", "recall")}
+    got = {(r.dataset_split, r.metric_name): r.metric_value for r in data.eval_results}
+    named = {"accuracy": "accuracy", "f1": "F1 (positive: pos)", "f1_macro": "F1 (macro)",
+             "precision": "precision (positive: pos)", "recall": "recall (positive: pos)"}
+    want = {(split, named[name]): metrics[split][name] for split in ("test", "validation") for name in named}
     assert got == pytest.approx(want)
     text = card.text
     assert 'pipeline("text-classification", model="alice/tiny-sentiment")' in text

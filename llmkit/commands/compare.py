@@ -3,7 +3,10 @@ then for every pair what a reviewer asks before believing that one is better: th
 macro-F1 with paired-bootstrap intervals, McNemar's exact test, how often they agree and the rows where they
 disagree most confidently (explained word by word); per model the per-class scores and the calibration before
 and after a temperature fitted on another split; every number again per slice (true label, text length, any
-column named). Written as compare.json, compare.md and compare.html (llmkit.report.compared)."""
+column named). The verdicts are corrected for their number (Holm); the slices' p-values are exploratory. A
+statistic the rows cannot give says why (llmkit.report.undefined), and one that fails unexpectedly loses only its
+own entry: the scored models (model-N/) and every other number still reach compare.json, compare.md and
+compare.html (llmkit.report.compared)."""
 
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ from llmkit.evals import explain
 from llmkit.model import locate
 from llmkit.report import compared, paired
 from llmkit.report.numbers import calibration, read_predictions, split_report
+from llmkit.report.undefined import defined, not_defined
 from llmkit.rundir.layout import Export, RunDir, read_json
 
 MARKER = ".llmkit-compare"  # a `llmkit compare` output folder, which a later compare may write over
@@ -114,10 +118,14 @@ def _model_numbers(s: dict, split: str, fit_on: str | None) -> dict:
     """One model's scores on the compared rows, and its calibration before and after temperature scaling."""
     rep = split_report(s[split]["rows"], s["labels"])
     out = {k: rep[k] for k in ("accuracy", "f1_macro", "rows", "per_class", "ece")}
-    out["accuracy_ci95"] = rep["ci95"]["accuracy"]  # the rows resampled (report.numbers.bootstrap)
+    # the rows resampled (report.numbers.bootstrap), fewer times than the pairs' intervals
+    out["accuracy_ci95"], out["accuracy_ci95_resamples"] = rep["ci95"]["accuracy"], rep["ci95"]["resamples"]
     out["seconds_per_row"] = s["seconds_per_row"]
     if fit_on is not None:
         fit = paired.fit_temperature(s[fit_on]["probs"], s[fit_on]["gold"])
+        if not defined(fit):  # no temperature is best on those rows: its reason and counts, no ECE after it
+            out["temperature"] = {**fit, "fitted_on": fit_on}
+            return out
         probs = paired.tempered(s[split]["probs"], fit["temperature"])
         right = (probs.argmax(1) == s[split]["gold"]).astype(float)
         out["temperature"] = {**fit, "fitted_on": fit_on, "ece_after": calibration(probs.max(1), right)["ece"]}
@@ -170,6 +178,66 @@ def _explained_disagreements(scored: list[dict], models: list[str], split: str, 
     return found
 
 
+class _Failures:
+    """The statistics that failed unexpectedly, each in its entry's place ({"error": ...}), listed in the
+    document's `errors` and said in one line: the scored models and every other number still reach the pages."""
+
+    def __init__(self, said: list[str]):
+        self.said = said
+
+    def guard(self, what: str, compute, *args):
+        try:
+            return compute(*args)
+        except Exception as exc:  # recorded where the number would be, never dropped unseen
+            text = f"{type(exc).__name__}: " + (str(exc).strip().splitlines() or ["(no message)"])[0]
+            self.said.append(f"{what}: {text}")
+            print(f"compare: {what} failed ({text}); compare.json records it and keeps the rest", file=sys.stderr,
+                  flush=True)
+            return {"error": text}
+
+
+def _pairs(failed: _Failures, scored: list[dict], split: str, mask: np.ndarray | None, resamples: int, seed: int,
+           where: str = "") -> list[dict]:
+    """Every pair of models on the rows of `mask` (all rows where None)."""
+    pick = (lambda v: v) if mask is None else (lambda v: v[mask])
+    gold, classes = pick(scored[0][split]["gold"]), len(scored[0]["labels"])
+    return [{"a": f"model-{i + 1}", "b": f"model-{j + 1}", **failed.guard(
+        f"model-{i + 1} vs model-{j + 1}{where}", paired.pair, gold, pick(scored[i][split]["predicted"]),
+        pick(scored[j][split]["predicted"]), classes, resamples, seed)} for i, j in combinations(range(len(scored)), 2)]
+
+
+def _slice(failed: _Failures, scored: list[dict], split: str, name: str, mask: np.ndarray, resamples: int,
+           seed: int) -> dict:
+    """Each model's accuracy on a slice's rows and every pair there (a slice of no rows: each says so)."""
+    rows = int(mask.sum())
+    return {"rows": rows, "accuracy": {
+        f"model-{k + 1}": float((s[split]["predicted"][mask] == s[split]["gold"][mask]).mean()) if rows else
+        not_defined("no rows", rows=0) for k, s in enumerate(scored)},
+        "pairs": _pairs(failed, scored, split, mask, resamples, seed, f" in slice {name}")}
+
+
+def document(scored: list[dict], models: list[str], labels: list[str], split: str, source: str, fit_on: str | None,
+             why_not: str | None, slice_by: list[str], resamples: int = 2000, seed: int = 0) -> dict:
+    """Every number of the comparison from the scored models (no disagreements yet). Each entry computed on its
+    own: one that fails holds {"error": ...} and is listed in `errors`; the others stand."""
+    failed = _Failures([])
+    pairs = _pairs(failed, scored, split, None, resamples, seed)
+    testing = failed.guard("the correction for multiple testing", paired.holm, pairs)
+    masks = failed.guard("cutting the rows into slices", _slices, scored[0], split, slice_by)
+    cut = max(resamples // 4, 100)  # many slices: a quarter of the resamples each
+    slices = {name: failed.guard(f"slice {name}", _slice, failed, scored, split, name, mask, cut, seed)
+              for name, mask in masks.items()} if "error" not in masks else {}
+    testing["slices"] = ("uncorrected, exploratory: each slice's p-values are tested on their own, with no correction "
+                         "for how many slices and pairs there are")
+    return {"split": split, "data": source, "rows": len(scored[0][split]["gold"]), "labels": scored[0]["labels"],
+            "calibration_split": fit_on, "calibration_note": why_not, "slice_by": slice_by,
+            "models": [{"name": f"model-{i + 1}", "model": m, "label": labels[i], **failed.guard(
+                f"the numbers of model-{i + 1}", _model_numbers, s, split, fit_on)}
+                for i, (m, s) in enumerate(zip(models, scored))],
+            "pairs": pairs, "multiple_testing": testing, "bootstrap_resamples": resamples, "slice_resamples": cut,
+            "slices": slices, "disagreements": [], "errors": failed.said}
+
+
 def compare(models: list[str], source: str, split: str, output_dir: str | Path, eval_args: list[str],
             resamples: int = 2000, seed: int = 0, zero_shot: list[str] | None = None,
             calibration_split: str | None = None, slice_by: list[str] = (), explain_rows: int = 2) -> dict:
@@ -212,37 +280,31 @@ def compare(models: list[str], source: str, split: str, output_dir: str | Path, 
         if scored[-1]["labels"] != scored[0]["labels"]:
             raise LlmkitError(f"the models classify into different labels: {models[0]} has {scored[0]['labels']}, "
                               f"{model} has {scored[-1]['labels']}; compare models of the same task and label order")
-    first, names, classes = scored[0], [f"model-{i + 1}" for i in range(len(scored))], len(scored[0]["labels"])
-
-    def pairs(mask: np.ndarray | None, n: int) -> list[dict]:
-        pick = (lambda v: v) if mask is None else (lambda v: v[mask])
-        return [{"a": names[i], "b": names[j], **paired.pair(pick(first[split]["gold"]),
-                                                             pick(scored[i][split]["predicted"]),
-                                                             pick(scored[j][split]["predicted"]), classes, n, seed)}
-                for i, j in combinations(range(len(scored)), 2)]
-
-    slices = {name: {"rows": int(mask.sum()),
-                     "accuracy": {m: float((s[split]["predicted"][mask] == s[split]["gold"][mask]).mean())
-                                  for m, s in zip(names, scored)},
-                     "pairs": pairs(mask, max(resamples // 4, 100))}
-              for name, mask in _slices(first, split, slice_by).items()}
-    doc = {"split": split, "data": source, "labels": first["labels"], "calibration_split": fit_on,
-           "calibration_note": why_not, "slice_by": slice_by,
-           "models": [{"name": names[i], "model": m, "label": _label(m), **_model_numbers(s, split, fit_on)}
-                      for i, (m, s) in enumerate(zip(models, scored))],
-           "pairs": pairs(None, resamples), "slices": slices,
-           "disagreements": _explained_disagreements(scored, models, split, explain_rows, out, zero_shot)
-           if explain_rows else []}
-    compared.write(doc, out)
+    doc = document(scored, models, [_label(m) for m in models], split, source, fit_on, why_not, slice_by, resamples,
+                   seed)
+    if explain_rows:
+        failed = _Failures(doc["errors"])
+        found = failed.guard("explaining the disagreements", _explained_disagreements, scored, models, split,
+                             explain_rows, out, zero_shot)
+        doc["disagreements"] = [] if isinstance(found, dict) else found
+    try:
+        compared.write(doc, out)
+    except Exception as exc:  # a page that cannot be drawn: the numbers are in compare.json (written first)
+        if not (out / "compare.json").is_file():
+            raise
+        raise LlmkitError(f"compare.json is written, but drawing its pages failed: {type(exc).__name__}: {exc}") \
+            from exc
     return doc
 
 
 def main(args: argparse.Namespace) -> None:
     """`llmkit compare`, from its parsed options: each model scored by `llmkit eval` with the same row options."""
-    eval_args = ["--text-column", args.text_column, "--label-column", args.label_column, "--max-length",
-                 str(args.max_length), "--batch-size", str(args.batch_size), "--precision", args.precision]
-    eval_args += ["--text-pair-column", args.text_pair_column] if args.text_pair_column else []
-    eval_args += ["--max-samples", str(args.max_samples)] if args.max_samples else []
+    eval_args = ["--batch-size", str(args.batch_size), "--precision", args.precision]
+    for flag, value in (("--text-column", args.text_column), ("--text-pair-column", args.text_pair_column),
+                        ("--label-column", args.label_column), ("--max-length", args.max_length),
+                        ("--max-samples", args.max_samples)):  # what is not given, each model's eval takes from its run
+        eval_args += [flag, str(value)] if value is not None else []
+    eval_args += ["--label-map", *args.label_map] if args.label_map else []
     zero_shot = ["--zero-shot", "--prompt-template", args.prompt_template, "--label-words", *args.label_words] \
         if args.prompt_template and args.label_words else None
     if any(m.startswith("zero-shot:") for m in args.models) and zero_shot is None:
@@ -250,6 +312,7 @@ def main(args: argparse.Namespace) -> None:
     doc = compare(args.models, args.data, args.split, args.output, eval_args, args.resamples, args.seed, zero_shot,
                   args.calibration_split, args.slice_by or [], args.explain_rows)
     for m in doc["models"]:
-        print(f"{m['name']}: accuracy {m['accuracy']:.4f}  f1_macro {m['f1_macro']:.4f}  ({m['model']})")
+        print(f"{m['name']}: " + (f"its numbers failed ({m['error']})" if "error" in m else
+                                  f"accuracy {m['accuracy']:.4f}  f1_macro {m['f1_macro']:.4f}") + f"  ({m['model']})")
     print("\n".join(compared.verdict(doc)) + f"\ncomparison: {Path(args.output) / 'compare.html'} (and compare.md, "
           "compare.json)")

@@ -155,6 +155,8 @@ def _output_and_checkpoint(cfg) -> None:
     need(bool(o.output_dir), "output.output_dir", "must name a directory")
     need(0 <= o.explain_rows <= 200, "output.explain_rows", f"must be in [0, 200] (each row costs an integrated-"
          f"gradients pass per label), got {o.explain_rows}")
+    need(1 <= o.explain_max_steps <= 4096, "output.explain_max_steps", f"must be in [1, 4096] (each step is a "
+         f"forward and backward pass per label of a raised row), got {o.explain_max_steps}")
     for name in o.quantize:
         need(name in FORMATS, "output.quantize", f"lists {name!r}; llmkit writes {', '.join(FORMATS)}")
     need(len(set(o.quantize)) == len(o.quantize), "output.quantize", f"names a format twice: {o.quantize}")

@@ -98,8 +98,8 @@ def starter(recipe: str) -> str:
         raise LlmkitError(f"--recipe must be one of {', '.join(schema.RECIPES)}, got {recipe!r}")
     skip = {k.name for k in keys() if recipe not in k.readers}
     out = [f"# llmkit starter config for recipes/{recipe}.py: every key it reads, at its default (`llmkit config` "
-           "lists them all).", f"# Run: llmkit launch --config_file accelerate_configs/cpu_zero2.yaml "
-           f"recipes/{recipe}.py --config <this file>"]
+           "lists them all).", f"# Run, from any folder: llmkit train {recipe} --config <this file> "
+           "--accelerate-config cpu_zero2"]
     section = None
     mixture = [k for k in keys() if k.name.startswith(MIXTURE + ".")]
     for key in keys():

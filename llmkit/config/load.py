@@ -8,6 +8,7 @@ from typing import Any
 
 import yaml
 
+from llmkit import shipped
 from llmkit.config.checks import check_values
 from llmkit.config.schema import RENAMED, Config
 from llmkit.config.typed import build, did_you_mean, hints, read_yaml
@@ -60,15 +61,29 @@ def _refuse_renamed(raw: dict) -> None:
                                   "(or the override)")
 
 
+def _find_deepspeed_file(raw: dict, written_in: Path | None) -> None:
+    """deepspeed.config_file made a path that exists: one the config file wrote is read against that file, one from
+    the command line against the current folder; either may be a shipped name (llmkit.shipped)."""
+    section = raw.get("deepspeed")
+    value = section.get("config_file") if isinstance(section, dict) else None
+    if isinstance(value, str) and value not in ("", "none"):
+        named_by = f"deepspeed.config_file in config file '{written_in}'" if written_in else "deepspeed.config_file"
+        section["config_file"] = str(shipped.find(value, "deepspeed", origin=written_in, named_by=named_by))
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
     """Read a YAML config, apply `--section.key value` overrides, validate, return the typed config."""
     raw: dict[str, Any] = {}
     if path is not None:
+        path = shipped.find(path, "config", "config file")  # a path, or the name of a shipped recipe config
         raw = read_yaml(path, "config file")
         if not isinstance(raw, dict):
             raise LlmkitError(f"config file '{path}' must hold a mapping of sections, got {type(raw).__name__}")
+    written_in = path
     for key, text in _split_overrides(overrides or []):
         section, leaf = _full_key(key)
+        if (section, leaf) == ("deepspeed", "config_file"):
+            written_in = None  # given on the command line: read against the current folder
         try:
             value = yaml.safe_load(text)
         except yaml.YAMLError:
@@ -78,6 +93,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise LlmkitError(f"config section '{section}' must be a mapping")
         current[leaf] = value
     _refuse_renamed(raw)
+    _find_deepspeed_file(raw, written_in)
     config = build(raw, Config)
     check_values(config)
     return config

@@ -175,7 +175,9 @@ class CheckpointConfig:
     save_every_epoch: bool = key(False, "also write a checkpoint at each epoch end")
     keep_last: int | None = key(2, "newest checkpoints kept (None keeps all)")
     keep_best: int = key(0, "also keep this many best ones by best_metric (from the evals at checkpoint steps)")
-    best_metric: Literal[metrics.ALL] = key("f1", "an eval metric (loss and perplexity: lower is better)")
+    best_metric: Literal[metrics.ALL] = key("f1_macro", "an eval metric: f1_macro, the mean of every label's F1; "
+                                            "f1, precision, recall: of the second label (id 1) with two labels, the "
+                                            "macro average with more; accuracy; loss and perplexity (lower is better)")
     resume_from: str | None = key(None, '"latest" (in output_dir) or a checkpoint folder')
     new_global_batch: bool = key(False, "a resume takes this launch's ranks x accumulation, not the checkpoint's")
 
@@ -195,9 +197,13 @@ class OutputConfig:
                               "always do: the merge runs there); false: only the whole-file and no-empty-tensor "
                               "checks, for a model too big to load a second time in host memory")
     explain_rows: int = key(8, "report rows explained word by word (mistakes first); 0: none", readers=CLASSIFIERS)
+    explain_max_steps: int = key(256, "integrated gradients start at 16 steps; a row whose delta is over 5% of what "
+                                 "it explains is redone with twice as many, up to this (a row still over is "
+                                 "flagged with its steps); 16: never raised", readers=CLASSIFIERS)
     hub_license: str | None = key(None, 'model card license; default: the base model\'s when known, else "other"')
     quantize: list[str] = key(help="quantized copies written beside final/ after the verified export "
-                              "(final-<format>/), each scored against the full model by the runtime that serves it: "
+                              "(final-<format>/), each scored against the full model (onnx-int8 in onnxruntime, GGUF "
+                              "by transformers' GGUF reader, not llama.cpp, torchao-int8 in PyTorch with torchao): "
                               "onnx-int8 (sequence classifiers), gguf-f16, gguf-q8_0 (Llama-family causal LMs), "
                               "torchao-int8 (causal LMs); "
                               "`llmkit quantize` makes them for any export",

@@ -143,3 +143,14 @@ def read_yaml(path: str | Path, what: str) -> Any:
         return yaml.load(path.read_text(), Loader=_UniqueKeys) or {}
     except yaml.YAMLError as exc:
         raise LlmkitError(f"{what} '{path}' is not valid YAML: {exc}") from None
+
+
+def flatten(node: dict, prefix: str = "") -> dict:
+    """Nested YAML / JSON mappings as one mapping of dotted keys ({"train": {"seed": 1}} -> {"train.seed": 1})."""
+    out = {}
+    for key, value in node.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out

@@ -3,6 +3,7 @@ to ids. The split roles are train, validation (config key data.validation_split)
 
 from __future__ import annotations
 
+import collections
 import glob
 import hashlib
 import html
@@ -184,8 +185,12 @@ def wanted_splits(cfg: DataConfig, raw: DatasetDict) -> dict[str, str]:
     return {role: split for role, split in wanted.items() if split is not None}
 
 
-def require_columns(ds: Dataset, split: str, columns: list[str]) -> None:
-    """A clear error for the first configured column the split lacks."""
+COLUMN_KEYS = "the data.*_column keys"
+COLUMN_FLAGS = "--text-column / --text-pair-column / --label-column"  # what a command that scores rows takes
+
+
+def require_columns(ds: Dataset, split: str, columns: list[str], where: str = COLUMN_KEYS) -> None:
+    """A clear error for the first configured column the split lacks; `where` names what sets the columns."""
     missing = [c for c in columns if c not in ds.column_names]
     if missing:
         joined = next((sep for sep in (";", "\t", "|") if len(ds.column_names) == 1 and sep in ds.column_names[0]),
@@ -193,7 +198,7 @@ def require_columns(ds: Dataset, split: str, columns: list[str]) -> None:
         hint = (f"; the file looks separated by {joined!r}, not commas: save it as a comma-separated .csv (or "
                 "tab-separated .tsv)") if joined else ""
         raise LlmkitError(f"split '{split}' has no column {missing[0]!r} (columns: {ds.column_names}); set "
-                          f"the data.*_column keys to the right names{hint}")
+                          f"{where} to the right names{hint}")
 
 
 def one_split(source: str, split: str, label_names: list[str], text_column: str, text_pair_column: str | None,
@@ -229,10 +234,12 @@ class LabeledSplits:
 
 
 def load_labeled(cfg: DataConfig, seed: int, log=print, training: bool = True,
-                 keep: tuple[str, ...] = ()) -> LabeledSplits:
+                 keep: tuple[str, ...] = (), match=None) -> LabeledSplits:
     """Load and check every split the config names: rows with text, cleaned if asked, labels mapped to ids.
     `training`: the train split is trained on, so every label needs rows there (not so for `llmkit eval`).
-    `keep`: more columns carried along untouched (`llmkit compare --slice-by`)."""
+    `keep`: more columns carried along untouched (`llmkit compare --slice-by`).
+    `match(values, feature, split)`: a trained model's labels given as cfg.label_names, each split's labels turned
+    into those names first (data.scored), so that no id is read as a model's label by its position alone."""
     raw = load_raw(cfg)
     wanted = wanted_splits(cfg, raw)
     columns = list(dict.fromkeys(c for c in (cfg.text_column, cfg.text_pair_column, cfg.label_column, *keep) if c))
@@ -243,7 +250,7 @@ def load_labeled(cfg: DataConfig, seed: int, log=print, training: bool = True,
     dropped: dict[str, int] = {}
     for role, split in wanted.items():
         ds = raw[split]
-        require_columns(ds, split, columns)
+        require_columns(ds, split, columns, COLUMN_KEYS if match is None else COLUMN_FLAGS)
         ds = ds.select_columns(columns)
         if len(ds) == 0:
             raise LlmkitError(f"split '{split}' is empty: it has no rows at all")
@@ -255,6 +262,8 @@ def load_labeled(cfg: DataConfig, seed: int, log=print, training: bool = True,
             if kind not in ("string", "large_string"):
                 ds = ds.cast_column(c, Value("string"))
         values = _normalise_labels(ds[cfg.label_column], split)
+        if match is not None:
+            values = match(values, ds.features[cfg.label_column], split)
         text_values = [ds[c] for c in texts]
         bad = [i for i, v in enumerate(values)
                if v is None or not all(isinstance(t[i], str) and t[i].strip() for t in text_values)]
@@ -309,6 +318,26 @@ def _check_balance(ids: list[int], names: list[str], log) -> None:
     if rare:
         log(f"warning: label(s) {rare} are rare in the train split ({listed}); the model may never predict them: "
             "consider train.class_weights: balanced, or more rows of them")
+
+
+def class_weights(setting, train_labels: list[int], label_names: list[str]) -> list[float] | None:
+    """The weight of each class, in label order: None (off), "balanced" (n / (classes x count), sklearn's rule),
+    or the config's list, checked against the labels. Here with the labels, so that `llmkit validate` checks it
+    before a launch (the loss, train.losses, takes the result)."""
+    if setting is None:
+        return None
+    k = len(label_names)
+    if setting == "balanced":
+        counts = collections.Counter(train_labels)
+        missing = [label_names[i] for i in range(k) if not counts[i]]
+        if missing:
+            raise LlmkitError(f"train.class_weights balanced: the train split has no row of {missing}; give the "
+                              "weights as a list, or fix the data")
+        return [len(train_labels) / (k * counts[i]) for i in range(k)]
+    if len(setting) != k:
+        raise LlmkitError(f"train.class_weights lists {len(setting)} weights but the data has {k} labels "
+                          f"{label_names}; give one weight per label, in that order")
+    return [float(w) for w in setting]
 
 
 def digest(ds: Dataset) -> str:

@@ -23,8 +23,10 @@ from llmkit.data import lm
 from llmkit.errors import LlmkitError
 
 # a row's integral counts as converged when its delta is within this share of what it explains; a model that
-# switches sharply along the path (an over-confident one) needs more steps, and the report says so
+# switches sharply along the path (an over-confident one) needs more steps: it gets them, doubled, up to MAX_STEPS
 CONVERGED = 0.05
+MAX_STEPS = 256  # Gauss-Legendre steps: a row still over CONVERGED here stays flagged, with its steps, in the report
+CHUNK = 16  # steps per forward (the first pass's where more): a raised row needs no more memory than the first
 
 
 @dataclass
@@ -204,10 +206,31 @@ class LabelWords:
         return torch.stack(out, -1)
 
 
-def explain(subject, texts: list[str], pairs: list[str | None] | None = None, steps: int = 16) -> list[dict]:
+def _integrate(ig, inputs, baseline, frame: Frame, label: int, steps: int, chunk: int) -> tuple[list, float, float]:
+    """One label's integral at `steps`: per word its attribution, the delta, and the change it explains; `chunk`
+    steps per forward (CHUNK)."""
+    attr, delta = ig.attribute(inputs, baselines=baseline, additional_forward_args=(label,), n_steps=steps,
+                               internal_batch_size=min(chunk, steps), return_convergence_delta=True)
+    per_word = [0.0] * len(frame.words)
+    for pos, value in enumerate(attr.sum(-1)[0].tolist()):
+        if frame.word_of[pos] is not None:
+            per_word[frame.word_of[pos]] += value
+    # Captum's delta: sum - (f(x) - f(baseline))
+    return [round(a, 6) for a in per_word], abs(float(delta)), round(sum(per_word) - float(delta), 6)
+
+
+def converged(delta: float, change: float, tolerance: float = CONVERGED) -> bool:
+    """Whether an integral's delta is within `tolerance` of what it explains (1e-3 of slack for a change near 0)."""
+    return delta <= tolerance * abs(change) + 1e-3
+
+
+def explain(subject, texts: list[str], pairs: list[str | None] | None = None, steps: int = 16,
+            max_steps: int = MAX_STEPS, tolerance: float = CONVERGED) -> list[dict]:
     """For each text (and pair): its words, each word's attribution toward every label, per label the convergence
     delta and the change it explains (centred score at the text less at the baseline), whether the integral
-    converged, the probabilities over the labels and the prediction."""
+    converged, the steps it took, the probabilities over the labels and the prediction. A label whose delta is
+    over `tolerance` of its change is integrated again with twice the steps, until it passes or reaches
+    `max_steps`; only those labels of that row are redone."""
     from captum.attr import IntegratedGradients
 
     names = subject.names
@@ -224,24 +247,22 @@ def explain(subject, texts: list[str], pairs: list[str | None] | None = None, st
         with torch.no_grad():
             inputs, baseline = table(frame.ids).detach(), table(frame.baseline).detach()
             probs = torch.softmax(subject.scores(inputs, frame)[0], -1)
-        attributions, deltas, changes = {}, {}, {}
-        # two labels: the first's centred score is minus the second's, so one pass explains both
-        for label, name in list(enumerate(names))[1 if len(names) == 2 else 0:]:
-            attr, delta = ig.attribute(inputs, baselines=baseline, additional_forward_args=(label,), n_steps=steps,
-                                       return_convergence_delta=True)
-            per_word = [0.0] * len(frame.words)
-            for pos, value in enumerate(attr.sum(-1)[0].tolist()):
-                if frame.word_of[pos] is not None:
-                    per_word[frame.word_of[pos]] += value
-            attributions[name], deltas[name] = [round(a, 6) for a in per_word], abs(float(delta))
-            changes[name] = round(sum(per_word) - float(delta), 6)  # Captum's delta: sum - (f(x) - f(baseline))
+        # two labels: the first's centred score is minus the second's, so one integral explains both
+        todo, done, used = list(enumerate(names))[1 if len(names) == 2 else 0:], {}, steps
+        while True:
+            for label, name in todo:
+                done[name] = _integrate(ig, inputs, baseline, frame, label, used, max(steps, CHUNK))
+            todo = [(label, name) for label, name in todo if not converged(*done[name][1:], tolerance)]
+            if not todo or used >= max_steps:
+                break
+            used = min(2 * used, max_steps)
         if len(names) == 2:
-            attributions[names[0]], deltas[names[0]] = [-a for a in attributions[names[1]]], deltas[names[1]]
-            changes[names[0]] = -changes[names[1]]
-            attributions = {n: attributions[n] for n in names}
-            changes = {n: changes[n] for n in names}
+            attr, delta, change = done[names[1]]
+            done[names[0]] = ([-a for a in attr], delta, -change)
+        attributions = {n: done[n][0] for n in names}
+        deltas, changes = {n: done[n][1] for n in names}, {n: done[n][2] for n in names}
         row = {"text": text, "words": frame.words, "attributions": attributions, "delta": deltas, "change": changes,
-               "converged": all(deltas[n] <= CONVERGED * abs(changes[n]) + 1e-3 for n in names),
+               "converged": all(converged(deltas[n], changes[n], tolerance) for n in names), "steps": used,
                "probabilities": [round(float(p), 6) for p in probs], "prediction": names[int(probs.argmax())]}
         if pair is not None:
             row.update(text_pair=pair, pair_from=frame.pair_from)

@@ -18,7 +18,9 @@ from llmkit.evals import attribution
 from llmkit.model import check_export_weights
 from llmkit.rundir import layout
 
-STEPS = 16  # integration steps (Gauss-Legendre): delta stays below 1e-3 on MiniLM (bench/explain.py)
+# integration steps to start at (Gauss-Legendre): delta below 1e-3 on an untrained MiniLM (bench/explain.py); a
+# trained model's sharp rows need more, and get them (attribution.explain doubles them up to max_steps)
+STEPS = 16
 TOP_WORDS = 3  # a row's strongest words toward a label count in the split's summary
 BASELINE = "the text's word tokens replaced by the pad token; special tokens, prompt template and mask kept"
 
@@ -72,9 +74,25 @@ def load(model_dir: str | Path, trust_remote_code: bool = False, prompt_template
                                   max_length)
 
 
-def explain(subject, texts: list[str], pairs: list[str | None] | None = None, steps: int = STEPS) -> list[dict]:
-    """Each text's words and their attributions (attribution.explain)."""
-    return attribution.explain(subject, texts, pairs, steps)
+def explain(subject, texts: list[str], pairs: list[str | None] | None = None, steps: int = STEPS,
+            max_steps: int = attribution.MAX_STEPS) -> list[dict]:
+    """Each text's words and their attributions (attribution.explain): `steps` first, doubled up to `max_steps` for
+    a row whose delta is over attribution.CONVERGED of what it explains."""
+    return attribution.explain(subject, texts, pairs, steps, max_steps)
+
+
+def steps_note(rows: list[dict], steps: int, max_steps: int) -> str:
+    """What the steps were: raised for how many rows, and which rows the bound left over the tolerance."""
+    raised = [r["steps"] for r in rows if r.get("steps", steps) > steps]
+    left = sum(not r.get("converged", True) for r in rows)
+    note = f"{steps} steps"
+    if raised:
+        note += (f", raised (doubled, up to {max(raised)}) for the {len(raised)} of {len(rows)} rows whose delta at "
+                 f"{steps} was over {attribution.CONVERGED:.0%} of what they explain")
+    if left:
+        note += (f"; {left} row{'s' if left > 1 else ''} still over {attribution.CONVERGED:.0%} at the bound of "
+                 f"{max_steps} steps, flagged")
+    return note
 
 
 def choose(rows: list[dict], count: int, seed: int) -> list[dict]:
@@ -108,12 +126,13 @@ def summary(explained: list[dict]) -> dict[str, list[list]]:
             for label, words in tally.items()}
 
 
-def for_run(run_dir: Path, split: str, count: int, seed: int, trust_remote_code: bool = False, log=print) -> dict:
+def for_run(run_dir: Path, split: str, count: int, seed: int, trust_remote_code: bool = False, log=print,
+            max_steps: int = attribution.MAX_STEPS) -> dict:
     """Explain `count` rows of a run's predictions on `split` with its exported model, in a fresh CPU process
     (llmkit.fresh: not inside a training rank). Writes explanations.json."""
     log(f"explanations: explaining {count} rows of {split} word by word in a fresh CPU process")
     proc = fresh.run_python(["-m", "llmkit.evals.explain", str(fresh.absolute(run_dir)), split, str(count),
-                             str(seed), str(int(trust_remote_code))])
+                             str(seed), str(int(trust_remote_code)), str(max_steps)])
     if proc.returncode != 0:
         raise LlmkitError(f"explaining the report's rows failed (the export and predictions are in place; rerun "
                           f"with output.explain_rows: 0 to skip it):\n{proc.stderr[-2000:]}")
@@ -123,13 +142,16 @@ def for_run(run_dir: Path, split: str, count: int, seed: int, trust_remote_code:
     if doc.get("disagree"):
         log(f"explanations: {doc['disagree']} row(s) come out otherwise in fp32 on the CPU than in the run (near ties "
             "in its precision); the report marks them")
+    log(f"explanations: integrated gradients at {doc['steps_note']}")
     if doc.get("unconverged"):
-        log(f"explanations: {doc['unconverged']} rows have a delta over {attribution.CONVERGED:.0%} of what they "
-            "explain (the model switches sharply between baseline and text); `llmkit explain --steps 64` them")
+        log(f"explanations: the model switches sharply between baseline and text in the {doc['unconverged']} "
+            f"flagged row(s): raise output.explain_max_steps above {doc['max_steps']}, or `llmkit explain "
+            "--max-steps` them")
     return doc
 
 
-def _write(run_dir: Path, split: str, count: int, seed: int, trust_remote_code: bool) -> None:
+def _write(run_dir: Path, split: str, count: int, seed: int, trust_remote_code: bool,
+           max_steps: int = attribution.MAX_STEPS) -> None:
     """What for_run runs in its fresh process."""
     if faults.ON and faults.hit("explain", 0, 0):
         raise RuntimeError("explaining failed (injected)")
@@ -138,14 +160,18 @@ def _write(run_dir: Path, split: str, count: int, seed: int, trust_remote_code: 
     rows, _ = layout.read_jsonl(files.predictions(split))
     subject = load(files.final.root, trust_remote_code)
     chosen = choose(rows, count, seed)
-    explained = explain(subject, [r["text"] for r in chosen], [r.get("text_pair") for r in chosen])
+    explained = explain(subject, [r["text"] for r in chosen], [r.get("text_pair") for r in chosen],
+                        max_steps=max_steps)
     for row, done in zip(chosen, explained):
         # the export reproduces the run's logits (verified), but a bf16/fp16 run's near tie may come out the other
         # way in this fp32 process: kept and marked, not an error
         done.update(row=row["row"], label=row["label"], run_prediction=row["prediction"])
-    doc = {"split": split, "steps": STEPS, "rows": explained, "summary": summary(explained), "baseline": BASELINE,
+    doc = {"split": split, "steps": STEPS, "max_steps": max_steps, "rows": explained, "summary": summary(explained),
+           "baseline": BASELINE,
            "disagree": sum(r["prediction"] != r["run_prediction"] for r in explained),
            "unconverged": sum(not r["converged"] for r in explained),
+           "raised": sum(r["steps"] > STEPS for r in explained), "tolerance": attribution.CONVERGED,
+           "steps_note": steps_note(explained, STEPS, max_steps),
            "seconds": round(time.perf_counter() - began, 2)}
     files.explanations.write_text(json.dumps(doc, ensure_ascii=False, indent=1))
 
@@ -174,5 +200,6 @@ if __name__ == "__main__":
     if sys.argv[1] == "texts":
         _write_texts(Path(sys.argv[2]))
     else:
-        _write(Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "1")
+        _write(Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "1",
+               int(sys.argv[6]))
     fresh.end(0)

@@ -10,8 +10,10 @@ import numpy as np
 
 from llmkit import quantized
 from llmkit.errors import LlmkitError
-from llmkit.metrics import classification_metrics
+from llmkit.metrics import averaging, classification_metrics
 from llmkit.metrics.counts import per_class_scores
+from llmkit.report import runs
+from llmkit.report.undefined import not_defined
 from llmkit.rundir import layout
 
 BOOTSTRAP_SAMPLES = 1000
@@ -66,7 +68,9 @@ def pr_curve(y: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray, 
 
 
 def calibration(confidence: np.ndarray, correct: np.ndarray, bins: int = CALIBRATION_BINS) -> dict:
-    """Reliability bins of the top-class probability, and the expected calibration error."""
+    """Reliability bins of the top-class probability, and the expected calibration error (none of no rows)."""
+    if len(confidence) == 0:
+        return {"ece": not_defined("no rows", rows=0), "bins": []}
     edges = np.linspace(0.0, 1.0, bins + 1)
     index = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
     table, ece = [], 0.0
@@ -82,23 +86,82 @@ def calibration(confidence: np.ndarray, correct: np.ndarray, bins: int = CALIBRA
 
 
 def bootstrap(y: np.ndarray, pred: np.ndarray, num_labels: int, samples: int = BOOTSTRAP_SAMPLES,
-              seed: int = 0) -> dict[str, list[float]]:
-    """95% percentile intervals of accuracy and F1 over rows resampled with replacement (seeded)."""
-    rng = np.random.default_rng(seed)
+              seed: int = 0) -> dict:
+    """95% percentile intervals of accuracy and F1 over rows resampled with replacement (seeded), and how many
+    resamples. Each is its reason instead where the rows cannot give one: under two rows (a resample of one row is
+    that row), or every resample giving the same value (every row right: the interval would be the point 1.0)."""
     n = len(y)
+    if n < 2:
+        none = not_defined("too few rows for an interval", rows=n)
+        return {"accuracy": none, "f1": none, "resamples": samples}
+    rng = np.random.default_rng(seed)
     accs, f1s = np.empty(samples), np.empty(samples)
     for i in range(samples):
         idx = rng.integers(0, n, n)
         accs[i] = (y[idx] == pred[idx]).mean()
         f1s[i] = _f1(y[idx], pred[idx], num_labels)
-    return {"accuracy": [float(np.percentile(accs, 2.5)), float(np.percentile(accs, 97.5))],
-            "f1": [float(np.percentile(f1s, 2.5)), float(np.percentile(f1s, 97.5))]}
+    return {name: [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] if np.ptp(v) > 0 else
+            not_defined("every resample gives the same value", value=float(v[0]), rows=n)
+            for name, v in (("accuracy", accs), ("f1", f1s))} | {"resamples": samples}
 
 
 def _f1(y: np.ndarray, pred: np.ndarray, k: int) -> float:
     """Binary F1 of class 1 for 2 classes, macro F1 otherwise (the headline F1, as in the run's metrics)."""
     f1 = per_class_scores(pred, y, range(k))[2]
     return float(f1[1] if k == 2 else f1.mean())
+
+
+def per_class(y: np.ndarray, pred: np.ndarray, names: list[str]) -> list[dict]:
+    """Precision, recall and F1 of each class, each its reason where it divides by nothing: precision of a class
+    never predicted, recall of a class no row has, F1 of a class neither (scikit-learn would print 0.0 for each,
+    which reads as a model that fails the class)."""
+    precision, recall, f1 = per_class_scores(pred, y, range(len(names)))
+    out = []
+    for c, name in enumerate(names):
+        support, predicted = int((y == c).sum()), int((pred == c).sum())
+        out.append({"label": name,
+                    "precision": float(precision[c]) if predicted else not_defined("never predicted", predicted=0),
+                    "recall": float(recall[c]) if support else not_defined("no row of this class", support=0),
+                    "f1": float(f1[c]) if support or predicted else not_defined(
+                        "no row of this class and never predicted", support=0, predicted=0),
+                    "support": support})
+    return out
+
+
+def _one_against_rest(y: np.ndarray, score: np.ndarray, label: str, name: str) -> tuple:
+    """A class's ROC and precision-recall curves against the rest: (name, x, y, area) each, or the reason where a
+    ranking cannot be scored (ROC needs rows in and out of the class, average precision rows in it)."""
+    positives, rows = int(y.sum()), len(y)
+    if positives == 0:
+        why = not_defined(f"no row of {label}", rows=rows)
+        return why, why
+    fpr, tpr, auc = roc_curve(y, score)
+    prec, rec, ap = pr_curve(y, score)
+    roc = (name, fpr, tpr, auc) if positives < rows else not_defined(f"every row is {label}", rows=rows)
+    return roc, (name, rec, prec, ap)
+
+
+def ranking(y: np.ndarray, probs: np.ndarray, names: list[str]) -> dict:
+    """ROC AUC and average precision (of class 1 for two labels, the positive class of binary F1; else the macro
+    average of one-vs-rest, defined only where every class has rows in and out of it), and their curves."""
+    k = len(names)
+    if k == 2:  # the curves rank rows by the probability of class 1
+        roc, pr = _one_against_rest((y == 1).astype(int), probs[:, 1], names[1], f"positive: {names[1]}")
+        rocs, prs = [roc], [pr]
+    else:
+        rocs, prs = zip(*(_one_against_rest((y == c).astype(int), probs[:, c], names[c], names[c])
+                          for c in range(k)))
+    out = {"_curves": {"roc": [r for r in rocs if isinstance(r, tuple)],  # the classes that have a curve
+                       "pr": [p for p in prs if isinstance(p, tuple)]}}
+    support = {names[c]: int((y == c).sum()) for c in range(k)}
+    for key, curves in (("roc_auc", rocs), ("average_precision", prs)):
+        missing = [c for c in curves if isinstance(c, dict)]
+        if k == 2:
+            out[key] = curves[0][3] if not missing else missing[0]
+        else:
+            out[key] = float(np.mean([c[3] for c in curves])) if not missing else not_defined(
+                f"{missing[0]['why']}: one-vs-rest needs rows in and out of every class", support=support)
+    return out
 
 
 def split_report(rows: list[dict], names: list[str]) -> dict:
@@ -109,31 +172,15 @@ def split_report(rows: list[dict], names: list[str]) -> dict:
     probs = np.array([r["probabilities"] for r in rows], dtype=float)
     pred = np.array([index[r["prediction"]] for r in rows])
     metrics = classification_metrics(pred.tolist(), y.tolist(), k)
-    precision, recall, f1 = per_class_scores(pred, y, range(k))
     confusion = np.zeros((k, k), dtype=int)
     np.add.at(confusion, (y, pred), 1)
     out = {
-        "rows": len(rows), **metrics,
-        "per_class": [{"label": names[c], "precision": float(precision[c]), "recall": float(recall[c]),
-                       "f1": float(f1[c]), "support": int((y == c).sum())} for c in range(k)],
+        "rows": len(rows), **metrics, **averaging(names),
+        "per_class": per_class(y, pred, names),
         "confusion_matrix": confusion.tolist(),
         "ci95": bootstrap(y, pred, k),
     }
-    if k == 2:  # the curves rank rows by the probability of class 1 (the positive class of binary F1)
-        fpr, tpr, auc = roc_curve((y == 1).astype(int), probs[:, 1])
-        prec, rec, ap = pr_curve((y == 1).astype(int), probs[:, 1])
-        out["roc_auc"], out["average_precision"] = auc, ap
-        out["_curves"] = {"roc": [("", fpr, tpr, auc)], "pr": [("", rec, prec, ap)]}
-    else:  # one-vs-rest for each class, macro average
-        rocs, prs = [], []
-        for c in range(k):
-            fpr, tpr, auc = roc_curve((y == c).astype(int), probs[:, c])
-            prec, rec, ap = pr_curve((y == c).astype(int), probs[:, c])
-            rocs.append((names[c], fpr, tpr, auc))
-            prs.append((names[c], rec, prec, ap))
-        out["roc_auc"] = float(np.mean([r[3] for r in rocs]))
-        out["average_precision"] = float(np.mean([p[3] for p in prs]))
-        out["_curves"] = {"roc": rocs, "pr": prs}
+    out.update(ranking(y, probs, names))
     confidence = probs.max(1)
     out["calibration"] = calibration(confidence, (pred == y).astype(float))
     out["ece"] = out["calibration"]["ece"]
@@ -185,7 +232,9 @@ def run_report(run_dir: Path) -> dict:
     data = config.get("data", {})
     task = "generative (label words)" if data.get("prompt_template") else \
         "sequence classification" if splits else "causal language modelling"
+    report["config"] = config  # the whole of it: `llmkit report A B` lists where runs differ (report.runs)
     report["run"] = {
+        "settings": runs.settings(config),
         "model": config.get("model", {}).get("name_or_path") or metrics.get("model"),
         "lora": bool(config.get("lora", {}).get("enabled")),
         "dataset": data.get("dataset") or data.get("data_files") or metrics.get("dataset") or
@@ -201,9 +250,13 @@ def run_report(run_dir: Path) -> dict:
         "train_seconds": train.get("train_seconds"),
         "samples_per_second": train.get("samples_per_second"),
         "real_tokens_per_second": train.get("real_tokens_per_second"),
-        # every rank's peak (GPU: allocated; CPU: resident set) and the largest, which is what to provision
+        # every rank's peak held (GPU: reserved; CPU: resident set) and the largest, which is what to provision;
+        # beside it the live peak (tensors held at once) and the preflight's estimate of it, under one name
         "peak_memory_gib": _gib(train.get("peak_memory_bytes")),
         "peak_memory_gib_per_rank": [_gib(b) for b in train.get("per_rank", {}).get("peak_memory_bytes", [])],
+        "live_peak_gib": _gib(train.get("live_peak_bytes")),
+        "live_peak_gib_per_rank": [_gib(b) for b in train.get("per_rank", {}).get("live_peak_bytes", [])],
+        "live_peak_estimated_gib": _gib(train.get("live_peak_estimated_bytes")),
         "versions": info.get("versions"), "git_commit": info.get("git_commit"),
     }
     report["data_mixture"] = metrics.get("data_mixture") or []
@@ -213,7 +266,7 @@ def run_report(run_dir: Path) -> dict:
         report["run"]["torn_last_line_skipped"] = torn
     report["explanations"] = layout.read_json(files.explanations) or None
     # the quantized copies beside final/ and what each costs on the task (llmkit.ship.quantize)
-    report["compression"] = [{"format": c["format"], "what": c["what"], **c["numbers"]}
+    report["compression"] = [{"format": c["format"], "what": c["what"], "scored": c["scored"], **c["numbers"]}
                              for c in quantized.copies(files.final.root)]
     scalars = _scalars(files.scalars)
     report["curves"] = {"train_loss": scalars.get("train/loss", []), "eval_loss": scalars.get("eval/loss", []),

@@ -8,9 +8,11 @@ import json
 from pathlib import Path
 
 from llmkit.errors import LlmkitError
-from llmkit.report import explained
+from llmkit.metrics import metric_label, shown
+from llmkit.report import explained, runs
 from llmkit.report.numbers import run_report
 from llmkit.report.plots import draw
+from llmkit.report.undefined import defined, interval, says
 from llmkit.rundir.layout import RunDir
 
 
@@ -21,6 +23,8 @@ def _public(split: dict) -> dict:
 def _fmt(value) -> str:
     if value is None:
         return "-"
+    if not defined(value):  # a statistic the rows cannot give: its reason and counts (llmkit.report.undefined)
+        return says(value)
     if isinstance(value, float):
         return f"{value:.4f}"
     return str(value)
@@ -40,7 +44,8 @@ def _mixture_rows(r: dict) -> list[list]:
 
 
 COMPRESSION_HEADER = ["copy", "size on disk (x smaller; x smaller than fp32)", "accuracy: full -> copy",
-                      "macro-F1 change", "agreement", "perplexity: full -> copy", "speed-up per row, batch 1 / 32"]
+                      "macro-F1 change", "agreement", "perplexity: full -> copy",
+                      "speed-up per row over PyTorch fp32, batch 1 / 32"]
 
 
 def _compression_rows(r: dict) -> list[list]:
@@ -60,9 +65,10 @@ def _compression_rows(r: dict) -> list[list]:
 
 
 def _compression_note(r: dict) -> str:
+    """Where the copies were scored and what ran them (not always what would serve them)."""
     rows = r.get("compression") or []
     return (f"Each copy scored against the full model on {rows[0]['rows']} rows of {rows[0]['split']} in a fresh "
-            "process, read back by the runtime that serves it.") if rows else ""
+            "process. " + " ".join(f"{c['format']}: {c['scored']}." for c in rows)) if rows else ""
 
 
 def _lm_rows(r: dict) -> list[list]:
@@ -80,9 +86,40 @@ def _comparison(runs: list[dict]) -> list[dict]:
         s = r["splits"][r["primary_split"]]
         table.append({"run": r["name"], "model": r["run"]["model"], "split": r["primary_split"], "rows": s["rows"],
                       "accuracy": s["accuracy"], "accuracy_ci95": s["ci95"]["accuracy"], "f1": s["f1"],
-                      "f1_ci95": s["ci95"]["f1"], "f1_macro": s["f1_macro"], "roc_auc": s["roc_auc"],
-                      "ece": s["ece"], "train_seconds": r["run"]["train_seconds"]})
+                      "f1_ci95": s["ci95"]["f1"], "f1_of": metric_label("f1", r["label_names"]),
+                      "f1_macro": s["f1_macro"], "roc_auc": s["roc_auc"],
+                      "roc_auc_of": metric_label("roc_auc", r["label_names"]), "ece": s["ece"],
+                      "train_seconds": r["run"]["train_seconds"]})
     return table
+
+
+METRIC_HEADER = ["metric", "value", "95% CI"]
+
+
+def _ci(ci: list[float] | dict) -> str:
+    return interval(ci)
+
+
+def _metric_rows(s: dict, names: list[str]) -> list[list]:
+    """A split's metrics, each once, under a name that says what it is of (llmkit.metrics.metric_label)."""
+    return [[metric_label(k, names), s[k], _ci(s["ci95"][k]) if k in s["ci95"] else ""] for k in shown(names)] + \
+        [[metric_label(k, names), s[k], ""] for k in ("roc_auc", "average_precision")] + [["ECE", s["ece"], ""]]
+
+
+def _comparison_table(table: list[dict]) -> tuple[list[str], list[list]]:
+    """Runs side by side. The F1 column is named by what every run's F1 is of when they agree (else each cell
+    says); the macro-F1 column is left out when every run's F1 is already the macro one."""
+    kinds, aucs = {c["f1_of"] for c in table}, {c["roc_auc_of"] for c in table}
+    same = kinds.pop() if len(kinds) == 1 else None
+    macro = same != metric_label("f1_macro", None)
+    auc = aucs.pop() if len(aucs) == 1 else "ROC AUC (one-vs-rest, macro for more than two labels)"
+    header = ["run", "model", "split", "rows", "accuracy (95% CI)", f"{same or 'F1'} (95% CI)",
+              *(["F1 (macro)"] if macro else []), auc, "ECE", "train s"]
+    rows = [[c["run"], c["model"], c["split"], c["rows"], f"{_fmt(c['accuracy'])} ({_ci(c['accuracy_ci95'])})",
+             f"{_fmt(c['f1'])} ({_ci(c['f1_ci95'])})" + ("" if same else f", {c['f1_of']}"),
+             *([c["f1_macro"]] if macro else []), c["roc_auc"], c["ece"], _seconds(c["train_seconds"])]
+            for c in table]
+    return header, rows
 
 
 def md_table(header: list[str], rows: list[list]) -> list[str]:
@@ -103,9 +140,8 @@ def _markdown_lm(doc: dict) -> str:
                 COMPRESSION_HEADER, _compression_rows(r))
         if r["data_mixture"]:
             lines += ["### Training data (mixture)", ""] + md_table(MIXTURE_HEADER, _mixture_rows(r))
-        lines += ["### What was run", ""] + md_table(["", ""], [
-            [k, json.dumps(v) if isinstance(v, dict) else v] for k, v in r["run"].items()])
-    return "\n".join(lines)
+        lines += ["### What was run", ""] + md_table(["", ""], runs.shown(r["run"]))
+    return "\n".join(lines + _md_differences(doc))
 
 
 def _markdown(doc: dict) -> str:
@@ -113,28 +149,15 @@ def _markdown(doc: dict) -> str:
         return _markdown_lm(doc)
     lines = ["# Evaluation report", ""]
     if len(doc["runs"]) > 1:
-        lines += ["## Comparison", "", "| run | model | split | rows | accuracy (95% CI) | F1 (95% CI) | macro F1 | "
-                  "ROC AUC | ECE | train s |", "|---|---|---|---|---|---|---|---|---|---|"]
-        for c in doc["comparison"]:
-            lines.append(f"| {c['run']} | {c['model']} | {c['split']} | {c['rows']} | {c['accuracy']:.4f} "
-                         f"({c['accuracy_ci95'][0]:.4f}-{c['accuracy_ci95'][1]:.4f}) | {c['f1']:.4f} "
-                         f"({c['f1_ci95'][0]:.4f}-{c['f1_ci95'][1]:.4f}) | {c['f1_macro']:.4f} | "
-                         f"{c['roc_auc']:.4f} | {c['ece']:.4f} | {_seconds(c['train_seconds'])} |")
-        lines.append("")
+        lines += ["## Comparison", ""] + md_table(*_comparison_table(doc["comparison"]))
     for r in doc["runs"]:
         lines += [f"## {r['name']}", ""]
         for split, s in r["splits"].items():
-            lines += [f"### {split} ({s['rows']} rows)", "",
-                      "| metric | value | 95% CI |", "|---|---|---|",
-                      f"| accuracy | {s['accuracy']:.4f} | {s['ci95']['accuracy'][0]:.4f}-"
-                      f"{s['ci95']['accuracy'][1]:.4f} |",
-                      f"| F1 | {s['f1']:.4f} | {s['ci95']['f1'][0]:.4f}-{s['ci95']['f1'][1]:.4f} |",
-                      f"| macro F1 | {s['f1_macro']:.4f} | |", f"| precision | {s['precision']:.4f} | |",
-                      f"| recall | {s['recall']:.4f} | |", f"| ROC AUC | {s['roc_auc']:.4f} | |",
-                      f"| average precision | {s['average_precision']:.4f} | |", f"| ECE | {s['ece']:.4f} | |", "",
-                      "| class | precision | recall | F1 | support |", "|---|---|---|---|---|"]
-            lines += [f"| {c['label']} | {c['precision']:.4f} | {c['recall']:.4f} | {c['f1']:.4f} | {c['support']} |"
-                      for c in s["per_class"]]
+            lines += [f"### {split} ({s['rows']} rows)", ""] + md_table(METRIC_HEADER,
+                                                                         _metric_rows(s, r["label_names"]))
+            lines += ["| class | precision | recall | F1 | support |", "|---|---|---|---|---|"]
+            lines += [f"| {c['label']} | {_fmt(c['precision'])} | {_fmt(c['recall'])} | {_fmt(c['f1'])} | "
+                      f"{c['support']} |" for c in s["per_class"]]
             lines.append("")
         s = r["splits"][r["primary_split"]]
         lines += [f"### Most confident mistakes ({r['primary_split']})", "",
@@ -148,10 +171,8 @@ def _markdown(doc: dict) -> str:
                 COMPRESSION_HEADER, _compression_rows(r))[:-1]
         if r["data_mixture"]:
             lines += ["", "### Training data (mixture)", ""] + md_table(MIXTURE_HEADER, _mixture_rows(r))[:-1]
-        lines += ["", "### What was run", "", "| | |", "|---|---|"]
-        lines += [f"| {k} | {_fmt(json.dumps(v) if isinstance(v, dict) else v)} |" for k, v in r["run"].items()]
-        lines.append("")
-    return "\n".join(lines)
+        lines += ["", "### What was run", ""] + md_table(["", ""], runs.shown(r["run"]))
+    return "\n".join(lines + _md_differences(doc))
 
 
 CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}
@@ -182,8 +203,25 @@ def _html_run_facts(r: dict) -> str:
            + table(COMPRESSION_HEADER, _compression_rows(r))) if r.get("compression") else ""
     mix += ("<h3>Training data (mixture)</h3>" + table(MIXTURE_HEADER, _mixture_rows(r))) if r["data_mixture"] \
         else ""
-    return mix + "<h3>What was run</h3>" + table(
-        ["", ""], [[k, json.dumps(v) if isinstance(v, dict) else v] for k, v in r["run"].items()])
+    return mix + "<h3>What was run</h3>" + table(["", ""], runs.shown(r["run"]))
+
+
+def _differences(doc: dict) -> tuple[list[str], list[list]] | None:
+    """How the runs' configs differ (header, rows), or None for one run or runs set alike."""
+    if len(doc["runs"]) < 2:
+        return None
+    rows = runs.differences([r.get("config") or {} for r in doc["runs"]])
+    return (["setting", *[r["name"] for r in doc["runs"]]], rows) if rows else None
+
+
+def _md_differences(doc: dict) -> list[str]:
+    found = _differences(doc)
+    return ["", "## How the runs differ", ""] + md_table(*found) if found else []
+
+
+def _html_differences(doc: dict) -> str:
+    found = _differences(doc)
+    return "<h2>How the runs differ</h2>" + table(*found) if found else ""
 
 
 def _html_lm(doc: dict, plots: dict[str, str]) -> str:
@@ -191,7 +229,7 @@ def _html_lm(doc: dict, plots: dict[str, str]) -> str:
     if len(doc["runs"]) > 1:
         parts.append("<h2>Comparison</h2>" + table(["run", "model", "split", "loss", "perplexity", "train s"], [
             [c["run"], c["model"], c["split"], c["loss"], c["perplexity"], _seconds(c["train_seconds"])]
-            for c in doc["comparison"]]))
+            for c in doc["comparison"]]) + _html_differences(doc))
     for r in doc["runs"]:
         parts.append(f"<h2>{html.escape(r['name'])}</h2>" + table(LM_HEADER, _lm_rows(r)) + _html_run_facts(r))
     if "training" in plots:
@@ -205,23 +243,12 @@ def _html(doc: dict, plots: dict[str, str]) -> str:
         return _html_lm(doc, plots)
     parts = _head()
     if len(doc["runs"]) > 1:
-        parts.append("<h2>Comparison</h2>" + table(
-            ["run", "model", "split", "rows", "accuracy", "accuracy 95% CI", "F1", "F1 95% CI", "macro F1", "ROC AUC",
-             "ECE", "train s"],
-            [[c["run"], c["model"], c["split"], c["rows"], c["accuracy"],
-              f"{c['accuracy_ci95'][0]:.4f}-{c['accuracy_ci95'][1]:.4f}", c["f1"],
-              f"{c['f1_ci95'][0]:.4f}-{c['f1_ci95'][1]:.4f}", c["f1_macro"], c["roc_auc"], c["ece"],
-              _seconds(c["train_seconds"])] for c in doc["comparison"]]))
+        parts.append("<h2>Comparison</h2>" + table(*_comparison_table(doc["comparison"])) + _html_differences(doc))
     for r in doc["runs"]:
         parts.append(f"<h2>{html.escape(r['name'])}</h2>")
         for split, s in r["splits"].items():
             parts.append(f"<h3>{html.escape(split)} ({s['rows']} rows)</h3>" + table(
-                ["metric", "value", "95% CI"],
-                [["accuracy", s["accuracy"], f"{s['ci95']['accuracy'][0]:.4f}-{s['ci95']['accuracy'][1]:.4f}"],
-                 ["F1", s["f1"], f"{s['ci95']['f1'][0]:.4f}-{s['ci95']['f1'][1]:.4f}"],
-                 ["macro F1", s["f1_macro"], ""], ["precision", s["precision"], ""], ["recall", s["recall"], ""],
-                 ["ROC AUC", s["roc_auc"], ""], ["average precision", s["average_precision"], ""],
-                 ["ECE", s["ece"], ""]]))
+                METRIC_HEADER, _metric_rows(s, r["label_names"])))
             parts.append(table(["class", "precision", "recall", "F1", "support"],
                                 [[c["label"], c["precision"], c["recall"], c["f1"], c["support"]]
                                  for c in s["per_class"]]))
@@ -250,24 +277,24 @@ def build(run_dirs: list[str | Path], out_dir: str | Path | None = None) -> dict
     for d in run_dirs:
         if not Path(d).is_dir():
             raise LlmkitError(f"run directory '{d}' does not exist")
-    runs = [run_report(Path(d)) for d in run_dirs]
-    kinds = sorted({r["kind"] for r in runs})
+    reports = [run_report(Path(d)) for d in run_dirs]
+    kinds = sorted({r["kind"] for r in reports})
     if len(kinds) > 1:
         raise LlmkitError(f"these runs are of different kinds ({', '.join(kinds)}): a report compares classifiers "
                           "with classifiers and language models with language models; build one report for each")
-    names = [r["name"] for r in runs]
-    for i, r in enumerate(runs):  # two runs with one folder name (a/run, b/run) stay distinguishable
+    names = [r["name"] for r in reports]
+    for i, r in enumerate(reports):  # two runs with one folder name (a/run, b/run) stay distinguishable
         if names.count(r["name"]) > 1:
             r["name"] = f"{r['name']}-{i + 1}"
     if out_dir is None:
-        if len(runs) > 1:
+        if len(reports) > 1:
             raise LlmkitError("with several runs, say where the report goes (--output DIR)")
         out_dir = Path(run_dirs[0])
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    plots = draw(runs)
-    doc = {"kind": kinds[0], "runs": [{**r, "splits": {k: _public(v) for k, v in r["splits"].items()}} for r in runs],
-           "comparison": _comparison(runs)}
+    plots = draw(reports)
+    doc = {"kind": kinds[0], "comparison": _comparison(reports),
+           "runs": [{**r, "splits": {k: _public(v) for k, v in r["splits"].items()}} for r in reports]}
     paths = {kind: RunDir(out).report(kind) for kind in ("json", "md", "html")}
     paths["json"].write_text(json.dumps(doc, indent=2) + "\n")
     paths["md"].write_text(_markdown(doc) + "\n")

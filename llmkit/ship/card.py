@@ -7,26 +7,46 @@ import json
 from pathlib import Path
 
 from llmkit import assets, quantized
-from llmkit.metrics import NAMES
+from llmkit.metrics import averaging, metric_label, shown
 from llmkit.rundir.layout import Export, RunDir
 
 LICENSES = {"sentence-transformers/all-MiniLM-L6-v2": "apache-2.0",
             "HuggingFaceTB/SmolLM2-135M-Instruct": "apache-2.0"}
 DATASET_NAMES = {"asset:polarity": "sentence-polarity (movie review snippets of Hutto & Gilbert 2014)"}
-METRICS = (*NAMES, "perplexity")  # the results table: the shipped scores, and perplexity for causal LMs
+SPLITS = ("test", "validation")
+
+
+def card_metrics(metrics: dict) -> list[str]:
+    """The results' metrics, each once (for more than two labels `f1` is the macro F1), that some split has."""
+    names = (*shown(metrics.get("label_names")), "perplexity")
+    return [n for n in names if any(isinstance((metrics.get(s) or {}).get(n), (int, float)) for s in SPLITS)]
+
+
+def _metric_args(name: str, label_names) -> dict | None:
+    """How an F1, precision or recall averages, as the `evaluate` module's arguments (model-index `args`)."""
+    if name == "f1_macro":
+        return {"average": "macro"}
+    if name in ("f1", "precision", "recall") and label_names:
+        how = averaging(label_names)
+        return {"average": how["f1_average"], **({"pos_label": how["f1_positive_label"]}
+                                                  if "f1_positive_label" in how else {})}
+    return None
 
 
 def eval_results(metrics: dict, task: str, dataset_id: str, dataset_name: str) -> list:
-    """One EvalResult per (split, metric) the run measured: the card's model-index."""
+    """One EvalResult per (split, metric) the run measured: the card's model-index. Each is named by what it is of
+    ("F1 (positive: legit)", "F1 (macro)"), with the `evaluate` type and its averaging in args."""
     from huggingface_hub import EvalResult
 
-    out = []
-    for split in ("test", "validation"):
-        for name in METRICS:
+    names, out = metrics.get("label_names"), []
+    for split in SPLITS:
+        for name in card_metrics(metrics):
             value = (metrics.get(split) or {}).get(name)
             if isinstance(value, (int, float)):
                 out.append(EvalResult(task_type=task, dataset_type=dataset_id, dataset_name=dataset_name,
-                                      dataset_split=split, metric_type=name, metric_value=float(value)))
+                                      dataset_split=split, metric_type="f1" if name == "f1_macro" else name,
+                                      metric_name=metric_label(name, names), metric_args=_metric_args(name, names),
+                                      metric_value=float(value)))
     return out
 
 
@@ -89,7 +109,7 @@ def build(run_dir: Path, final: Path, kind: str, repo_id: str, push_merged: bool
         language="en", license=cfg.get("output", {}).get("hub_license") or LICENSES.get(base or "", "other"),
         library_name="peft" if kind == "lora" else "transformers",
         base_model=base, datasets=hub_datasets or None,
-        metrics=[m for m in METRICS if any(m in (metrics.get(s) or {}) for s in ("test", "validation"))],
+        metrics=list(dict.fromkeys("f1" if m == "f1_macro" else m for m in card_metrics(metrics))) or None,
         pipeline_tag="text-classification" if kind == "classification" else "text-generation",
         tags=tags, model_name=repo_id.split("/")[-1],
         eval_results=eval_results(metrics, task, dataset_id or dataset_ref, dataset_name) or None,
@@ -108,12 +128,12 @@ def build(run_dir: Path, final: Path, kind: str, repo_id: str, push_merged: bool
     if mixture:
         data_text = f"a mixture of {len(mixture)} sources (see Training data)"
 
-    rows = []
+    rows, columns = [], card_metrics(metrics)
     for split in ("validation", "test"):
         m = metrics.get(split) or {}
         if m:
             rows.append(f"| {split} | " + " | ".join(f"{m[k]:.4f}" if isinstance(m.get(k), (int, float)) else "-"
-                                                      for k in METRICS) + f" | {m.get('samples', '-')} |")
+                                                      for k in columns) + f" | {m.get('samples', '-')} |")
     world = summary.get("world_size", info.get("world_size"))
     per_device = train.get("per_device_batch_size")
     accumulation = (info.get("resolved") or {}).get("gradient_accumulation_steps") \
@@ -138,8 +158,8 @@ This is {what}, fine-tuned from {base_text} on {data_text} with llmkit
 
 ## Results
 
-| split | {" | ".join(METRICS)} | rows |
-|---|{"---|" * len(METRICS)}---|
+| split | {" | ".join(metric_label(k, metrics.get("label_names")) for k in columns)} | rows |
+|---|{"---|" * len(columns)}---|
 {chr(10).join(rows) if rows else "| - | (no evaluation recorded) |"}
 
 {_copies(final)}## How to use
@@ -177,11 +197,13 @@ def _copies(final: Path) -> str:
             if "accuracy" in q else []
         if "perplexity" in q:
             cost.append(f"perplexity {q['perplexity']:.4f} (full model {f['perplexity']:.4f})")
+        if "speedup_batch_1" in n:
+            cost.append(f"{n['speedup_batch_1']:.2f}x / {n['speedup_batch_32']:.2f}x faster per row at batch 1 / 32")
         lines.append(f"- `{c['format']}/`: {c['what']}. {n['size_ratio']:.2f}x smaller on disk; "
-                     f"{'; '.join(cost)}; {n['rows']} rows of {n['split']}.")
+                     f"{'; '.join(cost)}; {n['rows']} rows of {n['split']}, {c['scored']}.")
     if not lines:
         return ""
-    return "## Quantized copies\n\nEach scored against the full model by the runtime that serves it:\n\n" + \
+    return "## Quantized copies\n\nEach scored against the full model on the same rows:\n\n" + \
         "\n".join(lines) + "\n\n"
 
 

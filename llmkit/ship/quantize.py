@@ -1,5 +1,5 @@
 """Quantized copies of an exported model, each in its own folder beside it (final/ -> final-onnx-int8/): written
-whole into a temporary folder, scored in a fresh process by the runtime that serves it against the full model on
+whole into a temporary folder, scored in a fresh process (by what llmkit.quantized names) against the full model on
 the same rows (llmkit.ship.served), and only then moved into place with its numbers (layout.QUANTIZED). What cannot
 be done (a format for another kind of model, a runtime not installed) is refused before anything is written.
 

@@ -1,4 +1,4 @@
-"""A quantized copy reloaded by the runtime that serves it, in a fresh CPU process (llmkit.ship.quantize starts
+"""A quantized copy reloaded in a fresh CPU process (llmkit.ship.quantize starts
 it), and scored against the full model on the same rows: accuracy, macro-F1, agreement, size on disk, and the
 time per row at batch 1 and batch 32, each model with the same number of threads."""
 
@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from llmkit import fresh, quantized
-from llmkit.data import lm
-from llmkit.data.sources import load_labeled, load_raw, one_split
+from llmkit.data import lm, scored
+from llmkit.data.sources import load_raw, one_split
 from llmkit.errors import LlmkitError
 from llmkit.evals.attribution import LabelWords
 from llmkit.evals.lm import token_logprobs
@@ -49,7 +49,7 @@ def _labeled(rows: dict, names: list[str], max_samples: int | None) -> tuple[lis
     """The split's texts (and text pairs) and gold label ids, as `llmkit eval` reads them."""
     cfg = one_split(rows["source"], rows["split"], names, rows["text_column"], rows.get("text_pair_column"),
                     rows["label_column"], rows["max_length"], max_samples)
-    data = load_labeled(cfg, seed=0, log=lambda m: None, training=False).rows["validation"]
+    data = scored.read(cfg, names, rows.get("label_map"), log=lambda m: None)
     pairs = list(data[rows["text_pair_column"]]) if rows.get("text_pair_column") else None
     return list(data[rows["text_column"]]), pairs, np.asarray(data["labels"])
 

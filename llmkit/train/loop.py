@@ -21,7 +21,7 @@ from llmkit.rundir import checkpoints
 from llmkit.train import optim
 from llmkit.train.guards import StopSignal, loss_scale
 from llmkit.train.hooks import Hooks
-from llmkit.train.meter import Meter, per_rank
+from llmkit.train.meter import Meter, memory_line, memory_summary, per_rank
 from llmkit.train.position import DataPosition
 from llmkit.train.run import Run
 
@@ -91,10 +91,11 @@ def fit(run: Run, model, optimizer, train_loader, eval_loader, eval_fn: EvalFn,
 
     # summary
     ranks = per_rank(acc, model, optimizer, meter.peaks)
+    memory = memory_summary(ranks, run.live_estimate)  # the largest rank's: what to provision
+    run.log(memory_line(memory))
     summary = {"steps": state.step, "epochs": round(state.step / steps_per_epoch, 3), **meter.summary(),
                "world_size": acc.num_processes, "precision": run.precision, "zero_stage": run.zero_stage,
-               "peak_memory_bytes": max(ranks["peak_memory_bytes"]),  # the largest rank's: what to provision
-               "train_examples": position.examples(), "history": state.history, "per_rank": ranks}
+               **memory, "train_examples": position.examples(), "history": state.history, "per_rank": ranks}
     if run.elastic is not None:  # the resume changed how the global batch is split
         summary["elastic_resume"] = run.elastic.record()
     return {"model": model, "summary": summary, "last_eval": last_eval}

@@ -3,31 +3,10 @@ each row's loss by its class: cross-entropy of a classifier's logits, or the lab
 
 from __future__ import annotations
 
-from collections import Counter
-
 import torch
 
 from llmkit.data.lm import CLASS_KEY, IGNORE
-from llmkit.errors import LlmkitError
-
-
-def class_weights(setting, train_labels: list[int], label_names: list[str]) -> list[float] | None:
-    """The weight of each class, in label order: None (off), "balanced" (n / (classes x count), sklearn's rule),
-    or the config's list, checked against the labels."""
-    if setting is None:
-        return None
-    k = len(label_names)
-    if setting == "balanced":
-        counts = Counter(train_labels)
-        missing = [label_names[i] for i in range(k) if not counts[i]]
-        if missing:
-            raise LlmkitError(f"train.class_weights balanced: the train split has no row of {missing}; give the "
-                              "weights as a list, or fix the data")
-        return [len(train_labels) / (k * counts[i]) for i in range(k)]
-    if len(setting) != k:
-        raise LlmkitError(f"train.class_weights lists {len(setting)} weights but the data has {k} labels "
-                          f"{label_names}; give one weight per label, in that order")
-    return [float(w) for w in setting]
+from llmkit.data.sources import class_weights
 
 
 def weighted_cross_entropy(weights: list[float]):

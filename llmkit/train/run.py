@@ -47,6 +47,7 @@ class Run:
     resume: checkpoints.Resume | None = None  # the checkpoint this run continues (resolved by the preflight)
     tokenizer_from: str | None = None  # a tokenizer trained from the data (load_tokenizer) instead of the config's
     recipe: str = ""  # "classification" or "causal_lm": the recipe that set this run up
+    live_estimate: float | None = None  # the preflight's "live at peak" per device (bytes), its runtime measured again
 
     @property
     def dir(self) -> layout.RunDir:
@@ -215,6 +216,7 @@ def setup(cfg: Config, recipe: str) -> Run:
     memory_now = preflight.recheck_memory(plan)  # the process group and DeepSpeed are up: their memory is known
     if memory_now:
         run.log(memory_now)
+        run.live_estimate = plan.estimate.peak_device_bytes  # reported beside the live peak the run measures
     trackers.start(accelerator, cfg, plan.run_dir, trackers.hyperparameters(
         cfg, world_size=accelerator.num_processes, precision=plan.precision, zero_stage=run.zero_stage))
     return run
