@@ -25,10 +25,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import cpu  # noqa: E402
 
 from llmkit.report.compared import verdict  # noqa: E402
+from llmkit.report.undefined import defined, interval, shown  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = ROOT / "bench" / "results" / "classifiers"
 TEMPLATE = ("Is the sentiment of this movie review positive or negative? Answer with one word.\n\nReview: {text}")
+
+
+def _points(pair: dict, key: str) -> str:
+    """A difference in points with its interval, or why either is not defined."""
+    v = pair[key]
+    return f"{shown(100 * v if defined(v) else v, '+.2f')} ({interval(pair[key + '_ci95'], '+.2f', 100, ' to ')})"
 
 
 def _table(doc: dict, seconds: float) -> str:
@@ -38,18 +45,21 @@ def _table(doc: dict, seconds: float) -> str:
              "|---|---|---|---|---|---|"]
     for m in doc["models"]:
         t = m.get("temperature") or {}
-        lines.append(f"| {m['name']}: {m['label']} | {m['accuracy']:.4f} ({m['accuracy_ci95'][0]:.4f}-"
-                     f"{m['accuracy_ci95'][1]:.4f}) | {m['f1_macro']:.4f} | {m['ece']:.4f} | "
-                     f"{t.get('ece_after', float('nan')):.4f} ({t.get('temperature', float('nan')):.2f}) | "
-                     f"{1000 * m['seconds_per_row']:.1f} |")
+        after = f"{shown(t.get('ece_after'))} ({shown(t.get('temperature'), '.2f')})" if t else "-"
+        lines.append(f"| {m['name']}: {m['label']} | {shown(m['accuracy'])} ({interval(m['accuracy_ci95'])}) | "
+                     f"{shown(m['f1_macro'])} | {shown(m['ece'])} | {after} | {1000 * m['seconds_per_row']:.1f} |")
+    family = doc.get("multiple_testing") or {}
     lines += ["", "| A vs B | accuracy A - B, points (95% CI) | macro-F1 A - B, points (95% CI) | only A / only B "
-              "right | McNemar exact p | significant at 5% |", "|---|---|---|---|---|---|"]
+              f"right | McNemar exact p | p, {family.get('correction', 'holm')} over {family.get('family', '?')} "
+              "pairs | significant at 5% |", "|---|---|---|---|---|---|---|"]
     for p in doc["pairs"]:
-        a, b = p["accuracy_difference_ci95"], p["f1_macro_difference_ci95"]
-        lines.append(f"| {p['a']} vs {p['b']} | {100 * p['accuracy_difference']:+.2f} ({100 * a[0]:+.2f} to "
-                     f"{100 * a[1]:+.2f}) | {100 * p['f1_macro_difference']:+.2f} ({100 * b[0]:+.2f} to "
-                     f"{100 * b[1]:+.2f}) | {p['only_a_right']} / {p['only_b_right']} | {p['mcnemar_exact_p']:.3g} | "
-                     f"{'yes' if p['significant'] else 'no'} |")
+        if "error" in p:
+            lines.append(f"| {p['a']} vs {p['b']} | {p['error']} | | | | | |")
+            continue
+        lines.append(f"| {p['a']} vs {p['b']} | {_points(p, 'accuracy_difference')} | "
+                     f"{_points(p, 'f1_macro_difference')}"
+                     f" | {p['only_a_right']} / {p['only_b_right']} | {shown(p['mcnemar_exact_p'], '.3g')} | "
+                     f"{shown(p.get('mcnemar_p_holm'), '.3g')} | {'yes' if p['significant'] else 'no'} |")
     return "\n".join(lines)
 
 

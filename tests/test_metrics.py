@@ -46,3 +46,25 @@ def test_modules_load_offline_in_a_fresh_process():
     assert out.returncode == 0, out.stderr
     assert "'accuracy': 0.666" in out.stdout and "'precision': 1.0" in out.stdout
     assert set(NAMES) == {"accuracy", "f1", "precision", "recall"}
+
+
+def test_macro_scores_average_over_the_labels_the_rows_touch():
+    """A 3-label model scored on rows that hold and predict only 2 of its labels: macro F1 / precision / recall
+    average over those 2 (scikit-learn's default set), not over a third label that would add a 0 and cap macro-F1
+    at 2/3; the same in compare's pairwise differences and the report's interval."""
+    import numpy as np
+    from sklearn.metrics import f1_score, precision_score
+
+    from llmkit.metrics import classification_metrics
+    from llmkit.report.numbers import _f1
+    from llmkit.report.paired import pair
+
+    gold = [0, 0, 2, 2, 2, 0, 2, 0]
+    pred = [0, 2, 2, 2, 0, 0, 2, 0]
+    got = classification_metrics(pred, gold, 3)
+    assert got["f1_macro"] == pytest.approx(f1_score(gold, pred, average="macro")) == pytest.approx(0.75)
+    assert got["precision"] == pytest.approx(precision_score(gold, pred, average="macro"))
+    assert _f1(np.array(gold), np.array(pred), 3) == pytest.approx(0.75)
+    perfect = np.array(gold)
+    assert pair(np.array(gold), perfect, np.array(pred), 3, resamples=100)["f1_macro_difference"] == \
+        pytest.approx(1.0 - 0.75)

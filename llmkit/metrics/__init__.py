@@ -24,7 +24,9 @@ def load(name: str):
 def classification_metrics(predictions, references, num_labels: int) -> dict[str, float]:
     """accuracy, f1, precision, recall (binary for 2 classes, of class 1; macro otherwise) and macro F1."""
     average = "binary" if num_labels == 2 else "macro"
-    labels = list(range(num_labels))
+    # macro over the labels the rows hold or the model predicts (scikit-learn's default): a label of the model's
+    # that the scored rows never touch (a 3-class model on 2-label data) would add an F1 of 0, not evidence
+    labels = sorted(set(map(int, references)) | set(map(int, predictions)))
     out = load("accuracy").compute(predictions=predictions, references=references)
     for name in ("f1", "precision", "recall"):
         kwargs = {"average": average} if average == "binary" else {"average": average, "labels": labels}

@@ -107,8 +107,9 @@ def bootstrap(y: np.ndarray, pred: np.ndarray, num_labels: int, samples: int = B
 
 def _f1(y: np.ndarray, pred: np.ndarray, k: int) -> float:
     """Binary F1 of class 1 for 2 classes, macro F1 otherwise (the headline F1, as in the run's metrics)."""
-    f1 = per_class_scores(pred, y, range(k))[2]
-    return float(f1[1] if k == 2 else f1.mean())
+    if k == 2:
+        return float(per_class_scores(pred, y, [1])[2][0])
+    return float(per_class_scores(pred, y, np.union1d(y, pred))[2].mean())  # macro over the labels present
 
 
 def per_class(y: np.ndarray, pred: np.ndarray, names: list[str]) -> list[dict]:

@@ -15,12 +15,13 @@ LEVEL = 0.05  # the verdicts' family-wise error rate
 MIN_ROWS = 2  # a resample of one row is that row again: an interval, or a fitted temperature, needs two
 
 
-def macro_f1(gold: np.ndarray, predicted: np.ndarray, classes: int, axis: int = -1) -> np.ndarray:
-    """Macro-F1 along `axis` (many resamples at once: scikit-learn's f1_score takes one at a time, ~1 ms each,
-    which made a comparison's intervals take minutes). A class no row has nor is predicted scores 0, as
-    f1_score(zero_division=0) does; tests check the two agree."""
+def macro_f1(gold: np.ndarray, predicted: np.ndarray, classes, axis: int = -1) -> np.ndarray:
+    """Macro-F1 along `axis` over `classes` (a count or the class ids; many resamples at once: scikit-learn's
+    f1_score takes one at a time, ~1 ms each, which made a comparison's intervals take minutes). A class of
+    `classes` a resample neither has nor predicts scores 0, as f1_score(labels=..., zero_division=0) does; tests
+    check the two agree."""
     scores = []
-    for c in range(classes):
+    for c in range(classes) if isinstance(classes, int) else classes:
         is_gold, is_pred = gold == c, predicted == c
         tp = (is_gold & is_pred).sum(axis)
         wrong = (is_gold ^ is_pred).sum(axis)  # false positives and false negatives
@@ -63,8 +64,12 @@ def pair(gold: np.ndarray, a: np.ndarray, b: np.ndarray, classes: int, resamples
     def accuracy(g, x, y, axis=-1):
         return (x == g).mean(axis) - (y == g).mean(axis)
 
+    # over the labels these rows hold or either model predicts: a label of the model's that the rows never touch
+    # would add an F1 of 0 to both, shrinking every macro-F1 towards 0 (scikit-learn's default set, too)
+    present = np.union1d(np.union1d(gold, a), b).tolist()
+
     def f1(g, x, y, axis=-1):
-        return macro_f1(g, x, classes, axis) - macro_f1(g, y, classes, axis)
+        return macro_f1(g, x, present, axis) - macro_f1(g, y, present, axis)
 
     rows = len(gold)
     right_a, right_b = a == gold, b == gold
