@@ -202,3 +202,28 @@ def test_security_rules_of_the_code_base():
             assert "weights_only=True" in call, (path, call)
     export = (ROOT / "llmkit" / "ship" / "export.py").read_text()
     assert "safe_serialization=False" not in export
+
+
+def _started_modules() -> dict[str, list[str]]:
+    """Each `python -m MODULE` llmkit starts (fresh.run_python), with where; and each `-c` (source in a string)."""
+    found: dict[str, list[str]] = {}
+    for module, path in _modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) == "run_python" \
+                    and node.args and isinstance(node.args[0], ast.List) and node.args[0].elts:
+                first = node.args[0].elts[:2]
+                flag = first[0].value if isinstance(first[0], ast.Constant) else None
+                target = first[1].value if len(first) > 1 and isinstance(first[1], ast.Constant) else None
+                found.setdefault(target if flag == "-m" else f"<{flag}>", []).append(f"{module}:{node.lineno}")
+    return found
+
+
+def test_every_started_process_is_an_importable_module_with_a_main():
+    """A process llmkit starts for a job runs a module that imports like any other and has a `main` (no program
+    kept as source in a string, which no linter, import or layer test reads)."""
+    import importlib
+
+    started = _started_modules()
+    assert started and all(m.startswith("llmkit.") for m in started), started  # "<-c>" would be source in a string
+    for module in started:
+        assert callable(getattr(importlib.import_module(module), "main", None)), f"{module} has no main()"

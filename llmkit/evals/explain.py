@@ -196,10 +196,15 @@ def _write_texts(where: Path) -> None:
     where.write_text(json.dumps({"rows": explain(subject, ask["texts"], ask["pairs"])}, ensure_ascii=False))
 
 
-if __name__ == "__main__":
-    if sys.argv[1] == "texts":
-        _write_texts(Path(sys.argv[2]))
+def main(argv: list[str] | None = None) -> None:
+    """The explaining process (started by for_run and for_texts): `texts WHERE`, or a run's rows."""
+    argv = argv or sys.argv[1:]
+    if argv[0] == "texts":
+        _write_texts(Path(argv[1]))
     else:
-        _write(Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "1",
-               int(sys.argv[6]))
+        _write(Path(argv[0]), argv[1], int(argv[2]), int(argv[3]), argv[4] == "1", int(argv[5]))
     fresh.end(0)
+
+
+if __name__ == "__main__":
+    main()

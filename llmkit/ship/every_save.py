@@ -12,6 +12,7 @@ from pathlib import Path
 
 from llmkit import assets
 from llmkit.ship import export, hub, verify
+from llmkit.ship.reload import canonical_names
 
 
 class WeightsUploader:
@@ -53,7 +54,7 @@ class WeightsUploader:
     def _write(self, out: Path, unwrapped, state_dict: dict) -> None:
         """The weights in the export's form (a LoRA run: the adapter, its base named by Hub id), the tokenizer,
         and no local path."""
-        unwrapped.save_pretrained(out, state_dict=state_dict, **export.canonical_names(unwrapped))
+        unwrapped.save_pretrained(out, state_dict=state_dict, **canonical_names(unwrapped))
         self.tokenizer.save_pretrained(out)
         adapter = out / "adapter_config.json"
         if adapter.is_file():

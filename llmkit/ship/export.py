@@ -3,7 +3,6 @@ metrics in `<output_dir>/final`, written under a temporary name, verified, then 
 
 from __future__ import annotations
 
-import inspect
 import json
 import shutil
 from pathlib import Path
@@ -17,16 +16,10 @@ from llmkit.model import check_export_weights, locate
 from llmkit.rundir import life
 from llmkit.rundir.layout import Export
 from llmkit.ship import verify
+from llmkit.ship.reload import canonical_names
 from llmkit.train.run import Run
 
 PROBE_TOKENS = 16  # per probe row of a causal-LM export check
-
-
-def canonical_names(model) -> dict:
-    """Save under the model's own parameter names. transformers 5 may otherwise map some back to legacy names
-    (e.g. LayerNorm.gamma) depending on how the model was loaded, which differs under ZeRO-3."""
-    params = inspect.signature(model.save_pretrained).parameters
-    return {"save_original_format": False} if "save_original_format" in params else {}
 
 
 def gather(run: Run, model) -> tuple[dict | None, object]:
@@ -123,10 +116,8 @@ def _weights_only(tmp: Path) -> dict:
 
 
 def _quantized(run: Run) -> str | None:
-    """QLoRA runs: the 4-bit base's compute dtype, for the reload check to build the same base."""
-    if not run.cfg.lora.load_in_4bit:
-        return None
-    return {"bf16": "bfloat16", "fp16": "float16"}.get(run.precision, "float32")
+    """QLoRA runs: the precision of the 4-bit base's compute dtype, for the reload check to build the same base."""
+    return run.precision if run.cfg.lora.load_in_4bit else None
 
 
 def _save_adapter(unwrapped, state_dict: dict, tokenizer, out: Path) -> None:

@@ -208,11 +208,16 @@ def score_causal_lm(ask: dict) -> dict:
     return out
 
 
-if __name__ == "__main__":
-    where = Path(sys.argv[1])
+def main(argv: list[str] | None = None) -> None:
+    """The scoring process (started by ship.quantize): REQUEST, a JSON file its numbers are written back into."""
+    where = Path((argv or sys.argv[1:])[0])
     try:
         where.write_text(json.dumps(score(json.loads(where.read_text()))))
     except LlmkitError as exc:
         print(f"llmkit: error: {exc}", file=sys.stderr, flush=True)
         fresh.end(2)
     fresh.end(0)
+
+
+if __name__ == "__main__":
+    main()

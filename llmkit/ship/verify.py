@@ -37,105 +37,15 @@ def check_weights(folder: Path, action: str = "push") -> None:
         no_empty_tensors(shapes, str(path.relative_to(folder)), action=action)
 
 
-# The reload scripts run in a fresh interpreter: plain transformers (+ peft), no llmkit import, no DeepSpeed
-# state (under ZeRO-3 an in-process from_pretrained would partition the reloaded model across ranks and wait).
-_PREAMBLE = """
-import inspect, os, torch
-def save_plain(model, folder):  # the model's own parameter names (transformers 5 may map some to legacy ones)
-    kwargs = {"save_original_format": False} if "save_original_format" in inspect.signature(
-        model.save_pretrained).parameters else {}
-    model.save_pretrained(folder, **kwargs)
-def four_bit(dtype):
-    from transformers import BitsAndBytesConfig
-    dtype = getattr(torch, dtype)
-    return {"quantization_config": BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype,
-        bnb_4bit_quant_storage=dtype)}
-"""
-
-_RELOAD_CLASSIFIER = _PREAMBLE + """
-import json, sys, torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
-spec = json.load(open(sys.argv[1]))
-remote = bool(spec.get("trust_remote_code"))
-out = {}
-def encode(tok):
-    return tok(spec["texts"], spec["pairs"], padding=True, truncation=True, max_length=spec["max_length"],
-               return_tensors="pt")
-def with_adapter(quantized):  # the base rebuilt with the run's head config, the adapter and its head on it
-    from peft import PeftModel
-    base = AutoModelForSequenceClassification.from_pretrained(spec["base"], dtype=torch.float32,
-                                                              trust_remote_code=remote, **spec["head"],
-                                                              **(four_bit(spec["quantized"]) if quantized else {}))
-    return PeftModel.from_pretrained(base, spec["adapter"]).eval()
-if spec.get("adapter"):
-    peft = with_adapter(bool(spec.get("quantized")))  # QLoRA: on the same 4-bit base as in training
-    tok = AutoTokenizer.from_pretrained(spec["adapter"], trust_remote_code=remote)
-    with torch.no_grad():
-        out["adapter_logits"] = peft(**encode(tok)).logits.float().tolist()
-    if spec.get("merge"):
-        if spec.get("quantized"):  # merged into the full-precision base: a model without bitsandbytes
-            peft = with_adapter(False)
-        save_plain(peft.merge_and_unload(), spec["folder"])
-        tok.save_pretrained(spec["folder"])
-tok = AutoTokenizer.from_pretrained(spec["folder"], trust_remote_code=remote)
-model, info = AutoModelForSequenceClassification.from_pretrained(spec["folder"], dtype="auto",
-                                                                 trust_remote_code=remote, output_loading_info=True)
-with torch.no_grad():
-    out["logits"] = model.eval()(**encode(tok)).logits.float().tolist()
-out.update(missing=sorted(info["missing_keys"]), unexpected=sorted(info["unexpected_keys"]))
-with open(sys.argv[2], "w") as fh:
-    json.dump(out, fh)
-sys.stdout.flush()
-sys.stderr.flush()
-os._exit(0)  # the answer is written: skip the interpreter teardown of torch and transformers (~1.7 s)
-"""
-
-
-# reloads the full (or merged) model and returns logits on fixed token ids.
-_RELOAD_LM = _PREAMBLE + """
-import json, sys, torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
-spec = json.load(open(sys.argv[1]))
-remote = bool(spec.get("trust_remote_code"))
-ids = torch.tensor(spec["ids"])
-out = {}
-def with_adapter(quantized):
-    from peft import PeftModel
-    kwargs = four_bit(spec["quantized"]) if quantized else {}
-    base = AutoModelForCausalLM.from_pretrained(spec["base"], dtype=torch.float32, trust_remote_code=remote, **kwargs)
-    return PeftModel.from_pretrained(base, spec["adapter"]).eval()
-if spec.get("adapter"):
-    peft = with_adapter(bool(spec.get("quantized")))  # QLoRA: on the same 4-bit base as in training
-    with torch.no_grad():
-        out["base_plus_adapter"] = peft(input_ids=ids).logits.tolist()
-    if spec.get("quantized"):  # merged into the full-precision base: a model without bitsandbytes
-        peft = with_adapter(False)
-    save_plain(peft.merge_and_unload(), spec["model"])
-    AutoTokenizer.from_pretrained(spec["adapter"], trust_remote_code=remote).save_pretrained(spec["model"])
-model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32, trust_remote_code=remote).eval()
-AutoTokenizer.from_pretrained(spec["model"], trust_remote_code=remote)
-with torch.no_grad():
-    out["model"] = model(input_ids=ids).logits.tolist()
-    # the run computed in bf16/fp16: compare with the same arithmetic, so a small weight error cannot hide in noise
-    out["in_run_dtype"] = model.to(getattr(torch, spec["dtype"]))(input_ids=ids).logits.float().tolist()
-with open(sys.argv[2], "w") as fh:
-    json.dump(out, fh)
-sys.stdout.flush()
-sys.stderr.flush()
-os._exit(0)  # the answer is written: skip the interpreter teardown of torch and transformers (~1.7 s)
-"""
-
-
 QUANTIZED_MERGE_TOL = 0.5  # relative logit difference allowed between a QLoRA run and its full-precision merge
 
 
-def _run_fresh(script: str, spec: dict, folder: Path) -> dict:
-    """Run a reload script in a fresh CPU-only interpreter; its JSON answer."""
+def _run_fresh(kind: str, spec: dict, folder: Path) -> dict:
+    """The export reloaded by plain transformers / peft in a fresh CPU-only interpreter (ship.reload); its answer."""
     with tempfile.TemporaryDirectory() as tmp:
         spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "out.json"
         spec_path.write_text(json.dumps(spec))
-        proc = fresh.run_python(["-c", script, str(spec_path), str(out_path)], cwd=tmp)
+        proc = fresh.run_python(["-m", "llmkit.ship.reload", kind, str(spec_path), str(out_path)], cwd=tmp)
         if proc.returncode != 0:
             raise LlmkitError(f"the export at {folder} does not reload with plain transformers/peft:\n"
                               f"{proc.stderr[-2000:]}")
@@ -162,7 +72,7 @@ def check_classifier(folder: Path, probe: dict) -> dict:
     spec = {**probe, "folder": str(folder)}
     if probe.get("lora"):
         spec.update(adapter=str(Export(folder).adapter), merge=not (folder / "config.json").is_file())
-    reloaded = _run_fresh(_RELOAD_CLASSIFIER, spec, folder)
+    reloaded = _run_fresh("classifier", spec, folder)
     if reloaded["missing"] or reloaded["unexpected"]:
         raise LlmkitError(f"the export at {folder} reloads with missing {reloaded['missing']} / unexpected "
                           f"{reloaded['unexpected']} weights")
@@ -211,7 +121,7 @@ def check_causal_lm(folder: Path, probe: dict, merged_out: Path | None = None) -
             spec.update(model=str(merged_out or Path(scratch) / "merged"), base=probe["base"], adapter=str(folder))
         else:
             spec["model"] = str(folder)
-        got = _run_fresh(_RELOAD_LM, spec, folder)
+        got = _run_fresh("causal_lm", spec, folder)
     want = np.asarray(probe["logits"], dtype=np.float64)
     checks, bad = {}, {}
 
