@@ -29,8 +29,10 @@ setup: $(BIN)/.installed
 assets: setup
 	$(BIN)/llmkit assets
 
+# OMP_NUM_THREADS and DS_ACCELERATOR are what torchrun and DeepSpeed settle on for this CPU-only config (gpu_ids: "");
+# set here, the launcher prints no notice about either (llmkit sets torch's threads per rank itself)
 demo: assets
-	$(BIN)/accelerate launch --config_file accelerate_configs/cpu_zero2.yaml \
+	OMP_NUM_THREADS=1 DS_ACCELERATOR=cpu $(BIN)/accelerate launch --config_file accelerate_configs/cpu_zero2.yaml \
 		recipes/classification.py --config recipes/configs/sentiment_minilm_polarity.yaml \
 		--output.overwrite_output_dir true
 	@echo "demo done: the evaluation report is outputs/sentiment_minilm_polarity/report.html"

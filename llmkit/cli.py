@@ -90,25 +90,15 @@ def _estimate_memory(args: argparse.Namespace) -> None:
 
 
 def _generate(args: argparse.Namespace) -> None:
-    import torch
+    from llmkit.commands.generate_text import main as generate
 
-    from llmkit import generate
-
-    if args.temperature < 0 or not 0 < args.top_p <= 1 or args.max_new_tokens < 1:
-        raise LlmkitError("--temperature must be >= 0, --top-p in (0, 1] and --max-new-tokens >= 1")
-    torch.manual_seed(args.seed)
-    model, tokenizer, what = generate.load(args.model_dir, args.base, args.trust_remote_code)
-    chat = {"auto": None, "on": True, "off": False}[args.chat]
-    print(f"# {what}", file=sys.stderr)
-    for text in generate.complete(model, tokenizer, args.prompt, args.max_new_tokens, chat, args.temperature,
-                                  args.top_p):
-        print(text)
+    generate(args)
 
 
 def _report(args: argparse.Namespace) -> None:
     from llmkit.report import pages
 
-    paths = pages.build(args.run_dirs, args.output)
+    paths = pages.build(args.run_dirs, args.output, args.overwrite)
     print(f"report: {paths['html']}  (also {paths['md'].name}, {paths['json'].name})")
 
 
@@ -122,7 +112,8 @@ def _eval(args: argparse.Namespace) -> None:
     zero_shot = (args.prompt_template, args.label_words) if args.zero_shot else None
     got = eval_export(args.model_dir, args.data, args.split, args.output, args.text_column, args.text_pair_column,
                       args.label_column, args.max_length, args.batch_size, args.max_samples, args.trust_remote_code,
-                      zero_shot, tuple(args.keep_columns), args.precision, parse_label_map(args.label_map))
+                      zero_shot, tuple(args.keep_columns), args.precision, parse_label_map(args.label_map),
+                      args.overwrite)
     for split, m in got["splits"].items():
         print(f"{split}: {scores_line(m, got['label_names'])}")
     print(f"report: {got['report']}")
@@ -147,6 +138,11 @@ def _scored_rows(parser: argparse.ArgumentParser, required: bool = True) -> None
 def _precision(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", choices=["fp32", "bf16", "auto"], default="fp32", help="fp32 (the reference); "
                         "bf16 or auto (bf16 where the CPU has native bf16) score ~3x faster there")
+
+
+def _overwrite(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier output of this command whole "
+                        "(never a folder it did not write)")
 
 
 def _zero_shot_args(parser: argparse.ArgumentParser) -> None:
@@ -177,7 +173,7 @@ def _push(args: argparse.Namespace) -> None:
     from llmkit.ship import hub
 
     hub.push(args.run_dir, args.repo_id, private=not args.public, revision=args.revision,
-             push_merged=args.merged, dry_run=args.dry_run, staging=args.output)
+             push_merged=args.merged, dry_run=args.dry_run, staging=args.output, overwrite=args.overwrite)
 
 
 def _validate(args: argparse.Namespace) -> None:
@@ -280,6 +276,7 @@ def main(argv: list[str] | None = None) -> None:
                      help="run output directories (or `llmkit eval` outputs)")
     rep.add_argument("--output", type=fresh.absolute,
                      help="where the report goes (default: the run directory; required for several)")
+    _overwrite(rep)
     rep.set_defaults(fn=_report)
     cmp = sub.add_parser("compare", help="score exported classifiers (and llmkit label-word LMs) on the same rows; per "
                          "pair the differences with "
@@ -287,6 +284,7 @@ def main(argv: list[str] | None = None) -> None:
     cmp.add_argument("models", nargs="+", type=_model_spec, help="two or more classifier folders (e.g. <run>/final), "
                      "or zero-shot:<causal LM folder or asset:name>")
     cmp.add_argument("--output", type=fresh.absolute, required=True, help="the comparison's folder")
+    _overwrite(cmp)
     _scored_rows(cmp)
     _precision(cmp)
     cmp.add_argument("--split", default="test", help="the rows every model scores")
@@ -304,6 +302,7 @@ def main(argv: list[str] | None = None) -> None:
     ev.add_argument("model_dir", type=_model_or_asset,
                     help="a classifier folder, e.g. <run>/final (any transformers classifier)")
     ev.add_argument("--output", type=fresh.absolute, help="output folder (default: <model_dir>/eval-<split>)")
+    _overwrite(ev)
     _scored_rows(ev)
     _precision(ev)
     ev.add_argument("--split", nargs="+", default=["test"], help="the split(s) to score, each its own predictions file")
@@ -326,6 +325,7 @@ def main(argv: list[str] | None = None) -> None:
                       help="write exactly the folder that would be uploaded, list it, touch no network")
     push.add_argument("--output", type=fresh.absolute,
                       help="--dry-run: where the folder goes (default <run_dir>/hub_upload)")
+    _overwrite(push)
     push.set_defaults(fn=_push)
     val = sub.add_parser("validate", help="run every check of a recipe that needs no training, then stop")
     val.add_argument("config", help="the recipe YAML")

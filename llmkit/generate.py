@@ -1,15 +1,10 @@
-"""Text generation from an export (full model, merged model or LoRA adapter) and from a model in training."""
+"""Text generation from a model in training or an export (commands.generate_text loads it)."""
 
 from __future__ import annotations
-
-import json
-from pathlib import Path
 
 import torch
 
 from llmkit.errors import LlmkitError
-from llmkit.model import check_export_weights, is_causal_lm, locate, trusts_remote_code
-from llmkit.rundir.layout import Export
 
 
 def render(tokenizer, prompt: str, chat: bool | None = None) -> list[int]:
@@ -43,42 +38,3 @@ def complete(model, tokenizer, prompts: list[str], max_new_tokens: int = 48, cha
     if was_training:
         model.train()
     return texts
-
-
-def load(folder: str | Path, base: str | None = None, trust_remote_code: bool = False):
-    """(model, tokenizer, description) from a folder llmkit exported, or any transformers / peft folder.
-
-    A run's `final/` with `merged/` uses the merged model; an adapter folder loads its base (from
-    adapter_config.json, or `base`) and applies the adapter. `trust_remote_code` (or an llmkit export trained
-    with it) runs the folder's own model code."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = Path(folder).expanduser()
-    if not path.is_dir():
-        raise LlmkitError(f"'{folder}' is not a directory; pass a model folder (e.g. <output_dir>/final)")
-    check_export_weights(path)
-    remote = trust_remote_code or trusts_remote_code(path)
-    if (Export(path).merged / "config.json").is_file():
-        path = Export(path).merged
-    if (path / "adapter_config.json").is_file():
-        from peft import PeftModel
-
-        base = base or json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
-        if not base:
-            raise LlmkitError(f"{path}/adapter_config.json names no base model; pass --base")
-        model = AutoModelForCausalLM.from_pretrained(locate(base, "the adapter's base model"), trust_remote_code=remote)
-        model = PeftModel.from_pretrained(model, path)
-        what = f"base {base} + LoRA adapter {path}"
-    elif (path / "config.json").is_file():
-        architectures = json.loads((path / "config.json").read_text()).get("architectures")
-        if architectures and not is_causal_lm(architectures):
-            raise LlmkitError(f"'{folder}' is a {architectures[0]}, not a causal LM: `llmkit generate` completes text "
-                              "with a causal LM export; score a classifier with `llmkit eval`")
-        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=remote)
-        what = str(path)
-    else:
-        raise LlmkitError(f"'{folder}' holds no config.json or adapter_config.json: not a model export")
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=remote)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model.eval(), tokenizer, what

@@ -7,10 +7,10 @@ from pathlib import Path
 
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerFast
 
-from llmkit import assets, fresh
+from llmkit import assets, fresh, logs
 from llmkit.config import LoraConfig, ModelConfig
 from llmkit.errors import LlmkitError
-from llmkit.rundir.layout import Export
+from llmkit.rundir.layout import ADAPTER_CONFIG, MODEL_CONFIG
 
 
 def locate(name_or_path: str, what: str) -> str:
@@ -24,10 +24,10 @@ def locate(name_or_path: str, what: str) -> str:
         if local.is_file() and what == "model.name_or_path":
             raise LlmkitError(f"{what} '{name_or_path}' is a file; name the model's folder (the one holding "
                               "config.json and the weights)")
-        if (local / "adapter_config.json").is_file() and what == "model.name_or_path":
+        if (local / ADAPTER_CONFIG).is_file() and what == "model.name_or_path":
             raise LlmkitError(f"{what} '{name_or_path}' is a LoRA adapter, not a model: train from its base model "
                               "(adapter_config.json names it), or export a merged model and start from that")
-        if local.is_dir() and not (local / "config.json").is_file() and what == "model.name_or_path":
+        if local.is_dir() and not (local / MODEL_CONFIG).is_file() and what == "model.name_or_path":
             raise LlmkitError(f"{what} '{name_or_path}' is a directory without config.json, so it is not a "
                               "transformers model folder")
         return str(fresh.absolute(local))  # also handed to fresh processes (the export check)
@@ -84,18 +84,6 @@ def safetensors_problem(file: Path) -> str | None:
     if 8 + length + end > size:
         return f"is cut short: {8 + length + end} bytes expected, {size} on disk"
     return None
-
-
-def trusts_remote_code(export: Path) -> bool:
-    """An llmkit export whose run was trained with model.trust_remote_code (its training_config.yaml says so):
-    reloading it needs the same consent, which the run's config already gave."""
-    import yaml
-
-    try:
-        cfg = Export(Path(export)).read_config()
-    except yaml.YAMLError:
-        return False
-    return bool(((cfg or {}).get("model") or {}).get("trust_remote_code")) if isinstance(cfg, dict) else False
 
 
 def _hub_error(what: str, name: str, exc: Exception) -> LlmkitError:
@@ -170,10 +158,11 @@ def _config_options(cfg: ModelConfig) -> dict:
 
 
 def load_classifier(cfg: ModelConfig, label_names: list[str], pad_token_id: int | None = None,
-                    lora: LoraConfig | None = None, precision: str = "fp32", zero3: bool = False):
+                    lora: LoraConfig | None = None, precision: str = "fp32", zero3: bool = False, log=None):
     """AutoModelForSequenceClassification with a head for `label_names` (id2label/label2id in its config), any
     architecture (an encoder, or a decoder LLM that scores its last real token). With `lora` on, peft's
-    sequence-classification task: adapters on the body, the new head trained in full and saved with them."""
+    sequence-classification task: adapters on the body, the new head trained in full and saved with them. `log`
+    takes what the checkpoint lacked (the new head) in one line, instead of transformers' table."""
     name = locate(cfg.name_or_path, "model.name_or_path")
     labels = {
         "num_labels": len(label_names),
@@ -187,8 +176,8 @@ def load_classifier(cfg: ModelConfig, label_names: list[str], pad_token_id: int 
             model = AutoModelForSequenceClassification.from_config(config, **_config_options(cfg))
         else:
             # a checkpoint with another head size (e.g. a 2-class model tuned to 3 classes) gets a fresh head
-            model = AutoModelForSequenceClassification.from_pretrained(name, ignore_mismatched_sizes=True,
-                                                                       **labels, **common)
+            model = _from_pretrained(AutoModelForSequenceClassification, name, log, ignore_mismatched_sizes=True,
+                                     **labels, **common)
     except (OSError, ValueError) as exc:
         raise _hub_error("the model", name, exc) from None
     if pad_token_id is not None:
@@ -204,20 +193,16 @@ def _for_adapters(model, cfg: ModelConfig, lora: LoraConfig | None, zero3: bool 
     and for 4-bit peft's k-bit preparation (norms in fp32, the checkpointing it wants). Under ZeRO-3 a 4-bit base
     keeps one dtype: ZeRO-3 flattens parameters of one dtype, and peft's preparation would upcast every weight
     that is not 4-bit to fp32 beside the 4-bit weights stored in the compute dtype."""
-    if lora is not None and lora.load_in_4bit and zero3:
-        if cfg.gradient_checkpointing:
-            _checkpointing(model)
-        model.enable_input_require_grads()  # the frozen base would cut the gradient path into the adapters
-    elif lora is not None and lora.load_in_4bit:
+    four_bit = lora is not None and lora.load_in_4bit
+    if four_bit and not zero3:
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=cfg.gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False})
-    elif cfg.gradient_checkpointing:
+        # its checkpointing is llmkit's call below: peft's uses the name transformers 5.25 deprecates
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if cfg.gradient_checkpointing:
         _checkpointing(model)
-        if lora is not None and lora.enabled:
-            model.enable_input_require_grads()  # frozen embeddings would cut the gradient path into the adapters
+    if (four_bit and zero3) or (not four_bit and cfg.gradient_checkpointing and lora is not None and lora.enabled):
+        model.enable_input_require_grads()  # a frozen base would cut the gradient path into the adapters
     return model
 
 
@@ -228,6 +213,17 @@ def _checkpointing(model) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def _from_pretrained(auto, name: str, log=None, **options):
+    """`auto.from_pretrained`; given `log`, what transformers' load report would say goes there in one line."""
+    if log is None:
+        return auto.from_pretrained(name, **options)
+    with logs.without_load_report():
+        model, info = auto.from_pretrained(name, output_loading_info=True, **options)
+    if logs.load_report(info):
+        log(logs.load_report(info))
+    return model
 
 
 def read_config(cfg: ModelConfig, **overrides):
@@ -254,9 +250,12 @@ def positions(config) -> int | None:
     return None
 
 
-def is_causal_lm(architectures: list[str] | None) -> bool:
-    """A config's `architectures` name a causal LM (e.g. LlamaForCausalLM)."""
-    return any(a.endswith("ForCausalLM") for a in architectures or [])
+def is_causal_lm(architectures: list[str] | None) -> bool:  # the one place an architecture's name is read
+    return any(a.endswith("ForCausalLM") for a in architectures or [])  # e.g. LlamaForCausalLM
+
+
+def is_classifier(architectures: list[str] | None) -> bool:
+    return any(a.endswith("ForSequenceClassification") for a in architectures or [])
 
 
 @dataclass(frozen=True)
@@ -370,7 +369,7 @@ def train_tokenizer(texts, vocab_size: int, folder: Path) -> PreTrainedTokenizer
 
 
 def load_causal_lm(cfg: ModelConfig, lora: LoraConfig, tokenizer=None, precision: str = "fp32",
-                   zero3: bool = False):
+                   zero3: bool = False, log=None):
     """AutoModelForCausalLM from a Hub id, a local dir or an asset, or random init from its config; LoRA if asked.
 
     From scratch, the config's special-token ids are taken from `tokenizer` (it may have been trained here)."""
@@ -390,7 +389,7 @@ def load_causal_lm(cfg: ModelConfig, lora: LoraConfig, tokenizer=None, precision
                 config.bos_token_id = tokenizer.bos_token_id
             model = AutoModelForCausalLM.from_config(config, **_config_options(cfg))
         else:
-            model = AutoModelForCausalLM.from_pretrained(name, **common)
+            model = _from_pretrained(AutoModelForCausalLM, name, log, **common)
     except (OSError, ValueError) as exc:
         raise _hub_error("the model", name, exc) from None
     if tokenizer is not None and model.config.pad_token_id is None:

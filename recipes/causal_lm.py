@@ -33,7 +33,7 @@ def main() -> None:
     # checked against the labels before the model loads; rank 0's error is every rank's, said once
     loss_fn, weighted = run.main_first(lambda: losses.for_run(run.log, cfg.train.class_weights if labels else None,
                                        ds.train[losses.CLASS_KEY] if labels else [], ds.label_names, tokens=True))
-    net = model.load_causal_lm(cfg.model, cfg.lora, tokenizer, precision=run.precision, zero3=run.zero_stage == 3)
+    net = model.load_causal_lm(cfg.model, cfg.lora, tokenizer, run.precision, zero3=run.zero_stage == 3, log=run.log)
     optimizer = optim.build_optimizer(cfg, net)
     train_loader, eval_loaders = loaders.lm_loaders(cfg, ds, tokenizer, acc.process_index, acc.num_processes)
 

@@ -31,7 +31,7 @@ def main() -> None:
     loss_fn, weighted = run.main_first(lambda: losses.for_run(run.log, cfg.train.class_weights, ds.train["labels"],
                                                               ds.label_names))
     net = model.load_classifier(cfg.model, ds.label_names, pad_token_id=tokenizer.pad_token_id, lora=cfg.lora,
-                                precision=run.precision, zero3=run.zero_stage == 3)
+                                precision=run.precision, zero3=run.zero_stage == 3, log=run.log)
     optimizer = optim.build_optimizer(cfg, net)
     train_loader, eval_loaders = loaders.classification_loaders(cfg, ds, tokenizer, acc.process_index,
                                                                 acc.num_processes)

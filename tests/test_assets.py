@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from llmkit import assets
+from llmkit import assets, metrics
 from llmkit.errors import LlmkitError
 
 
@@ -100,7 +100,7 @@ def test_installed_smollm2_is_a_plain_causal_lm_with_the_gguf_perplexity(tmp_pat
     assert states == 12 * sizes.trainable / 2 and states / 2**30 < 0.03  # was 0.779 GiB counting every weight
     model = AutoModelForCausalLM.from_pretrained(root, dtype=torch.float32).eval()
     assert type(model).__name__ == "LlamaForCausalLM"
-    ppl = assets.perplexity(model, tok, assets.PERPLEXITY_TEXT)
+    ppl = metrics.perplexity(assets.mean_loss(model, tok, assets.PERPLEXITY_TEXT))
     assert ppl == pytest.approx(info["perplexity_gguf"], rel=1e-4)
     assert ppl < 200  # a real language model, not random weights (those score ~49,000)
     # a plain model: no GGUF quantization entry left in its config, so fine-tuned copies save normally

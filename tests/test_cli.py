@@ -3,6 +3,7 @@ nothing changed), the same under `llmkit launch` and plain `accelerate launch`, 
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -64,11 +65,29 @@ def test_llmkit_launch_user_error_is_one_line_and_exit_2(tmp_path, tiny_bert, ti
     errors = [line for line in proc.stderr.splitlines() if "llmkit: error" in line]
     assert len(errors) == 1 and errors[0].startswith(f"llmkit: error: {message}"), proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
+    # none of torch's launcher lines (W/E + date: its thread banner, the ranks it stopped, the failed rank)
+    assert [line for line in proc.stderr.splitlines() if re.match(r"[WE]\d{4} ", line)] == [], proc.stderr[-3000:]
     if (tmp_path / "out").exists():  # a run stopped before its first step: the same folder is "new" again
         from llmkit.config import load_config
         from llmkit.rundir.life import intent
 
         assert intent(load_config(cfg)) == "new"
+
+
+@pytest.mark.slow
+def test_llmkit_launch_into_a_folder_of_another_run_prints_only_its_line(tmp_path, tiny_bert, tiny_data):
+    """Issue 47: a relaunch into a used run folder through `llmkit launch` said its one line inside the launcher's
+    own (its thread banner, DeepSpeed's CPU guess, the ranks it stopped, the failed one): now the line alone."""
+    cfg = write_config(tmp_path / "c.yaml", tiny_bert, tiny_data, tmp_path / "out")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "metrics.json").write_text("{}")
+    cmd = [sys.executable, "-m", "llmkit.cli", "launch",
+           *launch_command("recipes/classification.py", ["--config", str(cfg)], "cpu_zero2.yaml")[3:]]
+    proc = subprocess.run(cmd, cwd=ROOT, env=LAUNCH_ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    said = (proc.stdout + proc.stderr).splitlines()
+    assert len(said) == 1 and said[0].startswith("llmkit: error: output.output_dir"), said
+    assert "already holds files from another run" in said[0]
 
 
 @pytest.mark.slow

@@ -10,12 +10,13 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import HIGHLIGHTS, chromium
+from helpers import HIGHLIGHTS, chromium, fake_run
 from scipy.stats import binomtest
 
 from llmkit.commands.compare import document
+from llmkit.errors import LlmkitError
 from llmkit.report import paired
-from llmkit.report.compared import verdict, write
+from llmkit.report.compared import markdown, verdict, write
 from llmkit.report.numbers import calibration
 from llmkit.report.paired import by_value, disagreements, fit_temperature, length_quartiles, macro_f1, pair, tempered
 from llmkit.report.undefined import not_defined
@@ -225,6 +226,81 @@ def test_a_statistic_that_fails_loses_only_its_own_entry(tmp_path, monkeypatch, 
     assert "model-1 vs model-2 failed: ValueError: boom" in md and "failed: RuntimeError: no fit" in md
 
 
+def test_each_rescore_beside_its_runs_number_and_how_the_runs_differ(tmp_path):
+    """A model whose eval re-scored the rows its own run scored shows the run's number beside the re-score, and why
+    they differ; the models that are run exports say the training settings in which they differ (not where they
+    wrote); models without run records add no such section."""
+    import yaml
+
+    folders = []
+    for name, rate in (("a", 8e-5), ("b", 2e-5)):
+        (tmp_path / name / "final").mkdir(parents=True)
+        (tmp_path / name / "final" / "training_config.yaml").write_text(yaml.safe_dump({
+            "train": {"learning_rate": rate, "seed": 1}, "output": {"output_dir": str(tmp_path / name)}}))
+        folders.append(str(tmp_path / name))
+    first, second = _scored(GOLD, GOLD, NAMES, SOURCES), _scored(GOLD, [0, 1, 2, 0] * 3, NAMES, SOURCES)
+    first["run_reported"] = {"accuracy": 0.9167, "run_precision": "bf16", "rows_predicted_differently": 1, "why":
+                             "the run scored in bf16 during training, this eval in fp32: 1 near-tie row(s) fall the "
+                             "other way"}
+    second["run_reported"] = {"accuracy": 0.25, "run_precision": "fp32", "rows_predicted_differently": 0, "why": None}
+    doc = document([first, second], folders, ["a", "b"], "test", "data", None, "none", [], 100)
+    assert doc["models"][0]["run_reported"] == first["run_reported"] and doc["errors"] == []
+    assert doc["differences"] == {"models": ["model-1", "model-2"], "rows": [["train.learning_rate", "8e-05", "2e-05"]]}
+    write(doc, tmp_path)
+    md, page = (tmp_path / "compare.md").read_text(), (tmp_path / "compare.html").read_text()
+    for text in (md, page):
+        assert ("model-1 (a): the run reported accuracy 0.9167 on these rows, this re-score 1.0000: the run scored "
+                "in bf16 during training, this eval in fp32: 1 near-tie row(s) fall the other way.") in text
+        assert "model-2 (b): the run reported the same accuracy on these rows (0.2500): every row is predicted " \
+               "alike." in text
+    assert "## How the models differ" in md and "| train.learning_rate | 8e-05 | 2e-05 |" in md
+    assert "| setting | model-1 (a) | model-2 (b) |" in md
+    assert "<h2>How the models differ</h2>" in page and "<td>train.learning_rate</td><td>8e-05</td>" in page
+    alike = document([first, second], [folders[0], folders[0]], ["a", "a"], "test", "data", None, "none", [], 100)
+    assert "model-1 and model-2 carry the same training settings" in markdown(alike)
+    plain = document([first, second], [str(tmp_path / "m1"), str(tmp_path / "m2")], ["m1", "m2"], "test", "data",
+                     None, "none", [], 100)
+    assert plain["differences"] is None and "training settings" not in markdown(plain)
+
+
+def _tree(folder) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_compare_replaces_an_earlier_comparison_only_when_asked(tmp_path, tiny_bert, tiny_data, monkeypatch):
+    """The training run's rule: an earlier comparison is refused without --overwrite before anything is scored
+    (nothing changes); a comparison that fails with --overwrite leaves the earlier one whole, and nothing beside
+    it; a folder holding the user's files, or a run's, is never replaced."""
+    from llmkit.commands import compare as command
+
+    out = tmp_path / "cmp"
+    (out / "model-1").mkdir(parents=True)
+    for name in (command.MARKER, "compare.json", "compare.md", "compare.html", "explain-model-1.json",
+                 "model-1/metrics.json"):
+        (out / name).write_text("earlier")
+    before = _tree(out)
+    models = [str(_three_labels(tiny_bert, tmp_path / f"m{seed}", seed)) for seed in (0, 1)]
+    with pytest.raises(LlmkitError, match=r"^--output .*cmp holds an earlier `llmkit compare` output; add "
+                                          "--overwrite to replace it whole"):
+        command.compare(models, str(tiny_data), "test", out, [], resamples=100)
+
+    def fails(model, *args):
+        raise LlmkitError(f"scoring {model} failed: boom")
+
+    monkeypatch.setattr(command, "_score", fails)
+    with pytest.raises(LlmkitError, match="scoring .* failed: boom"):
+        command.compare(models, str(tiny_data), "test", out, [], resamples=100, calibration_split="none",
+                        overwrite=True)
+    assert _tree(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["cmp", "m0", "m1"]
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(LlmkitError, match=r"holds files `llmkit compare` did not write \(notes.txt\)"):
+        command.compare(models, str(tiny_data), "test", out, [], resamples=100, overwrite=True)
+    with pytest.raises(LlmkitError, match="is a training run's folder, which `llmkit compare` never replaces"):
+        command.compare(models, str(tiny_data), "test", fake_run(tmp_path / "run"), [], resamples=100,
+                        overwrite=True)
+    assert (out / "notes.txt").read_text() == "mine" and (tmp_path / "run" / "notes.txt").read_text() == "mine"
+
+
 @pytest.fixture(scope="module")
 def compared(tmp_path_factory, tiny_run, tiny_data):
     """`llmkit compare` of the run (its directory) against a copy of its export with the classifier's output rows
@@ -313,6 +389,27 @@ def test_the_comparison_renders_in_headless_chromium(compared, tmp_path):
     assert words and all(shown for shown, _, _ in words)
     assert any(colour not in ("rgba(0, 0, 0, 0)", "transparent") for _, colour, _ in words)
     assert (tmp_path / "compare.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_compare_with_overwrite_replaces_the_earlier_comparison_whole(compared, tiny_run, tmp_path):
+    """`--overwrite` over an earlier comparison (its explanations and validation scores): the folder then holds
+    the new comparison's files only, none of the earlier run's left beside them."""
+    out, _, data = compared
+    again = tmp_path / "cmp"
+    shutil.copytree(out, again)
+    assert (again / "explain-model-1.json").is_file() and (again / "model-1" / "predictions_validation.jsonl").is_file()
+    got = subprocess.run([sys.executable, "-m", "llmkit.cli", "compare", str(tiny_run), str(tiny_run / "final"),
+                          "--data", str(data), "--output", str(again), "--overwrite", "--explain-rows", "0",
+                          "--calibration-split", "none", "--resamples", "100"], capture_output=True, text=True,
+                         timeout=600)
+    assert got.returncode == 0, got.stderr[-3000:]
+    assert sorted(p.name for p in again.iterdir()) == [".llmkit-compare", "compare.html", "compare.json", "compare.md",
+                                                       "model-1", "model-2"]
+    assert not (again / "model-1" / "predictions_validation.jsonl").exists()
+    doc = json.loads((again / "compare.json").read_text())
+    assert doc["disagreements"] == [] and doc["calibration_split"] is None and doc["pairs"][0]["agreement"] == 1.0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cmp"]
 
 
 @pytest.mark.slow

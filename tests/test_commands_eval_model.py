@@ -44,9 +44,44 @@ def test_eval_refuses_a_base_model_and_a_runs_folder(tmp_path, tiny_bert, tiny_d
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
     data = tmp_path / "ids.jsonl"  # integer labels, as the tiny BERT's LABEL_0 / LABEL_1 expect
     data.write_text("".join(json.dumps({"text": f"good film {i}", "label": i % 2}) + "\n" for i in range(8)))
+    eval_export(tiny_bert, str(data), "test", tmp_path / "ev", max_length=32)  # a new folder
+
+
+def test_eval_replaces_an_earlier_eval_only_when_asked_and_whole(tmp_path, tiny_bert, monkeypatch):
+    """The training run's rule: an earlier eval's folder is refused without --overwrite (nothing changes); with it
+    the folder holds only the new eval's files (none of the earlier splits); an eval that fails with --overwrite
+    leaves the earlier one as it was; a folder of the user's files is never replaced."""
+    from llmkit.commands.eval_model import eval_export
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for split in ("test", "validation"):
+        write_jsonl(data / f"{split}.jsonl", [{"text": f"good film {i}", "label": i % 2} for i in range(6)])
     out = tmp_path / "ev"
-    eval_export(tiny_bert, str(data), "test", out, max_length=32)
-    eval_export(tiny_bert, str(data), "test", out, max_length=32)  # an earlier eval's folder: fine
+    eval_export(tiny_bert, str(data), ["test", "validation"], out, max_length=32)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(LlmkitError, match=r"^--output .*ev holds an earlier `llmkit eval` output; add --overwrite"):
+        eval_export(tiny_bert, str(data), "test", out, max_length=32)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("the report failed")
+
+    monkeypatch.setattr(pages, "build", fails)  # the last step of writing the new folder
+    with pytest.raises(RuntimeError, match="the report failed"):
+        eval_export(tiny_bert, str(data), "test", out, max_length=32, overwrite=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "ev"]  # no half-built folder left beside it
+    monkeypatch.undo()
+
+    eval_export(tiny_bert, str(data), "test", out, max_length=32, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == [".llmkit-eval", "metrics.json", "predictions_test.jsonl",
+                                                     "report.html", "report.json", "report.md", "run_info.json"]
+    assert "validation" not in json.loads((out / "metrics.json").read_text())
+    (out / "notes.txt").write_text("mine")  # the user's file in it: never replaced
+    with pytest.raises(LlmkitError, match=r"holds files `llmkit eval` did not write \(notes.txt\)"):
+        eval_export(tiny_bert, str(data), "test", out, max_length=32, overwrite=True)
+    assert (out / "notes.txt").read_text() == "mine"
 
 
 @pytest.mark.slow

@@ -15,7 +15,7 @@ PACKAGE = ROOT / "llmkit"
 
 # lowest first; a module belongs to the first entry that names it or a package above it
 LAYERS = [
-    ("ground", ["llmkit", "llmkit.errors", "llmkit.faults", "llmkit.metrics", "llmkit.quantized",
+    ("ground", ["llmkit", "llmkit.errors", "llmkit.faults", "llmkit.logs", "llmkit.metrics", "llmkit.quantized",
                 "llmkit.config", "llmkit.assets", "llmkit.fresh", "llmkit.shipped",
                 # the run folder's map (file names, record readers) is read by the export loaders below the
                 # launch layer too; the rest of llmkit.rundir (a run's life, checkpoints) is launch
@@ -24,6 +24,7 @@ LAYERS = [
     ("launch", ["llmkit.precision", "llmkit.parallel", "llmkit.memory", "llmkit.activations", "llmkit.rundir", "llmkit.trackers",
                 "llmkit.preflight"]),
     ("train", ["llmkit.train"]),
+    ("the export's owner", ["llmkit.exported"]),
     ("evals and ship", ["llmkit.evals", "llmkit.ship"]),
     ("report", ["llmkit.report"]),
     ("finish", ["llmkit.finish"]),
@@ -227,3 +228,55 @@ def test_every_started_process_is_an_importable_module_with_a_main():
     assert started and all(m.startswith("llmkit.") for m in started), started  # "<-c>" would be source in a string
     for module in started:
         assert callable(getattr(importlib.import_module(module), "main", None)), f"{module} has no main()"
+
+
+def _code_lines(path: Path) -> list[tuple[int, str]]:
+    """A module's lines without comments and docstrings' prose (the words may name files; the code may not)."""
+    tree = ast.parse(path.read_text())
+    prose = {n.lineno for n in ast.walk(tree) if isinstance(n, ast.Expr) and isinstance(getattr(n, "value", None),
+                                                                                        ast.Constant)}
+    spans = {line for n in ast.walk(tree) if isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant)
+             for line in range(n.lineno, n.end_lineno + 1)} | prose
+    return [(i, line.split("#")[0]) for i, line in enumerate(path.read_text().splitlines(), 1) if i not in spans]
+
+
+# the names of the files and folders a run or an export leaves: spelled in rundir/layout.py alone
+RUN_FILE_NAMES = ('"config.json"', '"adapter_config.json"', '"final"', '"merged"', '"training_config.yaml"',
+                  '"metrics.json"', '"llmkit_probe.json"', '"quantized.json"', '"report.html"', '"report.md"',
+                  '"report.json"', 'f"step-{', '"predictions_')
+
+
+def test_no_run_or_export_file_name_outside_the_layout():
+    found = [f"{module}:{i}: {line.strip()}" for module, path in _modules().items() if module != "llmkit.rundir.layout"
+             for i, line in _code_lines(path) if any(name in line for name in RUN_FILE_NAMES)]
+    assert not found, "\n".join(found)
+
+
+def test_an_exports_kind_and_model_folder_are_decided_in_one_module():
+    """What an export is (classifier, label-word LM, causal LM, adapter) and which folder holds its model are
+    decided by llmkit.exported.opened; an architecture's name is read by llmkit.model's predicates alone."""
+    owner, predicates = "llmkit.exported.opened", "llmkit.model"
+    found = []
+    for module, path in _modules().items():
+        for i, line in _code_lines(path):
+            if 'endswith("For' in line and module != predicates:
+                found.append(f"{module}:{i}: {line.strip()}")
+            if re.search(r"merged\.is_dir\(\)|\.merged / |merged / MODEL_CONFIG", line) and module != owner:
+                found.append(f"{module}:{i}: {line.strip()}")
+    assert not found, "\n".join(found)
+
+
+def test_one_scorer_per_kind_and_one_perplexity():
+    """exported.scoring holds the classifier scorer, the label-word scorer and the token log-likelihoods; the
+    perplexity is metrics.perplexity. No other module defines them again."""
+    defined: dict[str, list[str]] = {}
+    for module, path in _modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.name in (
+                    "token_logprobs", "classifier_logits", "LabelWordScorer", "batch_scores", "perplexity", "text_nll"):
+                defined.setdefault(node.name, []).append(module)
+    assert defined.pop("perplexity") == ["llmkit.metrics"]
+    assert all(where == ["llmkit.exported.scoring"] for where in defined.values()), defined
+    exps = [f"{m}:{i}" for m, p in _modules().items() if m != "llmkit.metrics"
+            for i, line in _code_lines(p) if re.search(r"(math|np|torch)\.exp\(", line) and "loss" in line]
+    assert not exps, exps  # a perplexity computed by hand

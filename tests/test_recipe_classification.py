@@ -5,12 +5,15 @@ reload to the run's predictions; QLoRA refused on CPU; a trust_remote_code model
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
 import textwrap
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -186,17 +189,20 @@ DEMO_BOUNDS = ["--train.max_steps", "40", "--data.max_eval_samples", "256"]
 DEMO_OUTPUT = Path("outputs/sentiment_minilm_polarity")  # the demo config's output_dir, relative to the repo root
 
 
-def demo_command() -> list[str]:
-    """The command `make demo` runs, read from the Makefile with `make -n` so this test follows any change."""
+def demo_command() -> tuple[dict[str, str], list[str]]:
+    """The command `make demo` runs and the variables it sets before it (NAME=value), read from the Makefile with
+    `make -n` so this test follows any change."""
     proc = subprocess.run(["make", "-n", "demo"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.replace("\\\n", " ").splitlines()
     launch_lines = [line for line in lines if "accelerate launch" in line]
     assert len(launch_lines) == 1, proc.stdout
-    cmd = shlex.split(launch_lines[0])
+    words = shlex.split(launch_lines[0])
+    env = dict(w.split("=", 1) for w in itertools.takewhile(lambda w: re.fullmatch(r"[A-Za-z_]\w*=.*", w), words))
+    cmd = words[len(env):]
     if not (ROOT / cmd[0]).exists():  # the suite runs from another environment than the Makefile's .venv
         cmd[0] = str(Path(sys.executable).with_name("accelerate"))
-    return cmd
+    return env, cmd
 
 
 @pytest.fixture(scope="module")
@@ -207,9 +213,9 @@ def demo_run(tmp_path_factory):
     for name in ("recipes", "accelerate_configs", "ds_configs", ".venv"):
         if (ROOT / name).exists():
             (root / name).symlink_to(ROOT / name)
-    cmd = demo_command()
+    env, cmd = demo_command()
     assert "--config_file" in cmd and not any(Path(a).is_absolute() for a in cmd[1:]), cmd
-    proc = subprocess.run([*cmd, *DEMO_BOUNDS], cwd=root, env=LAUNCH_ENV, capture_output=True, text=True,
+    proc = subprocess.run([*cmd, *DEMO_BOUNDS], cwd=root, env={**LAUNCH_ENV, **env}, capture_output=True, text=True,
                           timeout=900)
     check_ok(proc)
     return root, proc.stdout + proc.stderr
@@ -258,6 +264,58 @@ def test_make_demo_runs_from_the_repo_root_and_exports_a_loadable_model(demo_run
     flipped = sum(p != r["prediction"] for p, r in zip(predicted, rows))
     accuracy = sum(p == r["label"] for p, r in zip(predicted, rows)) / len(rows)
     assert abs(accuracy - metrics["test"]["accuracy"]) <= flipped / len(rows) + 1e-9
+
+
+# what other libraries said in the demo's log because of llmkit's own code or launch (issue 47): none may come back
+CAUSED_BY_LLMKIT = {
+    "DeepSpeed guessing the CPU (DS_ACCELERATOR: the Makefile, llmkit.logs)": "get_accelerator] Setting accelerator",
+    "torchrun's thread banner (OMP_NUM_THREADS: the Makefile)": "Setting OMP_NUM_THREADS environment variable",
+    "a deprecated config attribute read (model config's dtype)": "`torch_dtype` is deprecated",
+    "a deprecated checkpointing name called (llmkit.model._checkpointing)": "checkpointing` is deprecated",
+    "datasets' sort under pyarrow 25+ (data.packing.by_length)": "null_placement",
+    "transformers' load report table, per rank (llmkit's one model: line)": "LOAD REPORT",
+    "transformers' shard bars (rank 0 says what it loads and writes)": "Loading weights",
+}
+ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+WARNED = re.compile(r"\S+\.py:\d+: (\w*Warning: .*)")  # Python's warning line, maybe behind a progress bar
+BAR = re.compile(r"([A-Z][^:|]*): .*(?:it/s|examples/s)")  # another library's progress bar (llmkit's: lower-case)
+
+
+def other_libraries(log: str) -> Counter:
+    """What other libraries said in a launch's log, each counted by its text (digits, so timestamps and pids, left
+    out; a progress bar once however often it redraws). llmkit's own lines start lower-case or indented."""
+    said, bars = Counter(), set()
+    for chunk in re.split(r"[\r\n]", ANSI.sub("", log)):
+        warned, bar = WARNED.search(chunk), BAR.match(chunk)
+        if warned:
+            said[warned.group(1)] += 1
+        elif bar:
+            bars.add(bar.group(1))
+        elif chunk.strip() and not re.match(r"\s|[a-z]", chunk):
+            said[re.sub(r"\d", "#", chunk)] += 1
+    return said + Counter(bars)
+
+
+def test_other_libraries_are_counted_by_what_they_say():
+    log = ("[2026-12-07 03:53:16,253] [WARNING] [real_accelerator.py:213:get_accelerator] Setting accelerator to CPU.\n"
+           "[2026-12-07 03:53:36,227] [WARNING] [real_accelerator.py:213:get_accelerator] Setting accelerator to CPU.\n"
+           "check: disk: ~0.08 GiB needed\n        parameters             0.085 GiB\n"
+           "Loading weights:   0%|          | 0/103 [00:00<?, ?it/s]\rLoading weights: 100%|| 103/103 [18558.07it/s]\n"
+           "train:   0%|          | 0/10 [00:00<?, ?it/s]/x/c10d_logger.py:83: FutureWarning: `a` is deprecated.\n"
+           "  return func(*args, **kwargs)\n\x1b[1mDeepSpeed\x1b[0m op built successfully\n")
+    assert other_libraries(log) == Counter({
+        "[####-##-## ##:##:##,###] [WARNING] [real_accelerator.py:###:get_accelerator] Setting accelerator to CPU.": 2,
+        "FutureWarning: `a` is deprecated.": 1, "Loading weights": 1, "DeepSpeed op built successfully": 1})
+
+
+@pytest.mark.slow
+def test_make_demo_log_says_each_other_librarys_line_once_and_none_llmkit_causes(demo_run):
+    """Issue 47: of what other libraries print, nothing llmkit's code or launch causes, and the rest once (rank 0)."""
+    _, log = demo_run
+    assert [why for why, text in CAUSED_BY_LLMKIT.items() if text in log] == [], log[-6000:]
+    said = other_libraries(log)
+    assert {text: n for text, n in said.items() if n > 1} == {}, said
+    assert "model: initialised fresh (not in the checkpoint): classifier.bias, classifier.weight" in log
 
 
 @pytest.mark.slow

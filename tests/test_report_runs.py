@@ -3,6 +3,7 @@ words, never raw JSON; and for several runs, the settings in which they differ. 
 
 from __future__ import annotations
 
+import html
 import json
 from collections import defaultdict
 
@@ -74,3 +75,43 @@ def test_two_runs_say_how_they_differ(tmp_path):
     assert "How the runs differ" in paths["html"].read_text()
     assert runs.differences([{"train": {"seed": 1}}, {"train": {"seed": 1}}]) == []  # alike: nothing to list
     assert runs.differences([{"data": {"max_length": 64}}, {}]) == [["data.max_length", "64", "-"]]
+
+
+def test_the_report_of_a_rescore_says_the_runs_own_number_and_why(tmp_path):
+    """`llmkit eval` of the rows its export's run scored records the run's number (run_reported); the report of
+    that eval folder sets it beside the re-score, and says why they differ, in every page."""
+    folder = _run(tmp_path / "eval-test", 8e-5, 1.0)
+    metrics = json.loads((folder / "metrics.json").read_text())
+    metrics["test"] = {"accuracy": 8 / 12, "run_reported": {
+        "accuracy": 0.5833, "run_precision": "bf16", "rows_predicted_differently": 1,
+        "why": "the run scored in bf16 during training, this eval in fp32: 1 near-tie row(s) fall the other way"}}
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    paths = pages.build([folder])
+    said = ("Against the run's own number: the run reported accuracy 0.5833 on these rows, this re-score 0.6667: "
+            "the run scored in bf16 during training, this eval in fp32: 1 near-tie row(s) fall the other way.")
+    assert said in paths["md"].read_text() and html.escape(said) in paths["html"].read_text()
+    assert json.loads(paths["json"].read_text())["runs"][0]["splits"]["test"]["run_reported"]["accuracy"] == 0.5833
+
+
+def test_report_output_is_new_or_an_earlier_report_replaced_whole(tmp_path):
+    """`llmkit report A B --output DIR`: an earlier report there is refused without --overwrite (nothing changes)
+    and replaced whole with it; a run's folder or a folder of the user's files never, --overwrite or not."""
+    from llmkit.errors import LlmkitError
+
+    a, b = _run(tmp_path / "a", 8e-5, 300.0), _run(tmp_path / "b", 2e-5, 310.0)
+    out = tmp_path / "out"
+    pages.build([a, b], out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert sorted(before) == [".llmkit-report", "report.html", "report.json", "report.md"]
+    with pytest.raises(LlmkitError, match=r"^--output .*out holds an earlier `llmkit report` output; add --overwrite"):
+        pages.build([a], out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    pages.build([a], out, overwrite=True)
+    assert [r["name"] for r in json.loads((out / "report.json").read_text())["runs"]] == ["a"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "out"]  # nothing left beside it
+    with pytest.raises(LlmkitError, match="is a training run's folder, which `llmkit report` never replaces"):
+        pages.build([a, b], b, overwrite=True)
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(LlmkitError, match=r"holds files `llmkit report` did not write \(notes.txt\)"):
+        pages.build([a, b], out, overwrite=True)
+    pages.build([a], a)  # the run's own folder: its own report, as without --output

@@ -19,6 +19,7 @@ from helpers import LAUNCH_ENV, check_ok, fake_run, launch, write_config, write_
 
 from llmkit.config.checks import check_repo_id
 from llmkit.errors import LlmkitError
+from llmkit.rundir.layout import RunDir
 from llmkit.ship import hub, verify
 
 CANARY = "hf_llmkitCanaryToken0123456789abcdefXYZ"  # a made-up token that must never be written anywhere
@@ -298,8 +299,26 @@ def test_dry_run_stages_only_into_folders_it_made(tmp_path):
     mine.mkdir()
     (mine / "keep.txt").write_text("precious")
     for target, message in ((run, "is the run"), (run / "final", "is the run"), (tmp_path, "is the run, holds it"),
-                            (mine, "already holds files llmkit did not stage")):
+                            (mine, "holds files `llmkit push --dry-run` did not write \\(keep.txt\\)")):
         with pytest.raises(LlmkitError, match=message):
             hub.stage(run, target, "alice/x")
     assert (mine / "keep.txt").read_text() == "precious" and (run / "final" / "config.json").is_file()
     assert (run / "notes.txt").read_text() == "mine"
+
+
+def test_an_earlier_dry_run_is_replaced_only_when_asked_and_only_once_complete(tmp_path):
+    """A dry run's folder again: refused without --overwrite; with it, a staging that fails (here: an export
+    without weights) leaves the earlier folder as it was, with nothing beside it, and names it as the user does."""
+    run = fake_run(tmp_path / "run")
+    staged = tmp_path / "up"
+    staged.mkdir()
+    (staged / "README.md").write_text("the earlier dry run")
+    RunDir(run).hub_staged.write_text(json.dumps([str(staged.resolve())]))  # as that dry run recorded it
+    with pytest.raises(LlmkitError, match=r"^the staging folder .*up holds an earlier `llmkit push --dry-run` output; "
+                                          "add --overwrite"):
+        hub.push(run, "alice/x", dry_run=True, staging=staged)
+    with pytest.raises(LlmkitError, match=f"^{staged} holds no .safetensors weights"):
+        hub.push(run, "alice/x", dry_run=True, staging=staged, overwrite=True)
+    assert [p.name for p in staged.iterdir()] == ["README.md"] and (staged / "README.md").read_text() == \
+        "the earlier dry run"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "up"]

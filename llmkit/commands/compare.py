@@ -18,37 +18,33 @@ from pathlib import Path
 import numpy as np
 
 from llmkit import fresh
-from llmkit.commands.eval_model import export_of
 from llmkit.data.sources import check_splits, load_raw, one_split
 from llmkit.errors import LlmkitError
 from llmkit.evals import explain
+from llmkit.exported.opened import CLASSIFIER, LABEL_WORDS, export_of, open_export, records_beside
 from llmkit.model import locate
-from llmkit.report import compared, paired
+from llmkit.report import compared, paired, runs
 from llmkit.report.numbers import calibration, read_predictions, split_report
 from llmkit.report.undefined import defined, not_defined
-from llmkit.rundir.layout import Export, RunDir, read_json
+from llmkit.rundir import outputs
+from llmkit.rundir.layout import RunDir, read_json
 
-MARKER = ".llmkit-compare"  # a `llmkit compare` output folder, which a later compare may write over
-
-
-def _check_output(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MARKER).is_file())):
-        raise LlmkitError(f"--output {out} already holds files `llmkit compare` did not write; pick a new or empty "
-                          "folder")
+MARKER = ".llmkit-compare"  # a `llmkit compare` output folder, which a later compare replaces with --overwrite
+FILES = ("compare.json", "compare.md", "compare.html", "model-*", "explain-model-*.json", MARKER)  # all it writes
 
 
 def _folder(model: str) -> Path:
     """The export a model names: a folder, a run directory's final/, or (zero-shot) an asset."""
-    path = Path(locate(model.removeprefix("zero-shot:"), "the zero-shot model")) if model.startswith("zero-shot:") \
-        else Path(model)
-    return export_of(path)
+    if model.startswith("zero-shot:"):
+        return Path(locate(model.removeprefix("zero-shot:"), "the zero-shot model"))
+    return open_export(model).root
 
 
 def _label(model: str) -> str:
-    """A short name for tables: the run's folder for a final/ export, else the folder's own name."""
-    path = _folder(model)
-    name = path.parent.name if path.name == "final" else path.name
-    return f"zero-shot {name}" if model.startswith("zero-shot:") else name
+    """A short name for tables: the run's folder for a run's export, else the folder's own name."""
+    if model.startswith("zero-shot:"):
+        return f"zero-shot {_folder(model).name}"
+    return open_export(model).name
 
 
 def _labels_of(model: str, zero_shot: list[str] | None) -> list[str] | None:
@@ -56,19 +52,11 @@ def _labels_of(model: str, zero_shot: list[str] | None) -> list[str] | None:
     words are not given yet): a classifier's id2label, a label-word export's run records, the zero-shot words."""
     if model.startswith("zero-shot:"):
         return zero_shot[zero_shot.index("--label-words") + 1:] if zero_shot else None
-    folder = _folder(model)
-    config = read_json((Export(folder).merged if Export(folder).merged.is_dir() else folder) / "config.json")
-    if not config:
-        raise LlmkitError(f"{model} holds no exported model (no config.json): give a classifier folder, a run "
-                          "directory with final/, or zero-shot:<causal LM>")
-    names = [config["id2label"][str(i)] for i in range(len(config["id2label"]))] if config.get("id2label") else None
-    causal = any(a.endswith("ForCausalLM") for a in config.get("architectures") or [])
-    if causal:
-        names = Export(folder).read_metrics().get("label_names")
-    if not names or (causal and not explain.run_records(folder)[0].get("data", {}).get("prompt_template")):
+    opened = open_export(model)
+    if opened.kind not in (CLASSIFIER, LABEL_WORDS):
         raise LlmkitError(f"{model} is not a classifier: neither a sequence classifier with labels nor an llmkit "
                           "label-word causal LM (score an untrained causal LM as zero-shot:<folder>)")
-    return names
+    return opened.labels
 
 
 def _calibration_split(source: str, split: str, asked: str | None) -> tuple[str | None, str | None]:
@@ -105,7 +93,7 @@ def _score(model: str, out: Path, source: str, splits: list[str], eval_args: lis
     names = metrics["label_names"]
     index = {name: i for i, name in enumerate(names)}
     got = {"labels": names, "metrics": metrics, "seconds_per_row": metrics[splits[0]]["seconds"]
-           / max(metrics[splits[0]]["samples"], 1)}
+           / max(metrics[splits[0]]["samples"], 1), "run_reported": metrics[splits[0]].get("run_reported")}
     for split in splits:
         rows = sorted(read_predictions(files.predictions(split), names)[0], key=lambda r: r["row"])
         got[split] = {"rows": rows, "gold": np.array([index[r["label"]] for r in rows]),
@@ -216,6 +204,17 @@ def _slice(failed: _Failures, scored: list[dict], split: str, name: str, mask: n
         "pairs": _pairs(failed, scored, split, mask, resamples, seed, f" in slice {name}")}
 
 
+def _differences(models: list[str]) -> dict | None:
+    """The training settings in which the models that are run exports differ (their training_config.yaml, as
+    `llmkit report A B` lists them); None where fewer than two models are run exports."""
+    configs = {f"model-{i + 1}": records_beside(export_of(Path(m)))[0] for i, m in enumerate(models)
+               if not m.startswith("zero-shot:")}
+    configs = {name: config for name, config in configs.items() if config}
+    if len(configs) < 2:
+        return None
+    return {"models": list(configs), "rows": runs.differences(list(configs.values()))}
+
+
 def document(scored: list[dict], models: list[str], labels: list[str], split: str, source: str, fit_on: str | None,
              why_not: str | None, slice_by: list[str], resamples: int = 2000, seed: int = 0) -> dict:
     """Every number of the comparison from the scored models (no disagreements yet). Each entry computed on its
@@ -232,22 +231,43 @@ def document(scored: list[dict], models: list[str], labels: list[str], split: st
     return {"split": split, "data": source, "rows": len(scored[0][split]["gold"]), "labels": scored[0]["labels"],
             "calibration_split": fit_on, "calibration_note": why_not, "slice_by": slice_by,
             "models": [{"name": f"model-{i + 1}", "model": m, "label": labels[i], **failed.guard(
-                f"the numbers of model-{i + 1}", _model_numbers, s, split, fit_on)}
+                f"the numbers of model-{i + 1}", _model_numbers, s, split, fit_on),
+                **({"run_reported": s["run_reported"]} if s.get("run_reported") else {})}
                 for i, (m, s) in enumerate(zip(models, scored))],
+            "differences": failed.guard("how the models differ", _differences, models),
             "pairs": pairs, "multiple_testing": testing, "bootstrap_resamples": resamples, "slice_resamples": cut,
             "slices": slices, "disagreements": [], "errors": failed.said}
 
 
+def _score_all(models: list[str], out: Path, source: str, splits: list[str], eval_args: list[str],
+               zero_shot: list[str] | None, slice_by: list[str]) -> list[dict]:
+    """Each model scored by `llmkit eval` into out/model-N/, in turn; labels that differ stop it there."""
+    scored = []
+    for i, model in enumerate(models):
+        print(f"compare: scoring {model} ({i + 1} of {len(models)})", file=sys.stderr, flush=True)
+        extra = zero_shot if model.startswith("zero-shot:") and zero_shot else []
+        scored.append(_score(model.removeprefix("zero-shot:"), out / f"model-{i + 1}", source, splits,
+                             eval_args + extra, slice_by))
+        if scored[-1]["labels"] != scored[0]["labels"]:
+            raise LlmkitError(f"the models classify into different labels: {models[0]} has {scored[0]['labels']}, "
+                              f"{model} has {scored[-1]['labels']}; compare models of the same task and label order")
+    return scored
+
+
 def compare(models: list[str], source: str, split: str, output_dir: str | Path, eval_args: list[str],
             resamples: int = 2000, seed: int = 0, zero_shot: list[str] | None = None,
-            calibration_split: str | None = None, slice_by: list[str] = (), explain_rows: int = 2) -> dict:
+            calibration_split: str | None = None, slice_by: list[str] = (), explain_rows: int = 2,
+            overwrite: bool = False) -> dict:
     """Score each model on `split` of `source` (and on the calibration split) and compare every pair; write
     compare.json, compare.md and compare.html into `output_dir`. `eval_args`: more `llmkit eval` options
     (columns, max length, batch size, max samples); `zero_shot`: the eval options of the models named
-    zero-shot:<model> (template, label words); `slice_by`: more data columns to cut the rows by."""
+    zero-shot:<model> (template, label words); `slice_by`: more data columns to cut the rows by; `overwrite`: an
+    earlier comparison in `output_dir` is replaced whole (llmkit.rundir.outputs), else refused."""
     models, slice_by = [str(m) for m in models], list(slice_by)
     if Path(source).expanduser().exists():  # a local path, read by each model's eval in another folder
         source = str(fresh.absolute(source))
+    out = fresh.absolute(output_dir)
+    outputs.check(out, "llmkit compare", (out / MARKER).is_file(), FILES, overwrite)
     if len(models) < 2:
         raise LlmkitError("llmkit compare needs at least two models")
     if resamples < 100 or explain_rows < 0:
@@ -266,34 +286,27 @@ def compare(models: list[str], source: str, split: str, output_dir: str | Path, 
         if missing := [c for c in slice_by if c not in have]:
             raise LlmkitError(f"--slice-by {missing[0]}: split '{split}' of {source} has no such column "
                               f"(columns: {have})")
-    out = Path(output_dir).expanduser()
-    _check_output(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / MARKER).write_text("written by `llmkit compare`; a later compare may replace these files\n")
-    splits = [split] + ([fit_on] if fit_on else [])
-    scored = []
-    for i, model in enumerate(models):
-        print(f"compare: scoring {model} ({i + 1} of {len(models)})", file=sys.stderr, flush=True)
-        extra = zero_shot if model.startswith("zero-shot:") and zero_shot else []
-        scored.append(_score(model.removeprefix("zero-shot:"), out / f"model-{i + 1}", source, splits,
-                             eval_args + extra, slice_by))
-        if scored[-1]["labels"] != scored[0]["labels"]:
-            raise LlmkitError(f"the models classify into different labels: {models[0]} has {scored[0]['labels']}, "
-                              f"{model} has {scored[-1]['labels']}; compare models of the same task and label order")
-    doc = document(scored, models, [_label(m) for m in models], split, source, fit_on, why_not, slice_by, resamples,
-                   seed)
-    if explain_rows:
-        failed = _Failures(doc["errors"])
-        found = failed.guard("explaining the disagreements", _explained_disagreements, scored, models, split,
-                             explain_rows, out, zero_shot)
-        doc["disagreements"] = [] if isinstance(found, dict) else found
-    try:
-        compared.write(doc, out)
-    except Exception as exc:  # a page that cannot be drawn: the numbers are in compare.json (written first)
-        if not (out / "compare.json").is_file():
-            raise
-        raise LlmkitError(f"compare.json is written, but drawing its pages failed: {type(exc).__name__}: {exc}") \
-            from exc
+    unpainted = None
+    with outputs.replaced(out) as build:  # built beside `out`, swapped in once compare.json is written
+        (build / MARKER).write_text("written by `llmkit compare`; a later compare replaces it whole with "
+                                    "--overwrite\n")
+        scored = _score_all(models, build, source, [split] + ([fit_on] if fit_on else []), eval_args, zero_shot,
+                            slice_by)
+        doc = document(scored, models, [_label(m) for m in models], split, source, fit_on, why_not, slice_by,
+                       resamples, seed)
+        if explain_rows:
+            found = _Failures(doc["errors"]).guard("explaining the disagreements", _explained_disagreements, scored,
+                                                   models, split, explain_rows, build, zero_shot)
+            doc["disagreements"] = [] if isinstance(found, dict) else found
+        try:
+            compared.write(doc, build)
+        except Exception as exc:  # a page that cannot be drawn: the numbers are in compare.json (written first)
+            if not (build / "compare.json").is_file():
+                raise
+            unpainted = exc
+    if unpainted is not None:
+        raise LlmkitError(f"compare.json is written, but drawing its pages failed: {type(unpainted).__name__}: "
+                          f"{unpainted}") from unpainted
     return doc
 
 
@@ -310,9 +323,11 @@ def main(args: argparse.Namespace) -> None:
     if any(m.startswith("zero-shot:") for m in args.models) and zero_shot is None:
         raise LlmkitError("a zero-shot: model needs --prompt-template and --label-words")
     doc = compare(args.models, args.data, args.split, args.output, eval_args, args.resamples, args.seed, zero_shot,
-                  args.calibration_split, args.slice_by or [], args.explain_rows)
+                  args.calibration_split, args.slice_by or [], args.explain_rows, args.overwrite)
     for m in doc["models"]:
         print(f"{m['name']}: " + (f"its numbers failed ({m['error']})" if "error" in m else
                                   f"accuracy {m['accuracy']:.4f}  f1_macro {m['f1_macro']:.4f}") + f"  ({m['model']})")
+        if "run_reported" in m and "error" not in m:
+            print(f"  {runs.rescored(m['run_reported'], m['accuracy'])}")
     print("\n".join(compared.verdict(doc)) + f"\ncomparison: {Path(args.output) / 'compare.html'} (and compare.md, "
           "compare.json)")

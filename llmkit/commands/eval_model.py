@@ -11,100 +11,32 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from llmkit import fresh
-from llmkit.config import ModelConfig
 from llmkit.data import scored as scored_rows
 from llmkit.data.sources import check_splits, one_split
 from llmkit.errors import LlmkitError
-from llmkit.evals import explain
 from llmkit.evals.classification import write_predictions
+from llmkit.exported import loading, scoring
+from llmkit.exported.opened import CLASSIFIER, LABEL_WORDS, Opened, open_export, records_beside
 from llmkit.metrics import averaging, classification_metrics
-from llmkit.model import check_export_weights, locate, read_config, trusts_remote_code
+from llmkit.model import locate
 from llmkit.precision import cpu_has_native_bf16
-from llmkit.report import pages
-from llmkit.rundir import life
-from llmkit.rundir.layout import Export, RunDir, read_json, read_jsonl
+from llmkit.report import pages, runs
+from llmkit.rundir import outputs
+from llmkit.rundir.layout import RunDir, read_jsonl
 
 
-def _load_classifier(model_dir: Path, trust_remote_code: bool):
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    if not (model_dir / "config.json").is_file():
-        raise LlmkitError(f"'{model_dir}' has no config.json: pass an exported model folder (e.g. <run>/final)")
-    check_export_weights(model_dir)
-    config = read_config(ModelConfig(name_or_path=str(model_dir), trust_remote_code=trust_remote_code))
-    if not getattr(config, "id2label", None) or len(config.id2label) < 2:
-        raise LlmkitError(f"'{model_dir}' is not a classifier with labels (its config has no id2label)")
-    try:
-        model, info = AutoModelForSequenceClassification.from_pretrained(model_dir, output_loading_info=True,
-                                                                         trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise LlmkitError(f"'{model_dir}' does not load as a sequence classifier: {str(exc).splitlines()[0]}") from None
-    if info["missing_keys"]:  # a base model: transformers would score with a freshly initialised, random head
-        missing = sorted(info["missing_keys"])
-        raise LlmkitError(f"'{model_dir}' is not a fine-tuned classifier: {len(missing)} weights of its "
-                          f"classification head are not in the checkpoint (e.g. {missing[0]}), so its predictions "
-                          "would be random. Evaluate a fine-tuned export (e.g. <run>/final).")
-    model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-    return model, tokenizer
-
-
-def _check_output(out: Path) -> None:
-    """Write only into a new or empty folder, or an earlier `llmkit eval` output; never over a training run."""
-    if life.is_run(out):
-        raise LlmkitError(f"--output {out} is a training run's folder: its metrics.json and report would be "
-                          "overwritten. Pick another --output.")
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not RunDir(out).eval_marker.is_file())):
-        raise LlmkitError(f"--output {out} already holds files `llmkit eval` did not write; pick a new or empty "
-                          "folder")
-
-
-def _label_words(model_dir: Path, trust_remote_code: bool, max_length: int):
-    """An llmkit label-word causal LM (its run's prompt template and label words beside it) as an
-    attribution.LabelWords that scores each label; None for anything else (scored as a sequence classifier)."""
-    folder = Export(model_dir).merged if Export(model_dir).merged.is_dir() else model_dir
-    config = read_json(folder / "config.json")
-    if not any(a.endswith("ForCausalLM") for a in config.get("architectures") or []):
-        return None
-    if not explain.run_records(model_dir)[0].get("data", {}).get("prompt_template"):
-        raise LlmkitError(f"'{model_dir}' is a causal LM without the run records that name its prompt template and "
-                          "label words (training_config.yaml beside it): `llmkit eval` scores sequence classifiers "
-                          "and the label-word exports of llmkit runs")
-    return explain.load(model_dir, trust_remote_code, max_length=max_length)
-
-
-def _zero_shot(model_dir: Path, trust_remote_code: bool, template: str, label_words: list[str], max_length: int):
-    """A causal LM scoring `label_words` after `template` (with {text}): no run records needed."""
-    config = read_json(model_dir / "config.json")
-    if not any(a.endswith("ForCausalLM") for a in config.get("architectures") or []):
-        raise LlmkitError(f"zero-shot scoring needs a causal LM; '{model_dir}' is {config.get('architectures')}")
-    if len(set(label_words)) != len(label_words) or len(label_words) < 2:
-        raise LlmkitError(f"--label-words must list at least 2 distinct words, got {label_words}")
-    return explain.load(model_dir, trust_remote_code, prompt_template=template, label_words=label_words,
-                        max_length=max_length)  # no run records to name one: --max-length
-
-
-def _classifier_logits(model, tokenizer, texts: list[str], pairs: list[str] | None, max_length: int,
-                       batch_size: int) -> np.ndarray:
-    limit = min(max_length, getattr(tokenizer, "model_max_length", max_length) or max_length)
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths per batch: little padding
-    logits = np.zeros((len(texts), model.config.num_labels), dtype=np.float32)
-    for b in tqdm(range(0, len(order), batch_size), desc="eval"):
-        idx = order[b:b + batch_size]
-        enc = tokenizer([texts[i] for i in idx], [pairs[i] for i in idx] if pairs else None, padding=True,
-                        truncation=True, max_length=limit, return_tensors="pt")
-        logits[idx] = model(**enc).logits.float().numpy()
-    return logits
+def _check_output(out: Path, overwrite: bool) -> None:
+    """A new or empty folder, or with `overwrite` an earlier `llmkit eval` output; never a training run's folder."""
+    outputs.check(out, "llmkit eval", RunDir(out).eval_marker.is_file(), outputs.EVAL_WRITES, overwrite)
 
 
 def _against_run(model_dir: Path, source: str, split: str, predicted: np.ndarray, names: list[str],
                  precision: str) -> dict | None:
     """Where these rows are the ones the export's own run scored (same data, split and row count), the run's number
     and how many rows the two scorings predict differently, so that a re-score that moves says why; else None."""
-    config, metrics = explain.run_records(model_dir)
+    config, metrics, _ = records_beside(model_dir)
     data, run = config.get("data") or {}, RunDir(model_dir.parent)
     role = {data.get("test_split"): "test", data.get("validation_split"): "validation"}.get(split)
     given = data.get("dataset") or (data.get("data_files") or {}).get(split)
@@ -121,10 +53,62 @@ def _against_run(model_dir: Path, source: str, split: str, predicted: np.ndarray
                                           f"{moved} near-tie row(s) fall the other way"}
 
 
-def export_of(model_dir: Path) -> Path:
-    """A run directory stands for its export (final/); anything else is the model folder itself."""
-    final = RunDir(model_dir).final.root
-    return final if not (model_dir / "config.json").is_file() and final.is_dir() else model_dir
+def _write(out: Path, scored: dict, names: list[str], text_column: str, text_pair_column: str | None, facts: dict,
+           precision: str) -> None:
+    """The eval's files into `out`: the marker, each split's predictions, metrics.json, run_info.json, the report."""
+    files = RunDir(out)
+    files.eval_marker.write_text("written by `llmkit eval`; a later eval replaces it whole with --overwrite\n")
+    for name, (rows, logits, labels, keep, _) in scored.items():
+        write_predictions(files.predictions(name), rows,
+                          {"logits": logits, "labels": labels, "row": np.arange(len(rows))}, names, text_column,
+                          text_pair_column, keep)
+    files.metrics.write_text(json.dumps({**{name: got[4] for name, got in scored.items()}, **facts}, indent=2) + "\n")
+    info = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "world_size": 1, "precision": precision,
+            "device": f"CPU {platform.machine()}, {os.cpu_count()} cores", "zero_stage": None}
+    files.run_info.write_text(json.dumps(info, indent=2) + "\n")
+    pages.build([out])
+
+
+def _scorer(opened: Opened, max_length: int, trust_remote_code: bool, dtype, batch_size: int):
+    """The one scorer of the export's kind (exported.scoring), as texts, pairs -> logits per label."""
+    if opened.kind == CLASSIFIER:
+        model, tokenizer = loading.classifier(opened, trust_remote_code)
+        predict = scoring.torch_predictor(model.to(dtype) if dtype is not None else model)
+        return lambda texts, pairs: scoring.classifier_logits(predict, tokenizer, texts, pairs, max_length,
+                                                              batch_size, progress=True)
+    if opened.kind != LABEL_WORDS:
+        raise LlmkitError(f"'{opened.root}' is a causal LM without the run records that name its prompt template and "
+                          "label words (training_config.yaml beside it): `llmkit eval` scores sequence classifiers "
+                          "and the label-word exports of llmkit runs")
+    model, tokenizer, _ = loading.causal_lm(opened, trust_remote_code=trust_remote_code, dtype=torch.float32)
+    words = scoring.LabelWordScorer(model.to(dtype) if dtype is not None else model, tokenizer,
+                                    opened.prompt_template, list(opened.label_words), list(opened.labels), max_length)
+    # each label word's log-likelihood after the run's prompt, as the run's own evaluation ranks them
+    return lambda texts, pairs: words.batch_scores(texts, pairs, max(1, batch_size // len(opened.labels))).numpy()
+
+
+def _score_split(score, opened: Opened, source: str, name: str, rows_are: dict, max_samples: int | None,
+                 label_map: dict | None, keep: tuple[str, ...], precision: str, zero_shot: bool) -> tuple:
+    """One split scored: (rows, logits, gold ids, kept columns, its metrics)."""
+    names, text_column, pair_column = opened.labels, rows_are["text_column"], rows_are["text_pair_column"]
+    cfg = one_split(source, name, names, text_column, pair_column, rows_are["label_column"], rows_are["max_length"],
+                    max_samples)
+    rows = scored_rows.read(cfg, names, label_map, keep)
+    texts, pairs = list(rows[text_column]), list(rows[pair_column]) if pair_column else None
+    start = time.perf_counter()
+    logits = np.asarray(score(texts, pairs), dtype=np.float32)
+    seconds = time.perf_counter() - start
+    labels = np.asarray(rows["labels"])
+    metrics = classification_metrics(logits.argmax(-1).tolist(), labels.tolist(), len(names))
+    seen = scored_rows.labels_seen(labels.tolist(), names)
+    if note := scored_rows.said(seen):
+        print(f"eval: split '{name}': {note}")
+    run = None if zero_shot or max_samples else _against_run(opened.root, source, name, logits.argmax(-1), names,
+                                                             precision)
+    if run and run["why"]:
+        print(f"eval: split '{name}': {runs.rescored(run, metrics['accuracy'])}")
+    return rows, logits, labels, keep, {**metrics, "samples": len(texts), "seconds": round(seconds, 3),
+                                        "labels_in_data": seen, **({"run_reported": run} if run else {})}
 
 
 @torch.no_grad()
@@ -133,7 +117,7 @@ def eval_export(model_dir: str | Path, source: str, split: str | list[str] = "te
                 text_pair_column: str | None = None, label_column: str | None = None, max_length: int | None = None,
                 batch_size: int = 64, max_samples: int | None = None, trust_remote_code: bool = False,
                 zero_shot: tuple[str, list[str]] | None = None, keep_columns: tuple[str, ...] = (),
-                precision: str = "fp32", label_map: dict[str, str] | None = None) -> dict:
+                precision: str = "fp32", label_map: dict[str, str] | None = None, overwrite: bool = False) -> dict:
     """Predict each split in `split` (one name or several) of `source` with the classifier in `model_dir` (or a
     run directory's final/); write predictions_<split>.jsonl, metrics.json, run_info.json and
     report.{json,md,html} into `output_dir` (default <model_dir>/eval-<first split>).
@@ -143,77 +127,35 @@ def eval_export(model_dir: str | Path, source: str, split: str | list[str] = "te
     `keep_columns`: more columns of the first split copied into its prediction rows (under "columns").
     `precision`: fp32 (the reference), bf16, or auto (bf16 where the CPU has native bf16: ~3x faster there).
     Columns and max length not given are the run's (training_config.yaml beside the export), else text / label /
-    512. `label_map`: data label -> model label, where the data names its labels otherwise (data.scored)."""
+    512. `label_map`: data label -> model label, where the data names its labels otherwise (data.scored).
+    `overwrite`: an earlier eval's `output_dir` is replaced whole (llmkit.rundir.outputs); else it is refused."""
     splits = [split] if isinstance(split, str) else list(dict.fromkeys(split))
-    recorded = {} if zero_shot else explain.run_records(export_of(Path(model_dir).expanduser()))[0].get("data") or {}
-    rows_are = scored_rows.settings(recorded, text_column=text_column, text_pair_column=text_pair_column,
-                                    label_column=label_column, max_length=max_length)
-    text_column, text_pair_column = rows_are["text_column"], rows_are["text_pair_column"]
-    label_column, max_length = rows_are["label_column"], rows_are["max_length"]
-    if batch_size < 1 or max_length < 2 or (max_samples is not None and max_samples < 1) or not splits:
-        raise LlmkitError(f"--batch-size must be >= 1, --max-length >= 2, --max-samples >= 1 and a --split named; "
-                          f"got {batch_size}, {max_length}, {max_samples}, {splits}")
     if zero_shot is not None:
         if output_dir is None:
             raise LlmkitError("a zero-shot eval needs --output (it writes nothing beside the model)")
-        model_dir = Path(locate(str(model_dir), "the zero-shot model"))
-    model_dir = export_of(Path(model_dir).expanduser())
-    remote = trust_remote_code or trusts_remote_code(model_dir)
+        model_dir = locate(str(model_dir), "the zero-shot model")
+    opened = open_export(model_dir, *(zero_shot or (None, None)))
+    rows_are = scored_rows.settings({} if zero_shot else opened.data, text_column=text_column,
+                                    text_pair_column=text_pair_column, label_column=label_column,
+                                    max_length=max_length)
+    if batch_size < 1 or rows_are["max_length"] < 2 or (max_samples is not None and max_samples < 1) or not splits:
+        raise LlmkitError(f"--batch-size must be >= 1, --max-length >= 2, --max-samples >= 1 and a --split named; "
+                          f"got {batch_size}, {rows_are['max_length']}, {max_samples}, {splits}")
     if precision not in ("fp32", "bf16", "auto"):
         raise LlmkitError(f"--precision must be fp32, bf16 or auto, got {precision!r}")
+    out_dir = Path(output_dir).expanduser() if output_dir else opened.root / f"eval-{splits[0]}"
+    _check_output(out_dir, overwrite)
     dtype = torch.bfloat16 if precision == "bf16" or (precision == "auto" and cpu_has_native_bf16()) else None
-    words = _zero_shot(model_dir, remote, *zero_shot, max_length) if zero_shot else \
-        _label_words(model_dir, remote, max_length)
-    if words is None:
-        model, tokenizer = _load_classifier(model_dir, remote)
-        names = [model.config.id2label[i] for i in range(len(model.config.id2label))]
-    else:
-        model, names = words.model, words.names
-    if dtype is not None:
-        model.to(dtype)
-    out_dir = Path(output_dir).expanduser() if output_dir else model_dir / f"eval-{splits[0]}"
-    _check_output(out_dir)
+    score = _scorer(opened, rows_are["max_length"], trust_remote_code, dtype, batch_size)
     check_splits(source, splits)
-    scored, seconds = {}, {}
-    for name in splits:
-        cfg = one_split(source, name, names, text_column, text_pair_column, label_column, max_length, max_samples)
-        keep = tuple(keep_columns) if name == splits[0] else ()
-        rows = scored_rows.read(cfg, names, label_map, keep)
-        texts = list(rows[text_column])
-        pairs = list(rows[text_pair_column]) if text_pair_column else None
-        start = time.perf_counter()
-        if words is None:
-            logits = _classifier_logits(model, tokenizer, texts, pairs, max_length, batch_size)
-        else:  # each label word's log-likelihood after the run's prompt, as the run's own evaluation ranks them
-            logits = words.batch_scores(texts, pairs, max(1, batch_size // len(names))).numpy().astype(np.float32)
-        seconds[name] = time.perf_counter() - start
-        labels = np.asarray(rows["labels"])
-        metrics = classification_metrics(logits.argmax(-1).tolist(), labels.tolist(), len(names))
-        seen = scored_rows.labels_seen(labels.tolist(), names)
-        if note := scored_rows.said(seen):
-            print(f"eval: split '{name}': {note}")
-        run = None if zero_shot or max_samples else _against_run(
-            model_dir, source, name, logits.argmax(-1), names, "bf16" if dtype is not None else "fp32")
-        if run and run["why"]:
-            print(f"eval: split '{name}': the run reported accuracy {run['accuracy']:.4f}, this re-score "
-                  f"{metrics['accuracy']:.4f}; {run['why']}")
-        scored[name] = (rows, logits, labels, keep, {**metrics, "samples": len(texts),
-                                                     "seconds": round(seconds[name], 3), "labels_in_data": seen,
-                                                     **({"run_reported": run} if run else {})})
-    out_dir.mkdir(parents=True, exist_ok=True)
-    files = RunDir(out_dir)
-    files.eval_marker.write_text("written by `llmkit eval`; a later eval may replace these files\n")
-    for name, (rows, logits, labels, keep, _) in scored.items():
-        write_predictions(files.predictions(name), rows,
-                          {"logits": logits, "labels": labels, "row": np.arange(len(rows))}, names, text_column,
-                          text_pair_column, keep)
-    files.metrics.write_text(json.dumps({
-        **{name: got[4] for name, got in scored.items()}, "label_names": names, **averaging(names),
-        "model": str(model_dir), "dataset": source, "eval_seconds": round(sum(seconds.values()), 2)}, indent=2) + "\n")
-    info = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "world_size": 1,
-            "precision": "bf16" if dtype is not None else "fp32",
-            "device": f"CPU {platform.machine()}, {os.cpu_count()} cores", "zero_stage": None}
-    files.run_info.write_text(json.dumps(info, indent=2) + "\n")
-    paths = pages.build([out_dir])
+    used = "bf16" if dtype is not None else "fp32"
+    scored = {name: _score_split(score, opened, source, name, rows_are, max_samples, label_map,
+                                 tuple(keep_columns) if name == splits[0] else (), used, zero_shot is not None)
+              for name in splits}
+    names = opened.labels
+    with outputs.replaced(out_dir) as build:  # swapped in whole once the report is written
+        _write(build, scored, names, rows_are["text_column"], rows_are["text_pair_column"], {
+            "label_names": names, **averaging(names), "model": str(opened.root), "dataset": source,
+            "eval_seconds": round(sum(got[4]["seconds"] for got in scored.values()), 2)}, used)
     return {"metrics": scored[splits[0]][4], "splits": {n: got[4] for n, got in scored.items()},
-            "label_names": names, "report": paths["html"], "output_dir": out_dir}
+            "label_names": names, "report": RunDir(out_dir).report("html"), "output_dir": out_dir}

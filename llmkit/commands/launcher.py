@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from llmkit import shipped
+from llmkit import logs, shipped
 from llmkit.config.typed import read_yaml
 from llmkit.errors import USER_ERROR
 
@@ -42,27 +42,34 @@ def launch_args(argv: list[str]) -> argparse.Namespace:
 def launch(argv: list[str]) -> None:
     """`llmkit launch ARGS`: `accelerate launch ARGS` (the same arguments, Accelerate's own launcher, names resolved
     as `launch_args` says), except that a run stopped by a user error exits 2 after its one `llmkit: error:` line,
-    without the launcher's traceback. Accelerate's launcher re-raises every child failure (ChildFailedError, exit 1)
-    and has no option to do otherwise; a failure that is not a user error (a bug, a crash, a signal) is re-raised
-    here unchanged."""
+    without the launcher's traceback or log lines. Accelerate's launcher re-raises every child failure
+    (ChildFailedError, exit 1) and has no option to do otherwise; a failure that is not a user error (a bug, a
+    crash, a signal) is re-raised here unchanged."""
     from accelerate.commands.launch import launch_command
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     args = launch_args(argv)
-    try:
-        launch_command(args)
-    except ChildFailedError as exc:
-        # a user error: some rank exited 2 with its llmkit line; every other failed rank exited 2 too (the same
-        # error, reported once) or was stopped by the launcher's SIGTERM (a negative exit code is a signal)
-        failures = exc.failures.values()
-        said = any(f.exitcode == USER_ERROR and str(f.message).startswith("llmkit: error") for f in failures)
-        if not said or any(f.exitcode not in (USER_ERROR, -signal.SIGTERM) for f in failures):
-            raise
-        sys.exit(USER_ERROR)
-    except subprocess.CalledProcessError as exc:  # one process: the child printed its line already
-        if exc.returncode != USER_ERROR:
-            raise
-        sys.exit(USER_ERROR)
+    if not logs.verbose() and logs.cpu_only():  # DeepSpeed, imported here and in each rank, then says nothing
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    # torch's launcher lines (its OMP_NUM_THREADS banner, each rank's exit) are kept back: said after a failure
+    # that is not a user error, dropped after a user error's one line
+    with logs.Held("torch.distributed") as held:
+        try:
+            launch_command(args)
+        except ChildFailedError as exc:
+            # a user error: some rank exited 2 with its llmkit line; every other failed rank exited 2 too (the same
+            # error, reported once) or was stopped by the launcher's SIGTERM (a negative exit code is a signal)
+            failures = exc.failures.values()
+            said = any(f.exitcode == USER_ERROR and str(f.message).startswith("llmkit: error") for f in failures)
+            if not said or any(f.exitcode not in (USER_ERROR, -signal.SIGTERM) for f in failures):
+                raise
+            held.drop()
+            sys.exit(USER_ERROR)
+        except subprocess.CalledProcessError as exc:  # one process: the child printed its line already
+            if exc.returncode != USER_ERROR:
+                raise
+            held.drop()
+            sys.exit(USER_ERROR)
 
 
 def train(args: argparse.Namespace) -> None:

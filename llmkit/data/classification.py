@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from datasets import Dataset
 
 from llmkit.config import DataConfig
+from llmkit.data.packing import by_length
 from llmkit.data.sources import load_labeled
 
 
@@ -37,7 +38,7 @@ def prepare(cfg: DataConfig, tokenizer, seed: int, log=print) -> ClassificationD
         tok = ds.map(tokenize, batched=True, batch_size=1000, remove_columns=drop, desc=f"tokenizing {role}")
         if role != "train":
             # evaluation in length order wastes little padding; "row" maps predictions back to texts
-            tok = tok.add_column("row", list(range(len(tok)))).sort("length")
+            tok = by_length(tok.add_column("row", list(range(len(tok)))))
         tokenized[role] = tok
         cut = sum(1 for n in tok["length"] if n >= cfg.max_length)
         if cut:  # truncation is right for long texts, but the user should know how much is cut

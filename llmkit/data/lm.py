@@ -14,7 +14,7 @@ from transformers import DataCollatorWithFlattening
 
 from llmkit.config import DataConfig
 from llmkit.data import formats, mixture, packing, sources, streaming
-from llmkit.data.packing import IGNORE, PackStats, column
+from llmkit.data.packing import IGNORE, PackStats, by_length, column
 from llmkit.errors import LlmkitError
 
 CLASS_KEY = "class_ids"  # label-word rows: each row's class, read by the class-weighted loss, never by the model
@@ -131,7 +131,7 @@ def _prepare_labels(cfg, tokenizer, seed: int, log) -> LMData:
                         remove_columns=[c for c in ds.column_names if c != "labels"])
             # scored in length order, batches carry little padding (~0.99 instead of ~0.79 of real tokens);
             # "row" maps the scores back to the texts
-            scored[role] = ds.sort("length").remove_columns("length")
+            scored[role] = by_length(ds).remove_columns("length")
     return LMData(train=train, validation=scored["validation"], mode="labels", packing=None,
                   train_lengths=column(train, "length"), test=scored.get("test"),
                   rows={role: rows[role] for role in scored}, label_names=names, label_words=words)

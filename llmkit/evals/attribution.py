@@ -13,7 +13,6 @@ the attributions' sum is from that difference (the integral's error at this numb
 
 from __future__ import annotations
 
-import inspect
 import re
 from dataclasses import dataclass, field
 
@@ -21,6 +20,7 @@ import torch
 
 from llmkit.data import lm
 from llmkit.errors import LlmkitError
+from llmkit.exported.scoring import LabelWordScorer, pad_id
 
 # a row's integral counts as converged when its delta is within this share of what it explains; a model that
 # switches sharply along the path (an over-confident one) needs more steps: it gets them, doubled, up to MAX_STEPS
@@ -40,13 +40,6 @@ class Frame:
     extra: dict = field(default_factory=dict)  # what scores() needs besides the embeddings
 
 
-def _pad_id(tokenizer) -> int:
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad is None:
-        raise LlmkitError("the tokenizer has neither a pad nor an eos token, which the attribution baseline needs")
-    return pad
-
-
 def _frame(ids: list[int], word_of: list[int | None], words: list[str], pad: int, **rest) -> Frame:
     ids_t = torch.tensor([ids])
     baseline = ids_t.clone()
@@ -61,7 +54,7 @@ class Classifier:
         self.model, self.tokenizer = model, tokenizer
         self.names = [model.config.id2label[i] for i in range(model.config.num_labels)]
         self.limit = min(max_length, getattr(tokenizer, "model_max_length", max_length) or max_length)
-        self.pad = _pad_id(tokenizer)
+        self.pad = pad_id(tokenizer)
 
     def frame(self, text: str, text_pair: str | None = None) -> Frame:
         enc = self.tokenizer(text, text_pair, return_offsets_mapping=True, truncation=True, max_length=self.limit)
@@ -101,16 +94,9 @@ def _slots(template: str, text: str, pair: str | None) -> list[tuple[int, int, i
     return out
 
 
-class LabelWords:
-    """A causal LM that classifies by label words (recipes/causal_lm.py with data.prompt_template): each label's
-    score is its word's log-likelihood after the prompt, the same sum the run's evaluation ranks. The prompt is
-    built exactly as for training and scoring (the chat template when the tokenizer has one, the text cut to
-    data.max_length); words are the text's whitespace-separated words."""
-
-    def __init__(self, model, tokenizer, template: str, label_words: list[str], names: list[str], max_length: int):
-        self.model, self.tokenizer, self.template = model, tokenizer, template
-        self.label_words, self.names, self.max_length = label_words, names, max_length
-        self.pad = _pad_id(tokenizer)
+class LabelWords(LabelWordScorer):
+    """A label-word causal LM (exported.scoring.LabelWordScorer: each label's score is its word's log-likelihood
+    after the run's prompt) whose text's words are attributed; words are the text's whitespace-separated words."""
 
     def _prefix_text(self, prompt: str) -> tuple[str, bool]:
         """The string the prompt part of every candidate was tokenized from, and whether special tokens were added."""
@@ -121,12 +107,7 @@ class LabelWords:
         return prompt, True
 
     def frame(self, text: str, text_pair: str | None = None) -> Frame:
-        text, examples = lm.fit_text(self.tokenizer, self.template, text, self.label_words, self.max_length,
-                                     text_pair)
-        first = next(i for i, t in enumerate(examples[0]["labels"]) if t != lm.IGNORE)
-        prefix = examples[0]["input_ids"][:first]
-        if any(e["input_ids"][:first] != prefix for e in examples):
-            raise LlmkitError("the label words change the prompt's tokens, so they cannot be explained over one prompt")
+        text, prefix, words = self.prompt(text, text_pair)
         prompt = lm.render_prompt(self.template, text, text_pair)
         string, special = self._prefix_text(prompt)
         enc = self.tokenizer(string, add_special_tokens=special, return_offsets_mapping=True)
@@ -147,51 +128,9 @@ class LabelWords:
             s += len(string[s:e]) - len(string[s:e].lstrip())  # a leading space belongs to no word
             word_of.append(next((index[k] for a, b, _, k in ranges if a <= s < b), None))
         pair_from = next((i for i, k in enumerate(keys) if k[0] == 1), None)
-        suffixes = [(torch.tensor(e["input_ids"][first:]), torch.tensor(e["labels"][first:])) for e in examples]
+        suffixes = [(torch.tensor(ids), torch.tensor(targets)) for ids, targets in words]
         return _frame(prefix, word_of, [k[1] for k in keys], self.pad, pair_from=pair_from,
                       extra={"suffixes": suffixes})
-
-    @torch.no_grad()
-    def batch_scores(self, texts: list[str], pairs: list[str | None] | None = None, rows: int = 16) -> torch.Tensor:
-        """The numbers of `scores` for many texts, `rows` texts per forward. The prompt is run once per text
-        (left-padded, so the prompts end together) and each label word's tokens continue from its cache: a label
-        word costs a few tokens, not another pass over the prompt."""
-        found = []  # per text: the prompt's ids, and per label word its tokens and their targets
-        for i, text in enumerate(texts):
-            examples = lm.fit_text(self.tokenizer, self.template, text, self.label_words, self.max_length,
-                                   pairs[i] if pairs else None)[1]
-            first = next(j for j, t in enumerate(examples[0]["labels"]) if t != lm.IGNORE)
-            if any(e["input_ids"][:first] != examples[0]["input_ids"][:first] for e in examples):
-                raise LlmkitError("the label words change the prompt's tokens, so they cannot be scored after one "
-                                  "prompt")
-            found.append((examples[0]["input_ids"][:first], [(e["input_ids"][first:], e["labels"][first:])
-                                                              for e in examples]))
-        out = torch.zeros(len(texts), len(self.label_words))
-        cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
-        order = sorted(range(len(texts)), key=lambda j: len(found[j][0]))  # similar lengths together: little padding
-        for lo in range(0, len(order), rows):
-            idx = order[lo:lo + rows]
-            width = max(len(found[j][0]) for j in idx)
-            mask = torch.tensor([[0] * (width - len(found[j][0])) + [1] * len(found[j][0]) for j in idx])
-            ids = torch.tensor([[self.pad] * (width - len(found[j][0])) + found[j][0] for j in idx])
-            head = self.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
-                              use_cache=True, logits_to_keep=1)
-            cache = head["cache"] if "cache" in head else head["past_key_values"]  # renamed in transformers 5.2x
-            first_logp = torch.log_softmax(head.logits[:, -1].float(), -1)
-            for c in range(len(self.label_words)):
-                size = max(len(found[j][1][c][0]) for j in idx)
-                tail = torch.tensor([found[j][1][c][0] + [self.pad] * (size - len(found[j][1][c][0])) for j in idx])
-                targets = torch.tensor([found[j][1][c][1] + [lm.IGNORE] * (size - len(found[j][1][c][1]))
-                                        for j in idx])
-                both = torch.cat([mask, (targets != lm.IGNORE) | (tail != self.pad)], 1).long()
-                logits = self.model(input_ids=tail, attention_mask=both, use_cache=True, **{cache_arg: cache},
-                                    position_ids=mask.sum(1, keepdim=True) + torch.arange(size)).logits.float()
-                cache.crop(-size)  # back to the prompts alone for the next label word
-                # the label word's first token is predicted at the prompt's end, each next one by the token before
-                logp = torch.cat([first_logp[:, None], torch.log_softmax(logits[:, :-1], -1)], 1)
-                picked = logp.gather(-1, targets.clamp(min=0)[..., None])[..., 0]
-                out[idx, c] = (picked * (targets != lm.IGNORE)).sum(-1)
-        return out
 
     def scores(self, embeds: torch.Tensor, frame: Frame) -> torch.Tensor:
         n, length = embeds.shape[0], embeds.shape[1]

@@ -15,7 +15,8 @@ import torch
 from llmkit import faults, fresh
 from llmkit.errors import LlmkitError
 from llmkit.evals import attribution
-from llmkit.model import check_export_weights
+from llmkit.exported import loading
+from llmkit.exported.opened import CLASSIFIER, LABEL_WORDS, open_export
 from llmkit.rundir import layout
 
 # integration steps to start at (Gauss-Legendre): delta below 1e-3 on an untrained MiniLM (bench/explain.py); a
@@ -25,53 +26,25 @@ TOP_WORDS = 3  # a row's strongest words toward a label count in the split's sum
 BASELINE = "the text's word tokens replaced by the pad token; special tokens, prompt template and mask kept"
 
 
-def run_records(path: Path) -> tuple[dict, dict]:
-    """The training config and metrics an export carries (final/ holds both; a run folder too)."""
-    for folder in (path, path.parent, path.parent.parent):
-        records = layout.Export(folder)  # final/ and its run folder name their config and metrics alike
-        if records.config.is_file():
-            return records.read_config(), records.read_metrics()
-    return {}, {}
-
-
 def load(model_dir: str | Path, trust_remote_code: bool = False, prompt_template: str | None = None,
          label_words: list[str] | None = None, max_length: int | None = None):
     """What to explain in `model_dir` (a run's final/, its merged/ for LoRA runs, or any saved classifier), on CPU
     in fp32: a sequence classifier, or a causal LM with its label words. The max length and a causal LM's prompt
     template and label words come from the run's training_config.yaml beside the model unless given."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
-
-    path = Path(model_dir)
-    if layout.Export(path).merged.is_dir():
-        path = layout.Export(path).merged
-    if not (path / "config.json").is_file():
-        raise LlmkitError(f"{model_dir} holds no exported model (no config.json); give a run's final/ folder")
-    check_export_weights(path)
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    kinds = config.architectures or []
-    cfg, metrics = run_records(Path(model_dir))
-    data = cfg.get("data", {})
-    max_length = max_length or data.get("max_length") or 512  # the run's: texts cut as its predictions saw them
-    if any(a.endswith("ForSequenceClassification") for a in kinds):
-        model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32,
-                                                                   trust_remote_code=trust_remote_code).eval()
-        return attribution.Classifier(model, AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code),
-                                      max_length)
-    if not any(a.endswith("ForCausalLM") for a in kinds):
-        raise LlmkitError(f"{model_dir} is neither a sequence classifier nor a causal LM ({', '.join(kinds)})")
-    template = prompt_template or data.get("prompt_template")
-    names = metrics.get("label_names")
-    words = label_words or data.get("label_words") or names
-    if not template or not words:
+    opened = open_export(model_dir, prompt_template, label_words, max_length)
+    limit = opened.max_length or 512  # the run's: texts cut as its predictions saw them
+    if opened.kind == CLASSIFIER:
+        model, tokenizer = loading.classifier(opened, trust_remote_code)
+        return attribution.Classifier(model, tokenizer, limit)
+    if opened.kind != LABEL_WORDS:
         raise LlmkitError(f"{model_dir} is a causal LM without the label words it classifies by (no run records "
                           "with data.prompt_template beside it): give --prompt-template and --label-words")
-    if "{text}" not in template:
-        raise LlmkitError(f"the prompt template {template!r} has no {{text}} slot for the text to explain")
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=trust_remote_code)
-    return attribution.LabelWords(model.eval(), tokenizer, template, list(words),
-                                  list(names if names and len(names) == len(words) else words),
-                                  max_length)
+    if "{text}" not in opened.prompt_template:
+        raise LlmkitError(f"the prompt template {opened.prompt_template!r} has no {{text}} slot for the text to "
+                          "explain")
+    model, tokenizer, _ = loading.causal_lm(opened, trust_remote_code=trust_remote_code, dtype=torch.float32)
+    return attribution.LabelWords(model, tokenizer, opened.prompt_template, list(opened.label_words),
+                                  list(opened.labels), limit)
 
 
 def explain(subject, texts: list[str], pairs: list[str | None] | None = None, steps: int = STEPS,

@@ -3,24 +3,14 @@
 from __future__ import annotations
 
 import json
-import math
 
 import numpy as np
 import torch
 
 from llmkit import generate, trackers
 from llmkit.evals.gather import gather_split
-from llmkit.metrics import classification_metrics
-
-
-def token_logprobs(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sequence sums of target-token log-likelihoods, and target-token counts (targets -100 are skipped)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-    targets = batch["targets"][:, 1:]
-    token_loss = torch.nn.functional.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100, reduction="none")
-    mask = (targets != -100).float()
-    return -(token_loss.view(targets.shape) * mask).sum(1), mask.sum(1)
+from llmkit.exported.scoring import token_logprobs
+from llmkit.metrics import classification_metrics, perplexity
 
 
 def score_text(run, model, loader) -> dict[str, float]:
@@ -32,7 +22,7 @@ def score_text(run, model, loader) -> dict[str, float]:
     out = gather_split(run.accelerator, model, loader, score)
     total, tokens = -torch.from_numpy(out["logp"]).sum().item(), torch.from_numpy(out["count"]).sum().item()
     loss = total / max(tokens, 1)
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": int(tokens)}
+    return {"loss": loss, "perplexity": perplexity(loss), "tokens": int(tokens)}
 
 
 def score_labels(run, model, loader, num_labels: int) -> tuple[dict[str, float], dict[str, np.ndarray]]:
@@ -53,7 +43,7 @@ def score_labels(run, model, loader, num_labels: int) -> tuple[dict[str, float],
     out = gather_split(run.accelerator, model, loader, score, desc="score labels")
     metrics = classification_metrics(out["logits"].argmax(-1).tolist(), out["labels"].tolist(), num_labels)
     loss = float(-out["gold_logp"].sum() / max(out["gold_tokens"].sum(), 1))
-    metrics.update(loss=loss, perplexity=math.exp(min(loss, 50.0)), samples=int(len(out["labels"])))
+    metrics.update(loss=loss, perplexity=perplexity(loss), samples=int(len(out["labels"])))
     out["loss"] = -out["gold_logp"] / np.maximum(out["gold_tokens"], 1)
     return metrics, out
 

@@ -3,6 +3,7 @@ one list of metric names the rest of llmkit uses."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 NAMES = ("accuracy", "f1", "precision", "recall")  # the shipped modules
@@ -10,6 +11,12 @@ CLASSIFICATION = (*NAMES, "f1_macro")  # what classification_metrics returns
 LM = ("loss", "perplexity")  # causal-LM evaluation (label-word runs report both kinds)
 LOWER_IS_BETTER = LM
 ALL = (*CLASSIFICATION, *LM)
+
+
+def perplexity(loss: float) -> float:
+    """exp of a mean next-token negative log-likelihood (capped at exp(50): a diverged model, not an overflow).
+    The one place perplexity is computed: the run's evaluation, quantized copies, the asset check."""
+    return math.exp(min(loss, 50.0))
 
 
 def load(name: str):

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import numpy as np
 
-from llmkit.report import explained
+from llmkit.report import explained, runs
 from llmkit.report.pages import CSS, md_table, table
 from llmkit.report.undefined import defined, finite, interval, says, shown
+from llmkit.rundir import layout
 
 NOT_SHOWN = ("The verdicts are McNemar's exact test with Holm's correction for the number of pairs: a difference "
              "whose corrected p is 0.05 or more is not shown to be real on these rows, whatever its interval (the "
@@ -149,6 +150,29 @@ def _errors(doc: dict) -> list[str]:
     return [f"Failed, recorded in compare.json (every other number stands): {e}" for e in doc.get("errors") or []]
 
 
+def _rescored(doc: dict) -> list[str]:
+    """Per model scored on the rows its own run reported a number for: that number beside this one, and why they
+    differ (`llmkit eval`'s run_reported)."""
+    return [f"{m['name']} ({m['label']}): {runs.rescored(m['run_reported'], m['accuracy'])}."
+            for m in doc["models"] if "run_reported" in m and "error" not in m]
+
+
+def _differences(doc: dict) -> tuple[str | None, tuple[list[str], list[list]] | None]:
+    """How the models that are run exports differ in their training settings: a line, and the table where any
+    setting differs (None, None where fewer than two models are run exports)."""
+    found = doc.get("differences")
+    if not found:
+        return None, None
+    if "error" in found:
+        return f"How the models differ failed ({found['error']}).", None
+    names = " and ".join(found["models"])
+    if not found["rows"]:
+        return f"{names} carry the same training settings (their training_config.yaml).", None
+    label = {m["name"]: f"{m['name']} ({m['label']})" for m in doc["models"]}
+    return f"The training settings in which {names} differ (their training_config.yaml; where they wrote and " \
+        "logged left out):", (["setting", *(label[n] for n in found["models"])], found["rows"])
+
+
 def _calibration_line(doc: dict) -> str:
     if doc["calibration_split"]:
         return f"Temperatures fitted on the {doc['calibration_split']} split."
@@ -159,6 +183,12 @@ def markdown(doc: dict) -> str:
     lines = [f"# Comparison on {doc['split']} of {doc['data']} ({doc['rows']} rows)", ""]
     lines += [f"- {line}" for line in _errors(doc) + verdict(doc)]
     lines += ["", *md_table(*_models(doc)), _calibration_line(doc), ""]
+    rescored, (said, differ) = _rescored(doc), _differences(doc)
+    lines += [*(f"- {line}" for line in rescored), ""] if rescored else []
+    if differ:
+        lines += ["## How the models differ", "", said, "", *md_table(*differ)]
+    elif said:
+        lines += [said, ""]
     lines += ["## Pairs", "", *md_table(*_pairs(doc)), _testing_line(doc), "", "## Per class", "",
               *md_table(*_per_class(doc))]
     lines += ["## Slices", "", *md_table(*_slices(doc))]
@@ -197,13 +227,22 @@ def _disagreements_html(doc: dict) -> str:
     return "\n".join(parts + ["</table>"])
 
 
+def _differences_html(doc: dict) -> str:
+    said, differ = _differences(doc)
+    if not said:
+        return ""
+    return (f"<h2>How the models differ</h2><p>{html.escape(said)}</p>" + table(*differ)) if differ else \
+        f"<p>{html.escape(said)}</p>"
+
+
 def page(doc: dict) -> str:
     title = f"Comparison on {doc['split']} of {doc['data']} ({doc['rows']} rows)"
     parts = ["<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
              f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>",
              f"<h1>{html.escape(title)}</h1><ul class='verdict'>"
              + "".join(f"<li>{html.escape(line)}</li>" for line in _errors(doc) + verdict(doc)) + "</ul>",
-             "<h2>Models</h2>" + table(*_models(doc)) + f"<p>{html.escape(_calibration_line(doc))}</p>",
+             "<h2>Models</h2>" + table(*_models(doc)) + f"<p>{html.escape(_calibration_line(doc))}</p>"
+             + "".join(f"<p>{html.escape(line)}</p>" for line in _rescored(doc)) + _differences_html(doc),
              "<h2>Pairs</h2>" + table(*_pairs(doc)) + f"<p>{html.escape(_testing_line(doc))}</p>",
              "<h2>Per class</h2>" + table(*_per_class(doc)),
              "<h2>Slices</h2>" + table(*_slices(doc)),
@@ -221,7 +260,7 @@ def _plain(value):
 def write(doc: dict, out: Path) -> dict[str, Path]:
     """compare.json, compare.md and compare.html into `out`: the JSON first, so that a page that fails to draw
     leaves the numbers behind."""
-    paths = {kind: out / f"compare.{kind}" for kind in ("json", "md", "html")}
+    paths = {kind: out / layout.COMPARE.format(kind=kind) for kind in layout.REPORT_KINDS}
     doc = finite(doc)
     paths["json"].write_text(json.dumps(doc, indent=2, ensure_ascii=False, default=_plain) + "\n")
     paths["md"].write_text(markdown(doc))

@@ -223,12 +223,15 @@ def run_report(run_dir: Path) -> dict:
         raise LlmkitError(f"{run_dir} has neither predictions_<split>.jsonl nor language-model scores in "
                           "metrics.json: not a run directory or eval output")
     info, config = files.read_run_info(), files.read_config()
-    report = {"name": run_dir.name, "path": str(run_dir.resolve()), "kind": "classification" if splits else "lm",
-              "splits": {}, "primary_split": splits[0] if splits else next(iter(scores)), "scores": scores}
+    # no path of the folder itself: an output is built beside its place and swapped in, and a run folder moves
+    report = {"name": run_dir.name, "kind": "classification" if splits else "lm", "splits": {},
+              "primary_split": splits[0] if splits else next(iter(scores)), "scores": scores}
     for split in splits:
         rows, names = read_predictions(files.predictions(split), metrics.get("label_names"))
         report["splits"][split] = split_report(rows, names)
         report["label_names"] = names
+        if (metrics.get(split) or {}).get("run_reported"):  # `llmkit eval` of the rows its export's run scored
+            report["splits"][split]["run_reported"] = metrics[split]["run_reported"]
     train = metrics.get("train", {})
     data = config.get("data", {})
     task = "generative (label words)" if data.get("prompt_template") else \

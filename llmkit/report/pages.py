@@ -13,6 +13,7 @@ from llmkit.report import explained, runs
 from llmkit.report.numbers import run_report
 from llmkit.report.plots import draw
 from llmkit.report.undefined import defined, interval, says
+from llmkit.rundir import outputs
 from llmkit.rundir.layout import RunDir
 
 
@@ -106,6 +107,13 @@ def _metric_rows(s: dict, names: list[str]) -> list[list]:
         [[metric_label(k, names), s[k], ""] for k in ("roc_auc", "average_precision")] + [["ECE", s["ece"], ""]]
 
 
+def _rescored(s: dict) -> str:
+    """A re-score of the rows the export's own run scored (an `llmkit eval` output): the run's number and why they
+    differ; "" for anything else."""
+    return f"Against the run's own number: {runs.rescored(s['run_reported'], s['accuracy'])}." \
+        if s.get("run_reported") else ""
+
+
 def _comparison_table(table: list[dict]) -> tuple[list[str], list[list]]:
     """Runs side by side. The F1 column is named by what every run's F1 is of when they agree (else each cell
     says); the macro-F1 column is left out when every run's F1 is already the macro one."""
@@ -153,8 +161,8 @@ def _markdown(doc: dict) -> str:
     for r in doc["runs"]:
         lines += [f"## {r['name']}", ""]
         for split, s in r["splits"].items():
-            lines += [f"### {split} ({s['rows']} rows)", ""] + md_table(METRIC_HEADER,
-                                                                         _metric_rows(s, r["label_names"]))
+            lines += [f"### {split} ({s['rows']} rows)", "", *([_rescored(s), ""] if _rescored(s) else [])]
+            lines += md_table(METRIC_HEADER, _metric_rows(s, r["label_names"]))
             lines += ["| class | precision | recall | F1 | support |", "|---|---|---|---|---|"]
             lines += [f"| {c['label']} | {_fmt(c['precision'])} | {_fmt(c['recall'])} | {_fmt(c['f1'])} | "
                       f"{c['support']} |" for c in s["per_class"]]
@@ -247,8 +255,9 @@ def _html(doc: dict, plots: dict[str, str]) -> str:
     for r in doc["runs"]:
         parts.append(f"<h2>{html.escape(r['name'])}</h2>")
         for split, s in r["splits"].items():
-            parts.append(f"<h3>{html.escape(split)} ({s['rows']} rows)</h3>" + table(
-                METRIC_HEADER, _metric_rows(s, r["label_names"])))
+            parts.append(f"<h3>{html.escape(split)} ({s['rows']} rows)</h3>"
+                         + (f"<p>{html.escape(_rescored(s))}</p>" if _rescored(s) else "")
+                         + table(METRIC_HEADER, _metric_rows(s, r["label_names"])))
             parts.append(table(["class", "precision", "recall", "F1", "support"],
                                 [[c["label"], c["precision"], c["recall"], c["f1"], c["support"]]
                                  for c in s["per_class"]]))
@@ -269,14 +278,21 @@ def _html(doc: dict, plots: dict[str, str]) -> str:
     return "\n".join(parts)
 
 
-def build(run_dirs: list[str | Path], out_dir: str | Path | None = None) -> dict[str, Path]:
+def build(run_dirs: list[str | Path], out_dir: str | Path | None = None, overwrite: bool = False) -> dict[str, Path]:
     """Write report.json / report.md / report.html for the runs into `out_dir` (default: the only run's
-    directory). Returns the paths."""
+    directory, whose report it is). Returns the paths. Another `out_dir` is a folder of its own: new or empty, or
+    with `overwrite` an earlier report's, replaced whole (llmkit.rundir.outputs)."""
     if not run_dirs:
         raise LlmkitError("name at least one run directory")
     for d in run_dirs:
         if not Path(d).is_dir():
             raise LlmkitError(f"run directory '{d}' does not exist")
+    if out_dir is None and len(run_dirs) > 1:
+        raise LlmkitError("with several runs, say where the report goes (--output DIR)")
+    own = out_dir is None or (len(run_dirs) == 1 and Path(out_dir).resolve() == Path(run_dirs[0]).resolve())
+    if not own:
+        outputs.check(Path(out_dir), "llmkit report", (Path(out_dir) / outputs.REPORT_MARKER).is_file(),
+                      outputs.REPORT_WRITES, overwrite)
     reports = [run_report(Path(d)) for d in run_dirs]
     kinds = sorted({r["kind"] for r in reports})
     if len(kinds) > 1:
@@ -286,20 +302,25 @@ def build(run_dirs: list[str | Path], out_dir: str | Path | None = None) -> dict
     for i, r in enumerate(reports):  # two runs with one folder name (a/run, b/run) stay distinguishable
         if names.count(r["name"]) > 1:
             r["name"] = f"{r['name']}-{i + 1}"
-    if out_dir is None:
-        if len(reports) > 1:
-            raise LlmkitError("with several runs, say where the report goes (--output DIR)")
-        out_dir = Path(run_dirs[0])
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(out_dir or run_dirs[0])
     plots = draw(reports)
     doc = {"kind": kinds[0], "comparison": _comparison(reports),
            "runs": [{**r, "splits": {k: _public(v) for k, v in r["splits"].items()}} for r in reports]}
-    paths = {kind: RunDir(out).report(kind) for kind in ("json", "md", "html")}
+    if own:  # the run's own report, beside its records
+        _write(doc, plots, out)
+    else:
+        with outputs.replaced(out) as build:
+            (build / outputs.REPORT_MARKER).write_text("written by `llmkit report`; a later report replaces it "
+                                                       "whole with --overwrite\n")
+            _write(doc, plots, build)
+    return RunDir(out).reports()
+
+
+def _write(doc: dict, plots: dict[str, str], out: Path) -> None:
+    paths = RunDir(out).reports()
     paths["json"].write_text(json.dumps(doc, indent=2) + "\n")
     paths["md"].write_text(_markdown(doc) + "\n")
     paths["html"].write_text(_html(doc, plots))
-    return paths
 
 
 def write_for_run(run) -> None:

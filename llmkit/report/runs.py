@@ -1,6 +1,6 @@
 """What a run was, in words a reader scans: the settings that decide its numbers (from its training_config.yaml),
-the facts of the run formatted for people, and, for several runs, the settings in which they differ (the first
-thing a user comparing variants asks)."""
+the facts of the run formatted for people, for several runs the settings in which they differ (the first thing a
+user comparing variants asks), and a re-score said beside the run's own number on the same rows."""
 
 from __future__ import annotations
 
@@ -82,3 +82,13 @@ def differences(configs: list[dict]) -> list[list[str]]:
         if any(v != values[0] for v in values[1:]):
             rows.append([key, *["-" if v is None else _words(v) for v in values]])
     return rows
+
+
+def rescored(reported: dict, accuracy: float) -> str:
+    """A re-score beside the number the export's own run reported on the same rows (`llmkit eval`'s
+    run_reported), and why the two differ where they do."""
+    if not reported.get("rows_predicted_differently"):
+        return f"the run reported the same accuracy on these rows ({reported['accuracy']:.4f}): every row is " \
+               "predicted alike"
+    return f"the run reported accuracy {reported['accuracy']:.4f} on these rows, this re-score {accuracy:.4f}: " \
+           f"{reported['why']}"

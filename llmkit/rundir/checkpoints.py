@@ -24,7 +24,7 @@ import torch
 from llmkit import faults
 from llmkit.config import Config
 from llmkit.errors import LlmkitError
-from llmkit.rundir import elastic, manifest
+from llmkit.rundir import elastic, layout, manifest
 from llmkit.rundir.layout import RunDir, fsync_dir, write_durably
 
 LATEST = "latest"  # in checkpoints/: the name of the newest complete checkpoint
@@ -32,7 +32,8 @@ LATEST = "latest"  # in checkpoints/: the name of the newest complete checkpoint
 
 def steps(root: Path) -> list[Path]:
     """The checkpoint folders step-<n> under `root`, oldest first (a user's step-2.bak is not one)."""
-    found = [p for p in root.glob("step-*") if p.is_dir() and re.fullmatch(r"step-\d+", p.name)]
+    found = [p for p in root.glob(layout.checkpoint_name("*"))
+             if p.is_dir() and re.fullmatch(layout.checkpoint_name(r"\d+"), p.name)]
     return sorted(found, key=lambda p: int(p.name[5:]))
 
 
@@ -170,8 +171,8 @@ def save(run, trainer_state: TrainerState, keep_last: int | None, keep_best: int
     this rank's own state (a stream's position), kept beside its RNG states."""
     acc = run.accelerator
     root = run.dir.checkpoints
-    final = root / f"step-{trainer_state.step}"
-    tmp = root / f".tmp-step-{trainer_state.step}"
+    final = root / layout.checkpoint_name(trainer_state.step)
+    tmp = root / f".tmp-{final.name}"
     if acc.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -190,7 +191,7 @@ def save(run, trainer_state: TrainerState, keep_last: int | None, keep_best: int
         if acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
         previous = latest_name(root)
-        raise LlmkitError(f"writing checkpoint step-{trainer_state.step} failed on {failed} rank(s)"
+        raise LlmkitError(f"writing checkpoint {final.name} failed on {failed} rank(s)"
                           + (f" ({failure.__class__.__name__}: {failure})" if failure else "")
                           + f"; nothing was replaced: the previous checkpoint ({previous or 'none yet'}) and export "
                           "are intact. Free disk space, then continue with --checkpoint.resume_from latest.")

@@ -20,8 +20,13 @@ CONFIG = "training_config.yaml"  # the resolved config (in the run dir and in fi
 METRICS = "metrics.json"  # the final results (in the run dir and in final/)
 DS_CONFIG = "ds_config.json"  # the DeepSpeed config the run used (in the run dir and in final/)
 PROBE = "llmkit_probe.json"  # in final/: inputs and the run's own logits, to check the export again later
-REPORTS = ("report.html", "report.md", "report.json")
+REPORT_KINDS = ("html", "md", "json")  # report.<kind> of a run or eval, compare.<kind> of a comparison
 PREDICTIONS = "predictions_{split}.jsonl"
+MODEL_CONFIG = "config.json"  # transformers': a model's folder (in final/, merged/, a quantized copy)
+ADAPTER_CONFIG = "adapter_config.json"  # peft's: a LoRA adapter's folder
+ADAPTER, MERGED = "adapter", "merged"  # in final/ of a LoRA run (also the subfolders of a pushed repo)
+FINAL = "final"
+COMPARE = "compare.{kind}"  # `llmkit compare`'s pages
 QUANTIZED = "quantized.json"  # in each quantized copy's folder: what the copy costs on the task
 
 
@@ -34,8 +39,8 @@ class Export:
     metrics = property(lambda self: self.root / METRICS)
     ds_config = property(lambda self: self.root / DS_CONFIG)
     probe = property(lambda self: self.root / PROBE)
-    adapter = property(lambda self: self.root / "adapter")  # LoRA runs: the adapter (with a classifier's head)
-    merged = property(lambda self: self.root / "merged")  # LoRA causal LMs: the adapter merged into its base
+    adapter = property(lambda self: self.root / ADAPTER)  # LoRA runs: the adapter (with a classifier's head)
+    merged = property(lambda self: self.root / MERGED)  # LoRA causal LMs: the adapter merged into its base
 
     def read_config(self) -> dict:
         return read_yaml(self.config)
@@ -76,8 +81,8 @@ class RunDir:
     profile = property(lambda self: self.root / "profile")
     tokenizer = property(lambda self: self.root / "tokenizer")
     metrics = property(lambda self: self.root / METRICS)
-    final_tmp = property(lambda self: self.root / "final.tmp")
-    final_old = property(lambda self: self.root / "final.old")
+    final_tmp = property(lambda self: self.root / f"{FINAL}.tmp")
+    final_old = property(lambda self: self.root / f"{FINAL}.old")
     explanations = property(lambda self: self.root / "explanations.json")
     eval_marker = property(lambda self: self.root / ".llmkit-eval")  # `llmkit eval`'s output folder, not a run
     hub_upload = property(lambda self: self.root / "hub_upload")
@@ -87,11 +92,15 @@ class RunDir:
 
     @property
     def final(self) -> Export:
-        return Export(self.root / "final")
+        return Export(self.root / FINAL)
 
     def report(self, kind: str) -> Path:
         """report.html, report.md or report.json."""
         return self.root / f"report.{kind}"
+
+    def reports(self) -> dict[str, Path]:
+        """Every report file, by kind."""
+        return {kind: self.report(kind) for kind in REPORT_KINDS}
 
     def predictions(self, split: str) -> Path:
         return self.root / PREDICTIONS.format(split=split)
@@ -106,7 +115,7 @@ class RunDir:
         named = [self.checkpoints, self.final.root, self.final_tmp, self.final_old, self.tensorboard, self.wandb,
                  self.profile, self.tokenizer, self.hub_upload, self.hub_snapshots, self.hub_staged, self.metrics,
                  self.scalars, self.samples, self.config, self.run_info, self.ds_config, self.explanations,
-                 *(self.report(kind) for kind in ("html", "md", "json"))]
+                 *(self.report(kind) for kind in REPORT_KINDS)]
         found = {p for p in named if p.exists() or p.is_symlink()}
         found.update(self.root.glob(PREDICTIONS.format(split="*")))
         found.update(self.root.glob(self.HUB_STAGING_PREFIX + "*"))
@@ -132,6 +141,12 @@ class RunDir:
     def append_scalars(self, row: dict) -> None:
         with open(self.scalars, "a") as fh:
             fh.write(json.dumps(row) + "\n")
+
+
+def checkpoint_name(step: int | str) -> str:
+    """A checkpoint's folder under checkpoints/ (written as .tmp-<it> until every rank has saved); a str step
+    makes a pattern ("*", a regular expression)."""
+    return f"step-{step}"
 
 
 def read_json(path: Path) -> dict:

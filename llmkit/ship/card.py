@@ -8,7 +8,7 @@ from pathlib import Path
 
 from llmkit import assets, quantized
 from llmkit.metrics import averaging, metric_label, shown
-from llmkit.rundir.layout import Export, RunDir
+from llmkit.rundir.layout import ADAPTER, MERGED, Export, RunDir
 
 LICENSES = {"sentence-transformers/all-MiniLM-L6-v2": "apache-2.0",
             "HuggingFaceTB/SmolLM2-135M-Instruct": "apache-2.0"}
@@ -58,8 +58,8 @@ def _usage(kind: str, repo_id: str, cfg: dict, push_merged: bool) -> str:
                 'print(classifier("A gorgeous, witty and deeply moving film."))\n```')
         if (cfg.get("lora") or {}).get("enabled"):
             text += ("\n\nThat is the merged model (base + LoRA, no peft needed). The LoRA adapter itself, with the "
-                     "trained classification head, is in `adapter/` (`PeftModel.from_pretrained(base, "
-                     f'"{repo_id}", subfolder="adapter")` on the base built with this config\'s labels).')
+                     f"trained classification head, is in `{ADAPTER}/` (`PeftModel.from_pretrained(base, "
+                     f'"{repo_id}", subfolder="{ADAPTER}")` on the base built with this config\'s labels).')
         return text
     prompt = "Write one sentence about the sea."
     if data.get("prompt_template"):
@@ -71,10 +71,10 @@ def _usage(kind: str, repo_id: str, cfg: dict, push_merged: bool) -> str:
                 f'generator = pipeline("text-generation", model="{repo_id}")  # needs `pip install peft`\n'
                 f"print(generator({messages}, max_new_tokens=8)[0]['generated_text'][-1])\n```")
         if push_merged:
-            text += ("\n\nThe merged model (base + adapter, no peft needed) is in `merged/`:\n\n```python\n"
+            text += (f"\n\nThe merged model (base + adapter, no peft needed) is in `{MERGED}/`:\n\n```python\n"
                      "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
-                     f'model = AutoModelForCausalLM.from_pretrained("{repo_id}", subfolder="merged")\n'
-                     f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}", subfolder="merged")\n```')
+                     f'model = AutoModelForCausalLM.from_pretrained("{repo_id}", subfolder="{MERGED}")\n'
+                     f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}", subfolder="{MERGED}")\n```')
         return text
     return ("```python\nfrom transformers import pipeline\n\n"
             f'generator = pipeline("text-generation", model="{repo_id}")\n'

@@ -11,6 +11,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from llmkit import assets
+from llmkit.rundir.layout import ADAPTER_CONFIG
 from llmkit.ship import export, hub, verify
 from llmkit.ship.reload import canonical_names
 
@@ -56,7 +57,7 @@ class WeightsUploader:
         and no local path."""
         unwrapped.save_pretrained(out, state_dict=state_dict, **canonical_names(unwrapped))
         self.tokenizer.save_pretrained(out)
-        adapter = out / "adapter_config.json"
+        adapter = out / ADAPTER_CONFIG
         if adapter.is_file():
             config = json.loads(adapter.read_text())
             base = assets.hub_id(self.run.cfg.model.name_or_path)

@@ -12,8 +12,10 @@ from pathlib import Path
 from llmkit import assets, model, quantized
 from llmkit.config.checks import check_repo_id, check_revision
 from llmkit.errors import LlmkitError
+from llmkit.exported.opened import CLASSIFIER, open_export
 from llmkit.preflight import hub_token as token
-from llmkit.rundir.layout import PROBE, Export, RunDir, read_json
+from llmkit.rundir import outputs
+from llmkit.rundir.layout import ADAPTER_CONFIG, MERGED, MODEL_CONFIG, PROBE, Export, RunDir, read_json
 from llmkit.ship import card, verify
 
 RETRIES = 4  # after the first try; waits 1, 2, 4, 8 s
@@ -30,24 +32,24 @@ def _final_dir(path: Path) -> tuple[Path, Path]:
     path = Path(path).expanduser()
     if RunDir(path).final.root.is_dir():
         return path, RunDir(path).final.root
-    if (path / "config.json").is_file() or Export(path).adapter.is_dir():
+    if (path / MODEL_CONFIG).is_file() or Export(path).adapter.is_dir():
         return path.parent, path
     raise LlmkitError(f"'{path}' is neither a run directory with final/ nor an exported model folder")
 
 
 def _kind(final: Path) -> str:
-    """classification (a LoRA classifier: the merged model, with its adapter in adapter/), causal_lm, or lora (a
-    causal LM's adapter, with merged/)."""
-    if not (final / "config.json").is_file() and (Export(final).adapter / "adapter_config.json").is_file():
-        return "lora"
-    config = json.loads((final / "config.json").read_text())
-    return "causal_lm" if model.is_causal_lm(config.get("architectures")) else "classification"
+    """How the export is pushed: classification (a LoRA classifier: the merged model, with its adapter in
+    adapter/), causal_lm, or lora (a causal LM's adapter, with merged/); what it is, the export's owner says."""
+    opened = open_export(final)
+    if opened.kind == CLASSIFIER:
+        return "classification"
+    return "lora" if opened.adapter is not None else "causal_lm"
 
 
 def _name_base_by_hub_id(adapter_dir: Path, probe: dict | None) -> None:
     """The adapter's base_model_name_or_path as a Hub id when the base has one (the local path means nothing
     on the Hub)."""
-    path = adapter_dir / "adapter_config.json"
+    path = adapter_dir / ADAPTER_CONFIG
     adapter_cfg = json.loads(path.read_text())
     hub_base = assets.hub_id(probe["base"] if probe else adapter_cfg.get("base_model_name_or_path"))
     if hub_base:
@@ -63,18 +65,29 @@ def _copy_files(src: Path, dst: Path) -> None:
 
 
 def stage(run_dir: str | Path, out: Path, repo_id: str, push_merged: bool = False, reload: bool = True,
-          remember: bool = True) -> dict:
-    """Write into `out` exactly the folder that is uploaded, verified: no size-0 tensors, and (`reload`) the
+          remember: bool = True, overwrite: bool = False) -> dict:
+    """Write `out`: exactly the folder that is uploaded, verified: no size-0 tensors, and (`reload`) the
     weights reload and reproduce the run's logits; model card included. Returns facts for the caller (kind,
     files). `reload=False` is for the push at the end of a run: its export was reload-checked moments ago, and
     the check's result (final/metrics.json "export_check") is reported instead. `remember` records `out` in the
-    run dir as a folder a later dry run may replace (a real push stages into a fresh temporary folder)."""
+    run dir as a folder a later dry run may replace with `overwrite` (a real push stages into a fresh temporary
+    folder). The folder is built beside `out` and swapped in whole once verified (llmkit.rundir.outputs)."""
     run_dir, final = _final_dir(Path(run_dir))
     model.check_export_weights(final)
+    _refuse_links(run_dir, final)
+    out = Path(out)
+    _check_staging(out, run_dir, final, overwrite)
+    with outputs.replaced(out) as build:
+        facts = _fill(build, run_dir, final, repo_id, push_merged, reload)
+    if remember:
+        _remember(out, run_dir)
+    return {**facts, "files": listing(out)}
+
+
+def _fill(out: Path, run_dir: Path, final: Path, repo_id: str, push_merged: bool, reload: bool) -> dict:
+    """The staged folder's files, checked; the facts of `stage`."""
     kind, export = _kind(final), Export(final)
     probe = read_json(export.probe) or None
-    _refuse_links(run_dir, final)
-    _claim_staging(Path(out), run_dir, final, remember)
     if kind == "lora":
         # the adapter at the repo root (so PeftModel / AutoPeftModel load the repo), its base named by Hub id
         _copy_files(export.adapter, out)
@@ -105,11 +118,11 @@ def stage(run_dir: str | Path, out: Path, repo_id: str, push_merged: bool = Fals
     else:  # the adapter on its (local) base, and the merged copy when it goes up too
         checked = {"adapter": verify.check_causal_lm(out, probe)}
         if push_merged:
-            checked["merged"] = verify.check_causal_lm(out / export.merged.name, {**probe, "lora": False})
+            checked[MERGED] = verify.check_causal_lm(out / export.merged.name, {**probe, "lora": False})
     (out / "README.md").write_text(card.build(run_dir, final, kind, repo_id, push_merged))
     cfg = export.read_config()
     scrub_local_paths(out, local_paths(run_dir, cfg, probe))
-    return {"kind": kind, "checked": checked, "files": listing(out)}
+    return {"kind": kind, "checked": checked}
 
 
 def _refuse_links(run_dir: Path, final: Path) -> None:
@@ -152,23 +165,27 @@ def scrub_local_paths(out: Path, paths: list[str]) -> None:
             file.write_text(scrubbed)
 
 
-def _claim_staging(out: Path, run_dir: Path, final: Path, remember: bool) -> None:
-    """Make `out` an empty staging folder. Only a new or empty folder, or one an earlier dry run of this run made,
-    is used: never the run, a folder holding it, or its export."""
+def _staged(run_dir: Path) -> list[str]:
+    """The folders dry runs of this run made (a staging folder carries no marker: it is exactly the upload)."""
+    record = RunDir(run_dir).hub_staged
+    return json.loads(record.read_text()) if record.is_file() else []
+
+
+def _check_staging(out: Path, run_dir: Path, final: Path, overwrite: bool) -> None:
+    """Only a new or empty folder, or with `overwrite` one an earlier dry run of this run made: never the run, a
+    folder holding it, or its export."""
     where, run, export = out.resolve(), run_dir.resolve(), final.resolve()
     if where in (run, export) or export in where.parents or where in run.parents:
         raise LlmkitError(f"the staging folder {out} is the run, holds it or lies inside its export; pick a folder "
                           f"outside {export} (the default is {RunDir(run_dir).hub_upload})")
-    record = RunDir(run_dir).hub_staged
-    made = json.loads(record.read_text()) if record.is_file() else []
-    if out.exists():
-        if not out.is_dir() or (any(out.iterdir()) and str(where) not in made):
-            raise LlmkitError(f"the staging folder {out} already holds files llmkit did not stage; pick a new or "
-                              "empty folder (it is replaced by each dry run)")
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    if remember and str(where) not in made:
-        record.write_text(json.dumps([*made, str(where)], indent=1) + "\n")
+    outputs.check(out, "llmkit push --dry-run", str(where) in _staged(run_dir), ("*",), overwrite,
+                  "the staging folder")
+
+
+def _remember(out: Path, run_dir: Path) -> None:
+    made, where = _staged(run_dir), str(out.resolve())
+    if where not in made:
+        RunDir(run_dir).hub_staged.write_text(json.dumps([*made, where], indent=1) + "\n")
 
 
 def listing(folder: Path) -> list[tuple[str, int]]:
@@ -260,14 +277,15 @@ def upload(folder: Path, repo_id: str, private: bool, revision: str | None, mess
 
 def push(run_dir: str | Path, repo_id: str, private: bool = True, revision: str | None = None,
          push_merged: bool = False, dry_run: bool = False, staging: str | Path | None = None, log=print,
-         reload: bool = True) -> dict:
-    """Stage, verify and push a run (or print what would be pushed). Local files are never modified."""
+         reload: bool = True, overwrite: bool = False) -> dict:
+    """Stage, verify and push a run (or print what would be pushed; `overwrite` replaces an earlier dry run's
+    folder whole). Local files are never modified."""
     check_repo_id(repo_id, "repo_id")
     check_revision(revision, "--revision")
     run_path, _ = _final_dir(Path(run_dir))
     if dry_run:
         out = Path(staging) if staging else RunDir(run_path).hub_upload
-        facts = stage(run_path, out, repo_id, push_merged, reload)
+        facts = stage(run_path, out, repo_id, push_merged, reload, overwrite=overwrite)
         log(f"dry run: {out} is exactly what would be uploaded to {repo_id}:\n{show(facts['files'])}")
         return {**facts, "folder": str(out)}
     token()  # fail before any work when there is no token

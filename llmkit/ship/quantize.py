@@ -19,70 +19,52 @@ from pathlib import Path
 from llmkit import fresh, quantized
 from llmkit.data.sources import check_splits
 from llmkit.errors import LlmkitError
-from llmkit.evals import explain
+from llmkit.exported.opened import CLASSIFIER, LABEL_WORDS, Opened, open_export
 from llmkit.model import check_export_weights
-from llmkit.rundir.layout import QUANTIZED, Export, read_json
+from llmkit.rundir.layout import MODEL_CONFIG, QUANTIZED, Export
 from llmkit.ship import to_gguf
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "merges.txt",
                    "vocab.json", "sentencepiece.bpe.model", "spiece.model", "tokenizer.model", "added_tokens.json")
 
 
-def model_folder(model_dir: Path) -> Path:
-    """Where the model's own files are: a LoRA causal LM's merged/, else the export itself."""
-    return Export(model_dir).merged if Export(model_dir).merged.is_dir() else model_dir
-
-
 def check(model_dir: Path, names: list[str]) -> str:
     """Refuse, before anything is written, a format llmkit does not write, one for another kind of model or
     architecture, or one whose runtime is not installed (llmkit.quantized); a GGUF whose model or tokenizer its
     writer does not map (llmkit.ship.to_gguf). Returns the model's kind: "classifier" or "causal_lm"."""
-    folder = model_folder(model_dir)
-    config = read_json(folder / "config.json")
-    if not config:
-        raise LlmkitError(f"{model_dir} holds no exported model (no config.json): give a run's final/ folder")
-    kinds = config.get("architectures") or []
-    kind = "classifier" if any(a.endswith("ForSequenceClassification") for a in kinds) else \
-        "causal_lm" if any(a.endswith("ForCausalLM") for a in kinds) else None
-    if kind is None:
-        raise LlmkitError(f"{model_dir} is a {', '.join(kinds) or 'model of no stated architecture'}: llmkit "
-                          "quantizes sequence classifiers and causal LMs")
-    quantized.check(names, kind, str(model_dir), kinds[0])
+    opened = open_export(model_dir)
+    kind = "classifier" if opened.kind == CLASSIFIER else "causal_lm"
+    quantized.check(names, kind, str(model_dir), opened.architectures[0] if opened.architectures else "an adapter")
     if any(name.startswith("gguf-") for name in names):
-        to_gguf.check(folder)
+        to_gguf.check(opened.model)
     return kind
 
 
 def rows_of_run(model_dir: Path) -> dict:
     """Where the rows to score come from when not given: the run's records beside its export (its test split,
     else its validation split, and its columns)."""
-    cfg, metrics = explain.run_records(model_dir)
-    data = cfg.get("data") or {}
+    opened = open_export(model_dir)
+    data = opened.data
     split = data.get("test_split") or data.get("validation_split")
     source = data.get("dataset")
     if source is None and isinstance(data.get("data_files"), dict) and isinstance(data["data_files"].get(split), str):
         source = data["data_files"][split]
     if not source or not split:
         raise LlmkitError(f"{model_dir} has no run records naming its evaluation data: give --data and --split")
-    return {"source": str(source), "split": split, "text_column": data.get("text_column", "text"),
-            "text_pair_column": data.get("text_pair_column"), "label_column": data.get("label_column", "label"),
-            "max_length": data.get("max_length") or 512, "label_names": metrics.get("label_names"),
-            "prompt_template": data.get("prompt_template"), "label_words": data.get("label_words")}
+    return rows_given(opened, {"source": str(source), "split": split, "text_column": data.get("text_column", "text"),
+                               "text_pair_column": data.get("text_pair_column"),
+                               "label_column": data.get("label_column", "label"),
+                               "max_length": data.get("max_length") or 512})
 
 
-def rows_given(model_dir: Path, given: dict) -> dict:
+def rows_given(opened: Opened, given: dict) -> dict:
     """Rows named by the command's flags, read as the run read its own: a label-word run's prompt template, label
     words and label names go with them, so its copy is scored by label-word accuracy and agreement, as the run
     was, never silently by the text's perplexity instead."""
-    cfg, metrics = explain.run_records(model_dir)
-    data = cfg.get("data") or {}
-    if not data.get("prompt_template"):
+    if opened.kind != LABEL_WORDS:
         return dict(given)
-    if not metrics.get("label_names"):
-        raise LlmkitError(f"{model_dir} is a label-word run's export without the label names its metrics.json "
-                          "records: score it without --data (the run's own split), or re-export the run")
-    return {**given, "label_names": metrics["label_names"], "prompt_template": data["prompt_template"],
-            "label_words": data.get("label_words")}
+    return {**given, "label_names": opened.labels, "prompt_template": opened.prompt_template,
+            "label_words": opened.label_words}
 
 
 def _write_onnx_int8(model_dir: Path, out: Path) -> None:
@@ -112,7 +94,7 @@ def _write_onnx_int8(model_dir: Path, out: Path) -> None:
                           dynamo=False)
         # per-channel weight scales: -0.1 accuracy points on the MiniLM demo, where one scale per matrix lost 1.0
         quantize_dynamic(str(full), str(out / "model.onnx"), weight_type=QuantType.QInt8, per_channel=True)
-    for name in ("config.json", *TOKENIZER_FILES):
+    for name in (MODEL_CONFIG, *TOKENIZER_FILES):
         if (model_dir / name).is_file():
             shutil.copy2(model_dir / name, out / name)
 
@@ -120,7 +102,7 @@ def _write_onnx_int8(model_dir: Path, out: Path) -> None:
 def _write_gguf(qtype: str):
     def write(model_dir: Path, out: Path) -> None:
         out.mkdir(parents=True)
-        to_gguf.write(model_folder(model_dir), out, qtype)
+        to_gguf.write(open_export(model_dir).model, out, qtype)
     return write
 
 
@@ -131,7 +113,7 @@ def _write_torchao_int8(model_dir: Path, out: Path) -> None:
     from torchao.quantization import Int8WeightOnlyConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer, TorchAoConfig
 
-    folder = model_folder(model_dir)
+    folder = open_export(model_dir).model
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
                                                  quantization_config=TorchAoConfig(Int8WeightOnlyConfig()))
     model.save_pretrained(out)
@@ -149,7 +131,7 @@ def quantize(model_dir: str | Path, name: str, rows: dict | None = None, max_sam
     model_dir = fresh.absolute(model_dir)
     check(model_dir, [name])
     check_export_weights(model_dir)
-    rows = rows_given(model_dir, rows) if rows else rows_of_run(model_dir)
+    rows = rows_given(open_export(model_dir), rows) if rows else rows_of_run(model_dir)
     if Path(rows["source"]).expanduser().exists():  # a local path, read by the scoring process in another folder
         rows["source"] = str(fresh.absolute(rows["source"]))
     check_splits(rows["source"], [rows["split"]])

@@ -16,10 +16,9 @@ from llmkit import fresh, quantized
 from llmkit.data import lm, scored
 from llmkit.data.sources import load_raw, one_split
 from llmkit.errors import LlmkitError
-from llmkit.evals.attribution import LabelWords
-from llmkit.evals.lm import token_logprobs
-from llmkit.metrics import classification_metrics
-from llmkit.ship.quantize import model_folder
+from llmkit.exported import loading, scoring
+from llmkit.exported.opened import open_export
+from llmkit.metrics import classification_metrics, perplexity
 from llmkit.ship.to_gguf import GGUF_FILE
 
 LATENCY_ROWS = 128  # rows timed one at a time (batch 1); batch 32 is timed over up to 8 batches
@@ -80,36 +79,27 @@ def _onnx_predictor(folder: Path, threads: int):
 
 def _torch_predictor(folder: Path, threads: int):
     import torch
-    from transformers import AutoModelForSequenceClassification
 
     torch.set_num_threads(threads)
-    model = AutoModelForSequenceClassification.from_pretrained(folder, dtype=torch.float32).eval()
-
-    def predict(enc):
-        with torch.inference_mode():
-            return model(**{k: torch.from_numpy(v) for k, v in enc.items()}).logits.float().numpy()
-    return predict
+    model, _ = loading.classifier(open_export(folder))
+    return scoring.torch_predictor(model)
 
 
 def _run(predict, tokenizer, texts: list[str], pairs: list[str] | None, max_length: int) -> tuple[np.ndarray, dict]:
-    """Logits of every row (in batches of 32, data order), and seconds per row at batch 1 and 32 after a warm-up."""
-    def encode(lo: int, hi: int) -> dict:
-        return dict(tokenizer(texts[lo:hi], pairs[lo:hi] if pairs else None, padding=True, truncation=True,
-                              max_length=max_length, return_tensors="np"))
+    """Logits of every row (in batches of 32, data order: exported.scoring, the one classifier scorer), and seconds
+    per row at batch 1 and 32 after a warm-up."""
+    def logits(lo: int, hi: int, batch: int = BATCH) -> np.ndarray:
+        return scoring.classifier_logits(predict, tokenizer, texts[lo:hi], pairs[lo:hi] if pairs else None,
+                                         max_length, batch, by_length=False)
 
-    predict(encode(0, min(BATCH, len(texts))))  # warm-up: first-call allocations are not a row's cost
-    logits, timed = [], None
+    logits(0, min(BATCH, len(texts)))  # warm-up: first-call allocations are not a row's cost
     start = time.perf_counter()
-    for lo in range(0, len(texts), BATCH):
-        logits.append(predict(encode(lo, lo + BATCH)))
-        if lo + BATCH == 8 * BATCH:  # the time per row at batch 32: the first 8 full batches
-            timed = (time.perf_counter() - start) / (8 * BATCH)
-    timed = timed or (time.perf_counter() - start) / len(texts)
+    every = logits(0, len(texts))
+    timed = (time.perf_counter() - start) / max(len(texts), 1)
     ones = min(LATENCY_ROWS, len(texts))
     start = time.perf_counter()
-    for i in range(ones):
-        predict(encode(i, i + 1))
-    return np.concatenate(logits), {"batch_1": (time.perf_counter() - start) / ones, "batch_32": timed}
+    logits(0, ones, 1)
+    return every, {"batch_1": (time.perf_counter() - start) / max(ones, 1), "batch_32": timed}
 
 
 def score(ask: dict) -> dict:
@@ -142,21 +132,6 @@ def score_classifier(ask: dict) -> dict:
     return out
 
 
-def _text_nll(model, tokenizer, texts: list[str], max_length: int) -> tuple[float, int]:
-    """Summed next-token negative log-likelihood of the texts (each cut to max_length tokens), and the tokens, as
-    the run's own evaluation sums them (evals.lm.token_logprobs)."""
-    import torch
-
-    total, count = 0.0, 0
-    for lo in range(0, len(texts), 8):
-        enc = tokenizer(texts[lo:lo + 8], truncation=True, max_length=max_length, padding=True, return_tensors="pt")
-        targets = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, lm.IGNORE)
-        with torch.inference_mode():
-            logp, tokens = token_logprobs(model, {**enc, "targets": targets})
-        total, count = total - float(logp.sum()), count + int(tokens.sum())
-    return total, count
-
-
 def score_causal_lm(ask: dict) -> dict:
     """A causal LM's copy read back (a GGUF by transformers' GGUF reader, its tokenizer too, from the file; a
     torchao copy by plain from_pretrained) against the full model: a label-word run's accuracy, macro-F1,
@@ -165,7 +140,7 @@ def score_causal_lm(ask: dict) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     rows, copy = ask["rows"], Path(ask["copy"])
-    full = model_folder(Path(ask["full"]))
+    full = open_export(ask["full"]).model
     torch.set_num_threads(_threads())
     # a GGUF is read (and dequantized) by transformers' GGUF reader; a torchao copy loads as saved
     gguf = {"gguf_file": GGUF_FILE, "dtype": torch.float32} if ask["format"].startswith("gguf-") else {}
@@ -180,16 +155,18 @@ def score_causal_lm(ask: dict) -> dict:
         texts, pairs, gold = _labeled(rows, names, ask.get("max_samples"))
         preds = {}
         for side, (model, tok) in sides.items():
-            subject = LabelWords(model, tok, rows["prompt_template"], list(words), names, rows["max_length"])
+            subject = scoring.LabelWordScorer(model, tok, rows["prompt_template"], list(words), names,
+                                              rows["max_length"])
             start = time.perf_counter()
             scores = subject.batch_scores(texts, pairs, 16).numpy()
             seconds = time.perf_counter() - start
-            examples = lm.fit_text(tok, rows["prompt_template"], texts[0], list(words), rows["max_length"])[1]
-            tokens = np.array([sum(t != lm.IGNORE for t in e["labels"]) for e in examples])[gold]
+            # each label word's target tokens (the same after every prompt)
+            per_word = [sum(t != lm.IGNORE for t in targets) for _, targets in subject.prompt(texts[0])[2]]
+            tokens = np.array(per_word)[gold]
             preds[side] = scores.argmax(-1)
             m = classification_metrics(preds[side].tolist(), gold.tolist(), len(names))
             nll = -scores[np.arange(len(gold)), gold].sum() / tokens.sum()
-            out[side] = {"accuracy": m["accuracy"], "f1_macro": m["f1_macro"], "perplexity": float(np.exp(nll)),
+            out[side] = {"accuracy": m["accuracy"], "f1_macro": m["f1_macro"], "perplexity": perplexity(float(nll)),
                          "ms_per_row": 1000 * seconds / len(texts)}
         out["rows"] = len(texts)
     else:
@@ -199,8 +176,8 @@ def score_causal_lm(ask: dict) -> dict:
         texts = texts[:ask.get("max_samples") or len(texts)]
         for side, (model, tok) in sides.items():
             start = time.perf_counter()
-            total, count = _text_nll(model, tok, texts, rows["max_length"])
-            out[side] = {"perplexity": float(np.exp(total / max(count, 1))), "tokens": count,
+            total, count = scoring.text_nll(model, tok, texts, rows["max_length"])
+            out[side] = {"perplexity": perplexity(total / max(count, 1)), "tokens": count,
                          "ms_per_row": 1000 * (time.perf_counter() - start) / len(texts)}
         out["rows"] = len(texts)
     out["perplexity_change"] = out["copy"]["perplexity"] / out["full"]["perplexity"] - 1

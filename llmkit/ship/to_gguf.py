@@ -16,6 +16,7 @@ import numpy as np
 
 from llmkit import quantized
 from llmkit.errors import LlmkitError
+from llmkit.rundir.layout import FINAL, MERGED, MODEL_CONFIG
 
 QTYPES = {"f16": "F16", "q8_0": "Q8_0"}
 GGUF_FILE = "model.gguf"
@@ -23,7 +24,7 @@ GGUF_FILE = "model.gguf"
 
 def check(folder: Path) -> dict:
     """The model's config, once it is one this writer covers; one line naming what is not, otherwise."""
-    config = json.loads((folder / "config.json").read_text())
+    config = json.loads((folder / MODEL_CONFIG).read_text())
     arch = (config.get("architectures") or ["?"])[0]
     if arch != "LlamaForCausalLM":
         raise LlmkitError(f"GGUF: {folder} is a {arch}; llmkit's GGUF writer maps LlamaForCausalLM only (SmolLM2, "
@@ -55,7 +56,7 @@ def write(folder: Path, out: Path, qtype: str) -> None:
     hidden = config["hidden_size"]
     head_dim = config.get("head_dim") or hidden // heads
     writer = gguf.GGUFWriter(str(out / GGUF_FILE), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
-    writer.add_name(folder.parent.name if folder.name in ("final", "merged") else folder.name)
+    writer.add_name(folder.parent.name if folder.name in (FINAL, MERGED) else folder.name)
     writer.add_context_length(config["max_position_embeddings"])
     writer.add_embedding_length(hidden)
     writer.add_block_count(layers)

@@ -11,7 +11,7 @@ import numpy as np
 
 from llmkit import fresh
 from llmkit.errors import LlmkitError
-from llmkit.rundir.layout import Export
+from llmkit.rundir.layout import MERGED, MODEL_CONFIG, Export
 
 VERIFY_ROWS = 64
 
@@ -71,7 +71,7 @@ def check_classifier(folder: Path, probe: dict) -> dict:
     folder = fresh.absolute(folder)  # the fresh process runs elsewhere
     spec = {**probe, "folder": str(folder)}
     if probe.get("lora"):
-        spec.update(adapter=str(Export(folder).adapter), merge=not (folder / "config.json").is_file())
+        spec.update(adapter=str(Export(folder).adapter), merge=not (folder / MODEL_CONFIG).is_file())
     reloaded = _run_fresh("classifier", spec, folder)
     if reloaded["missing"] or reloaded["unexpected"]:
         raise LlmkitError(f"the export at {folder} reloads with missing {reloaded['missing']} / unexpected "
@@ -118,7 +118,7 @@ def check_causal_lm(folder: Path, probe: dict, merged_out: Path | None = None) -
         spec = {"ids": probe["ids"], "dtype": dtype, "trust_remote_code": probe.get("trust_remote_code", False),
                 "quantized": probe.get("quantized")}
         if probe["lora"]:
-            spec.update(model=str(merged_out or Path(scratch) / "merged"), base=probe["base"], adapter=str(folder))
+            spec.update(model=str(merged_out or Path(scratch) / MERGED), base=probe["base"], adapter=str(folder))
         else:
             spec["model"] = str(folder)
         got = _run_fresh("causal_lm", spec, folder)

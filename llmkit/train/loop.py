@@ -17,7 +17,7 @@ from llmkit.data.lm import NOT_MODEL_INPUTS
 from llmkit.data.streaming import StreamLoader
 from llmkit.errors import LlmkitError
 from llmkit.metrics import LOWER_IS_BETTER
-from llmkit.rundir import checkpoints
+from llmkit.rundir import checkpoints, layout
 from llmkit.train import optim
 from llmkit.train.guards import StopSignal, loss_scale
 from llmkit.train.hooks import Hooks
@@ -147,7 +147,7 @@ def _checkpoint(run: Run, model, state: checkpoints.TrainerState, position: Data
     c = run.cfg.checkpoint
     meter.stop_if_nonfinite(run.run_dir)  # never replace a good checkpoint with a diverged one
     if evaluated:
-        state.history[-1]["checkpoint"] = f"step-{state.step}"
+        state.history[-1]["checkpoint"] = layout.checkpoint_name(state.step)
     path = checkpoints.save(run, state, c.keep_last, c.keep_best, position.saved())
     run.log(f"checkpoint: {path}")
     if after_save is not None:

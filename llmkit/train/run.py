@@ -21,7 +21,7 @@ from accelerate import Accelerator, DeepSpeedPlugin, InitProcessGroupKwargs
 from accelerate.utils import broadcast_object_list, set_seed
 from tqdm.auto import tqdm
 
-from llmkit import model, parallel, preflight, trackers
+from llmkit import logs, model, parallel, preflight, trackers
 from llmkit.config import Config
 from llmkit.data import lm, sources
 from llmkit.data.streaming import Stream
@@ -171,6 +171,7 @@ def run_info(accelerator: Accelerator, precision: str, ds_config: dict | None) -
 def setup(cfg: Config, recipe: str) -> Run:
     """The pre-training checks of `recipe` (`llmkit validate`'s), then the Accelerator, the seed and the run's
     files."""
+    logs.for_run()  # before DeepSpeed is imported: rank 0 says each library's warning once, the others errors only
     plan = preflight.check(cfg, parallel.world_size(), recipe)
     if not torch.cuda.is_available():
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
@@ -183,15 +184,16 @@ def setup(cfg: Config, recipe: str) -> Run:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         handlers.append(InitProcessGroupKwargs(backend=backend, timeout=timeout))
     plugin = DeepSpeedPlugin(hf_ds_config=plan.ds_config) if plan.ds_config is not None else None
-    accelerator = Accelerator(
-        mixed_precision=ACCELERATE_PRECISION[plan.precision],
-        deepspeed_plugin=plugin,
-        gradient_accumulation_steps=plan.accumulation,
-        step_scheduler_with_optimizer=False,  # the loop steps it once per optimizer step
-        kwargs_handlers=handlers,
-        log_with=trackers.log_with(cfg, plan.run_dir),
-        project_dir=str(plan.run_dir),
-    )
+    with logs.main_rank_stdout():  # DeepSpeed prints from each rank that it built its communication op
+        accelerator = Accelerator(
+            mixed_precision=ACCELERATE_PRECISION[plan.precision],
+            deepspeed_plugin=plugin,
+            gradient_accumulation_steps=plan.accumulation,
+            step_scheduler_with_optimizer=False,  # the loop steps it once per optimizer step
+            kwargs_handlers=handlers,
+            log_with=trackers.log_with(cfg, plan.run_dir),
+            project_dir=str(plan.run_dir),
+        )
     set_seed(cfg.train.seed)
     if not accelerator.is_local_main_process:  # progress bars (tokenization, loading) on rank 0 only
         import datasets
