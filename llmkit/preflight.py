@@ -13,6 +13,7 @@ from pathlib import Path
 
 from llmkit import fresh, memory, model, parallel, quantized, trackers
 from llmkit.config import Config, schema
+from llmkit.config.checks import check_hub_token
 from llmkit.data import lm, sources
 from llmkit.errors import LlmkitError
 from llmkit.precision import Hardware, hardware, resolve_precision
@@ -26,7 +27,6 @@ class Plan:
     """What the checks settled: the run starts from this."""
     precision: str
     precision_why: str
-    world_size: int
     ds_config: dict | None  # resolved: no "auto" left; None without DeepSpeed
     run_dir: Path  # output.output_dir, resolved
     intent: str  # what happens to output_dir: "new", "overwrite" or "resume" (llmkit.rundir.life)
@@ -212,16 +212,6 @@ def check_model(cfg: Config):
     return config, f"model: {config.model_type}, {limit or 'unknown'} positions, max_length {cfg.data.max_length} fits"
 
 
-def hub_token() -> str:
-    """The Hub token from HF_TOKEN or the `hf auth login` store; a clear error when there is none."""
-    from huggingface_hub import get_token
-
-    found = get_token()
-    if not found:
-        raise LlmkitError("pushing to the Hub needs a token: set HF_TOKEN or run `hf auth login` (or use --dry-run)")
-    return found
-
-
 def recipe_of(cfg: Config, config) -> str:
     """The recipe a config is for, when none is named (`llmkit validate`): causal_lm for a causal-LM model or
     prompt / chat / label-word data, else classification."""
@@ -324,9 +314,9 @@ def check(cfg: Config, world_size: int, recipe: str | None = None,
                + "\n".join("      " + r for r in estimate.table().splitlines()))
     passed(trackers.check(cfg))
     if cfg.output.push_to_hub:  # no token: say so now, not after hours of training
-        hub_token()
+        check_hub_token()
         passed(f"hub: a token is set for pushing to {cfg.output.hub_model_id}")
-    return Plan(precision, why, world_size, ds, out, intent, causal, accumulation, plan_lines, resume, estimate, hw)
+    return Plan(precision, why, ds, out, intent, causal, accumulation, plan_lines, resume, estimate, hw)
 
 
 def check_inputs(cfg: Config, plan: Plan, say: Callable[[str], None] = lambda line: None) -> None:

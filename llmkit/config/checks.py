@@ -22,6 +22,17 @@ def check_repo_id(repo_id: str | None, key: str = "output.hub_model_id") -> str:
 BRANCH = re.compile(r"^(?![-/.])[A-Za-z0-9._/-]+(?<![/.])$")  # a subset of git's ref rules, enough for the Hub
 
 
+def check_hub_token() -> str:
+    """The Hub token from HF_TOKEN or the `hf auth login` store; a clear error when there is none. With the repo id
+    and revision checks: what a push needs, checked by the preflight before training and by ship.hub before work."""
+    from huggingface_hub import get_token
+
+    found = get_token()
+    if not found:
+        raise LlmkitError("pushing to the Hub needs a token: set HF_TOKEN or run `hf auth login` (or use --dry-run)")
+    return found
+
+
 def check_revision(revision: str | None, key: str = "output.hub_revision") -> str | None:
     """A branch name git and the Hub accept (letters, digits, . _ - /; no '..', no leading or trailing . or /)."""
     if revision is not None and (not BRANCH.match(revision) or ".." in revision or revision.endswith(".lock")):

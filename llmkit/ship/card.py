@@ -115,40 +115,11 @@ def build(run_dir: Path, final: Path, kind: str, repo_id: str, push_merged: bool
         eval_results=eval_results(metrics, task, dataset_id or dataset_ref, dataset_name) or None,
     )
 
-    what = {"classification": "a sequence classifier", "causal_lm": "a causal language model",
-            "lora": "a LoRA adapter for a causal language model"}[kind]
-    if data.get("prompt_template"):
-        what += (", tuned to answer with a label word (" + ", ".join(metrics.get("label_names") or []) +
-                 "); predictions score each label word by log-likelihood")
-    base_text = f"[{base}](https://huggingface.co/{base})" if base else (
-        "a randomly initialised model (trained from scratch)" if model_cfg.get("from_scratch") else f"`{base_ref}`")
-    if base and base_ref and base_ref.startswith("asset:smollm2"):
-        base_text += " (as dequantised from its Q4_1 GGUF, the llmkit offline asset)"
-    data_text = f"[{dataset_id}](https://huggingface.co/datasets/{dataset_id})" if dataset_id else dataset_name
-    if mixture:
-        data_text = f"a mixture of {len(mixture)} sources (see Training data)"
+    what, base_text, data_text = _described(kind, cfg, metrics, base, dataset_id, dataset_name)
 
-    rows, columns = [], card_metrics(metrics)
-    for split in ("validation", "test"):
-        m = metrics.get(split) or {}
-        if m:
-            rows.append(f"| {split} | " + " | ".join(f"{m[k]:.4f}" if isinstance(m.get(k), (int, float)) else "-"
-                                                      for k in columns) + f" | {m.get('samples', '-')} |")
-    world = summary.get("world_size", info.get("world_size"))
-    per_device = train.get("per_device_batch_size")
-    accumulation = (info.get("resolved") or {}).get("gradient_accumulation_steps") \
-        or train.get("gradient_accumulation_steps", 1)
-    hyper = [("learning rate", train.get("learning_rate")), ("scheduler", train.get("lr_scheduler")),
-             ("warmup ratio", train.get("warmup_ratio")), ("weight decay", train.get("weight_decay")),
-             ("optimizer steps", summary.get("steps")), ("epochs", summary.get("epochs")),
-             ("batch size", f"{per_device} per device x {world} devices x {accumulation} accumulation"),
-             ("max length", data.get("max_length")), ("precision", summary.get("precision", info.get("precision"))),
-             ("DeepSpeed ZeRO stage", stage), ("seed", train.get("seed"))]
-    if summary.get("class_weights"):
-        hyper.append(("class weights (loss)", ", ".join(f"{n} {w:.3g}" for n, w in summary["class_weights"].items())))
-    if kind == "lora" or lora.get("enabled"):
-        hyper += [("LoRA r / alpha / dropout", f"{lora.get('r')} / {lora.get('alpha')} / {lora.get('dropout')}"),
-                  ("LoRA target modules", lora.get("target_modules") or "per-architecture default")]
+    columns = card_metrics(metrics)
+    rows = _result_rows(metrics, columns)
+    hyper = _settings(cfg, info, summary, kind == "lora" or lora.get("enabled"))
     versions = ", ".join(f"{k} {v}" for k, v in (info.get("versions") or {}).items() if v)
     body = f"""
 # {repo_id.split("/")[-1]}
@@ -186,6 +157,58 @@ The full resolved config is `{export.config.name}`; the evaluation report is `{r
 - {"Base-model limitations apply: see " + base_text + "." if base else "It was not built on a published base model."}
 """
     return str(ModelCard(f"---\n{card_data.to_yaml()}\n---\n{body}"))
+
+
+def _described(kind: str, cfg: dict, metrics: dict, base: str | None, dataset_id: str | None,
+               dataset_name: str) -> tuple[str, str, str]:
+    """In words: what the model is, what it was fine-tuned from, and on what."""
+    model_cfg, data = cfg.get("model") or {}, cfg.get("data") or {}
+    base_ref, mixture = model_cfg.get("name_or_path"), metrics.get("data_mixture") or []
+    what = {"classification": "a sequence classifier", "causal_lm": "a causal language model",
+            "lora": "a LoRA adapter for a causal language model"}[kind]
+    if data.get("prompt_template"):
+        what += (", tuned to answer with a label word (" + ", ".join(metrics.get("label_names") or []) +
+                 "); predictions score each label word by log-likelihood")
+    base_text = f"[{base}](https://huggingface.co/{base})" if base else (
+        "a randomly initialised model (trained from scratch)" if model_cfg.get("from_scratch") else f"`{base_ref}`")
+    if base and base_ref and base_ref.startswith("asset:smollm2"):
+        base_text += " (as dequantised from its Q4_1 GGUF, the llmkit offline asset)"
+    data_text = f"[{dataset_id}](https://huggingface.co/datasets/{dataset_id})" if dataset_id else dataset_name
+    if mixture:
+        data_text = f"a mixture of {len(mixture)} sources (see Training data)"
+    return what, base_text, data_text
+
+
+def _result_rows(metrics: dict, columns: list[str]) -> list[str]:
+    """The Results table's rows: each scored split's numbers under `columns`."""
+    rows = []
+    for split in ("validation", "test"):
+        m = metrics.get(split) or {}
+        if m:
+            rows.append(f"| {split} | " + " | ".join(f"{m[k]:.4f}" if isinstance(m.get(k), (int, float)) else "-"
+                                                      for k in columns) + f" | {m.get('samples', '-')} |")
+    return rows
+
+
+def _settings(cfg: dict, info: dict, summary: dict, lora_on: bool) -> list[tuple[str, object]]:
+    """The Training table: the settings that decide the numbers."""
+    data, train, lora = (cfg.get(k) or {} for k in ("data", "train", "lora"))
+    world = summary.get("world_size", info.get("world_size"))
+    accumulation = (info.get("resolved") or {}).get("gradient_accumulation_steps") \
+        or train.get("gradient_accumulation_steps", 1)
+    hyper = [("learning rate", train.get("learning_rate")), ("scheduler", train.get("lr_scheduler")),
+             ("warmup ratio", train.get("warmup_ratio")), ("weight decay", train.get("weight_decay")),
+             ("optimizer steps", summary.get("steps")), ("epochs", summary.get("epochs")),
+             ("batch size", f"{train.get('per_device_batch_size')} per device x {world} devices x {accumulation} "
+                            "accumulation"),
+             ("max length", data.get("max_length")), ("precision", summary.get("precision", info.get("precision"))),
+             ("DeepSpeed ZeRO stage", summary.get("zero_stage", info.get("zero_stage"))), ("seed", train.get("seed"))]
+    if summary.get("class_weights"):
+        hyper.append(("class weights (loss)", ", ".join(f"{n} {w:.3g}" for n, w in summary["class_weights"].items())))
+    if lora_on:
+        hyper += [("LoRA r / alpha / dropout", f"{lora.get('r')} / {lora.get('alpha')} / {lora.get('dropout')}"),
+                  ("LoRA target modules", lora.get("target_modules") or "per-architecture default")]
+    return hyper
 
 
 def _copies(final: Path) -> str:

@@ -10,10 +10,10 @@ import time
 from pathlib import Path
 
 from llmkit import assets, model, quantized
+from llmkit.config.checks import check_hub_token as token
 from llmkit.config.checks import check_repo_id, check_revision
 from llmkit.errors import LlmkitError
 from llmkit.exported.opened import CLASSIFIER, open_export
-from llmkit.preflight import hub_token as token
 from llmkit.rundir import outputs
 from llmkit.rundir.layout import ADAPTER_CONFIG, MERGED, MODEL_CONFIG, PROBE, Export, RunDir, read_json
 from llmkit.ship import card, verify

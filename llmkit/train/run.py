@@ -41,7 +41,6 @@ class Run:
     precision: str
     ds_config: dict | None
     run_dir: Path  # output.output_dir, resolved
-    intent: str = "new"  # "new", "overwrite" or "resume": what the run does with output_dir (llmkit.rundir.life)
     data_identity: dict | None = None  # the training rows' digest and the labels: a resume must match them
     stop: StopSignal | None = None  # SIGTERM / SIGINT, caught for the whole run (setup to finish)
     resume: checkpoints.Resume | None = None  # the checkpoint this run continues (resolved by the preflight)
@@ -202,7 +201,7 @@ def setup(cfg: Config, recipe: str) -> Run:
         datasets.disable_progress_bars()
         transformers.utils.logging.disable_progress_bar()
     accelerator.wait_for_everyone()  # every rank has checked output_dir before rank 0 writes into it
-    run = Run(cfg, accelerator, plan.precision, plan.ds_config, plan.run_dir, plan.intent, resume=plan.resume,
+    run = Run(cfg, accelerator, plan.precision, plan.ds_config, plan.run_dir, resume=plan.resume,
               recipe=recipe)
     if accelerator.is_main_process:  # a second run on this folder is refused from now on
         life.Lock(plan.run_dir)
