@@ -1,6 +1,6 @@
-"""The quantized formats llmkit writes (`llmkit quantize`, output.quantize): for which models, served by what, and
-the packages each needs, so that a run is refused one it cannot write before it trains. llmkit.ship.quantize
-writes and checks the copies."""
+"""The compressed (quantized) copies llmkit writes (`llmkit quantize`, output.quantize): the formats, for which
+models, served by what and needing which packages, so that a run is refused one it cannot write before it trains;
+and the copies found beside an export. llmkit.ship.quantize writes and checks the copies."""
 
 from __future__ import annotations
 

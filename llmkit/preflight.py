@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from llmkit import fresh, memory, model, parallel, quantized, trackers
+from llmkit import compression, fresh, memory, model, parallel, trackers
 from llmkit.config import Config, schema
 from llmkit.config.checks import check_hub_token
 from llmkit.data import lm, sources
@@ -241,13 +241,13 @@ def check_quantize(cfg: Config, recipe: str, config) -> None:
     """output.quantize: each format for this run's kind of model and architecture, its packages installed, and a
     GGUF's tokenizer one the writer maps (where the tokenizer is a local folder or asset). Written after
     training: refused now, not then."""
-    quantized.check(cfg.output.quantize, "classifier" if recipe == "classification" else "causal_lm",
+    compression.check(cfg.output.quantize, "classifier" if recipe == "classification" else "causal_lm",
                     f"this {recipe} run's model", (config.architectures or [None])[0])
     if not any(n.startswith("gguf-") for n in cfg.output.quantize):
         return
     source = Path(model.locate(cfg.model.tokenizer or cfg.model.name_or_path, "model.tokenizer")).expanduser()
     if source.is_dir():  # a Hub id: checked by `llmkit quantize` before it writes
-        problem = quantized.gguf_tokenizer_problem(source / "tokenizer.json")
+        problem = compression.gguf_tokenizer_problem(source / "tokenizer.json")
         if problem:
             raise LlmkitError(f"output.quantize asks for {', '.join(cfg.output.quantize)}, but {problem}")
 

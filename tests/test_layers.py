@@ -15,7 +15,7 @@ PACKAGE = ROOT / "llmkit"
 
 # lowest first; a module belongs to the first entry that names it or a package above it
 LAYERS = [
-    ("ground", ["llmkit", "llmkit.errors", "llmkit.faults", "llmkit.logs", "llmkit.metrics", "llmkit.quantized",
+    ("ground", ["llmkit", "llmkit.errors", "llmkit.faults", "llmkit.logs", "llmkit.metrics", "llmkit.compression",
                 "llmkit.config", "llmkit.assets", "llmkit.fresh", "llmkit.shipped",
                 # the run folder's map (file names, record readers) is read by the export loaders below the
                 # launch layer too; the rest of llmkit.rundir (a run's life, checkpoints) is launch

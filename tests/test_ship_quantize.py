@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from llmkit import quantized
+from llmkit import compression
 from llmkit.errors import LlmkitError
 from llmkit.ship import card, hub, quantize
 
@@ -29,8 +29,8 @@ def test_refusals_before_anything_is_written(tmp_path, monkeypatch):
         quantize.check(cls, ["onnx-int8", "int3"])
     with pytest.raises(LlmkitError, match="holds no exported model"):
         quantize.check(tmp_path / "nothing", ["onnx-int8"])
-    real = quantized.importlib.util.find_spec
-    monkeypatch.setattr(quantized.importlib.util, "find_spec", lambda n: None if n == "onnxruntime" else real(n))
+    real = compression.importlib.util.find_spec
+    monkeypatch.setattr(compression.importlib.util, "find_spec", lambda n: None if n == "onnxruntime" else real(n))
     with pytest.raises(LlmkitError, match=r"onnx-int8 needs onnxruntime, which is not installed: pip install"):
         quantize.check(cls, ["onnx-int8"])
     assert not list(tmp_path.glob("*-onnx-int8*"))

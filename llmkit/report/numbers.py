@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llmkit import quantized
+from llmkit import compression
 from llmkit.errors import LlmkitError
 from llmkit.metrics import averaging, classification_metrics
 from llmkit.metrics.counts import per_class_scores
@@ -271,7 +271,7 @@ def run_report(run_dir: Path) -> dict:
     report["explanations"] = layout.read_json(files.explanations) or None
     # the quantized copies beside final/ and what each costs on the task (llmkit.ship.quantize)
     report["compression"] = [{"format": c["format"], "what": c["what"], "scored": c["scored"], **c["numbers"]}
-                             for c in quantized.copies(files.final.root)]
+                             for c in compression.copies(files.final.root)]
     scalars = _scalars(files.scalars)
     report["curves"] = {"train_loss": scalars.get("train/loss", []), "eval_loss": scalars.get("eval/loss", []),
                         "learning_rate": scalars.get("train/lr", []), "eval_f1": scalars.get("eval/f1", [])}

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from llmkit import assets, quantized
+from llmkit import assets, compression
 from llmkit.metrics import averaging, metric_label, shown
 from llmkit.rundir.layout import ADAPTER, MERGED, Export, RunDir
 
@@ -214,7 +214,7 @@ def _settings(cfg: dict, info: dict, summary: dict, lora_on: bool) -> list[tuple
 def _copies(final: Path) -> str:
     """The quantized copies uploaded beside the model (one folder each), one line each with what it costs."""
     lines = []
-    for c in quantized.copies(final):
+    for c in compression.copies(final):
         n, f, q = c["numbers"], c["numbers"]["full"], c["numbers"]["copy"]
         cost = [f"accuracy {q['accuracy']:.4f} (full model {f['accuracy']:.4f}), agreement {n['agreement']:.4f}"] \
             if "accuracy" in q else []

@@ -9,7 +9,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from llmkit import assets, model, quantized
+from llmkit import assets, compression, model
 from llmkit.config.checks import check_hub_token as token
 from llmkit.config.checks import check_repo_id, check_revision
 from llmkit.errors import LlmkitError
@@ -100,7 +100,7 @@ def _fill(out: Path, run_dir: Path, final: Path, repo_id: str, push_merged: bool
         if export.adapter.is_dir():  # a LoRA classifier: the merged model at the root, its adapter beside
             _copy_files(export.adapter, out / export.adapter.name)
             _name_base_by_hub_id(out / export.adapter.name, probe)
-    for copy in quantized.copies(final):  # each quantized copy in a folder named by its format
+    for copy in compression.copies(final):  # each quantized copy in a folder named by its format
         _copy_files(copy["folder"], out / copy["format"])
     for report in (RunDir(run_dir).report(k) for k in REPORT_KINDS):
         if report.is_file():

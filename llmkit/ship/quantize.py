@@ -1,5 +1,5 @@
 """Quantized copies of an exported model, each in its own folder beside it (final/ -> final-onnx-int8/): written
-whole into a temporary folder, scored in a fresh process (by what llmkit.quantized names) against the full model on
+whole into a temporary folder, scored in a fresh process (by what llmkit.compression names) against the full model on
 the same rows (llmkit.ship.served), and only then moved into place with its numbers (layout.QUANTIZED). What cannot
 be done (a format for another kind of model, a runtime not installed) is refused before anything is written.
 
@@ -16,7 +16,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from llmkit import fresh, quantized
+from llmkit import compression, fresh
 from llmkit.data.sources import check_splits
 from llmkit.errors import LlmkitError
 from llmkit.exported.opened import CLASSIFIER, LABEL_WORDS, Opened, open_export
@@ -30,11 +30,11 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 def check(model_dir: Path, names: list[str]) -> str:
     """Refuse, before anything is written, a format llmkit does not write, one for another kind of model or
-    architecture, or one whose runtime is not installed (llmkit.quantized); a GGUF whose model or tokenizer its
+    architecture, or one whose runtime is not installed (llmkit.compression); a GGUF whose model or tokenizer its
     writer does not map (llmkit.ship.to_gguf). Returns the model's kind: "classifier" or "causal_lm"."""
     opened = open_export(model_dir)
     kind = "classifier" if opened.kind == CLASSIFIER else "causal_lm"
-    quantized.check(names, kind, str(model_dir), opened.architectures[0] if opened.architectures else "an adapter")
+    compression.check(names, kind, str(model_dir), opened.architectures[0] if opened.architectures else "an adapter")
     if any(name.startswith("gguf-") for name in names):
         to_gguf.check(opened.model)
     return kind
@@ -138,7 +138,7 @@ def quantize(model_dir: str | Path, name: str, rows: dict | None = None, max_sam
     out = Export(model_dir).quantized(name)
     tmp, old = out.with_name(out.name + ".tmp"), out.with_name(out.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)  # a copy cut short earlier: never served, never kept
-    log(f"quantize: writing {name} of {model_dir}, then scoring it in {quantized.FORMATS[name].runtime} (a fresh "
+    log(f"quantize: writing {name} of {model_dir}, then scoring it in {compression.FORMATS[name].runtime} (a fresh "
         "process)")
     try:
         WRITERS[name](model_dir, tmp)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llmkit import fresh, quantized
+from llmkit import compression, fresh
 from llmkit.data import lm, scored
 from llmkit.data.sources import load_raw, one_split
 from llmkit.errors import LlmkitError
@@ -103,7 +103,7 @@ def _run(predict, tokenizer, texts: list[str], pairs: list[str] | None, max_leng
 
 
 def score(ask: dict) -> dict:
-    return (score_classifier if quantized.FORMATS[ask["format"]].kind == "classifier" else score_causal_lm)(ask)
+    return (score_classifier if compression.FORMATS[ask["format"]].kind == "classifier" else score_causal_lm)(ask)
 
 
 def score_classifier(ask: dict) -> dict:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llmkit import quantized
+from llmkit import compression
 from llmkit.errors import LlmkitError
 from llmkit.rundir.layout import FINAL, MERGED, MODEL_CONFIG
 
@@ -31,7 +31,7 @@ def check(folder: Path) -> dict:
                           "Llama-2 shapes)")
     if config.get("rope_scaling") or (config.get("rope_parameters") or {}).get("rope_type", "default") != "default":
         raise LlmkitError(f"GGUF: {folder} uses rope scaling, which llmkit's GGUF writer does not map")
-    problem = quantized.gguf_tokenizer_problem(folder / "tokenizer.json")
+    problem = compression.gguf_tokenizer_problem(folder / "tokenizer.json")
     if problem:
         raise LlmkitError(f"GGUF: {problem}")
     return config
