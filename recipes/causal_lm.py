@@ -6,7 +6,7 @@ classification): setup / fit / finish.
 """
 
 from llmkit import model
-from llmkit.cli import guarded, recipe_args
+from llmkit.commands.entry import guarded, recipe_args
 from llmkit.config import load_config
 from llmkit.data import lm, loaders
 from llmkit.evals import lm as lm_eval

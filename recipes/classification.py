@@ -5,7 +5,7 @@
 """
 
 from llmkit import model
-from llmkit.cli import guarded, recipe_args
+from llmkit.commands.entry import guarded, recipe_args
 from llmkit.config import load_config
 from llmkit.data import classification, loaders
 from llmkit.evals.classification import score_split

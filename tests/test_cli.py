@@ -109,7 +109,7 @@ def test_accelerate_launch_summary_names_the_llmkit_line(tmp_path, tiny_bert, ti
 @pytest.mark.slow
 def test_a_bug_still_shows_its_traceback(tmp_path):
     # not a user error: an internal failure must not be hidden behind a one-line message
-    code = "from llmkit.cli import guarded\nguarded(lambda: 1 / 0)"
+    code = "from llmkit.commands.entry import guarded\nguarded(lambda: 1 / 0)"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 1 and "Traceback" in proc.stderr and "ZeroDivisionError" in proc.stderr
 

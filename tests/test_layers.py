@@ -1,6 +1,7 @@
 """llmkit's structure, read from its source: modules import only from lower layers (or sideways inside their
-layer), there is no import cycle, llmkit imports sit at the top of a module (the command line alone defers them,
-for start-up time), and no module is over 400 lines. The layer order is declared once, here."""
+layer), there is no import cycle, llmkit imports sit at the top of a module (the command line defers a command's
+imports by naming its handler in its parser table, for start-up time), no module is over 400 lines and no function
+over 80, and cli.py is the parser table. The layer order is declared once, here."""
 
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ LAYERS = [
     ("finish", ["llmkit.finish"]),
     ("commands", ["llmkit.cli", "llmkit.commands"]),
 ]
-DEFERRED_OK = {"llmkit.cli"}  # the top: nothing in llmkit imports it, so a deferred import there hides no cycle
+DEFERRED_OK: set[str] = set()  # none: the command line defers through its table's handler names
 MAX_LINES = 400
 
 
@@ -151,6 +152,95 @@ def _function_lines(path: Path, name: str) -> int:
 
 def test_the_training_loop_reads_in_one_sitting():
     assert _function_lines(PACKAGE / "train" / "loop.py", "fit") <= 80
+
+
+def _functions(path: Path) -> list[tuple[str, int]]:
+    """(name:line, length in lines) of every function and method in a module, nested ones included."""
+    return [(f"{n.name}:{n.lineno}", n.end_lineno - n.lineno + 1) for n in ast.walk(ast.parse(path.read_text()))
+            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+
+
+def test_no_function_over_80_lines():
+    """A function reads in one sitting: a longer one is split where its steps are."""
+    long = [f"{module}.{name}: {n} lines" for module, path in _modules().items()
+            for name, n in _functions(path) if n > 80]
+    assert not long, "\n".join(long)
+
+
+def test_cli_is_a_parser_table_under_200_lines():
+    """Issue 48: every command's logic lives in its own module under llmkit/commands/; cli.py is the table that
+    names each command's options and handler, and the short loop in `main` that builds the parser from it."""
+    import importlib
+
+    from llmkit import cli
+
+    path = PACKAGE / "cli.py"
+    assert len(path.read_text().splitlines()) < 200
+    assert all(n <= 30 for _, n in _functions(path)), _functions(path)
+    names = [c.name for c in cli.COMMANDS]
+    assert len(names) == len(set(names)) and {"eval", "compare", "validate", "train", "launch"} <= set(names)
+    for command in cli.COMMANDS:
+        module, _, function = command.handler.partition(":")
+        assert (PACKAGE / "commands" / f"{module}.py").is_file(), command
+        assert callable(getattr(importlib.import_module(f"llmkit.commands.{module}"), function, None)), command
+
+
+def _imported_at_start(module: str) -> set[str]:
+    """The llmkit modules importing `module` imports with it (module-level imports and parent packages, onward)."""
+    graph, seen, todo = _graph(), set(), [module]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        parents = [".".join(name.split(".")[:i]) for i in range(1, name.count(".") + 1)]
+        todo += parents + [target for target, _, in_function in graph[name] if not in_function]
+    return seen
+
+
+def _outside_imports(path: Path) -> set[str]:
+    """The packages outside llmkit a module imports at module level (not inside a function)."""
+    found, todo = set(), list(ast.parse(path.read_text()).body)
+    while todo:
+        node = todo.pop()
+        if isinstance(node, ast.Import):
+            found |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and not node.level:
+            found.add((node.module or "").split(".")[0])
+        elif not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            todo += list(ast.iter_child_nodes(node))
+    return found - {"llmkit"}
+
+
+HEAVY = {"torch", "transformers", "accelerate", "deepspeed", "datasets", "evaluate", "peft", "numpy"}
+
+
+def test_the_command_line_starts_without_torch():
+    """`llmkit --help` imports cli.py and what that imports at module level, none of which imports torch (or the
+    other heavy libraries): a command's own module is imported, by the name its table row gives, when it runs."""
+    modules = _modules()
+    start = _imported_at_start("llmkit.cli")
+    assert {"llmkit.cli", "llmkit.commands.entry", "llmkit.commands.options", "llmkit"} <= start
+    assert not {m for m in start if m.startswith("llmkit.commands.")} - {"llmkit.commands.entry",
+                                                                           "llmkit.commands.options"}
+    heavy = sorted(f"{m} imports {name}" for m in start for name in _outside_imports(modules[m]) & HEAVY)
+    assert not heavy, "\n".join(heavy)
+
+
+@pytest.mark.slow
+def test_help_imports_no_command_module_and_no_torch():
+    """The same, run: `llmkit --help` and each command's --help in a fresh interpreter."""
+    import subprocess
+    import sys
+
+    code = ("import contextlib, io, sys\nfrom llmkit import cli\n"
+            "for argv in [[]] + [[c.name] for c in cli.COMMANDS if c.name != 'launch']:\n"
+            "    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+            "        cli.main(argv + ['--help'])\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch' or m.startswith('llmkit.commands.')))")
+    got = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert got.returncode == 0, got.stderr[-3000:]
+    assert got.stdout.split() == ["['llmkit.commands.entry',", "'llmkit.commands.options']"], got.stdout
 
 
 def _run_files() -> set[str]:

@@ -3,6 +3,7 @@ exported, on a labelled split and write the predictions, metrics and the evaluat
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -19,7 +20,7 @@ from llmkit.errors import LlmkitError
 from llmkit.evals.classification import write_predictions
 from llmkit.exported import loading, scoring
 from llmkit.exported.opened import CLASSIFIER, LABEL_WORDS, Opened, open_export, records_beside
-from llmkit.metrics import averaging, classification_metrics
+from llmkit.metrics import averaging, classification_metrics, scores_line
 from llmkit.model import locate
 from llmkit.precision import cpu_has_native_bf16
 from llmkit.report import pages, runs
@@ -159,3 +160,17 @@ def eval_export(model_dir: str | Path, source: str, split: str | list[str] = "te
             "eval_seconds": round(sum(got[4]["seconds"] for got in scored.values()), 2)}, used)
     return {"metrics": scored[splits[0]][4], "splits": {n: got[4] for n, got in scored.items()},
             "label_names": names, "report": RunDir(out_dir).report("html"), "output_dir": out_dir}
+
+
+def main(args: argparse.Namespace) -> None:
+    """`llmkit eval`, from its parsed options: each split's scores, then where the report is."""
+    if bool(args.zero_shot) != bool(args.prompt_template and args.label_words):
+        raise LlmkitError("--zero-shot goes with --prompt-template and --label-words (and they only with it)")
+    zero_shot = (args.prompt_template, args.label_words) if args.zero_shot else None
+    got = eval_export(args.model_dir, args.data, args.split, args.output, args.text_column, args.text_pair_column,
+                      args.label_column, args.max_length, args.batch_size, args.max_samples, args.trust_remote_code,
+                      zero_shot, tuple(args.keep_columns), args.precision, scored_rows.parse_label_map(args.label_map),
+                      args.overwrite)
+    for split, m in got["splits"].items():
+        print(f"{split}: {scores_line(m, got['label_names'])}")
+    print(f"report: {got['report']}")

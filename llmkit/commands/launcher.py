@@ -105,3 +105,8 @@ def listing() -> str:
             path = shipped.named(name, kind)
             lines.append(f"  {name:<34} {shipped.summary(path)}" if path else f"  {name}")
     return "\n".join(lines) + "\n"
+
+
+def recipes(_: argparse.Namespace) -> None:
+    """`llmkit recipes`: the listing of what ships."""
+    print(listing(), end="")

@@ -3,6 +3,8 @@ with, then its tokenizer and data; nothing is written."""
 
 from __future__ import annotations
 
+import argparse
+
 from llmkit import parallel, preflight
 from llmkit.config import load_config
 
@@ -24,3 +26,8 @@ def validate(config_path: str, overrides: list[str], accelerate_config: str | No
         plan = preflight.check(cfg, parallel.world_size(), recipe, say=passed)
     preflight.check_inputs(cfg, plan, say=passed)
     log("all checks passed")
+
+
+def main(args: argparse.Namespace) -> None:
+    """`llmkit validate CONFIG [--section.key value ...]`, from its parsed options and the overrides after them."""
+    validate(args.config, args.overrides, args.accelerate_config, args.recipe)
