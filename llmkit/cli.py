@@ -143,10 +143,21 @@ COMMANDS = [
         opt("recipe", help="classification, causal_lm, or a recipe script"),
         opt("--config", help="the recipe config: a YAML file or a shipped config's name"),
         opt("--accelerate-config", help="a file or a shipped name, e.g. cpu_zero2 (default: Accelerate's own)"),
-        opt("--num-processes", type=int, help="processes in all (default: the Accelerate config's)"),
-        opt("--main-process-port", type=int, help="rank 0's port (default: the Accelerate config's)")), overrides=True),
+        *shared.LAUNCHER), overrides=True),
     Command("recipes", "the recipes, recipe configs, Accelerate and DeepSpeed configs llmkit ships, by name",
             "launcher:recipes"),
+    Command("check-numerics", "a few optimizer steps as configured (launcher, ranks, ZeRO, precision, accumulation) "
+            "against the same steps in one fp32 process: loss, gradient norm, LR and every parameter within the "
+            "precision's tolerances, or exit 1 naming the step and parameters", "check_numerics:main", (
+        opt("recipe", choices=shared.RECIPES),
+        opt("--config", required=True, help="the recipe config: a YAML file or a shipped config's name"),
+        opt("--accelerate-config", required=True, help="a file or a shipped name, e.g. cpu_zero2"),
+        opt("--steps", type=int, default=4, help="optimizer steps to check (default 4)"),
+        opt("--layers", type=int, help="check a copy truncated to the model's first N layers (default: the whole "
+            "model, or as many layers as one fp32 process holds)"),
+        opt("--output", type=fresh.absolute, default="outputs/check-numerics", help="the check's folder: its "
+            "verdict.json, the checked model, the run and its record (default outputs/check-numerics)"),
+        shared.OVERWRITE, *shared.LAUNCHER), overrides=True),
 ]
 
 

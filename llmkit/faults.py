@@ -6,6 +6,10 @@ forward and backward), kill_in_save@4:1 / oserror_in_save@4:1 (while checkpoint 
 gradient overflows; the loss-scale watchdog's test on a GPU), row@7:0 (reading training row 7 fails),
 stall_export@0:0 (the export waits STALL_SECONDS, for a signal to arrive meanwhile), explain@0:0 (the
 explanations' fresh process fails).
+The numerics faults `llmkit check-numerics` must catch (llmkit.train.recording plants them; `*` is every rank):
+drop_last_micro@2:* (from step 2 on, the last micro-batch of a step adds no gradient; its loss is still counted),
+scale_grad@2:1 (from step 2 on, rank 1's gradient doubled), skip_partition@2:1 (ZeRO-3: rank 1's partition of every
+parameter keeps its weights through step 2's update), lr_ahead@2:* (from step 2 on, the schedule one step ahead).
 LLMKIT_FAULT_STAMP names a file that gets the time the fault fired. Callers test `ON` first, so a normal run
 pays one attribute read per check.
 
@@ -57,4 +61,4 @@ def from_step(point: str, step: int, rank: int) -> bool:
     if POINT != point:
         return False
     at, _, on = SPEC.split("@", 1)[1].partition(":")
-    return step >= int(at) and rank == int(on or 0)
+    return step >= int(at) and (on == "*" or rank == int(on or 0))

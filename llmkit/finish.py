@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llmkit.evals import explain
+from llmkit.evals import datamap, explain
 from llmkit.evals.classification import write_predictions
 from llmkit.metrics import averaging, scores_line
 from llmkit.report import pages
@@ -23,7 +23,7 @@ class Task:
     score: EvalFn  # the one fit scored validation with: (model, loader, step) -> (metrics, outputs or None)
     export: Callable[[object, dict, dict], Path]  # (model, results, outputs by split) -> final/, verified
     label_names: list[str] | None = None  # a classifier or label words: prediction files and explanations
-    rows: dict = field(default_factory=dict)  # split -> its rows (text, label), for the prediction files
+    rows: dict = field(default_factory=dict)  # split -> its rows (text, label): prediction files, the data map
     results: dict = field(default_factory=dict)  # more for metrics.json (packing efficiency, a data mixture)
 
 
@@ -62,6 +62,13 @@ def finish(run: Run, fitted: dict, eval_loaders: dict, task: Task, uploader=None
     if cfg.output.quantize:
         run.main_first(lambda: [quantize.quantize(final, name, log=run.log) for name in cfg.output.quantize],
                        others=False)
+
+    # the data map of the training rows, from the dynamics fit recorded (rank 0)
+    recorded = summary.get("training_dynamics", {}).get("scores")
+    if task.label_names and "train" in task.rows and recorded:
+        run.main_first(lambda: datamap.write_for_run(run.run_dir, task.rows["train"], task.label_names,
+                                                     cfg.data.text_column, cfg.data.text_pair_column, recorded,
+                                                     log=run.log), others=False)
 
     # the report, then the push
     pages.write_for_run(run)

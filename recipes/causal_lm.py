@@ -12,7 +12,7 @@ from llmkit.data import lm, loaders
 from llmkit.evals import lm as lm_eval
 from llmkit.finish import Task, finish
 from llmkit.ship import every_save, export
-from llmkit.train import losses, optim
+from llmkit.train import dynamics, losses, optim
 from llmkit.train.loop import fit
 from llmkit.train.run import run_tokenizer, setup
 
@@ -47,7 +47,7 @@ def main() -> None:
 
     uploader = every_save.uploader(run, tokenizer)
     fitted = fit(run, net, optimizer, train_loader, eval_loaders["validation"], score, after_save=uploader,
-                 loss_fn=loss_fn)
+                 **losses.causal_lm_step(run, net, loss_fn), recorder=dynamics.for_label_words(run, tokenizer, ds))
     fitted["summary"].update(weighted)
 
     # finish: every split scored, the export (adapter + merged for LoRA) checked, explanations, report, push

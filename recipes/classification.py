@@ -11,7 +11,7 @@ from llmkit.data import classification, loaders
 from llmkit.evals.classification import score_split
 from llmkit.finish import Task, finish
 from llmkit.ship import every_save, export
-from llmkit.train import losses, optim
+from llmkit.train import dynamics, losses, optim
 from llmkit.train.loop import fit
 from llmkit.train.run import run_tokenizer, setup
 
@@ -42,7 +42,7 @@ def main() -> None:
 
     uploader = every_save.uploader(run, tokenizer)
     fitted = fit(run, net, optimizer, train_loader, eval_loaders["validation"], score, after_save=uploader,
-                 loss_fn=loss_fn)
+                 loss_fn=loss_fn, recorder=dynamics.for_classifier(run))
     fitted["summary"].update(weighted)
 
     # finish: every split scored, the export checked against the run's own logits, explanations, report, push

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import helpers
 import pytest
-from helpers import build_tiny_bert, build_tiny_data, build_tiny_lm, check_ok, launch, write_config
+from helpers import build_tiny_bert, build_tiny_data, build_tiny_lm, check_numerics, check_ok, launch, write_config
 
 
 @pytest.fixture(scope="session")
@@ -61,30 +61,41 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.write_line(f"accelerate launch runs: {len(helpers.LAUNCHES)} ({by_script})")
 
 
-ZERO_RUN_ROWS = 80  # of the 96 training rows: 2 epochs are 10 steps of 8 x 2 ranks (or 4 x 2 ranks x accumulation 2)
+ZERO_RUN_ROWS = 80  # of the 96 training rows: 2 epochs are 10 steps of 16 rows (8 x 2 ranks, 4 x 2 x accumulation 2)
 ZERO_RUN_STEPS = 10
+# every launcher llmkit ships that runs on a CPU machine (the cpu_* Accelerate configs, each offload JSON, single):
+# name -> (Accelerate config, DeepSpeed JSON or None, rows per micro-batch, accumulation, more overrides)
+ZERO_RUNS = {**{f"zero{s}": (f"cpu_zero{s}", None, 8, 1, ()) for s in range(4)},
+             "zero2_accumulate": ("cpu_zero2", None, 4, 2, ()),
+             "zero2_offload": ("cpu_zero2", "zero2_offload", 8, 1, ()),
+             "zero3_offload": ("cpu_zero3", "zero3_offload", 8, 1, ()),
+             "single_compiled": ("single", None, 16, 1, ("--train.torch_compile", "true"))}
 
 
 @pytest.fixture(scope="session")
-def zero_runs(tmp_path_factory, tiny_bert_no_dropout, tiny_data):
-    """One 2-epoch fp32 classification run per ZeRO stage (batch 8 x 2 ranks), plus ZeRO-2 with batch 4 x
-    accumulation 2: made once, read by the equivalence, export and DeepSpeed-path tests. No dropout: the
-    comparisons are about the sharded arithmetic, not random masks. The ZeRO-3 run also explains its report's rows
-    (a fresh process: inside a ZeRO-3 rank the model would load partitioned, and that hung once)."""
+def zero_runs(request, tmp_path_factory, tiny_bert_no_dropout, tiny_data):
+    """Every CPU launcher llmkit ships, each a `llmkit check-numerics` of a 2-epoch fp32 classification run (10 steps
+    of 16 rows: batch 8 x 2 ranks per ZeRO stage; ZeRO-2 also as 4 x accumulation 2 and with each offload JSON; one
+    process with torch.compile): made once, the verdicts read by test_check_numerics, the run folders by the
+    equivalence, export and DeepSpeed-path tests. No dropout: the comparisons are about the arithmetic, not random
+    masks. The ZeRO-3 run also explains its report's rows (a fresh process: inside a ZeRO-3 rank the model would load
+    partitioned, and that hung once)."""
+    request.getfixturevalue("cpu_adam")  # the offload runs' op: compiled once, outside their launch's timeout
     root = tmp_path_factory.mktemp("zero_runs")
-    variants = {f"zero{s}": (f"cpu_zero{s}.yaml", 8, 1) for s in range(4)}
-    variants["zero2_accumulate"] = ("cpu_zero2.yaml", 4, 2)
     out = {}
-    for name, (accelerate_config, batch, accumulation) in variants.items():
-        run_dir = root / name
-        cfg = write_config(root / f"{name}.yaml", tiny_bert_no_dropout, tiny_data, run_dir, epochs=2,
+    for name, (accelerate_config, ds_file, batch, accumulation, extra) in ZERO_RUNS.items():
+        cfg = write_config(root / f"{name}.yaml", tiny_bert_no_dropout, tiny_data, root / "unused", epochs=2,
                            logging_steps=1, per_device_batch_size=batch, gradient_accumulation_steps=accumulation,
-                           learning_rate=2e-3, warmup_ratio=0.1, explain_rows=8 if name == "zero3" else 0, verify_export=True)
-        proc = launch("recipes/classification.py", ["--config", str(cfg), "--data.group_by_length", "false",
-                                                    "--data.max_train_samples", str(ZERO_RUN_ROWS)], accelerate_config)
-        check_ok(proc)
+                           learning_rate=2e-3, warmup_ratio=0.1)
+        args = ["--data.group_by_length", "false", "--data.max_train_samples", str(ZERO_RUN_ROWS),
+                "--output.verify_export", "true", "--output.explain_rows", "8" if name == "zero3" else "0",
+                *(["--deepspeed.config_file", ds_file] if ds_file else []), *extra]
+        proc, verdict = check_numerics(root / name, cfg, accelerate_config, ZERO_RUN_STEPS, args)
+        assert verdict is not None and proc.returncode in (0, 1), proc.stderr[-6000:]  # test_check_numerics judges
+        run_dir = root / name / "run"
         scalars = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         out[name] = {"dir": run_dir, "log": proc.stdout + proc.stderr, "batch": batch, "accumulation": accumulation,
+                     "verdict": verdict, "returncode": proc.returncode, "check": root / name,
                      "losses": [s["train/loss"] for s in scalars if "train/loss" in s],
                      "metrics": json.loads((run_dir / "metrics.json").read_text())}
     return out

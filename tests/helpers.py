@@ -208,6 +208,20 @@ def launch(script: str, args: list[str], accelerate_config: str | None = "cpu_ze
                           timeout=timeout)
 
 
+def check_numerics(out: Path, cfg: Path, accelerate_config: str, steps: int, extra: list[str] = (),
+                   recipe: str = "classification", fault: str | None = None, timeout: int = 900):
+    """`llmkit check-numerics` of a recipe config (one `accelerate launch`, counted in LAUNCHES), optionally with an
+    LLMKIT_FAULT planted in the run; returns the finished process and its verdict (None when it wrote none)."""
+    LAUNCHES.append(f"check-numerics {recipe}")
+    cmd = [sys.executable, "-m", "llmkit.cli", "check-numerics", recipe, "--config", str(cfg), "--accelerate-config",
+           accelerate_config, "--steps", str(steps), "--output", str(out), "--main-process-port",
+           str(free_ports(1)[0]), *extra]
+    env = {**LAUNCH_ENV, **({"LLMKIT_FAULT": fault} if fault else {})}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    verdict = out / "verdict.json"
+    return proc, json.loads(verdict.read_text()) if verdict.is_file() else None
+
+
 def check_ok(proc: subprocess.CompletedProcess) -> None:
     assert proc.returncode == 0, f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}"
 

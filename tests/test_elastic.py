@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -108,6 +109,9 @@ def test_an_elastic_resume_trains_on_the_rows_a_straight_run_would(tmp_path, tin
     worst = max(abs(b[s] - a[s]) / abs(a[s]) for s in b)
     print(f"elastic ZeRO-{stage} {saved}->{ranks}: worst relative loss difference {worst:.2e}")
     assert worst <= ELASTIC_RTOL, (a, b)
+    # the training dynamics continue across the change of ranks: each row once an epoch, at the straight run's step
+    da, db = (np.sort(np.load(o / "training_dynamics.npy"), order=["epoch", "row"]) for o in (s_out, r_out))
+    assert np.array_equal(da[["row", "epoch", "step"]], db[["row", "epoch", "step"]]) and len(da) == 96 + 32
     summary = json.loads((r_out / "metrics.json").read_text())["train"]
     assert summary["elastic_resume"]["saved_world"] == saved and summary["world_size"] == ranks
     # the accumulation the resume trained with is the run's decision, recorded beside the config as given

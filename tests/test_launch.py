@@ -1,7 +1,8 @@
 """The launch paths (Accelerate + DeepSpeed settings) with real 2-rank runs on CPU: ZeRO 0-3 compute what plain
 data parallelism does (losses, weights, real sharding, accumulation 2 x B = 1 x 2B) from one shared run per stage
-(conftest.zero_runs); CPU offload, bf16, checkpointing, 2 simulated nodes; each export reloads in plain
-transformers; metrics equal on 1 and 2 ranks; a killed rank ends the job."""
+(conftest.zero_runs, each a `llmkit check-numerics` run: test_check_numerics reads their verdicts); CPU offload,
+2 simulated nodes; each export reloads in plain transformers; metrics equal on 1 and 2 ranks; a killed rank ends
+the job."""
 
 from __future__ import annotations
 
@@ -195,36 +196,16 @@ def _check_export(out, stage: int, offload: str | None = None) -> dict:
     return metrics
 
 
-@pytest.mark.parametrize(
-    ("name", "accelerate_config", "ds_file", "stage", "offload", "extra"),
-    [
-        ("zero2_offload", "cpu_zero2.yaml", "ds_configs/zero2_offload.json", 2, "optimizer", {}),
-        ("zero3_offload", "cpu_zero3.yaml", "ds_configs/zero3_offload.json", 3, "both", {}),
-        ("zero2_bf16_checkpointing", "cpu_zero2.yaml", None, 2, None,
-         {"precision": "bf16", "gradient_checkpointing": True}),
-        ("zero3_bf16", "cpu_zero3.yaml", None, 3, None, {"precision": "bf16"}),
-    ],
-)
-def test_zero_paths_train_and_export(request, tmp_path, tiny_bert, tiny_data, name, accelerate_config, ds_file, stage,
-                                     offload, extra):
-    if offload:
-        request.getfixturevalue("cpu_adam")  # pay the op's compile once, outside the launched run's timeout
-    out = tmp_path / "run"
-    train = {k: v for k, v in extra.items() if k != "gradient_checkpointing"}
-    cfg = write_config(tmp_path / "c.yaml", tiny_bert, tiny_data, out, verify_export=True, **train)
-    args = ["--config", str(cfg)]
-    if ds_file:
-        args += ["--deepspeed.config_file", str(ROOT / ds_file)]
-    if extra.get("gradient_checkpointing"):
-        args += ["--model.gradient_checkpointing", "true"]
-    proc = launch("recipes/classification.py", args, accelerate_config, timeout=900)
-    check_ok(proc)
-    log = proc.stdout + proc.stderr
-    precision = extra.get("precision", "fp32")
-    assert f"precision {precision} (set in the config), DeepSpeed ZeRO-{stage}" in log
-    assert f"ZeRO-{stage}, 2 device(s), {precision}" in log  # the memory estimate is logged at start
-    metrics = _check_export(out, stage, offload)
-    assert metrics["train"]["precision"] == precision
+@pytest.mark.parametrize(("name", "stage", "offload"), [("zero2_offload", 2, "optimizer"), ("zero3_offload", 3, "both")])
+def test_offload_paths_train_and_export(zero_runs, name, stage, offload):
+    """CPU offload of the optimizer (ZeRO-2), and of the parameters too (ZeRO-3): the shared runs of
+    conftest.zero_runs (their numbers against the one-process reference: test_check_numerics). bf16 with gradient
+    checkpointing under ZeRO-3: test_check_numerics too."""
+    log = zero_runs[name]["log"]
+    assert f"precision fp32 (set in the config), DeepSpeed ZeRO-{stage}" in log
+    assert f"ZeRO-{stage}, 2 device(s), fp32" in log  # the memory estimate is logged at start
+    metrics = _check_export(zero_runs[name]["dir"], stage, offload)
+    assert metrics["train"]["precision"] == "fp32"
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
@@ -235,6 +216,10 @@ def test_plain_zero_stages_train_and_export(zero_runs, stage):
     assert f"ZeRO-{stage}, 2 device(s), fp32" in log  # the memory estimate is logged at start
     metrics = _check_export(zero_runs[f"zero{stage}"]["dir"], stage)
     assert metrics["train"]["precision"] == "fp32"
+    # the training dynamics under each stage: the same 80 of the 96 rows (data.max_train_samples), once an epoch
+    records = np.load(zero_runs[f"zero{stage}"]["dir"] / "training_dynamics.npy")
+    first, second = (records[records["epoch"] == e]["row"].tolist() for e in (0, 1))
+    assert len(first) == len(set(first)) == ZERO_RUN_ROWS and set(first) == set(second) <= set(range(96))
 
 
 def test_fp16_is_refused_on_cpu_before_training(tmp_path, tiny_bert, tiny_data):

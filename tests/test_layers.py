@@ -21,7 +21,7 @@ LAYERS = [
                 # the run folder's map (file names, record readers) is read by the export loaders below the
                 # launch layer too; the rest of llmkit.rundir (a run's life, checkpoints) is launch
                 "llmkit.rundir.layout"]),
-    ("build", ["llmkit.model", "llmkit.generate", "llmkit.data"]),
+    ("build", ["llmkit.model", "llmkit.generate", "llmkit.data", "llmkit.lm_head"]),
     ("launch", ["llmkit.precision", "llmkit.parallel", "llmkit.memory", "llmkit.activations", "llmkit.rundir", "llmkit.trackers",
                 "llmkit.preflight"]),
     ("train", ["llmkit.train"]),
@@ -333,7 +333,7 @@ def _code_lines(path: Path) -> list[tuple[int, str]]:
 # the names of the files and folders a run or an export leaves: spelled in rundir/layout.py alone
 RUN_FILE_NAMES = ('"config.json"', '"adapter_config.json"', '"final"', '"merged"', '"training_config.yaml"',
                   '"metrics.json"', '"llmkit_probe.json"', '"quantized.json"', '"report.html"', '"report.md"',
-                  '"report.json"', 'f"step-{', '"predictions_')
+                  '"report.json"', 'f"step-{', '"predictions_', '"training_dynamics.npy"', '"data_map.json"')
 
 
 def test_no_run_or_export_file_name_outside_the_layout():

@@ -235,6 +235,34 @@ def test_logits_and_runtime_terms_and_the_refusal_of_a_run_that_cannot_fit():
         memory.check_fits(big, 2**30, "one GPU")
 
 
+def test_the_chunked_loss_holds_one_chunk_of_logits(tmp_path, tiny_lm):
+    """train.loss_chunk (1024 by default, llmkit.lm_head): the logits term and the evaluation batch's are one
+    chunk's (its fp32 logits and their softmax), or the tokens' where they are fewer; the full logits
+    where it is off or the model changes its logits after the head (soft-capping)."""
+    from helpers import write_lm_config
+
+    from llmkit import lm_head, model
+    from llmkit.config import load_config
+
+    assert memory.logits_bytes(4 * 256, 49_152, "bf16", chunk=512) == 512 * 49_152 * (4 + 4)
+    assert memory.logits_bytes(100, 49_152, "fp32", chunk=1024) == 100 * 49_152 * (4 + 4)  # under a chunk
+    assert memory.eval_logits_bytes(16 * 2 * 160, 49_152, "bf16", chunk=1024) == 1024 * 49_152 * 8
+    path = write_lm_config(tmp_path / "c.yaml", tiny_lm, tmp_path / "out", lora=False)
+
+    def chunk(*overrides, **config_keys) -> int:
+        cfg = load_config(path, list(overrides))
+        config = model.read_config(cfg.model)
+        for key, value in config_keys.items():
+            setattr(config, key, value)
+        sizes = model.model_sizes(cfg.model, causal_lm=True)
+        return memory.settings_of(cfg, None, sizes, "fp32", 1, "gpu", config, causal=True).chunk
+
+    assert chunk() == lm_head.CHUNK == 1024
+    assert chunk("--train.loss_chunk", "256") == 256
+    assert chunk("--train.loss_chunk", "0") == 0
+    assert chunk(final_logit_softcapping=30.0) == 0
+
+
 def test_training_and_evaluation_batches_take_turns_at_the_peak():
     """Activations and the training loss are held together; an evaluation batch comes in their place, so the
     peak counts the larger of the two, and a refusal names activations with gradient checkpointing."""

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -86,6 +87,29 @@ def test_causal_lm_trains_exports_and_reloads(tmp_path, tiny_lm, stage, lora, pa
         assert all(t.numel() > 0 for t in weights.values())
         merged = AutoModelForCausalLM.from_pretrained(final)
     assert type(merged).__name__ == "LlamaForCausalLM"
+    _validation_loss_is_the_full_logits_one(proc, cfg, packing, merged, metrics["validation"]["loss"])
+
+
+def _validation_loss_is_the_full_logits_one(proc, cfg_path, packing: bool, exported, loss: float) -> None:
+    """The run trained and evaluated on the chunked loss (llmkit.lm_head, issue 50) on its 2 ranks; its validation
+    loss is the one the exported model's full logits give here, in one process."""
+    from transformers import AutoTokenizer
+
+    from llmkit.config import load_config
+    from llmkit.data import lm
+    from llmkit.exported.scoring import token_logprobs
+
+    assert "loss: chunked, 1024 scored positions at a time" in proc.stdout + proc.stderr
+    cfg = load_config(cfg_path, ["--data.packing", str(packing).lower()])
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.name_or_path)
+    rows = lm.prepare(cfg.data, tokenizer, seed=cfg.train.seed, log=lambda *_: None).validation
+    collate, total, tokens = lm.LMCollator(tokenizer.pad_token_id), 0.0, 0.0
+    with torch.no_grad():
+        for lo in range(0, len(rows), 8):
+            batch = collate([rows[i] for i in range(lo, min(lo + 8, len(rows)))])
+            logp, count = token_logprobs(exported.eval(), {**batch, "targets": batch["labels"]}, chunk=0)
+            total, tokens = total - float(logp.sum()), tokens + float(count.sum())
+    assert total / tokens == pytest.approx(loss, rel=1e-4)
 
 
 def _generate(model_dir, prompt: str, *extra: str) -> str:
@@ -129,7 +153,15 @@ def test_label_words_under_zero3_score_generate_and_export(tmp_path, tiny_lm):
     assert all(v <= 1e-4 for v in metrics["export_check"].values()), metrics["export_check"]
     # class weights on the label-word tokens: logged and in the summary the card reads
     assert "class weights: negative 1.000, positive 2.000" in proc.stdout + proc.stderr
+    assert "loss: chunked" in proc.stdout + proc.stderr  # the class-weighted label words, under ZeRO-3 (issue 50)
     assert metrics["train"]["class_weights"] == {"negative": 1.0, "positive": 2.0}
+
+    # the training dynamics of label words (issue 49): each of the 48 rows once an epoch, scored by the label
+    # words (one token each in this vocabulary) at the answer's position of the training forward; the data map
+    records = np.load(out / "training_dynamics.npy")
+    assert [sorted(records[records["epoch"] == e]["row"].tolist()) for e in (0, 1)] == [list(range(48))] * 2
+    assert metrics["train"]["training_dynamics"]["scores"] == "softmax over the label words, each one token"
+    assert "<h3>Training data map</h3>" in (out / "report.html").read_text()
 
     # every eval logged its samples (steps 4, 8, 12 and the epoch ends 6, 12)
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]

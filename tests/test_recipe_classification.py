@@ -236,6 +236,14 @@ def test_make_demo_runs_from_the_repo_root_and_exports_a_loadable_model(demo_run
     assert len(json.loads((out / "explanations.json").read_text())["rows"]) == 8
     assert "Why the model said that (test, 8 rows)" in (out / "report.html").read_text()
     assert not (out / "final.tmp").exists()
+    # issue 49: the training rows' data map and the suspects, from the training forward (part of one epoch)
+    mapped = json.loads((out / "report.json").read_text())["runs"][0]["data_map"]
+    assert (mapped["rows"], mapped["train_rows"], mapped["epochs"]["most"]) == (40 * 32, 8433, 1)
+    assert len(mapped["suspects"]) == 20 and all(s["text"] and s["aum"] < 0 for s in mapped["suspects"][:5])
+    page = (out / "report.html").read_text()
+    assert "<h3>Training data map</h3>" in page and f'data-plot="datamap_{out.name}"' in page
+    assert "Variability is not measured: each row was trained in one epoch" in page
+    assert "Training rows most likely mislabeled (lowest AUM first, 20)" in (out / "report.md").read_text()
 
     # the export loads in plain transformers (a fresh interpreter, no llmkit import) and predicts what the run did
     rows = [json.loads(line) for line in (out / "predictions_test.jsonl").read_text().splitlines()]

@@ -19,7 +19,7 @@ from llmkit.report.undefined import interval
 
 pytestmark = pytest.mark.slow
 
-PLOTS = {"roc", "pr", "calibration", "training"}
+PLOTS = {"roc", "pr", "calibration", "training", "datamap_run"}  # and the run's confusion matrix
 
 
 def _ece(conf, correct, bins=10):
@@ -121,6 +121,34 @@ def test_html_is_self_contained_and_markdown_shows_the_same_numbers(tiny_run):
         assert max(row["delta"].values()) < 0.05
     assert f"Why the model said that (test, 8 rows, {why['seconds']:.1f} s)" in md
     assert page.count("<td class='why'>") == 8 and "pushes toward pos" in page and "pushes toward neg" in page
+
+
+def test_every_training_row_is_recorded_once_per_epoch_and_mapped(tiny_run, tiny_data):
+    """Issue 49 on a real 2-rank ZeRO-2 run of 3 epochs: the training dynamics hold each of the 96 training rows
+    exactly once per epoch, keyed by its row in the train file, from the steps of that epoch; the report shows the
+    data map and the suspects with their texts."""
+    records = np.load(tiny_run / "training_dynamics.npy")
+    train = read_jsonl(tiny_data / "train.jsonl")
+    for epoch in range(3):
+        these = records[records["epoch"] == epoch]
+        assert sorted(these["row"].tolist()) == list(range(96)), epoch
+        assert ((these["step"] > 6 * epoch) & (these["step"] <= 6 * (epoch + 1))).all()  # 6 steps an epoch
+    assert len(records) == 3 * 96 and np.isin(records["predicted"], [0, 1]).all()
+    assert all(["neg", "pos"][r["label"]] == train[r["row"]]["label"] for r in records)
+    assert ((records["gold_prob"] > 0) & (records["gold_prob"] < 1)).all()
+    assert ((records["margin"] > 0) == (records["predicted"] == records["label"])).all()
+    metrics = json.loads((tiny_run / "metrics.json").read_text())
+    assert metrics["train"]["training_dynamics"]["scores"] == "softmax of the classifier's logits"
+    mapped = json.loads((tiny_run / "report.json").read_text())["runs"][0]["data_map"]
+    assert (mapped["rows"], mapped["train_rows"], mapped["epochs"]) == (96, 96, {"most": 3, "fewest": 3})
+    assert sum(mapped["regions"].values()) == 96 and mapped["rows_of_one_epoch"] == 0
+    suspects = mapped["suspects"]
+    assert len(suspects) == 20 and [s["aum"] for s in suspects] == sorted(s["aum"] for s in suspects)
+    assert all(s["text"] == train[s["row"]]["text"] and s["label"] == train[s["row"]]["label"] for s in suspects)
+    md, page = (tiny_run / "report.md").read_text(), (tiny_run / "report.html").read_text()
+    assert "### Training data map" in md and "Training rows most likely mislabeled (lowest AUM first, 20)" in md
+    assert f"| {suspects[0]['row']} | {suspects[0]['text']} | {suspects[0]['label']} |" in md
+    assert "<h3>Training data map</h3>" in page and "Variability is not measured" not in page
 
 
 def test_tensorboard_has_the_training_scalars(tiny_run):

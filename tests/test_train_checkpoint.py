@@ -144,6 +144,20 @@ def test_write_error_while_saving_keeps_the_previous_checkpoint(tmp_path, tiny_b
 TOTAL, AT = 8, 4  # 6 batches per rank per epoch: step 4 is in the middle of the first epoch
 
 
+def _dynamics(out, accumulation: int = 1) -> np.ndarray:
+    """A run's training dynamics, each training row once per epoch: all 96 rows of each whole epoch (6 batches of
+    8 per rank), 16 x accumulation rows a step of the last one; sorted by epoch and row to compare runs."""
+    records = np.load(out / "training_dynamics.npy")
+    per_epoch = 6 // accumulation  # optimizer steps an epoch
+    for epoch in range(-(-TOTAL // per_epoch)):
+        rows = records[records["epoch"] == epoch]["row"].tolist()
+        steps = min(per_epoch, TOTAL - epoch * per_epoch)
+        assert len(rows) == len(set(rows)) == (96 if steps == per_epoch else 16 * accumulation * steps), epoch
+        assert steps < per_epoch or sorted(rows) == list(range(96)), epoch
+    assert sorted(set(records["step"].tolist())) == list(range(1, TOTAL + 1))
+    return np.sort(records, order=["epoch", "row"])
+
+
 def _run(tmp_path, name, model, data, accelerate_config, extra=(), env=None, **train):
     out = tmp_path / name
     cfg = write_config(tmp_path / f"{name}.yaml", model, data, out, max_steps=TOTAL, logging_steps=1, **train)
@@ -183,6 +197,14 @@ def test_resume_continues_exactly(tmp_path, tiny_bert, tiny_data, stage, precisi
     assert json.loads((r_out / "metrics.json").read_text())["export_check"] == {
         "reloaded": False, "why": "output.verify_export is false"}
     assert "reloading it with plain transformers" not in resumed.stdout + resumed.stderr
+    # the training dynamics: the checkpoint's copy (steps 1-4) and the resumed steps are the straight run's
+    da, db = _dynamics(s_out, accumulation), _dynamics(r_out, accumulation)
+    assert np.array_equal(da[["row", "epoch", "step", "label"]], db[["row", "epoch", "step", "label"]])
+    if precision == "fp32":
+        assert np.array_equal(da, db)  # bitwise, as the losses
+    else:
+        assert np.allclose(da["margin"], db["margin"], atol=5e-2)
+    assert np.array_equal(np.sort(np.load(ckpt / "training_dynamics.npy"), order=["epoch", "row"]), da[da["step"] <= AT])
     wa, wb = load_file(s_out / "final/model.safetensors"), load_file(r_out / "final/model.safetensors")
     for key in wa:
         if precision == "fp32":
@@ -209,6 +231,8 @@ def test_kill_9_while_saving_keeps_the_previous_checkpoint(tmp_path, tiny_bert, 
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
              if "train/loss" in json.loads(line)]
     assert steps == list(range(1, TOTAL + 1)), steps
+    # so do the training dynamics: steps 3 and 4 were written before the kill, then again; each row is there once
+    _dynamics(out)
 
 
 @pytest.mark.slow
@@ -229,6 +253,7 @@ def test_sigterm_checkpoints_and_resume_continues_the_sequence(tmp_path, tiny_be
     a, b = losses_of(s_out), losses_of(out)
     assert sorted(b) == list(range(1, TOTAL + 1))  # steps 1-3 from the first part, 4-8 after the resume
     assert all(a[s] == b[s] for s in a), (a, b)
+    assert np.array_equal(_dynamics(s_out), _dynamics(out))  # the stopped and resumed run's rows, bit for bit
 
 
 @pytest.mark.slow

@@ -46,8 +46,8 @@ def test_label_word_class_weights_weigh_each_token_by_its_row(tiny_lm):
     batch = {"input_ids": ids, "labels": labels, "class_ids": torch.tensor([1, 0, 1])}
     with torch.no_grad():
         out = net(input_ids=ids, labels=labels)
-        same = losses.weighted_token_loss([1.0, 1.0])(out, batch)
-        weighted = losses.weighted_token_loss([1.0, 10.0])(out, batch)
+        same = losses.TokenLoss([1.0, 1.0])(out, batch)
+        weighted = losses.TokenLoss([1.0, 10.0])(out, batch)
     assert float(same) == pytest.approx(float(out.loss), rel=1e-5)
     logp = torch.log_softmax(out.logits.double(), -1)
     nll = {(r, t): -float(logp[r, t - 1, ids[r, t]]) for r in range(3) for t in range(7) if labels[r, t] >= 0}

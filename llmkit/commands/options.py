@@ -48,3 +48,5 @@ ZERO_SHOT = (opt("--prompt-template", help="zero-shot: the prompt, with {text} (
                  "names)"))
 TRUST = opt("--trust-remote-code", action="store_true", help="run the model folder's own Python code")
 RECIPES = ["classification", "causal_lm"]  # the recipes `validate` and `config` know by name
+LAUNCHER = (opt("--num-processes", type=int, help="processes in all (default: the Accelerate config's)"),
+            opt("--main-process-port", type=int, help="rank 0's port (default: the Accelerate config's)"))

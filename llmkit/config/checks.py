@@ -60,6 +60,7 @@ def _train(cfg) -> None:
     need(t.epochs > 0, "train.epochs", f"must be > 0, got {t.epochs}")
     need(t.max_steps is None or t.max_steps > 0, "train.max_steps", f"must be > 0 when set, got {t.max_steps}")
     need(t.per_device_batch_size >= 1, "train.per_device_batch_size", f"must be >= 1, got {t.per_device_batch_size}")
+    need(t.loss_chunk >= 0, "train.loss_chunk", f"must be >= 0 (0: the full logits), got {t.loss_chunk}")
     need(t.eval_batch_size >= 1, "train.eval_batch_size", f"must be >= 1, got {t.eval_batch_size}")
     need(t.gradient_accumulation_steps >= 1, "train.gradient_accumulation_steps",
          f"must be >= 1, got {t.gradient_accumulation_steps}")

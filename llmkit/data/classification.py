@@ -9,15 +9,16 @@ from datasets import Dataset
 
 from llmkit.config import DataConfig
 from llmkit.data.packing import by_length
-from llmkit.data.sources import load_labeled
+from llmkit.data.sources import ROW_ID_KEY, load_labeled
 
 
 @dataclass
 class ClassificationData:
-    train: Dataset  # tokenized: input_ids, attention_mask, (token_type_ids), labels
+    train: Dataset  # tokenized: input_ids, attention_mask, (token_type_ids), labels, row_ids (each row's identity)
     validation: Dataset  # tokenized, sorted by length, with "row" = index into rows["validation"]
     test: Dataset | None
-    rows: dict[str, Dataset]  # validation / test: cleaned text + label ids, for prediction files
+    rows: dict[str, Dataset]  # cleaned text + label ids: validation / test for prediction files, train (with row
+    # ids) for the texts of the data map's suspects
     label_names: list[str]
     train_lengths: list[int]
 
@@ -34,7 +35,7 @@ def prepare(cfg: DataConfig, tokenizer, seed: int, log=print) -> ClassificationD
 
     tokenized = {}
     for role, ds in labeled.rows.items():
-        drop = [c for c in ds.column_names if c != "labels"]
+        drop = [c for c in ds.column_names if c not in ("labels", ROW_ID_KEY)]
         tok = ds.map(tokenize, batched=True, batch_size=1000, remove_columns=drop, desc=f"tokenizing {role}")
         if role != "train":
             # evaluation in length order wastes little padding; "row" maps predictions back to texts
@@ -49,7 +50,7 @@ def prepare(cfg: DataConfig, tokenizer, seed: int, log=print) -> ClassificationD
         train=tokenized["train"].remove_columns("length"),
         validation=tokenized["validation"].remove_columns("length"),
         test=tokenized["test"].remove_columns("length") if "test" in tokenized else None,
-        rows={role: rows for role, rows in labeled.rows.items() if role != "train"},
+        rows=labeled.rows,
         label_names=labeled.label_names,
         train_lengths=list(lengths),
     )

@@ -19,7 +19,7 @@ from llmkit.errors import LlmkitError
 
 CLASS_KEY = "class_ids"  # label-word rows: each row's class, read by the class-weighted loss, never by the model
 ROWS_KEY = "rows"  # a flattened batch's row count, for the meter, never for the model
-NOT_MODEL_INPUTS = (CLASS_KEY, ROWS_KEY)
+NOT_MODEL_INPUTS = (CLASS_KEY, ROWS_KEY, sources.ROW_ID_KEY)
 
 
 def render_prompt(template: str, text: str, text_pair: str | None = None) -> str:
@@ -77,7 +77,7 @@ class LMData:
     packing: PackStats | None
     train_lengths: np.ndarray | None = None  # rows' token counts, from a column (None for packed blocks: all equal)
     test: Dataset | None = None  # "labels" only: candidates of the test split
-    rows: dict[str, Dataset] | None = None  # "labels" only: validation / test rows (text + label ids)
+    rows: dict[str, Dataset] | None = None  # "labels" only: train / validation / test rows (text + label ids)
     label_names: list[str] | None = None
     label_words: list[str] | None = None
     format: str = "labels"  # the rows' format (formats.choose), "labels" for label words, or "mixture"
@@ -114,7 +114,9 @@ def _prepare_labels(cfg, tokenizer, seed: int, log) -> LMData:
     def train_row(row):
         out = fit_prompt(tokenizer, cfg.prompt_template, row[cfg.text_column], words[row["labels"]], cfg.max_length,
                          row[pair] if pair else None)
-        return {**out, CLASS_KEY: row["labels"], "length": len(out["input_ids"])}  # class: for train.class_weights
+        # class: for train.class_weights; the row's id: for the training dynamics
+        return {**out, CLASS_KEY: row["labels"], sources.ROW_ID_KEY: row[sources.ROW_ID_KEY],
+                "length": len(out["input_ids"])}
 
     def eval_row(row, index):
         out = label_candidates(tokenizer, cfg, words, row[cfg.text_column], row[pair] if pair else None)
@@ -134,7 +136,7 @@ def _prepare_labels(cfg, tokenizer, seed: int, log) -> LMData:
             scored[role] = by_length(ds).remove_columns("length")
     return LMData(train=train, validation=scored["validation"], mode="labels", packing=None,
                   train_lengths=column(train, "length"), test=scored.get("test"),
-                  rows={role: rows[role] for role in scored}, label_names=names, label_words=words)
+                  rows={role: rows[role] for role in ("train", *scored)}, label_names=names, label_words=words)
 
 
 @dataclass
@@ -325,8 +327,9 @@ class LMCollator:
 
         batch = {"input_ids": padded("input_ids", self.pad_id), "attention_mask": padded("attention_mask", 0),
                  "labels": padded("labels", IGNORE)}
-        if CLASS_KEY in rows[0]:
-            batch[CLASS_KEY] = torch.tensor([r[CLASS_KEY] for r in rows], dtype=torch.long)
+        for key in (CLASS_KEY, sources.ROW_ID_KEY):  # label-word rows: their class and identity
+            if key in rows[0]:
+                batch[key] = torch.tensor([r[key] for r in rows], dtype=torch.long)
         return batch
 
 

@@ -21,6 +21,10 @@ from llmkit.config import DataConfig
 from llmkit.data import files_problem
 from llmkit.errors import LlmkitError
 
+# a training row's identity: its row in the train split as read (before rows are dropped and shuffled), carried
+# through the collator to the training dynamics (llmkit.train.dynamics), never to the model
+ROW_ID_KEY = "row_ids"
+
 BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}
 
 
@@ -293,6 +297,8 @@ def load_labeled(cfg: DataConfig, seed: int, log=print, training: bool = True,
         ds = splits[role].remove_columns(cfg.label_column).add_column("labels", ids)
         limit = cfg.max_train_samples if role == "train" else cfg.max_eval_samples
         if role == "train":
+            if training:  # numbered before the shuffle: the id names the row in the file, whatever the order
+                ds = ds.add_column(ROW_ID_KEY, kept[role])
             ds = ds.shuffle(seed=seed)
         if limit is not None and limit < len(ds):
             ds = ds.select(range(limit))
@@ -346,7 +352,8 @@ def digest(ds: Dataset) -> str:
     import numpy as np
     import pyarrow as pa
 
-    hashes = {name: hashlib.sha256() for name in sorted(ds.column_names)}
+    # the row ids follow from the rows and the seed: left out, so digests from before them still match
+    hashes = {name: hashlib.sha256() for name in sorted(ds.column_names) if name != ROW_ID_KEY}
     for table in ds.with_format("arrow").iter(batch_size=100_000):
         for name, h in hashes.items():
             column = table.column(name).combine_chunks()

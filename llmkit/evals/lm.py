@@ -16,7 +16,7 @@ from llmkit.metrics import classification_metrics, perplexity
 def score_text(run, model, loader) -> dict[str, float]:
     """Token-level loss and perplexity over a split, exact across ranks (per-row sums gathered without duplicates)."""
     def score(batch: dict) -> dict:
-        logp, count = token_logprobs(model, {**batch, "targets": batch["labels"]})
+        logp, count = token_logprobs(model, {**batch, "targets": batch["labels"]}, run.cfg.train.loss_chunk)
         return {"logp": logp, "count": count}
 
     out = gather_split(run.accelerator, model, loader, score)
@@ -33,7 +33,7 @@ def score_labels(run, model, loader, num_labels: int) -> tuple[dict[str, float],
     Returns the metrics and, per row, the label-word log-likelihoods as "logits" (softmax = the probability
     among the label words), "labels" and "row", in the classifier's prediction-file format."""
     def score(batch: dict) -> dict:
-        logp, count = token_logprobs(model, batch)
+        logp, count = token_logprobs(model, batch, run.cfg.train.loss_chunk)
         scores, count = logp.view(-1, num_labels), count.view(-1, num_labels)
         gold = batch["labels"]
         picked = torch.arange(len(gold), device=gold.device)

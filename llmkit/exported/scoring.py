@@ -11,13 +11,19 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from llmkit import lm_head
 from llmkit.data import lm
 from llmkit.errors import LlmkitError
 
 
-def token_logprobs(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sequence sums of target-token log-likelihoods, and target-token counts (targets -100 are skipped)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+def token_logprobs(model, batch, chunk: int = lm_head.CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence sums of target-token log-likelihoods, and target-token counts (targets -100 are skipped).
+    Only the targets' positions projected onto the vocabulary, `chunk` at a time (train.loss_chunk, llmkit.lm_head),
+    where that gives this model's logits; `chunk` 0: the full logits."""
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if chunk and lm_head.inexact(model) is None:
+        return lm_head.target_logprobs(model, inputs, batch["targets"], chunk)
+    logits = model(**inputs).logits.float()
     targets = batch["targets"][:, 1:]
     token_loss = torch.nn.functional.cross_entropy(
         logits[:, :-1].reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100, reduction="none")
@@ -122,11 +128,13 @@ class LabelWordScorer:
                 targets = torch.tensor([found[j][1][c][1] + [lm.IGNORE] * (size - len(found[j][1][c][1]))
                                         for j in idx])
                 both = torch.cat([mask, (targets != lm.IGNORE) | (tail != self.pad)], 1).long()
+                # the label word's first token is predicted at the prompt's end, each next one by the token before:
+                # the word's last position predicts nothing scored, so its logits are not made
                 logits = self.model(input_ids=tail, attention_mask=both, use_cache=True, **{cache_arg: cache},
-                                    position_ids=mask.sum(1, keepdim=True) + torch.arange(size)).logits.float()
+                                    position_ids=mask.sum(1, keepdim=True) + torch.arange(size),
+                                    logits_to_keep=torch.arange(size - 1)).logits.float()
                 cache.crop(-size)  # back to the prompts alone for the next label word
-                # the label word's first token is predicted at the prompt's end, each next one by the token before
-                logp = torch.cat([first_logp[:, None], torch.log_softmax(logits[:, :-1], -1)], 1)
+                logp = torch.cat([first_logp[:, None], torch.log_softmax(logits, -1)], 1)
                 picked = logp.gather(-1, targets.clamp(min=0)[..., None])[..., 0]
                 out[idx, c] = (picked * (targets != lm.IGNORE)).sum(-1)
         return out

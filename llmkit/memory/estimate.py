@@ -134,20 +134,29 @@ class MemoryEstimate:
         return "\n".join(lines)
 
 
-def logits_bytes(tokens: int, vocab: int, precision: str) -> float:
-    """A causal LM's loss over the vocabulary for `tokens` tokens of one micro-batch: the logits in the compute
-    dtype, transformers' fp32 copy of them for the loss (mixed precision only), the fp32 log-softmax cross-entropy
-    keeps for backward and the fp32 gradient of the logits: tokens x vocab x (2 + 4 + 4 + 4) bytes in bf16/fp16,
-    x (4 + 4 + 4) in fp32."""
-    return float(tokens) * vocab * (14 if precision in ("bf16", "fp16") else 12)
+def logits_bytes(tokens: int, vocab: int, precision: str, chunk: int = 0) -> float:
+    """A causal LM's loss over the vocabulary for `tokens` tokens of one micro-batch. The full logits (`chunk` 0):
+    the logits in the compute dtype, transformers' fp32 copy of them for the loss (mixed precision only), the fp32
+    log-softmax cross-entropy keeps for backward and the fp32 gradient of the logits: tokens x vocab x
+    (2 + 4 + 4 + 4) bytes in bf16/fp16, x (4 + 4 + 4) in fp32. Chunked (llmkit.lm_head, `chunk` positions at a
+    time, recomputed in backward): one chunk's fp32 logits and the fp32 softmax (log-sum-exp's exponentials in
+    forward) made from them, the 16-bit logits gone once copied: min(tokens, chunk) x vocab x (4 + 4) bytes, in
+    any precision (measured with a dispatch mode that tracks live tensors: 8 bytes an element in fp32 and bf16)."""
+    return _chunk_bytes(tokens, vocab, chunk) if chunk else \
+        float(tokens) * vocab * (14 if precision in ("bf16", "fp16") else 12)
 
 
-def eval_logits_bytes(tokens: int, vocab: int, precision: str) -> float:
+def eval_logits_bytes(tokens: int, vocab: int, precision: str, chunk: int = 0) -> float:
     """An evaluation batch of `tokens` tokens scored over the vocabulary (llmkit.evals.lm): the logits in the
     compute dtype, their fp32 copy, the fp32 copy the shifted slice makes, and cross-entropy's fp32 log-softmax:
-    tokens x vocab x (2 + 4 + 4 + 4) bytes in bf16/fp16, x (4 + 4 + 4) in fp32. No gradient, but the model
-    states stay held, so it counts against the same peak as training."""
-    return float(tokens) * vocab * (14 if precision in ("bf16", "fp16") else 12)
+    tokens x vocab x (2 + 4 + 4 + 4) bytes in bf16/fp16, x (4 + 4 + 4) in fp32; chunked, the training loss's chunk
+    (logits_bytes). No gradient, but the model states stay held, so it counts against the same peak as training."""
+    return _chunk_bytes(tokens, vocab, chunk) if chunk else \
+        float(tokens) * vocab * (14 if precision in ("bf16", "fp16") else 12)
+
+
+def _chunk_bytes(tokens: int, vocab: int, chunk: int) -> float:
+    return float(min(tokens, chunk)) * vocab * (4 + 4)
 
 
 def width(precision: str) -> int:
@@ -163,9 +172,9 @@ SWITCHES = {"parameters": "ZeRO-3 (deepspeed.zero_stage 3 / a zero3 accelerate c
             "offloaded (CPU)": "more ranks (ZeRO shards what is offloaded), or LoRA",
             "activations": "model.gradient_checkpointing true, or a smaller train.per_device_batch_size or "
                            "data.max_length (with more train.gradient_accumulation_steps)",
-            "logits and loss": "a smaller train.per_device_batch_size or data.max_length (with more "
-                               "train.gradient_accumulation_steps)",
-            "evaluation batch": "a smaller train.eval_batch_size",
+            "logits and loss": "a smaller train.loss_chunk (not 0: the full logits), train.per_device_batch_size or "
+                               "data.max_length (with more train.gradient_accumulation_steps)",
+            "evaluation batch": "a smaller train.loss_chunk (not 0: the full logits) or train.eval_batch_size",
             "runtime": "fewer ranks per machine"}
 
 

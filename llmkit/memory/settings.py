@@ -23,7 +23,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from llmkit import activations
+from llmkit import activations, lm_head  # lm_head: which models take the chunked loss (train.loss_chunk)
 from llmkit.config import Config
 from llmkit.memory.estimate import MemoryEstimate, eval_logits_bytes, logits_bytes, width
 from llmkit.memory.states import bucket_bytes, estimate, gathered_bytes, load_bytes
@@ -55,6 +55,7 @@ class Settings:
     checkpointing: bool = False
     attention: str = "sdpa"
     runtime: float = 0.0  # the process's resident bytes before the model loads
+    chunk: int = 0  # positions projected onto the vocabulary at once (llmkit.lm_head); 0: the full logits
 
 
 def frozen_width(s: Settings) -> float:
@@ -78,9 +79,10 @@ def for_settings(s: Settings) -> MemoryEstimate:
                                             attention=s.attention)
     return for_run(None if s.zero is None else {"zero_optimization": s.zero}, sizes.params, s.devices,
                    s.precision, largest_param=sizes.largest_trainable, trainable=sizes.trainable,
-                   frozen_bytes=per_frozen, logits=logits_bytes(tokens, s.vocab, s.precision),
+                   frozen_bytes=per_frozen, logits=logits_bytes(tokens, s.vocab, s.precision, s.chunk),
                    runtime=s.runtime if s.device == "cpu" else 0.0,  # on a GPU the runtime is host memory
-                   activations=acts, evaluation=eval_logits_bytes(s.eval_rows * s.seq, s.vocab, s.precision),
+                   activations=acts, evaluation=eval_logits_bytes(s.eval_rows * s.seq, s.vocab, s.precision,
+                                                                  s.chunk),
                    file_width=s.file_width, zero_init=s.zero_init, largest=sizes.largest, host_runtime=s.runtime,
                    trained_width=4.0 if s.lora else s.load_width, copy_width=s.load_width, device=s.device)
 
@@ -166,4 +168,5 @@ def settings_of(cfg: Config, ds: dict | None, sizes: Sizes, precision: str, worl
                     t.per_device_batch_size if micro_batch else 0, d.max_length,
                     t.eval_batch_size * candidates if micro_batch else 0,
                     (getattr(config, "vocab_size", 0) or 0) if causal else 0, packed,
-                    cfg.model.gradient_checkpointing, cfg.model.attn_implementation or "sdpa", runtime)
+                    cfg.model.gradient_checkpointing, cfg.model.attn_implementation or "sdpa", runtime,
+                    t.loss_chunk if causal and lm_head.logit_change(config) is None else 0)

@@ -1,6 +1,6 @@
 """The numbers of the evaluation report, computed from the files a run leaves: predictions_<split>.jsonl (text,
-gold, predicted label, class probabilities), metrics.json, metrics.jsonl (logged scalars), training_config.yaml
-and run_info.json."""
+gold, predicted label, class probabilities), metrics.json, metrics.jsonl (logged scalars), training_config.yaml,
+run_info.json and data_map.json."""
 
 from __future__ import annotations
 
@@ -269,6 +269,10 @@ def run_report(run_dir: Path) -> dict:
     if torn:
         report["run"]["torn_last_line_skipped"] = torn
     report["explanations"] = layout.read_json(files.explanations) or None
+    # the training rows' data map (llmkit.evals.datamap); its points are drawn, not kept in report.json
+    mapped = layout.read_json(files.data_map)
+    report["_data_map_points"] = mapped.pop("points", None)
+    report["data_map"] = mapped or None
     # the quantized copies beside final/ and what each costs on the task (llmkit.ship.quantize)
     report["compression"] = [{"format": c["format"], "what": c["what"], "scored": c["scored"], **c["numbers"]}
                              for c in compression.copies(files.final.root)]

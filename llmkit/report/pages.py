@@ -9,7 +9,7 @@ from pathlib import Path
 
 from llmkit.errors import LlmkitError
 from llmkit.metrics import metric_label, shown
-from llmkit.report import explained, runs
+from llmkit.report import cartography, explained, runs
 from llmkit.report.numbers import run_report
 from llmkit.report.plots import draw
 from llmkit.report.undefined import defined, interval, says
@@ -174,6 +174,8 @@ def _markdown(doc: dict) -> str:
                   for m in s["confident_mistakes"]]
         if r.get("explanations"):
             lines += [""] + explained.md_section(r["explanations"], r["label_names"])
+        if r.get("data_map"):
+            lines += [""] + cartography.md_section(r["data_map"])
         if r.get("compression"):
             lines += ["", "### What compression costs", "", _compression_note(r), ""] + md_table(
                 COMPRESSION_HEADER, _compression_rows(r))[:-1]
@@ -273,6 +275,10 @@ def _html(doc: dict, plots: dict[str, str]) -> str:
             [[m["text"], m["label"], m["prediction"], m["probability"]] for m in s["confident_mistakes"]]))
         if r.get("explanations"):
             parts.append(explained.html_section(r["explanations"], r["label_names"]))
+        if r.get("data_map"):
+            name = f"datamap_{r['name']}"
+            parts.append(cartography.html_section(r["data_map"], _img(plots, name, f"training data map of {r['name']}")
+                                                  if name in plots else ""))
         parts.append(_html_run_facts(r))
     parts.append("</body></html>")
     return "\n".join(parts)
@@ -305,7 +311,7 @@ def build(run_dirs: list[str | Path], out_dir: str | Path | None = None, overwri
     out = Path(out_dir or run_dirs[0])
     plots = draw(reports)
     doc = {"kind": kinds[0], "comparison": _comparison(reports),
-           "runs": [{**r, "splits": {k: _public(v) for k, v in r["splits"].items()}} for r in reports]}
+           "runs": [{**_public(r), "splits": {k: _public(v) for k, v in r["splits"].items()}} for r in reports]}
     if own:  # the run's own report, beside its records
         _write(doc, plots, out)
     else:

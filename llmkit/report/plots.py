@@ -1,5 +1,5 @@
 """The report's plots as base64 PNGs (matplotlib, headless): confusion matrices, ROC and precision-recall curves,
-the reliability diagram, loss and learning rate."""
+the reliability diagram, loss and learning rate, the training data map."""
 
 from __future__ import annotations
 
@@ -43,6 +43,8 @@ def draw(runs: list[dict]) -> dict[str, str]:
         ax.set_ylabel("gold")
         ax.set_title(f"{r['name']}: confusion ({r['primary_split']})")
         plots[f"confusion_{r['name']}"] = _png(fig)
+        if r.get("data_map") and r.get("_data_map_points"):
+            plots[f"datamap_{r['name']}"] = _data_map(r["name"], r["data_map"], r["_data_map_points"])
 
     for kind, xlabel, ylabel in (("roc", "false positive rate", "true positive rate"), ("pr", "recall", "precision")):
         fig, ax = plt.subplots(figsize=(4.6, 4))
@@ -97,3 +99,42 @@ def _training(runs: list[dict], plots: dict[str, str], multi: bool) -> dict[str,
             ax.legend(fontsize=8)
     plots["training"] = _png(fig)
     return plots
+
+
+def _data_map(name: str, doc: dict, points: dict) -> str:
+    """Confidence against variability, coloured by correctness, with the regions (Swayamdipta et al. 2020); a run
+    of one epoch has no variability: the confidence of its rows, right and wrong, instead."""
+    import matplotlib.pyplot as plt
+
+    conf = np.array(points["confidence"], dtype=float)
+    var = np.array([np.nan if v is None else v for v in points["variability"]], dtype=float)
+    right = np.array(points["correctness"], dtype=float)
+    drawn = f"{points['drawn']} of {doc['rows']} rows" if points["drawn"] < doc["rows"] else f"{doc['rows']} rows"
+    fig, ax = plt.subplots(figsize=(6, 4.6))
+    seen = ~np.isnan(var)
+    cut = doc.get("ambiguous_from_variability")
+    if seen.any() and cut is not None:
+        dots = ax.scatter(var[seen], conf[seen], c=right[seen], cmap="viridis", vmin=0, vmax=1, s=7, alpha=0.6,
+                          linewidths=0)
+        fig.colorbar(dots, ax=ax, label="correctness (share of epochs right)")
+        ax.axvline(cut, ls=":", color="grey")
+        ax.plot([0, cut], [doc["easy_from_confidence"]] * 2, ":", color="grey")
+        top = max(float(np.nanmax(var)), cut) * 1.05 or 0.05
+        ax.set_xlim(0, top)
+        ax.set_ylim(0, 1)
+        for x, y, label in ((cut / 2, 0.97, "easy-to-learn"), (cut / 2, 0.03, "hard-to-learn"),
+                            ((cut + top) / 2, 0.5, "ambiguous")):
+            ax.text(x, y, label, ha="center", va="top" if y > 0.5 else "bottom", fontsize=9,
+                    bbox={"facecolor": "white", "alpha": 0.7, "linewidth": 0})
+        ax.set_xlabel("variability (std of the given label's probability across epochs)")
+        ax.set_ylabel("confidence (mean probability of the given label)")
+        ax.set_title(f"{name}: training data map ({drawn})")
+    else:
+        bins = np.linspace(0, 1, 21)
+        ax.hist([conf[right >= 0.5], conf[right < 0.5]], bins=bins, stacked=True, label=["right", "wrong"],
+                color=["#3b8bc2", "#d1495b"])
+        ax.set_xlabel("probability of the given label")
+        ax.set_ylabel("training rows")
+        ax.legend(fontsize=8)
+        ax.set_title(f"{name}: one epoch, variability not measured ({drawn})")
+    return _png(fig)

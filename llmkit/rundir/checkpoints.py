@@ -15,6 +15,7 @@ import json
 import random
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -165,10 +166,11 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
 
 
-def save(run, trainer_state: TrainerState, keep_last: int | None, keep_best: int, rank_state: dict | None = None
-         ) -> Path:
+def save(run, trainer_state: TrainerState, keep_last: int | None, keep_best: int, rank_state: dict | None = None,
+         add: Callable[[Path], None] | None = None) -> Path:
     """Write checkpoint step-<n> atomically (all ranks must call this) and prune old ones; `rank_state`: more of
-    this rank's own state (a stream's position), kept beside its RNG states."""
+    this rank's own state (a stream's position), kept beside its RNG states; `add(folder)`: rank 0 puts more of
+    the run's records into the checkpoint before its manifest (the training dynamics so far)."""
     acc = run.accelerator
     root = run.dir.checkpoints
     final = root / layout.checkpoint_name(trainer_state.step)
@@ -197,6 +199,8 @@ def save(run, trainer_state: TrainerState, keep_last: int | None, keep_best: int
                           "are intact. Free disk space, then continue with --checkpoint.resume_from latest.")
     if acc.is_main_process:
         (tmp / STATE).write_text(json.dumps(asdict(trainer_state), indent=1))
+        if add is not None:
+            add(tmp)
         manifest.write(tmp, step=trainer_state.step, fingerprint=run_fingerprint(run))
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)

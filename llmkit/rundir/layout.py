@@ -28,6 +28,7 @@ ADAPTER, MERGED = "adapter", "merged"  # in final/ of a LoRA run (also the subfo
 FINAL = "final"
 COMPARE = "compare.{kind}"  # `llmkit compare`'s pages
 QUANTIZED = "quantized.json"  # in each quantized copy's folder: what the copy costs on the task
+DYNAMICS = "training_dynamics.npy"  # each training row's scores per epoch (rundir.dynamics); a checkpoint has a copy
 
 
 @dataclass(frozen=True)
@@ -61,9 +62,9 @@ class RunDir:
     - the run's life (llmkit.rundir.life): the marker, the lock, .previous/ of an overwritten run;
     - the records written when training starts: the resolved config, run_info.json, the DeepSpeed config;
     - training: metrics.jsonl (scalars), samples.jsonl (causal LM completions), checkpoints/, the trackers'
-      folders, profile/, tokenizer/ (one trained from the data);
+      folders, profile/, tokenizer/ (one trained from the data), training_dynamics.npy (classifiers);
     - after training: predictions_<split>.jsonl, metrics.json, final/ (written as final.tmp, the old one kept
-      as final.old until the swap), explanations.json, report.{html,md,json};
+      as final.old until the swap), explanations.json, data_map.json, report.{html,md,json};
     - `llmkit push`: hub_upload/ (a dry run's folder), the list of dry runs, .hub-* staging folders."""
     root: Path
 
@@ -84,6 +85,8 @@ class RunDir:
     final_tmp = property(lambda self: self.root / f"{FINAL}.tmp")
     final_old = property(lambda self: self.root / f"{FINAL}.old")
     explanations = property(lambda self: self.root / "explanations.json")
+    dynamics = property(lambda self: self.root / DYNAMICS)
+    data_map = property(lambda self: self.root / "data_map.json")  # the data map's numbers and suspects' texts
     eval_marker = property(lambda self: self.root / ".llmkit-eval")  # `llmkit eval`'s output folder, not a run
     hub_upload = property(lambda self: self.root / "hub_upload")
     hub_snapshots = property(lambda self: self.root / ".hub-snapshots")  # every_save uploads' snapshots
@@ -115,7 +118,7 @@ class RunDir:
         named = [self.checkpoints, self.final.root, self.final_tmp, self.final_old, self.tensorboard, self.wandb,
                  self.profile, self.tokenizer, self.hub_upload, self.hub_snapshots, self.hub_staged, self.metrics,
                  self.scalars, self.samples, self.config, self.run_info, self.ds_config, self.explanations,
-                 *(self.report(kind) for kind in REPORT_KINDS)]
+                 self.dynamics, self.data_map, *(self.report(kind) for kind in REPORT_KINDS)]
         found = {p for p in named if p.exists() or p.is_symlink()}
         found.update(self.root.glob(PREDICTIONS.format(split="*")))
         found.update(self.root.glob(self.HUB_STAGING_PREFIX + "*"))

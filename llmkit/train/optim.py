@@ -15,7 +15,9 @@ def build_optimizer(cfg: Config, model) -> torch.optim.Optimizer:
     decay, no_decay = [], []
     for param in model.parameters():
         if param.requires_grad:
-            (no_decay if param.ndim < 2 else decay).append(param)
+            # a ZeRO-3 model loaded partitioned holds each weight as an empty 1-D tensor: its shape is ds_shape
+            # (without this every weight skipped its decay under ZeRO-3: check-numerics found it)
+            (no_decay if len(getattr(param, "ds_shape", param.shape)) < 2 else decay).append(param)
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     kernel = {"fused": {"fused": True}, "foreach": {"foreach": True}, "loop": {"foreach": False}}[t.adamw_impl]
     return torch.optim.AdamW(groups, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon,

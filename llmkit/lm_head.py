@@ -1,0 +1,202 @@
+"""A causal LM's output projection only where a token is scored, a chunk of positions at a time: the training loss
+and the evaluation's log-likelihoods without the `tokens x vocab` logits.
+
+The model runs with `logits_to_keep` at one position a row (its own logits where each row's first target is
+predicted: `out.logits` is [batch, 1, vocab], `out["logits_positions"]` says where) and hands back its last hidden
+state (after the final norm); the positions whose next token is a target (labels != IGNORE after the shift) are
+picked and projected with the output head's weight `chunk` positions at a time, each chunk's cross-entropy in fp32
+as transformers' loss computes it. Backward recomputes each chunk's logits instead of keeping them, so at most
+`chunk` x vocab logits are alive at once. Each target's loss and gradient are the ones the full logits give; only
+the order of the sums differs (rounding).
+
+Under ZeRO-3 the head's weight is gathered whole here once in forward and once in backward, on every rank alike,
+however many chunks a rank has (calling the head module per chunk would gather once per call, and ranks with
+different numbers of chunks would disagree on their collectives: measured, gloo aborts).
+
+Written here because no library does it where llmkit runs: Liger's fused linear cross-entropy needs a CUDA GPU;
+Cut Cross-Entropy's torch path projects every position at once under torch.compile and does not gather a ZeRO-3
+weight."""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+
+import torch
+import transformers.modeling_utils
+from accelerate.utils import extract_model_from_parallel
+from torch.nn import functional
+
+from llmkit.config.schema import TrainConfig
+from llmkit.data.packing import IGNORE
+
+CHUNK = TrainConfig().loss_chunk  # positions projected at once outside a run: train.loss_chunk's default
+# config keys of transformers' causal LMs that change the logits after the head (soft-capping, scaling): where one
+# is set, the head's projection of the last hidden state is not the model's logits, and the full path runs
+LOGIT_CHANGES = ("final_logit_softcapping", "logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier")
+
+
+def unwrapped(model):
+    """The transformers model inside DeepSpeed / DDP / torch.compile and peft wrappers (LoRA layers stay inside)."""
+    inner = extract_model_from_parallel(model)
+    return inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+
+
+def head_of(model) -> torch.nn.Linear:
+    """The model's output head (its output embeddings)."""
+    return unwrapped(model).get_output_embeddings()
+
+
+def logit_change(config) -> str | None:
+    """Why a model of this transformers config cannot take the chunked path, else None: its forward changes the
+    logits after the head, or this transformers cannot keep one position's logits per row."""
+    if not hasattr(transformers.modeling_utils, "slice_logits_to_keep"):
+        return f"transformers {transformers.__version__} keeps no logits per row (logits_to_keep positions)"
+    for c in (config, config.get_text_config()) if hasattr(config, "get_text_config") else (config,):
+        for key in LOGIT_CHANGES:
+            if getattr(c, key, None) not in (None, 1, 1.0):
+                return f"{c.model_type} changes its logits after the head ({key})"
+    return None
+
+
+def inexact(model) -> str | None:
+    """Why the chunked path would not give this model's loss, else None: logit_change of its config, or its head
+    is not a plain linear layer (a LoRA-adapted or quantized head: its own forward is needed)."""
+    inner = unwrapped(model)
+    if (why := logit_change(inner.config)) is not None:
+        return why
+    if "logits_to_keep" not in inspect.signature(inner.forward).parameters:
+        return f"{type(inner).__name__}'s forward keeps no logits per position (logits_to_keep)"
+    head = inner.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear) or not head.weight.dtype.is_floating_point:
+        return f"its output head is a {type(head).__name__}, not a plain linear layer"
+    return None
+
+
+def forward_hidden(model, inputs: dict, targets: torch.Tensor):
+    """The model's forward (through its wrappers: DeepSpeed and DDP see it) with its logits kept at each row's
+    first scored position only (`targets[b, i]` is predicted at position i), and its last hidden state, after the
+    final norm: (outputs, hidden [batch, seq, hidden])."""
+    inputs = {k: v for k, v in inputs.items() if k != "labels"}
+    first = (targets != IGNORE).int().argmax(1)[:, None]  # a row without a target keeps position 0
+    out = model(**inputs, logits_to_keep=first, output_hidden_states=-1)  # -1: only the last one is kept
+    out["logits_positions"] = first
+    return out, out.hidden_states[-1]
+
+
+def _gathered(*params):
+    """ZeRO-3: the partitioned ones of `params` gathered whole for the block (one all-gather), else nothing."""
+    parts = [p for p in params if p is not None and hasattr(p, "ds_id") and p.ds_status.name != "AVAILABLE"]
+    if not parts:
+        return contextlib.nullcontext()
+    import deepspeed  # only a ZeRO-3 parameter gets here: DeepSpeed is loaded already
+
+    return deepspeed.zero.GatheredParameters(parts)
+
+
+def _logits(hidden, weight, bias) -> torch.Tensor:
+    return functional.linear(hidden, weight, bias).float()  # fp32 for the loss, as transformers' ForCausalLMLoss
+
+
+class _ChunkedNLL(torch.autograd.Function):
+    """nll[i] = cross-entropy of `hidden[i] @ weight.T + bias` against `targets[i]`, `chunk` rows at a time; backward
+    recomputes each chunk's logits (softmax - one-hot is the gradient of the logits, as autograd's).
+
+    `own` (the model's own logits where it kept them, or None) gets a zero gradient: it ties the head module's
+    backward after this one, so the head's gradient is accumulated where its module's hooks have the weight whole
+    (ZeRO-3 gathers it for the head's backward; autograd needs the whole shape to accumulate into)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk: int, own):
+        parts = []
+        for lo in range(0, len(targets), chunk):
+            logits = _logits(hidden[lo:lo + chunk], weight, bias)
+            t = targets[lo:lo + chunk]
+            parts.append(torch.logsumexp(logits, -1) - logits.gather(1, t[:, None])[:, 0])
+            del logits
+        ctx.save_for_backward(hidden, weight, bias, targets)
+        ctx.chunk, ctx.own = chunk, None if own is None else (own.shape, own.dtype, own.device)
+        return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
+
+    @staticmethod
+    def backward(ctx, grad):
+        hidden, weight, bias, targets = ctx.saved_tensors
+        chunk = ctx.chunk
+        grad_hidden = torch.empty_like(hidden)
+        with _gathered(weight, bias):  # every rank gathers once here too, whatever its number of chunks
+            grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+            grad_bias = None if bias is None else torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
+            for lo in range(0, len(targets), chunk):
+                h, t = hidden[lo:lo + chunk], targets[lo:lo + chunk]
+                probs = _logits(h, weight, bias).softmax(-1)
+                probs[torch.arange(len(t), device=t.device), t] -= 1
+                g = probs.mul_(grad[lo:lo + chunk, None]).to(h.dtype)  # d loss / d logits, in the compute dtype
+                del probs
+                grad_hidden[lo:lo + chunk] = g @ weight.to(h.dtype)
+                grad_weight += (g.t() @ h).float()  # each chunk's part summed in fp32
+                if grad_bias is not None:
+                    grad_bias += g.sum(0).float()
+                del g  # before the next chunk's logits: one chunk alive at a time
+        own = None if ctx.own is None else torch.zeros(ctx.own[0], dtype=ctx.own[1], device=ctx.own[2])
+        return (grad_hidden, grad_weight.to(weight.dtype),
+                None if grad_bias is None else grad_bias.to(bias.dtype), None, None, own)
+
+
+def scored_nll(model, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = CHUNK,
+               own: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token negative log-likelihood of every target (`targets[b, i]` is predicted by `hidden[b, i]`, IGNORE
+    skipped) through the model's output head, `chunk` positions projected at a time: (nll of the targets in
+    row-major order, the targets' mask). Under autocast the projection runs in its dtype, as the head's would.
+    `own`: the logits the model's forward made (training: see _ChunkedNLL)."""
+    head = head_of(model)
+    weight, bias = head.weight, head.bias
+    mask = targets != IGNORE
+    picked, wanted, device = hidden[mask], targets[mask], hidden.device.type
+    # gathered around the call, so autograd records the weight's whole shape (its gradient's), as a module's hooks do
+    with _gathered(weight, bias):
+        if torch.is_autocast_enabled(device):  # what autocast does to the head's linear, done outside
+            dtype = torch.get_autocast_dtype(device)
+            picked, weight, bias = picked.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
+        with torch.autocast(device, enabled=False):
+            return _ChunkedNLL.apply(picked, weight, bias, wanted, chunk, own), mask
+
+
+def causal_lm_loss(model, batch: dict, class_ids: torch.Tensor | None = None, weights: torch.Tensor | None = None,
+                   chunk: int = CHUNK):
+    """The model's outputs with `.loss` the next-token loss on the batch's labels, as transformers computes it (the
+    mean over target tokens), or with `weights` (per class) and `class_ids` (per row) each row's tokens weighted by
+    its class (sum of w * nll over sum of w): without the full logits."""
+    targets = batch["labels"][:, 1:]
+    out, hidden = forward_hidden(model, batch, targets)
+    nll, mask = scored_nll(model, hidden[:, :-1], targets, chunk, out.logits)
+    if weights is None:
+        loss = nll.sum() / mask.sum()
+    else:
+        w = weights.to(nll.device)[class_ids][:, None].expand_as(targets)[mask]
+        loss = (nll * w).sum() / w.sum()
+    out["loss"] = loss
+    return out
+
+
+@torch.no_grad()
+def head_mismatch(model, out) -> float:
+    """How far the head's projection of the last hidden state is from the model's own logits where it kept them,
+    relative to their scale: 0 up to rounding where the chunked path gives the model's loss."""
+    head, hidden = head_of(model), out.hidden_states[-1]
+    kept = torch.take_along_dim(hidden, out["logits_positions"][..., None], 1)[:, 0]
+    with _gathered(head.weight, head.bias):
+        mine = functional.linear(kept, head.weight, head.bias).float()
+    theirs = out.logits[:, 0].float()
+    return float((mine - theirs).abs().max() / theirs.abs().max().clamp(min=1e-6))
+
+
+@torch.no_grad()
+def target_logprobs(model, inputs: dict, targets: torch.Tensor, chunk: int = CHUNK) -> tuple[torch.Tensor,
+                                                                                           torch.Tensor]:
+    """Per-sequence sums of the log-likelihoods of the targets (aligned with the input ids, as labels are: each
+    predicted by the position before it; IGNORE skipped), and the target counts, without the full logits."""
+    _, hidden = forward_hidden(model, inputs, targets[:, 1:])
+    nll, mask = scored_nll(model, hidden[:, :-1], targets[:, 1:], chunk)
+    logp = torch.zeros(mask.shape, dtype=nll.dtype, device=nll.device)
+    logp[mask] = -nll
+    return logp.sum(1), mask.sum(1).float()
