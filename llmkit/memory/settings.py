@@ -157,7 +157,7 @@ def settings_of(cfg: Config, ds: dict | None, sizes: Sizes, precision: str, worl
     packed = causal and (d.packing or (not d.prompt_template and d.format in ("auto", "text")
                                        and not (d.prompt_column or d.messages_column)))
     candidates = 1
-    if d.prompt_template:  # label words score every label's candidate row (at least 2 labels)
+    if causal and d.prompt_template:  # label words score every label's candidate row (at least 2 labels)
         labels = d.label_words or d.label_names
         candidates = len(labels) if labels else 2
     shape = activations.shape_of(config)
