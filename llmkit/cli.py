@@ -55,6 +55,8 @@ COMMANDS = [
             "default: its config default): a causal LM scores them over the vocabulary"),
         opt("--padded", action="store_true", help="causal-lm: prompt/response rows padded with a mask (default: text "
             "packed into blocks)"),
+        opt("--loss-chunk", type=int, help="causal-lm: scored positions per chunk of the loss (train.loss_chunk, "
+            "default 1024; 0: the full logits)"),
         opt("--gradient-checkpointing", action="store_true", help="activations as under model.gradient_checkpointing: "
             "each layer's input and one layer recomputed"))),
     Command("generate", "complete prompts with an exported causal LM (full, merged or adapter)", "generate_text:main", (

@@ -23,6 +23,7 @@ WALK = [
     ("ZeRO-2", ["--zero-stage", "2"], {}, "zero2", False, GPU),
     ("ZeRO-2, CPU", ["--zero-stage", "2", "--device", "cpu"], {}, "zero2", False, CPU),
     ("ZeRO-3", ["--zero-stage", "3"], {}, "zero3", True, GPU),
+    ("ZeRO-2, full logits", ["--zero-stage", "2", "--loss-chunk", "0"], {"train.loss_chunk": 0}, "zero2", False, GPU),
     ("ZeRO-2, optimizer offload", ["--zero-stage", "2", "--offload", "optimizer"], {}, "zero2_offload", False, GPU),
     ("ZeRO-3, both offloaded", ["--zero-stage", "3", "--offload", "both"], {}, "zero3_offload", True, GPU),
     ("ZeRO-3, both offloaded, CPU", ["--zero-stage", "3", "--offload", "both", "--device", "cpu"], {},

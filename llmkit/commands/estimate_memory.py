@@ -45,6 +45,8 @@ def overrides(args) -> list[str]:
         keys.update({"train.per_device_batch_size": args.batch_size, "data.max_length": args.seq_len})
     if args.eval_batch_size:
         keys["train.eval_batch_size"] = args.eval_batch_size
+    if args.loss_chunk is not None:  # the run's train.loss_chunk: how much of the logits the loss holds
+        keys["train.loss_chunk"] = args.loss_chunk
     if args.padded:  # prompt/response rows: padded to the longest, with a mask (text is packed into blocks)
         keys["data.format"] = "prompt_response"
     return [part for key, value in keys.items()
