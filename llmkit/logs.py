@@ -54,6 +54,11 @@ def cpu_only() -> bool:
 
 def for_run() -> None:
     """Set once in each process of a run, before DeepSpeed is imported (the Accelerator imports it)."""
+    # DeepSpeed logs through one logger, so a filter on it sees every record; set anew for this rank (and none when
+    # verbose): an earlier run in the same interpreter may have left one
+    deepspeed = logging.getLogger("DeepSpeed")
+    for old in [f for f in deepspeed.filters if isinstance(f, Once)]:
+        deepspeed.removeFilter(old)
     if verbose():
         return
     main = main_rank()
@@ -64,10 +69,7 @@ def for_run() -> None:
             warnings.simplefilter("once", append=True)
         else:
             warnings.simplefilter("ignore")
-    # DeepSpeed logs through one logger, so a filter on it sees every record
-    deepspeed = logging.getLogger("DeepSpeed")
-    if not any(isinstance(f, Once) for f in deepspeed.filters):
-        deepspeed.addFilter(Once(main))
+    deepspeed.addFilter(Once(main))
     import datasets
     import transformers
 
