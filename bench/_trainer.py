@@ -19,7 +19,7 @@ from transformers import (
 )
 
 from llmkit import model
-from llmkit.precision import resolve_precision
+from llmkit.launch.precision import resolve_precision
 
 
 def main() -> None:

@@ -106,7 +106,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     tokenizer, minilm, data = _inputs(args.dry)
     model = _model_config(out / "model", LLAMA_TINY if args.dry else LLAMA_1B, tokenizer)
-    from llmkit.precision import resolve_precision
+    from llmkit.launch.precision import resolve_precision
 
     half = "bf16" if gpu else resolve_precision("auto")[0]  # a CPU without native bf16 runs the dry path in fp32
     runs = [(f"llama_{half}_sdpa", half, ["--model.attn_implementation", "sdpa"]),

@@ -47,8 +47,9 @@ def _launch(script: list[str], ranks: int) -> list[str]:
 def _deepspeed_json(rows: int, out: Path) -> Path:
     """The DeepSpeed config llmkit resolves for this run (2 ranks, ZeRO-2), "auto" left only where Trainer
     fills in its own batch and optimizer values."""
-    from llmkit import model, parallel
-    from llmkit.precision import resolve_precision
+    from llmkit import model
+    from llmkit.launch import parallel
+    from llmkit.launch.precision import resolve_precision
 
     cfg = recipe("--data.max_train_samples", str(rows), "--deepspeed.config_file",
                  str(ROOT / "ds_configs" / "zero2.json"))

@@ -516,7 +516,8 @@ def _changed(before: dict, tmp: Path, assets: dict) -> list[str]:
 
 def run(case: Case, tmp: Path, assets: dict) -> Outcome:
     """Build the case's files in `tmp`, run `llmkit <args>` in this process, and report what happened."""
-    from llmkit import cli, parallel
+    from llmkit import cli
+    from llmkit.launch import parallel
 
     args = case.build(tmp, assets)
     before = {name: _snapshot(folder) for name, folder in {"tmp": tmp, **assets}.items()}

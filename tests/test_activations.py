@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModel, LlamaConfig, LlamaForCausalLM
 
-from llmkit import activations
-from llmkit.activations import Adapters
+from llmkit.memory import activations
+from llmkit.memory.activations import Adapters
 
 B, S = 2, 16
 LLAMA = dict(hidden_size=64, intermediate_size=160, num_attention_heads=4, num_key_value_heads=2, vocab_size=128,

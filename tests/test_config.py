@@ -9,9 +9,9 @@ import pytest
 import yaml
 from helpers import changed
 
-from llmkit import parallel, precision, preflight
 from llmkit.config import Config, DataConfig, load_config
 from llmkit.errors import LlmkitError
+from llmkit.launch import parallel, precision, preflight
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -15,7 +15,7 @@ from helpers import ROOT, build_tiny_lm, changed, write_config, write_lm_config
 
 from llmkit.config import Config, MixtureSource, load_config, schema
 from llmkit.errors import LlmkitError
-from llmkit.preflight import check_recipe_keys
+from llmkit.launch.preflight import check_recipe_keys
 
 RUNS = {"classification": "classification", "causal_lm": "causal_lm", "label_words": "causal_lm"}
 

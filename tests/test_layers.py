@@ -21,9 +21,8 @@ LAYERS = [
                 # the run folder's map (file names, record readers) is read by the export loaders below the
                 # launch layer too; the rest of llmkit.rundir (a run's life, checkpoints) is launch
                 "llmkit.rundir.layout"]),
-    ("build", ["llmkit.model", "llmkit.generate", "llmkit.data", "llmkit.lm_head"]),
-    ("launch", ["llmkit.precision", "llmkit.parallel", "llmkit.memory", "llmkit.activations", "llmkit.rundir", "llmkit.trackers",
-                "llmkit.preflight"]),
+    ("build", ["llmkit.model", "llmkit.data"]),
+    ("launch", ["llmkit.launch", "llmkit.memory", "llmkit.rundir"]),
     ("train", ["llmkit.train"]),
     ("the export's owner", ["llmkit.exported"]),
     ("evals and ship", ["llmkit.evals", "llmkit.ship"]),

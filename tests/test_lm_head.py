@@ -1,4 +1,4 @@
-"""The chunked causal-LM loss (llmkit.lm_head, issue 50): the same loss and gradients as transformers' own loss over
+"""The chunked causal-LM loss (llmkit.model.lm_head, issue 50): the same loss and gradients as transformers' own loss over
 the full logits, for every loss variant (a masked prompt, packed text, rows packed padding-free, label words, class
 weights), full or LoRA, tied or untied embeddings, with chunks that do and do not divide the targets; no tensor of
 tokens x vocab is made; evaluation scores the same; a model whose logits change after the head keeps the full
@@ -13,10 +13,10 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from llmkit import lm_head
 from llmkit.data.lm import CLASS_KEY, IGNORE, NOT_MODEL_INPUTS, FlatCollator
 from llmkit.errors import LlmkitError
 from llmkit.exported import scoring
+from llmkit.model import lm_head
 from llmkit.train import dynamics, losses
 
 VOCAB, HIDDEN = 96, 16  # unequal, so a tensor as wide as the vocabulary is told from one as wide as the hidden size

@@ -176,7 +176,7 @@ def test_estimate_memory_command(tiny_bert):
     trained = model_sizes(ModelConfig(name_or_path=str(tiny_bert)), lora=LoraConfig(enabled=True, r=4)).trainable
     assert lora.returncode == 0 and f"({trained / 1e6:,.2f}M trained, the rest frozen)" in lora.stdout, lora.stderr
     # with a micro-batch: its activations (the same formula the run logs), less under gradient checkpointing
-    from llmkit import activations
+    from llmkit.memory import activations
     from llmkit.model import read_config
 
     shape = activations.shape_of(read_config(ModelConfig(name_or_path=str(tiny_bert))))
@@ -236,13 +236,14 @@ def test_logits_and_runtime_terms_and_the_refusal_of_a_run_that_cannot_fit():
 
 
 def test_the_chunked_loss_holds_one_chunk_of_logits(tmp_path, tiny_lm):
-    """train.loss_chunk (1024 by default, llmkit.lm_head): the logits term and the evaluation batch's are one
+    """train.loss_chunk (1024 by default, llmkit.model.lm_head): the logits term and the evaluation batch's are one
     chunk's (its fp32 logits and their softmax), or the tokens' where they are fewer; the full logits
     where it is off or the model changes its logits after the head (soft-capping)."""
     from helpers import write_lm_config
 
-    from llmkit import lm_head, model
+    from llmkit import model
     from llmkit.config import load_config
+    from llmkit.model import lm_head
 
     assert memory.logits_bytes(4 * 256, 49_152, "bf16", chunk=512) == 512 * 49_152 * (4 + 4)
     assert memory.logits_bytes(100, 49_152, "fp32", chunk=1024) == 100 * 49_152 * (4 + 4)  # under a chunk
@@ -287,8 +288,8 @@ def test_validate_refuses_a_run_bigger_than_the_device(tmp_path, tiny_lm):
     from helpers import write_lm_config
 
     from llmkit.config import load_config
-    from llmkit.precision import Hardware
-    from llmkit.preflight import check
+    from llmkit.launch.precision import Hardware
+    from llmkit.launch.preflight import check
 
     cfg = load_config(write_lm_config(tmp_path / "c.yaml", tiny_lm, tmp_path / "out", lora=False))
     with pytest.raises(LlmkitError, match=r"needs at least .* GiB per device .*this host's memory shared by 1 "
@@ -354,9 +355,9 @@ def test_the_runtime_measured_again_after_set_up_moves_the_peak_and_the_load(tmp
     is refused then, before the model loads."""
     from helpers import write_lm_config
 
-    from llmkit import preflight
     from llmkit.config import load_config
-    from llmkit.precision import Hardware
+    from llmkit.launch import preflight
+    from llmkit.launch.precision import Hardware
 
     zero = {"zero_optimization": {"stage": 2, "reduce_bucket_size": 1}}
     cpu = memory.for_run(zero, 10**8, 2, "bf16", runtime=5e8, file_width=4, host_runtime=5e8)

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import pytest
 
-from llmkit import cli, memory, model, preflight
+from llmkit import cli, memory, model
 from llmkit.config import LoraConfig, ModelConfig, load_config
-from llmkit.precision import Hardware
+from llmkit.launch import preflight
+from llmkit.launch.precision import Hardware
 
 RUNTIME = 0.5 * 2**30  # the process's resident memory before the model loads: measured, so fixed here
 GPU = Hardware(gpus=2, gpu_name="A100", capability=(8, 0), memory_bytes=80 * 2**30)

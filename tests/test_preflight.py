@@ -1,4 +1,4 @@
-"""Preflight (llmkit.preflight): what it refuses and warns about before any process group starts."""
+"""Preflight (llmkit.launch.preflight): what it refuses and warns about before any process group starts."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from helpers import ROOT
 
 from llmkit.config import load_config
 from llmkit.errors import LlmkitError
-from llmkit.parallel import accelerate_env
-from llmkit.precision import Hardware, resolve_precision
-from llmkit.preflight import check_devices, check_loading, check_output_dir_is_safe, warnings
+from llmkit.launch.parallel import accelerate_env
+from llmkit.launch.precision import Hardware, resolve_precision
+from llmkit.launch.preflight import check_devices, check_loading, check_output_dir_is_safe, warnings
 
 
 def test_unsafe_output_dirs_and_remote_code_warning(tmp_path, monkeypatch):

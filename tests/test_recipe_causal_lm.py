@@ -91,7 +91,7 @@ def test_causal_lm_trains_exports_and_reloads(tmp_path, tiny_lm, stage, lora, pa
 
 
 def _validation_loss_is_the_full_logits_one(proc, cfg_path, packing: bool, exported, loss: float) -> None:
-    """The run trained and evaluated on the chunked loss (llmkit.lm_head, issue 50) on its 2 ranks; its validation
+    """The run trained and evaluated on the chunked loss (llmkit.model.lm_head, issue 50) on its 2 ranks; its validation
     loss is the one the exported model's full logits give here, in one process."""
     from transformers import AutoTokenizer
 

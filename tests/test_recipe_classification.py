@@ -99,7 +99,7 @@ def test_qlora_is_refused_on_cpu_with_the_reason(tmp_path, tiny_lm):
 
     from llmkit.config import load_config
     from llmkit.errors import LlmkitError
-    from llmkit.preflight import check
+    from llmkit.launch.preflight import check
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA: QLoRA runs (test_qlora_trains_on_a_4bit_base_and_exports)")

@@ -16,9 +16,10 @@ import pytest
 import yaml
 from helpers import LAUNCH_ENV, ROOT, check_ok, free_ports
 
-from llmkit import parallel, shipped
+from llmkit import shipped
 from llmkit.config import load_config
 from llmkit.errors import LlmkitError
+from llmkit.launch import parallel
 
 # the shipped Accelerate configs that run DeepSpeed from a JSON, and the JSON each names
 NAMED_JSON = {p.stem: yaml.safe_load(p.read_text())["deepspeed_config"]["deepspeed_config_file"]

@@ -10,9 +10,9 @@ import struct
 import pytest
 from helpers import changed, check_ok, launch, write_lm_config
 
-from llmkit import trackers
 from llmkit.config import Config
 from llmkit.errors import LlmkitError
+from llmkit.launch import trackers
 
 RUN_NAME, TAGS = "trk-run", ["sentiment", "tiny"]
 

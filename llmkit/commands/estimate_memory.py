@@ -9,9 +9,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from llmkit import finish, memory, model, parallel, shipped
+from llmkit import finish, memory, model, shipped
 from llmkit.config import load_config
 from llmkit.errors import LlmkitError
+from llmkit.launch import parallel
 from llmkit.train import loop
 
 # what a recipe imports before its preflight measures the runtime, imported here too, so the two measure alike

@@ -20,9 +20,9 @@ from llmkit.errors import LlmkitError
 from llmkit.evals.classification import write_predictions
 from llmkit.exported import loading, scoring
 from llmkit.exported.opened import CLASSIFIER, LABEL_WORDS, Opened, open_export, records_beside
+from llmkit.launch.precision import cpu_has_native_bf16
 from llmkit.metrics import averaging, classification_metrics, scores_line
 from llmkit.model import locate
-from llmkit.precision import cpu_has_native_bf16
 from llmkit.report import pages, runs
 from llmkit.rundir import outputs
 from llmkit.rundir.layout import RunDir, read_jsonl

@@ -8,10 +8,10 @@ import sys
 
 import torch
 
-from llmkit import generate
 from llmkit.errors import LlmkitError
 from llmkit.exported import loading
 from llmkit.exported.opened import open_export
+from llmkit.model import generate
 
 
 def main(args: argparse.Namespace) -> None:

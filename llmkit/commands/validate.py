@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import argparse
 
-from llmkit import parallel, preflight
 from llmkit.config import load_config
+from llmkit.launch import parallel, preflight
 
 
 def validate(config_path: str, overrides: list[str], accelerate_config: str | None, recipe: str | None = None,

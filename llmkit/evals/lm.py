@@ -7,10 +7,11 @@ import json
 import numpy as np
 import torch
 
-from llmkit import generate, trackers
 from llmkit.evals.gather import gather_split
 from llmkit.exported.scoring import token_logprobs
+from llmkit.launch import trackers
 from llmkit.metrics import classification_metrics, perplexity
+from llmkit.model import generate
 
 
 def score_text(run, model, loader) -> dict[str, float]:

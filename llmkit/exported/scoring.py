@@ -11,14 +11,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from llmkit import lm_head
 from llmkit.data import lm
 from llmkit.errors import LlmkitError
+from llmkit.model import lm_head
 
 
 def token_logprobs(model, batch, chunk: int = lm_head.CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sequence sums of target-token log-likelihoods, and target-token counts (targets -100 are skipped).
-    Only the targets' positions projected onto the vocabulary, `chunk` at a time (train.loss_chunk, llmkit.lm_head),
+    Only the targets' positions projected onto the vocabulary, `chunk` at a time (train.loss_chunk, model.lm_head),
     where that gives this model's logits; `chunk` 0: the full logits."""
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     if chunk and lm_head.inexact(model) is None:

@@ -1,5 +1,5 @@
 """One run's memory estimate, term by term: the model states (llmkit.memory.states), the activations of a training
-micro-batch (llmkit.activations), a causal LM's logits and loss over the vocabulary (`logits_bytes`), the evaluation
+micro-batch (memory.activations), a causal LM's logits and loss over the vocabulary (`logits_bytes`), the evaluation
 batch (`eval_logits_bytes`: no activations kept, but every label-word candidate scored at once), and the runtime
 (the process's resident memory before the model loads, measured; on a GPU it is host memory, not the device's).
 Training and evaluation never overlap, so the peak holds the larger of the two:
@@ -42,7 +42,7 @@ class MemoryEstimate:
     trainable: int | None = None  # parameters with gradients and optimizer states (None: all of them)
     logits_bytes: float = 0.0  # a causal LM's loss over the vocabulary for one training micro-batch
     runtime_bytes: float = 0.0  # the process before the model loads (CPU ranks: on the device, host memory)
-    activation_bytes: float = 0.0  # what autograd keeps of a training micro-batch (llmkit.activations)
+    activation_bytes: float = 0.0  # what autograd keeps of a training micro-batch (llmkit.memory.activations)
     eval_bytes: float = 0.0  # an evaluation batch's loss over the vocabulary (no activations kept)
     gathered_bytes: float = 0.0  # ZeRO-3's parameters gathered whole for compute (llmkit.memory.states)
     load_bytes: float = 0.0  # host memory while the model loads and DeepSpeed sets up (llmkit.memory.states)
@@ -138,7 +138,7 @@ def logits_bytes(tokens: int, vocab: int, precision: str, chunk: int = 0) -> flo
     """A causal LM's loss over the vocabulary for `tokens` tokens of one micro-batch. The full logits (`chunk` 0):
     the logits in the compute dtype, transformers' fp32 copy of them for the loss (mixed precision only), the fp32
     log-softmax cross-entropy keeps for backward and the fp32 gradient of the logits: tokens x vocab x
-    (2 + 4 + 4 + 4) bytes in bf16/fp16, x (4 + 4 + 4) in fp32. Chunked (llmkit.lm_head, `chunk` positions at a
+    (2 + 4 + 4 + 4) bytes in bf16/fp16, x (4 + 4 + 4) in fp32. Chunked (llmkit.model.lm_head, `chunk` positions at a
     time, recomputed in backward): one chunk's fp32 logits and the fp32 softmax (log-sum-exp's exponentials in
     forward) made from them, the 16-bit logits gone once copied: min(tokens, chunk) x vocab x (4 + 4) bytes, in
     any precision (measured with a dispatch mode that tracks live tensors: 8 bytes an element in fp32 and bf16)."""

@@ -23,11 +23,14 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from llmkit import activations, lm_head  # lm_head: which models take the chunked loss (train.loss_chunk)
 from llmkit.config import Config
+from llmkit.memory import activations
 from llmkit.memory.estimate import MemoryEstimate, eval_logits_bytes, logits_bytes, width
 from llmkit.memory.states import bucket_bytes, estimate, gathered_bytes, load_bytes
-from llmkit.model import Sizes
+from llmkit.model import (
+    Sizes,
+    lm_head,  # which models take the chunked loss (train.loss_chunk)
+)
 
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # packed nibbles + double-quantized absmax (bitsandbytes quantize_4bit)
 
@@ -55,7 +58,7 @@ class Settings:
     checkpointing: bool = False
     attention: str = "sdpa"
     runtime: float = 0.0  # the process's resident bytes before the model loads
-    chunk: int = 0  # positions projected onto the vocabulary at once (llmkit.lm_head); 0: the full logits
+    chunk: int = 0  # positions projected onto the vocabulary at once (llmkit.model.lm_head); 0: the full logits
 
 
 def frozen_width(s: Settings) -> float:

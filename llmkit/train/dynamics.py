@@ -53,7 +53,7 @@ def label_word_scores(first_tokens: list[int]) -> Score:
         labels = batch["labels"]
         start = (labels != IGNORE).int().argmax(1)  # each row's first trained token: its answer's first
         rows = torch.arange(len(start), device=labels.device)
-        # logits at t-1 predict token t; the chunked loss (llmkit.lm_head) kept the model's logits only there
+        # logits at t-1 predict token t; the chunked loss (llmkit.model.lm_head) kept the model's logits only there
         at = outputs.logits[:, 0] if "logits_positions" in outputs else outputs.logits[rows, start - 1]
         words = at[:, table.to(labels.device)]
         return scores(words, batch[lm.CLASS_KEY])

@@ -39,7 +39,7 @@ def fit(run: Run, model, optimizer, train_loader, eval_loader, eval_fn: EvalFn,
 
     `eval_fn` scores the validation split at every eval; `after_save(model, path)` runs on every rank after
     each checkpoint is in place; `loss_fn(outputs, batch)` replaces the model's own loss (class weights);
-    `forward(model, batch)` replaces the model call and its loss (a causal LM's chunked loss, llmkit.lm_head);
+    `forward(model, batch)` replaces the model call and its loss (a causal LM's chunked loss, llmkit.model.lm_head);
     `recorder` (llmkit.train.dynamics) keeps each training row's scores from the step's own forward."""
     acc, t, c = run.accelerator, run.cfg.train, run.cfg.checkpoint
 

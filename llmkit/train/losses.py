@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import torch
 
-from llmkit import lm_head
 from llmkit.data.lm import CLASS_KEY, IGNORE, NOT_MODEL_INPUTS
 from llmkit.data.sources import class_weights
 from llmkit.errors import LlmkitError
+from llmkit.model import lm_head
 
 
 def weighted_cross_entropy(weights: list[float]):
@@ -41,7 +41,7 @@ class TokenLoss:
 
 
 def causal_lm_step(run, net, loss_fn: TokenLoss | None) -> dict:
-    """The loop's `forward` and `loss_fn` for a causal LM: the chunked loss (llmkit.lm_head: no tokens x vocab
+    """The loop's `forward` and `loss_fn` for a causal LM: the chunked loss (llmkit.model.lm_head: no tokens x vocab
     logits), class-weighted like `loss_fn`, where train.loss_chunk is not 0 and it is exact for this model; else
     the model's own full logits and `loss_fn` (a log line says which)."""
     chunk = run.cfg.train.loss_chunk

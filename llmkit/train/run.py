@@ -21,12 +21,13 @@ from accelerate import Accelerator, DeepSpeedPlugin, InitProcessGroupKwargs
 from accelerate.utils import broadcast_object_list, set_seed
 from tqdm.auto import tqdm
 
-from llmkit import logs, model, parallel, preflight, trackers
+from llmkit import logs, model
 from llmkit.config import Config
 from llmkit.data import lm, sources
 from llmkit.data.streaming import Stream
 from llmkit.errors import LlmkitError
-from llmkit.precision import ACCELERATE_PRECISION
+from llmkit.launch import parallel, preflight, trackers
+from llmkit.launch.precision import ACCELERATE_PRECISION
 from llmkit.rundir import checkpoints, elastic, layout, life
 from llmkit.train.guards import StopSignal
 

@@ -14,7 +14,7 @@ from llmkit import shipped
 from llmkit.config import Config
 from llmkit.config.typed import flatten, read_yaml
 from llmkit.errors import LlmkitError
-from llmkit.precision import ACCELERATE_PRECISION
+from llmkit.launch.precision import ACCELERATE_PRECISION
 
 REDUCE_BUCKET_MIN = 25_000_000  # elements; the floor of DeepSpeed's reduce_bucket_size "auto"
 

@@ -11,12 +11,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from llmkit import compression, fresh, memory, model, parallel, trackers
+from llmkit import compression, fresh, memory, model
 from llmkit.config import Config, schema
 from llmkit.config.checks import check_hub_token
 from llmkit.data import lm, sources
 from llmkit.errors import LlmkitError
-from llmkit.precision import Hardware, hardware, resolve_precision
+from llmkit.launch import parallel, trackers
+from llmkit.launch.precision import Hardware, hardware, resolve_precision
 from llmkit.rundir import checkpoints, elastic, life
 
 GIB = 1024**3
