@@ -19,6 +19,7 @@ import torch
 
 from llmkit import assets
 from llmkit.evals import explain
+from llmkit.rundir.layout import RunDir
 
 OUT = Path(__file__).resolve().parents[1] / "bench" / "results"
 
@@ -49,7 +50,7 @@ def main() -> None:
                                      "prediction": names[probs.index(max(probs))], "probabilities": probs}) + "\n")
         for count in args.rows:
             began = time.perf_counter()
-            doc = explain.for_run(run, "test", count, seed=42)
+            doc = explain.for_run(RunDir(run), "test", count, seed=42)
             results.append({"rows": count, "seconds_in_process": doc["seconds"],
                             "seconds_with_process_start": round(time.perf_counter() - began, 2),
                             "worst_delta": max(max(r["delta"].values()) for r in doc["rows"]),

@@ -31,34 +31,7 @@ COMMANDS = [
             "launcher's traceback", "launcher:launch"),
     Command("assets", "install the offline model and data assets (idempotent)", "install_assets:main"),
     Command("estimate-memory", "per-device memory of a run at these settings: the estimate its preflight makes and "
-            "checks (ZeRO formulas, DeepSpeed's peak, activations)", "estimate_memory:main", (
-        opt("--model", required=True, help="Hub id, local dir or asset:<name> (only its config is read)"),
-        opt("--zero-stage", type=int, required=True, choices=[0, 1, 2, 3]),
-        opt("--num-gpus", type=int, default=1, help="data-parallel devices in all"),
-        opt("--device", choices=["gpu", "cpu"], default="gpu", help="what the ranks run on: the activations' kernels, "
-            "and on a CPU the runtime and offloaded states count in the same memory"),
-        opt("--no-deepspeed", action="store_true", help="plain data parallel (torch DDP), with --zero-stage 0"),
-        opt("--deepspeed-config", help="the run's DeepSpeed JSON (default: ds_configs/zero<stage>.json)"),
-        opt("--no-zero3-init", action="store_true", help="ZeRO-3 loads whole on every rank (zero3_init_flag false): "
-            "the host-at-load line"),
-        opt("--offload", choices=["none", "optimizer", "params", "both"], default="none"),
-        opt("--precision", choices=["bf16", "fp16", "fp32"], default="bf16"),
-        opt("--task", choices=["classification", "causal-lm"], default="classification"),
-        opt("--trust-remote-code", action="store_true"),
-        opt("--lora-r", type=int, default=0, help="LoRA adapters of this rank on every projection (peft's defaults "
-            "for the architecture): only they, and a classifier's head, are trained"),
-        opt("--qlora", action="store_true", help="with --lora-r: the frozen base in 4-bit NF4"),
-        opt("--batch-size", type=int, default=0, help="with --seq-len: rows per micro-batch on each device, to add "
-            "the activations, a causal LM's loss over the vocabulary and its evaluation batch"),
-        opt("--seq-len", type=int, default=0, help="with --batch-size: tokens per row (data.max_length)"),
-        opt("--eval-batch-size", type=int, default=0, help="rows per evaluation batch (train.eval_batch_size; "
-            "default: its config default): a causal LM scores them over the vocabulary"),
-        opt("--padded", action="store_true", help="causal-lm: prompt/response rows padded with a mask (default: text "
-            "packed into blocks)"),
-        opt("--loss-chunk", type=int, help="causal-lm: scored positions per chunk of the loss (train.loss_chunk, "
-            "default 1024; 0: the full logits)"),
-        opt("--gradient-checkpointing", action="store_true", help="activations as under model.gradient_checkpointing: "
-            "each layer's input and one layer recomputed"))),
+            "checks (ZeRO formulas, DeepSpeed's peak, activations)", "estimate_memory:main", shared.ESTIMATE_MEMORY),
     Command("generate", "complete prompts with an exported causal LM (full, merged or adapter)", "generate_text:main", (
         opt("model_dir", type=fresh.absolute, help="a run's final/ folder, a merged or full model folder, or a LoRA "
             "adapter"),
@@ -151,15 +124,22 @@ COMMANDS = [
     Command("check-numerics", "a few optimizer steps as configured (launcher, ranks, ZeRO, precision, accumulation) "
             "against the same steps in one fp32 process: loss, gradient norm, LR and every parameter within the "
             "precision's tolerances, or exit 1 naming the step and parameters", "check_numerics:main", (
-        opt("recipe", choices=shared.RECIPES),
-        opt("--config", required=True, help="the recipe config: a YAML file or a shipped config's name"),
-        opt("--accelerate-config", required=True, help="a file or a shipped name, e.g. cpu_zero2"),
+        *shared.configured_run("a file or a shipped name, e.g. cpu_zero2"),
         opt("--steps", type=int, default=4, help="optimizer steps to check (default 4)"),
         opt("--layers", type=int, help="check a copy truncated to the model's first N layers (default: the whole "
             "model, or as many layers as one fp32 process holds)"),
         opt("--output", type=fresh.absolute, default="outputs/check-numerics", help="the check's folder: its "
             "verdict.json, the checked model, the run and its record (default outputs/check-numerics)"),
         shared.OVERWRITE, *shared.LAUNCHER), overrides=True),
+    Command("audit", "which training labels are likely wrong: the run's config trained K times (K-fold "
+            "cross-validation), its out-of-sample probabilities ranked by cleanlab's confident learning; writes "
+            "suspects.jsonl for data.exclude_rows", "audit:main", (
+        *shared.configured_run("how each fold launches: a file or a shipped name"),
+        opt("--folds", type=int, default=5, help="K: each fold trains on the other K-1 folds' rows (default 5)"),
+        opt("--output", type=fresh.absolute, default="outputs/audit", help="the audit's folder; a stopped audit "
+            "run again with the same arguments goes on from its last fold (default outputs/audit)"),
+        opt("--overwrite", action="store_true", help="start an earlier audit in --output again from its first fold"),
+        *shared.LAUNCHER), overrides=True),
 ]
 
 

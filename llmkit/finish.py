@@ -53,7 +53,7 @@ def finish(run: Run, fitted: dict, eval_loaders: dict, task: Task, uploader=None
     # why it said that: the export, on rank 0 (a failure there reaches every rank)
     if task.label_names and cfg.output.explain_rows:
         split = "test" if "test" in eval_loaders else "validation"
-        run.main_first(lambda: explain.for_run(run.run_dir, split, cfg.output.explain_rows, cfg.train.seed,
+        run.main_first(lambda: explain.for_run(run.dir, split, cfg.output.explain_rows, cfg.train.seed,
                                                trust_remote_code=cfg.model.trust_remote_code, log=run.log,
                                                max_steps=cfg.output.explain_max_steps),
                        others=False)
@@ -66,7 +66,7 @@ def finish(run: Run, fitted: dict, eval_loaders: dict, task: Task, uploader=None
     # the data map of the training rows, from the dynamics fit recorded (rank 0)
     recorded = summary.get("training_dynamics", {}).get("scores")
     if task.label_names and "train" in task.rows and recorded:
-        run.main_first(lambda: datamap.write_for_run(run.run_dir, task.rows["train"], task.label_names,
+        run.main_first(lambda: datamap.write_for_run(run.dir, task.rows["train"], task.label_names,
                                                      cfg.data.text_column, cfg.data.text_pair_column, recorded,
                                                      log=run.log), others=False)
 

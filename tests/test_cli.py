@@ -69,9 +69,11 @@ def test_llmkit_launch_user_error_is_one_line_and_exit_2(tmp_path, tiny_bert, ti
     assert [line for line in proc.stderr.splitlines() if re.match(r"[WE]\d{4} ", line)] == [], proc.stderr[-3000:]
     if (tmp_path / "out").exists():  # a run stopped before its first step: the same folder is "new" again
         from llmkit.config import load_config
+        from llmkit.rundir.layout import RunDir
         from llmkit.rundir.life import intent
 
-        assert intent(load_config(cfg)) == "new"
+        loaded = load_config(cfg)
+        assert intent(loaded, RunDir.of(loaded.output.output_dir)) == "new"
 
 
 @pytest.mark.slow

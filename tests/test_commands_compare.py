@@ -147,7 +147,7 @@ def test_an_interval_that_excludes_0_is_not_a_verdict_on_its_own():
 
 
 def _scored(gold: list[int], predicted: list[int], names: list[str], sources: list[str]) -> dict:
-    """A model as compare's scoring leaves it (llmkit.commands.compare._score), without scoring anything: the
+    """A model as compare's scoring leaves it (llmkit.commands.compare.score), without scoring anything: the
     same rows serve as the compared and the calibration split."""
     k, gold, predicted = len(names), np.array(gold), np.array(predicted)
     probs = np.full((len(gold), k), 0.2 / (k - 1))
@@ -287,7 +287,7 @@ def test_compare_replaces_an_earlier_comparison_only_when_asked(tmp_path, tiny_b
     def fails(model, *args):
         raise LlmkitError(f"scoring {model} failed: boom")
 
-    monkeypatch.setattr(command, "_score", fails)
+    monkeypatch.setattr(command, "score", fails)
     with pytest.raises(LlmkitError, match="scoring .* failed: boom"):
         command.compare(models, str(tiny_data), "test", out, [], resamples=100, calibration_split="none",
                         overwrite=True)

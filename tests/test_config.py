@@ -12,6 +12,7 @@ from helpers import changed
 from llmkit.config import Config, DataConfig, load_config
 from llmkit.errors import LlmkitError
 from llmkit.launch import parallel, precision, preflight
+from llmkit.rundir.layout import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -247,7 +248,7 @@ def test_output_dir_of_another_run_is_refused(tmp_path):
     with pytest.raises(LlmkitError, match="holds files llmkit did not write"):
         preflight.check_output_dir(cfg)  # overwrite replaces an llmkit run only
     (tmp_path / "run" / ".llmkit-run").write_text("{}")
-    assert preflight.check_output_dir(cfg) == (tmp_path / "run", "overwrite")
+    assert preflight.check_output_dir(cfg) == (RunDir(tmp_path / "run"), "overwrite")
 
 
 def test_data_config_defaults_are_sane():

@@ -105,6 +105,30 @@ def test_empty_rows_are_dropped_with_a_count(tmp_path, tok):
         classification.prepare(DataConfig(data_files=empty, test_split=None), tok, seed=0)
 
 
+def test_exclude_rows_leaves_out_rows_by_their_id_in_every_form(tmp_path, tok):
+    """data.exclude_rows names rows by their place in the train split as read (bad rows dropped later do not shift
+    the ids), as a list, a .txt of ids or an audit's suspects.jsonl; the validation split is never touched."""
+    train = make_sentences(10, 1)
+    train.insert(3, {"text": "  ", "label": "pos"})  # row 3 is dropped as empty: row 4 keeps its id
+    files = _files(tmp_path, train, make_sentences(4, 2))
+    (tmp_path / "ids.txt").write_text("# reviewed\n0\n4  # wrong label\n\n7\n")
+    write_jsonl(tmp_path / "suspects.jsonl", [{"row": 0, "text": "x"}, {"row": 4}, {"row": 7}])
+    for setting in ([0, 4, 7], str(tmp_path / "ids.txt"), str(tmp_path / "suspects.jsonl")):
+        logs = []
+        out = classification.prepare(DataConfig(data_files=files, test_split=None, exclude_rows=setting), tok,
+                                     seed=0, log=logs.append)
+        ids = sorted(out.train[sources.ROW_ID_KEY])
+        assert ids == [1, 2, 5, 6, 8, 9, 10], setting
+        assert len(out.validation) == 4
+        assert any("excluded 3 rows of split 'train' listed in data.exclude_rows" in line for line in logs)
+    for setting, message in (([0, 11], "lists row 11, but split 'train' has 11 rows"),
+                             ([-1], r"data.exclude_rows\[0\]: -1 is not a row id"),
+                             (str(tmp_path / "none.txt"), "is not a file"),
+                             (str(tmp_path / "train.jsonl"), "line 1 is not a JSON object with a \"row\" id")):
+        with pytest.raises(LlmkitError, match=message):
+            classification.prepare(DataConfig(data_files=files, test_split=None, exclude_rows=setting), tok, seed=0)
+
+
 def test_cleaning():
     assert sources.clean("Great&nbsp;<b>film</b>  see https://x.y/z ！") == "Great film see !"
 

@@ -409,6 +409,7 @@ def test_a_two_source_mixture_draws_each_source_by_its_weight(tok, tmp_path):
 def test_the_model_card_lists_the_mixture_sources(tmp_path):
     import yaml
 
+    from llmkit.rundir.layout import RunDir
     from llmkit.ship import card
 
     mix = [{"source": "org/sft-a", "weight": 3.0, "weight_share": 0.75, "examples": 533, "drawn_share": 0.7507,
@@ -419,7 +420,7 @@ def test_the_model_card_lists_the_mixture_sources(tmp_path):
         "model": {"name_or_path": "org/base"}, "data": {"mixture": [{"dataset": "org/sft-a", "weight": 3},
                                                                     {"dataset": "/data/b", "weight": 1}]}}))
     (tmp_path / "metrics.json").write_text(json.dumps({"validation": {"loss": 1.0}, "data_mixture": mix}))
-    text = card.build(tmp_path, tmp_path, "causal_lm", "me/model")
+    text = card.build(RunDir(tmp_path), tmp_path, "causal_lm", "me/model")
     assert "on a mixture of 2 sources" in text
     assert "| org/sft-a | 3 (75.0%) | 533 of 533 (75.1%) | 9000 |" in text
     assert "| /data/b | 1 (25.0%) | 177 of 400 (24.9%) | 3000 |" in text

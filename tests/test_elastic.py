@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from llmkit.errors import LlmkitError
 from llmkit.rundir import checkpoints, elastic, manifest
+from llmkit.rundir.layout import RunDir
 
 TOTAL, AT = 8, 4  # 6 batches per rank per epoch: step 4 is in the middle of the first epoch
 
@@ -21,7 +22,7 @@ TOTAL, AT = 8, 4  # 6 batches per rank per epoch: step 4 is in the middle of the
 def test_the_batch_decision_of_a_resume(tmp_path):
     """The global batch is kept by the accumulation, refused with the choices, or changed only when asked."""
     ckpt = _saved_by(tmp_path / "a", world=2, accumulation=2)
-    saved = checkpoints.resolve(tmp_path, str(ckpt)).recorded  # as the preflight reads it
+    saved = checkpoints.resolve(RunDir(tmp_path), str(ckpt)).recorded  # as the preflight reads it
     assert elastic.decide(_cfg(accumulation=2), ckpt, saved, 2) is None  # as written
     cfg = _cfg(accumulation=2)
     plan = elastic.decide(cfg, ckpt, saved, 4)

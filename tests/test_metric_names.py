@@ -15,6 +15,7 @@ import pytest
 from llmkit.config import Config
 from llmkit.metrics import averaging, metric_label, scores_line, shown
 from llmkit.report import compared, pages
+from llmkit.rundir.layout import RunDir
 
 BINARY = ["fraud", "legit"]
 THREE = ["bird", "cat", "dog"]
@@ -138,7 +139,7 @@ def test_the_card_and_its_model_index_name_the_class(tmp_path):
     from llmkit.ship import card
 
     run = _run(tmp_path / "run", BINARY)
-    text = card.build(run, run / "final", "classification", "me/fraud")
+    text = card.build(RunDir(run), run / "final", "classification", "me/fraud")
     (tmp_path / "README.md").write_text(text)
     loaded = ModelCard.load(tmp_path / "README.md")
     got = {r.metric_name: r for r in loaded.data.eval_results}
@@ -154,7 +155,7 @@ def test_the_card_and_its_model_index_name_the_class(tmp_path):
     assert "| split | accuracy | F1 (positive: legit) | F1 (macro) | precision (positive: legit) | " \
            "recall (positive: legit) | rows |" in text
     three = _run(tmp_path / "three", THREE)
-    text = card.build(three, three / "final", "classification", "me/pets")
+    text = card.build(RunDir(three), three / "final", "classification", "me/pets")
     (tmp_path / "README.md").write_text(text)
     got = {r.metric_name: r for r in ModelCard.load(tmp_path / "README.md").data.eval_results}
     assert set(got) == {"accuracy", "F1 (macro)", "precision (macro)", "recall (macro)"}  # macro F1 once
@@ -204,7 +205,7 @@ def test_each_quantized_copy_says_what_was_run(tmp_path):
         _copy(run / "final", fmt, {"full": {"perplexity": 5.0, "bytes": 100, "parameters": 25},
                                    "copy": {"perplexity": 5.1, "bytes": 50}, "perplexity_change": 0.02})
     paths = pages.build([run])
-    text = card.build(run, run / "final", "classification", "me/fraud")
+    text = card.build(RunDir(run), run / "final", "classification", "me/fraud")
     for shown_in in (paths["md"].read_text(), paths["html"].read_text().replace("&#x27;", "'"), text):
         assert "runtime that serves" not in shown_in
         assert "onnx-int8: run by onnxruntime" in shown_in or "`onnx-int8/`" in shown_in

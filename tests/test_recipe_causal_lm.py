@@ -57,9 +57,10 @@ def test_causal_lm_trains_exports_and_reloads(tmp_path, tiny_lm, stage, lora, pa
         first = f"| {mix[0]['source']} | 2 | 66.7% | {mix[0]['examples']} | {mix[0]['available']} |"
         assert first in (out / "report.md").read_text()
         assert "Training data (mixture)" in (out / "report.html").read_text()
+        from llmkit.rundir.layout import RunDir
         from llmkit.ship import card
 
-        assert f"{mix[1]['examples']} of {mix[1]['available']}" in card.build(out, out / "final", "causal_lm", "me/x")
+        assert f"{mix[1]['examples']} of {mix[1]['available']}" in card.build(RunDir(out), out / "final", "causal_lm", "me/x")
         assert "mixture source" in proc.stdout + proc.stderr
     if packing:  # every processed token is a real one, and the log says how the rows went in
         assert metrics["train"]["padding_efficiency"] == 1.0

@@ -28,36 +28,40 @@ def _cfg(out: Path, *extra: str):
     return load_config(None, ["--data.dataset", "x", "--output.output_dir", str(out), *extra])
 
 
+def _intent(out: Path, *extra: str) -> str:
+    return life.intent(_cfg(out, *extra), RunDir.of(out))
+
+
 def test_intent_new_overwrite_resume_and_refusals(tmp_path):
-    assert life.intent(_cfg(tmp_path / "fresh")) == "new"
+    assert _intent(tmp_path / "fresh") == "new"
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "final").mkdir()
     (foreign / "thesis.tex").write_text("years of work")
     with pytest.raises(LlmkitError, match="holds files llmkit did not write \\(final, thesis.tex\\)"):
-        life.intent(_cfg(foreign, "--output.overwrite_output_dir", "true"))
+        _intent(foreign, "--output.overwrite_output_dir", "true")
     run = fake_run(tmp_path / "run")
     with pytest.raises(LlmkitError, match="already holds files from another run"):
-        life.intent(_cfg(run))
-    assert life.intent(_cfg(run, "--output.overwrite_output_dir", "true")) == "overwrite"
-    assert life.intent(_cfg(run, "--checkpoint.resume_from", "latest")) == "resume"
+        _intent(run)
+    assert _intent(run, "--output.overwrite_output_dir", "true") == "overwrite"
+    assert _intent(run, "--checkpoint.resume_from", "latest") == "resume"
 
 
 def test_overwrite_moves_exactly_the_earlier_runs_files_aside(tmp_path):
     run = fake_run(tmp_path / "run")
-    life.begin(run, "overwrite", log=lambda m: None)
+    life.begin(RunDir(run), "overwrite", log=lambda m: None)
     assert sorted(p.name for p in run.iterdir()) == sorted([RunDir(run).marker.name, RunDir(run).previous.name, "notes.txt"])
     moved = sorted(p.name for p in RunDir(run).previous.iterdir())
     assert moved == ["checkpoints", "final", "metrics.jsonl", "predictions_test.jsonl", "run_info.json",
                      "training_config.yaml"]
-    life.drop_previous(run)
+    life.drop_previous(RunDir(run))
     assert not RunDir(run).previous.exists() and (run / "notes.txt").read_text() == "mine"
 
 
 def test_a_resumed_run_drops_the_rows_it_logs_again(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "train/loss": 1.0}) + "\n"
                                                     for s in (2, 4, 4, 6)))
-    assert life.trim_metrics(tmp_path, 4) == 1
+    assert life.trim_metrics(RunDir(tmp_path), 4) == 1
     steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert steps == [2, 4, 4]
 
@@ -66,9 +70,10 @@ HOLD = """
 import sys, time
 from pathlib import Path
 from llmkit.errors import LlmkitError
+from llmkit.rundir.layout import RunDir
 from llmkit.rundir.life import Lock
 try:
-    Lock(Path(sys.argv[1]))
+    Lock(RunDir(Path(sys.argv[1])))
 except LlmkitError as exc:
     print("refused:", exc)
     sys.exit(2)
@@ -88,7 +93,7 @@ def test_one_run_at_a_time_and_a_stale_lock_is_taken_over(tmp_path):
         assert second.returncode == 2
         assert f"is in use by another run (pid {holder.pid} on {socket.gethostname()}" in second.stdout
         with pytest.raises(LlmkitError, match=f"pid {holder.pid}"):
-            life.check_free(out)  # what preflight asks, before any process group
+            life.check_free(RunDir(out))  # what preflight asks, before any process group
     finally:
         holder.kill()
         holder.wait()
@@ -211,7 +216,7 @@ def test_a_torn_last_line_is_skipped_and_counted_a_damaged_one_named(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 2, "train/loss": 1.0}\n{"step": 4, "train/loss": 0.9}\n{"step": 6, "train/lo')
     assert layout.read_jsonl(path) == ([{"step": 2, "train/loss": 1.0}, {"step": 4, "train/loss": 0.9}], 1)
-    assert life.trim_metrics(tmp_path, 2) == 2  # the step-4 row and the torn one
+    assert life.trim_metrics(RunDir(tmp_path), 2) == 2  # the step-4 row and the torn one
     assert layout.read_jsonl(path) == ([{"step": 2, "train/loss": 1.0}], 0)
     path.write_text('{"step": 2}\n{"ste\n{"step": 6}\n')
     with pytest.raises(LlmkitError, match="metrics.jsonl line 2 is not JSON"):

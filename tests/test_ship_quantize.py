@@ -13,6 +13,7 @@ import pytest
 
 from llmkit import compression
 from llmkit.errors import LlmkitError
+from llmkit.rundir.layout import RunDir
 from llmkit.ship import card, hub, quantize
 
 
@@ -54,7 +55,7 @@ def test_onnx_int8_copy_of_a_run_classifier(tiny_run, tmp_path):
     assert shown["format"] == "onnx-int8" and shown["agreement"] == made["agreement"]
     assert "### What compression costs" in (tiny_run / "report.md").read_text()
     assert "<h3>What compression costs</h3>" in (tiny_run / "report.html").read_text()
-    text = card.build(tiny_run, tiny_run / "final", "classification", "me/tiny")
+    text = card.build(RunDir(tiny_run), tiny_run / "final", "classification", "me/tiny")
     assert "## Quantized copies" in text and "- `onnx-int8/`: ONNX with int8 weights" in text
     staged = hub.stage(tiny_run, tmp_path / "upload", "me/tiny", reload=False, remember=False)  # what a push uploads
     names = {name for name, _ in staged["files"]}

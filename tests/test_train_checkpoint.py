@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from llmkit.errors import LlmkitError
 from llmkit.rundir import checkpoints, manifest
+from llmkit.rundir.layout import RunDir
 
 
 def _fake(root, step, files=None):
@@ -47,11 +48,11 @@ def test_latest_falls_back_past_incomplete_ones(tmp_path):
     _fake(root, 2)
     (root / "step-4").mkdir()  # no manifest: was being written
     (root / "latest").write_text("step-4\n")
-    assert checkpoints.resolve(tmp_path, "latest").path == root / "step-2"
+    assert checkpoints.resolve(RunDir(tmp_path), "latest").path == root / "step-2"
     with pytest.raises(LlmkitError, match="step-4 is incomplete"):
-        checkpoints.resolve(tmp_path, str(root / "step-4"))
+        checkpoints.resolve(RunDir(tmp_path), str(root / "step-4"))
     with pytest.raises(LlmkitError, match="holds no usable checkpoint"):
-        checkpoints.resolve(tmp_path / "elsewhere", "latest")
+        checkpoints.resolve(RunDir(tmp_path / "elsewhere"), "latest")
 
 
 def test_missing_file_is_reported(tmp_path):
@@ -102,7 +103,7 @@ def test_a_users_copy_a_torn_manifest_and_same_size_damage(tmp_path):
     (root / "latest").write_text("step-6\n")
     with pytest.raises(LlmkitError, match="step-6 is damaged: its manifest.json does not parse"):
         manifest.verify(root / "step-6")
-    assert checkpoints.resolve(tmp_path, "latest").path == root / "step-4"  # falls back past it
+    assert checkpoints.resolve(RunDir(tmp_path), "latest").path == root / "step-4"  # falls back past it
     # a small file changed in place, same size: the manifest's sha256 catches it before anything is loaded
     path = root / "step-4"
     (path / checkpoints.STATE).write_text('{"step": 4}')
@@ -268,7 +269,7 @@ def test_damaged_and_foreign_checkpoints_are_refused(tmp_path, tiny_bert, tiny_d
     with pytest.raises(LlmkitError, match=r"is damaged: .* has \d+ bytes, the manifest says \d+ \(truncated"):
         manifest.verify(bad)
     # `latest` points at the damaged one; resume falls back to the newest good one
-    assert checkpoints.resolve(out, "latest").path == good
+    assert checkpoints.resolve(RunDir(out), "latest").path == good
 
     other = tmp_path / "other_model"
     shutil.copytree(tiny_bert, other)

@@ -181,7 +181,7 @@ def _run_folder(root: Path, records: np.ndarray, train_rows: int = 4) -> Path:
     stored.append(root / layout.DYNAMICS, records)
     rows = Dataset.from_dict({"text": [f"train row {i} | bar" for i in range(train_rows)],
                               "labels": [0, 1, 0, 1][:train_rows], sources.ROW_ID_KEY: list(range(train_rows))})
-    assert datamap.write_for_run(root, rows.shuffle(seed=1), names, "text", None, "softmax of the logits",
+    assert datamap.write_for_run(RunDir(root), rows.shuffle(seed=1), names, "text", None, "softmax of the logits",
                                  log=lambda _: None)
     return root
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from llmkit import shipped
+from llmkit.commands import launcher
 from llmkit.config import load_config
 from llmkit.config.typed import read_yaml
 from llmkit.errors import USER_ERROR, LlmkitError
@@ -69,21 +70,16 @@ def _launch(args: argparse.Namespace, accelerate: Path, out: Path, model_dir: Pa
     forced = ["--train.max_steps", str(args.steps), "--train.logging_steps", "1", "--train.report_to", "none",
               "--output.output_dir", str(out / "run"), "--output.push_to_hub", "false",
               "--checkpoint.resume_from", "null", "--model.name_or_path", str(model_dir), "--lora.dropout", "0.0"]
-    cmd = [sys.executable, "-m", "llmkit.cli", "train", args.recipe, "--config", str(args.config),
-           "--accelerate-config", str(accelerate)]
-    if args.num_processes:
-        cmd += ["--num-processes", str(args.num_processes)]
-    if args.main_process_port:
-        cmd += ["--main-process-port", str(args.main_process_port)]
+    cmd = launcher.train_argv(args, accelerate)
     began = time.perf_counter()
     env = {**os.environ, "LLMKIT_NUMERICS": str(out / "record")}
     code = subprocess.run([*cmd, *QUIET, *args.overrides, *forced], env=env).returncode
     return code, time.perf_counter() - began
 
 
-def run_numbers(run_dir: Path, meta: dict) -> dict:
+def run_numbers(run: RunDir, meta: dict) -> dict:
     """The run's own numbers per step: the loss and gradient norm it logged, the LR and updates it recorded."""
-    rows, _ = read_jsonl(RunDir(run_dir).scalars)
+    rows, _ = read_jsonl(run.scalars)
     return {"loss": {r["step"]: r["train/loss"] for r in rows if "train/loss" in r},
             "grad_norm": {r["step"]: r["train/grad_norm"] for r in rows if "train/grad_norm" in r},
             "lr": meta["lr"], "update_norms": meta["update_norms"]}
@@ -174,7 +170,7 @@ def judge(out: Path, model: dict) -> dict:
     ref = reference.replay(run_cfg, record, run.read_metrics().get("train", {}).get("class_weights"))
     tol = numerics.tolerances(record.meta["precision"], record.meta["steps"], longest_sum(out / "model", record))
     sizes = {name: w.numel() for name, w in record.initial.items()}
-    steps = numerics.compare_steps(run_numbers(run.root, record.meta), ref, tol, sizes)
+    steps = numerics.compare_steps(run_numbers(run, record.meta), ref, tol, sizes)
     held = numerics.compare_weights(record.initial, record.final, ref, record.meta["trainable"], tol)
     result = numerics.verdict(steps, held, tol)
     ds_config = json.loads(run.ds_config.read_text()) if run.ds_config.is_file() else None

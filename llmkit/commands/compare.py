@@ -80,7 +80,7 @@ def _calibration_split(source: str, split: str, asked: str | None) -> tuple[str 
     return ("validation", None) if split != "validation" else (None, "the compared split is the validation split")
 
 
-def _score(model: str, out: Path, source: str, splits: list[str], eval_args: list[str], keep: list[str]) -> dict:
+def score(model: str, out: Path, source: str, splits: list[str], eval_args: list[str], keep: list[str]) -> dict:
     """`llmkit eval` of one model on `splits` into `out`, in a fresh process; per split the prediction rows."""
     proc = fresh.run_python(["-m", "llmkit.cli", "eval", model, "--data", source, "--split", *splits, "--output",
                              str(out), *eval_args, *(["--keep-columns", *keep] if keep else [])], cwd=out.parent)
@@ -246,7 +246,7 @@ def _score_all(models: list[str], out: Path, source: str, splits: list[str], eva
     for i, model in enumerate(models):
         print(f"compare: scoring {model} ({i + 1} of {len(models)})", file=sys.stderr, flush=True)
         extra = zero_shot if model.startswith("zero-shot:") and zero_shot else []
-        scored.append(_score(model.removeprefix("zero-shot:"), out / f"model-{i + 1}", source, splits,
+        scored.append(score(model.removeprefix("zero-shot:"), out / f"model-{i + 1}", source, splits,
                              eval_args + extra, slice_by))
         if scored[-1]["labels"] != scored[0]["labels"]:
             raise LlmkitError(f"the models classify into different labels: {models[0]} has {scored[0]['labels']}, "

@@ -88,6 +88,18 @@ def train(args: argparse.Namespace) -> None:
     launch([*argv, *args.overrides])
 
 
+def train_argv(args: argparse.Namespace, accelerate: Path) -> list[str]:
+    """The `llmkit train` command line (in a fresh interpreter) of the run a command starts as configured: its
+    recipe, config and Accelerate config, and the launcher options it was given (check-numerics, audit)."""
+    cmd = [sys.executable, "-m", "llmkit.cli", "train", args.recipe, "--config", str(args.config),
+           "--accelerate-config", str(accelerate)]
+    if args.num_processes:
+        cmd += ["--num-processes", str(args.num_processes)]
+    if args.main_process_port:
+        cmd += ["--main-process-port", str(args.main_process_port)]
+    return cmd
+
+
 HEADINGS = {
     "recipe": "recipes (llmkit train NAME)",
     "config": "recipe configs (--config NAME)",

@@ -48,5 +48,41 @@ ZERO_SHOT = (opt("--prompt-template", help="zero-shot: the prompt, with {text} (
                  "names)"))
 TRUST = opt("--trust-remote-code", action="store_true", help="run the model folder's own Python code")
 RECIPES = ["classification", "causal_lm"]  # the recipes `validate` and `config` know by name
+def configured_run(accelerate_help: str) -> tuple:
+    """The options of the commands that run a recipe config as it would train (check-numerics, audit)."""
+    return (opt("recipe", choices=RECIPES),
+            opt("--config", required=True, help="the recipe config: a YAML file or a shipped config's name"),
+            opt("--accelerate-config", required=True, help=accelerate_help))
+
+
 LAUNCHER = (opt("--num-processes", type=int, help="processes in all (default: the Accelerate config's)"),
             opt("--main-process-port", type=int, help="rank 0's port (default: the Accelerate config's)"))
+# `llmkit estimate-memory`: the settings a run's memory depends on
+ESTIMATE_MEMORY = (
+        opt("--model", required=True, help="Hub id, local dir or asset:<name> (only its config is read)"),
+        opt("--zero-stage", type=int, required=True, choices=[0, 1, 2, 3]),
+        opt("--num-gpus", type=int, default=1, help="data-parallel devices in all"),
+        opt("--device", choices=["gpu", "cpu"], default="gpu", help="what the ranks run on: the activations' kernels, "
+            "and on a CPU the runtime and offloaded states count in the same memory"),
+        opt("--no-deepspeed", action="store_true", help="plain data parallel (torch DDP), with --zero-stage 0"),
+        opt("--deepspeed-config", help="the run's DeepSpeed JSON (default: ds_configs/zero<stage>.json)"),
+        opt("--no-zero3-init", action="store_true", help="ZeRO-3 loads whole on every rank (zero3_init_flag false): "
+            "the host-at-load line"),
+        opt("--offload", choices=["none", "optimizer", "params", "both"], default="none"),
+        opt("--precision", choices=["bf16", "fp16", "fp32"], default="bf16"),
+        opt("--task", choices=["classification", "causal-lm"], default="classification"),
+        opt("--trust-remote-code", action="store_true"),
+        opt("--lora-r", type=int, default=0, help="LoRA adapters of this rank on every projection (peft's defaults "
+            "for the architecture): only they, and a classifier's head, are trained"),
+        opt("--qlora", action="store_true", help="with --lora-r: the frozen base in 4-bit NF4"),
+        opt("--batch-size", type=int, default=0, help="with --seq-len: rows per micro-batch on each device, to add "
+            "the activations, a causal LM's loss over the vocabulary and its evaluation batch"),
+        opt("--seq-len", type=int, default=0, help="with --batch-size: tokens per row (data.max_length)"),
+        opt("--eval-batch-size", type=int, default=0, help="rows per evaluation batch (train.eval_batch_size; "
+            "default: its config default): a causal LM scores them over the vocabulary"),
+        opt("--padded", action="store_true", help="causal-lm: prompt/response rows padded with a mask (default: text "
+            "packed into blocks)"),
+        opt("--loss-chunk", type=int, help="causal-lm: scored positions per chunk of the loss (train.loss_chunk, "
+            "default 1024; 0: the full logits)"),
+        opt("--gradient-checkpointing", action="store_true", help="activations as under model.gradient_checkpointing: "
+            "each layer's input and one layer recomputed"))

@@ -10,6 +10,7 @@ from llmkit.data.scored import parse_label_map
 from llmkit.exported.opened import open_export
 from llmkit.report import pages
 from llmkit.rundir import life
+from llmkit.rundir.layout import RunDir
 from llmkit.ship import quantize
 
 
@@ -24,6 +25,6 @@ def main(args: argparse.Namespace) -> None:
     quantize.check(args.model_dir, args.to)
     for name in args.to:
         quantize.quantize(args.model_dir, name, rows, args.max_samples)
-    if opened.run is not None and life.is_run(opened.run):  # a run's final/: its report shows the copies
+    if opened.run is not None and life.is_run(RunDir(opened.run)):  # a run's final/: its report shows the copies
         paths = pages.build([opened.run])
         print(f"report: {paths['html']} (with what each copy costs)")

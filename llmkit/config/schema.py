@@ -93,6 +93,9 @@ class DataConfig:
     group_by_length: bool = key(True, "batches of similar length: little padding")
     max_train_samples: int | None = key(None, "use only the first N training rows (after the shuffle)")
     max_eval_samples: int | None = key(None, "use only the first N rows of each evaluation split")
+    exclude_rows: str | list[int] | None = key(None, "training rows left out, by row id (the row's place in the "
+                                               "train split as read, from 0): a list, a .txt of ids, or the "
+                                               "suspects.jsonl of `llmkit audit`", readers=CLASSIFIERS)
     format: RowFormat = key("auto", "causal LM rows (llmkit.data.formats): auto (from the columns) | text (packed "
                             "into blocks of max_length tokens) | prompt_response | messages | alpaca | sharegpt; "
                             "the last four train on the responses only", readers=("causal_lm",))

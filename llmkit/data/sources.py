@@ -18,7 +18,7 @@ from datasets import ClassLabel, Dataset, DatasetDict, IterableDatasetDict, Valu
 
 from llmkit import assets
 from llmkit.config import DataConfig
-from llmkit.data import files_problem
+from llmkit.data import excluded, files_problem
 from llmkit.errors import LlmkitError
 
 # a training row's identity: its row in the train split as read (before rows are dropped and shuffled), carried
@@ -282,6 +282,8 @@ def load_labeled(cfg: DataConfig, seed: int, log=print, training: bool = True,
             ds, values = ds.select(kept[role]), [values[i] for i in kept[role]]
         else:
             kept[role] = list(range(len(ds)))
+        if role == "train" and training and cfg.exclude_rows is not None:
+            ds, values, kept[role] = _exclude(cfg, ds, values, kept[role], split, len(raw[split]), log)
         if len(ds) == 0:
             raise LlmkitError(f"split '{split}' has no usable rows (all {len(bad)} empty or unlabeled)")
         if cfg.clean_text:
@@ -304,6 +306,16 @@ def load_labeled(cfg: DataConfig, seed: int, log=print, training: bool = True,
             ds = ds.select(range(limit))
         splits[role] = ds
     return LabeledSplits(rows=splits, label_names=names, dropped_rows=dropped)
+
+
+def _exclude(cfg: DataConfig, ds: Dataset, values: list, rows: list[int], split: str, rows_read: int, log):
+    """The train split without the rows data.exclude_rows names (llmkit.data.excluded)."""
+    ids = excluded.read(cfg.exclude_rows)
+    at = excluded.keep(ids, rows, split, rows_read)
+    if len(at) < len(rows):
+        log(f"data: excluded {len(rows) - len(at)} rows of split '{split}' listed in data.exclude_rows")
+        ds, values, rows = ds.select(at), [values[i] for i in at], [rows[i] for i in at]
+    return ds, values, rows
 
 
 RARE = 0.01  # a label under this share of the training rows (or under 8 rows) is named in a warning

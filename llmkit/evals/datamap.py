@@ -123,10 +123,9 @@ def train_texts(rows, text_column: str, text_pair_column: str | None):
     return texts
 
 
-def write_for_run(run_dir, rows, label_names: list[str], text_column: str, text_pair_column: str | None,
+def write_for_run(files: RunDir, rows, label_names: list[str], text_column: str, text_pair_column: str | None,
                   what: str | None, log=print) -> bool:
     """Rank 0 after training: data_map.json from the run's training dynamics; False where it recorded none."""
-    files = RunDir(run_dir)
     records = stored.read(files.dynamics)
     if not len(records):
         return False

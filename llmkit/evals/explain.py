@@ -99,17 +99,17 @@ def summary(explained: list[dict]) -> dict[str, list[list]]:
             for label, words in tally.items()}
 
 
-def for_run(run_dir: Path, split: str, count: int, seed: int, trust_remote_code: bool = False, log=print,
+def for_run(run: layout.RunDir, split: str, count: int, seed: int, trust_remote_code: bool = False, log=print,
             max_steps: int = attribution.MAX_STEPS) -> dict:
     """Explain `count` rows of a run's predictions on `split` with its exported model, in a fresh CPU process
     (llmkit.fresh: not inside a training rank). Writes explanations.json."""
     log(f"explanations: explaining {count} rows of {split} word by word in a fresh CPU process")
-    proc = fresh.run_python(["-m", "llmkit.evals.explain", str(fresh.absolute(run_dir)), split, str(count),
+    proc = fresh.run_python(["-m", "llmkit.evals.explain", str(fresh.absolute(run.root)), split, str(count),
                              str(seed), str(int(trust_remote_code)), str(max_steps)])
     if proc.returncode != 0:
         raise LlmkitError(f"explaining the report's rows failed (the export and predictions are in place; rerun "
                           f"with output.explain_rows: 0 to skip it):\n{proc.stderr[-2000:]}")
-    where = layout.RunDir(Path(run_dir)).explanations
+    where = run.explanations
     doc = json.loads(where.read_text())
     log(f"explanations: {len(doc['rows'])} rows of {split} in {doc['seconds']} s ({where})")
     if doc.get("disagree"):

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from llmkit import compression, fresh, memory, model
+from llmkit import compression, memory, model
 from llmkit.config import Config, schema
 from llmkit.config.checks import check_hub_token
 from llmkit.data import lm, sources
@@ -19,6 +19,7 @@ from llmkit.errors import LlmkitError
 from llmkit.launch import parallel, trackers
 from llmkit.launch.precision import Hardware, hardware, resolve_precision
 from llmkit.rundir import checkpoints, elastic, life
+from llmkit.rundir.layout import RunDir
 
 GIB = 1024**3
 
@@ -29,7 +30,7 @@ class Plan:
     precision: str
     precision_why: str
     ds_config: dict | None  # resolved: no "auto" left; None without DeepSpeed
-    run_dir: Path  # output.output_dir, resolved
+    dir: RunDir  # output.output_dir, resolved once (RunDir.of)
     intent: str  # what happens to output_dir: "new", "overwrite" or "resume" (llmkit.rundir.life)
     causal_lm: bool
     accumulation: int  # gradient accumulation this launch trains with (an elastic resume may change it)
@@ -105,10 +106,12 @@ def check_loading(cfg: Config, precision: str, hw: Hardware, deepspeed: bool) ->
             raise LlmkitError("flash_attention_2 runs in bf16 or fp16 only; set train.precision bf16 (or use sdpa)")
 
 
-def check_output_dir_is_safe(cfg: Config) -> Path:
-    """The output dir, resolved: never the filesystem root, the home directory, or a folder that contains the
-    working directory (a run writes checkpoints/, final/ and replaces them there)."""
-    given = Path(cfg.output.output_dir).expanduser()
+def check_output_dir_is_safe(cfg: Config) -> RunDir:
+    """The run's folder, output.output_dir resolved once, here (RunDir.of: absolute, for the fresh processes the
+    run hands it to), then checked with its links followed: never the filesystem root, the home directory, or a
+    folder that contains the working directory (a run writes checkpoints/, final/ and replaces them there)."""
+    run = RunDir.of(cfg.output.output_dir)
+    given = run.root
     for part in (given, *given.parents):  # a dangling link passes resolve() and fails at mkdir, mid-run
         if part.is_symlink() and not part.exists():
             raise LlmkitError(f"output.output_dir '{cfg.output.output_dir}': {part} is a symbolic link to "
@@ -131,24 +134,21 @@ def check_output_dir_is_safe(cfg: Config) -> Path:
         probe = probe.parent
     if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
         raise LlmkitError(f"output.output_dir '{out}' is not writable ({probe} does not accept new files)")
-    return out
+    return run
 
 
-def check_output_dir(cfg: Config) -> tuple[Path, str]:
+def check_output_dir(cfg: Config) -> tuple[RunDir, str]:
     """The output dir and what the run will do with it (new / overwrite / resume): never an unsafe folder, one
     another live run holds, or one that holds another run unless asked to overwrite or resume it."""
-    check_output_dir_is_safe(cfg)
-    # absolute once, here: the run hands this folder to fresh processes that do not share its working directory
-    out = fresh.absolute(cfg.output.output_dir)
-    life.check_free(out)  # first: a folder in use is not "another run's" to overwrite or resume
-    return out, life.intent(cfg)
+    run = check_output_dir_is_safe(cfg)
+    life.check_free(run)  # first: a folder in use is not "another run's" to overwrite or resume
+    return run, life.intent(cfg, run)
 
 
-def check_disk(cfg: Config, sizes: model.Sizes, precision: str, conversion: int = 0) -> str:
-    """Enough free disk under output_dir for the checkpoints kept plus the export (and `conversion` bytes: the
-    universal copy an elastic resume writes beside its checkpoint)."""
-    out = Path(cfg.output.output_dir).expanduser().resolve()
-    probe = out
+def check_disk(cfg: Config, run: RunDir, sizes: model.Sizes, precision: str, conversion: int = 0) -> str:
+    """Enough free disk under the run's folder for the checkpoints kept plus the export (and `conversion` bytes:
+    the universal copy an elastic resume writes beside its checkpoint)."""
+    probe = run.root.resolve()
     while not probe.exists():
         probe = probe.parent
     free = shutil.disk_usage(probe).free
@@ -273,11 +273,11 @@ def check(cfg: Config, world_size: int, recipe: str | None = None,
     recipe = recipe or recipe_of(cfg, config)
     check_recipe_keys(cfg, recipe)
     check_quantize(cfg, recipe, config)
-    out, intent = check_output_dir(cfg)
-    passed(f"output: {out.resolve()} (writable, {intent} run, not in use)")
+    run, intent = check_output_dir(cfg)
+    passed(f"output: {run.root.resolve()} (writable, {intent} run, not in use)")
     resume, plan_elastic, conversion = None, None, 0
     if cfg.checkpoint.resume_from:  # found and verified now, once, not after the model and data are loaded
-        resume = checkpoints.resolve(out, cfg.checkpoint.resume_from)
+        resume = checkpoints.resolve(run, cfg.checkpoint.resume_from)
         passed(f"resume: from {resume.path} (complete, sizes and digests match)")
         # before the DeepSpeed config reads the accumulation
         plan_elastic = elastic.decide(cfg, resume.path, resume.recorded, world_size)
@@ -309,7 +309,7 @@ def check(cfg: Config, world_size: int, recipe: str | None = None,
     except Exception as exc:  # an architecture that cannot be built on the meta device: no size estimates
         passed(f"disk and memory: not estimated ({exc.__class__.__name__})")
     else:
-        passed(check_disk(cfg, sizes, precision, conversion))
+        passed(check_disk(cfg, run, sizes, precision, conversion))
         estimate = check_memory(cfg, ds, sizes, precision, world_size, hw, config, causal)
         passed("memory (ZeRO formulas, DeepSpeed's peak, activations at data.max_length):\n"
                + "\n".join("      " + r for r in estimate.table().splitlines()))
@@ -317,7 +317,7 @@ def check(cfg: Config, world_size: int, recipe: str | None = None,
     if cfg.output.push_to_hub:  # no token: say so now, not after hours of training
         check_hub_token()
         passed(f"hub: a token is set for pushing to {cfg.output.hub_model_id}")
-    return Plan(precision, why, ds, out, intent, causal, accumulation, plan_lines, resume, estimate, hw)
+    return Plan(precision, why, ds, run, intent, causal, accumulation, plan_lines, resume, estimate, hw)
 
 
 def check_inputs(cfg: Config, plan: Plan, say: Callable[[str], None] = lambda line: None) -> None:

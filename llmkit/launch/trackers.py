@@ -86,13 +86,13 @@ def check(cfg) -> str:
     return "trackers: " + (", ".join(chosen) if chosen else "none (train.report_to: none)")
 
 
-def log_with(cfg, output_dir: Path) -> list:
+def log_with(cfg, run: RunDir) -> list:
     """For Accelerator(log_with=...): TensorBoard as a tracker object, so its folder stays <output_dir>/runs
     whatever the project is called."""
     from accelerate.tracking import TensorBoardTracker
 
-    folder = RunDir(Path(output_dir)).tensorboard.name  # TensorBoard's events: <output_dir>/<folder>
-    return [TensorBoardTracker(folder, output_dir) if n == "tensorboard" else n for n in names(cfg)]
+    folder = run.tensorboard.name  # TensorBoard's events: <output_dir>/<folder>
+    return [TensorBoardTracker(folder, run.root) if n == "tensorboard" else n for n in names(cfg)]
 
 
 def hyperparameters(cfg, **facts) -> dict:
@@ -105,14 +105,14 @@ def hyperparameters(cfg, **facts) -> dict:
     return flat
 
 
-def start(accelerator, cfg, output_dir: Path, hparams: dict) -> None:
+def start(accelerator, cfg, run: RunDir, hparams: dict) -> None:
     """Start every tracker (Accelerate runs them on the main process only); a tracker that fails to start is a
     clear error, not a traceback from inside it."""
     t = cfg.train
-    run_name = t.run_name or output_dir.resolve().name
+    run_name = t.run_name or run.root.resolve().name
     tags = list(t.tracker_tags or [])
     init_kwargs = {
-        "wandb": {"name": run_name, "tags": tags, "dir": str(output_dir)},
+        "wandb": {"name": run_name, "tags": tags, "dir": str(run.root)},
         "mlflow": {"run_name": run_name, "tags": {tag: "true" for tag in tags}},
         "trackio": {"name": run_name},
         "aim": {"experiment": run_name},

@@ -209,22 +209,20 @@ def _gib(nbytes: int | None) -> float | None:
     return None if nbytes is None else round(nbytes / 2**30, 3)
 
 
-def run_report(run_dir: Path) -> dict:
+def run_report(files: layout.RunDir) -> dict:
     """The report of one run directory (or one `llmkit eval` output directory): kind "classification" (from its
     predictions) or, for a causal-LM run that writes none, kind "lm" (loss and perplexity per split)."""
-    run_dir = Path(run_dir)
-    files = layout.RunDir(run_dir)
     found = files.prediction_splits()
     splits = [s for s in ("test", "validation") if s in found] + [s for s in found if s not in ("test", "validation")]
     metrics = files.read_metrics()
     scores = {k: {"loss": v["loss"], "perplexity": v["perplexity"]} for k, v in metrics.items()
               if isinstance(v, dict) and "perplexity" in v}
     if not splits and not scores:
-        raise LlmkitError(f"{run_dir} has neither predictions_<split>.jsonl nor language-model scores in "
+        raise LlmkitError(f"{files.root} has neither predictions_<split>.jsonl nor language-model scores in "
                           "metrics.json: not a run directory or eval output")
     info, config = files.read_run_info(), files.read_config()
     # no path of the folder itself: an output is built beside its place and swapped in, and a run folder moves
-    report = {"name": run_dir.name, "kind": "classification" if splits else "lm", "splits": {},
+    report = {"name": files.root.name, "kind": "classification" if splits else "lm", "splits": {},
               "primary_split": splits[0] if splits else next(iter(scores)), "scores": scores}
     for split in splits:
         rows, names = read_predictions(files.predictions(split), metrics.get("label_names"))
@@ -265,7 +263,7 @@ def run_report(run_dir: Path) -> dict:
     }
     report["data_mixture"] = metrics.get("data_mixture") or []
     # the line files whose cut last line (a run killed mid-write) the numbers above skipped
-    torn = [p.name for p in sorted(run_dir.glob("*.jsonl")) if layout.read_jsonl(p)[1]]
+    torn = [p.name for p in sorted(files.root.glob("*.jsonl")) if layout.read_jsonl(p)[1]]
     if torn:
         report["run"]["torn_last_line_skipped"] = torn
     report["explanations"] = layout.read_json(files.explanations) or None

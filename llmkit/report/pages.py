@@ -299,7 +299,14 @@ def build(run_dirs: list[str | Path], out_dir: str | Path | None = None, overwri
     if not own:
         outputs.check(Path(out_dir), "llmkit report", (Path(out_dir) / outputs.REPORT_MARKER).is_file(),
                       outputs.REPORT_WRITES, overwrite)
-    reports = [run_report(Path(d)) for d in run_dirs]
+    folders = [RunDir(Path(d)) for d in run_dirs]
+    return _built(folders, RunDir(Path(out_dir)) if out_dir else folders[0], own)
+
+
+def _built(folders: list[RunDir], out: RunDir, own: bool) -> dict[str, Path]:
+    """The report of the runs in `folders`, written into `out` (`own`: the only run's folder, its report beside its
+    records; else a folder of the report's own, swapped in whole once written). Returns the paths."""
+    reports = [run_report(folder) for folder in folders]
     kinds = sorted({r["kind"] for r in reports})
     if len(kinds) > 1:
         raise LlmkitError(f"these runs are of different kinds ({', '.join(kinds)}): a report compares classifiers "
@@ -308,22 +315,21 @@ def build(run_dirs: list[str | Path], out_dir: str | Path | None = None, overwri
     for i, r in enumerate(reports):  # two runs with one folder name (a/run, b/run) stay distinguishable
         if names.count(r["name"]) > 1:
             r["name"] = f"{r['name']}-{i + 1}"
-    out = Path(out_dir or run_dirs[0])
     plots = draw(reports)
     doc = {"kind": kinds[0], "comparison": _comparison(reports),
            "runs": [{**_public(r), "splits": {k: _public(v) for k, v in r["splits"].items()}} for r in reports]}
     if own:  # the run's own report, beside its records
         _write(doc, plots, out)
     else:
-        with outputs.replaced(out) as build:
+        with outputs.replaced(out.root) as build:
             (build / outputs.REPORT_MARKER).write_text("written by `llmkit report`; a later report replaces it "
                                                        "whole with --overwrite\n")
-            _write(doc, plots, build)
-    return RunDir(out).reports()
+            _write(doc, plots, RunDir(build))
+    return out.reports()
 
 
-def _write(doc: dict, plots: dict[str, str], out: Path) -> None:
-    paths = RunDir(out).reports()
+def _write(doc: dict, plots: dict[str, str], out: RunDir) -> None:
+    paths = out.reports()
     paths["json"].write_text(json.dumps(doc, indent=2) + "\n")
     paths["md"].write_text(_markdown(doc) + "\n")
     paths["html"].write_text(_html(doc, plots))
@@ -332,7 +338,7 @@ def _write(doc: dict, plots: dict[str, str], out: Path) -> None:
 def write_for_run(run) -> None:
     """The report of a finished run, into its output directory (rank 0; the others wait)."""
     def write() -> None:
-        paths = build([run.run_dir])
+        paths = _built([run.dir], run.dir, own=True)
         run.log(f"report: {paths['html']}  (also {paths['md'].name}, {paths['json'].name})")
 
     run.main_first(write, others=False)  # a failure on rank 0 reaches every rank, not a barrier's timeout

@@ -98,9 +98,9 @@ class Resume:
     elastic: elastic.Elastic | None = None  # continued on another number of ranks, or with a new global batch
 
 
-def resolve(output_dir: Path, resume_from: str) -> Resume:
-    """`latest` or a path -> a verified checkpoint; with `latest`, falls back to the newest good one."""
-    root = RunDir(output_dir).checkpoints
+def resolve(run: RunDir, resume_from: str) -> Resume:
+    """`latest` or a path -> a verified checkpoint of `run`; with `latest`, falls back to the newest good one."""
+    root = run.checkpoints
     if resume_from != LATEST:
         path = Path(resume_from).expanduser()
         if not path.is_dir():

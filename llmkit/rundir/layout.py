@@ -14,6 +14,7 @@ from pathlib import Path
 
 import yaml
 
+from llmkit import fresh
 from llmkit.errors import LlmkitError
 
 CONFIG = "training_config.yaml"  # the resolved config (in the run dir and in final/)
@@ -92,6 +93,13 @@ class RunDir:
     hub_snapshots = property(lambda self: self.root / ".hub-snapshots")  # every_save uploads' snapshots
     hub_staged = property(lambda self: self.root / ".llmkit-dry-runs.json")  # the dry-run folders made
     HUB_STAGING_PREFIX = ".hub-"  # a push's temporary staging folders
+
+    @classmethod
+    def of(cls, output_dir: str | Path) -> RunDir:
+        """The run folder output.output_dir names, resolved once, the one way: from the working directory, ~
+        expanded, symlinks kept (fresh.absolute: the run hands it to fresh processes, and the user's names stay in
+        the logs). The preflight resolves it; every later stage is handed this object."""
+        return cls(fresh.absolute(output_dir))
 
     @property
     def final(self) -> Export:

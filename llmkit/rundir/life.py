@@ -21,24 +21,24 @@ from llmkit.errors import LlmkitError
 from llmkit.rundir.layout import RunDir, read_jsonl, write_durably
 
 
-def is_run(folder: Path) -> bool:
+def is_run(run: RunDir) -> bool:
     """A folder an llmkit run made (or, from before the marker, one holding a run's records)."""
-    run = RunDir(folder)
     return run.marker.is_file() or (run.run_info.is_file() and run.config.is_file())
 
 
-def intent(cfg: Config) -> str:
-    """"new", "overwrite" or "resume" for the config's output dir; a clear error when none applies."""
-    out = Path(cfg.output.output_dir).expanduser()
+def intent(cfg: Config, run: RunDir) -> str:
+    """"new", "overwrite" or "resume" for the config's output dir (`run`: it, resolved by the preflight); a clear
+    error when none applies."""
+    out = run.root
     if out.exists() and not out.is_dir():
         raise LlmkitError(f"output.output_dir '{out}' exists and is not a directory")
-    entries = [p for p in out.iterdir() if p != RunDir(out).lock] if out.is_dir() else []
-    if not entries or _never_trained(out, entries):
+    entries = [p for p in out.iterdir() if p != run.lock] if out.is_dir() else []
+    if not entries or _never_trained(run, entries):
         return "new"
     if cfg.checkpoint.resume_from:
         return "resume"
     if cfg.output.overwrite_output_dir:
-        if not is_run(out):
+        if not is_run(run):
             names = ", ".join(sorted(p.name for p in entries)[:5])
             raise LlmkitError(f"output.output_dir '{out}' holds files llmkit did not write ({names}); "
                               "output.overwrite_output_dir replaces only an earlier llmkit run. Pick a new or empty "
@@ -49,18 +49,16 @@ def intent(cfg: Config) -> str:
                       "export is complete), or continue it with --checkpoint.resume_from latest.")
 
 
-def _never_trained(out: Path, entries: list[Path]) -> bool:
+def _never_trained(run: RunDir, entries: list[Path]) -> bool:
     """A folder an llmkit run made and left before its first step (a user error in the data, say): only the
     marker and TensorBoard's empty logs. Running the fixed command again must not be refused as "another run"."""
-    run = RunDir(out)
-    return is_run(out) and set(entries) <= {run.marker, run.tensorboard}
+    return is_run(run) and set(entries) <= {run.marker, run.tensorboard}
 
 
-def begin(out: Path, intent: str, log=print) -> None:
+def begin(run: RunDir, intent: str, log=print) -> None:
     """Rank 0, holding the lock: make the folder llmkit's; for an overwrite, move the earlier run aside."""
-    run = RunDir(out)
-    out.mkdir(parents=True, exist_ok=True)
-    if intent == "new" and _never_trained(out, [p for p in out.iterdir() if p != run.lock]):
+    run.root.mkdir(parents=True, exist_ok=True)
+    if intent == "new" and _never_trained(run, [p for p in run.root.iterdir() if p != run.lock]):
         shutil.rmtree(run.tensorboard, ignore_errors=True)  # the stopped attempt's logs hold no step
     if intent == "overwrite":
         previous = run.previous
@@ -75,15 +73,15 @@ def begin(out: Path, intent: str, log=print) -> None:
     write_durably(run.marker, json.dumps({"created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n")
 
 
-def drop_previous(out: Path) -> None:
+def drop_previous(run: RunDir) -> None:
     """The new export is in place: the overwritten run goes."""
-    shutil.rmtree(RunDir(out).previous, ignore_errors=True)
+    shutil.rmtree(run.previous, ignore_errors=True)
 
 
-def trim_metrics(out: Path, step: int) -> int:
+def trim_metrics(run: RunDir, step: int) -> int:
     """A resumed run logs again from `step` + 1: drop the rows after `step` (the stopped run's, or those of a
     later checkpoint's run). Returns how many rows went."""
-    path = RunDir(out).scalars
+    path = run.scalars
     if not path.is_file():
         return 0
     rows, torn = read_jsonl(path)
@@ -96,11 +94,11 @@ def trim_metrics(out: Path, step: int) -> int:
 # ------------------------------------------------------------------------------------------------- the lock
 
 
-def _holder(folder: Path) -> dict | None:
+def _holder(run: RunDir) -> dict | None:
     """Who holds the lock: a live process here, or one on another host (which cannot be asked); None when the
     lock is free or its process is gone."""
     try:
-        info = json.loads(RunDir(folder).lock.read_text())
+        info = json.loads(run.lock.read_text())
     except FileNotFoundError:
         return None
     except (OSError, ValueError):  # being written this instant
@@ -116,34 +114,34 @@ def _holder(folder: Path) -> dict | None:
     return info
 
 
-def check_free(out: Path) -> None:
-    """No other live run holds `out`."""
-    held = _holder(out) if out.is_dir() else None
+def check_free(run: RunDir) -> None:
+    """No other live run holds the folder."""
+    held = _holder(run) if run.root.is_dir() else None
     if held is not None and held.get("pid") != os.getpid():
-        raise LlmkitError(f"output.output_dir '{out}' is in use by another run (pid {held.get('pid')} on "
+        raise LlmkitError(f"output.output_dir '{run.root}' is in use by another run (pid {held.get('pid')} on "
                           f"{held.get('host')}, started {held.get('started')}). Wait for it to finish or pick another "
-                          f"output.output_dir; if that process is gone, delete {RunDir(out).lock}.")
+                          f"output.output_dir; if that process is gone, delete {run.lock}.")
 
 
 class Lock:
     """The run's exclusive hold on its output dir: taken by rank 0 before anything is written, released at exit."""
 
-    def __init__(self, out: Path):
-        self.path = RunDir(out).lock
-        out.mkdir(parents=True, exist_ok=True)
+    def __init__(self, run: RunDir):
+        self.path = run.lock
+        run.root.mkdir(parents=True, exist_ok=True)
         info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         for _ in range(3):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
-                check_free(out)  # a live holder: refused
+                check_free(run)  # a live holder: refused
                 self.path.unlink(missing_ok=True)  # its process is gone: take the lock over
                 continue
             with os.fdopen(fd, "w") as fh:
                 json.dump(info, fh)
             atexit.register(self.release)
             return
-        check_free(out)
+        check_free(run)
         raise LlmkitError(f"could not take the lock {self.path}: another run keeps taking it")
 
     def release(self) -> None:

@@ -20,10 +20,10 @@ from llmkit.rundir import life
 from llmkit.rundir.layout import METRICS, PREDICTIONS, RunDir
 
 REPORT_MARKER = ".llmkit-report"  # a `llmkit report --output` folder, not a run's
-REPORTS = tuple(path.name for path in RunDir(Path()).reports().values())
+_NAMES = RunDir(Path())  # for the names of its files only
+REPORTS = tuple(path.name for path in _NAMES.reports().values())
 # every entry each command's folder holds (glob patterns): anything else there is the user's, never replaced
-EVAL_WRITES = (PREDICTIONS.format(split="*"), METRICS, RunDir(Path()).run_info.name, *REPORTS,
-               RunDir(Path()).eval_marker.name)
+EVAL_WRITES = (PREDICTIONS.format(split="*"), METRICS, _NAMES.run_info.name, *REPORTS, _NAMES.eval_marker.name)
 REPORT_WRITES = (*REPORTS, REPORT_MARKER)
 
 
@@ -35,7 +35,7 @@ def check(out: Path, command: str, ours: bool, names: tuple[str, ...], overwrite
     entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     if not entries:
         return
-    if life.is_run(out):
+    if life.is_run(RunDir(out)):
         raise LlmkitError(f"{flag} {out} is a training run's folder, which `{command}` never replaces (--overwrite "
                           "or not); pick a new folder")
     foreign = [n for n in entries if not any(fnmatch(n, pattern) for pattern in names)]

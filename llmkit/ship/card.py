@@ -81,11 +81,11 @@ def _usage(kind: str, repo_id: str, cfg: dict, push_merged: bool) -> str:
             f"print(generator({messages}, max_new_tokens=32)[0]['generated_text'][-1])\n```")
 
 
-def build(run_dir: Path, final: Path, kind: str, repo_id: str, push_merged: bool = False) -> str:
-    """README.md text for the pushed folder."""
+def build(run: RunDir, final: Path, kind: str, repo_id: str, push_merged: bool = False) -> str:
+    """README.md text for the pushed folder of `run`, whose export is `final`."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    run, export = RunDir(run_dir), Export(final)
+    export = Export(final)
     cfg = run.read_config() or export.read_config()
     metrics = export.read_metrics() or run.read_metrics()
     info = run.read_run_info()

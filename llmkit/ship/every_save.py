@@ -65,7 +65,7 @@ class WeightsUploader:
                 config["base_model_name_or_path"] = base
                 adapter.write_text(json.dumps(config, indent=2) + "\n")
         verify.check_weights(out)
-        hub.scrub_local_paths(out, hub.local_paths(self.run.run_dir, self.run.cfg.to_dict(), None))
+        hub.scrub_local_paths(out, hub.local_paths(self.run.dir, self.run.cfg.to_dict(), None))
 
     def wait(self) -> list[str]:
         """Block until every upload finished; return the error messages (uploads do not stop training)."""

@@ -55,7 +55,7 @@ def _publish(run: Run, tmp: Path, results: dict) -> None:
         final.rename(old)
     tmp.rename(final)
     shutil.rmtree(old, ignore_errors=True)
-    life.drop_previous(run.run_dir)  # an overwritten run is gone only now
+    life.drop_previous(run.dir)  # an overwritten run is gone only now
 
 
 def _fresh_tmp(run: Run) -> Path:

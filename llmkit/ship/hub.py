@@ -27,13 +27,14 @@ TEXT = (".json", ".yaml", ".yml", ".md", ".html", ".txt", ".jinja")  # staged fi
 # ------------------------------------------------------------------------------------------------ staging
 
 
-def _final_dir(path: Path) -> tuple[Path, Path]:
-    """(run dir, export dir) from either a run's output dir or its final/ folder."""
-    path = Path(path).expanduser()
-    if RunDir(path).final.root.is_dir():
-        return path, RunDir(path).final.root
+def _final_dir(path: str | Path | RunDir) -> tuple[RunDir, Path]:
+    """(the run, its export dir) from a run (the RunDir a run hands on, or its output dir) or its final/ folder."""
+    run = path if isinstance(path, RunDir) else RunDir(Path(path).expanduser())
+    path = run.root
+    if run.final.root.is_dir():
+        return run, run.final.root
     if (path / MODEL_CONFIG).is_file() or Export(path).adapter.is_dir():
-        return path.parent, path
+        return RunDir(path.parent), path
     raise LlmkitError(f"'{path}' is neither a run directory with final/ nor an exported model folder")
 
 
@@ -64,7 +65,7 @@ def _copy_files(src: Path, dst: Path) -> None:
             shutil.copy2(f, dst / f.name)
 
 
-def stage(run_dir: str | Path, out: Path, repo_id: str, push_merged: bool = False, reload: bool = True,
+def stage(run_dir: str | Path | RunDir, out: Path, repo_id: str, push_merged: bool = False, reload: bool = True,
           remember: bool = True, overwrite: bool = False) -> dict:
     """Write `out`: exactly the folder that is uploaded, verified: no size-0 tensors, and (`reload`) the
     weights reload and reproduce the run's logits; model card included. Returns facts for the caller (kind,
@@ -72,19 +73,19 @@ def stage(run_dir: str | Path, out: Path, repo_id: str, push_merged: bool = Fals
     the check's result (final/metrics.json "export_check") is reported instead. `remember` records `out` in the
     run dir as a folder a later dry run may replace with `overwrite` (a real push stages into a fresh temporary
     folder). The folder is built beside `out` and swapped in whole once verified (llmkit.rundir.outputs)."""
-    run_dir, final = _final_dir(Path(run_dir))
+    run, final = _final_dir(run_dir)
     model.check_export_weights(final)
-    _refuse_links(run_dir, final)
+    _refuse_links(run, final)
     out = Path(out)
-    _check_staging(out, run_dir, final, overwrite)
+    _check_staging(out, run, final, overwrite)
     with outputs.replaced(out) as build:
-        facts = _fill(build, run_dir, final, repo_id, push_merged, reload)
+        facts = _fill(build, run, final, repo_id, push_merged, reload)
     if remember:
-        _remember(out, run_dir)
+        _remember(out, run)
     return {**facts, "files": listing(out)}
 
 
-def _fill(out: Path, run_dir: Path, final: Path, repo_id: str, push_merged: bool, reload: bool) -> dict:
+def _fill(out: Path, run: RunDir, final: Path, repo_id: str, push_merged: bool, reload: bool) -> dict:
     """The staged folder's files, checked; the facts of `stage`."""
     kind, export = _kind(final), Export(final)
     probe = read_json(export.probe) or None
@@ -102,7 +103,7 @@ def _fill(out: Path, run_dir: Path, final: Path, repo_id: str, push_merged: bool
             _name_base_by_hub_id(out / export.adapter.name, probe)
     for copy in compression.copies(final):  # each quantized copy in a folder named by its format
         _copy_files(copy["folder"], out / copy["format"])
-    for report in (RunDir(run_dir).report(k) for k in REPORT_KINDS):
+    for report in (run.report(k) for k in REPORT_KINDS):
         if report.is_file():
             shutil.copy2(report, out / report.name)
     verify.check_weights(out)
@@ -119,22 +120,22 @@ def _fill(out: Path, run_dir: Path, final: Path, repo_id: str, push_merged: bool
         checked = {"adapter": verify.check_causal_lm(out, probe)}
         if push_merged:
             checked[MERGED] = verify.check_causal_lm(out / export.merged.name, {**probe, "lora": False})
-    (out / "README.md").write_text(card.build(run_dir, final, kind, repo_id, push_merged))
+    (out / "README.md").write_text(card.build(run, final, kind, repo_id, push_merged))
     cfg = export.read_config()
-    scrub_local_paths(out, local_paths(run_dir, cfg, probe))
+    scrub_local_paths(out, local_paths(run, cfg, probe))
     return {"kind": kind, "checked": checked}
 
 
-def _refuse_links(run_dir: Path, final: Path) -> None:
+def _refuse_links(run: RunDir, final: Path) -> None:
     """Nothing uploaded is a symbolic link: a link can point at any file (a key, a secret) and would be followed."""
     links = [p for p in sorted(final.rglob("*")) if p.is_symlink()]
-    links += [p for p in (RunDir(run_dir).report(kind) for kind in REPORT_KINDS) if p.is_symlink()]
+    links += [p for p in (run.report(kind) for kind in REPORT_KINDS) if p.is_symlink()]
     if links:
         raise LlmkitError(f"{links[0]} is a symbolic link; llmkit pushes no links (one can point at any file, a "
                           "secret say, and its target would go up). Replace it with a copy of the file, or remove it.")
 
 
-def local_paths(run_dir: Path, cfg: dict, probe: dict | None) -> list[str]:
+def local_paths(run: RunDir, cfg: dict, probe: dict | None) -> list[str]:
     """The absolute local paths a run's text files can hold: the run itself, the home and working folders, and
     every path its config (as a dict) names (model, tokenizer, data, DeepSpeed JSON, output, resume), longest
     first."""
@@ -143,7 +144,7 @@ def local_paths(run_dir: Path, cfg: dict, probe: dict | None) -> list[str]:
              *(section("data").get("data_files") or {}).values(), section("deepspeed").get("config_file"),
              section("output").get("output_dir"), section("checkpoint").get("resume_from"),
              (probe or {}).get("base")]
-    found = {str(run_dir), str(run_dir.resolve()), str(Path.home()), str(Path.cwd())}
+    found = {str(run.root), str(run.root.resolve()), str(Path.home()), str(Path.cwd())}
     for value in named:
         if isinstance(value, str) and value and not value.startswith("asset:"):
             path = Path(value).expanduser()
@@ -165,27 +166,27 @@ def scrub_local_paths(out: Path, paths: list[str]) -> None:
             file.write_text(scrubbed)
 
 
-def _staged(run_dir: Path) -> list[str]:
+def _staged(run: RunDir) -> list[str]:
     """The folders dry runs of this run made (a staging folder carries no marker: it is exactly the upload)."""
-    record = RunDir(run_dir).hub_staged
+    record = run.hub_staged
     return json.loads(record.read_text()) if record.is_file() else []
 
 
-def _check_staging(out: Path, run_dir: Path, final: Path, overwrite: bool) -> None:
+def _check_staging(out: Path, run: RunDir, final: Path, overwrite: bool) -> None:
     """Only a new or empty folder, or with `overwrite` one an earlier dry run of this run made: never the run, a
     folder holding it, or its export."""
-    where, run, export = out.resolve(), run_dir.resolve(), final.resolve()
-    if where in (run, export) or export in where.parents or where in run.parents:
+    where, folder, export = out.resolve(), run.root.resolve(), final.resolve()
+    if where in (folder, export) or export in where.parents or where in folder.parents:
         raise LlmkitError(f"the staging folder {out} is the run, holds it or lies inside its export; pick a folder "
-                          f"outside {export} (the default is {RunDir(run_dir).hub_upload})")
-    outputs.check(out, "llmkit push --dry-run", str(where) in _staged(run_dir), ("*",), overwrite,
+                          f"outside {export} (the default is {run.hub_upload})")
+    outputs.check(out, "llmkit push --dry-run", str(where) in _staged(run), ("*",), overwrite,
                   "the staging folder")
 
 
-def _remember(out: Path, run_dir: Path) -> None:
-    made, where = _staged(run_dir), str(out.resolve())
+def _remember(out: Path, run: RunDir) -> None:
+    made, where = _staged(run), str(out.resolve())
     if where not in made:
-        RunDir(run_dir).hub_staged.write_text(json.dumps([*made, where], indent=1) + "\n")
+        run.hub_staged.write_text(json.dumps([*made, where], indent=1) + "\n")
 
 
 def listing(folder: Path) -> list[tuple[str, int]]:
@@ -275,22 +276,22 @@ def upload(folder: Path, repo_id: str, private: bool, revision: str | None, mess
     return str(getattr(info, "commit_url", info))
 
 
-def push(run_dir: str | Path, repo_id: str, private: bool = True, revision: str | None = None,
+def push(run_dir: str | Path | RunDir, repo_id: str, private: bool = True, revision: str | None = None,
          push_merged: bool = False, dry_run: bool = False, staging: str | Path | None = None, log=print,
          reload: bool = True, overwrite: bool = False) -> dict:
     """Stage, verify and push a run (or print what would be pushed; `overwrite` replaces an earlier dry run's
     folder whole). Local files are never modified."""
     check_repo_id(repo_id, "repo_id")
     check_revision(revision, "--revision")
-    run_path, _ = _final_dir(Path(run_dir))
+    run, _ = _final_dir(run_dir)
     if dry_run:
-        out = Path(staging) if staging else RunDir(run_path).hub_upload
-        facts = stage(run_path, out, repo_id, push_merged, reload, overwrite=overwrite)
+        out = Path(staging) if staging else run.hub_upload
+        facts = stage(run, out, repo_id, push_merged, reload, overwrite=overwrite)
         log(f"dry run: {out} is exactly what would be uploaded to {repo_id}:\n{show(facts['files'])}")
         return {**facts, "folder": str(out)}
     token()  # fail before any work when there is no token
-    with tempfile.TemporaryDirectory(dir=run_path, prefix=RunDir.HUB_STAGING_PREFIX) as tmp:
-        facts = stage(run_path, Path(tmp) / "upload", repo_id, push_merged, reload, remember=False)
+    with tempfile.TemporaryDirectory(dir=run.root, prefix=RunDir.HUB_STAGING_PREFIX) as tmp:
+        facts = stage(run, Path(tmp) / "upload", repo_id, push_merged, reload, remember=False)
         url = upload(Path(tmp) / "upload", repo_id, private, revision, f"llmkit: {facts['kind']} model", log=log)
     log(f"pushed {len(facts['files'])} files to {repo_id}: {url}")
     return {**facts, "commit_url": url}
@@ -306,12 +307,12 @@ def push_run(run, uploader=None) -> str | None:
     signal = run.stopped()
     if signal:
         run.log(f"hub: {signal} arrived after the last training step; the push is skipped")
-        return f"the push was skipped: push it with `llmkit push {run.run_dir} {o.hub_model_id}`"
+        return f"the push was skipped: push it with `llmkit push {run.dir.root} {o.hub_model_id}`"
     if run.accelerator.is_main_process:
         if uploader is not None:
             for err in uploader.wait():
                 run.log(f"hub: an every_save upload failed: {err}")
-        push(run.run_dir, o.hub_model_id, o.hub_private, o.hub_revision, o.hub_push_merged, log=run.log,
+        push(run.dir, o.hub_model_id, o.hub_private, o.hub_revision, o.hub_push_merged, log=run.log,
              reload=False)
     run.accelerator.wait_for_everyone()
     return None

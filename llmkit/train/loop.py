@@ -87,7 +87,7 @@ def fit(run: Run, model, optimizer, train_loader, eval_loader, eval_fn: EvalFn,
             interrupted = stop.agreed(acc)  # asked before the pause is timed: waiting for a slower rank is training
             with meter.pause():
                 if evaluated:
-                    meter.stop_if_nonfinite(run.run_dir)
+                    meter.stop_if_nonfinite(run.dir)
                     last_eval = _evaluate(run, eval_fn, model, eval_loader, state, steps_per_epoch)
                 if interrupted or (c.save_every_steps and state.step % c.save_every_steps == 0) \
                         or (c.save_every_epoch and end_of_epoch):
@@ -145,7 +145,7 @@ def _micro_batch(run: Run, model, optimizer, scheduler, batch: dict, loss_fn: Lo
 def _log(run: Run, model, meter: Meter, scheduler, hooks: Hooks, grad_norm, epoch: float, step: int) -> None:
     if grad_norm is None and hasattr(model, "get_global_grad_norm"):
         grad_norm = model.get_global_grad_norm()
-    meter.stop_if_nonfinite(run.run_dir)
+    meter.stop_if_nonfinite(run.dir)
     rates = meter.scalars()
     scalars = {"train/loss": rates.pop("train/loss"), "train/lr": scheduler.get_last_lr()[0], "train/epoch": epoch,
                **rates}
@@ -162,7 +162,7 @@ def _log(run: Run, model, meter: Meter, scheduler, hooks: Hooks, grad_norm, epoc
 def _checkpoint(run: Run, model, state: checkpoints.TrainerState, position: DataPosition, evaluated: bool,
                 meter: Meter, after_save, hooks: Hooks) -> None:
     c = run.cfg.checkpoint
-    meter.stop_if_nonfinite(run.run_dir)  # never replace a good checkpoint with a diverged one
+    meter.stop_if_nonfinite(run.dir)  # never replace a good checkpoint with a diverged one
     if evaluated:
         state.history[-1]["checkpoint"] = layout.checkpoint_name(state.step)
     hooks.flush()  # the checkpoint keeps the training dynamics up to its step

@@ -73,11 +73,11 @@ class Meter:
         return {"train/loss": loss, "train/real_tokens_per_s": self.real_tokens.item() * world / elapsed,
                 "train/samples_per_s": self.seen_rows * world / elapsed}
 
-    def stop_if_nonfinite(self, output_dir) -> None:
+    def stop_if_nonfinite(self, run: RunDir) -> None:
         """Stop (all ranks agree) when any rank saw a NaN/inf loss since the start, naming the first such step."""
         step = int(self.acc.gather(self.nonfinite_at.view(1)).max().item())
         if step:
-            latest = latest_name(RunDir(output_dir).checkpoints)
+            latest = latest_name(run.checkpoints)
             raise LlmkitError(f"the training loss became NaN/inf at step {step}: training diverged. "
                               f"{'The last good checkpoint is ' + latest if latest else 'No checkpoint was written'}; "
                               "nothing after step " + str(step - 1) + " was saved. Lower train.learning_rate, keep "

@@ -41,18 +41,13 @@ class Run:
     accelerator: Accelerator
     precision: str
     ds_config: dict | None
-    run_dir: Path  # output.output_dir, resolved
+    dir: layout.RunDir  # output.output_dir, resolved once by the preflight: where each of the run's files goes
     data_identity: dict | None = None  # the training rows' digest and the labels: a resume must match them
     stop: StopSignal | None = None  # SIGTERM / SIGINT, caught for the whole run (setup to finish)
     resume: checkpoints.Resume | None = None  # the checkpoint this run continues (resolved by the preflight)
     tokenizer_from: str | None = None  # a tokenizer trained from the data (load_tokenizer) instead of the config's
     recipe: str = ""  # "classification" or "causal_lm": the recipe that set this run up
     live_estimate: float | None = None  # the preflight's "live at peak" per device (bytes), its runtime measured again
-
-    @property
-    def dir(self) -> layout.RunDir:
-        """The run's folder: where each of its files goes."""
-        return layout.RunDir(self.run_dir)
 
     @property
     def accumulation(self) -> int:
@@ -91,7 +86,7 @@ class Run:
             torch.distributed.destroy_process_group()
         if signal and skipped:
             raise LlmkitError(f"stopped by {signal} after the last training step: final/ and the report in "
-                              f"{self.run_dir} are complete and verified; {skipped}")
+                              f"{self.dir.root} are complete and verified; {skipped}")
         if signal:
             self.log(f"{signal} arrived after the last training step; the run finished its export and report")
 
@@ -135,7 +130,7 @@ class Run:
         info["recipe"] = self.recipe
         self.dir.write_records(self.cfg.dump(), info, self.ds_config)
         if resumed_at is not None:
-            dropped = life.trim_metrics(self.run_dir, resumed_at)
+            dropped = life.trim_metrics(self.dir, resumed_at)
             if dropped:
                 self.log(f"metrics.jsonl: {dropped} rows after step {resumed_at} dropped (they are logged again)")
 
@@ -191,8 +186,8 @@ def setup(cfg: Config, recipe: str) -> Run:
             gradient_accumulation_steps=plan.accumulation,
             step_scheduler_with_optimizer=False,  # the loop steps it once per optimizer step
             kwargs_handlers=handlers,
-            log_with=trackers.log_with(cfg, plan.run_dir),
-            project_dir=str(plan.run_dir),
+            log_with=trackers.log_with(cfg, plan.dir),
+            project_dir=str(plan.dir.root),
         )
     set_seed(cfg.train.seed)
     if not accelerator.is_local_main_process:  # progress bars (tokenization, loading) on rank 0 only
@@ -202,11 +197,11 @@ def setup(cfg: Config, recipe: str) -> Run:
         datasets.disable_progress_bars()
         transformers.utils.logging.disable_progress_bar()
     accelerator.wait_for_everyone()  # every rank has checked output_dir before rank 0 writes into it
-    run = Run(cfg, accelerator, plan.precision, plan.ds_config, plan.run_dir, resume=plan.resume,
+    run = Run(cfg, accelerator, plan.precision, plan.ds_config, plan.dir, resume=plan.resume,
               recipe=recipe)
     if accelerator.is_main_process:  # a second run on this folder is refused from now on
-        life.Lock(plan.run_dir)
-        life.begin(plan.run_dir, plan.intent, log=run.log)
+        life.Lock(plan.dir)
+        life.begin(plan.dir, plan.intent, log=run.log)
     run.log(f"llmkit: {accelerator.num_processes} process(es), {accelerator.device}, precision {plan.precision} "
             f"({plan.precision_why}), " + (f"DeepSpeed ZeRO-{run.zero_stage}" if plan.ds_config else "no DeepSpeed"))
     for line in plan.checked:
@@ -219,7 +214,7 @@ def setup(cfg: Config, recipe: str) -> Run:
     if memory_now:
         run.log(memory_now)
         run.live_estimate = plan.estimate.peak_device_bytes  # reported beside the live peak the run measures
-    trackers.start(accelerator, cfg, plan.run_dir, trackers.hyperparameters(
+    trackers.start(accelerator, cfg, plan.dir, trackers.hyperparameters(
         cfg, world_size=accelerator.num_processes, precision=plan.precision, zero_stage=run.zero_stage))
     return run
 
