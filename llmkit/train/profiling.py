@@ -46,7 +46,7 @@ def step_phases(events, gpu: bool) -> dict[str, float]:
     per_step = lambda us: round(us / steps / 1000, 3)  # noqa: E731  (profiler times are microseconds)
     out = {"steps": steps, "step_ms": per_step(sum(e.cpu_time_total for e in events
                                                     if e.key.startswith("ProfilerStep")))}
-    for phase in ("forward", "backward", "optimizer"):
+    for phase in ("forward", "dynamics", "backward", "optimizer"):
         event = by_name.get(f"llmkit/{phase}")
         out[f"{phase}_ms"] = per_step(event.cpu_time_total) if event else 0.0
     out["gemm_ms"] = per_step(sum(self_time(e) for e in events if e.key in GEMM_OPS))
