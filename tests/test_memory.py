@@ -129,7 +129,7 @@ def test_lora_sizes_count_what_peft_trains(tiny_bert):
     from transformers import AutoModelForSequenceClassification
 
     from llmkit.config import LoraConfig
-    from llmkit.model import apply_lora
+    from llmkit.model.lora import apply_lora
 
     lora = LoraConfig(enabled=True, r=4)
     real = apply_lora(AutoModelForSequenceClassification.from_pretrained(tiny_bert), lora, "SEQ_CLS")

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from llmkit import model
 from llmkit.config import LoraConfig, ModelConfig
 from llmkit.errors import LlmkitError
+from llmkit.model import lora as lora_module
 
 
 def test_classifier_gets_label_maps(tiny_bert):
@@ -112,7 +113,7 @@ def test_lora_freezes_the_base_and_targets_every_projection(tiny_llama):
     trainable = {n for n, p in net.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)
     wrapped = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in trainable}
-    assert wrapped == set(model.LORA_TARGETS["llama"])
+    assert wrapped == set(lora_module.LORA_TARGETS["llama"])
     total = sum(p.numel() for p in net.parameters())
     assert sum(p.numel() for n, p in net.named_parameters() if n in trainable) < 0.5 * total
 

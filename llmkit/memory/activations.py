@@ -24,7 +24,8 @@ Encoder (BERT, RoBERTa, MiniLM: post-LayerNorm, GELU MLP, dropout ph on hidden s
     fused (a GPU)     3wh + 4a
   linear inputs       as for the decoder (q/k/v share the layer input)
 LoRA: a frozen base linear saves nothing of its own; each adapted one saves its dropped-out input and the mask
-(2w x in; with dropout 0 the shared input, once) and the rank-r output of its A matrix (wr). Other families:
+((w + 1) x in: the mask is one byte an element, llmkit.model.lora.MaskDropout on a CPU, the fused kernel's on a GPU;
+with dropout 0 the shared input, once) and the rank-r output of its A matrix (wr). Other families:
 Korthikanti et al. 2022 (arXiv:2205.05198), (34h + 5as) x w/2, their GPT layer with dropout.
 
 Outside the layers: one more norm (the decoder's final one, the encoder's embedding LayerNorm and dropout).
@@ -38,7 +39,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from llmkit.model import lora_targets
+from llmkit.model.lora import lora_targets
 
 DECODERS = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "olmo2")
 ENCODERS = ("bert", "roberta", "xlm-roberta", "electra")
@@ -99,8 +100,8 @@ def _linear_inputs(groups: dict[str, tuple[str, ...]], widths: dict[str, int], w
             continue
         adapted = [m for m in members if m in adapters.targets]
         total += w * adapters.rank * len(adapted)  # A's output, read by B
-        if adapters.dropout > 0:  # each adapter draws its own dropout: the dropped input and its mask
-            total += 2 * w * width * len(adapted)
+        if adapters.dropout > 0:  # each adapter draws its own dropout: the dropped input and its 1-byte mask
+            total += (w + 1) * width * len(adapted)
         elif adapted and group not in shared:
             total += w * width
     return total

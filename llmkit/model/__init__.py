@@ -10,6 +10,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 from llmkit import assets, fresh, logs
 from llmkit.config import LoraConfig, ModelConfig
 from llmkit.errors import LlmkitError
+from llmkit.model.lora import apply_lora
 from llmkit.rundir.layout import ADAPTER_CONFIG, MODEL_CONFIG
 
 
@@ -298,42 +299,6 @@ def _quantized_elements(model) -> int:
     skip = get_keys_to_not_convert(model) + list(getattr(model, "_keep_in_fp32_modules", None) or [])
     return sum(module.weight.numel() for name, module in model.named_modules()
                if (type(module) is torch.nn.Linear or isinstance(module, Conv1D)) and should_convert_module(name, skip))
-
-
-# LoRA targets per architecture: every projection of attention and MLP, the usual strong default
-LORA_TARGETS = {
-    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "qwen3": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "gpt2": ["c_attn", "c_proj", "c_fc"],
-    "bert": ["query", "key", "value", "dense"],
-    "distilbert": ["q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2"],
-}
-
-
-def lora_targets(lora: LoraConfig, model_type: str) -> list[str] | str:
-    """The linears LoRA adapts: lora.target_modules, else this architecture's default, else peft's "all-linear"."""
-    return lora.target_modules or LORA_TARGETS.get(model_type, "all-linear")
-
-
-def apply_lora(model, lora: LoraConfig, task_type: str):
-    """Wrap `model` with peft LoRA adapters (base weights frozen); a no-op when LoRA is off."""
-    if not lora.enabled:
-        return model
-    from peft import LoraConfig as PeftLoraConfig
-    from peft import get_peft_model
-
-    targets = lora_targets(lora, model.config.model_type)
-    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    if isinstance(targets, list):
-        missing = [t for t in targets if t not in names]
-        if missing:
-            raise LlmkitError(f"lora.target_modules {missing} are not modules of this {model.config.model_type} "
-                              "model; pick from its linear layers, or leave lora.target_modules unset")
-    peft_config = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                 target_modules=targets, task_type=task_type)
-    return get_peft_model(model, peft_config)
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model")
