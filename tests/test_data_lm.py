@@ -152,7 +152,8 @@ def _label_cfg(tmp_path, **extra):
 
 
 def test_label_words_rows_train_on_the_word_and_score_every_word(tok, tmp_path):
-    from llmkit.data.lm import CandidateCollator, prepare, render_prompt
+    from llmkit.data.label_prompts import render_prompt
+    from llmkit.data.lm import CandidateCollator, prepare
 
     assert render_prompt("a {text} {other} {text_pair}", "b", "c") == "a b {other} c"  # no str.format
     ds = prepare(_label_cfg(tmp_path), tok, seed=0)
@@ -183,7 +184,7 @@ def test_label_words_rows_train_on_the_word_and_score_every_word(tok, tmp_path):
 
 
 def test_label_words_cut_the_text_never_the_word(tok, tmp_path):
-    from llmkit.data.lm import fit_prompt
+    from llmkit.data.label_prompts import fit_prompt
 
     long_text = " ".join(["good"] * 40)
     ex = fit_prompt(tok, "is this {text}", long_text, "positive", max_length=20)
@@ -199,7 +200,7 @@ def test_label_words_of_different_lengths_are_scored_after_one_prompt(tok, tmp_p
     per word gave the 1-token word a longer prompt than the 4-token one)."""
     from types import SimpleNamespace
 
-    from llmkit.data.lm import fit_text, label_candidates
+    from llmkit.data.label_prompts import fit_text, label_candidates
 
     words = ["bad", "this film is good"]
     cfg = SimpleNamespace(prompt_template="is this {text}", max_length=24)

@@ -257,7 +257,7 @@ def label_words(tiny_lm):
     """The tiny Llama trained in-process to answer positive exactly when the text holds "good"."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from llmkit.data import lm
+    from llmkit.data import label_prompts, lm
 
     tok = AutoTokenizer.from_pretrained(tiny_lm / "model")
     torch.manual_seed(0)
@@ -270,7 +270,7 @@ def label_words(tiny_lm):
             words = rng.choices(LM_FILLER, k=rng.randint(2, 5))
             if i % 2:
                 words.insert(rng.randrange(len(words) + 1), "good")
-            batch.append(lm.fit_prompt(tok, LM_TEMPLATE, " ".join(words), LM_LABELS[i % 2], 32))
+            batch.append(label_prompts.fit_prompt(tok, LM_TEMPLATE, " ".join(words), LM_LABELS[i % 2], 32))
         width = max(len(e["input_ids"]) for e in batch)
         def pad(key, value, batch=batch, width=width):
             return torch.tensor([e[key] + [value] * (width - len(e[key])) for e in batch])
@@ -285,12 +285,12 @@ def label_words(tiny_lm):
 def _label_score(model, tok, text: str, baseline: bool) -> list[float]:
     """Each label word's summed log-likelihood after the prompt, computed here from the training examples; the
     baseline swaps the text's tokens in the prompt for pad."""
-    from llmkit.data import lm
+    from llmkit.data import label_prompts, lm
 
     words = set(tok(text, add_special_tokens=False)["input_ids"])
     out = []
     for answer in LM_LABELS:
-        ex = lm.fit_prompt(tok, LM_TEMPLATE, text, answer, 32)
+        ex = label_prompts.fit_prompt(tok, LM_TEMPLATE, text, answer, 32)
         ids, labels = torch.tensor([ex["input_ids"]]), torch.tensor(ex["labels"])
         first = int((labels != lm.IGNORE).nonzero()[0])
         if baseline:

@@ -87,3 +87,41 @@ def test_every_adapter_of_a_lora_model_gets_the_cheaper_mask():
     net.train()
     ids = torch.randint(0, 64, (2, 6))
     net(input_ids=ids, labels=ids).loss.backward()
+
+
+@pytest.mark.parametrize("task", ["CAUSAL_LM", "SEQ_CLS"])
+def test_frozen_linears_in_the_compute_dtype_give_the_same_outputs_and_gradients_under_autocast(task):
+    """A LoRA model trained in bf16 keeps its frozen linears in bf16 (not the adapters, head, embeddings, norms or
+    the output layer): under autocast its loss and every adapter gradient are bit for bit those of the fp32 base."""
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False, num_labels=3,
+                         pad_token_id=0)
+    cls = LlamaForCausalLM if task == "CAUSAL_LM" else LlamaForSequenceClassification
+    nets = {}
+    for precision in ("fp32", "bf16"):
+        torch.manual_seed(0)
+        net = lora.apply_lora(cls(config), LoraConfig(enabled=True, r=4, alpha=8, dropout=0.0), task, precision)
+        with torch.no_grad():
+            for name, p in net.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(name)))
+        nets[precision] = net.train()
+    dtypes = {n: p.dtype for n, p in nets["bf16"].named_parameters()}
+    frozen = [n for n, p in nets["bf16"].named_parameters() if not p.requires_grad]
+    assert {dtypes[n] for n in frozen if "base_layer" in n} == {torch.bfloat16}
+    assert all(dtypes[n] == torch.float32 for n in dtypes if "lora_" in n or "embed" in n or "norm" in n
+               or "lm_head" in n or "score" in n), dtypes
+    ids = torch.randint(1, 64, (2, 7))
+    results = {}
+    for precision, net in nets.items():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = net(input_ids=ids, labels=ids if task == "CAUSAL_LM" else torch.tensor([0, 2]))
+        out.loss.backward()
+        results[precision] = (out.loss.detach(), {n: p.grad for n, p in net.named_parameters() if p.requires_grad})
+    assert torch.equal(results["fp32"][0], results["bf16"][0])
+    assert results["fp32"][1].keys() == results["bf16"][1].keys()
+    for name, grad in results["fp32"][1].items():
+        assert torch.equal(grad, results["bf16"][1][name]), name
+    assert lora.frozen_linears_in_compute_dtype(nets["fp32"], "fp32") == 0

@@ -220,3 +220,16 @@ def test_the_run_reports_its_live_peak_under_the_estimates_name_beside_what_it_h
     line = memory_line(summary)
     assert f"{memory.LIVE} 2.000 GiB (estimated 1.500 GiB); held at peak 3.000 GiB" in line
     assert memory.LIVE in memory.estimate(1000, 2, 2).table()  # the estimate's total carries the same name
+
+
+def test_lora_under_autocast_holds_its_frozen_linears_in_the_compute_dtype(tiny_lm):
+    """Without DeepSpeed, a LoRA run in bf16 keeps the frozen linears in bf16 (llmkit.model.lora): the estimate's
+    weights are the bytes the loaded model holds, counted from it; in fp32 nothing is cast."""
+    cfg = ModelConfig(name_or_path=str(tiny_lm / "model"))
+    lora = LoraConfig(enabled=True, r=4, alpha=8)
+    sizes = model.model_sizes(cfg, causal_lm=True, lora=lora)
+    for precision in ("bf16", "fp32"):
+        net = model.load_causal_lm(cfg, lora, precision=precision)
+        held = sum(p.numel() * p.element_size() for p in net.parameters())
+        est = memory.for_settings(memory.Settings(sizes, 1, precision, lora=True, load_width=4.0))
+        assert est.param_bytes == held, precision

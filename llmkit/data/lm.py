@@ -1,6 +1,7 @@
 """Causal-LM data, split by split: one dataset (its row format from llmkit.data.formats, packed text through
 llmkit.data.packing), a stream (llmkit.data.streaming), a mixture of sources (llmkit.data.mixture), or
-label-word rows for generative classification; and the collators of those examples."""
+label-word rows for generative classification (their prompts: llmkit.data.label_prompts); and the collators of
+those examples."""
 
 from __future__ import annotations
 
@@ -14,57 +15,13 @@ from transformers import DataCollatorWithFlattening
 
 from llmkit.config import DataConfig
 from llmkit.data import formats, mixture, packing, sources, streaming
+from llmkit.data.label_prompts import fit_prompt, label_candidates
 from llmkit.data.packing import IGNORE, PackStats, by_length, column
 from llmkit.errors import LlmkitError
 
 CLASS_KEY = "class_ids"  # label-word rows: each row's class, read by the class-weighted loss, never by the model
 ROWS_KEY = "rows"  # a flattened batch's row count, for the meter, never for the model
 NOT_MODEL_INPUTS = (CLASS_KEY, ROWS_KEY, sources.ROW_ID_KEY)
-
-
-def render_prompt(template: str, text: str, text_pair: str | None = None) -> str:
-    """Put a row's text into the prompt template (plain replacement: other braces in the template stay as they are)."""
-    out = template.replace("{text}", text)
-    return out.replace("{text_pair}", text_pair) if text_pair is not None else out
-
-
-def fit_prompt(tokenizer, template: str, text: str, response: str, max_length: int, text_pair: str | None = None):
-    """prompt_response_example for `text` in `template`, with the text cut (never the response) to fit."""
-    return _fit(tokenizer, template, text, response, max_length, text_pair)[1]
-
-
-def fit_text(tokenizer, template: str, text: str, responses: list[str], max_length: int,
-             text_pair: str | None = None) -> tuple[str, list[dict]]:
-    """The one rendering of a label-word prompt (the run's evaluation and every command score through it): the
-    text as it lands in the prompt, cut once so that it fits after every response, and one example per response.
-    Cutting per response would score label words of different token lengths after different prompts."""
-    cut = min((_fit(tokenizer, template, text, r, max_length, text_pair)[0] for r in responses), key=len)
-    return cut, [_fit(tokenizer, template, cut, r, max_length, text_pair)[1] for r in responses]
-
-
-def _fit(tokenizer, template: str, text: str, response: str, max_length: int, text_pair: str | None):
-    example = formats.prompt_response_example(tokenizer, render_prompt(template, text, text_pair), response)
-    over = len(example["input_ids"]) - max_length
-    if over <= 0:
-        return text, example
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    while over > 0:
-        keep = len(ids) - over - 1
-        if keep <= 0:
-            raise LlmkitError(f"data.max_length {max_length} leaves no room for the text: the prompt template and "
-                              f"response '{response}' alone take {len(example['input_ids']) - len(ids)} tokens. "
-                              "Raise data.max_length or shorten data.prompt_template.")
-        ids = ids[:keep]
-        text = tokenizer.decode(ids)
-        example = formats.prompt_response_example(tokenizer, render_prompt(template, text, text_pair), response)
-        over = len(example["input_ids"]) - max_length
-    return text, example
-
-
-def label_candidates(tokenizer, cfg, words: list[str], text: str, text_pair: str | None = None) -> dict:
-    """One rendered sequence per label word for the same prompt, and the response-token targets of each."""
-    examples = fit_text(tokenizer, cfg.prompt_template, text, words, cfg.max_length, text_pair)[1]
-    return {"candidates": [e["input_ids"] for e in examples], "targets": [e["labels"] for e in examples]}
 
 
 @dataclass

@@ -3,7 +3,6 @@ to ids. The split roles are train, validation (config key data.validation_split)
 
 from __future__ import annotations
 
-import collections
 import glob
 import hashlib
 import html
@@ -18,7 +17,7 @@ from datasets import ClassLabel, Dataset, DatasetDict, IterableDatasetDict, Valu
 
 from llmkit import assets
 from llmkit.config import DataConfig
-from llmkit.data import excluded, files_problem
+from llmkit.data import excluded, files_problem, label_balance
 from llmkit.errors import LlmkitError
 
 # a training row's identity: its row in the train split as read (before rows are dropped and shuffled), carried
@@ -295,7 +294,7 @@ def load_labeled(cfg: DataConfig, seed: int, log=print, training: bool = True,
     for role, split in wanted.items():
         ids = _to_ids(labels[role], names, split, kept[role])
         if role == "train" and training:
-            _check_balance(ids, names, log)
+            label_balance.check_balance(ids, names, log)
         ds = splits[role].remove_columns(cfg.label_column).add_column("labels", ids)
         limit = cfg.max_train_samples if role == "train" else cfg.max_eval_samples
         if role == "train":
@@ -316,46 +315,6 @@ def _exclude(cfg: DataConfig, ds: Dataset, values: list, rows: list[int], split:
         log(f"data: excluded {len(rows) - len(at)} rows of split '{split}' listed in data.exclude_rows")
         ds, values, rows = ds.select(at), [values[i] for i in at], [rows[i] for i in at]
     return ds, values, rows
-
-
-RARE = 0.01  # a label under this share of the training rows (or under 8 rows) is named in a warning
-
-
-def _check_balance(ids: list[int], names: list[str], log) -> None:
-    """Every label has training rows: a classifier cannot learn a label it never sees (the label set may come from
-    data.label_names or the dataset's features while the rows hold one class). Rare labels get a warning."""
-    counts = [0] * len(names)
-    for i in ids:
-        counts[i] += 1
-    listed = ", ".join(f"{n} {c}" for n, c in zip(names, counts))
-    missing = [n for n, c in zip(names, counts) if c == 0]
-    if missing:
-        raise LlmkitError(f"label(s) {missing} have no training row (train split: {listed}); a classifier cannot "
-                          "learn a label it never sees: add rows of it, or drop it from data.label_names")
-    rare = [n for n, c in zip(names, counts) if c < max(8, RARE * len(ids))]
-    if rare:
-        log(f"warning: label(s) {rare} are rare in the train split ({listed}); the model may never predict them: "
-            "consider train.class_weights: balanced, or more rows of them")
-
-
-def class_weights(setting, train_labels: list[int], label_names: list[str]) -> list[float] | None:
-    """The weight of each class, in label order: None (off), "balanced" (n / (classes x count), sklearn's rule),
-    or the config's list, checked against the labels. Here with the labels, so that `llmkit validate` checks it
-    before a launch (the loss, train.losses, takes the result)."""
-    if setting is None:
-        return None
-    k = len(label_names)
-    if setting == "balanced":
-        counts = collections.Counter(train_labels)
-        missing = [label_names[i] for i in range(k) if not counts[i]]
-        if missing:
-            raise LlmkitError(f"train.class_weights balanced: the train split has no row of {missing}; give the "
-                              "weights as a list, or fix the data")
-        return [len(train_labels) / (k * counts[i]) for i in range(k)]
-    if len(setting) != k:
-        raise LlmkitError(f"train.class_weights lists {len(setting)} weights but the data has {k} labels "
-                          f"{label_names}; give one weight per label, in that order")
-    return [float(w) for w in setting]
 
 
 def digest(ds: Dataset) -> str:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from llmkit.data import lm
+from llmkit.data import label_prompts, lm
 from llmkit.errors import LlmkitError
 from llmkit.exported.scoring import LabelWordScorer, pad_id
 
@@ -108,7 +108,7 @@ class LabelWords(LabelWordScorer):
 
     def frame(self, text: str, text_pair: str | None = None) -> Frame:
         text, prefix, words = self.prompt(text, text_pair)
-        prompt = lm.render_prompt(self.template, text, text_pair)
+        prompt = label_prompts.render_prompt(self.template, text, text_pair)
         string, special = self._prefix_text(prompt)
         enc = self.tokenizer(string, add_special_tokens=special, return_offsets_mapping=True)
         start = string.find(prompt)

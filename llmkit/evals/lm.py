@@ -56,8 +56,9 @@ def log_samples(run, model, tokenizer, step: int) -> None:
     if not t.sample_prompts:
         return
     stage3 = run.zero_stage == 3
-    texts = generate.complete(acc.unwrap_model(model), tokenizer, t.sample_prompts, t.sample_max_new_tokens,
-                              synced=stage3 and acc.num_processes > 1)
+    with acc.autocast():  # as training computes (generate calls the inner model, outside the prepared forward)
+        texts = generate.complete(acc.unwrap_model(model), tokenizer, t.sample_prompts, t.sample_max_new_tokens,
+                                  synced=stage3 and acc.num_processes > 1)
     if not acc.is_main_process:
         return
     for i, (prompt, text) in enumerate(zip(t.sample_prompts, texts)):

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from llmkit.data import lm
+from llmkit.data import label_prompts, lm
 from llmkit.errors import LlmkitError
 from llmkit.model import lm_head
 
@@ -82,8 +82,8 @@ def pad_id(tokenizer) -> int:
 class LabelWordScorer:
     """A causal LM that classifies by label words (recipes/causal_lm.py with data.prompt_template): each label's
     score is its word's log-likelihood after the prompt, the same sum the run's evaluation ranks. The prompt is
-    built exactly as for training and scoring (data.lm.fit_text: the chat template when the tokenizer has one,
-    the text cut once to data.max_length)."""
+    built exactly as for training and scoring (data.label_prompts.fit_text: the chat template when the tokenizer
+    has one, the text cut once to data.max_length)."""
 
     def __init__(self, model, tokenizer, template: str, label_words: list[str], names: list[str], max_length: int):
         self.model, self.tokenizer, self.template = model, tokenizer, template
@@ -93,8 +93,8 @@ class LabelWordScorer:
     def prompt(self, text: str, text_pair: str | None = None) -> tuple[str, list[int], list[tuple[list, list]]]:
         """The text as it lands in the prompt (cut to fit), the prompt's ids, and per label word its tokens and
         their targets after it."""
-        text, examples = lm.fit_text(self.tokenizer, self.template, text, self.label_words, self.max_length,
-                                     text_pair)
+        text, examples = label_prompts.fit_text(self.tokenizer, self.template, text, self.label_words,
+                                                self.max_length, text_pair)
         first = next(i for i, t in enumerate(examples[0]["labels"]) if t != lm.IGNORE)
         prefix = examples[0]["input_ids"][:first]
         if any(e["input_ids"][:first] != prefix for e in examples):

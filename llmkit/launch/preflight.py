@@ -14,7 +14,7 @@ from pathlib import Path
 from llmkit import compression, memory, model
 from llmkit.config import Config, schema
 from llmkit.config.checks import check_hub_token
-from llmkit.data import lm, sources
+from llmkit.data import label_balance, lm, sources
 from llmkit.errors import LlmkitError
 from llmkit.launch import parallel, trackers
 from llmkit.launch.precision import Hardware, hardware, resolve_precision
@@ -346,5 +346,5 @@ def check_inputs(cfg: Config, plan: Plan, say: Callable[[str], None] = lambda li
 
 def _say_weights(cfg: Config, train_labels: list[int], names: list[str], say: Callable[[str], None]) -> None:
     """train.class_weights against the data's labels (the run checks them again before its model loads)."""
-    if weights := sources.class_weights(cfg.train.class_weights, train_labels, names):
+    if weights := label_balance.class_weights(cfg.train.class_weights, train_labels, names):
         say("class weights: " + ", ".join(f"{n} {w:.3f}" for n, w in zip(names, weights)))

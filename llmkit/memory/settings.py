@@ -9,8 +9,10 @@ What each library keeps a weight in, per term (bytes per element):
   frozen, DeepSpeed           bf16/fp16: 2, the engine casts the whole module (_cast_module_mixed_precision);
                               fp32: 4 (it casts nothing: the weights are taken to load in fp32)
   frozen, no DeepSpeed        the loaded dtype: model.dtype, else the checkpoint's own (transformers' dtype "auto"),
-                              fp32 from scratch; nothing casts it. QLoRA: fp32, as peft's
-                              prepare_model_for_kbit_training upcasts every 16-bit weight that is not 4-bit
+                              fp32 from scratch. LoRA in bf16/fp16: the frozen linears (Sizes.quantized: those
+                              bitsandbytes would pack) in the compute dtype, llmkit.model.lora casts them once.
+                              QLoRA: fp32, as peft's prepare_model_for_kbit_training upcasts every 16-bit weight
+                              that is not 4-bit
   frozen, QLoRA's 4-bit       NF4_BYTES: bitsandbytes' Linear4bit packs two weights a byte, with double
                               quantization one uint8 absmax per 64 and one fp32 per 256 of those; only the nn.Linear
                               layers transformers converts (not the embeddings, norms or the output head: Sizes.
@@ -72,8 +74,11 @@ def for_settings(s: Settings) -> MemoryEstimate:
     """The memory estimate of a run: what `llmkit estimate-memory` prints and the preflight checks."""
     sizes, w = s.sizes, width(s.precision)
     frozen = sizes.params - sizes.trainable
-    quantized = min(sizes.quantized, frozen) if s.qlora else 0
-    per_frozen = (NF4_BYTES * quantized + frozen_width(s) * (frozen - quantized)) / frozen if frozen else None
+    # the frozen linears: 4-bit under QLoRA; in the compute dtype under LoRA with autocast (llmkit.model.lora)
+    cast = s.lora and not s.qlora and s.zero is None and s.precision in ("bf16", "fp16")
+    quantized = min(sizes.quantized, frozen) if s.qlora or cast else 0
+    per_linear = NF4_BYTES if s.qlora else w
+    per_frozen = (per_linear * quantized + frozen_width(s) * (frozen - quantized)) / frozen if frozen else None
     tokens = s.batch * s.seq
     acts = 0.0
     if s.batch and s.shape is not None:

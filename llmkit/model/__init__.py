@@ -186,7 +186,7 @@ def load_classifier(cfg: ModelConfig, label_names: list[str], pad_token_id: int 
         # (a config may name another: a tokenizer without a pad token pads with eos)
         model.config.pad_token_id = pad_token_id
     model = _for_adapters(model, cfg, lora, zero3)
-    return apply_lora(model, lora, task_type="SEQ_CLS") if lora is not None else model
+    return apply_lora(model, lora, "SEQ_CLS", precision, zero3) if lora is not None else model
 
 
 def _for_adapters(model, cfg: ModelConfig, lora: LoraConfig | None, zero3: bool = False):
@@ -360,4 +360,4 @@ def load_causal_lm(cfg: ModelConfig, lora: LoraConfig, tokenizer=None, precision
     if tokenizer is not None and model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     model = _for_adapters(model, cfg, lora, zero3)
-    return apply_lora(model, lora, task_type="CAUSAL_LM")
+    return apply_lora(model, lora, "CAUSAL_LM", precision, zero3)

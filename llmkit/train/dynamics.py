@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llmkit.data import lm
+from llmkit.data import label_prompts, lm
 from llmkit.data.packing import IGNORE
 from llmkit.data.sources import ROW_ID_KEY
 from llmkit.errors import LlmkitError
@@ -172,7 +172,7 @@ def for_label_words(run, tokenizer, data: lm.LMData) -> Recorder | None:
     label words begin with the same token (the first tokens could not tell them apart: said in the log)."""
     if data.mode != "labels":
         return None
-    targets = lm.label_candidates(tokenizer, run.cfg.data, data.label_words, "example")["targets"]
+    targets = label_prompts.label_candidates(tokenizer, run.cfg.data, data.label_words, "example")["targets"]
     trained = [[t for t in target if t != IGNORE] for target in targets]
     firsts = [t[0] for t in trained]
     if len(set(firsts)) < len(firsts):
@@ -180,7 +180,7 @@ def for_label_words(run, tokenizer, data: lm.LMData) -> Recorder | None:
                 "is all the training forward scores for every word")
         return None
     try:  # the tokens that end an answer: those of an empty one
-        ends = len([t for t in lm.label_candidates(tokenizer, run.cfg.data, [""], "example")["targets"][0]
+        ends = len([t for t in label_prompts.label_candidates(tokenizer, run.cfg.data, [""], "example")["targets"][0]
                     if t != IGNORE])
     except LlmkitError:
         ends = None

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from llmkit.data.label_balance import class_weights
 from llmkit.data.lm import CLASS_KEY, IGNORE, NOT_MODEL_INPUTS
-from llmkit.data.sources import class_weights
 from llmkit.errors import LlmkitError
 from llmkit.model import lm_head
 
