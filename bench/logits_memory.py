@@ -1,0 +1,163 @@
+"""Causal-LM fine-tuning without the full logits (issue 50), before and after on this machine: the shipped SmolLM2
+recipes (LoRA label words, full fine-tuning on packed text) on 2 CPU ranks, ZeRO-2 and ZeRO-3, at the recipe's
+length and at 4x, each run a few optimizer steps and one evaluation. "before" is a git worktree of --before (the
+commit the issue measured, 5c31b18: full logits, peak per rank 3.78 GiB for the label-word recipe on full-length
+rows) run with the same Python and overrides; "after" is this checkout. The rows reach the length: each row is
+N consecutive polarity sentences joined (bench/memory_predict.py's data, N = 8 or 32).
+
+Per run: each rank's peak memory (RSS with MALLOC_MMAP_THRESHOLD_ fixed, so it follows live memory: bench/
+memory_predict.py explains why), the run's real tokens/s over its steps, the estimate it logged. Runs go in
+interleaved reps (before, after, before, after ...) so that the two sides share the machine's drift; each appends
+one JSON line to bench/results/logits_memory.jsonl and a run already there is skipped. `--table` prints the
+before/after table: peak per rank (max over reps) and the tokens/s ratio with a 95% bootstrap interval over the
+paired reps (scipy.stats.bootstrap, bench/throughput.py's method).
+
+    .venv/bin/python bench/logits_memory.py [--rows lora_zero2 ...] [--reps 3] [--steps 6] [--before 5c31b18]
+    .venv/bin/python bench/logits_memory.py --table
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "bench" / "results" / "logits_memory.jsonl"
+GIB = 2**30
+# name: (recipe, config, accelerate config, sentences a row, more overrides)
+ROWS = {
+    "lora_zero2": ("causal_lm", "sentiment_smollm2_lora.yaml", "cpu_zero2.yaml", 8, []),
+    "lora_zero3": ("causal_lm", "sentiment_smollm2_lora.yaml", "cpu_zero3.yaml", 8, []),
+    "lora_zero2_4x": ("causal_lm", "sentiment_smollm2_lora.yaml", "cpu_zero2.yaml", 32, ["--data.max_length", "640"]),
+    "full_zero2": ("causal_lm", "smollm2_full_polarity_text.yaml", "cpu_zero2.yaml", 8,
+                   ["--model.gradient_checkpointing", "false"]),
+    "full_zero3": ("causal_lm", "smollm2_full_polarity_text.yaml", "cpu_zero3.yaml", 8,
+                   ["--model.gradient_checkpointing", "false"]),
+    "full_zero2_4x": ("causal_lm", "smollm2_full_polarity_text.yaml", "cpu_zero2.yaml", 32,
+                      ["--model.gradient_checkpointing", "false", "--data.max_length", "1024",
+                       "--train.per_device_batch_size", "1"]),
+}
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
+def _host() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "")
+    return f"{cpu}, {os.cpu_count()} cores"
+
+
+def long_rows(out: Path, join: int) -> Path:
+    """The polarity train and validation splits, `join` consecutive sentences a row (the first one's label)."""
+    from llmkit.model import locate
+
+    src = Path(locate("asset:polarity", "data.dataset"))
+    out.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "validation"):
+        rows = [json.loads(line) for line in (src / f"{split}.jsonl").read_text().splitlines()]
+        with open(out / f"{split}.jsonl", "w") as fh:
+            for k in range(0, len(rows) - join + 1, join):
+                fh.write(json.dumps({"text": " ".join(r["text"] for r in rows[k:k + join]),
+                                     "label": rows[k]["label"]}) + "\n")
+    return out
+
+
+def tree(side: str, before: str) -> Path:
+    """The code a side runs: this checkout, or a worktree of the `before` commit (made once)."""
+    if side == "after":
+        return ROOT
+    path = Path(tempfile.gettempdir()) / f"llmkit-before-{before}"
+    if not path.is_dir():
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "-f", str(path), before], check=True)
+    return path
+
+
+def run(name: str, side: str, before: str, steps: int) -> dict:
+    recipe, config, accelerate, join, extra = ROWS[name]
+    code = tree(side, before)
+    with tempfile.TemporaryDirectory(prefix="llmkit-logits-") as tmp:
+        data = long_rows(Path(tmp) / "data", join)
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(code / "accelerate_configs" / accelerate), "--main_process_port", "29643",
+               str(code / "recipes" / f"{recipe}.py"), "--config", str(code / "recipes" / "configs" / config),
+               "--output.output_dir", f"{tmp}/run", "--train.max_steps", str(steps), "--train.logging_steps", "1",
+               "--train.eval_every_steps", str(steps), "--data.max_train_samples", "256",
+               "--data.max_eval_samples", "32", "--data.test_split", "null", "--output.explain_rows", "0",
+               "--output.verify_export", "false", "--train.sample_prompts", "null", "--data.dataset", str(data),
+               *extra]
+        proc = subprocess.run(cmd, cwd=code, env={**ENV, "PYTHONPATH": str(code)}, capture_output=True, text=True,
+                              timeout=1800)
+        if proc.returncode != 0:
+            raise SystemExit(f"{name} ({side}) failed:\n{proc.stderr[-3000:]}")
+        said = proc.stdout + proc.stderr
+        estimate = re.findall(r"^\s+(?:live|total) at peak\s+(\d+\.\d+) GiB", said, re.M)
+        train = json.loads((Path(tmp) / "run" / "metrics.json").read_text())["train"]
+    return {"row": name, "side": side, "commit": before if side == "before" else _head(), "host": _host(),
+            "steps": steps, "precision": train["precision"], "zero_stage": train["zero_stage"],
+            "peak_gib_per_rank": [round(b / GIB, 3) for b in train["per_rank"]["peak_memory_bytes"]],
+            "real_tokens_per_second": train.get("real_tokens_per_second"),
+            "estimate_gib": float(estimate[-1]) if estimate else None}
+
+
+def _head() -> str:
+    return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True).stdout.strip()
+
+
+def table(rows: list[dict]) -> str:
+    import numpy as np
+    from scipy import stats
+
+    lines = ["| run | peak per rank, before | after | after / before | tokens/s before | after | ratio (95% CI) |",
+             "|---|---|---|---|---|---|---|"]
+    for name in ROWS:
+        got = {side: [r for r in rows if r["row"] == name and r["side"] == side] for side in ("before", "after")}
+        if not got["before"] or not got["after"]:
+            continue
+        peak = {s: max(max(r["peak_gib_per_rank"]) for r in got[s]) for s in got}
+        speed = {s: [r["real_tokens_per_second"] for r in got[s]] for s in got}
+        n = min(len(speed["before"]), len(speed["after"]))
+        ratios = np.array(speed["after"][:n]) / np.array(speed["before"][:n])
+        ci = "n/a (one rep)"
+        if n > 1:
+            res = stats.bootstrap((ratios,), np.median, confidence_level=0.95, n_resamples=2000,
+                                  random_state=0, method="percentile")
+            ci = f"{np.median(ratios):.3f} ({res.confidence_interval.low:.3f}-{res.confidence_interval.high:.3f})"
+        lines.append(f"| {name} | {peak['before']:.2f} GiB | {peak['after']:.2f} GiB | "
+                     f"{peak['after'] / peak['before']:.2f} | {np.median(speed['before']):.0f} | "
+                     f"{np.median(speed['after']):.0f} | {ci} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS))
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--before", default="5c31b18")
+    ap.add_argument("--table", action="store_true", help="print the table of what is measured, run nothing")
+    args = ap.parse_args()
+    rows = [json.loads(line) for line in OUT.read_text().splitlines()] if OUT.is_file() else []
+    if args.table:
+        print(table([r for r in rows if r["host"] == _host()]))
+        return
+    for rep in range(args.reps):
+        for name in args.rows:
+            for side in ("before", "after"):
+                have = [r for r in rows if (r["row"], r["side"], r["host"]) == (name, side, _host())]
+                if len(have) > rep:
+                    continue
+                row = {**run(name, side, args.before, args.steps), "rep": rep}
+                rows.append(row)
+                with open(OUT, "a") as fh:
+                    fh.write(json.dumps(row) + "\n")
+                print(f"{name} {side} rep {rep}: peak {max(row['peak_gib_per_rank']):.2f} GiB per rank, "
+                      f"{row['real_tokens_per_second']} real tokens/s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
