@@ -294,29 +294,65 @@ def test_security_rules_of_the_code_base():
     assert "safe_serialization=False" not in export
 
 
-def _started_modules() -> dict[str, list[str]]:
-    """Each `python -m MODULE` llmkit starts (fresh.run_python), with where; and each `-c` (source in a string)."""
-    found: dict[str, list[str]] = {}
-    for module, path in _modules().items():
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) == "run_python" \
-                    and node.args and isinstance(node.args[0], ast.List) and node.args[0].elts:
-                first = node.args[0].elts[:2]
-                flag = first[0].value if isinstance(first[0], ast.Constant) else None
-                target = first[1].value if len(first) > 1 and isinstance(first[1], ast.Constant) else None
-                found.setdefault(target if flag == "-m" else f"<{flag}>", []).append(f"{module}:{node.lineno}")
+def _is_sys_executable(node: ast.AST) -> bool:
+    return isinstance(node, ast.Attribute) and node.attr == "executable" and getattr(node.value, "id", "") == "sys"
+
+
+def _interpreter_args(tree: ast.AST) -> list[tuple[list[ast.expr], int]]:
+    """The interpreter's arguments of every process a module starts, with the line: fresh.run_python([...]), and
+    any list [sys.executable, ...] (a subprocess.run / Popen command line). A list that hands on arguments it is
+    given (fresh.run_python's own [sys.executable, *args]) starts nothing of its own and is left out."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) == "run_python" \
+                and node.args and isinstance(node.args[0], ast.List) and node.args[0].elts:
+            found.append((node.args[0].elts, node.lineno))
+        elif isinstance(node, ast.List) and len(node.elts) > 1 and _is_sys_executable(node.elts[0]) \
+                and not isinstance(node.elts[1], ast.Starred):
+            found.append((node.elts[1:], node.lineno))
     return found
+
+
+def _started_modules(modules: dict[str, Path] | None = None) -> dict[str, list[str]]:
+    """Each `python -m MODULE` llmkit starts (fresh.run_python, or a [sys.executable, "-m", ...] command line),
+    with where; and each other interpreter call (`-c`: source in a string; a script) as <its first argument>."""
+    found: dict[str, list[str]] = {}
+    for module, path in (modules or _modules()).items():
+        for args, line in _interpreter_args(ast.parse(path.read_text())):
+            flag = args[0].value if isinstance(args[0], ast.Constant) else None
+            target = args[1].value if len(args) > 1 and isinstance(args[1], ast.Constant) else None
+            found.setdefault(target if flag == "-m" else f"<{flag}>", []).append(f"{module}:{line}")
+    return found
+
+
+# the outside programs llmkit runs with its own interpreter (`llmkit assets` downloads pinned files with pip)
+OUTSIDE_MODULES = {"pip"}
 
 
 def test_every_started_process_is_an_importable_module_with_a_main():
     """A process llmkit starts for a job runs a module that imports like any other and has a `main` (no program
-    kept as source in a string, which no linter, import or layer test reads)."""
+    kept as source in a string, which no linter, import or layer test reads): fresh.run_python's, and a command
+    line that starts the interpreter itself (`llmkit launch` / `llmkit audit` run `python -m llmkit.cli train`)."""
     import importlib
 
     started = _started_modules()
-    assert started and all(m.startswith("llmkit.") for m in started), started  # "<-c>" would be source in a string
-    for module in started:
+    assert "llmkit.cli" in started and "llmkit.ship.reload" in started, started  # both kinds of start are seen
+    ours = {m for m in started if m.startswith("llmkit.")}
+    assert not set(started) - ours - OUTSIDE_MODULES, started  # "<-c>" would be source in a string
+    for module in ours:
         assert callable(getattr(importlib.import_module(module), "main", None)), f"{module} has no main()"
+
+
+def test_the_started_process_check_sees_both_kinds_of_start(tmp_path):
+    (tmp_path / "job.py").write_text(
+        "import subprocess, sys\nfrom llmkit import fresh\n"
+        "def go(args):\n"
+        "    fresh.run_python(['-m', 'llmkit.ship.reload', 'x'])\n"
+        "    subprocess.run([sys.executable, '-m', 'llmkit.cli', 'train'])\n"
+        "    subprocess.run([sys.executable, '-c', 'print(1)'])\n"
+        "    return subprocess.run([sys.executable, *args])\n")
+    assert _started_modules({"llmkit.job": tmp_path / "job.py"}) == {
+        "llmkit.ship.reload": ["llmkit.job:4"], "llmkit.cli": ["llmkit.job:5"], "<-c>": ["llmkit.job:6"]}
 
 
 def _code_lines(path: Path) -> list[tuple[int, str]]:
@@ -332,7 +368,8 @@ def _code_lines(path: Path) -> list[tuple[int, str]]:
 # the names of the files and folders a run or an export leaves: spelled in rundir/layout.py alone
 RUN_FILE_NAMES = ('"config.json"', '"adapter_config.json"', '"final"', '"merged"', '"training_config.yaml"',
                   '"metrics.json"', '"llmkit_probe.json"', '"quantized.json"', '"report.html"', '"report.md"',
-                  '"report.json"', 'f"step-{', '"predictions_', '"training_dynamics.npy"', '"data_map.json"')
+                  '"report.json"', 'f"step-{', '"predictions_', '"training_dynamics.npy"', '"data_map.json"',
+                  '"compare.')
 
 
 def test_no_run_or_export_file_name_outside_the_layout():
@@ -341,18 +378,47 @@ def test_no_run_or_export_file_name_outside_the_layout():
     assert not found, "\n".join(found)
 
 
-def test_an_exports_kind_and_model_folder_are_decided_in_one_module():
-    """What an export is (classifier, label-word LM, causal LM, adapter) and which folder holds its model are
-    decided by llmkit.exported.opened; an architecture's name is read by llmkit.model's predicates alone."""
+# "is this folder an export, does it hold a model or an adapter": a test of the files that mark a model's folder
+EXPORT_TEST = re.compile(r"(MODEL_CONFIG|ADAPTER_CONFIG|\"config\.json\"|\"adapter_config\.json\")\)\.(is_file|exists)\(\)"
+                         r"|Export\([^()]*\)\.adapter\.(is_dir|exists)\(\)")
+# who may ask it: the export's owner, the run folder's map, and the model loader (a training run's model and
+# tokenizer folders, before any export exists)
+EXPORT_TEST_OK = ("llmkit.exported.opened", "llmkit.rundir.layout", "llmkit.model")
+
+
+def _decides_an_exports_kind(module: str, line: str) -> bool:
     owner, predicates = "llmkit.exported.opened", "llmkit.model"
-    found = []
-    for module, path in _modules().items():
-        for i, line in _code_lines(path):
-            if 'endswith("For' in line and module != predicates:
-                found.append(f"{module}:{i}: {line.strip()}")
-            if re.search(r"merged\.is_dir\(\)|\.merged / |merged / MODEL_CONFIG", line) and module != owner:
-                found.append(f"{module}:{i}: {line.strip()}")
+    if 'endswith("For' in line and module != predicates:
+        return True
+    if re.search(r"merged\.is_dir\(\)|\.merged / |merged / MODEL_CONFIG", line) and module != owner:
+        return True
+    return bool(EXPORT_TEST.search(line)) and not any(module == ok or module.startswith(ok + ".")
+                                                      for ok in EXPORT_TEST_OK)
+
+
+def test_an_exports_kind_and_model_folder_are_decided_in_one_module():
+    """What an export is (classifier, label-word LM, causal LM, adapter), whether a folder is one and which folder
+    holds its model are decided by llmkit.exported.opened (is_export, holds_model, open_export); an architecture's
+    name is read by llmkit.model's predicates alone."""
+    found = [f"{module}:{i}: {line.strip()}" for module, path in _modules().items()
+             for i, line in _code_lines(path) if _decides_an_exports_kind(module, line)]
     assert not found, "\n".join(found)
+
+
+@pytest.mark.parametrize("module, line, flagged", [
+    ("llmkit.ship.hub", "    if (path / MODEL_CONFIG).is_file() or Export(path).adapter.is_dir():", True),
+    ("llmkit.ship.verify", "merge=not (folder / MODEL_CONFIG).is_file())", True),
+    ("llmkit.ship.x", "    if (folder / ADAPTER_CONFIG).is_file():", True),
+    ("llmkit.exported.opened", "    return (Path(folder) / MODEL_CONFIG).is_file()", False),
+    ("llmkit.model", "        if local.is_dir() and not (local / MODEL_CONFIG).is_file() and what:", False),
+    # reading a known model folder's config, copying its files, a run's own records: not a test of what it is
+    ("llmkit.ship.to_gguf", "    config = json.loads((folder / MODEL_CONFIG).read_text())", False),
+    ("llmkit.ship.quantize", "        if (model_dir / name).is_file():", False),
+    ("llmkit.ship.hub", "        if export.adapter.is_dir():  # a LoRA classifier", False),
+    ("llmkit.commands.x", "    if run.config.is_file():", False),
+])
+def test_the_export_kind_check_sees_a_folder_tested_for_a_model_s_files(module, line, flagged):
+    assert _decides_an_exports_kind(module, line) is flagged
 
 
 def test_one_scorer_per_kind_and_one_perplexity():

@@ -27,10 +27,11 @@ from llmkit.report import compared, paired, runs
 from llmkit.report.numbers import calibration, read_predictions, split_report
 from llmkit.report.undefined import defined, not_defined
 from llmkit.rundir import outputs
-from llmkit.rundir.layout import RunDir, read_json
+from llmkit.rundir.layout import COMPARE, REPORT_KINDS, RunDir, read_json
 
 MARKER = ".llmkit-compare"  # a `llmkit compare` output folder, which a later compare replaces with --overwrite
-FILES = ("compare.json", "compare.md", "compare.html", "model-*", "explain-model-*.json", MARKER)  # all it writes
+PAGES = {kind: COMPARE.format(kind=kind) for kind in REPORT_KINDS}  # compare.json, compare.md, compare.html
+FILES = (*PAGES.values(), "model-*", "explain-model-*.json", MARKER)  # all it writes
 
 
 def _folder(model: str) -> Path:
@@ -179,7 +180,7 @@ class _Failures:
         except Exception as exc:  # recorded where the number would be, never dropped unseen
             text = f"{type(exc).__name__}: " + (str(exc).strip().splitlines() or ["(no message)"])[0]
             self.said.append(f"{what}: {text}")
-            print(f"compare: {what} failed ({text}); compare.json records it and keeps the rest", file=sys.stderr,
+            print(f"compare: {what} failed ({text}); {PAGES['json']} records it and keeps the rest", file=sys.stderr,
                   flush=True)
             return {"error": text}
 
@@ -301,11 +302,11 @@ def compare(models: list[str], source: str, split: str, output_dir: str | Path, 
         try:
             compared.write(doc, build)
         except Exception as exc:  # a page that cannot be drawn: the numbers are in compare.json (written first)
-            if not (build / "compare.json").is_file():
+            if not (build / PAGES["json"]).is_file():
                 raise
             unpainted = exc
     if unpainted is not None:
-        raise LlmkitError(f"compare.json is written, but drawing its pages failed: {type(unpainted).__name__}: "
+        raise LlmkitError(f"{PAGES['json']} is written, but drawing its pages failed: {type(unpainted).__name__}: "
                           f"{unpainted}") from unpainted
     return doc
 
@@ -329,5 +330,5 @@ def main(args: argparse.Namespace) -> None:
                                   f"accuracy {m['accuracy']:.4f}  f1_macro {m['f1_macro']:.4f}") + f"  ({m['model']})")
         if "run_reported" in m and "error" not in m:
             print(f"  {runs.rescored(m['run_reported'], m['accuracy'])}")
-    print("\n".join(compared.verdict(doc)) + f"\ncomparison: {Path(args.output) / 'compare.html'} (and compare.md, "
-          "compare.json)")
+    print("\n".join(compared.verdict(doc)) + f"\ncomparison: {Path(args.output) / PAGES['html']} (and "
+          f"{PAGES['md']}, {PAGES['json']})")

@@ -30,6 +30,18 @@ def is_adapter(folder: Path) -> bool:
     return (Path(folder) / ADAPTER_CONFIG).is_file()
 
 
+def holds_model(folder: Path) -> bool:
+    """The folder holds a model's own files (transformers' config.json): a full or merged model, a LoRA
+    classifier's merged one, a quantized copy; not an adapter alone."""
+    return (Path(folder) / MODEL_CONFIG).is_file()
+
+
+def is_export(folder: Path) -> bool:
+    """The folder is an exported model itself (a run's final/ or a copy of it), not a run directory: it holds a
+    model, or a LoRA run's adapter/."""
+    return holds_model(folder) or layout.Export(Path(folder)).adapter.is_dir()
+
+
 def adapter_base(folder: Path) -> str | None:
     """The base model an adapter folder names."""
     return json.loads((Path(folder) / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
@@ -100,7 +112,7 @@ class Opened:
 def export_of(path: Path) -> Path:
     """A run directory stands for its export (final/); anything else is the folder itself."""
     final = layout.RunDir(path).final.root
-    return final if not (path / MODEL_CONFIG).is_file() and not is_adapter(path) and final.is_dir() else path
+    return final if not holds_model(path) and not is_adapter(path) and final.is_dir() else path
 
 
 def open_export(path: str | Path, prompt_template: str | None = None, label_words: list[str] | None = None,
@@ -125,7 +137,7 @@ def open_export(path: str | Path, prompt_template: str | None = None, label_word
     if max_length is not None:
         data["max_length"] = max_length
     merged, adapter = layout.Export(root).merged, layout.Export(root).adapter
-    folder = merged if (merged / MODEL_CONFIG).is_file() else root if (root / MODEL_CONFIG).is_file() else None
+    folder = merged if holds_model(merged) else root if holds_model(root) else None
     adapter = adapter if is_adapter(adapter) else root if is_adapter(root) else None
     if folder is None and adapter is None:
         raise LlmkitError(f"{path} holds no exported model: it has no {MODEL_CONFIG} or {ADAPTER_CONFIG}. Give a "

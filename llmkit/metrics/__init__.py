@@ -30,7 +30,7 @@ def load(name: str):
 
 def classification_metrics(predictions, references, num_labels: int) -> dict[str, float]:
     """accuracy, f1, precision, recall (binary for 2 classes, of class 1; macro otherwise) and macro F1."""
-    average = "binary" if num_labels == 2 else "macro"
+    average = "binary" if is_binary(range(num_labels)) else "macro"
     # macro over the labels the rows hold or the model predicts (scikit-learn's default): a label of the model's
     # that the scored rows never touch (a 3-class model on 2-label data) would add an F1 of 0, not evidence
     labels = sorted(set(map(int, references)) | set(map(int, predictions)))

@@ -10,7 +10,7 @@ import numpy as np
 
 from llmkit import compression
 from llmkit.errors import LlmkitError
-from llmkit.metrics import averaging, classification_metrics
+from llmkit.metrics import averaging, classification_metrics, is_binary
 from llmkit.metrics.counts import per_class_scores
 from llmkit.report import runs
 from llmkit.report.undefined import not_defined
@@ -106,8 +106,9 @@ def bootstrap(y: np.ndarray, pred: np.ndarray, num_labels: int, samples: int = B
 
 
 def _f1(y: np.ndarray, pred: np.ndarray, k: int) -> float:
-    """Binary F1 of class 1 for 2 classes, macro F1 otherwise (the headline F1, as in the run's metrics)."""
-    if k == 2:
+    """The headline F1 of `k` classes, as in the run's metrics: binary F1 of class 1 where llmkit.metrics calls the
+    labels binary, else macro F1."""
+    if is_binary(range(k)):
         return float(per_class_scores(pred, y, [1])[2][0])
     return float(per_class_scores(pred, y, np.union1d(y, pred))[2].mean())  # macro over the labels present
 
@@ -146,7 +147,7 @@ def ranking(y: np.ndarray, probs: np.ndarray, names: list[str]) -> dict:
     """ROC AUC and average precision (of class 1 for two labels, the positive class of binary F1; else the macro
     average of one-vs-rest, defined only where every class has rows in and out of it), and their curves."""
     k = len(names)
-    if k == 2:  # the curves rank rows by the probability of class 1
+    if is_binary(names):  # the curves rank rows by the probability of class 1
         roc, pr = _one_against_rest((y == 1).astype(int), probs[:, 1], names[1], f"positive: {names[1]}")
         rocs, prs = [roc], [pr]
     else:
@@ -157,7 +158,7 @@ def ranking(y: np.ndarray, probs: np.ndarray, names: list[str]) -> dict:
     support = {names[c]: int((y == c).sum()) for c in range(k)}
     for key, curves in (("roc_auc", rocs), ("average_precision", prs)):
         missing = [c for c in curves if isinstance(c, dict)]
-        if k == 2:
+        if is_binary(names):
             out[key] = curves[0][3] if not missing else missing[0]
         else:
             out[key] = float(np.mean([c[3] for c in curves])) if not missing else not_defined(

@@ -33,6 +33,7 @@ class WeightsUploader:
         state_dict, unwrapped = export.gather(self.run, model)
         if not self.main:
             return
+        verify.no_empty_tensors({k: tuple(v.shape) for k, v in state_dict.items()}, "the gathered weights")
         snapshot = self.root / checkpoint.name
         shutil.rmtree(snapshot, ignore_errors=True)
         self._write(snapshot, unwrapped, state_dict)

@@ -13,14 +13,13 @@ from llmkit import assets, compression, model
 from llmkit.config.checks import check_hub_token as token
 from llmkit.config.checks import check_repo_id, check_revision
 from llmkit.errors import LlmkitError
-from llmkit.exported.opened import CLASSIFIER, open_export
+from llmkit.exported.opened import CLASSIFIER, is_export, open_export
 from llmkit.rundir import outputs
-from llmkit.rundir.layout import ADAPTER_CONFIG, MERGED, MODEL_CONFIG, PROBE, Export, RunDir, read_json
+from llmkit.rundir.layout import ADAPTER_CONFIG, MERGED, PROBE, REPORT_KINDS, Export, RunDir, read_json
 from llmkit.ship import card, verify
 
 RETRIES = 4  # after the first try; waits 1, 2, 4, 8 s
 INTERNAL = {PROBE}  # kept locally, not uploaded
-REPORT_KINDS = ("html", "md", "json")  # the run's report files, uploaded beside the model
 TEXT = (".json", ".yaml", ".yml", ".md", ".html", ".txt", ".jinja")  # staged files scrubbed of local paths
 
 
@@ -33,7 +32,7 @@ def _final_dir(path: str | Path | RunDir) -> tuple[RunDir, Path]:
     path = run.root
     if run.final.root.is_dir():
         return run, run.final.root
-    if (path / MODEL_CONFIG).is_file() or Export(path).adapter.is_dir():
+    if is_export(path):
         return RunDir(path.parent), path
     raise LlmkitError(f"'{path}' is neither a run directory with final/ nor an exported model folder")
 

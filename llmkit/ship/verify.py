@@ -1,5 +1,6 @@
 """Checks that an export is what the run trained: no empty tensors, and the weights reloaded with plain
-transformers / peft in a fresh interpreter reproduce the run's own logits on a probe kept in final/."""
+transformers / peft in a fresh interpreter reproduce the run's own logits on a probe kept in final/. An export
+being written is checked by one call, check_export; `llmkit push` checks its staged folder with the same pieces."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ import numpy as np
 
 from llmkit import fresh
 from llmkit.errors import LlmkitError
-from llmkit.rundir.layout import MERGED, MODEL_CONFIG, Export
+from llmkit.exported import opened
+from llmkit.model import check_export_weights
+from llmkit.rundir.layout import MERGED, Export
 
 VERIFY_ROWS = 64
 
@@ -35,6 +38,64 @@ def check_weights(folder: Path, action: str = "push") -> None:
         with safe_open(str(path), framework="pt") as fh:
             shapes = {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
         no_empty_tensors(shapes, str(path.relative_to(folder)), action=action)
+
+
+def check_export(folder: Path, gathered: dict[str, tuple], evidence: dict, reload: bool,
+                 log=print) -> tuple[dict, dict]:
+    """The one check of an export written into `folder` (ship.export calls it once, between writing and
+    publishing): the gathered weights (`gathered`: their shapes) and a LoRA run's written adapter hold no size-0
+    tensor; the probe is built from `evidence`; then the folder is reloaded in a fresh process and must reproduce
+    the run's logits (`reload`, and always for a LoRA run, whose merged model that reload writes), else its files
+    are checked whole and without empty tensors (weights_only). Returns (the probe, the check's record for
+    metrics.json "export_check").
+
+    `evidence`: "kind" (classification | causal_lm), "lora" (bool), "precision", "trust_remote_code"; a
+    classifier's "rows", "data" (the data config) and "predictions" (the run's on those rows), with a LoRA run's
+    "base", "quantized" and "head"; a causal LM's "ids" and "logits" (the run's own), "base" and "quantized"."""
+    no_empty_tensors(gathered, "the gathered weights")
+    lora = evidence["lora"]
+    if lora:
+        _adapter_tensors(Export(folder).adapter)
+    probe = _probe(evidence)
+    if not (lora or reload):
+        return probe, weights_only(folder)
+    log("export: reloading it with plain transformers in a fresh CPU process to check it"
+        + (" (and merging the adapter)" if lora else "") + "; the other ranks wait")
+    if probe["kind"] == "classification":  # for LoRA this writes the merged classifier into `folder` first
+        return probe, check_classifier(folder, probe)
+    return probe, check_causal_lm(Export(folder).adapter if lora else folder, probe,
+                                  merged_out=Export(folder).merged)  # for LoRA this also writes merged/
+
+
+def _adapter_tensors(adapter: Path) -> None:
+    """The LoRA adapter as written (and, for a classifier, its trained head): no tensor may be empty."""
+    from safetensors import safe_open
+
+    with safe_open(str(adapter / "adapter_model.safetensors"), framework="pt") as fh:
+        shapes = {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
+    no_empty_tensors(shapes, "the written LoRA adapter")
+
+
+def _probe(evidence: dict) -> dict:
+    """The inputs and the run's own logits on them, kept in final/ (llmkit_probe.json) to check the export again
+    at `llmkit push`."""
+    e = evidence
+    if e["kind"] == "classification":
+        probe = classifier_probe(e["rows"], e["data"], e["predictions"], e["precision"], e["trust_remote_code"])
+        if e["lora"]:
+            probe.update(lora=True, base=e["base"], quantized=e["quantized"], head=e["head"])
+        return probe
+    return {"kind": "causal_lm", "precision": e["precision"], "lora": e["lora"], "base": e["base"], "ids": e["ids"],
+            "trust_remote_code": e["trust_remote_code"], "quantized": e["quantized"],
+            "logits": np.asarray(e["logits"], dtype=np.float64).tolist()}
+
+
+def weights_only(folder: Path) -> dict:
+    """output.verify_export false: the written files are checked for cut files and empty tensors, not reloaded
+    (the probe is still kept, so `llmkit push` reloads and compares before anything is uploaded)."""
+    check_export_weights(folder, "the export")
+    check_weights(folder, action="export")
+    return {"reloaded": False, "why": "output.verify_export is false"}
 
 
 QUANTIZED_MERGE_TOL = 0.5  # relative logit difference allowed between a QLoRA run and its full-precision merge
@@ -71,7 +132,7 @@ def check_classifier(folder: Path, probe: dict) -> dict:
     folder = fresh.absolute(folder)  # the fresh process runs elsewhere
     spec = {**probe, "folder": str(folder)}
     if probe.get("lora"):
-        spec.update(adapter=str(Export(folder).adapter), merge=not (folder / MODEL_CONFIG).is_file())
+        spec.update(adapter=str(Export(folder).adapter), merge=not opened.holds_model(folder))
     reloaded = _run_fresh("classifier", spec, folder)
     if reloaded["missing"] or reloaded["unexpected"]:
         raise LlmkitError(f"the export at {folder} reloads with missing {reloaded['missing']} / unexpected "
