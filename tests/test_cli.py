@@ -46,20 +46,20 @@ def test_battery_one_clear_line_exit_2_nothing_changed(tmp_path, battery_assets,
     assert bad_inputs.verdict(case, got) is None, (bad_inputs.verdict(case, got), got.stderr[-3000:], got.crash)
 
 
-# under a launcher: one case met before the process group (the DeepSpeed JSON), one in the data after it
-UNDER_LAUNCH = [("--deepspeed.config_file={ds}", "'bf16' in DeepSpeed config"),
+# under a launcher: one case met before the process group (fp16 asked on a machine without a GPU), one in the data
+# after it (the same checks in process: test_config's precision and DeepSpeed-JSON cases)
+UNDER_LAUNCH = [("--train.precision=fp16", "train.precision is fp16, but no GPU is available"),
                 ("--data.text_column=sentence", "split 'train' has no column 'sentence'")]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("arg", "message"), UNDER_LAUNCH, ids=["deepspeed-json", "data"])
+@pytest.mark.parametrize(("arg", "message"), UNDER_LAUNCH, ids=["fp16-without-gpu", "data"])
 def test_llmkit_launch_user_error_is_one_line_and_exit_2(tmp_path, tiny_bert, tiny_data, arg, message):
     """`llmkit launch` is `accelerate launch` whose user errors end as exit 2 and the one llmkit line, with no
     traceback of the launcher or of another rank; the run folder is left so the fixed command runs."""
     cfg = write_config(tmp_path / "c.yaml", tiny_bert, tiny_data, tmp_path / "out")
-    (tmp_path / "ds.json").write_text('{"bf16": true}')
     cmd = [sys.executable, "-m", "llmkit.cli", "launch", *launch_command("recipes/classification.py", [
-        "--config", str(cfg), arg.format(ds=tmp_path / "ds.json")], "cpu_zero2.yaml")[3:]]
+        "--config", str(cfg), arg], "cpu_zero2.yaml")[3:]]
     proc = subprocess.run(cmd, cwd=ROOT, env=LAUNCH_ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if "llmkit: error" in line]
@@ -67,6 +67,8 @@ def test_llmkit_launch_user_error_is_one_line_and_exit_2(tmp_path, tiny_bert, ti
     assert "Traceback" not in proc.stderr
     # none of torch's launcher lines (W/E + date: its thread banner, the ranks it stopped, the failed rank)
     assert [line for line in proc.stderr.splitlines() if re.match(r"[WE]\d{4} ", line)] == [], proc.stderr[-3000:]
+    if "precision" in arg:  # refused before any process group: nothing was started or written
+        assert not (tmp_path / "out").exists()
     if (tmp_path / "out").exists():  # a run stopped before its first step: the same folder is "new" again
         from llmkit.config import load_config
         from llmkit.rundir.layout import RunDir

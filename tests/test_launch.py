@@ -222,26 +222,6 @@ def test_plain_zero_stages_train_and_export(zero_runs, stage):
     assert len(first) == len(set(first)) == ZERO_RUN_ROWS and set(first) == set(second) <= set(range(96))
 
 
-def test_fp16_is_refused_on_cpu_before_training(tmp_path, tiny_bert, tiny_data):
-    cfg = write_config(tmp_path / "c.yaml", tiny_bert, tiny_data, tmp_path / "out", precision="fp16")
-    proc = launch("recipes/classification.py", ["--config", str(cfg)])
-    assert proc.returncode != 0
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("llmkit: error:")]
-    assert len(errors) == 1 and "train.precision is fp16, but no GPU is available" in errors[0]
-    assert not (tmp_path / "out").exists()  # nothing was started or written
-
-
-def test_json_and_llmkit_config_disagree_under_launch(tmp_path, tiny_bert, tiny_data):
-    ds = json.loads((ROOT / "ds_configs/zero2.json").read_text())
-    ds["gradient_accumulation_steps"] = 8
-    (tmp_path / "ds.json").write_text(json.dumps(ds))
-    cfg = write_config(tmp_path / "c.yaml", tiny_bert, tiny_data, tmp_path / "out", gradient_accumulation_steps=4)
-    proc = launch("recipes/classification.py", ["--config", str(cfg), "--deepspeed.config_file", str(tmp_path / "ds.json")])
-    assert proc.returncode != 0
-    assert "'gradient_accumulation_steps' is 8 in the DeepSpeed config" in proc.stderr
-    assert "4 from train.gradient_accumulation_steps in the llmkit config" in proc.stderr
-
-
 def test_two_nodes_simulated_on_loopback_zero3(tmp_path, tiny_bert, tiny_data):
     """Two `accelerate launch` processes as two machines (one rank each) on 127.0.0.1, multi-node ZeRO-3 template."""
     out = tmp_path / "run"
