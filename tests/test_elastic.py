@@ -71,17 +71,9 @@ def _rows_by_step(folder) -> dict[int, list[int]]:
 ELASTIC_RTOL = 1e-5
 
 
-# Found when ZeRO-3's weights got their weight decay (two parameter groups instead of one): an elastic ZeRO-3 resume
-# then ends 1.62e-5 (relative) from the straight run in both directions, the same number each way, and a
-# LayerNorm bias differs past 1e-4: systematic, not rounding. A known bug, kept failing on purpose (strict) until
-# it is fixed; the other stages and the same-size ZeRO-3 resumes (test_train_checkpoint) stay exact.
-ZERO3_TWO_GROUPS = pytest.mark.xfail(strict=True, reason="ZeRO-3 elastic resume with two parameter groups drifts "
-                                     "1.6e-5 from the straight run (under investigation)")
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize(("stage", "saved", "ranks"), [
-    (2, 2, 1), (2, 1, 2), pytest.param(3, 2, 1, marks=ZERO3_TWO_GROUPS), pytest.param(3, 1, 2, marks=ZERO3_TWO_GROUPS),
+    (2, 2, 1), (2, 1, 2), (3, 2, 1), (3, 1, 2),
     (1, 2, 1), (0, 2, 1)])
 def test_an_elastic_resume_trains_on_the_rows_a_straight_run_would(tmp_path, tiny_bert_no_dropout, tiny_data, stage,
                                                                   saved, ranks):

@@ -301,6 +301,12 @@ def _load_elsewhere(run, path: Path, state: TrainerState, optimizer) -> dict:
     for group, value in zip(optimizer.param_groups, decay):
         if value is not None:
             group["weight_decay"] = value
+    # ... and it hands every sub-group one and the same Adam step tensor (stage3.py: state[...]["step"] = state_step),
+    # which AdamW advances in place once per sub-group: with two groups the step count rose twice a step, and Adam's
+    # bias correction with it. Each state gets its own copy.
+    for kept in optimizer.state.values():
+        if torch.is_tensor(kept.get("step")):
+            kept["step"] = kept["step"].clone()
     # the data position is global: this rank's batches into the epoch are the global count over the new ranks;
     # with a new global batch that count may not divide: round up (skip, never train a sample twice)
     consumed = state.batches_in_epoch * plan.saved_world
