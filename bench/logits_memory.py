@@ -14,6 +14,11 @@ paired reps (scipy.stats.bootstrap, bench/throughput.py's method).
 
     .venv/bin/python bench/logits_memory.py [--rows lora_zero2 ...] [--reps 3] [--steps 6] [--before 5c31b18]
     .venv/bin/python bench/logits_memory.py --table
+    .venv/bin/python bench/logits_memory.py --fit 4.0 [--rows lora_zero2]
+
+`--fit GIB`: the longest data.max_length (a multiple of 64) whose measured peak per rank stays within GIB, before
+and after, by bisection over real runs (2 steps and the evaluation each; rows of 256 sentences, ~5,000 tokens, so every
+length is reached); each probe is one JSON line ("fit": GIB), reused when the script runs again.
 """
 
 from __future__ import annotations
@@ -103,6 +108,36 @@ def run(name: str, side: str, before: str, steps: int) -> dict:
             "estimate_gib": float(estimate[-1]) if estimate else None}
 
 
+def fit(name: str, side: str, before: str, budget: float, rows: list[dict]) -> int:
+    """The longest max_length (64 .. 4096, a multiple of 64) whose peak per rank stays within `budget` GiB."""
+    probes = {r["seq"]: r for r in rows if r.get("fit") == budget and (r["row"], r["side"]) == (name, side)}
+    low, high = 1, 64  # in units of 64 tokens: low fits (assumed), high is the first not yet known to fail
+    while True:
+        if high not in probes:
+            probes[high] = _probe(name, side, before, budget, high * 64)
+        if probes[high]["peak"] > budget or high >= 64:
+            break
+        low, high = high, high * 2
+    while high - low > 1:
+        mid = (low + high) // 2
+        if mid not in probes:
+            probes[mid] = _probe(name, side, before, budget, mid * 64)
+        low, high = (mid, high) if probes[mid]["peak"] <= budget else (low, mid)
+    return low * 64
+
+
+def _probe(name: str, side: str, before: str, budget: float, seq: int) -> dict:
+    recipe, config, accelerate, _, extra = ROWS[name]
+    ROWS[f"{name}@{seq}"] = (recipe, config, accelerate, 256, [*extra, "--data.max_length", str(seq)])
+    got = run(f"{name}@{seq}", side, before, 2)
+    row = {"row": name, "side": side, "fit": budget, "seq": seq // 64, "peak": max(got["peak_gib_per_rank"]),
+           "host": got["host"]}
+    with open(OUT, "a") as fh:
+        fh.write(json.dumps(row) + "\n")
+    print(f"fit {name} {side}: max_length {seq}: peak {row['peak']:.2f} GiB", flush=True)
+    return row
+
+
 def _head() -> str:
     return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
                           text=True).stdout.strip()
@@ -140,8 +175,17 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--before", default="5c31b18")
     ap.add_argument("--table", action="store_true", help="print the table of what is measured, run nothing")
+    ap.add_argument("--fit", type=float, help="GiB per rank: the longest max_length within it, before and after")
     args = ap.parse_args()
     rows = [json.loads(line) for line in OUT.read_text().splitlines()] if OUT.is_file() else []
+    if args.fit:
+        for name in args.rows:
+            got = {side: fit(name, side, args.before, args.fit, [r for r in rows if r.get("host") == _host()])
+                   for side in ("before", "after")}
+            print(f"{name}: the longest max_length within {args.fit} GiB per rank: before {got['before']}, "
+                  f"after {got['after']}", flush=True)
+        return
+    rows = [r for r in rows if "fit" not in r]
     if args.table:
         print(table([r for r in rows if r["host"] == _host()]))
         return
