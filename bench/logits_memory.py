@@ -33,6 +33,9 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from memory_predict import long_rows  # noqa: E402  (the rows that reach the length, one reader for both benches)
+
 OUT = ROOT / "bench" / "results" / "logits_memory.jsonl"
 GIB = 2**30
 # name: (recipe, config, accelerate config, sentences a row, more overrides)
@@ -54,21 +57,6 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "
 def _host() -> str:
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "")
     return f"{cpu}, {os.cpu_count()} cores"
-
-
-def long_rows(out: Path, join: int) -> Path:
-    """The polarity train and validation splits, `join` consecutive sentences a row (the first one's label)."""
-    from llmkit.model import locate
-
-    src = Path(locate("asset:polarity", "data.dataset"))
-    out.mkdir(parents=True, exist_ok=True)
-    for split in ("train", "validation"):
-        rows = [json.loads(line) for line in (src / f"{split}.jsonl").read_text().splitlines()]
-        with open(out / f"{split}.jsonl", "w") as fh:
-            for k in range(0, len(rows) - join + 1, join):
-                fh.write(json.dumps({"text": " ".join(r["text"] for r in rows[k:k + join]),
-                                     "label": rows[k]["label"]}) + "\n")
-    return out
 
 
 def tree(side: str, before: str) -> Path:
