@@ -202,19 +202,24 @@ def test_the_loop_gets_the_chunked_step_where_it_is_exact():
         forward(scaled, batch)
 
 
-def test_in_bf16_the_same_within_its_rounding():
-    """bf16 weights (as DeepSpeed casts them): the loss within bf16's rounding of the logits, every gradient within
-    a few of its units of the largest entry (the head's weight gradient is summed chunk by chunk)."""
-    net, batch = _model().to(torch.bfloat16), _batches()["sft"]
+@pytest.mark.parametrize("dtype, loss_scale", [(torch.bfloat16, 1.0), (torch.float16, 2.0 ** 16)],
+                         ids=["bf16", "fp16 scaled"])
+def test_in_half_precision_the_same_within_its_rounding(dtype, loss_scale):
+    """bf16 or fp16 weights (as DeepSpeed casts them; fp16's loss scaled as its loss scaler does, so the gradient
+    is made in forward at the logits' scale and the loss's scale applied after): the loss within the dtype's
+    rounding of the logits, every gradient within a few of its units of the largest entry (the head's weight
+    gradient is summed chunk by chunk), none lost to fp16's range."""
+    net, batch = _model().to(dtype), _batches()["sft"]
     want = _plain(net, batch, None)
-    want.backward()
+    (want * loss_scale).backward()
     expected = _grads(net)
     got = lm_head.causal_lm_loss(net, batch, chunk=7).loss
-    got.backward()
+    (got * loss_scale).backward()
     assert float(got.detach()) == pytest.approx(float(want.detach()), rel=4e-3)
     for name, g in _grads(net).items():
+        assert torch.isfinite(g).all(), name
         scale = float(expected[name].float().abs().max())
-        assert float((g.float() - expected[name].float()).abs().max()) <= 2 ** -6 * scale, name
+        assert scale > 0 and float((g.float() - expected[name].float()).abs().max()) <= 2 ** -6 * scale, name
 
 
 def test_under_autocast_the_head_projects_in_its_dtype():

@@ -5,11 +5,11 @@ The model runs with `logits_to_keep` at one position a row (its own logits where
 predicted: `out.logits` is [batch, 1, vocab], `out["logits_positions"]` says where) and hands back its last hidden
 state (after the final norm); the positions whose next token is a target (labels != IGNORE after the shift) are
 picked and projected with the output head's weight `chunk` positions at a time, each chunk's cross-entropy in fp32
-as transformers' loss computes it. Backward recomputes each chunk's logits instead of keeping them, so at most
-`chunk` x vocab logits are alive at once. Each target's loss and gradient are the ones the full logits give; only
-the order of the sums differs (rounding).
+as transformers' loss computes it. In training each chunk's gradients are made in forward while its logits are
+alive (no recompute in backward), so at most `chunk` x vocab logits are alive at once. Each target's loss and
+gradient are the ones the full logits give; only the order of the sums differs (rounding).
 
-Under ZeRO-3 the head's weight is gathered whole here once in forward and once in backward, on every rank alike,
+Under ZeRO-3 the head's weight is gathered whole here once per step (forward), on every rank alike,
 however many chunks a rank has (calling the head module per chunk would gather once per call, and ranks with
 different numbers of chunks would disagree on their collectives: measured, gloo aborts).
 
@@ -98,67 +98,99 @@ def _logits(hidden, weight, bias) -> torch.Tensor:
     return functional.linear(hidden, weight, bias).float()  # fp32 for the loss, as transformers' ForCausalLMLoss
 
 
-class _ChunkedNLL(torch.autograd.Function):
-    """nll[i] = cross-entropy of `hidden[i] @ weight.T + bias` against `targets[i]`, `chunk` rows at a time; backward
-    recomputes each chunk's logits (softmax - one-hot is the gradient of the logits, as autograd's).
+def _nll(logits, targets) -> torch.Tensor:
+    return torch.logsumexp(logits, -1) - logits.gather(1, targets[:, None])[:, 0]
+
+
+def _chunked_nll(hidden, weight, bias, targets, chunk: int) -> torch.Tensor:
+    """Each target's cross-entropy, `chunk` rows of logits alive at a time (no gradient: evaluation)."""
+    parts = [_nll(_logits(hidden[lo:lo + chunk], weight, bias), targets[lo:lo + chunk])
+             for lo in range(0, len(targets), chunk)]
+    return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
+
+
+class _WeightedNLLSum(torch.autograd.Function):
+    """sum_i w[i] * cross-entropy of `hidden[i] @ weight.T + bias` against `targets[i]`, `chunk` rows at a time.
+
+    The gradients are computed in forward, while each chunk's logits are alive (softmax - one-hot, times w[i], is
+    the gradient of the logits, as autograd's), and backward only scales them by the loss's gradient: each chunk's
+    logits are made once, as the full path makes them, not again in backward (recomputing them cost a third more
+    time in the head on CPU). The cost: the head weight's gradient (fp32) is held from forward to backward where
+    the weight trains. w[i] is a class weight or 1, so the logits' gradient keeps the scale it has on the full
+    path (fp16's range); the loss's scale (1 / the target count, fp16's loss scale) is applied in backward, in fp32.
 
     `own` (the model's own logits where it kept them, or None) gets a zero gradient: it ties the head module's
     backward after this one, so the head's gradient is accumulated where its module's hooks have the weight whole
     (ZeRO-3 gathers it for the head's backward; autograd needs the whole shape to accumulate into)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk: int, own):
-        parts = []
+    def forward(ctx, hidden, weight, bias, targets, w, chunk: int, own):
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_hidden = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if need_h else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for lo in range(0, len(targets), chunk):
-            logits = _logits(hidden[lo:lo + chunk], weight, bias)
-            t = targets[lo:lo + chunk]
-            parts.append(torch.logsumexp(logits, -1) - logits.gather(1, t[:, None])[:, 0])
-            del logits
-        ctx.save_for_backward(hidden, weight, bias, targets)
-        ctx.chunk, ctx.own = chunk, None if own is None else (own.shape, own.dtype, own.device)
-        return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
+            h, t = hidden[lo:lo + chunk], targets[lo:lo + chunk]
+            wt = None if w is None else w[lo:lo + chunk]
+            logits = _logits(h, weight, bias)
+            lse = torch.logsumexp(logits, -1)
+            nll = lse - logits.gather(1, t[:, None])[:, 0]
+            total += nll.sum() if wt is None else (nll * wt).sum()
+            if not (need_h or need_w or need_b):
+                continue
+            probs = logits.sub_(lse[:, None]).exp_()  # the softmax, in the logits' memory
+            probs[torch.arange(len(t), device=t.device), t] -= 1
+            if wt is not None:
+                probs.mul_(wt[:, None])
+            g = probs.to(h.dtype)  # d loss / d logits in the compute dtype, as the head's linear backward takes it
+            del logits, probs  # before the next chunk's logits: one chunk alive at a time
+            if need_h:
+                grad_hidden[lo:lo + chunk] = g @ weight.to(h.dtype)
+            if need_w:
+                grad_weight += (g.t() @ h).float()  # each chunk's part summed in fp32
+            if need_b:
+                grad_bias += g.sum(0).float()
+            del g
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        ctx.dtypes = hidden.dtype, weight.dtype, None if bias is None else bias.dtype
+        ctx.own = None if own is None else (own.shape, own.dtype, own.device)
+        return total
 
     @staticmethod
     def backward(ctx, grad):
-        hidden, weight, bias, targets = ctx.saved_tensors
-        chunk = ctx.chunk
-        grad_hidden = torch.empty_like(hidden)
-        with _gathered(weight, bias):  # every rank gathers once here too, whatever its number of chunks
-            grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-            grad_bias = None if bias is None else torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
-            for lo in range(0, len(targets), chunk):
-                h, t = hidden[lo:lo + chunk], targets[lo:lo + chunk]
-                probs = _logits(h, weight, bias).softmax(-1)
-                probs[torch.arange(len(t), device=t.device), t] -= 1
-                g = probs.mul_(grad[lo:lo + chunk, None]).to(h.dtype)  # d loss / d logits, in the compute dtype
-                del probs
-                grad_hidden[lo:lo + chunk] = g @ weight.to(h.dtype)
-                grad_weight += (g.t() @ h).float()  # each chunk's part summed in fp32
-                if grad_bias is not None:
-                    grad_bias += g.sum(0).float()
-                del g  # before the next chunk's logits: one chunk alive at a time
+        scale = grad.float()
+        grads = tuple(None if g is None else (g * scale).to(dtype) for g, dtype in zip(ctx.saved_tensors, ctx.dtypes))
         own = None if ctx.own is None else torch.zeros(ctx.own[0], dtype=ctx.own[1], device=ctx.own[2])
-        return (grad_hidden, grad_weight.to(weight.dtype),
-                None if grad_bias is None else grad_bias.to(bias.dtype), None, None, own)
+        return (*grads, None, None, None, own)
 
 
-def scored_nll(model, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = CHUNK,
-               own: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next-token negative log-likelihood of every target (`targets[b, i]` is predicted by `hidden[b, i]`, IGNORE
-    skipped) through the model's output head, `chunk` positions projected at a time: (nll of the targets in
-    row-major order, the targets' mask). Under autocast the projection runs in its dtype, as the head's would.
-    `own`: the logits the model's forward made (training: see _ChunkedNLL)."""
+@contextlib.contextmanager
+def _projection(model, hidden: torch.Tensor, targets: torch.Tensor):
+    """The scored positions' hidden states and targets (IGNORE skipped) and the head's weight and bias, cast as
+    autocast runs the head's linear and gathered whole under ZeRO-3 (around the call, so autograd records the
+    weight's whole shape, its gradient's, as a module's hooks do); autocast is off inside: (hidden, targets,
+    weight, bias, mask)."""
     head = head_of(model)
     weight, bias = head.weight, head.bias
     mask = targets != IGNORE
     picked, wanted, device = hidden[mask], targets[mask], hidden.device.type
-    # gathered around the call, so autograd records the weight's whole shape (its gradient's), as a module's hooks do
     with _gathered(weight, bias):
-        if torch.is_autocast_enabled(device):  # what autocast does to the head's linear, done outside
+        if torch.is_autocast_enabled(device):
             dtype = torch.get_autocast_dtype(device)
             picked, weight, bias = picked.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
         with torch.autocast(device, enabled=False):
-            return _ChunkedNLL.apply(picked, weight, bias, wanted, chunk, own), mask
+            yield picked, wanted, weight, bias, mask
+
+
+@torch.no_grad()
+def scored_nll(model, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = CHUNK) -> tuple[torch.Tensor,
+                                                                                          torch.Tensor]:
+    """Next-token negative log-likelihood of every target (`targets[b, i]` is predicted by `hidden[b, i]`, IGNORE
+    skipped) through the model's output head, `chunk` positions projected at a time, no gradient: (nll of the
+    targets in row-major order, the targets' mask). Under autocast the projection runs in its dtype."""
+    with _projection(model, hidden, targets) as (picked, wanted, weight, bias, mask):
+        return _chunked_nll(picked, weight, bias, wanted, chunk), mask
 
 
 def causal_lm_loss(model, batch: dict, class_ids: torch.Tensor | None = None, weights: torch.Tensor | None = None,
@@ -168,13 +200,14 @@ def causal_lm_loss(model, batch: dict, class_ids: torch.Tensor | None = None, we
     its class (sum of w * nll over sum of w): without the full logits."""
     targets = batch["labels"][:, 1:]
     out, hidden = forward_hidden(model, batch, targets)
-    nll, mask = scored_nll(model, hidden[:, :-1], targets, chunk, out.logits)
-    if weights is None:
-        loss = nll.sum() / mask.sum()
-    else:
-        w = weights.to(nll.device)[class_ids][:, None].expand_as(targets)[mask]
-        loss = (nll * w).sum() / w.sum()
-    out["loss"] = loss
+    with _projection(model, hidden[:, :-1], targets) as (picked, wanted, weight, bias, mask):
+        w = None if weights is None else weights.to(picked.device).float()[class_ids][:, None].expand_as(mask)[mask]
+        if torch.is_grad_enabled():
+            total = _WeightedNLLSum.apply(picked, weight, bias, wanted, w, chunk, out.logits)
+        else:  # no gradient to make in forward (a Function's needs_input_grad does not see no_grad)
+            nll = _chunked_nll(picked, weight, bias, wanted, chunk)
+            total = nll.sum() if w is None else (nll * w).sum()
+    out["loss"] = total / (mask.sum() if w is None else w.sum())
     return out
 
 

@@ -1,0 +1,178 @@
+"""The logits-and-loss and evaluation-batch terms of issue 50, measured in one process: how many bytes of tensors the
+output head and the loss hold at once, beyond the model's own activations, on the full logits (train.loss_chunk 0,
+the path of 5c31b18) and chunked (llmkit.model.lm_head), for SmolLM2-135M (the offline asset, fp32) at the shipped
+recipes' shapes and at 4x their length. Also the step's time on each path (paired reps, the median ratio with a 95%
+bootstrap interval: bench/throughput.py's method), in one process without DeepSpeed: the head's share of a step
+without a launch's noise (bench/logits_memory.py measures whole runs on 2 ranks).
+
+Each workload runs three ways inside a dispatch mode that counts the bytes of every tensor storage made and freed
+(the peak of live tensors, as a GPU's max_memory_allocated counts them; the weights exist before and are not
+counted): the model with the head kept at one position a row (its activations: the base), the full logits, the
+chunked path. A term is the path's peak minus the base's.
+
+    .venv/bin/python bench/logits_terms.py [--reps 5]     # appends to bench/results/logits_terms.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+import weakref
+from pathlib import Path
+
+import torch
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from llmkit import assets
+from llmkit.data.packing import IGNORE
+from llmkit.exported.scoring import token_logprobs
+from llmkit.model import lm_head
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "bench" / "results" / "logits_terms.jsonl"
+GIB = 2**30
+# name: (LoRA, rows, length, scored positions a row (None: every one), training)
+WORKLOADS = {
+    "label words, training micro-batch": (True, 8, 160, 2, True),  # the word and the end token
+    "label words, evaluation batch": (True, 16 * 2, 160, 1, False),  # 16 rows x 2 candidates, the word scored
+    "label words 4x, training micro-batch": (True, 8, 640, 2, True),
+    "text, training micro-batch": (False, 4, 256, None, True),  # packed blocks: every position a target
+    "text 4x, training micro-batch": (False, 1, 1024, None, True),
+}
+
+
+class LiveBytes(TorchDispatchMode):
+    """The peak of the bytes of tensor storages alive at once among those made inside the mode (a storage is
+    counted when an op makes it and uncounted when it is freed: weakref.finalize on the storage's Python object,
+    which PyTorch keeps as long as the storage lives)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self.seen: set[int] = set()
+
+    def _free(self, key: int, nbytes: int) -> None:
+        self.live -= nbytes
+        self.seen.discard(key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                key, nbytes = storage.data_ptr(), storage.nbytes()
+                if nbytes and key not in self.seen:
+                    self.seen.add(key)
+                    self.live += nbytes
+                    self.peak = max(self.peak, self.live)
+                    weakref.finalize(storage, self._free, key, nbytes)
+        return out
+
+
+def _model(lora: bool):
+    from transformers import AutoModelForCausalLM
+
+    net = AutoModelForCausalLM.from_pretrained(assets.resolve("asset:smollm2"), dtype=torch.float32)
+    if lora:  # the recipe's rank on every linear of the blocks (what is adapted moves the base, not the terms)
+        from peft import LoraConfig, get_peft_model
+
+        net = get_peft_model(net, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear"))
+    return net.train()
+
+
+def _batch(vocab: int, rows: int, length: int, scored: int | None) -> dict:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (rows, length), generator=g)
+    labels = ids.clone()
+    if scored is not None:  # a prompt, then the scored answer at the row's end
+        labels[:, :-scored] = IGNORE
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+def _paths(net, batch: dict, training: bool) -> dict:
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    targets = batch["labels"]
+    if not training:  # the evaluation's scores, no gradient
+        return {"base": lambda: net(**inputs, logits_to_keep=1),
+                "full": lambda: token_logprobs(net, {**inputs, "targets": targets}, chunk=0),
+                "chunked": lambda: token_logprobs(net, {**inputs, "targets": targets})}
+
+    def base():
+        _, hidden = lm_head.forward_hidden(net, batch, targets[:, 1:])
+        hidden.sum().backward()
+
+    return {"base": base, "full": lambda: net(**batch).loss.backward(),
+            "chunked": lambda: lm_head.causal_lm_loss(net, batch).loss.backward()}
+
+
+def measure(name: str, reps: int) -> dict:
+    lora, rows, length, scored, training = WORKLOADS[name]
+    net = _model(lora)
+    batch = _batch(net.config.vocab_size, rows, length, scored)
+    paths, peak, seconds = _paths(net, batch, training), {}, {"full": [], "chunked": []}
+    with torch.set_grad_enabled(training):
+        for path, step in paths.items():
+            with LiveBytes() as live:
+                step()
+            net.zero_grad(set_to_none=True)
+            peak[path] = live.peak
+        for _ in range(reps):  # interleaved, so both paths share the machine's drift
+            for path in ("full", "chunked"):
+                t0 = time.perf_counter()
+                paths[path]()
+                seconds[path].append(time.perf_counter() - t0)
+                net.zero_grad(set_to_none=True)
+    terms = {p: (peak[p] - peak["base"]) / GIB for p in ("full", "chunked")}
+    return {"workload": name, "lora": lora, "rows": rows, "length": length, "training": training,
+            "host": f"{_cpu()}, {os.cpu_count()} cores", "torch_threads": torch.get_num_threads(),
+            "peak_gib": {p: round(b / GIB, 4) for p, b in peak.items()},
+            "term_gib": {p: round(v, 4) for p, v in terms.items()},
+            "term_ratio": round(terms["chunked"] / terms["full"], 4), "seconds": seconds}
+
+
+def _cpu() -> str:
+    return next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "")
+
+
+def table(rows: list[dict]) -> str:
+    import numpy as np
+    from scipy import stats
+
+    lines = ["| workload | term, full logits | chunked | chunked / full | step s, full | chunked | speed ratio (95% CI) |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        speed = np.array(r["seconds"]["full"]) / np.array(r["seconds"]["chunked"])  # > 1: chunked is faster
+        ci = stats.bootstrap((speed,), np.median, confidence_level=0.95, n_resamples=2000, random_state=0,
+                             method="percentile").confidence_interval
+        lines.append(f"| {r['workload']} | {r['term_gib']['full']:.3f} GiB | {r['term_gib']['chunked']:.3f} GiB | "
+                     f"{r['term_ratio']:.1%} | {np.median(r['seconds']['full']):.2f} | "
+                     f"{np.median(r['seconds']['chunked']):.2f} | {np.median(speed):.3f} ({ci.low:.3f}-{ci.high:.3f}) |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS))
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--table", action="store_true", help="print the table of what is measured, run nothing")
+    args = ap.parse_args()
+    rows = [json.loads(line) for line in OUT.read_text().splitlines()] if OUT.is_file() else []
+    host = f"{_cpu()}, {os.cpu_count()} cores"
+    if args.table:
+        print(table([r for r in rows if r["host"] == host]))
+        return
+    for name in args.workloads:
+        if any((r["workload"], r["host"]) == (name, host) for r in rows):
+            continue
+        row = measure(name, args.reps)
+        with open(OUT, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        print(f"{name}: term {row['term_gib']['full']:.3f} -> {row['term_gib']['chunked']:.3f} GiB "
+              f"({row['term_ratio']:.1%})", flush=True)
+
+
+if __name__ == "__main__":
+    main()
