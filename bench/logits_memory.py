@@ -2,8 +2,9 @@
 recipes (LoRA label words, full fine-tuning on packed text) on 2 CPU ranks, ZeRO-2 and ZeRO-3, at the recipe's
 length and at 4x, each run a few optimizer steps and one evaluation. "before" is a git worktree of --before (the
 commit the issue measured, 5c31b18: full logits, peak per rank 3.78 GiB for the label-word recipe on full-length
-rows) run with the same Python and overrides; "after" is this checkout. The rows reach the length: each row is
-N consecutive polarity sentences joined (bench/memory_predict.py's data, N = 8 or 32).
+rows) run with the same Python and overrides; "after" a worktree of --after (default: the newest commit that
+changed the code a run executes), so editing this checkout while the bench runs changes neither side. The rows
+reach the length: each row is N consecutive polarity sentences joined (bench/memory_predict.py's data, N = 8 or 32).
 
 Per run: each rank's peak memory (RSS with MALLOC_MMAP_THRESHOLD_ fixed, so it follows live memory: bench/
 memory_predict.py explains why), the run's real tokens/s over its steps, the estimate it logged. Runs go in
@@ -59,19 +60,24 @@ def _host() -> str:
     return f"{cpu}, {os.cpu_count()} cores"
 
 
-def tree(side: str, before: str) -> Path:
-    """The code a side runs: this checkout, or a worktree of the `before` commit (made once)."""
-    if side == "after":
-        return ROOT
-    path = Path(tempfile.gettempdir()) / f"llmkit-before-{before}"
+def code_commit() -> str:
+    """The newest commit that changed what a run executes (the package, the recipes, the launch configs)."""
+    return subprocess.run(["git", "-C", str(ROOT), "log", "-1", "--format=%h", "--", "llmkit", "recipes",
+                           "accelerate_configs", "ds_configs"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def tree(side: str, commit: str) -> Path:
+    """The code a side runs: a worktree of its commit (made once)."""
+    path = Path(tempfile.gettempdir()) / f"llmkit-{side}-{commit}"
     if not path.is_dir():
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "-f", str(path), before], check=True)
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "-f", str(path), commit], check=True)
     return path
 
 
-def run(name: str, side: str, before: str, steps: int) -> dict:
+def run(name: str, side: str, commit: str, steps: int) -> dict:
     recipe, config, accelerate, join, extra = ROWS[name]
-    code = tree(side, before)
+    code = tree(side, commit)
     with tempfile.TemporaryDirectory(prefix="llmkit-logits-") as tmp:
         data = long_rows(Path(tmp) / "data", join)
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
@@ -89,46 +95,41 @@ def run(name: str, side: str, before: str, steps: int) -> dict:
         said = proc.stdout + proc.stderr
         estimate = re.findall(r"^\s+(?:live|total) at peak\s+(\d+\.\d+) GiB", said, re.M)
         train = json.loads((Path(tmp) / "run" / "metrics.json").read_text())["train"]
-    return {"row": name, "side": side, "commit": before if side == "before" else _head(), "host": _host(),
+    return {"row": name, "side": side, "commit": commit, "host": _host(),
             "steps": steps, "precision": train["precision"], "zero_stage": train["zero_stage"],
             "peak_gib_per_rank": [round(b / GIB, 3) for b in train["per_rank"]["peak_memory_bytes"]],
             "real_tokens_per_second": train.get("real_tokens_per_second"),
             "estimate_gib": float(estimate[-1]) if estimate else None}
 
 
-def fit(name: str, side: str, before: str, budget: float, rows: list[dict]) -> int:
+def fit(name: str, side: str, commit: str, budget: float, rows: list[dict]) -> int:
     """The longest max_length (64 .. 4096, a multiple of 64) whose peak per rank stays within `budget` GiB."""
     probes = {r["seq"]: r for r in rows if r.get("fit") == budget and (r["row"], r["side"]) == (name, side)}
     low, high = 1, 64  # in units of 64 tokens: low fits (assumed), high is the first not yet known to fail
     while True:
         if high not in probes:
-            probes[high] = _probe(name, side, before, budget, high * 64)
+            probes[high] = _probe(name, side, commit, budget, high * 64)
         if probes[high]["peak"] > budget or high >= 64:
             break
         low, high = high, high * 2
     while high - low > 1:
         mid = (low + high) // 2
         if mid not in probes:
-            probes[mid] = _probe(name, side, before, budget, mid * 64)
+            probes[mid] = _probe(name, side, commit, budget, mid * 64)
         low, high = (mid, high) if probes[mid]["peak"] <= budget else (low, mid)
     return low * 64
 
 
-def _probe(name: str, side: str, before: str, budget: float, seq: int) -> dict:
+def _probe(name: str, side: str, commit: str, budget: float, seq: int) -> dict:
     recipe, config, accelerate, _, extra = ROWS[name]
     ROWS[f"{name}@{seq}"] = (recipe, config, accelerate, 256, [*extra, "--data.max_length", str(seq)])
-    got = run(f"{name}@{seq}", side, before, 2)
-    row = {"row": name, "side": side, "fit": budget, "seq": seq // 64, "peak": max(got["peak_gib_per_rank"]),
-           "host": got["host"]}
+    got = run(f"{name}@{seq}", side, commit, 2)
+    row = {"row": name, "side": side, "commit": commit, "fit": budget, "seq": seq // 64,
+           "peak": max(got["peak_gib_per_rank"]), "host": got["host"]}
     with open(OUT, "a") as fh:
         fh.write(json.dumps(row) + "\n")
     print(f"fit {name} {side}: max_length {seq}: peak {row['peak']:.2f} GiB", flush=True)
     return row
-
-
-def _head() -> str:
-    return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                          text=True).stdout.strip()
 
 
 def table(rows: list[dict]) -> str:
@@ -162,28 +163,30 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--before", default="5c31b18")
+    ap.add_argument("--after", default=None, help="default: the newest commit that changed the code a run executes")
     ap.add_argument("--table", action="store_true", help="print the table of what is measured, run nothing")
     ap.add_argument("--fit", type=float, help="GiB per rank: the longest max_length within it, before and after")
     args = ap.parse_args()
+    commits = {"before": args.before, "after": args.after or code_commit()}
     rows = [json.loads(line) for line in OUT.read_text().splitlines()] if OUT.is_file() else []
+    # a side's rows: its commit's, on this host (fit probes before --after existed carry no commit: the before side's)
+    rows = [r for r in rows if r.get("host") == _host() and r.get("commit", args.before) == commits[r["side"]]]
     if args.fit:
         for name in args.rows:
-            got = {side: fit(name, side, args.before, args.fit, [r for r in rows if r.get("host") == _host()])
-                   for side in ("before", "after")}
+            got = {side: fit(name, side, commits[side], args.fit, rows) for side in ("before", "after")}
             print(f"{name}: the longest max_length within {args.fit} GiB per rank: before {got['before']}, "
                   f"after {got['after']}", flush=True)
         return
     rows = [r for r in rows if "fit" not in r]
     if args.table:
-        print(table([r for r in rows if r["host"] == _host()]))
+        print(table(rows))
         return
     for rep in range(args.reps):
         for name in args.rows:
             for side in ("before", "after"):
-                have = [r for r in rows if (r["row"], r["side"], r["host"]) == (name, side, _host())]
-                if len(have) > rep:
+                if len([r for r in rows if (r["row"], r["side"]) == (name, side)]) > rep:
                     continue
-                row = {**run(name, side, args.before, args.steps), "rep": rep}
+                row = {**run(name, side, commits[side], args.steps), "rep": rep}
                 rows.append(row)
                 with open(OUT, "a") as fh:
                     fh.write(json.dumps(row) + "\n")
