@@ -5,12 +5,14 @@ recipes' shapes and at 4x their length. Also the step's time on each path (paire
 bootstrap interval: bench/throughput.py's method), in one process without DeepSpeed: the head's share of a step
 without a launch's noise (bench/logits_memory.py measures whole runs on 2 ranks).
 
-Each workload runs three ways inside a dispatch mode that counts the bytes of every tensor storage made and freed
-(the peak of live tensors, as a GPU's max_memory_allocated counts them; the weights exist before and are not
-counted): the model with the head kept at one position a row (its activations: the base), the full logits, the
-chunked path. A term is the path's peak minus the base's.
+Each workload runs three ways, each path's peak memory the high-water mark of the resident set over what it held
+before (PeakResident: with the allocator set to return freed tensors, the peak of live tensors, as a GPU's
+max_memory_allocated counts them; the weights exist before and are not counted), after one warm-up pass of each:
+the base (the model with the head kept at one position a row: its activations, and the head weight's gradient
+where the head trains), the full logits, the chunked path. A term is the path's peak minus the base's.
 
-    .venv/bin/python bench/logits_terms.py [--reps 5]     # appends to bench/results/logits_terms.jsonl
+    .venv/bin/python bench/logits_terms.py [--reps 5] [--chunk 1024]   # appends to bench/results/logits_terms.jsonl
+    .venv/bin/python bench/logits_terms.py --table
 """
 
 from __future__ import annotations
@@ -18,13 +20,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
-import weakref
 from pathlib import Path
 
 import torch
-from torch.utils import _pytree as pytree
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from llmkit import assets
 from llmkit.data.packing import IGNORE
@@ -44,32 +44,29 @@ WORKLOADS = {
 }
 
 
-class LiveBytes(TorchDispatchMode):
-    """The peak of the bytes of tensor storages alive at once among those made inside the mode (a storage is
-    counted when an op makes it and uncounted when it is freed: weakref.finalize on the storage's Python object,
-    which PyTorch keeps as long as the storage lives)."""
+class PeakResident:
+    """The peak of the resident set inside the block beyond what it was at the start: Linux's high-water mark (VmHWM),
+    reset on entry by writing "5" to /proc/self/clear_refs. With MALLOC_MMAP_THRESHOLD_ fixed (main sets it) every
+    tensor over 64 KiB is its own mapping, returned to the system when freed, so the resident set follows the live
+    tensors (bench/memory_predict.py explains why). Counted from outside the allocator, it changes nothing autograd
+    does (a dispatch mode that keeps a handle on each storage would: it stops autograd summing a tied weight's two
+    gradients in place)."""
 
-    def __init__(self):
-        super().__init__()
-        self.live = self.peak = 0
-        self.seen: set[int] = set()
+    def __enter__(self):
+        self.start = _status("VmRSS")
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return self
 
-    def _free(self, key: int, nbytes: int) -> None:
-        self.live -= nbytes
-        self.seen.discard(key)
+    def __exit__(self, *exc):
+        self.peak = _status("VmHWM") - self.start
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in pytree.tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                storage = t.untyped_storage()
-                key, nbytes = storage.data_ptr(), storage.nbytes()
-                if nbytes and key not in self.seen:
-                    self.seen.add(key)
-                    self.live += nbytes
-                    self.peak = max(self.peak, self.live)
-                    weakref.finalize(storage, self._free, key, nbytes)
-        return out
+
+def _status(key: str) -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {key} in /proc/self/status")
 
 
 def _model(lora: bool):
@@ -92,30 +89,33 @@ def _batch(vocab: int, rows: int, length: int, scored: int | None) -> dict:
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
 
 
-def _paths(net, batch: dict, training: bool) -> dict:
+def _paths(net, batch: dict, training: bool, chunk: int) -> dict:
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     targets = batch["labels"]
     if not training:  # the evaluation's scores, no gradient
         return {"base": lambda: net(**inputs, logits_to_keep=1),
                 "full": lambda: token_logprobs(net, {**inputs, "targets": targets}, chunk=0),
-                "chunked": lambda: token_logprobs(net, {**inputs, "targets": targets})}
+                "chunked": lambda: token_logprobs(net, {**inputs, "targets": targets}, chunk)}
 
-    def base():
-        _, hidden = lm_head.forward_hidden(net, batch, targets[:, 1:])
-        hidden.sum().backward()
+    def base():  # the activations, and the head's own gradient where it trains (one position a row reaches it)
+        out, hidden = lm_head.forward_hidden(net, batch, targets[:, 1:])
+        (hidden.sum() + out.logits.float().sum()).backward()
 
     return {"base": base, "full": lambda: net(**batch).loss.backward(),
-            "chunked": lambda: lm_head.causal_lm_loss(net, batch).loss.backward()}
+            "chunked": lambda: lm_head.causal_lm_loss(net, batch, chunk=chunk).loss.backward()}
 
 
-def measure(name: str, reps: int) -> dict:
+def measure(name: str, reps: int, chunk: int) -> dict:
     lora, rows, length, scored, training = WORKLOADS[name]
     net = _model(lora)
     batch = _batch(net.config.vocab_size, rows, length, scored)
-    paths, peak, seconds = _paths(net, batch, training), {}, {"full": [], "chunked": []}
+    paths, peak, seconds = _paths(net, batch, training, chunk), {}, {"full": [], "chunked": []}
     with torch.set_grad_enabled(training):
+        for step in paths.values():  # the first pass of each allocates what stays (kernels' caches, buffers)
+            step()
+            net.zero_grad(set_to_none=True)
         for path, step in paths.items():
-            with LiveBytes() as live:
+            with PeakResident() as live:
                 step()
             net.zero_grad(set_to_none=True)
             peak[path] = live.peak
@@ -126,7 +126,7 @@ def measure(name: str, reps: int) -> dict:
                 seconds[path].append(time.perf_counter() - t0)
                 net.zero_grad(set_to_none=True)
     terms = {p: (peak[p] - peak["base"]) / GIB for p in ("full", "chunked")}
-    return {"workload": name, "lora": lora, "rows": rows, "length": length, "training": training,
+    return {"workload": name, "chunk": chunk, "lora": lora, "rows": rows, "length": length, "training": training,
             "host": f"{_cpu()}, {os.cpu_count()} cores", "torch_threads": torch.get_num_threads(),
             "peak_gib": {p: round(b / GIB, 4) for p, b in peak.items()},
             "term_gib": {p: round(v, 4) for p, v in terms.items()},
@@ -141,22 +141,26 @@ def table(rows: list[dict]) -> str:
     import numpy as np
     from scipy import stats
 
-    lines = ["| workload | term, full logits | chunked | chunked / full | step s, full | chunked | speed ratio (95% CI) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| workload | chunk | term, full logits | chunked | chunked / full | step s, full | chunked | "
+             "speed ratio (95% CI) |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         speed = np.array(r["seconds"]["full"]) / np.array(r["seconds"]["chunked"])  # > 1: chunked is faster
         ci = stats.bootstrap((speed,), np.median, confidence_level=0.95, n_resamples=2000, random_state=0,
                              method="percentile").confidence_interval
-        lines.append(f"| {r['workload']} | {r['term_gib']['full']:.3f} GiB | {r['term_gib']['chunked']:.3f} GiB | "
-                     f"{r['term_ratio']:.1%} | {np.median(r['seconds']['full']):.2f} | "
-                     f"{np.median(r['seconds']['chunked']):.2f} | {np.median(speed):.3f} ({ci.low:.3f}-{ci.high:.3f}) |")
+        lines.append(f"| {r['workload']} | {r.get('chunk', 1024)} | {r['term_gib']['full']:.3f} GiB | "
+                     f"{r['term_gib']['chunked']:.3f} GiB | {r['term_ratio']:.1%} | "
+                     f"{np.median(r['seconds']['full']):.2f} | {np.median(r['seconds']['chunked']):.2f} | "
+                     f"{np.median(speed):.3f} ({ci.low:.3f}-{ci.high:.3f}) |")
     return "\n".join(lines)
 
 
 def main() -> None:
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") != "65536":  # glibc reads it at start: run again with it set
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS))
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--chunk", type=int, default=lm_head.CHUNK, help="positions projected at once (train.loss_chunk)")
     ap.add_argument("--table", action="store_true", help="print the table of what is measured, run nothing")
     args = ap.parse_args()
     rows = [json.loads(line) for line in OUT.read_text().splitlines()] if OUT.is_file() else []
@@ -165,9 +169,9 @@ def main() -> None:
         print(table([r for r in rows if r["host"] == host]))
         return
     for name in args.workloads:
-        if any((r["workload"], r["host"]) == (name, host) for r in rows):
+        if any((r["workload"], r.get("chunk", 1024), r["host"]) == (name, args.chunk, host) for r in rows):
             continue
-        row = measure(name, args.reps)
+        row = measure(name, args.reps, args.chunk)
         with open(OUT, "a") as fh:
             fh.write(json.dumps(row) + "\n")
         print(f"{name}: term {row['term_gib']['full']:.3f} -> {row['term_gib']['chunked']:.3f} GiB "

@@ -157,10 +157,11 @@ class TrainConfig:
     dataloader_workers: int = key(0, "worker processes per rank for collation (0: in the training process)")
     pin_memory: bool | None = key(None, "page-locked host batches; default: on with a GPU")
     torch_compile: bool = key(False, "torch.compile each repeated block (inductor, dynamic shapes); slow first steps")
-    loss_chunk: int = key(1024, "a causal LM's loss and evaluation project only the scored positions onto the "
-                          "vocabulary, this many at a time, backward recomputing them (no tokens x vocab logits, the "
-                          "same loss); 0: the model's full logits, as also where a model changes its logits after "
-                          "the head (soft-capping, scaling) or its head has LoRA", readers=CAUSAL)
+    loss_chunk: int = key(512, "a causal LM's loss and evaluation project only the scored positions onto the "
+                          "vocabulary, this many at a time, each chunk's gradient made while its logits are alive "
+                          "(no tokens x vocab logits, the same loss; smaller: less memory, more time in the head); "
+                          "0: the model's full logits, as also where a model changes its logits after the head "
+                          "(soft-capping, scaling) or its head has LoRA", readers=CAUSAL)
     profile_steps: int = key(0, "> 0: torch.profiler trace of this many steps (after 3 warm-up) to <run dir>/profile")
     report_to: list[str] | str = key(help="experiment trackers (Accelerate's): tensorboard | wandb | mlflow | "
                                      "trackio | comet_ml | aim | clearml | dvclive | swanlab, or none; the resolved "

@@ -134,17 +134,18 @@ class MemoryEstimate:
         return "\n".join(lines)
 
 
-def logits_bytes(tokens: int, vocab: int, precision: str, chunk: int = 0, head: int = 0) -> float:
+def logits_bytes(tokens: int, vocab: int, precision: str, chunk: int = 0) -> float:
     """A causal LM's loss over the vocabulary for `tokens` tokens of one micro-batch. The full logits (`chunk` 0):
     the logits in the compute dtype, transformers' fp32 copy of them for the loss (mixed precision only), the fp32
     log-softmax cross-entropy keeps for backward and the fp32 gradient of the logits: tokens x vocab x
     (2 + 4 + 4 + 4) bytes in bf16/fp16, x (4 + 4 + 4) in fp32. Chunked (llmkit.model.lm_head, `chunk` positions at a
     time, each chunk's gradients made in forward): one chunk's fp32 logits and the fp32 exponentials log-sum-exp
     makes from them, the 16-bit logits gone once copied: min(tokens, chunk) x vocab x (4 + 4) bytes, in any
-    precision (measured with a dispatch mode that tracks live tensors: 8 bytes an element in fp32 and bf16); and
-    where the head trains (`head` its weight's elements: full fine-tuning) its fp32 gradient, held from the loss's
-    forward to its backward."""
-    return _chunk_bytes(tokens, vocab, chunk) + 4.0 * head if chunk else \
+    precision (measured with a dispatch mode that tracks live tensors: 8 bytes an element in fp32 and bf16; the
+    resident peak over the model's own in bench/logits_terms.py, within 0.01 GiB at SmolLM2's 512 and 1024). The
+    head weight's gradient, made in forward where the head trains, is the one the full path makes at the start of
+    backward: a model state, counted with the gradients."""
+    return _chunk_bytes(tokens, vocab, chunk) if chunk else \
         float(tokens) * vocab * (14 if precision in ("bf16", "fp16") else 12)
 
 

@@ -80,8 +80,6 @@ def for_settings(s: Settings) -> MemoryEstimate:
     per_linear = NF4_BYTES if s.qlora else w
     per_frozen = (per_linear * quantized + frozen_width(s) * (frozen - quantized)) / frozen if frozen else None
     tokens = s.batch * s.seq
-    # full fine-tuning trains the head: the chunked loss holds its weight's gradient from forward to backward
-    head = s.vocab * s.shape.hidden if s.vocab and s.shape is not None and not s.lora else 0
     acts = 0.0
     if s.batch and s.shape is not None:
         acts = activations.activation_bytes(s.shape, s.batch, s.seq, w, s.adapters, s.checkpointing,
@@ -89,7 +87,7 @@ def for_settings(s: Settings) -> MemoryEstimate:
                                             attention=s.attention)
     return for_run(None if s.zero is None else {"zero_optimization": s.zero}, sizes.params, s.devices,
                    s.precision, largest_param=sizes.largest_trainable, trainable=sizes.trainable,
-                   frozen_bytes=per_frozen, logits=logits_bytes(tokens, s.vocab, s.precision, s.chunk, head),
+                   frozen_bytes=per_frozen, logits=logits_bytes(tokens, s.vocab, s.precision, s.chunk),
                    runtime=s.runtime if s.device == "cpu" else 0.0,  # on a GPU the runtime is host memory
                    activations=acts, evaluation=eval_logits_bytes(s.eval_rows * s.seq, s.vocab, s.precision,
                                                                   s.chunk),

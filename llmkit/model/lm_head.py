@@ -152,15 +152,18 @@ class _WeightedNLLSum(torch.autograd.Function):
             if need_b:
                 grad_bias += g.sum(0).float()
             del g
-        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        ctx.grads = grad_hidden, grad_weight, grad_bias  # not saved tensors: backward hands them over, see there
         ctx.dtypes = hidden.dtype, weight.dtype, None if bias is None else bias.dtype
         ctx.own = None if own is None else (own.shape, own.dtype, own.device)
         return total
 
     @staticmethod
     def backward(ctx, grad):
-        scale = grad.float()
-        grads = tuple(None if g is None else (g * scale).to(dtype) for g, dtype in zip(ctx.saved_tensors, ctx.dtypes))
+        scale, made = grad.float(), ctx.grads
+        del ctx.grads  # the returned tensors are then autograd's alone: a tied embedding's gradient adds in place
+        # scaled in place (the weight's gradient is as large as the head: no second copy of it)
+        grads = tuple(None if g is None else g.mul_(scale).to(dtype) for g, dtype in zip(made, ctx.dtypes))
+        del made
         own = None if ctx.own is None else torch.zeros(ctx.own[0], dtype=ctx.own[1], device=ctx.own[2])
         return (*grads, None, None, None, own)
 
