@@ -136,8 +136,8 @@ def table(rows: list[dict]) -> str:
     import numpy as np
     from scipy import stats
 
-    lines = ["| run | peak per rank, before | after | after / before | tokens/s before | after | ratio (95% CI) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| run | peak per rank, before | after | after / before | after: estimate (measured / estimate) | "
+             "tokens/s before | after | ratio (95% CI) |", "|---|---|---|---|---|---|---|---|"]
     for name in ROWS:
         got = {side: [r for r in rows if r["row"] == name and r["side"] == side] for side in ("before", "after")}
         if not got["before"] or not got["after"]:
@@ -151,8 +151,10 @@ def table(rows: list[dict]) -> str:
             res = stats.bootstrap((ratios,), np.median, confidence_level=0.95, n_resamples=2000,
                                   random_state=0, method="percentile")
             ci = f"{np.median(ratios):.3f} ({res.confidence_interval.low:.3f}-{res.confidence_interval.high:.3f})"
+        estimate = got["after"][-1]["estimate_gib"]
+        judged = f"{estimate:.2f} GiB ({peak['after'] / estimate:.2f})" if estimate else "-"
         lines.append(f"| {name} | {peak['before']:.2f} GiB | {peak['after']:.2f} GiB | "
-                     f"{peak['after'] / peak['before']:.2f} | {np.median(speed['before']):.0f} | "
+                     f"{peak['after'] / peak['before']:.2f} | {judged} | {np.median(speed['before']):.0f} | "
                      f"{np.median(speed['after']):.0f} | {ci} |")
     return "\n".join(lines)
 
