@@ -6,14 +6,17 @@ rows) run with the same Python and overrides; "after" a worktree of --after (def
 changed the code a run executes), so editing this checkout while the bench runs changes neither side. The rows
 reach the length: each row is N consecutive polarity sentences joined (bench/memory_predict.py's data, N = 8 or 32).
 
-Per run: each rank's peak memory (RSS with MALLOC_MMAP_THRESHOLD_ fixed, so it follows live memory: bench/
-memory_predict.py explains why), the run's real tokens/s over its steps, the estimate it logged. Runs go in
-interleaved reps (before, after, before, after ...) so that the two sides share the machine's drift; each appends
-one JSON line to bench/results/logits_memory.jsonl and a run already there is skipped. `--table` prints the
-before/after table: peak per rank (max over reps) and the tokens/s ratio with a 95% bootstrap interval over the
-paired reps (scipy.stats.bootstrap, bench/throughput.py's method).
+Per run: each rank's peak memory, the run's real tokens/s over its steps, the estimate it logged. `--allocator
+live` (the default: memory) fixes MALLOC_MMAP_THRESHOLD_ so RSS follows live memory (bench/memory_predict.py
+explains why); that allocator maps and unmaps every tensor over 64 KiB, which slows a step (the more, the more large
+tensors a step makes, so it flatters the side that makes fewer): tokens/s come from `--allocator glibc` runs,
+glibc's default, what a CPU run gets. Runs go in interleaved reps (before, after, before, after ...) so that the two
+sides share the machine's drift; each appends one JSON line to bench/results/logits_memory.jsonl and a run already
+there is skipped. `--table` prints the before/after table: peak per rank (max over the live reps) and the tokens/s
+ratio of the glibc reps with a 95% bootstrap interval over the paired reps (scipy.stats.bootstrap,
+bench/throughput.py's method).
 
-    .venv/bin/python bench/logits_memory.py [--rows lora_zero2 ...] [--reps 3] [--steps 6] [--before 5c31b18]
+    .venv/bin/python bench/logits_memory.py [--rows lora_zero2 ...] [--reps 1] [--allocator live|glibc] [--steps 6]
     .venv/bin/python bench/logits_memory.py --table
     .venv/bin/python bench/logits_memory.py --fit 4.0 [--rows lora_zero2]
 
@@ -52,7 +55,8 @@ ROWS = {
                       ["--model.gradient_checkpointing", "false", "--data.max_length", "1024",
                        "--train.per_device_batch_size", "1"]),
 }
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "MALLOC_MMAP_THRESHOLD_": "65536"}
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+ALLOCATORS = {"live": {"MALLOC_MMAP_THRESHOLD_": "65536"}, "glibc": {}}
 
 
 def _host() -> str:
@@ -75,7 +79,7 @@ def tree(side: str, commit: str) -> Path:
     return path
 
 
-def run(name: str, side: str, commit: str, steps: int) -> dict:
+def run(name: str, side: str, commit: str, steps: int, allocator: str = "live") -> dict:
     recipe, config, accelerate, join, extra = ROWS[name]
     code = tree(side, commit)
     with tempfile.TemporaryDirectory(prefix="llmkit-logits-") as tmp:
@@ -88,14 +92,15 @@ def run(name: str, side: str, commit: str, steps: int) -> dict:
                "--data.max_eval_samples", "32", "--data.test_split", "null", "--output.explain_rows", "0",
                "--output.verify_export", "false", "--train.sample_prompts", "null", "--data.dataset", str(data),
                *extra]
-        proc = subprocess.run(cmd, cwd=code, env={**ENV, "PYTHONPATH": str(code)}, capture_output=True, text=True,
+        env = {**ENV, **ALLOCATORS[allocator], "PYTHONPATH": str(code)}
+        proc = subprocess.run(cmd, cwd=code, env=env, capture_output=True, text=True,
                               timeout=1800)
         if proc.returncode != 0:
             raise SystemExit(f"{name} ({side}) failed:\n{proc.stderr[-3000:]}")
         said = proc.stdout + proc.stderr
         estimate = re.findall(r"^\s+(?:live|total) at peak\s+(\d+\.\d+) GiB", said, re.M)
         train = json.loads((Path(tmp) / "run" / "metrics.json").read_text())["train"]
-    return {"row": name, "side": side, "commit": commit, "host": _host(),
+    return {"row": name, "side": side, "commit": commit, "host": _host(), "allocator": allocator,
             "steps": steps, "precision": train["precision"], "zero_stage": train["zero_stage"],
             "peak_gib_per_rank": [round(b / GIB, 3) for b in train["per_rank"]["peak_memory_bytes"]],
             "real_tokens_per_second": train.get("real_tokens_per_second"),
@@ -139,11 +144,20 @@ def table(rows: list[dict]) -> str:
     lines = ["| run | peak per rank, before | after | after / before | after: estimate (measured / estimate) | "
              "tokens/s before | after | ratio (95% CI) |", "|---|---|---|---|---|---|---|---|"]
     for name in ROWS:
-        got = {side: [r for r in rows if r["row"] == name and r["side"] == side] for side in ("before", "after")}
+        mine = [r for r in rows if r["row"] == name]
+        got = {side: [r for r in mine if r["side"] == side and r.get("allocator", "live") == "live"]
+               for side in ("before", "after")}
+        timed = {side: [r for r in mine if r["side"] == side and r.get("allocator") == "glibc"]
+                 for side in ("before", "after")}
         if not got["before"] or not got["after"]:
             continue
         peak = {s: max(max(r["peak_gib_per_rank"]) for r in got[s]) for s in got}
-        speed = {s: [r["real_tokens_per_second"] for r in got[s]] for s in got}
+        speed = {s: [r["real_tokens_per_second"] for r in timed[s]] for s in timed}
+        if not speed["before"] or not speed["after"]:
+            lines.append(f"| {name} | {peak['before']:.2f} GiB | {peak['after']:.2f} GiB | "
+                         f"{peak['after'] / peak['before']:.2f} | {_judged(got['after'], peak['after'])} | "
+                         "not timed | | |")
+            continue
         n = min(len(speed["before"]), len(speed["after"]))
         ratios = np.array(speed["after"][:n]) / np.array(speed["before"][:n])
         ci = "n/a (one rep)"
@@ -151,18 +165,23 @@ def table(rows: list[dict]) -> str:
             res = stats.bootstrap((ratios,), np.median, confidence_level=0.95, n_resamples=2000,
                                   random_state=0, method="percentile")
             ci = f"{np.median(ratios):.3f} ({res.confidence_interval.low:.3f}-{res.confidence_interval.high:.3f})"
-        estimate = got["after"][-1]["estimate_gib"]
-        judged = f"{estimate:.2f} GiB ({peak['after'] / estimate:.2f})" if estimate else "-"
         lines.append(f"| {name} | {peak['before']:.2f} GiB | {peak['after']:.2f} GiB | "
-                     f"{peak['after'] / peak['before']:.2f} | {judged} | {np.median(speed['before']):.0f} | "
+                     f"{peak['after'] / peak['before']:.2f} | {_judged(got['after'], peak['after'])} | "
+                     f"{np.median(speed['before']):.0f} | "
                      f"{np.median(speed['after']):.0f} | {ci} |")
     return "\n".join(lines)
+
+
+def _judged(after: list[dict], peak: float) -> str:
+    estimate = after[-1]["estimate_gib"]
+    return f"{estimate:.2f} GiB ({peak / estimate:.2f})" if estimate else "-"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS))
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=1)
+    ap.add_argument("--allocator", choices=list(ALLOCATORS), default="live")
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--before", default="5c31b18")
     ap.add_argument("--after", default=None, help="default: the newest commit that changed the code a run executes")
@@ -186,9 +205,10 @@ def main() -> None:
     for rep in range(args.reps):
         for name in args.rows:
             for side in ("before", "after"):
-                if len([r for r in rows if (r["row"], r["side"]) == (name, side)]) > rep:
+                if len([r for r in rows if (r["row"], r["side"], r.get("allocator", "live"))
+                        == (name, side, args.allocator)]) > rep:
                     continue
-                row = {**run(name, side, commits[side], args.steps), "rep": rep}
+                row = {**run(name, side, commits[side], args.steps, args.allocator), "rep": rep}
                 rows.append(row)
                 with open(OUT, "a") as fh:
                     fh.write(json.dumps(row) + "\n")

@@ -9,9 +9,12 @@ Each workload runs three ways, each path's peak memory the high-water mark of th
 before (PeakResident: with the allocator set to return freed tensors, the peak of live tensors, as a GPU's
 max_memory_allocated counts them; the weights exist before and are not counted), after one warm-up pass of each:
 the base (the model with the head kept at one position a row: its activations, and the head weight's gradient
-where the head trains), the full logits, the chunked path. A term is the path's peak minus the base's.
+where the head trains), the full logits, the chunked path. A term is the path's peak minus the base's. That
+allocator maps and unmaps every tensor over 64 KiB, which slows the path making more large tensors: the table's
+times are the `--timing` rows', glibc's default allocator.
 
-    .venv/bin/python bench/logits_terms.py [--reps 5] [--chunk 1024]   # appends to bench/results/logits_terms.jsonl
+    .venv/bin/python bench/logits_terms.py [--reps 5] [--chunk 512]   # appends to bench/results/logits_terms.jsonl
+    .venv/bin/python bench/logits_terms.py --timing [--reps 5]        # the times under glibc's default allocator
     .venv/bin/python bench/logits_terms.py --table
 """
 
@@ -105,7 +108,8 @@ def _paths(net, batch: dict, training: bool, chunk: int) -> dict:
             "chunked": lambda: lm_head.causal_lm_loss(net, batch, chunk=chunk).loss.backward()}
 
 
-def measure(name: str, reps: int, chunk: int) -> dict:
+def measure(name: str, reps: int, chunk: int, memory: bool = True) -> dict:
+    """A workload's peaks (`memory`) and its steps timed on both paths, `reps` interleaved pairs."""
     lora, rows, length, scored, training = WORKLOADS[name]
     net = _model(lora)
     batch = _batch(net.config.vocab_size, rows, length, scored)
@@ -114,7 +118,7 @@ def measure(name: str, reps: int, chunk: int) -> dict:
         for step in paths.values():  # the first pass of each allocates what stays (kernels' caches, buffers)
             step()
             net.zero_grad(set_to_none=True)
-        for path, step in paths.items():
+        for path, step in paths.items() if memory else ():
             with PeakResident() as live:
                 step()
             net.zero_grad(set_to_none=True)
@@ -125,12 +129,15 @@ def measure(name: str, reps: int, chunk: int) -> dict:
                 paths[path]()
                 seconds[path].append(time.perf_counter() - t0)
                 net.zero_grad(set_to_none=True)
-    terms = {p: (peak[p] - peak["base"]) / GIB for p in ("full", "chunked")}
-    return {"workload": name, "chunk": chunk, "lora": lora, "rows": rows, "length": length, "training": training,
-            "host": f"{_cpu()}, {os.cpu_count()} cores", "torch_threads": torch.get_num_threads(),
-            "peak_gib": {p: round(b / GIB, 4) for p, b in peak.items()},
-            "term_gib": {p: round(v, 4) for p, v in terms.items()},
-            "term_ratio": round(terms["chunked"] / terms["full"], 4), "seconds": seconds}
+    row = {"workload": name, "chunk": chunk, "lora": lora, "rows": rows, "length": length, "training": training,
+           "host": f"{_cpu()}, {os.cpu_count()} cores", "torch_threads": torch.get_num_threads(),
+           "allocator": "live" if memory else "glibc", "seconds": seconds}
+    if memory:
+        terms = {p: (peak[p] - peak["base"]) / GIB for p in ("full", "chunked")}
+        row.update(peak_gib={p: round(b / GIB, 4) for p, b in peak.items()},
+                   term_gib={p: round(v, 4) for p, v in terms.items()},
+                   term_ratio=round(terms["chunked"] / terms["full"], 4))
+    return row
 
 
 def _cpu() -> str:
@@ -143,7 +150,10 @@ def table(rows: list[dict]) -> str:
 
     lines = ["| workload | chunk | term, full logits | chunked | chunked / full | step s, full | chunked | "
              "speed ratio (95% CI) |", "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
+    for r in (r for r in rows if "term_gib" in r):
+        # timed under glibc's default allocator where measured so (the memory runs' map every tensor: slower)
+        r = {**r, **next((t for t in rows if t.get("allocator") == "glibc" and
+                          (t["workload"], t["chunk"]) == (r["workload"], r.get("chunk", 1024))), {})}
         speed = np.array(r["seconds"]["full"]) / np.array(r["seconds"]["chunked"])  # > 1: chunked is faster
         ci = stats.bootstrap((speed,), np.median, confidence_level=0.95, n_resamples=2000, random_state=0,
                              method="percentile").confidence_interval
@@ -155,27 +165,31 @@ def table(rows: list[dict]) -> str:
 
 
 def main() -> None:
-    if os.environ.get("MALLOC_MMAP_THRESHOLD_") != "65536":  # glibc reads it at start: run again with it set
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS))
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--chunk", type=int, default=lm_head.CHUNK, help="positions projected at once (train.loss_chunk)")
     ap.add_argument("--table", action="store_true", help="print the table of what is measured, run nothing")
+    ap.add_argument("--timing", action="store_true", help="time the paths under glibc's default allocator only")
     args = ap.parse_args()
+    if not args.timing and os.environ.get("MALLOC_MMAP_THRESHOLD_") != "65536":  # glibc reads it at start
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
     rows = [json.loads(line) for line in OUT.read_text().splitlines()] if OUT.is_file() else []
     host = f"{_cpu()}, {os.cpu_count()} cores"
     if args.table:
         print(table([r for r in rows if r["host"] == host]))
         return
     for name in args.workloads:
-        if any((r["workload"], r.get("chunk", 1024), r["host"]) == (name, args.chunk, host) for r in rows):
+        kind = "glibc" if args.timing else "live"
+        if any((r["workload"], r.get("chunk", 1024), r["host"], r.get("allocator", "live")) == (name, args.chunk, host,
+                                                                                               kind) for r in rows):
             continue
-        row = measure(name, args.reps, args.chunk)
+        row = measure(name, args.reps, args.chunk, memory=not args.timing)
         with open(OUT, "a") as fh:
             fh.write(json.dumps(row) + "\n")
-        print(f"{name}: term {row['term_gib']['full']:.3f} -> {row['term_gib']['chunked']:.3f} GiB "
-              f"({row['term_ratio']:.1%})", flush=True)
+        said = (f"term {row['term_gib']['full']:.3f} -> {row['term_gib']['chunked']:.3f} GiB ({row['term_ratio']:.1%})"
+                if "term_gib" in row else f"seconds {row['seconds']}")
+        print(f"{name}: {said}", flush=True)
 
 
 if __name__ == "__main__":
