@@ -331,7 +331,8 @@ def test_label_word_attributions_add_up_and_find_the_planted_word(label_words, c
 @pytest.mark.parametrize("chat", [True, False], ids=["chat-template", "plain-prompt"])
 def test_label_words_scored_in_batches_as_one_by_one(label_words, chat):
     """`llmkit eval` scores label words many texts per forward (left-padded, only the last logits): the same
-    numbers as the one-text scores the explanations integrate, and as the training examples give."""
+    numbers as the one-text scores the explanations integrate (their logits only at the word's positions), and as
+    the training examples give."""
     import copy
 
     model, tok = label_words
@@ -343,8 +344,12 @@ def test_label_words_scored_in_batches_as_one_by_one(label_words, chat):
     batched = subject.batch_scores(texts, rows=3)  # batches of 3 texts: padding inside and across batches
     for text, got in zip(texts, batched):
         frame = subject.frame(text)
+        widths = []  # positions the head projects: the ones predicting a word's tokens, not the prompt's
+        hook = model.get_output_embeddings().register_forward_hook(lambda m, i, o, seen=widths: seen.append(o.shape[1]))
         with torch.no_grad():
             one = subject.scores(model.get_input_embeddings()(frame.ids), frame)[0]
+        hook.remove()
+        assert widths == [len(ids) + 1 for ids, _ in frame.extra["suffixes"]], widths
         assert torch.allclose(got, one, atol=1e-4), (text, got, one)
         assert got.tolist() == pytest.approx(_label_score(model, tok, text, False), abs=1e-4)
 

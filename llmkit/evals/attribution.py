@@ -133,13 +133,15 @@ class LabelWords(LabelWordScorer):
                       extra={"suffixes": suffixes})
 
     def scores(self, embeds: torch.Tensor, frame: Frame) -> torch.Tensor:
-        n, length = embeds.shape[0], embeds.shape[1]
+        n = embeds.shape[0]
         table = self.model.get_input_embeddings()
         out = []
         for ids, targets in frame.extra["suffixes"]:  # one forward per label word (a handful of labels)
             rest = table(ids)[None].expand(n, -1, -1).to(embeds.dtype)
-            logits = self.model(inputs_embeds=torch.cat([embeds, rest], 1)).logits.float()
-            logp = torch.log_softmax(logits[:, length - 1:-1], -1)
+            # logits only where the word's tokens are predicted (the prompt's last position, the word's but its
+            # last): not every position's over the vocabulary, as the scorer keeps them (issue 50)
+            logits = self.model(inputs_embeds=torch.cat([embeds, rest], 1), logits_to_keep=len(ids) + 1).logits
+            logp = torch.log_softmax(logits[:, :-1].float(), -1)
             picked = logp.gather(-1, targets.clamp(min=0)[None, :, None].expand(n, -1, 1))[..., 0]
             out.append((picked * (targets != lm.IGNORE)).sum(-1))
         return torch.stack(out, -1)
