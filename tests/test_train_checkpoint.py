@@ -11,9 +11,10 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from helpers import check_ok, faulty_run, launch, losses_of, write_config
+from helpers import ROOT, check_ok, faulty_run, launch, losses_of, write_config
 from safetensors.torch import load_file
 
+from llmkit.commands.validate import validate
 from llmkit.errors import LlmkitError
 from llmkit.rundir import checkpoints, manifest
 from llmkit.rundir.layout import RunDir
@@ -166,16 +167,32 @@ def _run(tmp_path, name, model, data, accelerate_config, extra=(), env=None, **t
     return proc, out, cfg
 
 
+SAVED = ["--checkpoint.save_every_steps", str(AT), "--checkpoint.keep_last", "3"]  # step-4 and step-8 kept
+
+
+@pytest.fixture(scope="module")
+def straight_zero2(tmp_path_factory, tiny_bert, tiny_data):
+    """One straight ZeRO-2 fp32 run of TOTAL steps that checkpoints at AT and TOTAL: the reference of the exact
+    resume and the SIGTERM tests (a save changes no later number: the exact resume compares bit for bit against a
+    run that saved), and the checkpoints the damaged-checkpoint test copies. (proc, run folder, config)."""
+    proc, out, cfg = _run(tmp_path_factory.mktemp("straight_zero2"), "straight", tiny_bert, tiny_data,
+                          "cpu_zero2.yaml", SAVED)
+    check_ok(proc)
+    return proc, out, cfg
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("stage", "precision", "accumulation"),
     [(0, "fp32", 1), (2, "fp32", 1), (3, "fp32", 1), (2, "fp32", 2), (2, "bf16", 1)],
 )
-def test_resume_continues_exactly(tmp_path, tiny_bert, tiny_data, stage, precision, accumulation):
+def test_resume_continues_exactly(request, tmp_path, tiny_bert, tiny_data, stage, precision, accumulation):
     acc_cfg = f"cpu_zero{stage}.yaml"
-    straight, s_out, _ = _run(tmp_path, "straight", tiny_bert, tiny_data, acc_cfg,
-                              ["--checkpoint.save_every_steps", str(AT)], precision=precision,
-                              gradient_accumulation_steps=accumulation)
+    if (stage, precision, accumulation) == (2, "fp32", 1):
+        straight, s_out, _ = request.getfixturevalue("straight_zero2")
+    else:
+        straight, s_out, _ = _run(tmp_path, "straight", tiny_bert, tiny_data, acc_cfg, SAVED, precision=precision,
+                                  gradient_accumulation_steps=accumulation)
     check_ok(straight)
     ckpt = s_out / "checkpoints" / f"step-{AT}"
     assert (ckpt / manifest.MANIFEST).is_file()
@@ -237,9 +254,8 @@ def test_kill_9_while_saving_keeps_the_previous_checkpoint(tmp_path, tiny_bert, 
 
 
 @pytest.mark.slow
-def test_sigterm_checkpoints_and_resume_continues_the_sequence(tmp_path, tiny_bert, tiny_data):
-    straight, s_out, _ = _run(tmp_path, "straight", tiny_bert, tiny_data, "cpu_zero2.yaml")
-    check_ok(straight)
+def test_sigterm_checkpoints_and_resume_continues_the_sequence(tmp_path, tiny_bert, tiny_data, straight_zero2):
+    _, s_out, _ = straight_zero2
     # a real SIGTERM delivered to rank 1 after step 3: every rank finishes the step and the checkpoint is written
     proc, out, cfg = _run(tmp_path, "stopped", tiny_bert, tiny_data, "cpu_zero2.yaml",
                           env={"LLMKIT_FAULT": "sigterm@3:1"})
@@ -258,10 +274,10 @@ def test_sigterm_checkpoints_and_resume_continues_the_sequence(tmp_path, tiny_be
 
 
 @pytest.mark.slow
-def test_damaged_and_foreign_checkpoints_are_refused(tmp_path, tiny_bert, tiny_data):
-    proc, out, cfg = _run(tmp_path, "run", tiny_bert, tiny_data, "cpu_zero2.yaml",
-                          ["--checkpoint.save_every_steps", "4", "--checkpoint.keep_last", "3"])
-    check_ok(proc)
+def test_damaged_and_foreign_checkpoints_are_refused(tmp_path, tiny_bert, straight_zero2):
+    _, shared, cfg = straight_zero2
+    out = tmp_path / "run"
+    shutil.copytree(shared, out)  # a copy to damage: the shared run's checkpoints stay whole
     root = out / "checkpoints"
     good, bad = root / "step-4", root / "step-8"
     shard = max((p for p in bad.rglob("*") if p.is_file() and p.suffix == ".pt"), key=lambda p: p.stat().st_size)
@@ -271,19 +287,24 @@ def test_damaged_and_foreign_checkpoints_are_refused(tmp_path, tiny_bert, tiny_d
     # `latest` points at the damaged one; resume falls back to the newest good one
     assert checkpoints.resolve(RunDir(out), "latest").path == good
 
+    # another model, or a world size the batch does not split into: refused by the preflight every launch runs
+    # before any process group (a launched preflight refusal: test_rundir), here in process
     other = tmp_path / "other_model"
     shutil.copytree(tiny_bert, other)
-    foreign = launch("recipes/classification.py", ["--config", str(cfg), "--model.name_or_path", str(other),
-                                                   "--checkpoint.resume_from", str(good),
-                                                   "--output.output_dir", str(tmp_path / "new")])
-    assert foreign.returncode != 0
+    with pytest.raises(LlmkitError) as foreign:
+        validate(str(cfg), ["--model.name_or_path", str(other), "--checkpoint.resume_from", str(good),
+                            "--output.output_dir", str(tmp_path / "new")],
+                 str(ROOT / "accelerate_configs" / "cpu_zero2.yaml"), log=lambda line: None)
     assert f"checkpoint {good} belongs to a different run (model: checkpoint '{tiny_bert}' vs now '{other}')" \
-        in foreign.stderr
-    ranks = launch("recipes/classification.py", ["--config", str(cfg), "--checkpoint.resume_from", str(good),
-                                                 "--output.output_dir", str(tmp_path / "new1")],
-                   "cpu_zero2.yaml", num_processes=3)
-    assert ranks.returncode != 0  # 2 micro-batches per step do not split among 3 ranks
-    assert "3 ranks cannot split that evenly" in ranks.stderr and "Resume on 1, 2 rank(s)" in ranks.stderr
+        in str(foreign.value)
+    three = tmp_path / "three_ranks.yaml"
+    three.write_text((ROOT / "accelerate_configs" / "cpu_zero2.yaml").read_text().replace(
+        "num_processes: 2", "num_processes: 3"))
+    assert "num_processes: 3" in three.read_text()
+    with pytest.raises(LlmkitError) as ranks:  # 2 micro-batches per step do not split among 3 ranks
+        validate(str(cfg), ["--checkpoint.resume_from", str(good), "--output.output_dir", str(tmp_path / "new1")],
+                 str(three), log=lambda line: None)
+    assert "3 ranks cannot split that evenly" in str(ranks.value) and "Resume on 1, 2 rank(s)" in str(ranks.value)
 
 
 @pytest.mark.slow
