@@ -70,6 +70,9 @@ ZERO_RUNS = {**{f"zero{s}": (f"cpu_zero{s}", None, 8, 1, ()) for s in range(4)},
              "zero2_offload": ("cpu_zero2", "zero2_offload", 8, 1, ()),
              "zero3_offload": ("cpu_zero3", "zero3_offload", 8, 1, ()),
              "single_compiled": ("single", None, 16, 1, ("--train.torch_compile", "true"))}
+# the runs whose export is reloaded in a fresh process by the run itself (output.verify_export: ZeRO-3 gathers,
+# offloaded parameters, compiled blocks); the others' exports are reloaded in the tests (test_launch._predict)
+VERIFIED = ("zero3", "zero3_offload", "single_compiled")
 
 
 @pytest.fixture(scope="session")
@@ -88,7 +91,8 @@ def zero_runs(request, tmp_path_factory, tiny_bert_no_dropout, tiny_data):
                            logging_steps=1, per_device_batch_size=batch, gradient_accumulation_steps=accumulation,
                            learning_rate=2e-3, warmup_ratio=0.1)
         args = ["--data.group_by_length", "false", "--data.max_train_samples", str(ZERO_RUN_ROWS),
-                "--output.verify_export", "true", "--output.explain_rows", "8" if name == "zero3" else "0",
+                "--output.verify_export", str(name in VERIFIED).lower(),
+                "--output.explain_rows", "8" if name == "zero3" else "0",
                 *(["--deepspeed.config_file", ds_file] if ds_file else []), *extra]
         proc, verdict = check_numerics(root / name, cfg, accelerate_config, ZERO_RUN_STEPS, args)
         assert verdict is not None and proc.returncode in (0, 1), proc.stderr[-6000:]  # test_check_numerics judges
