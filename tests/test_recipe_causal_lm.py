@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from helpers import ROOT, check_ok, launch, write_lm_config
+from helpers import ROOT, check_numerics, check_ok, launch, write_lm_config
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
@@ -33,17 +33,26 @@ def _as_mixture(cfg_path, tiny_lm, tmp_path) -> None:
     cfg_path.write_text(yaml.safe_dump(cfg))
 
 
-# the third run reads a two-source mixture; the last packs its rows padding-free (data.packing): no pad token
-@pytest.mark.parametrize(("stage", "lora", "packing", "mixture"), [
-    (2, True, False, False), (3, True, False, False), (2, False, False, True), (3, False, True, False)])
-def test_causal_lm_trains_exports_and_reloads(tmp_path, tiny_lm, stage, lora, packing, mixture):
-    out = tmp_path / "run"
+# the third run reads a two-source mixture; the last packs its rows padding-free (data.packing): no pad token.
+# The first and the last are `llmkit check-numerics` runs: every step of the chunked loss on 2 ranks (ZeRO-2 LoRA,
+# ZeRO-3 full with the head trained) held against the one-process fp32 reference on the full logits (issue 50)
+@pytest.mark.parametrize(("stage", "lora", "packing", "mixture", "checked"), [
+    (2, True, False, False, True), (3, True, False, False, False), (2, False, False, True, False),
+    (3, False, True, False, True)])
+def test_causal_lm_trains_exports_and_reloads(tmp_path, tiny_lm, stage, lora, packing, mixture, checked):
+    out = tmp_path / "check" / "run" if checked else tmp_path / "run"  # check-numerics runs it in <its folder>/run
     cfg = write_lm_config(tmp_path / "c.yaml", tiny_lm, out, lora, epochs=2, logging_steps=1)
     if mixture:
         _as_mixture(cfg, tiny_lm, tmp_path)
-    proc = launch("recipes/causal_lm.py", ["--config", str(cfg), "--data.packing", str(packing).lower()],
-                  f"cpu_zero{stage}.yaml")
-    check_ok(proc)
+    args = ["--data.packing", str(packing).lower()]
+    if checked:  # 2 epochs of 48 rows, 4 x 2 ranks a step: 12 steps; the export reloaded as a plain run does it
+        proc, verdict = check_numerics(tmp_path / "check", cfg, f"cpu_zero{stage}", 12,
+                                       [*args, "--output.verify_export", "true"], recipe="causal_lm")
+        assert proc.returncode == 0 and verdict["passed"], (verdict or {}).get("summary", proc.stderr[-3000:])
+        assert f"DeepSpeed ZeRO-{stage}" in verdict["checked"] and "12 steps" in verdict["checked"]
+    else:
+        proc = launch("recipes/causal_lm.py", ["--config", str(cfg), *args], f"cpu_zero{stage}.yaml")
+        check_ok(proc)
     metrics = json.loads((out / "metrics.json").read_text())
     report = json.loads((out / "report.json").read_text())  # every run ends with its report
     assert report["kind"] == "lm"
@@ -100,7 +109,7 @@ def _validation_loss_is_the_full_logits_one(proc, cfg_path, packing: bool, expor
     from llmkit.data import lm
     from llmkit.exported.scoring import token_logprobs
 
-    assert "loss: chunked, 1024 scored positions at a time" in proc.stdout + proc.stderr
+    assert "loss: chunked, 512 scored positions at a time" in proc.stdout + proc.stderr
     cfg = load_config(cfg_path, ["--data.packing", str(packing).lower()])
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.name_or_path)
     rows = lm.prepare(cfg.data, tokenizer, seed=cfg.train.seed, log=lambda *_: None).validation
@@ -273,6 +282,7 @@ def test_smollm2_lora_bounded_run_exports_and_generates(tmp_path):
     proc = launch("recipes/causal_lm.py", [
         "--config", str(ROOT / "recipes/configs/sentiment_smollm2_lora.yaml"), "--train.max_steps", "3",
         "--data.max_train_samples", "48", "--data.max_eval_samples", "8", "--output.explain_rows", "1",
+        "--output.explain_max_steps", "16",
         "--train.sample_max_new_tokens", "8", "--output.output_dir", str(out)],
         "cpu_zero2.yaml", timeout=900)
     check_ok(proc)
