@@ -116,8 +116,10 @@ def main() -> None:
         if importlib.util.find_spec("flash_attn"):
             runs.append(("llama_bf16_flash2", "bf16", ["--model.attn_implementation", "flash_attention_2"]))
     checkpointing = ["--model.gradient_checkpointing", "false" if args.dry else "true"]
+    # the dry path checks the script, not the numbers: no fresh-process reload of each export, a slice of the rows
+    dry = ["--output.verify_export", "false", "--data.max_train_samples", "256"] if args.dry else []
     for name, precision, more in runs:
-        _launch(name, out, model, tokenizer, data, precision, steps, batch, more + checkpointing)
+        _launch(name, out, model, tokenizer, data, precision, steps, batch, more + checkpointing + dry)
     doc = {"device": torch.cuda.get_device_name() if gpu else "CPU (dry path)", "dry": args.dry, "runs": {}}
     if gpu:  # the watchdog: an fp16 run whose gradients overflow from step 5 on
         got = _launch("llama_fp16_overflow", out, model, tokenizer, data, "fp16", 60, batch,
