@@ -95,6 +95,11 @@ def run(name: str, side: str, commit: str, steps: int, allocator: str = "live") 
         env = {**ENV, **ALLOCATORS[allocator], "PYTHONPATH": str(code)}
         proc = subprocess.run(cmd, cwd=code, env=env, capture_output=True, text=True,
                               timeout=1800)
+        refused = re.search(r"llmkit: error: (this run needs at least .*)", proc.stderr)
+        if proc.returncode != 0 and refused:  # its own preflight said it does not fit this machine: a result too
+            return {"row": name, "side": side, "commit": commit, "host": _host(), "allocator": allocator,
+                    "steps": steps, "refused": refused.group(1), "peak_gib_per_rank": None,
+                    "real_tokens_per_second": None, "estimate_gib": None}
         if proc.returncode != 0:
             raise SystemExit(f"{name} ({side}) failed:\n{proc.stderr[-3000:]}")
         said = proc.stdout + proc.stderr
@@ -114,14 +119,14 @@ def fit(name: str, side: str, commit: str, budget: float, rows: list[dict]) -> i
     while True:
         if high not in probes:
             probes[high] = _probe(name, side, commit, budget, high * 64)
-        if probes[high]["peak"] > budget or high >= 64:
+        if _over(probes[high], budget) or high >= 64:
             break
         low, high = high, high * 2
     while high - low > 1:
         mid = (low + high) // 2
         if mid not in probes:
             probes[mid] = _probe(name, side, commit, budget, mid * 64)
-        low, high = (mid, high) if probes[mid]["peak"] <= budget else (low, mid)
+        low, high = (low, mid) if _over(probes[mid], budget) else (mid, high)
     return low * 64
 
 
@@ -129,12 +134,19 @@ def _probe(name: str, side: str, commit: str, budget: float, seq: int) -> dict:
     recipe, config, accelerate, _, extra = ROWS[name]
     ROWS[f"{name}@{seq}"] = (recipe, config, accelerate, 256, [*extra, "--data.max_length", str(seq)])
     got = run(f"{name}@{seq}", side, commit, 2)
-    row = {"row": name, "side": side, "commit": commit, "fit": budget, "seq": seq // 64,
-           "peak": max(got["peak_gib_per_rank"]), "host": got["host"]}
+    row = {"row": name, "side": side, "commit": commit, "fit": budget, "seq": seq // 64, "host": got["host"],
+           "peak": None if "refused" in got else max(got["peak_gib_per_rank"]),
+           **({"refused": got["refused"]} if "refused" in got else {})}
     with open(OUT, "a") as fh:
         fh.write(json.dumps(row) + "\n")
-    print(f"fit {name} {side}: max_length {seq}: peak {row['peak']:.2f} GiB", flush=True)
+    print(f"fit {name} {side}: max_length {seq}: " + (f"peak {row['peak']:.2f} GiB" if row["peak"] is not None
+          else "refused by its preflight"), flush=True)
     return row
+
+
+def _over(probe: dict, budget: float) -> bool:
+    """A probe over the budget: its peak above it, or refused by its own preflight (it would not fit)."""
+    return probe["peak"] is None or probe["peak"] > budget
 
 
 def table(rows: list[dict]) -> str:
@@ -150,6 +162,11 @@ def table(rows: list[dict]) -> str:
         timed = {side: [r for r in mine if r["side"] == side and r.get("allocator") == "glibc"]
                  for side in ("before", "after")}
         if not got["before"] or not got["after"]:
+            continue
+        if any("refused" in r for r in got["before"] + got["after"]):
+            said = {s: "refused by its preflight" if any("refused" in r for r in got[s]) else
+                    f"{max(max(r['peak_gib_per_rank']) for r in got[s]):.2f} GiB" for s in got}
+            lines.append(f"| {name} | {said['before']} | {said['after']} | | | | | |")
             continue
         peak = {s: max(max(r["peak_gib_per_rank"]) for r in got[s]) for s in got}
         speed = {s: [r["real_tokens_per_second"] for r in timed[s]] for s in timed}
@@ -212,8 +229,9 @@ def main() -> None:
                 rows.append(row)
                 with open(OUT, "a") as fh:
                     fh.write(json.dumps(row) + "\n")
-                print(f"{name} {side} rep {rep}: peak {max(row['peak_gib_per_rank']):.2f} GiB per rank, "
-                      f"{row['real_tokens_per_second']} real tokens/s", flush=True)
+                print(f"{name} {side} rep {rep}: " + (f"refused: {row['refused']}" if "refused" in row else
+                      f"peak {max(row['peak_gib_per_rank']):.2f} GiB per rank, {row['real_tokens_per_second']} "
+                      "real tokens/s"), flush=True)
 
 
 if __name__ == "__main__":

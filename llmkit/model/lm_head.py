@@ -115,8 +115,9 @@ class _WeightedNLLSum(torch.autograd.Function):
     The gradients are computed in forward, while each chunk's logits are alive (softmax - one-hot, times w[i], is
     the gradient of the logits, as autograd's), and backward only scales them by the loss's gradient: each chunk's
     logits are made once, as the full path makes them, not again in backward (recomputing them cost a third more
-    time in the head on CPU). The cost: the head weight's gradient (fp32) is held from forward to backward where
-    the weight trains. w[i] is a class weight or 1, so the logits' gradient keeps the scale it has on the full
+    time in the head on CPU). Where the weight trains its gradient (fp32) is held from forward to backward; the
+    full path makes it at the start of backward, with the activations as alive, so the peak is the same
+    (bench/logits_terms.py). w[i] is a class weight or 1, so the logits' gradient keeps the scale it has on the full
     path (fp16's range); the loss's scale (1 / the target count, fp16's loss scale) is applied in backward, in fp32.
 
     `own` (the model's own logits where it kept them, or None) gets a zero gradient: it ties the head module's
