@@ -34,7 +34,7 @@ open(path, "w").write(src.replace("def launch_command(args):\n", hook, 1))
 EOF
 touch "$work/launches.log"
 set +e
-CI=true make test > "$work/test.log" 2>&1
+CI=true PYTEST_ADDOPTS="--junitxml=$work/junit.xml" make test > "$work/test.log" 2>&1
 rc=$?
 set -e
 t2=$(date +%s)
@@ -45,12 +45,22 @@ log = open(f"{work}/test.log").read()
 summary = re.findall(r"=+ (.*? in ([\d.]+)s.*?) =+\s*$", log, re.M)
 counts = {k: int(v) for v, k in re.findall(r"(\d+) (passed|failed|skipped|errors?|deselected)", summary[-1][0])} \
     if summary else {}
+# every test's whole time (setup + call + teardown) from the JUnit report, summed per file
+import xml.etree.ElementTree as ET
+per_file = {}
+try:
+    for case in ET.parse(f"{work}/junit.xml").iter("testcase"):
+        f = case.get("classname", "?").rsplit(".", 1)[0].replace(".", "/") + ".py"
+        per_file[f] = round(per_file.get(f, 0.0) + float(case.get("time", 0)), 1)
+except (OSError, ET.ParseError):
+    pass
 slowest = re.findall(r"^([\d.]+)s (call|setup|teardown) +(\S+)", log, re.M)[:25]
 cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
 row = {"commit": commit, "host": host, "cpu": cpu, "rc": int(rc), "setup_s": int(setup_s),
        "make_test_s": int(test_s), "pytest_s": float(summary[-1][1]) if summary else None, **counts,
        "launches": sum(1 for _ in open(f"{work}/launches.log")),
-       "slowest": [f"{s}s {phase} {name}" for s, phase, name in slowest]}
+       "slowest": [f"{s}s {phase} {name}" for s, phase, name in slowest],
+       "per_file_s": dict(sorted(per_file.items(), key=lambda kv: -kv[1]))}
 open(results, "a").write(json.dumps(row) + "\n")
 print(json.dumps(row, indent=1))
 EOF
