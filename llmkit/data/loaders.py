@@ -93,23 +93,28 @@ def loader_options(cfg: Config, persistent: bool = True) -> dict:
             "persistent_workers": persistent and t.dataloader_workers > 0}
 
 
+def _worker_seeds(seed: int) -> torch.Generator:
+    """Where a DataLoader draws each iterator's worker base seed. Without one it draws from torch's global RNG
+    (dropout's) or from the shuffle's generator, once per epoch, or once per run with persistent workers: so
+    train.dataloader_workers, or an evaluation, would change the order or the masks of the steps after it."""
+    return torch.Generator().manual_seed(seed)
+
+
 def train_loader(cfg: Config, dataset, lengths: list[int] | None, collate, rank: int, world: int) -> DataLoader:
-    """Batches of similar length (when `lengths` are known and data.group_by_length is on), else shuffled rows."""
+    """Batches of similar length (when `lengths` are known and data.group_by_length is on), else shuffled rows;
+    either way the order of an epoch depends on train.seed and the epoch alone."""
     t = cfg.train
-    dataset = RowErrors(dataset, rank)
-    options = loader_options(cfg)
-    if lengths is not None and cfg.data.group_by_length:
-        sampler = LengthGroupedBatchSampler(lengths, t.per_device_batch_size, world * t.gradient_accumulation_steps,
-                                            seed=t.seed)
-        return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, **options)
-    gen = torch.Generator().manual_seed(t.seed)
-    return DataLoader(dataset, batch_size=t.per_device_batch_size, shuffle=True, generator=gen, collate_fn=collate,
-                      **options)
+    if lengths is None or not cfg.data.group_by_length:
+        lengths = [0] * len(dataset)
+    sampler = LengthGroupedBatchSampler(lengths, t.per_device_batch_size, world * t.gradient_accumulation_steps,
+                                        seed=t.seed)
+    return DataLoader(RowErrors(dataset, rank), batch_sampler=sampler, collate_fn=collate,
+                      generator=_worker_seeds(t.seed), **loader_options(cfg))
 
 
 def _eval_loaders(cfg: Config, splits: dict, collate) -> dict[str, DataLoader]:
     return {name: DataLoader(split, batch_size=cfg.train.eval_batch_size, collate_fn=collate,
-                             **loader_options(cfg, persistent=False))
+                             generator=_worker_seeds(cfg.train.seed), **loader_options(cfg, persistent=False))
             for name, split in splits.items() if split is not None}
 
 

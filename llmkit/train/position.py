@@ -42,8 +42,8 @@ class DataPosition:
             skip = self.state.batches_in_epoch
             batches = iter(self.acc.skip_first_batches(self.loader, skip) if skip else self.loader)
         if self.rng is not None:
-            # starting an epoch's iterator draws from torch's RNG (lazily, on the first batch); the uninterrupted
-            # run drew it before the checkpoint, so restore the RNG only after that
+            # restored once the epoch's first batch is drawn: whatever starting the iterator draws (a sampler's,
+            # a worker's seed) the uninterrupted run drew before the checkpoint too
             first = next(batches, None)
             checkpoints.set_rng_state(self.rng)
             self.rng = None
