@@ -4,7 +4,7 @@
 # Each model trains twice: 20 steps for its throughput, then 8 steps with 3 profiled (after 3 warm-up) for the
 # breakdown of a step; bench/mfu.py reads the first and the profile of the second. Skips a run already done.
 #
-#   bench/mfu_smollm2.sh
+#   bench/mfu_smollm2.sh [full lora lora_nodropout]     # the kinds to run (default: all three)
 #   .venv/bin/python bench/mfu.py outputs/bench_mfu_smollm2_full:outputs/bench_mfu_smollm2_full_profile \
 #       outputs/bench_mfu_smollm2_lora:outputs/bench_mfu_smollm2_lora_profile
 set -euo pipefail
@@ -17,7 +17,10 @@ common=(--model.gradient_checkpointing false --train.logging_steps 10 --data.max
 declare -A configs=([full]=smollm2_full_polarity_text.yaml [lora]=sentiment_smollm2_lora.yaml
                    [lora_nodropout]=sentiment_smollm2_lora.yaml)
 declare -A extra=([full]="" [lora]="" [lora_nodropout]="--lora.dropout 0")  # without LoRA's dropout masks
-for kind in full lora lora_nodropout; do
+kinds=("$@")
+[ ${#kinds[@]} -gt 0 ] || kinds=(full lora lora_nodropout)
+for kind in "${kinds[@]}"; do
+    [ -n "${configs[$kind]:-}" ] || { echo "unknown kind: $kind (full, lora, lora_nodropout)"; exit 2; }
     for phase in "" _profile; do
         out="outputs/bench_mfu_smollm2_${kind}${phase}"
         [ -f "$out/metrics.json" ] && { echo "done: $out"; continue; }
