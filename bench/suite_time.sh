@@ -50,7 +50,8 @@ import xml.etree.ElementTree as ET
 per_file = {}
 try:
     for case in ET.parse(f"{work}/junit.xml").iter("testcase"):
-        f = case.get("classname", "?").rsplit(".", 1)[0].replace(".", "/") + ".py"
+        parts = case.get("classname", "?").split(".")  # tests.test_x, or tests.test_x.TestClass
+        f = "/".join(parts[:-1] if parts[-1][:4] == "Test" else parts) + ".py"
         per_file[f] = round(per_file.get(f, 0.0) + float(case.get("time", 0)), 1)
 except (OSError, ET.ParseError):
     pass
