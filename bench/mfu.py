@@ -121,7 +121,12 @@ def main() -> None:
     cores = os.cpu_count() or 1
     peaks = {}
     kinds = (("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16))
-    for label, dtype in kinds if torch.cuda.is_available() else kinds[:2]:
+    kinds = kinds if torch.cuda.is_available() else kinds[:2]
+    if args.runs:  # fp32 and the precisions the runs used: a CPU without native bf16 takes seconds per bf16 product
+        used = {"fp32"} | {RunDir(Path(spec.partition(":")[0])).read_metrics()["train"]["precision"]
+                           for spec in args.runs}
+        kinds = tuple(k for k in kinds if k[0] in used)
+    for label, dtype in kinds:
         peaks[label] = {"all_cores": gemm_peak(dtype, cores, seconds=args.peak_seconds),
                         "one_core": gemm_peak(dtype, 1, seconds=args.peak_seconds)}
     where = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{cores} CPU cores"

@@ -54,6 +54,29 @@ def tiny_lm(tmp_path_factory):
     return build_tiny_lm(tmp_path_factory.mktemp("tiny_lm"))
 
 
+@pytest.fixture(scope="session")
+def lm_mixture_run(tmp_path_factory, tiny_lm):
+    """A 2-rank ZeRO-2 full fine-tuning of the tiny Llama on a two-source mixture, evaluated every 2 steps with a
+    sample generation, reporting to TensorBoard, MLflow, W&B and Trackio offline: read by the mixture test of
+    test_recipe_causal_lm and by test_trackers. (proc, cfg, out, root, env)"""
+    from types import SimpleNamespace
+
+    from lm_runs import RUN_NAME, TAGS, as_mixture
+
+    root = tmp_path_factory.mktemp("lm_mixture")
+    out = root / "run"
+    cfg = helpers.write_lm_config(root / "c.yaml", tiny_lm, out, lora=False, epochs=2, logging_steps=1,
+                                  eval_every_steps=2, sample_prompts=["hi"], sample_max_new_tokens=2,
+                                  report_to=["tensorboard", "mlflow", "wandb", "trackio"], run_name=RUN_NAME,
+                                  tracker_tags=TAGS)
+    as_mixture(cfg, tiny_lm, root)
+    env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "MLFLOW_TRACKING_URI": f"file:{root / 'mlruns'}",
+           "MLFLOW_ALLOW_FILE_STORE": "true", "TRACKIO_DIR": str(root / "trackio")}
+    proc = launch("recipes/causal_lm.py", ["--config", str(cfg)], "cpu_zero2.yaml", env=env)
+    check_ok(proc)
+    return SimpleNamespace(proc=proc, cfg=cfg, out=out, root=root, env=env)
+
+
 def pytest_terminal_summary(terminalreporter):
     """How many `accelerate launch` runs the session made: the suite's main cost, watched across changes."""
     if helpers.LAUNCHES:
@@ -65,7 +88,10 @@ ZERO_RUN_ROWS = 80  # of the 96 training rows: 2 epochs are 10 steps of 16 rows 
 ZERO_RUN_STEPS = 10
 # every launcher llmkit ships that runs on a CPU machine (the cpu_* Accelerate configs, each offload JSON, single):
 # name -> (Accelerate config, DeepSpeed JSON or None, rows per micro-batch, accumulation, more overrides)
-ZERO_RUNS = {**{f"zero{s}": (f"cpu_zero{s}", None, 8, 1, ()) for s in range(4)},
+# zero1 also runs the speed switches (2 DataLoader workers a rank, the profiler): test_train_optim reads its profile,
+# and test_launch holds its losses and weights to zero0's, so the switches change nothing a run computes
+SWITCHES = ("--train.dataloader_workers", "2", "--train.profile_steps", "2")
+ZERO_RUNS = {**{f"zero{s}": (f"cpu_zero{s}", None, 8, 1, SWITCHES if s == 1 else ()) for s in range(4)},
              "zero2_accumulate": ("cpu_zero2", None, 4, 2, ()),
              "zero2_offload": ("cpu_zero2", "zero2_offload", 8, 1, ()),
              "zero3_offload": ("cpu_zero3", "zero3_offload", 8, 1, ()),

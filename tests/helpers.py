@@ -222,6 +222,30 @@ def check_numerics(out: Path, cfg: Path, accelerate_config: str, steps: int, ext
     return proc, json.loads(verdict.read_text()) if verdict.is_file() else None
 
 
+def cli(args: list[str], cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`llmkit <args>` in this process, finished as a process would be (exit code, stdout, stderr): for a command a
+    test expects to refuse, or one that starts no process of its own; a fresh interpreter would only add its
+    imports (seconds each on a 2-core machine)."""
+    import contextlib
+    import io
+
+    from llmkit import cli as entry
+    from llmkit.launch import parallel
+
+    out, err, code, here = io.StringIO(), io.StringIO(), 0, Path.cwd()
+    with parallel.environ({"HF_HUB_OFFLINE": "1", **(env or {})}), contextlib.redirect_stdout(out), \
+            contextlib.redirect_stderr(err):
+        try:
+            if cwd is not None:
+                os.chdir(cwd)
+            entry.main([str(a) for a in args])
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        finally:
+            os.chdir(here)
+    return subprocess.CompletedProcess(["llmkit", *args], code, out.getvalue(), err.getvalue())
+
+
 def check_ok(proc: subprocess.CompletedProcess) -> None:
     assert proc.returncode == 0, f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}"
 

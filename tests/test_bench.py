@@ -48,6 +48,7 @@ def test_mfu_reads_a_finished_run(tiny_run, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     (run,) = result["runs"]
+    assert set(result["gemm_peak_flops"]) == {"fp32"}  # the run's precision alone is timed
     assert run["world_size"] == 2 and not run["causal_lm"] and run["trained_non_embedding"] == run["non_embedding"]
     assert run["flops_per_token"] > 6 * run["non_embedding"] and 0 < run["mfu"] < 1
     assert run["achieved_flops"] == pytest.approx(run["real_tokens_per_second"] * run["flops_per_token"])

@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import HIGHLIGHTS, chromium, fake_run
+from helpers import HIGHLIGHTS, chromium, cli, fake_run
 from scipy.stats import binomtest
 
 from llmkit.commands.compare import document
@@ -435,8 +435,7 @@ def test_compare_refuses_before_scoring(compared, tiny_run, tmp_path):
     for models, more, said in cases:
         if "--data" not in models:
             models = [*models, "--data", str(data)]
-        bad = subprocess.run([sys.executable, "-m", "llmkit.cli", "compare", *models, "--output",
-                              str(tmp_path / "cmp2"), *more], capture_output=True, text=True, timeout=600)
+        bad = cli(["compare", *models, "--output", tmp_path / "cmp2", *more])
         assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr[-3000:]
         assert bad.stderr.strip().splitlines()[-1].startswith(f"llmkit: error: {said}"), bad.stderr[-2000:]
         assert not (tmp_path / "cmp2").exists()  # refused from the files, before anything was scored
@@ -462,8 +461,7 @@ def test_zero_shot_causal_lm_is_scored_and_compared(tmp_path, tiny_lm):
     assert all(sum(r["probabilities"]) == pytest.approx(1.0, abs=1e-5) for r in scored)
     (p,) = json.loads((tmp_path / "cmp" / "compare.json").read_text())["pairs"]
     assert p["agreement"] == 1.0 and p["mcnemar_exact_p"]["defined"] is False  # the same model, the same template
-    bad = subprocess.run([sys.executable, "-m", "llmkit.cli", "eval", model, "--data", str(data), "--zero-shot"],
-                         capture_output=True, text=True, timeout=300)
+    bad = cli(["eval", model, "--data", data, "--zero-shot"])
     assert bad.returncode == 2 and "--zero-shot goes with --prompt-template and --label-words" in bad.stderr
 
 

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
+from helpers import cli
 
 from llmkit import memory
 from llmkit.config import ModelConfig
@@ -153,10 +151,9 @@ def test_frozen_weights_have_no_gradients_or_optimizer_states():
         memory.estimate(1000, 2, 2, trainable=1001)
 
 
-@pytest.mark.slow
 def test_estimate_memory_command(tiny_bert):
-    out = subprocess.run([sys.executable, "-m", "llmkit.cli", "estimate-memory", "--model", str(tiny_bert),
-                          "--zero-stage", "2", "--num-gpus", "4"], capture_output=True, text=True, timeout=120)
+    """`llmkit estimate-memory` (in this process: it starts none) against the estimate computed here."""
+    out = cli(["estimate-memory", "--model", tiny_bert, "--zero-stage", "2", "--num-gpus", "4"])
     assert out.returncode == 0, out.stderr
     params = model_sizes(ModelConfig(name_or_path=str(tiny_bert))).params
     assert f"ZeRO-2, 4 device(s), bf16, {params / 1e6:,.1f}M parameters" in out.stdout
@@ -169,8 +166,7 @@ def test_estimate_memory_command(tiny_bert):
     line = next(x for x in out.stdout.splitlines() if "live at peak" in x)
     assert line.split()[-2] == f"{peak:.3f}"
     assert f"largest param {largest / 1e3:,.1f}K" in out.stdout and largest < 1e6  # a tiny model: in thousands
-    lora = subprocess.run([sys.executable, "-m", "llmkit.cli", "estimate-memory", "--model", str(tiny_bert),
-                           "--zero-stage", "2", "--lora-r", "4"], capture_output=True, text=True, timeout=120)
+    lora = cli(["estimate-memory", "--model", tiny_bert, "--zero-stage", "2", "--lora-r", "4"])
     from llmkit.config import LoraConfig
 
     trained = model_sizes(ModelConfig(name_or_path=str(tiny_bert)), lora=LoraConfig(enabled=True, r=4)).trainable
@@ -182,10 +178,8 @@ def test_estimate_memory_command(tiny_bert):
     shape = activations.shape_of(read_config(ModelConfig(name_or_path=str(tiny_bert))))
     acts = {}
     for ckpt in (False, True):
-        got = subprocess.run([sys.executable, "-m", "llmkit.cli", "estimate-memory", "--model", str(tiny_bert),
-                              "--zero-stage", "2", "--batch-size", "512", "--seq-len", "128",
-                              *(["--gradient-checkpointing"] if ckpt else [])],
-                             capture_output=True, text=True, timeout=120)
+        got = cli(["estimate-memory", "--model", tiny_bert, "--zero-stage", "2", "--batch-size", "512", "--seq-len",
+                   "128", *(["--gradient-checkpointing"] if ckpt else [])])
         assert got.returncode == 0, got.stderr
         acts[ckpt] = float(next(x for x in got.stdout.splitlines() if x.startswith("  activations")).split()[-2])
         # the command's default device is a GPU, and it says so (it counted a CPU's kernels without saying)
@@ -193,8 +187,7 @@ def test_estimate_memory_command(tiny_bert):
         want = activations.activation_bytes(shape, 512, 128, 2, checkpointing=ckpt, device="cuda") / 1024**3
         assert want > 0.01 and acts[ckpt] == pytest.approx(want, rel=0.05)
     assert acts[True] < acts[False]
-    bad = subprocess.run([sys.executable, "-m", "llmkit.cli", "estimate-memory", "--model", str(tiny_bert),
-                          "--zero-stage", "1", "--offload", "params"], capture_output=True, text=True, timeout=120)
+    bad = cli(["estimate-memory", "--model", tiny_bert, "--zero-stage", "1", "--offload", "params"])
     assert bad.returncode == 2 and "llmkit: error: parameter offload needs ZeRO-3" in bad.stderr
 
 

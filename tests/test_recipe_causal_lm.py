@@ -1,136 +1,48 @@
 """The causal-LM recipe end to end on 2 ranks (tiny Llama made here): full and LoRA under ZeRO-2 and ZeRO-3
-train, export, reload; label words under ZeRO-3; a from-scratch tokenizer with packing; SmolLM2 (real asset)
+train, export, reload (ZeRO-3 LoRA in test_ship_hub, whose run pushes its adapter; lm_runs.py holds the checks every
+such run passes); a mixture; label words under ZeRO-3; a from-scratch tokenizer with packing; SmolLM2 (real asset)
 bounded."""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 import yaml
-from helpers import ROOT, check_numerics, check_ok, launch, write_lm_config
-from safetensors.torch import load_file
+from helpers import ROOT, check_numerics, check_ok, cli, launch, write_lm_config
+from lm_runs import check_causal_lm_run
 
 pytestmark = pytest.mark.slow
 
 
-def _as_mixture(cfg_path, tiny_lm, tmp_path) -> None:
-    """The run's data as a mixture: its prompt/response rows (weight 2) and the same rows in alpaca form (weight 1)."""
-    rows = [json.loads(line) for line in (tiny_lm / "data" / "train.jsonl").read_text().splitlines()]
-    (tmp_path / "alpaca").mkdir()
-    (tmp_path / "alpaca" / "train.jsonl").write_text("".join(
-        json.dumps({"instruction": r["prompt"], "input": "", "output": r["response"]}) + "\n" for r in rows))
-    cfg = yaml.safe_load(cfg_path.read_text())
-    for key in ("dataset", "prompt_column", "response_column"):
-        del cfg["data"][key]
-    cfg["data"]["mixture"] = [{"dataset": str(tiny_lm / "data"), "weight": 2.0},
-                              {"dataset": str(tmp_path / "alpaca"), "weight": 1.0}]
-    cfg_path.write_text(yaml.safe_dump(cfg))
-
-
-# the third run reads a two-source mixture; the last packs its rows padding-free (data.packing): no pad token.
-# The first and the last are `llmkit check-numerics` runs: every step of the chunked loss on 2 ranks (ZeRO-2 LoRA,
-# ZeRO-3 full with the head trained) held against the one-process fp32 reference on the full logits (issue 50)
-@pytest.mark.parametrize(("stage", "lora", "packing", "mixture", "checked"), [
-    (2, True, False, False, True), (3, True, False, False, False), (2, False, False, True, False),
-    (3, False, True, False, True)])
-def test_causal_lm_trains_exports_and_reloads(tmp_path, tiny_lm, stage, lora, packing, mixture, checked):
-    out = tmp_path / "check" / "run" if checked else tmp_path / "run"  # check-numerics runs it in <its folder>/run
+# The second run packs its rows padding-free (data.packing): no pad token. Both are `llmkit check-numerics` runs:
+# every step of the chunked loss on 2 ranks (ZeRO-2 LoRA, ZeRO-3 full with the head trained) held against the
+# one-process fp32 reference on the full logits (issue 50). The same checks read ZeRO-2 full fine-tuning on a
+# mixture (conftest.lm_mixture_run, below) and ZeRO-3 LoRA (the run that pushes its adapter, test_ship_hub).
+@pytest.mark.parametrize(("stage", "lora", "packing"), [(2, True, False), (3, False, True)])
+def test_causal_lm_trains_exports_and_reloads(tmp_path, tiny_lm, stage, lora, packing):
+    out = tmp_path / "check" / "run"  # check-numerics runs it in <its folder>/run
     cfg = write_lm_config(tmp_path / "c.yaml", tiny_lm, out, lora, epochs=2, logging_steps=1)
-    if mixture:
-        _as_mixture(cfg, tiny_lm, tmp_path)
     args = ["--data.packing", str(packing).lower()]
-    if checked:  # 2 epochs of 48 rows, 4 x 2 ranks a step: 12 steps; the export reloaded as a plain run does it
-        proc, verdict = check_numerics(tmp_path / "check", cfg, f"cpu_zero{stage}", 12,
-                                       [*args, "--output.verify_export", "true"], recipe="causal_lm")
-        assert proc.returncode == 0 and verdict["passed"], (verdict or {}).get("summary", proc.stderr[-3000:])
-        assert f"DeepSpeed ZeRO-{stage}" in verdict["checked"] and "12 steps" in verdict["checked"]
-    else:
-        proc = launch("recipes/causal_lm.py", ["--config", str(cfg), *args], f"cpu_zero{stage}.yaml")
-        check_ok(proc)
-    metrics = json.loads((out / "metrics.json").read_text())
-    report = json.loads((out / "report.json").read_text())  # every run ends with its report
-    assert report["kind"] == "lm"
-    assert report["runs"][0]["scores"]["validation"]["loss"] == metrics["validation"]["loss"]
-    if mixture:  # what each source gave, in the log, metrics.json, the report and the card
-        mix = metrics["data_mixture"]
-        assert [m["weight_share"] for m in mix] == pytest.approx([2 / 3, 1 / 3])
-        assert sum(m["examples"] for m in mix) == metrics["train"]["train_examples"]
-        assert min(m["examples"] for m in mix) < max(m["available"] for m in mix)  # first_exhausted ended it
-        assert report["runs"][0]["data_mixture"] == mix
-        first = f"| {mix[0]['source']} | 2 | 66.7% | {mix[0]['examples']} | {mix[0]['available']} |"
-        assert first in (out / "report.md").read_text()
-        assert "Training data (mixture)" in (out / "report.html").read_text()
-        from llmkit.rundir.layout import RunDir
-        from llmkit.ship import card
-
-        assert f"{mix[1]['examples']} of {mix[1]['available']}" in card.build(RunDir(out), out / "final", "causal_lm", "me/x")
-        assert "mixture source" in proc.stdout + proc.stderr
-    if packing:  # every processed token is a real one, and the log says how the rows went in
-        assert metrics["train"]["padding_efficiency"] == 1.0
-        assert "rows packed padding-free" in proc.stdout + proc.stderr
-    history = metrics["train"]["history"]
-    assert history[-1]["loss"] < history[0]["loss"] or metrics["validation"]["loss"] < 2.0  # it learned
-    assert all(v <= 1e-4 for v in metrics["export_check"].values()), metrics["export_check"]
-
-    from transformers import AutoModelForCausalLM
-
-    final = out / "final"
-    if lora:
-        from peft import PeftModel
-
-        adapter = load_file(final / "adapter" / "adapter_model.safetensors")
-        assert adapter and all(t.numel() > 0 for t in adapter.values())
-        assert all("lora_" in k for k in adapter)
-        base = AutoModelForCausalLM.from_pretrained(tiny_lm / "model")
-        PeftModel.from_pretrained(base, final / "adapter")
-        merged = AutoModelForCausalLM.from_pretrained(final / "merged")
-        assert (final / "merged" / "chat_template.jinja").is_file() or "chat_template" in \
-            (final / "merged" / "tokenizer_config.json").read_text()
-    else:
-        weights = load_file(final / "model.safetensors")
-        assert all(t.numel() > 0 for t in weights.values())
-        merged = AutoModelForCausalLM.from_pretrained(final)
-    assert type(merged).__name__ == "LlamaForCausalLM"
-    _validation_loss_is_the_full_logits_one(proc, cfg, packing, merged, metrics["validation"]["loss"])
+    # 2 epochs of 48 rows, 4 x 2 ranks a step: 12 steps; the export reloaded as a plain run does it
+    proc, verdict = check_numerics(tmp_path / "check", cfg, f"cpu_zero{stage}", 12,
+                                   [*args, "--output.verify_export", "true"], recipe="causal_lm")
+    assert proc.returncode == 0 and verdict["passed"], (verdict or {}).get("summary", proc.stderr[-3000:])
+    assert f"DeepSpeed ZeRO-{stage}" in verdict["checked"] and "12 steps" in verdict["checked"]
+    check_causal_lm_run(proc, cfg, out, tiny_lm, lora, packing)
 
 
-def _validation_loss_is_the_full_logits_one(proc, cfg_path, packing: bool, exported, loss: float) -> None:
-    """The run trained and evaluated on the chunked loss (llmkit.model.lm_head, issue 50) on its 2 ranks; its validation
-    loss is the one the exported model's full logits give here, in one process."""
-    from transformers import AutoTokenizer
-
-    from llmkit.config import load_config
-    from llmkit.data import lm
-    from llmkit.exported.scoring import token_logprobs
-
-    assert "loss: chunked, 512 scored positions at a time" in proc.stdout + proc.stderr
-    cfg = load_config(cfg_path, ["--data.packing", str(packing).lower()])
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model.name_or_path)
-    rows = lm.prepare(cfg.data, tokenizer, seed=cfg.train.seed, log=lambda *_: None).validation
-    collate, total, tokens = lm.LMCollator(tokenizer.pad_token_id), 0.0, 0.0
-    with torch.no_grad():
-        for lo in range(0, len(rows), 8):
-            batch = collate([rows[i] for i in range(lo, min(lo + 8, len(rows)))])
-            logp, count = token_logprobs(exported.eval(), {**batch, "targets": batch["labels"]}, chunk=0)
-            total, tokens = total - float(logp.sum()), tokens + float(count.sum())
-    assert total / tokens == pytest.approx(loss, rel=1e-4)
+def test_full_fine_tuning_on_a_mixture_under_zero2(lm_mixture_run, tiny_lm):
+    """The shared ZeRO-2 run on a two-source mixture (conftest.lm_mixture_run, which also reports to four trackers):
+    what each source gave, in the log, metrics.json, the report and the card; the run's own checks."""
+    run = lm_mixture_run
+    check_causal_lm_run(run.proc, run.cfg, run.out, tiny_lm, lora=False, mixture=True)
 
 
 def _generate(model_dir, prompt: str, *extra: str) -> str:
-    import subprocess
-    import sys
-
-    from helpers import LAUNCH_ENV
-
-    proc = subprocess.run([sys.executable, "-m", "llmkit.cli", "generate", str(model_dir), "--prompt", prompt,
-                           "--max-new-tokens", "4", *extra], capture_output=True, text=True, env=LAUNCH_ENV,
-                          timeout=300)
+    proc = cli(["generate", model_dir, "--prompt", prompt, "--max-new-tokens", "4", *extra])
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
 
@@ -212,9 +124,7 @@ def test_label_words_under_zero3_score_generate_and_export(tmp_path, tiny_lm):
         assert r["probabilities"] == pytest.approx(probs, abs=1e-4)
 
     # `llmkit eval` scores the export by its label words (the run's records beside it): the run's own predictions
-    got = subprocess.run([sys.executable, "-m", "llmkit.cli", "eval", str(out / "final"), "--data", str(tmp_path),
-                          "--split", "test", "--output", str(tmp_path / "ev")], capture_output=True, text=True,
-                         timeout=300)
+    got = cli(["eval", out / "final", "--data", tmp_path, "--split", "test", "--output", tmp_path / "ev"])
     assert got.returncode == 0, got.stderr[-3000:]
     scored = [json.loads(line) for line in (tmp_path / "ev" / "predictions_test.jsonl").read_text().splitlines()]
     assert [r["prediction"] for r in scored] == [r["prediction"] for r in rows]
@@ -281,7 +191,8 @@ def test_smollm2_lora_bounded_run_exports_and_generates(tmp_path):
     out = tmp_path / "run"
     proc = launch("recipes/causal_lm.py", [
         "--config", str(ROOT / "recipes/configs/sentiment_smollm2_lora.yaml"), "--train.max_steps", "3",
-        "--data.max_train_samples", "48", "--data.max_eval_samples", "8", "--output.explain_rows", "1",
+        "--train.per_device_batch_size", "2", "--data.max_train_samples", "12", "--data.max_eval_samples", "8",
+        "--output.explain_rows", "1",
         "--output.explain_max_steps", "16",
         "--train.sample_max_new_tokens", "8", "--output.output_dir", str(out)],
         "cpu_zero2.yaml", timeout=900)
@@ -300,8 +211,4 @@ def test_smollm2_lora_bounded_run_exports_and_generates(tmp_path):
     assert "<|im_start|>" in (final / "merged" / "chat_template.jinja").read_text()
     prompt = ("Is the sentiment of this movie review positive or negative? Answer with one word.\n\n"
               "Review: a gorgeous, witty and deeply moving film.")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    got = subprocess.run([sys.executable, "-m", "llmkit.cli", "generate", str(final), "--prompt", prompt,
-                          "--max-new-tokens", "4"], capture_output=True, text=True, env=env, timeout=300)
-    assert got.returncode == 0, got.stderr[-3000:]
-    assert got.stdout.strip()  # the merged model answers (a few greedy tokens)
+    assert _generate(final, prompt).strip()  # the merged model answers (a few greedy tokens)

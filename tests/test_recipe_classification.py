@@ -43,9 +43,10 @@ def _lm_data(root):
     return root
 
 
-# both architectures under both stages (each run costs ~28 s on 2 CPU cores); the ZeRO-2 runs weigh classes
+# each architecture under one stage (a run costs ~30-60 s on 2 CPU cores): the head's gather from ZeRO-3 and
+# modules_to_save are the same code whatever the head is called; the ZeRO-2 run weighs classes
 @pytest.mark.slow
-@pytest.mark.parametrize(("arch", "stage"), [("llama", 3), ("bert", 2), ("llama", 2), ("bert", 3)])
+@pytest.mark.parametrize(("arch", "stage"), [("llama", 3), ("bert", 2)])
 def test_lora_classifier_exports_adapter_with_its_head(tmp_path, tiny_lm, tiny_bert, tiny_data, arch, stage):
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification, AutoTokenizer

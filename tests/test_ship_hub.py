@@ -16,6 +16,7 @@ import pytest
 import yaml
 from fake_hub import FakeHub
 from helpers import LAUNCH_ENV, check_ok, fake_run, launch, write_config, write_lm_config
+from lm_runs import check_causal_lm_run
 
 from llmkit.config.checks import check_repo_id
 from llmkit.errors import LlmkitError
@@ -155,13 +156,15 @@ def test_card_model_index_equals_metrics(pushed_classifier, fake_hub, tmp_path):
 @pytest.mark.slow
 def test_lora_push_has_adapter_at_root_and_merged_model(tmp_path, tiny_lm, fake_hub):
     out = tmp_path / "run"
-    cfg = write_lm_config(tmp_path / "c.yaml", tiny_lm, out, lora=True)
+    cfg = write_lm_config(tmp_path / "c.yaml", tiny_lm, out, lora=True, epochs=2, logging_steps=1)
     raw = yaml.safe_load(cfg.read_text())  # every_save too: the adapter, gathered from ZeRO-3, after each save
     raw["checkpoint"] = {"save_every_steps": 2, "keep_last": 1}
     raw["output"].update(push_to_hub=True, hub_model_id="bob/tiny-lora", hub_strategy="every_save")
     cfg.write_text(yaml.safe_dump(raw))
     env = {**LAUNCH_ENV, "HF_ENDPOINT": fake_hub.url, **HUB_ENV}
-    check_ok(launch("recipes/causal_lm.py", ["--config", str(cfg)], "cpu_zero3.yaml", env=env))
+    proc = launch("recipes/causal_lm.py", ["--config", str(cfg)], "cpu_zero3.yaml", env=env)
+    check_ok(proc)
+    check_causal_lm_run(proc, cfg, out, tiny_lm, lora=True)  # the recipe's own checks: ZeRO-3 LoRA trains and exports
     saves = [c for c in fake_hub.commits("bob/tiny-lora") if "training in progress" in c["message"]]
     trees = [fake_hub.files("bob/tiny-lora", c["oid"]) for c in saves]
     assert saves and all("adapter_model.safetensors" in c["added"] for c in saves)

@@ -10,6 +10,7 @@ import sys
 
 import numpy as np
 import pytest
+from helpers import cli
 
 from llmkit import compression
 from llmkit.errors import LlmkitError
@@ -61,12 +62,14 @@ def test_onnx_int8_copy_of_a_run_classifier(tiny_run, tmp_path):
     names = {name for name, _ in staged["files"]}
     assert {"onnx-int8/model.onnx", "onnx-int8/quantized.json", "model.safetensors"} <= names, names
     assert "## Quantized copies" in (tmp_path / "upload" / "README.md").read_text()
-    run = tmp_path / "run"  # a copy of the run, without its copy and its report
-    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("final-*", "report.*"))
+    run = tmp_path / "run"  # a copy of the run, without its report; its copy is made again, replaced whole
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("report.*"))
     final = run / "final"
+    (run / "final-onnx-int8" / "stale.txt").write_text("from the copy before")
     cmd = [sys.executable, "-m", "llmkit.cli", "quantize", "run/final", "--to", "onnx-int8"]
     got = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)  # a relative folder
     assert got.returncode == 0, got.stderr[-3000:]
+    assert not (run / "final-onnx-int8" / "stale.txt").exists() and not (run / "final-onnx-int8.old").exists()
     assert json.loads((run / "report.json").read_text())["runs"][0]["compression"][0]["format"] == "onnx-int8"
     copy = run / "final-onnx-int8"
     assert {p.name for p in copy.iterdir()} >= {"model.onnx", "config.json", "tokenizer.json", "quantized.json"}
@@ -95,13 +98,9 @@ def test_onnx_int8_copy_of_a_run_classifier(tiny_run, tmp_path):
     with torch.no_grad():
         want = full(**tok(texts, padding=True, return_tensors="pt")).logits.numpy()
     assert np.abs(served - want).max() < 0.05 * max(np.abs(want).max(), 1.0)
-    # again: replaced whole; then a split the data lacks, refused before the old copy is touched
-    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert (copy / "quantized.json").is_file() and not (run / "final-onnx-int8.old").exists()
+    # a split the data lacks: refused before the copy is touched
     data = json.loads((copy / "quantized.json").read_text())["source"]
-    bad = subprocess.run(cmd + ["--data", data, "--split", "nosuch"], capture_output=True, text=True, timeout=600,
-                         cwd=tmp_path)
+    bad = cli([*cmd[3:], "--data", data, "--split", "nosuch"], cwd=tmp_path)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("llmkit: error: --split nosuch")
     assert (copy / "model.onnx").is_file() and not (run / "final-onnx-int8.tmp").exists()
 

@@ -8,13 +8,12 @@ import json
 import struct
 
 import pytest
-from helpers import changed, check_ok, launch, write_lm_config
+from helpers import changed
+from lm_runs import RUN_NAME, TAGS
 
 from llmkit.config import Config
 from llmkit.errors import LlmkitError
 from llmkit.launch import trackers
-
-RUN_NAME, TAGS = "trk-run", ["sentiment", "tiny"]
 
 
 def _wandb_records(path):
@@ -43,16 +42,9 @@ def _wandb_records(path):
 
 
 @pytest.mark.slow
-def test_four_trackers_get_what_metrics_jsonl_has(tmp_path, tiny_lm, monkeypatch):
-    out = tmp_path / "run"
-    cfg = write_lm_config(tmp_path / "c.yaml", tiny_lm, out, lora=False, logging_steps=1, eval_every_steps=2,
-                          sample_prompts=["hi"], sample_max_new_tokens=2, report_to=["tensorboard", "mlflow", "wandb",
-                                                                                      "trackio"],
-                          run_name=RUN_NAME, tracker_tags=TAGS)
-    env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "MLFLOW_TRACKING_URI": f"file:{tmp_path / 'mlruns'}",
-           "MLFLOW_ALLOW_FILE_STORE": "true", "TRACKIO_DIR": str(tmp_path / "trackio")}
-    proc = launch("recipes/causal_lm.py", ["--config", str(cfg)], "cpu_zero2.yaml", env=env)
-    check_ok(proc)
+def test_four_trackers_get_what_metrics_jsonl_has(lm_mixture_run, monkeypatch):
+    """The shared 2-rank causal-LM run (conftest.lm_mixture_run) reported to all four."""
+    proc, out, env, root = lm_mixture_run.proc, lm_mixture_run.out, lm_mixture_run.env, lm_mixture_run.root
     assert "check: trackers: tensorboard, mlflow, wandb, trackio" in proc.stdout + proc.stderr
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     loss = {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
@@ -75,7 +67,7 @@ def test_four_trackers_get_what_metrics_jsonl_has(tmp_path, tiny_lm, monkeypatch
     from mlflow import MlflowClient
 
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 asks for it to read a file store too
-    client = MlflowClient(f"file:{tmp_path / 'mlruns'}")
+    client = MlflowClient(f"file:{root / 'mlruns'}")
     [run] = client.search_runs([client.get_experiment_by_name("llmkit").experiment_id])
     assert run.info.run_name == RUN_NAME and {"sentiment", "tiny"} <= set(run.data.tags)
     assert float(run.data.params["train.learning_rate"]) == lr and run.data.params["run.world_size"] == "2"
