@@ -5,9 +5,7 @@ tests/test_bad_input.py runs it under pytest; bench/bad_inputs.py prints "N of M
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import json
 import os
 import subprocess
@@ -18,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
-from helpers import ROOT, make_sentences, write_config, write_jsonl, write_lm_config
+from helpers import ROOT, cli, make_sentences, write_config, write_jsonl, write_lm_config
 
 ACC = ROOT / "accelerate_configs"
 
@@ -516,9 +514,6 @@ def _changed(before: dict, tmp: Path, assets: dict) -> list[str]:
 
 def run(case: Case, tmp: Path, assets: dict) -> Outcome:
     """Build the case's files in `tmp`, run `llmkit <args>` in this process, and report what happened."""
-    from llmkit import cli
-    from llmkit.launch import parallel
-
     args = case.build(tmp, assets)
     before = {name: _snapshot(folder) for name, folder in {"tmp": tmp, **assets}.items()}
     if case.fresh:
@@ -527,16 +522,11 @@ def run(case: Case, tmp: Path, assets: dict) -> Outcome:
         crash = proc.stderr if "Traceback (most recent call last)" in proc.stderr else ""
         return Outcome(proc.returncode, [ln for ln in proc.stderr.splitlines() if ln.startswith("llmkit: error:")],
                        crash, _changed(before, tmp, assets), proc.stderr)
-    err, out, code, crash = io.StringIO(), io.StringIO(), 0, ""
-    with parallel.environ({"HF_HUB_OFFLINE": "1", **case.env}), contextlib.redirect_stderr(err), \
-            contextlib.redirect_stdout(out):
-        try:
-            cli.main(args)
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
-        except BaseException:  # noqa: BLE001 - an escaped exception is what the battery looks for
-            crash, code = traceback.format_exc(), 1
-    text = err.getvalue()
+    try:
+        proc = cli(args, env=case.env)
+        code, text, crash = proc.returncode, proc.stderr, ""
+    except BaseException:  # noqa: BLE001 - an escaped exception is what the battery looks for
+        code, text, crash = 1, "", traceback.format_exc()
     return Outcome(code, [line for line in text.splitlines() if line.startswith("llmkit: error:")], crash,
                    _changed(before, tmp, assets), text)
 
