@@ -18,6 +18,10 @@ bench/throughput.py's method).
 
     .venv/bin/python bench/logits_memory.py [--rows lora_zero2 ...] [--reps 1] [--allocator live|glibc] [--steps 6]
     .venv/bin/python bench/logits_memory.py --table
+    .venv/bin/python bench/logits_memory.py --session 2026-12-07c --allocator glibc --reps 3 --after 1b363d9
+
+`--session TAG` marks the rows a run writes and counts only the timed (glibc) rows so marked, for skipping and for the
+table: a fresh set of interleaved reps beside older ones, e.g. after a fix that changed one side's speed.
     .venv/bin/python bench/logits_memory.py --fit 4.0 [--rows lora_zero2]
 
 `--fit GIB`: the longest data.max_length (a multiple of 64) whose measured peak per rank stays within GIB, before
@@ -203,6 +207,7 @@ def main() -> None:
     ap.add_argument("--before", default="5c31b18")
     ap.add_argument("--after", default=None, help="default: the newest commit that changed the code a run executes")
     ap.add_argument("--table", action="store_true", help="print the table of what is measured, run nothing")
+    ap.add_argument("--session", help="mark the rows written; count only timed rows so marked")
     ap.add_argument("--fit", type=float, help="GiB per rank: the longest max_length within it, before and after")
     args = ap.parse_args()
     commits = {"before": args.before, "after": args.after or code_commit()}
@@ -215,7 +220,8 @@ def main() -> None:
             print(f"{name}: the longest max_length within {args.fit} GiB per rank: before {got['before']}, "
                   f"after {got['after']}", flush=True)
         return
-    rows = [r for r in rows if "fit" not in r]
+    rows = [r for r in rows if "fit" not in r and (args.session is None or r.get("allocator") != "glibc"
+                                                     or r.get("session") == args.session)]
     if args.table:
         print(table(rows))
         return
@@ -225,7 +231,8 @@ def main() -> None:
                 if len([r for r in rows if (r["row"], r["side"], r.get("allocator", "live"))
                         == (name, side, args.allocator)]) > rep:
                     continue
-                row = {**run(name, side, commits[side], args.steps, args.allocator), "rep": rep}
+                row = {**run(name, side, commits[side], args.steps, args.allocator), "rep": rep,
+                       **({"session": args.session} if args.session else {})}
                 rows.append(row)
                 with open(OUT, "a") as fh:
                     fh.write(json.dumps(row) + "\n")
