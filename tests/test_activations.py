@@ -37,8 +37,8 @@ def _llama(layers: int, lora: dict | None = None, checkpointing: bool = False):
     if lora is not None:
         from peft import LoraConfig, get_peft_model
 
-        from llmkit.model.lora import cheaper_dropout  # as the run applies LoRA (llmkit.model.lora.apply_lora)
-        model = cheaper_dropout(get_peft_model(model, LoraConfig(target_modules=sorted(LLAMA_TARGETS), **lora)))
+        from llmkit.model.lora import dropout_inside_adapters  # as the run applies LoRA (apply_lora)
+        model = dropout_inside_adapters(get_peft_model(model, LoraConfig(target_modules=sorted(LLAMA_TARGETS), **lora)))
     model = model.to(torch.bfloat16).train()
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -70,12 +70,15 @@ def test_decoder_layers_keep_what_the_formula_counts(lora, padded):
 
 def test_a_decoder_layer_by_hand_and_a_lora_one():
     """SmolLM2-135M's widths, bf16, flash attention: 20h + 4kv + 4a + 8i + 8 bytes a token (full), and under
-    LoRA r=8 on every projection with dropout 30h + 9i + 4kv + 4a + 14r + 8 (each adapted input and its 1-byte mask)."""
+    LoRA r=8 on every projection with dropout 16h + 8i + 4kv + 4a + 14r + 8 (each input once, as without dropout: the
+    mask is drawn again in backward; it was 30h + 9i + ...: a dropped copy and a 1-byte mask per adapter)."""
     shape = activations.Shape("decoder", 30, 576, 1536, 9, 3, 64)
     h, i, kv, a, r = 576, 1536, 192, 9, 8
     assert activations.per_token_layer(shape, 2, padded=False) == 20 * h + 4 * kv + 4 * a + 8 * i + 8
     lora = Adapters(r, 0.05, LLAMA_TARGETS)
-    assert activations.per_token_layer(shape, 2, lora, padded=False) == 30 * h + 9 * i + 4 * kv + 4 * a + 14 * r + 8
+    assert activations.per_token_layer(shape, 2, lora, padded=False) == 16 * h + 8 * i + 4 * kv + 4 * a + 14 * r + 8
+    assert activations.per_token_layer(shape, 2, Adapters(r, 0.0, LLAMA_TARGETS), padded=False) == \
+        activations.per_token_layer(shape, 2, lora, padded=False)
     # checkpointing: every layer's input, one layer recomputed, the final norm (4h + 4 + 2wh)
     tokens = 4 * 256
     assert activations.activation_bytes(shape, 4, 256, 2, checkpointing=True, padded=False) == \

@@ -130,6 +130,62 @@ def test_no_tensor_of_tokens_by_vocab_is_made():
     assert seen == [(3, 1, VOCAB)]
 
 
+# run in a fresh interpreter: glibc reads MALLOC_MMAP_THRESHOLD_ at start (every tensor over 64 KiB its own mapping,
+# returned when freed, so the resident set's high-water mark is the peak of live tensors: bench/logits_terms.py)
+_PEAKS = """
+import json, sys, torch
+sys.path.insert(0, "bench")
+from logits_terms import PeakResident
+from transformers import LlamaConfig, LlamaForCausalLM
+from llmkit.model import lm_head
+vocab, hidden, chunk = map(int, sys.argv[1:])
+torch.manual_seed(0)
+net = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=256, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)).train()
+net.get_input_embeddings().weight.requires_grad_(False)  # its dense gradient would hide the head's terms
+ids = torch.randint(0, vocab, (4, 128))
+batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+def base():  # the activations and the head weight's gradient: what every path holds
+    out, last = lm_head.forward_hidden(net, batch, ids[:, 1:])
+    (last.sum() + out.logits.float().sum()).backward()
+paths = {"base": base, "full": lambda: net(**batch).loss.backward(),
+         "chunked": lambda: lm_head.causal_lm_loss(net, batch, chunk=chunk).loss.backward()}
+peaks = {}
+for warm in (True, False):
+    for name, step in paths.items():
+        with PeakResident() as live:
+            step()
+        net.zero_grad(set_to_none=True)
+        peaks[name] = live.peak
+print(json.dumps(peaks))
+"""
+
+
+@pytest.mark.slow  # a fresh interpreter, ~6 s
+def test_the_loss_holds_one_chunk_of_logits_beyond_the_model():
+    """Measured from outside the allocator, text with the head training (every position a target): forward and
+    backward of the chunked loss hold one chunk of fp32 logits beyond what the model's own pass holds; no second
+    tensor of the chunk's size (torch.logsumexp's exp), no temporary as large as the head's weight (a chunk's
+    weight gradient before it is summed, the model's own logits' zero gradient). The full logits: several times
+    all of them."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    vocab, hidden, chunk = 16384, 128, 64  # a chunk's logits 4 MiB, the head's weight 8 MiB, all logits 32 MiB
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", _PEAKS, str(vocab), str(hidden), str(chunk)], cwd=root,
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "PYTHONPATH": str(root)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    peaks = json.loads(proc.stdout.splitlines()[-1])
+    logits = 4 * vocab * 4 * 127  # fp32
+    assert peaks["full"] - peaks["base"] > 2 * logits  # the measure sees the logits
+    assert peaks["chunked"] - peaks["base"] <= 1.25 * 4 * vocab * chunk, peaks
+
+
 def test_evaluation_scores_the_same_without_the_full_logits():
     """Per-row log-likelihood sums and counts (loss / perplexity, label-word scores) as the full logits give them,
     chunked or not; the label-word scorer makes no logits for a word's last position."""

@@ -1,5 +1,6 @@
-"""The LoRA adapters' cheaper dropout (llmkit.model.lora.MaskDropout): the same keep probability, independence,
-expectation and gradients as nn.Dropout, seeded by torch's generator; every adapter of a LoRA model gets it."""
+"""The LoRA adapters' dropout inside their A matrices (llmkit.model.lora.DroppedLinear): the same keep probability,
+independence, expectation and gradients as nn.Dropout, seeded by torch's generator, the mask drawn again in backward
+(outputs and gradients bit for bit the unfused ones); every adapter of a LoRA model gets it."""
 
 from __future__ import annotations
 
@@ -12,13 +13,22 @@ from llmkit.config import LoraConfig
 from llmkit.model import lora
 
 
+def _identity(p: float) -> lora.DroppedLinear:
+    """A DroppedLinear of one input and one output, weight 1: its output is the dropped-out input itself."""
+    linear = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        linear.weight.fill_(1.0)
+    return lora.DroppedLinear(linear, p).train()
+
+
 @pytest.mark.parametrize("p", [0.05, 0.1, 0.5])
 def test_each_element_is_kept_independently_with_the_dropout_probability(p):
-    drop = lora.MaskDropout(p).train()
+    drop = _identity(p)
     assert abs(drop.cut / 32768 - p) <= 2 ** -16
     torch.manual_seed(0)
-    x = torch.ones(2_000_003)  # not a multiple of 4: the last 64-bit draw is cut
-    out = drop(x)
+    x = torch.ones(2_000_003, 1)  # not a multiple of 4: the last 64-bit draw is cut
+    with torch.no_grad():
+        out = drop(x)[:, 0]
     kept = out != 0
     assert torch.equal(out[kept], torch.full((int(kept.sum()),), drop.scale))
     keep = 1 - drop.cut / 32768
@@ -33,60 +43,101 @@ def test_each_element_is_kept_independently_with_the_dropout_probability(p):
 
 
 def test_off_outside_training_and_at_zero_and_seeded_by_torch():
-    x = torch.randn(4, 33)
-    assert lora.MaskDropout(0.3).eval()(x) is x
-    assert lora.MaskDropout(0.0).train()(x) is x
-    drop = lora.MaskDropout(0.3).train()
+    x = torch.randn(4, 33, 1)
+    assert torch.equal(_identity(0.3).eval()(x), x)
+    assert torch.equal(_identity(0.0)(x), x)
+    drop = _identity(0.3)
     torch.manual_seed(7)
     first = drop(x)
     torch.manual_seed(7)
     assert torch.equal(drop(x), first)
     assert not torch.equal(drop(x), first)
-    assert drop(x.bfloat16()).dtype == torch.bfloat16
+
+
+def _unfused(x, weight, drop: lora.DroppedLinear, dtype=None):
+    """peft's order by autograd: the mask drawn as DroppedLinear draws it, the dropped copy, the linear."""
+    keep = lora._keep(x.shape, drop.cut, x.device)
+    dropped = torch.where(keep, x * drop.scale, 0)
+    with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        return torch.nn.functional.linear(dropped, weight)
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16], ids=["fp32", "autocast-bf16"])
+def test_the_output_and_gradients_are_the_unfused_ones_bit_for_bit(dtype):
+    """The same mask drawn again in backward: output, input gradient and A's gradient equal to autograd's over
+    the dropped copy, in fp32 and under autocast (a 3-d input, as a layer's)."""
+    drop = lora.DroppedLinear(torch.nn.Linear(24, 6, bias=False), 0.3).train()
+    x = torch.randn(3, 5, 24)
+    results = []
+    for fused in (True, False):
+        xi, w = x.clone().requires_grad_(), drop.weight.detach().clone().requires_grad_()
+        torch.manual_seed(11)
+        if fused:
+            with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+                out = lora._DroppedProjection.apply(xi, w, drop.cut, drop.scale)
+        else:
+            out = _unfused(xi, w, drop, dtype)
+        torch.manual_seed(99)  # backward draws from the saved state, not the generator's state now
+        (out.float() * torch.linspace(-1, 1, out.numel()).view(out.shape)).sum().backward()
+        results.append((out.detach(), xi.grad, w.grad))
+    for got, want in zip(*results):
+        assert got.dtype == want.dtype and torch.equal(got, want)
+    assert results[0][1].dtype == x.dtype and results[0][2].dtype == torch.float32
 
 
 def test_an_adapter_learns_the_same_in_expectation_as_with_nn_dropout():
-    """One LoRA linear, fixed input: the mean gradient of its A over many draws is the same with MaskDropout as
-    with peft's nn.Dropout, within the draws' standard error (and the gradient is the mask times the scale)."""
+    """One LoRA linear, fixed input: the mean gradient of its A over many draws is the same with DroppedLinear as
+    with peft's nn.Dropout before the linear, within the draws' standard error."""
     torch.manual_seed(0)
     x = torch.randn(8, 16)
     a, b = torch.randn(4, 16), torch.randn(3, 4)
     grads = {}
-    for name, drop in (("nn", torch.nn.Dropout(0.1)), ("mask", lora.MaskDropout(0.1))):
-        drop.train()
+    for name in ("nn", "fused"):
         draws = []
         for _ in range(3000):
             w = a.clone().requires_grad_()
-            ((drop(x) @ w.T) @ b.T).square().sum().backward()
+            if name == "nn":
+                out = torch.nn.functional.linear(torch.nn.functional.dropout(x, 0.1, True), w)
+            else:
+                out = lora._DroppedProjection.apply(x, w, round(0.1 * 32768), 32768 / (32768 - round(0.1 * 32768)))
+            (out @ b.T).square().sum().backward()
             draws.append(w.grad)
         stack = torch.stack(draws)
         grads[name] = (stack.mean(0), stack.std(0) / math.sqrt(len(draws)))
-    (m1, se1), (m2, se2) = grads["nn"], grads["mask"]
+    (m1, se1), (m2, se2) = grads["nn"], grads["fused"]
     z = (m1 - m2).abs() / torch.sqrt(se1 ** 2 + se2 ** 2)
     assert z.max() < 5, z.max()
-    x.requires_grad_()
-    drop = lora.MaskDropout(0.25).train()
-    out = drop(x)
-    out.sum().backward()
-    assert torch.equal(x.grad, (out != 0).float() * drop.scale)
 
 
-def test_every_adapter_of_a_lora_model_gets_the_cheaper_mask():
+def test_every_adapter_of_a_lora_model_takes_its_dropout_inside():
+    """Each adapted linear's A is a DroppedLinear and its dropout slot an Identity (with dropout), the names of
+    the parameters peft saves unchanged; without dropout peft's own modules stay. The adapters on one input (q, k,
+    v) keep that input once for backward, not a copy each."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2)
-    for p, kind in ((0.05, lora.MaskDropout), (0.0, torch.nn.Identity)):
+    names = {}
+    for p, kind in ((0.05, lora.DroppedLinear), (0.0, torch.nn.Linear)):
+        torch.manual_seed(0)
         net = lora.apply_lora(LlamaForCausalLM(config), LoraConfig(enabled=True, r=4, alpha=8, dropout=p),
                               "CAUSAL_LM")
-        layers = [d for m in net.modules() if isinstance(getattr(m, "lora_dropout", None), torch.nn.ModuleDict)
-                  for d in m.lora_dropout.values()]
-        assert len(layers) == 2 * 7 and all(type(d) is kind for d in layers), p
-        if p:
-            assert all(d.p == p for d in layers)
-    net.train()
+        layers = [m for m in net.modules() if isinstance(getattr(m, "lora_A", None), torch.nn.ModuleDict)]
+        assert len(layers) == 2 * 7 and all(type(m.lora_A["default"]) is kind for m in layers), p
+        assert all(type(m.lora_dropout["default"]) is torch.nn.Identity for m in layers), p
+        names[p] = [n for n, _ in net.named_parameters()]
+    assert names[0.05] == names[0.0]
+    net = lora.apply_lora(LlamaForCausalLM(config), LoraConfig(enabled=True, r=4, alpha=8, dropout=0.05),
+                          "CAUSAL_LM").train()
+    q, k = net.base_model.model.model.layers[0].self_attn.q_proj, net.base_model.model.model.layers[0].self_attn.k_proj
+    x = torch.randn(2, 6, 32, requires_grad=True)
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        q(x) + k(x).sum()
+    assert sum(t is x for t in kept) == 2 and not any(t.shape == x.shape and t is not x for t in kept)
     ids = torch.randint(0, 64, (2, 6))
     net(input_ids=ids, labels=ids).loss.backward()
+    assert all(p.grad is not None for n, p in net.named_parameters() if "lora_A" in n)
 
 
 @pytest.mark.parametrize("task", ["CAUSAL_LM", "SEQ_CLS"])

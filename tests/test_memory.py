@@ -230,17 +230,17 @@ def test_logits_and_runtime_terms_and_the_refusal_of_a_run_that_cannot_fit():
 
 def test_the_chunked_loss_holds_one_chunk_of_logits(tmp_path, tiny_lm):
     """train.loss_chunk (512 by default, llmkit.model.lm_head): the logits term and the evaluation batch's are one
-    chunk's (its fp32 logits and their softmax), or the tokens' where they are fewer; the full logits
-    where it is off or the model changes its logits after the head (soft-capping)."""
+    chunk's (its fp32 logits, their softmax in place; a 16-bit copy too in bf16/fp16), or the tokens' where they are
+    fewer; the full logits where it is off or the model changes its logits after the head (soft-capping)."""
     from helpers import write_lm_config
 
     from llmkit import model
     from llmkit.config import load_config
     from llmkit.model import lm_head
 
-    assert memory.logits_bytes(4 * 256, 49_152, "bf16", chunk=512) == 512 * 49_152 * (4 + 4)
-    assert memory.logits_bytes(100, 49_152, "fp32", chunk=1024) == 100 * 49_152 * (4 + 4)  # under a chunk
-    assert memory.eval_logits_bytes(16 * 2 * 160, 49_152, "bf16", chunk=1024) == 1024 * 49_152 * 8
+    assert memory.logits_bytes(4 * 256, 49_152, "bf16", chunk=512) == 512 * 49_152 * (4 + 2)
+    assert memory.logits_bytes(100, 49_152, "fp32", chunk=1024) == 100 * 49_152 * 4  # under a chunk
+    assert memory.eval_logits_bytes(16 * 2 * 160, 49_152, "bf16", chunk=1024) == 1024 * 49_152 * 6
     path = write_lm_config(tmp_path / "c.yaml", tiny_lm, tmp_path / "out", lora=False)
 
     def chunk(*overrides, **config_keys) -> int:

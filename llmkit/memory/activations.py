@@ -23,14 +23,14 @@ Encoder (BERT, RoBERTa, MiniLM: post-LayerNorm, GELU MLP, dropout ph on hidden s
                                        probabilities; m = 4 on a CPU (it upcasts 16-bit math), w on a GPU
     fused (a GPU)     3wh + 4a
   linear inputs       as for the decoder (q/k/v share the layer input)
-LoRA: a frozen base linear saves nothing of its own; each adapted one saves its dropped-out input and the mask
-((w + 1) x in: the mask is one byte an element, llmkit.model.lora.MaskDropout on a CPU, the fused kernel's on a GPU;
-with dropout 0 the shared input, once) and the rank-r output of its A matrix (wr). Other families:
+LoRA: a frozen base linear saves nothing of its own; the adapters keep their input once per input, as trained
+linears do (with dropout too: llmkit.model.lora.DroppedLinear keeps the input and draws the mask again in
+backward, not a dropped copy and a mask per adapter), and the rank-r output of each A matrix (wr). Other families:
 Korthikanti et al. 2022 (arXiv:2205.05198), (34h + 5as) x w/2, their GPT layer with dropout.
 
 Outside the layers: one more norm (the decoder's final one, the encoder's embedding LayerNorm and dropout).
-Under LoRA the first layer keeps a little less (its input needs no gradient: no fp32 norm input, no dropout
-masks); not subtracted, it is one norm in L layers.
+Under LoRA the first layer keeps a little less (its input needs no gradient: no fp32 norm input); not subtracted,
+it is one norm in L layers.
 Gradient checkpointing (transformers, non-reentrant) keeps each layer's input (wh per token per layer) and, during
 backward, recomputes one layer at a time: L x wh + one layer.
 """
@@ -100,9 +100,7 @@ def _linear_inputs(groups: dict[str, tuple[str, ...]], widths: dict[str, int], w
             continue
         adapted = [m for m in members if m in adapters.targets]
         total += w * adapters.rank * len(adapted)  # A's output, read by B
-        if adapters.dropout > 0:  # each adapter draws its own dropout: the dropped input and its 1-byte mask
-            total += (w + 1) * width * len(adapted)
-        elif adapted and group not in shared:
+        if adapted and group not in shared:  # the input, dropout or not (llmkit.model.lora.DroppedLinear)
             total += w * width
     return total
 

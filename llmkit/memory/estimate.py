@@ -139,13 +139,12 @@ def logits_bytes(tokens: int, vocab: int, precision: str, chunk: int = 0) -> flo
     the logits in the compute dtype, transformers' fp32 copy of them for the loss (mixed precision only), the fp32
     log-softmax cross-entropy keeps for backward and the fp32 gradient of the logits: tokens x vocab x
     (2 + 4 + 4 + 4) bytes in bf16/fp16, x (4 + 4 + 4) in fp32. Chunked (llmkit.model.lm_head, `chunk` positions at a
-    time, each chunk's gradients made in forward): one chunk's fp32 logits and the fp32 exponentials log-sum-exp
-    makes from them, the 16-bit logits gone once copied: min(tokens, chunk) x vocab x (4 + 4) bytes, in any
-    precision (measured with a dispatch mode that tracks live tensors: 8 bytes an element in fp32 and bf16; the
-    resident peak over the model's own in bench/logits_terms.py, within 0.01 GiB at SmolLM2's 512 and 1024). The
-    head weight's gradient, made in forward where the head trains, is the one the full path makes at the start of
-    backward: a model state, counted with the gradients."""
-    return _chunk_bytes(tokens, vocab, chunk) if chunk else \
+    time, each chunk's gradients made in forward): one chunk's fp32 logits, turned into their softmax and gradient
+    in place, and in bf16/fp16 the 16-bit projection while its fp32 copy is made (or the 16-bit gradient made from
+    it): min(tokens, chunk) x vocab x 4 bytes in fp32, x (4 + 2) in bf16/fp16 (the resident peak over the model's
+    own in bench/logits_terms.py). The head weight's gradient, made in forward where the head trains, is the one
+    the full path makes at the start of backward: a model state, counted with the gradients."""
+    return _chunk_bytes(tokens, vocab, chunk, precision) if chunk else \
         float(tokens) * vocab * (14 if precision in ("bf16", "fp16") else 12)
 
 
@@ -154,12 +153,12 @@ def eval_logits_bytes(tokens: int, vocab: int, precision: str, chunk: int = 0) -
     compute dtype, their fp32 copy, the fp32 copy the shifted slice makes, and cross-entropy's fp32 log-softmax:
     tokens x vocab x (2 + 4 + 4 + 4) bytes in bf16/fp16, x (4 + 4 + 4) in fp32; chunked, the training loss's chunk
     (logits_bytes). No gradient, but the model states stay held, so it counts against the same peak as training."""
-    return _chunk_bytes(tokens, vocab, chunk) if chunk else \
+    return _chunk_bytes(tokens, vocab, chunk, precision) if chunk else \
         float(tokens) * vocab * (14 if precision in ("bf16", "fp16") else 12)
 
 
-def _chunk_bytes(tokens: int, vocab: int, chunk: int) -> float:
-    return float(min(tokens, chunk)) * vocab * (4 + 4)
+def _chunk_bytes(tokens: int, vocab: int, chunk: int, precision: str) -> float:
+    return float(min(tokens, chunk)) * vocab * (6 if precision in ("bf16", "fp16") else 4)
 
 
 def width(precision: str) -> int:

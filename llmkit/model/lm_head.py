@@ -98,15 +98,30 @@ def _logits(hidden, weight, bias) -> torch.Tensor:
     return functional.linear(hidden, weight, bias).float()  # fp32 for the loss, as transformers' ForCausalLMLoss
 
 
-def _nll(logits, targets) -> torch.Tensor:
-    return torch.logsumexp(logits, -1) - logits.gather(1, targets[:, None])[:, 0]
+def _nll_in_place(logits, targets) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's cross-entropy, and each row's sum of exp(logit - max): `logits` becomes exp(logit - max) in place
+    (divided by the sums it is the softmax). By hand rather than torch.logsumexp, which makes a second tensor as
+    large as the logits for exp(logit - max); the same max-shifted sums, so the same values up to rounding."""
+    top = logits.amax(-1)
+    target = logits.gather(1, targets[:, None])[:, 0]
+    sums = logits.sub_(top[:, None]).exp_().sum(-1)
+    return sums.log() + top - target, sums
 
 
 def _chunked_nll(hidden, weight, bias, targets, chunk: int) -> torch.Tensor:
     """Each target's cross-entropy, `chunk` rows of logits alive at a time (no gradient: evaluation)."""
-    parts = [_nll(_logits(hidden[lo:lo + chunk], weight, bias), targets[lo:lo + chunk])
+    parts = [_nll_in_place(_logits(hidden[lo:lo + chunk], weight, bias), targets[lo:lo + chunk])[0]
              for lo in range(0, len(targets), chunk)]
     return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
+
+
+def _add_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b, acc fp32: in place where a and b are fp32 too (no temporary as large as the head's weight);
+    a 16-bit product (autocast's) is made in its dtype, as the full path's backward makes it, and added into fp32."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+    else:
+        acc.add_(a @ b)
 
 
 class _WeightedNLLSum(torch.autograd.Function):
@@ -120,9 +135,11 @@ class _WeightedNLLSum(torch.autograd.Function):
     (bench/logits_terms.py). w[i] is a class weight or 1, so the logits' gradient keeps the scale it has on the full
     path (fp16's range); the loss's scale (1 / the target count, fp16's loss scale) is applied in backward, in fp32.
 
-    `own` (the model's own logits where it kept them, or None) gets a zero gradient: it ties the head module's
-    backward after this one, so the head's gradient is accumulated where its module's hooks have the weight whole
-    (ZeRO-3 gathers it for the head's backward; autograd needs the whole shape to accumulate into)."""
+    `own` (ZeRO-3: the model's own logits where it kept them; else None) gets a zero gradient: it ties the head
+    module's backward after this one, so the head's gradient is accumulated where its module's hooks have the weight
+    whole (ZeRO-3 gathers it for the head's backward; autograd needs the whole shape to accumulate into). That
+    backward makes a zero gradient as large as the weight, so it runs under ZeRO-3 only: elsewhere the own logits
+    get no gradient and the head's backward does not run for them (their loss is not read)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, w, chunk: int, own):
@@ -135,21 +152,19 @@ class _WeightedNLLSum(torch.autograd.Function):
             h, t = hidden[lo:lo + chunk], targets[lo:lo + chunk]
             wt = None if w is None else w[lo:lo + chunk]
             logits = _logits(h, weight, bias)
-            lse = torch.logsumexp(logits, -1)
-            nll = lse - logits.gather(1, t[:, None])[:, 0]
+            nll, sums = _nll_in_place(logits, t)
             total += nll.sum() if wt is None else (nll * wt).sum()
             if not (need_h or need_w or need_b):
                 continue
-            probs = logits.sub_(lse[:, None]).exp_()  # the softmax, in the logits' memory
-            probs[torch.arange(len(t), device=t.device), t] -= 1
-            if wt is not None:
-                probs.mul_(wt[:, None])
+            scale = sums.reciprocal_() if wt is None else wt / sums
+            probs = logits.mul_(scale[:, None])  # the softmax (times the class weight), in the logits' memory
+            probs[torch.arange(len(t), device=t.device), t] -= 1 if wt is None else wt
             g = probs.to(h.dtype)  # d loss / d logits in the compute dtype, as the head's linear backward takes it
             del logits, probs  # before the next chunk's logits: one chunk alive at a time
             if need_h:
                 grad_hidden[lo:lo + chunk] = g @ weight.to(h.dtype)
             if need_w:
-                grad_weight += (g.t() @ h).float()  # each chunk's part summed in fp32
+                _add_product(grad_weight, g.t(), h)  # each chunk's part summed in fp32
             if need_b:
                 grad_bias += g.sum(0).float()
             del g
@@ -207,7 +222,8 @@ def causal_lm_loss(model, batch: dict, class_ids: torch.Tensor | None = None, we
     with _projection(model, hidden[:, :-1], targets) as (picked, wanted, weight, bias, mask):
         w = None if weights is None else weights.to(picked.device).float()[class_ids][:, None].expand_as(mask)[mask]
         if torch.is_grad_enabled():
-            total = _WeightedNLLSum.apply(picked, weight, bias, wanted, w, chunk, out.logits)
+            tie = out.logits if hasattr(head_of(model).weight, "ds_id") else None  # ZeRO-3 only: see the Function
+            total = _WeightedNLLSum.apply(picked, weight, bias, wanted, w, chunk, tie)
         else:  # no gradient to make in forward (a Function's needs_input_grad does not see no_grad)
             nll = _chunked_nll(picked, weight, bias, wanted, chunk)
             total = nll.sum() if w is None else (nll * w).sum()
