@@ -15,7 +15,11 @@ times are the `--timing` rows', glibc's default allocator.
 
     .venv/bin/python bench/logits_terms.py [--reps 5] [--chunk 512]   # appends to bench/results/logits_terms.jsonl
     .venv/bin/python bench/logits_terms.py --timing [--reps 5]        # the times under glibc's default allocator
-    .venv/bin/python bench/logits_terms.py --table
+    .venv/bin/python bench/logits_terms.py --table [--commit c530620]
+
+Each row names the commit of the code it measured (`commit`: the newest commit that changed llmkit/; rows without one
+are c530620's); a row of the same workload, chunk, host, allocator and commit is not measured again, and the table
+shows one commit's rows (default: the code's now).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -140,6 +145,12 @@ def measure(name: str, reps: int, chunk: int, memory: bool = True) -> dict:
     return row
 
 
+def code_commit() -> str:
+    """The newest commit that changed the package (what the paths run)."""
+    return subprocess.run(["git", "-C", str(ROOT), "log", "-1", "--format=%h", "--", "llmkit"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+
+
 def _cpu() -> str:
     return next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "")
 
@@ -171,10 +182,13 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=lm_head.CHUNK, help="positions projected at once (train.loss_chunk)")
     ap.add_argument("--table", action="store_true", help="print the table of what is measured, run nothing")
     ap.add_argument("--timing", action="store_true", help="time the paths under glibc's default allocator only")
+    ap.add_argument("--commit", default=None, help="the table's commit (default: the code's now)")
     args = ap.parse_args()
     if not args.timing and os.environ.get("MALLOC_MMAP_THRESHOLD_") != "65536":  # glibc reads it at start
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
+    commit = (args.commit if args.table else None) or code_commit()  # measured rows: the code's own
     rows = [json.loads(line) for line in OUT.read_text().splitlines()] if OUT.is_file() else []
+    rows = [r for r in rows if r.get("commit", "c530620") == commit]
     host = f"{_cpu()}, {os.cpu_count()} cores"
     if args.table:
         print(table([r for r in rows if r["host"] == host]))
@@ -184,7 +198,7 @@ def main() -> None:
         if any((r["workload"], r.get("chunk", 1024), r["host"], r.get("allocator", "live")) == (name, args.chunk, host,
                                                                                                kind) for r in rows):
             continue
-        row = measure(name, args.reps, args.chunk, memory=not args.timing)
+        row = {**measure(name, args.reps, args.chunk, memory=not args.timing), "commit": commit}
         with open(OUT, "a") as fh:
             fh.write(json.dumps(row) + "\n")
         said = (f"term {row['term_gib']['full']:.3f} -> {row['term_gib']['chunked']:.3f} GiB ({row['term_ratio']:.1%})"
