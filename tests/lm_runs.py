@@ -86,7 +86,7 @@ def validation_loss_is_the_full_logits_one(proc, cfg_path, packing: bool, export
     from llmkit.data import lm
     from llmkit.exported.scoring import token_logprobs
 
-    assert "loss: chunked, 512 scored positions at a time" in proc.stdout + proc.stderr
+    assert "loss: chunked, 256 scored positions at a time" in proc.stdout + proc.stderr
     cfg = load_config(cfg_path, ["--data.packing", str(packing).lower()])
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.name_or_path)
     rows = lm.prepare(cfg.data, tokenizer, seed=cfg.train.seed, log=lambda *_: None).validation

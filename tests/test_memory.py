@@ -229,7 +229,7 @@ def test_logits_and_runtime_terms_and_the_refusal_of_a_run_that_cannot_fit():
 
 
 def test_the_chunked_loss_holds_one_chunk_of_logits(tmp_path, tiny_lm):
-    """train.loss_chunk (512 by default, llmkit.model.lm_head): the logits term and the evaluation batch's are one
+    """train.loss_chunk (256 by default, llmkit.model.lm_head): the logits term and the evaluation batch's are one
     chunk's (its fp32 logits, their softmax in place; a 16-bit copy too in bf16/fp16), or the tokens' where they are
     fewer; the full logits where it is off or the model changes its logits after the head (soft-capping)."""
     from helpers import write_lm_config
@@ -251,8 +251,8 @@ def test_the_chunked_loss_holds_one_chunk_of_logits(tmp_path, tiny_lm):
         sizes = model.model_sizes(cfg.model, causal_lm=True)
         return memory.settings_of(cfg, None, sizes, "fp32", 1, "gpu", config, causal=True).chunk
 
-    assert chunk() == lm_head.CHUNK == 512
-    assert chunk("--train.loss_chunk", "256") == 256
+    assert chunk() == lm_head.CHUNK == 256
+    assert chunk("--train.loss_chunk", "512") == 512
     assert chunk("--train.loss_chunk", "0") == 0
     assert chunk(final_logit_softcapping=30.0) == 0
 

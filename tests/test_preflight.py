@@ -80,3 +80,25 @@ def test_the_cpu_configs_hide_the_gpus_from_their_ranks():
         assert accelerate_env(path)["CUDA_VISIBLE_DEVICES"] == "", path.name
     gpu = accelerate_env(ROOT / "accelerate_configs" / "zero2.yaml")
     assert "CUDA_VISIBLE_DEVICES" not in gpu and gpu["LOCAL_WORLD_SIZE"] == gpu["WORLD_SIZE"]
+
+
+def test_a_lock_left_by_an_interrupted_op_build_is_refused_not_waited_on(tmp_path, monkeypatch):
+    """A DeepSpeed op build killed midway leaves torch's lock file: a launch would wait on it forever. One older
+    than any build is refused with its path and how to clear it; a fresh one (a build running now) is not."""
+    import os
+    import time
+
+    from llmkit.launch.preflight import STALE_LOCK_MINUTES, check_build_locks
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    lock = tmp_path / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir()
+    lock.touch()
+    check_build_locks()  # being built now
+    old = time.time() - (STALE_LOCK_MINUTES + 5) * 60
+    os.utime(lock, (old, old))
+    with pytest.raises(LlmkitError, match=f"{lock} is 15 minutes old: a build of DeepSpeed's deepspeed_shm_comm "
+                                          f"op was interrupted.*rm {lock}"):
+        check_build_locks()
+    lock.unlink()
+    check_build_locks()

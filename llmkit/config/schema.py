@@ -157,7 +157,7 @@ class TrainConfig:
     dataloader_workers: int = key(0, "worker processes per rank for collation (0: in the training process)")
     pin_memory: bool | None = key(None, "page-locked host batches; default: on with a GPU")
     torch_compile: bool = key(False, "torch.compile each repeated block (inductor, dynamic shapes); slow first steps")
-    loss_chunk: int = key(512, "a causal LM's loss and evaluation project only the scored positions onto the "
+    loss_chunk: int = key(256, "a causal LM's loss and evaluation project only the scored positions onto the "
                           "vocabulary, this many at a time, each chunk's gradient made while its logits are alive "
                           "(no tokens x vocab logits, the same loss; smaller: less memory, more time in the head); "
                           "0: the model's full logits, as also where a model changes its logits after the head "

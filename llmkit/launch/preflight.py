@@ -167,6 +167,30 @@ def zero_init() -> bool:
     return os.environ.get("ACCELERATE_DEEPSPEED_ZERO3_INIT", "").lower() == "true"
 
 
+STALE_LOCK_MINUTES = 10  # building one of DeepSpeed's ops takes a minute or two on a CPU
+
+
+def check_build_locks(now: float | None = None) -> None:
+    """DeepSpeed builds its ops (the CPU ranks' shared-memory communication, the CPU Adam of optimizer offload) with
+    torch's extension builder, which holds a lock file while it builds: a process killed mid-build leaves it
+    behind, and every later launch waits on it forever, silently. A lock older than any build is refused here."""
+    import time
+
+    from torch.utils.cpp_extension import get_default_build_root
+
+    now = time.time() if now is None else now
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")  # <it>/<op>/lock, else <default root>/<python_accelerator>/<op>/lock
+    for lock in sorted(Path(root).glob("*/lock") if root else Path(get_default_build_root()).glob("*/*/lock")):
+        try:
+            age = (now - lock.stat().st_mtime) / 60
+        except FileNotFoundError:  # its build just finished
+            continue
+        if age > STALE_LOCK_MINUTES:
+            raise LlmkitError(f"{lock} is {age:.0f} minutes old: a build of DeepSpeed's {lock.parent.name} op was "
+                              f"interrupted and every launch would wait on it; delete it (rm {lock}) unless "
+                              "another run is building that op now")
+
+
 def check_memory(cfg: Config, ds: dict | None, sizes: model.Sizes, precision: str, world_size: int, hw: Hardware,
                  config, causal: bool) -> memory.MemoryEstimate:
     """The memory estimate of this run (the one `llmkit estimate-memory` prints for the same settings), refused
@@ -289,6 +313,8 @@ def check(cfg: Config, world_size: int, recipe: str | None = None,
     accumulation = plan_elastic.accumulation if plan_elastic else cfg.train.gradient_accumulation_steps
     ds = parallel.resolve_deepspeed(cfg, precision, world_size, model.hidden_size(config), accumulation)
     stage = parallel.zero_stage(ds)
+    if ds is not None:
+        check_build_locks()
     if plan_elastic is not None and plan_elastic.universal:
         if stage != plan_elastic.zero_stage:
             raise LlmkitError(f"the checkpoint was written under ZeRO-{plan_elastic.zero_stage}; this launch uses "
