@@ -176,3 +176,31 @@ def test_frozen_linears_in_the_compute_dtype_give_the_same_outputs_and_gradients
     for name, grad in results["fp32"][1].items():
         assert torch.equal(grad, results["bf16"][1][name]), name
     assert lora.frozen_linears_in_compute_dtype(nets["fp32"], "fp32") == 0
+
+
+def test_under_gradient_checkpointing_the_recomputed_masks_are_the_same():
+    """A checkpointed layer runs its forward again in backward (the generator's state restored by torch's
+    checkpoint) and each adapter draws its mask again from the state it saved: every adapter's gradient is bit for
+    bit the one without checkpointing."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        net = lora.apply_lora(LlamaForCausalLM(config), LoraConfig(enabled=True, r=4, alpha=8, dropout=0.2),
+                              "CAUSAL_LM")
+        with torch.no_grad():
+            for name, p in net.named_parameters():
+                if "lora_B" in name:  # peft starts B at zero: no gradient would reach A
+                    p.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(name)))
+        if checkpointing:
+            net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            net.enable_input_require_grads()
+        ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(3))
+        torch.manual_seed(5)
+        net.train()(input_ids=ids, labels=ids).loss.backward()
+        grads.append({n: p.grad for n, p in net.named_parameters() if p.grad is not None})
+    assert len(grads[0]) == 2 * 7 * 2 and grads[0].keys() == grads[1].keys()
+    assert all(torch.equal(grads[0][n], grads[1][n]) for n in grads[0])
