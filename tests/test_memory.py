@@ -241,6 +241,9 @@ def test_the_chunked_loss_holds_one_chunk_of_logits(tmp_path, tiny_lm):
     assert memory.logits_bytes(4 * 256, 49_152, "bf16", chunk=512) == 512 * 49_152 * (4 + 2)
     assert memory.logits_bytes(100, 49_152, "fp32", chunk=1024) == 100 * 49_152 * 4  # under a chunk
     assert memory.eval_logits_bytes(16 * 2 * 160, 49_152, "bf16", chunk=1024) == 1024 * 49_152 * 6
+    # ZeRO-3 training the head: its own backward's gradient of the weight's size, in the compute dtype
+    assert memory.logits_bytes(100, 49_152, "bf16", chunk=256, tied_head=49_152 * 576) == \
+        100 * 49_152 * 6 + 49_152 * 576 * 2
     path = write_lm_config(tmp_path / "c.yaml", tiny_lm, tmp_path / "out", lora=False)
 
     def chunk(*overrides, **config_keys) -> int:

@@ -233,3 +233,21 @@ def test_lora_under_autocast_holds_its_frozen_linears_in_the_compute_dtype(tiny_
         held = sum(p.numel() * p.element_size() for p in net.parameters())
         est = memory.for_settings(memory.Settings(sizes, 1, precision, lora=True, load_width=4.0))
         assert est.param_bytes == held, precision
+
+
+def test_zero3_training_the_head_counts_its_own_backward_beside_the_chunk():
+    """The chunked loss under ZeRO-3, the head trained: the model's own logits take a zero gradient (so ZeRO-3
+    gathers the head before its gradient lands, llmkit.model.lm_head) and the head's backward makes one of its
+    weight's size; under ZeRO-2, or with LoRA (a frozen head), the chunk alone."""
+    from llmkit.memory import activations
+
+    sizes = model.Sizes(params=10**6, largest=10**5, trainable=10**6, largest_trainable=10**5)
+    shape = activations.Shape("decoder", 2, 64, 128, 4, 2, 16)
+    logits = {}
+    for stage in (2, 3):
+        for lora in (False, True):
+            settings = memory.Settings(sizes, 2, "fp32", {"stage": stage}, lora=lora, shape=shape, batch=2, seq=32,
+                                       vocab=1000, chunk=16)
+            logits[stage, lora] = memory.for_settings(settings).logits_bytes
+    assert logits[2, False] == logits[2, True] == logits[3, True] == 16 * 1000 * 4
+    assert logits[3, False] == 16 * 1000 * 4 + 1000 * 64 * 4

@@ -134,7 +134,7 @@ class MemoryEstimate:
         return "\n".join(lines)
 
 
-def logits_bytes(tokens: int, vocab: int, precision: str, chunk: int = 0) -> float:
+def logits_bytes(tokens: int, vocab: int, precision: str, chunk: int = 0, tied_head: int = 0) -> float:
     """A causal LM's loss over the vocabulary for `tokens` tokens of one micro-batch. The full logits (`chunk` 0):
     the logits in the compute dtype, transformers' fp32 copy of them for the loss (mixed precision only), the fp32
     log-softmax cross-entropy keeps for backward and the fp32 gradient of the logits: tokens x vocab x
@@ -143,9 +143,13 @@ def logits_bytes(tokens: int, vocab: int, precision: str, chunk: int = 0) -> flo
     in place, and in bf16/fp16 the 16-bit projection while its fp32 copy is made (or the 16-bit gradient made from
     it): min(tokens, chunk) x vocab x 4 bytes in fp32, x (4 + 2) in bf16/fp16 (the resident peak over the model's
     own in bench/logits_terms.py). The head weight's gradient, made in forward where the head trains, is the one
-    the full path makes at the start of backward: a model state, counted with the gradients."""
-    return _chunk_bytes(tokens, vocab, chunk, precision) if chunk else \
-        float(tokens) * vocab * (14 if precision in ("bf16", "fp16") else 12)
+    the full path makes at the start of backward: a model state, counted with the gradients. `tied_head`: under
+    ZeRO-3, where the head trains, the model's own logits get a zero gradient so that ZeRO-3 gathers the head's
+    weight before its gradient lands (llmkit.model.lm_head), and the head's backward makes a gradient of its
+    weight's size from it: that many elements in the compute dtype, beside the chunk."""
+    if chunk:
+        return _chunk_bytes(tokens, vocab, chunk, precision) + float(tied_head) * width(precision)
+    return float(tokens) * vocab * (14 if precision in ("bf16", "fp16") else 12)
 
 
 def eval_logits_bytes(tokens: int, vocab: int, precision: str, chunk: int = 0) -> float:
