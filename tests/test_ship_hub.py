@@ -159,6 +159,7 @@ def test_lora_push_has_adapter_at_root_and_merged_model(tmp_path, tiny_lm, fake_
     cfg = write_lm_config(tmp_path / "c.yaml", tiny_lm, out, lora=True, epochs=2, logging_steps=1)
     raw = yaml.safe_load(cfg.read_text())  # every_save too: the adapter, gathered from ZeRO-3, after each save
     raw["checkpoint"] = {"save_every_steps": 2, "keep_last": 1}
+    raw["lora"]["dropout"] = 0.1  # the dropout inside each adapter's A (llmkit.model.lora) on ZeRO-3's partitions
     raw["output"].update(push_to_hub=True, hub_model_id="bob/tiny-lora", hub_strategy="every_save")
     cfg.write_text(yaml.safe_dump(raw))
     env = {**LAUNCH_ENV, "HF_ENDPOINT": fake_hub.url, **HUB_ENV}
