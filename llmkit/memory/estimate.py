@@ -43,7 +43,7 @@ class MemoryEstimate:
     logits_bytes: float = 0.0  # a causal LM's loss over the vocabulary for one training micro-batch
     runtime_bytes: float = 0.0  # the process before the model loads (CPU ranks: on the device, host memory)
     activation_bytes: float = 0.0  # what autograd keeps of a training micro-batch (llmkit.memory.activations)
-    eval_bytes: float = 0.0  # an evaluation batch's loss over the vocabulary (no activations kept)
+    eval_bytes: float = 0.0  # an evaluation batch's loss over the vocabulary and one layer's working set
     gathered_bytes: float = 0.0  # ZeRO-3's parameters gathered whole for compute (llmkit.memory.states)
     load_bytes: float = 0.0  # host memory while the model loads and DeepSpeed sets up (llmkit.memory.states)
     host_runtime_bytes: float = 0.0  # the runtime inside load_bytes (measured by the caller)

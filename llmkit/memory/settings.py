@@ -85,14 +85,20 @@ def for_settings(s: Settings) -> MemoryEstimate:
         acts = activations.activation_bytes(s.shape, s.batch, s.seq, w, s.adapters, s.checkpointing,
                                             padded=not s.packed, device="cuda" if s.device == "gpu" else "cpu",
                                             attention=s.attention)
+    # an evaluation batch keeps no activations, but each layer's forward holds its working set at once: counted as
+    # what one layer keeps for backward at the evaluation's tokens (once the logits are chunked it can be the larger)
+    layer = 0.0
+    if s.eval_rows and s.shape is not None:
+        layer = s.eval_rows * s.seq * activations.per_token_layer(
+            s.shape, w, None, not s.packed, s.seq, "cuda" if s.device == "gpu" else "cpu", s.attention)
     # ZeRO-3 with the head trained: its own backward's gradient, the size of its weight (vocab x hidden)
     tied = s.vocab * s.shape.hidden if s.zero and s.zero.get("stage") == 3 and not s.lora and s.shape else 0
     return for_run(None if s.zero is None else {"zero_optimization": s.zero}, sizes.params, s.devices,
                    s.precision, largest_param=sizes.largest_trainable, trainable=sizes.trainable,
                    frozen_bytes=per_frozen, logits=logits_bytes(tokens, s.vocab, s.precision, s.chunk, tied),
                    runtime=s.runtime if s.device == "cpu" else 0.0,  # on a GPU the runtime is host memory
-                   activations=acts, evaluation=eval_logits_bytes(s.eval_rows * s.seq, s.vocab, s.precision,
-                                                                  s.chunk),
+                   activations=acts, evaluation=layer + eval_logits_bytes(s.eval_rows * s.seq, s.vocab,
+                                                                          s.precision, s.chunk),
                    file_width=s.file_width, zero_init=s.zero_init, largest=sizes.largest, host_runtime=s.runtime,
                    trained_width=4.0 if s.lora else s.load_width, copy_width=s.load_width, device=s.device)
 
