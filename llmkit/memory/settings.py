@@ -80,17 +80,16 @@ def for_settings(s: Settings) -> MemoryEstimate:
     per_linear = NF4_BYTES if s.qlora else w
     per_frozen = (per_linear * quantized + frozen_width(s) * (frozen - quantized)) / frozen if frozen else None
     tokens = s.batch * s.seq
-    acts = 0.0
+    acts, kernels = 0.0, "cuda" if s.device == "gpu" else "cpu"
     if s.batch and s.shape is not None:
         acts = activations.activation_bytes(s.shape, s.batch, s.seq, w, s.adapters, s.checkpointing,
-                                            padded=not s.packed, device="cuda" if s.device == "gpu" else "cpu",
-                                            attention=s.attention)
+                                            padded=not s.packed, device=kernels, attention=s.attention)
     # an evaluation batch keeps no activations, but each layer's forward holds its working set at once: counted as
     # what one layer keeps for backward at the evaluation's tokens (once the logits are chunked it can be the larger)
     layer = 0.0
     if s.eval_rows and s.shape is not None:
         layer = s.eval_rows * s.seq * activations.per_token_layer(
-            s.shape, w, None, not s.packed, s.seq, "cuda" if s.device == "gpu" else "cpu", s.attention)
+            s.shape, w, None, not s.packed, s.seq, kernels, s.attention)
     # ZeRO-3 with the head trained: its own backward's gradient, the size of its weight (vocab x hidden)
     tied = s.vocab * s.shape.hidden if s.zero and s.zero.get("stage") == 3 and not s.lora and s.shape else 0
     return for_run(None if s.zero is None else {"zero_optimization": s.zero}, sizes.params, s.devices,
