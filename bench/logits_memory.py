@@ -213,7 +213,12 @@ def main() -> None:
     commits = {"before": args.before, "after": args.after or code_commit()}
     rows = [json.loads(line) for line in OUT.read_text().splitlines()] if OUT.is_file() else []
     # a side's rows: its commit's, on this host (fit probes before --after existed carry no commit: the before side's)
-    rows = [r for r in rows if r.get("host") == _host() and r.get("commit", args.before) == commits[r["side"]]]
+    # a --session's timed rows are its own whatever --after says (a session is one pair of commits, printed below)
+    def timed(r: dict) -> bool:
+        return args.session is not None and r.get("allocator") == "glibc" and r.get("session") == args.session
+
+    rows = [r for r in rows if r.get("host") == _host() and (r.get("commit", args.before) == commits[r["side"]]
+                                                             or (args.table and timed(r)))]
     if args.fit:
         for name in args.rows:
             got = {side: fit(name, side, commits[side], args.fit, rows) for side in ("before", "after")}
@@ -223,6 +228,9 @@ def main() -> None:
     rows = [r for r in rows if "fit" not in r and (args.session is None or r.get("allocator") != "glibc"
                                                      or r.get("session") == args.session)]
     if args.table:
+        pairs = sorted({(r["side"] == "after", r["commit"]) for r in rows if timed(r)})
+        if pairs:
+            print(f"tokens/s: session {args.session}, " + " -> ".join(c for _, c in pairs))
         print(table(rows))
         return
     for rep in range(args.reps):
