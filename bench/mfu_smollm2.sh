@@ -11,6 +11,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p outputs
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+# this checkout's llmkit, not the one the virtualenv's editable install points at (a worktree of another commit)
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 common=(--model.gradient_checkpointing false --train.logging_steps 10 --data.max_eval_samples 16
         --data.test_split null --train.sample_prompts null --output.explain_rows 0 --output.verify_export false
         --output.overwrite_output_dir true)
