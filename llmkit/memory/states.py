@@ -15,6 +15,9 @@ grads are still held, so the gradient peak is the larger of
   step      stage 0: 2P + 4P = 6P; ZeRO-1/2/3: 2P/N + 4P/N = 6P/N (ZeRO-1/2 cast one param group at a time, so
             4P/N is an upper bound)
 fp32 training makes no copies: 4P (stage 0, ZeRO-1) or 4P/N (+ 4L in backward) for ZeRO-2/3.
+Optimizer states as DeepSpeed keeps them in fp32: ZeRO-1/2 still step an fp32 master partition of their own (4P/N:
+stage_1_and_2.py clones this rank's partition of the flat weights whatever their dtype), so K = 12 as in mixed
+precision; ZeRO-3 steps its fp32 partition in place and stage 0 the weights themselves (K = 8).
 Backward also holds DeepSpeed's reduce bucket(s) (contiguous_gradients): reduce_bucket_size elements of the
 grad dtype each, two with overlap_comm at ZeRO-1/2 (`bucket_bytes`); ZeRO-3 keeps its bucket through the step.
 Known gap: ZeRO-1/2 size each rank's grad buffer by whole params, so one large tensor straddling the partition
@@ -46,13 +49,15 @@ Host memory at load (`load_bytes`), per rank: transformers maps the checkpoint's
 of it once the weights are converted or copied, while the run's own copy is made; then DeepSpeed sets up.
 With f the checkpoint's width (4 from scratch: the fp32 initialisation plays the file), w the run's, T trained:
   reading      = P f + P w              every rank reads the whole checkpoint and makes its copy
+               = P f                    f = w below ZeRO-3: no copy, the parameters are the mapped pages
+                                        (copy-on-write), which stay held through setup in the copy's place
                = P f + P w / N + L w    ZeRO-3 under zero.Init: rank 0 reads, each rank keeps its partition and
                                         gathers one tensor (L elements) at a time
-  setup        = the copy + w T (ZeRO-1/2 flatten the trained 16-bit weights into one buffer) + 4T / N (the fp32
-                 master partition, mixed precision)
+  setup        = the copy + w T (ZeRO-1/2 flatten the trained weights into one buffer) + 4T / N (the fp32 master
+                 partition: mixed precision, and ZeRO-1/2 in any precision)
                = w P / N + w T / N + 4T / N + 4T / N   ZeRO-3, whose copy is partitioned by now: the partitions, the
                  flat trained partition, the fp32 master and the gradient partition buffer (measured)
-Plain data parallel in the checkpoint's own dtype makes no copy: the parameters are the mapped pages.
+Measured: bench/memory_predict.py (bf16 from an fp32 checkpoint; fp32 from it, where f = w).
 """
 
 from __future__ import annotations
@@ -93,8 +98,8 @@ def estimate(params: int, zero_stage: int, num_devices: int, precision: str = "b
     trained = params if trainable is None else trainable
     _refuse(params, zero_stage, num_devices, offload_optimizer, offload_params, deepspeed, trained, largest_param)
     mixed = precision in ("bf16", "fp16")
-    if deepspeed:
-        p_b, g_b, o_b = (2, 2, 12) if mixed else (4, 4, 8)
+    if deepspeed:  # ZeRO-1/2 keep an fp32 master partition in fp32 too (module docstring)
+        p_b, g_b, o_b = (2, 2, 12) if mixed else (4, 4, 12 if zero_stage in (1, 2) else 8)
     else:  # torch keeps each trained weight's grad and AdamW's m and v in the weight's dtype
         p_b = g_b = trained_width or 4
         o_b = 2 * p_b
@@ -171,16 +176,18 @@ def load_bytes(params: int, file_width: float, precision: str, zero_stage: int, 
     w, n = copy_width or width(precision), num_devices
     trained = params if trainable is None else trainable
     sharded = zero_stage == 3 and zero_init
-    if not deepspeed and file_width == w:
-        copy = 0.0  # the parameters are the checkpoint's pages
+    mapped = file_width == w and zero_stage < 3  # no copy: the parameters are the checkpoint's pages
+    if mapped:
+        copy = 0.0
     else:
         copy = w * params / n + w * largest if sharded else w * params
     reading = file_width * params + copy
-    master = 4 * trained / n if deepspeed and precision in ("bf16", "fp16") else 0.0
+    mixed = precision in ("bf16", "fp16")
+    master = 4 * trained / n if deepspeed and (mixed or zero_stage in (1, 2)) else 0.0
     if zero_stage == 3:
         setup = w * params / n + w * trained / n + master + max(w, 4) * trained / n
-    else:
-        setup = copy + (w * trained if zero_stage in (1, 2) else 0.0) + master
+    else:  # the copy, or the mapped pages in its place
+        setup = (file_width * params if mapped else copy) + (w * trained if zero_stage in (1, 2) else 0.0) + master
     return max(reading, setup)
 
 
