@@ -46,14 +46,14 @@ def test_battery_one_clear_line_exit_2_nothing_changed(tmp_path, battery_assets,
     assert bad_inputs.verdict(case, got) is None, (bad_inputs.verdict(case, got), got.stderr[-3000:], got.crash)
 
 
-# under a launcher: one case met before the process group (fp16 asked on a machine without a GPU), one in the data
-# after it (the same checks in process: test_config's precision and DeepSpeed-JSON cases)
-UNDER_LAUNCH = [("--train.precision=fp16", "train.precision is fp16, but no GPU is available"),
-                ("--data.text_column=sentence", "split 'train' has no column 'sentence'")]
+# under a launcher: an error met in the data, after the process group started (the same checks in process:
+# test_config's precision and DeepSpeed-JSON cases); one met before it, by the preflight every rank runs:
+# test_llmkit_launch_into_a_folder_of_another_run_prints_only_its_line
+UNDER_LAUNCH = [("--data.text_column=sentence", "split 'train' has no column 'sentence'")]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("arg", "message"), UNDER_LAUNCH, ids=["fp16-without-gpu", "data"])
+@pytest.mark.parametrize(("arg", "message"), UNDER_LAUNCH, ids=["data"])
 def test_llmkit_launch_user_error_is_one_line_and_exit_2(tmp_path, tiny_bert, tiny_data, arg, message):
     """`llmkit launch` is `accelerate launch` whose user errors end as exit 2 and the one llmkit line, with no
     traceback of the launcher or of another rank; the run folder is left so the fixed command runs."""
@@ -67,8 +67,6 @@ def test_llmkit_launch_user_error_is_one_line_and_exit_2(tmp_path, tiny_bert, ti
     assert "Traceback" not in proc.stderr
     # none of torch's launcher lines (W/E + date: its thread banner, the ranks it stopped, the failed rank)
     assert [line for line in proc.stderr.splitlines() if re.match(r"[WE]\d{4} ", line)] == [], proc.stderr[-3000:]
-    if "precision" in arg:  # refused before any process group: nothing was started or written
-        assert not (tmp_path / "out").exists()
     if (tmp_path / "out").exists():  # a run stopped before its first step: the same folder is "new" again
         from llmkit.config import load_config
         from llmkit.rundir.layout import RunDir
@@ -92,6 +90,9 @@ def test_llmkit_launch_into_a_folder_of_another_run_prints_only_its_line(tmp_pat
     said = (proc.stdout + proc.stderr).splitlines()
     assert len(said) == 1 and said[0].startswith("llmkit: error: output.output_dir"), said
     assert "already holds files from another run" in said[0]
+    # refused before any process group: nothing started there, the other run's file as it was
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["metrics.json"]
+    assert (tmp_path / "out" / "metrics.json").read_text() == "{}"
 
 
 @pytest.mark.slow
