@@ -14,6 +14,7 @@ import torch
 from helpers import ROOT, check_ok, faulty_run, launch, losses_of, write_config
 from safetensors.torch import load_file
 
+from llmkit import memory
 from llmkit.commands.validate import validate
 from llmkit.errors import LlmkitError
 from llmkit.rundir import checkpoints, manifest
@@ -172,9 +173,9 @@ SAVED = ["--checkpoint.save_every_steps", str(AT), "--checkpoint.keep_last", "3"
 
 @pytest.fixture(scope="module")
 def straight_zero2(tmp_path_factory, tiny_bert, tiny_data):
-    """One straight ZeRO-2 fp32 run of TOTAL steps that checkpoints at AT and TOTAL: the reference of the exact
-    resume and the SIGTERM tests (a save changes no later number: the exact resume compares bit for bit against a
-    run that saved), and the checkpoints the damaged-checkpoint test copies. (proc, run folder, config)."""
+    """One straight ZeRO-2 fp32 run of TOTAL steps that checkpoints at AT and TOTAL: the reference of the SIGTERM
+    test (a save changes no later number: the resumed run compares bit for bit against a run that saved), and the
+    checkpoints the damaged-checkpoint test copies. (proc, run folder, config)."""
     proc, out, cfg = _run(tmp_path_factory.mktemp("straight_zero2"), "straight", tiny_bert, tiny_data,
                           "cpu_zero2.yaml", SAVED)
     check_ok(proc)
@@ -285,6 +286,11 @@ def test_sigterm_checkpoints_and_resume_continues_the_sequence(tmp_path, tiny_be
 @pytest.mark.slow
 def test_damaged_and_foreign_checkpoints_are_refused(tmp_path, tiny_bert, straight_zero2):
     _, shared, cfg = straight_zero2
+    # the preflight's disk check counts what ZeRO saves: 12 bytes a trained weight in the optimizer files in fp32
+    # too (the fp32 partition, Adam's m and v; pickling adds a little)
+    params = sum(t.numel() for t in load_file(shared / "final/model.safetensors").values())
+    optimizer = sum(p.stat().st_size for p in (shared / "checkpoints" / "step-4").rglob("*optim_states.pt"))
+    assert memory.checkpoint_bytes(params, "fp32", params) - 4 * params == 12 * params <= optimizer < 13 * params
     out = tmp_path / "run"
     shutil.copytree(shared, out)  # a copy to damage: the shared run's checkpoints stay whole
     root = out / "checkpoints"

@@ -54,7 +54,7 @@ With f the checkpoint's width (4 from scratch: the fp32 initialisation plays the
                = P f + P w / N + L w    ZeRO-3 under zero.Init: rank 0 reads, each rank keeps its partition and
                                         gathers one tensor (L elements) at a time
   setup        = the copy + w T (ZeRO-1/2 flatten the trained weights into one buffer) + 4T / N (the fp32 master
-                 partition: mixed precision, and ZeRO-1/2 in any precision)
+                 partition: mixed precision, and ZeRO-1/2 in any precision; 4T at stage 0, unpartitioned)
                = w P / N + w T / N + 4T / N + 4T / N   ZeRO-3, whose copy is partitioned by now: the partitions, the
                  flat trained partition, the fp32 master and the gradient partition buffer (measured)
 Measured: bench/memory_predict.py (bf16 from an fp32 checkpoint; fp32 from it, where f = w).
@@ -183,7 +183,8 @@ def load_bytes(params: int, file_width: float, precision: str, zero_stage: int, 
         copy = w * params / n + w * largest if sharded else w * params
     reading = file_width * params + copy
     mixed = precision in ("bf16", "fp16")
-    master = 4 * trained / n if deepspeed and (mixed or zero_stage in (1, 2)) else 0.0
+    # stage 0 keeps the whole fp32 master (as `estimate` counts it), ZeRO its partition
+    master = 4 * trained / (n if zero_stage else 1) if deepspeed and (mixed or zero_stage in (1, 2)) else 0.0
     if zero_stage == 3:
         setup = w * params / n + w * trained / n + master + max(w, 4) * trained / n
     else:  # the copy, or the mapped pages in its place
