@@ -18,10 +18,12 @@ bench/throughput.py's method).
 
     .venv/bin/python bench/logits_memory.py [--rows lora_zero2 ...] [--reps 1] [--allocator live|glibc] [--steps 6]
     .venv/bin/python bench/logits_memory.py --table
-    .venv/bin/python bench/logits_memory.py --session 2026-12-07c --allocator glibc --reps 3 --after 1b363d9
+    .venv/bin/python bench/logits_memory.py --session 2026-12-07c --allocator glibc --reps 3 --after 464cac9
 
 `--session TAG` marks the rows a run writes and counts only the timed (glibc) rows so marked, for skipping and for the
-table: a fresh set of interleaved reps beside older ones, e.g. after a fix that changed one side's speed.
+table: a fresh set of interleaved reps beside older ones, e.g. after a fix that changed one side's speed. A session
+is one pair of commits: adding reps at another --before/--after is refused; `--table --session TAG` pairs that
+session's timed rows whatever --after says (the live rows stay --after's) and prints the pair.
     .venv/bin/python bench/logits_memory.py --fit 4.0 [--rows lora_zero2]
 
 `--fit GIB`: the longest data.max_length (a multiple of 64) whose measured peak per rank stays within GIB, before
@@ -212,6 +214,12 @@ def main() -> None:
     args = ap.parse_args()
     commits = {"before": args.before, "after": args.after or code_commit()}
     rows = [json.loads(line) for line in OUT.read_text().splitlines()] if OUT.is_file() else []
+    if args.session and not args.table and not args.fit:
+        other = {(r["side"], r["commit"]) for r in rows if r.get("session") == args.session
+                 and r.get("commit") != commits[r["side"]]}
+        if other:
+            sys.exit(f"session {args.session} holds other commits ({sorted(other)}): one pair a session; "
+                     "pick a new --session or the same --before/--after")
     # a side's rows: its commit's, on this host (fit probes before --after existed carry no commit: the before side's)
     # a --session's timed rows are its own whatever --after says (a session is one pair of commits, printed below)
     def timed(r: dict) -> bool:

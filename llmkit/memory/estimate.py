@@ -51,7 +51,8 @@ class MemoryEstimate:
 
     @property
     def device_bytes(self) -> float:
-        """The paper's total: params + grads + optimizer states."""
+        """The paper's total (with DeepSpeed's fp32 master under ZeRO-1/2 in fp32): params + grads + optimizer
+        states."""
         return self.param_bytes + self.grad_bytes + self.optimizer_bytes
 
     @property

@@ -89,9 +89,10 @@ def estimate(params: int, zero_stage: int, num_devices: int, precision: str = "b
              largest_param: int = 0, deepspeed: bool = True, bucket_bytes: float = 0.0,
              trainable: int | None = None, frozen_bytes: float | None = None,
              trained_width: float | None = None) -> MemoryEstimate:
-    """Bytes per device for parameters, gradients and optimizer states (paper), and the gradients at their peak
-    as DeepSpeed runs them; `largest_param` (elements of the largest single trained tensor, 0 = not known) adds
-    its transient full grad to ZeRO-2/3's backward. `deepspeed=False` (stage 0 only): plain data parallel, each
+    """Bytes per device for parameters, gradients and optimizer states (the paper's, but for the fp32 master
+    partition ZeRO-1/2 keep in fp32 too), and the gradients at their peak as DeepSpeed runs them; `largest_param`
+    (elements of the largest single trained tensor, 0 = not known) adds its transient full grad to ZeRO-2/3's
+    backward. `deepspeed=False` (stage 0 only): plain data parallel, each
     trained weight with its grad and AdamW's m and v in `trained_width` bytes (default 4: fp32).
     `trainable` (default: all `params`) have gradients and optimizer states; the rest are frozen weights of
     `frozen_bytes` each (default: the run's parameter width)."""
