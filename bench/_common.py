@@ -63,6 +63,20 @@ def cpu() -> dict:
     return {"model": model, "cores": os.cpu_count(), "flags": [f for f in wanted if f in flags]}
 
 
+def median_ratio(ratios) -> tuple[float, float, float]:
+    """The median of paired ratios (after / before, one per interleaved pair) and its 95% percentile bootstrap
+    interval (scipy.stats.bootstrap, 2,000 resamples, seeded); the interval is NaN with fewer than two pairs."""
+    import numpy as np
+    from scipy import stats
+
+    ratios = np.asarray(ratios, dtype=float)
+    if len(ratios) < 2:
+        return float(np.median(ratios)), float("nan"), float("nan")
+    ci = stats.bootstrap((ratios,), np.median, confidence_level=0.95, n_resamples=2000, random_state=0,
+                         method="percentile").confidence_interval
+    return float(np.median(ratios)), float(ci.low), float(ci.high)
+
+
 def report(result: dict) -> None:
     """Runners print one JSON line on rank 0; the driver reads the last one."""
     if os.environ.get("RANK", "0") == "0":

@@ -13,8 +13,8 @@ tensors a step makes, so it flatters the side that makes fewer): tokens/s come f
 glibc's default, what a CPU run gets. Runs go in interleaved reps (before, after, before, after ...) so that the two
 sides share the machine's drift; each appends one JSON line to bench/results/logits_memory.jsonl and a run already
 there is skipped. `--table` prints the before/after table: peak per rank (max over the live reps) and the tokens/s
-ratio of the glibc reps with a 95% bootstrap interval over the paired reps (scipy.stats.bootstrap,
-bench/throughput.py's method).
+ratio of the glibc reps: the median of the paired ratios with a 95% bootstrap interval (bench/_common.py
+median_ratio).
 
     .venv/bin/python bench/logits_memory.py [--rows lora_zero2 ...] [--reps 1] [--allocator live|glibc] [--steps 6]
     .venv/bin/python bench/logits_memory.py --table
@@ -44,6 +44,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
+from _common import median_ratio  # noqa: E402
 from memory_predict import long_rows  # noqa: E402  (the rows that reach the length, one reader for both benches)
 
 OUT = ROOT / "bench" / "results" / "logits_memory.jsonl"
@@ -157,7 +158,6 @@ def _over(probe: dict, budget: float) -> bool:
 
 def table(rows: list[dict]) -> str:
     import numpy as np
-    from scipy import stats
 
     lines = ["| run | peak per rank, before | after | after / before | after: estimate (measured / estimate) | "
              "tokens/s before | after | ratio (95% CI) |", "|---|---|---|---|---|---|---|---|"]
@@ -185,9 +185,7 @@ def table(rows: list[dict]) -> str:
         ratios = np.array(speed["after"][:n]) / np.array(speed["before"][:n])
         ci = "n/a (one rep)"
         if n > 1:
-            res = stats.bootstrap((ratios,), np.median, confidence_level=0.95, n_resamples=2000,
-                                  random_state=0, method="percentile")
-            ci = f"{np.median(ratios):.3f} ({res.confidence_interval.low:.3f}-{res.confidence_interval.high:.3f})"
+            ci = "{:.3f} ({:.3f}-{:.3f})".format(*median_ratio(ratios))
         lines.append(f"| {name} | {peak['before']:.2f} GiB | {peak['after']:.2f} GiB | "
                      f"{peak['after'] / peak['before']:.2f} | {_judged(got['after'], peak['after'])} | "
                      f"{np.median(speed['before']):.0f} | "

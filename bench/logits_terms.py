@@ -1,9 +1,9 @@
 """The logits-and-loss and evaluation-batch terms of issue 50, measured in one process: how many bytes of tensors the
 output head and the loss hold at once, beyond the model's own activations, on the full logits (train.loss_chunk 0,
 the path of 5c31b18) and chunked (llmkit.model.lm_head), for SmolLM2-135M (the offline asset, fp32) at the shipped
-recipes' shapes and at 4x their length. Also the step's time on each path (paired reps, the median ratio with a 95%
-bootstrap interval: bench/throughput.py's method), in one process without DeepSpeed: the head's share of a step
-without a launch's noise (bench/logits_memory.py measures whole runs on 2 ranks).
+recipes' shapes and at 4x their length. Also the step's time on each path (paired reps, the median of the paired
+ratios with a 95% bootstrap interval: bench/_common.py median_ratio), in one process without DeepSpeed: the
+head's share of a step without a launch's noise (bench/logits_memory.py measures whole runs on 2 ranks).
 
 Each workload runs three ways, each path's peak memory the high-water mark of the resident set over what it held
 before (PeakResident: with the allocator set to return freed tensors, the peak of live tensors, as a GPU's
@@ -38,6 +38,9 @@ from llmkit import assets
 from llmkit.data.packing import IGNORE
 from llmkit.exported.scoring import token_logprobs
 from llmkit.model import lm_head
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import median_ratio  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "results" / "logits_terms.jsonl"
@@ -157,7 +160,6 @@ def _cpu() -> str:
 
 def table(rows: list[dict]) -> str:
     import numpy as np
-    from scipy import stats
 
     lines = ["| workload | chunk | term, full logits | chunked | chunked / full | step s, full | chunked | "
              "speed ratio (95% CI) |", "|---|---|---|---|---|---|---|---|"]
@@ -166,12 +168,11 @@ def table(rows: list[dict]) -> str:
         r = {**r, **next((t for t in rows if t.get("allocator") == "glibc" and
                           (t["workload"], t["chunk"]) == (r["workload"], r.get("chunk", 1024))), {})}
         speed = np.array(r["seconds"]["full"]) / np.array(r["seconds"]["chunked"])  # > 1: chunked is faster
-        ci = stats.bootstrap((speed,), np.median, confidence_level=0.95, n_resamples=2000, random_state=0,
-                             method="percentile").confidence_interval
+        median, low, high = median_ratio(speed)
         lines.append(f"| {r['workload']} | {r.get('chunk', 1024)} | {r['term_gib']['full']:.3f} GiB | "
                      f"{r['term_gib']['chunked']:.3f} GiB | {r['term_ratio']:.1%} | "
                      f"{np.median(r['seconds']['full']):.2f} | {np.median(r['seconds']['chunked']):.2f} | "
-                     f"{np.median(speed):.3f} ({ci.low:.3f}-{ci.high:.3f}) |")
+                     f"{median:.3f} ({low:.3f}-{high:.3f}) |")
     return "\n".join(lines)
 
 
