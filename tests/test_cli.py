@@ -46,9 +46,9 @@ def test_battery_one_clear_line_exit_2_nothing_changed(tmp_path, battery_assets,
     assert bad_inputs.verdict(case, got) is None, (bad_inputs.verdict(case, got), got.stderr[-3000:], got.crash)
 
 
-# under a launcher: an error met in the data, after the process group started (the same checks in process:
-# test_config's precision and DeepSpeed-JSON cases); one met before it, by the preflight every rank runs:
-# test_llmkit_launch_into_a_folder_of_another_run_prints_only_its_line
+# under a launcher: an error met in the data, after the process group started; one met before it, by the preflight
+# every rank runs: test_llmkit_launch_into_a_folder_of_another_run_prints_only_its_line (the preflight's precision
+# and DeepSpeed-JSON refusals in process: test_config)
 UNDER_LAUNCH = [("--data.text_column=sentence", "split 'train' has no column 'sentence'")]
 
 

@@ -99,8 +99,8 @@ def estimate(params: int, zero_stage: int, num_devices: int, precision: str = "b
     trained = params if trainable is None else trainable
     _refuse(params, zero_stage, num_devices, offload_optimizer, offload_params, deepspeed, trained, largest_param)
     mixed = precision in ("bf16", "fp16")
-    if deepspeed:  # ZeRO-1/2 keep an fp32 master partition in fp32 too (module docstring)
-        p_b, g_b, o_b = (2, 2, 12) if mixed else (4, 4, 12 if zero_stage in (1, 2) else 8)
+    if deepspeed:
+        p_b, g_b, o_b = (2, 2, 12) if mixed else (4, 4, 12 if _fp32_master(precision, zero_stage) else 8)
     else:  # torch keeps each trained weight's grad and AdamW's m and v in the weight's dtype
         p_b = g_b = trained_width or 4
         o_b = 2 * p_b
@@ -124,6 +124,12 @@ def estimate(params: int, zero_stage: int, num_devices: int, precision: str = "b
         param = 0.0
     return MemoryEstimate(params, zero_stage, n, precision, offload_optimizer, offload_params,
                           param, grad, optim, host, backward, step, largest_param, deepspeed, trainable)
+
+
+def _fp32_master(precision: str, zero_stage: int) -> bool:
+    """Whether DeepSpeed steps an fp32 master copy of the trained weights: in mixed precision, and under ZeRO-1/2
+    in fp32 too (module docstring)."""
+    return precision in ("bf16", "fp16") or zero_stage in (1, 2)
 
 
 def _grad_phases(trained: int, zero_stage: int, n: int, g_b: int, mixed: bool, largest: int, bucket: float,
@@ -177,19 +183,17 @@ def load_bytes(params: int, file_width: float, precision: str, zero_stage: int, 
     w, n = copy_width or width(precision), num_devices
     trained = params if trainable is None else trainable
     sharded = zero_stage == 3 and zero_init
-    mapped = file_width == w and zero_stage < 3  # no copy: the parameters are the checkpoint's pages
-    if mapped:
-        copy = 0.0
+    if file_width == w and zero_stage < 3:
+        copy = 0.0  # the parameters are the checkpoint's pages
     else:
         copy = w * params / n + w * largest if sharded else w * params
     reading = file_width * params + copy
-    mixed = precision in ("bf16", "fp16")
     # stage 0 keeps the whole fp32 master (as `estimate` counts it), ZeRO its partition
-    master = 4 * trained / (n if zero_stage else 1) if deepspeed and (mixed or zero_stage in (1, 2)) else 0.0
+    master = 4 * trained / (n if zero_stage else 1) if deepspeed and _fp32_master(precision, zero_stage) else 0.0
     if zero_stage == 3:
         setup = w * params / n + w * trained / n + master + max(w, 4) * trained / n
-    else:  # the copy, or the mapped pages in its place
-        setup = (file_width * params if mapped else copy) + (w * trained if zero_stage in (1, 2) else 0.0) + master
+    else:  # the copy, or the mapped pages in its place: w P either way
+        setup = w * params + (w * trained if zero_stage in (1, 2) else 0.0) + master
     return max(reading, setup)
 
 
